@@ -1,0 +1,1397 @@
+//! The client node's state machine: request ids, the queue, scheduling,
+//! the monitor and the lifecycle of the services (rules 2, 11-24, 26-27,
+//! 32).
+//!
+//! The node feeds it driver submissions, envelopes from servers and the
+//! passing of time, and carries out the [`Action`]s it hands back.
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::fmt;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::clock::WallClock;
+use crate::envelope::PROTOCOL_VERSION;
+use crate::pb::control_request::{self, Cancel, SetLogLevel, Start, Stop};
+use crate::pb::envelope::Body;
+use crate::pb::{
+    CancelReply, ClusterInfo, CommandMode, CommandRequest, CommandResponse, CommandStatus,
+    ControlRequest, ControlResponse, Envelope, LogLevel, LogRecord, Parameter, PingRequest,
+    PingResponse, RejectReason, RequestState, ResponseDelivery, ServerStatus, StatusReply,
+    SubmitRequest, TrackReply, Value,
+};
+use crate::{DriverId, Rank, RequestId};
+
+/// Ranks above this are refused, so a bogus rank cannot make the server
+/// table grow without bound.
+const MAX_RANK: Rank = 1 << 24;
+
+/// Settings of a client node.
+#[derive(Debug, Clone)]
+pub struct ClientConfig {
+    /// The client node's host, for logs and the cluster description.
+    pub host: String,
+    /// The transport's name ("mpi" or "zmq"), for the cluster description.
+    pub transport: String,
+    /// Time between ping rounds (rule 19).
+    pub heartbeat: Duration,
+    /// Silence after which a server is marked timed out (rule 20).
+    pub timeout: Duration,
+    /// Deadline given to requests that carry none (rule 24); `None`: no limit.
+    pub default_deadline: Option<Duration>,
+    /// Settings sent to every server with START (rule 26).
+    pub start: Start,
+}
+
+impl Default for ClientConfig {
+    fn default() -> Self {
+        ClientConfig {
+            host: "localhost".into(),
+            transport: "zmq".into(),
+            heartbeat: Duration::from_secs(1),
+            timeout: Duration::from_secs(5),
+            default_deadline: None,
+            start: Start::default(),
+        }
+    }
+}
+
+/// Something the node must do for the client core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Send `envelope` to the server at rank `to`.
+    Send {
+        /// The server's rank.
+        to: Rank,
+        /// What to send.
+        envelope: Envelope,
+    },
+    /// Hand a final response to the driver that submitted the request.
+    Deliver {
+        /// The driver.
+        driver: DriverId,
+        /// The response.
+        delivery: ResponseDelivery,
+    },
+    /// A server's log record, for the unified log and subscribed drivers.
+    Forward(LogRecord),
+    /// Something the client node itself has to log (rule 32).
+    Event(Event),
+    /// Services are stopped: every server acknowledged STOP or is gone.
+    Stopped,
+}
+
+/// What happened in the client node, for its log. Cheap to create: the
+/// text is made only when it is written.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Event {
+    /// A server acknowledged START (rule 26).
+    ServerStarted {
+        /// Its rank.
+        rank: Rank,
+        /// Its host.
+        host: String,
+        /// Its process id.
+        pid: u32,
+    },
+    /// A server refused START.
+    ServerStartFailed {
+        /// Its rank.
+        rank: Rank,
+        /// Its reason.
+        error: String,
+    },
+    /// Every server registered at start has acknowledged START.
+    AllServersStarted,
+    /// A request went to a server (rule 32).
+    RequestSent {
+        /// The request.
+        id: RequestId,
+        /// The server.
+        server: Rank,
+    },
+    /// A request's command succeeded (rule 32).
+    RequestSucceeded {
+        /// The request.
+        id: RequestId,
+        /// The server.
+        server: Rank,
+    },
+    /// A request's command failed (rule 32).
+    RequestFailed {
+        /// The request.
+        id: RequestId,
+        /// The server.
+        server: Rank,
+        /// The traceback or reason.
+        traceback: String,
+    },
+    /// A request was answered with status timeout because its server timed
+    /// out or was lost (rule 20).
+    RequestTimedOut {
+        /// The request.
+        id: RequestId,
+        /// The server.
+        server: Rank,
+    },
+    /// A server's real response replaced its timeout record (rule 21).
+    ResponseRecovered {
+        /// The request.
+        id: RequestId,
+        /// The server.
+        server: Rank,
+    },
+    /// A server did not answer within the timeout (rule 20).
+    ServerTimedOut {
+        /// Its rank.
+        rank: Rank,
+        /// How long it had been silent.
+        silent_for: Duration,
+    },
+    /// A timed-out server answered again (rule 21).
+    ServerRecovered {
+        /// Its rank.
+        rank: Rank,
+    },
+    /// A server's link closed for good.
+    ServerLost {
+        /// Its rank.
+        rank: Rank,
+    },
+    /// Stop services began (rule 27).
+    StoppingServices {
+        /// Whether running commands are interrupted.
+        force: bool,
+    },
+    /// A server acknowledged STOP.
+    ServerStopped {
+        /// Its rank.
+        rank: Rank,
+    },
+    /// Debugging mode was switched (rule 22).
+    DebuggingMode {
+        /// On or off.
+        enabled: bool,
+    },
+}
+
+impl Event {
+    /// The level the event is logged at.
+    pub fn level(&self) -> LogLevel {
+        match self {
+            Event::ServerStartFailed { .. }
+            | Event::RequestTimedOut { .. }
+            | Event::ServerTimedOut { .. }
+            | Event::ServerLost { .. } => LogLevel::Warning,
+            _ => LogLevel::Info,
+        }
+    }
+}
+
+impl fmt::Display for Event {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Event::ServerStarted { rank, host, pid } => {
+                write!(
+                    f,
+                    "Server with rank {rank} started at {host} with PID {pid}"
+                )
+            }
+            Event::ServerStartFailed { rank, error } => {
+                write!(f, "Server with rank {rank} failed to start: {error}")
+            }
+            Event::AllServersStarted => {
+                f.write_str("Received response from all servers to start service signal")
+            }
+            Event::RequestSent { id, server } => {
+                write!(
+                    f,
+                    "Command request with id# {id} sent to server n# {server}"
+                )
+            }
+            Event::RequestSucceeded { id, server } => {
+                write!(
+                    f,
+                    "Command request with id {id} successfully handled by server n# {server}"
+                )
+            }
+            Event::RequestFailed {
+                id,
+                server,
+                traceback,
+            } => write!(
+                f,
+                "Command request with id {id} failed in server n# {server} with traceback {traceback}"
+            ),
+            Event::RequestTimedOut { id, server } => {
+                write!(
+                    f,
+                    "Command request with id {id} timed out: server n# {server} is not responding"
+                )
+            }
+            Event::ResponseRecovered { id, server } => write!(
+                f,
+                "Command request with id {id} answered by recovered server n# {server}; the response replaces the timeout"
+            ),
+            Event::ServerTimedOut { rank, silent_for } => write!(
+                f,
+                "Server n# {rank} timed out: no answer for {:.1} s",
+                silent_for.as_secs_f64()
+            ),
+            Event::ServerRecovered { rank } => write!(f, "Server n# {rank} recovered from timeout"),
+            Event::ServerLost { rank } => write!(f, "Server n# {rank} disconnected"),
+            Event::StoppingServices { force: false } => {
+                f.write_str("Sending stop service signal to all servers")
+            }
+            Event::StoppingServices { force: true } => {
+                f.write_str("Sending forced stop service signal to all servers")
+            }
+            Event::ServerStopped { rank } => write!(f, "Server n# {rank} stopped"),
+            Event::DebuggingMode { enabled: true } => {
+                f.write_str("Debugging mode on: servers will not be marked timed out")
+            }
+            Event::DebuggingMode { enabled: false } => f.write_str("Debugging mode off"),
+        }
+    }
+}
+
+/// A submission refused as a whole; nothing of it was queued (rule 14).
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+#[error("{message}")]
+pub struct Rejection {
+    /// The reason, for programs.
+    pub reason: RejectReason,
+    /// The reason, for people.
+    pub message: String,
+}
+
+impl Rejection {
+    fn new(reason: RejectReason, message: impl Into<String>) -> Self {
+        Rejection {
+            reason,
+            message: message.into(),
+        }
+    }
+}
+
+/// Something a server sent that the client core cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum CoreError {
+    /// The rank is not a registered server.
+    #[error("rank {0} is not a server of this cluster")]
+    UnknownRank(Rank),
+    /// The rank cannot be a server's (0, negative, or absurdly large).
+    #[error("rank {0} cannot be a server rank")]
+    InvalidRank(Rank),
+    /// The server answered a request it was not running.
+    #[error("server {from} answered request {id}, which it was not running")]
+    UnknownRequest {
+        /// The request id in the answer.
+        id: RequestId,
+        /// The answering server.
+        from: Rank,
+    },
+    /// The server speaks another protocol version.
+    #[error("server {from} speaks protocol version {version}, not {PROTOCOL_VERSION}")]
+    VersionMismatch {
+        /// The server.
+        from: Rank,
+        /// Its version.
+        version: u32,
+    },
+    /// The server sent a message servers do not send.
+    #[error("server {from} sent an unexpected {message}")]
+    Unexpected {
+        /// The server.
+        from: Rank,
+        /// The message's name.
+        message: &'static str,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Servers may register; START not yet sent.
+    Idle,
+    Running,
+    Stopping,
+    Stopped,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum ServerPhase {
+    /// Registered; no START acknowledgement yet.
+    Starting,
+    Online,
+    Stopping,
+    Stopped,
+    /// Its link closed for good.
+    Lost,
+}
+
+#[derive(Debug)]
+struct Server {
+    phase: ServerPhase,
+    timed_out: bool,
+    /// The request sent to it and not yet answered; stays set while the
+    /// server is timed out, so a recovered server's real answer can replace
+    /// the timeout record (rule 21).
+    running: Option<RequestId>,
+    /// Requests targeted at it, waiting (rule 13). Ids that are no longer
+    /// queued are skipped when met.
+    queue: VecDeque<RequestId>,
+    last_seen: Instant,
+    last_ping_epoch: f64,
+    host: String,
+    pid: u32,
+    worker_pid: u32,
+    rss: u64,
+    command_start_time: f64,
+}
+
+impl Server {
+    fn available(&self) -> bool {
+        self.phase == ServerPhase::Online && !self.timed_out
+    }
+
+    fn free(&self) -> bool {
+        self.available() && self.running.is_none()
+    }
+
+    fn monitored(&self) -> bool {
+        matches!(
+            self.phase,
+            ServerPhase::Starting | ServerPhase::Online | ServerPhase::Stopping
+        )
+    }
+}
+
+#[derive(Debug)]
+enum RequestPhase {
+    Queued,
+    /// Sent to `server` after ping round `ping_round` had gone out.
+    Sent {
+        server: Rank,
+        ping_round: u64,
+    },
+    /// Sent, then answered with a timeout; a real answer may still replace it.
+    TimedOut {
+        server: Rank,
+        ping_round: u64,
+    },
+}
+
+#[derive(Debug)]
+struct Request {
+    driver: DriverId,
+    command: String,
+    mode: CommandMode,
+    parameters: Vec<Parameter>,
+    deadline_seconds: Option<f64>,
+    phase: RequestPhase,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum ControlKind {
+    Start,
+    Stop,
+    Other,
+}
+
+/// The client node's protocol logic; see the module documentation.
+#[derive(Debug)]
+pub struct ClientCore {
+    config: ClientConfig,
+    clock: WallClock,
+    phase: Phase,
+    /// Indexed by rank.
+    servers: Vec<Option<Server>>,
+    server_ranks: BTreeSet<Rank>,
+    /// Free servers with nothing queued for them, lowest rank first.
+    idle: BTreeSet<Rank>,
+    /// Requests with no target, oldest first; ids no longer queued are
+    /// skipped when met.
+    queue: VecDeque<RequestId>,
+    queued: usize,
+    requests: HashMap<RequestId, Request>,
+    next_id: RequestId,
+    next_correlation: u64,
+    controls: HashMap<u64, ControlKind>,
+    awaiting_start: usize,
+    ping_round: u64,
+    next_round: Option<Instant>,
+    /// When the next server could time out at the earliest; `None`: check
+    /// at the next tick.
+    next_expiry: Option<Instant>,
+    debugging: bool,
+    actions: VecDeque<Action>,
+}
+
+impl ClientCore {
+    /// A client core with no servers yet; `clock` gives wall times.
+    pub fn new(config: ClientConfig, clock: WallClock) -> Self {
+        ClientCore {
+            config,
+            clock,
+            phase: Phase::Idle,
+            servers: Vec::new(),
+            server_ranks: BTreeSet::new(),
+            idle: BTreeSet::new(),
+            queue: VecDeque::new(),
+            queued: 0,
+            requests: HashMap::new(),
+            next_id: 1,
+            next_correlation: 1,
+            controls: HashMap::new(),
+            awaiting_start: 0,
+            ping_round: 0,
+            next_round: None,
+            next_expiry: None,
+            debugging: false,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next action to carry out, if any.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Moves every pending action into `out`.
+    pub fn drain_actions(&mut self, out: &mut Vec<Action>) {
+        out.extend(self.actions.drain(..));
+    }
+
+    /// When [`tick`](Self::tick) next has work to do; `None` while idle or
+    /// stopped.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if matches!(self.phase, Phase::Idle | Phase::Stopped) {
+            return None;
+        }
+        let expiry = if self.debugging {
+            None
+        } else {
+            self.next_expiry
+        };
+        match (self.next_round, expiry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Registers a server; once services run, it is sent START at once.
+    pub fn add_server(&mut self, rank: Rank, now: Instant) -> Result<(), CoreError> {
+        if rank <= 0 || rank > MAX_RANK {
+            return Err(CoreError::InvalidRank(rank));
+        }
+        let index = rank as usize;
+        if self.servers.len() <= index {
+            self.servers.resize_with(index + 1, || None);
+        }
+        if self.servers[index].as_ref().is_some_and(|s| s.monitored()) {
+            return Ok(());
+        }
+        self.servers[index] = Some(Server {
+            phase: ServerPhase::Starting,
+            timed_out: false,
+            running: None,
+            queue: VecDeque::new(),
+            last_seen: now,
+            last_ping_epoch: 0.0,
+            host: String::new(),
+            pid: 0,
+            worker_pid: 0,
+            rss: 0,
+            command_start_time: 0.0,
+        });
+        self.server_ranks.insert(rank);
+        let expiry = now + self.config.timeout;
+        self.next_expiry = self.next_expiry.map(|e| e.min(expiry));
+        match self.phase {
+            Phase::Running => self.send_start(rank),
+            Phase::Stopping => self.send_stop(rank, true),
+            Phase::Idle | Phase::Stopped => {}
+        }
+        Ok(())
+    }
+
+    /// Starts services: sends START to every registered server (rule 26)
+    /// and begins the monitor.
+    pub fn start(&mut self, now: Instant) {
+        if self.phase != Phase::Idle {
+            return;
+        }
+        self.phase = Phase::Running;
+        let ranks: Vec<Rank> = self.server_ranks.iter().copied().collect();
+        for rank in ranks {
+            if let Some(s) = self.server_mut(rank) {
+                s.last_seen = now;
+            }
+            self.send_start(rank);
+        }
+        self.next_round = None;
+        self.next_expiry = None;
+    }
+
+    /// Stops services (rule 27): later submissions are refused, requests
+    /// not yet sent are answered as cancelled, and every server is told to
+    /// stop, finishing (or, forced, interrupting) its running command.
+    /// [`Action::Stopped`] follows once all have acknowledged or are gone.
+    pub fn stop(&mut self, force: bool) {
+        match self.phase {
+            Phase::Stopping | Phase::Stopped => return,
+            Phase::Idle => {
+                self.phase = Phase::Stopped;
+                self.actions.push_back(Action::Stopped);
+                return;
+            }
+            Phase::Running => {}
+        }
+        self.phase = Phase::Stopping;
+        self.event(Event::StoppingServices { force });
+        let mut pending: Vec<RequestId> = self
+            .requests
+            .iter()
+            .filter(|(_, r)| matches!(r.phase, RequestPhase::Queued))
+            .map(|(id, _)| *id)
+            .collect();
+        pending.sort_unstable();
+        for id in pending {
+            self.finish_unsent(
+                id,
+                CommandStatus::Cancelled,
+                "Cancelled: services were stopped before the request was sent".into(),
+            );
+        }
+        self.queue.clear();
+        self.idle.clear();
+        let ranks: Vec<Rank> = self.server_ranks.iter().copied().collect();
+        for rank in ranks {
+            self.send_stop(rank, force);
+        }
+        self.check_stopped();
+    }
+
+    /// Accepts or rejects a driver's submission (rules 2, 12-14). Accepted
+    /// requests get consecutive ids, in target order.
+    pub fn submit(
+        &mut self,
+        driver: DriverId,
+        request: SubmitRequest,
+    ) -> Result<Vec<RequestId>, Rejection> {
+        if matches!(self.phase, Phase::Stopping | Phase::Stopped) {
+            return Err(Rejection::new(
+                RejectReason::Stopped,
+                "services are stopped; no more commands are accepted",
+            ));
+        }
+        if self.server_ranks.is_empty() {
+            return Err(Rejection::new(
+                RejectReason::NoServers,
+                "the cluster has no servers",
+            ));
+        }
+        if let Some(d) = request.deadline_seconds {
+            if !(d.is_finite() && d > 0.0) {
+                return Err(Rejection::new(
+                    RejectReason::InvalidDeadline,
+                    format!("deadline must be a positive number of seconds, not {d}"),
+                ));
+            }
+        }
+        for &target in &request.targets {
+            self.check_target(target)?;
+        }
+        let mode = if request.command == "push" {
+            CommandMode::Push
+        } else {
+            match request.mode() {
+                CommandMode::Unspecified => CommandMode::Auto,
+                mode => mode,
+            }
+        };
+        let deadline_seconds = request
+            .deadline_seconds
+            .or(self.config.default_deadline.map(|d| d.as_secs_f64()));
+        let SubmitRequest {
+            command,
+            parameters,
+            targets,
+            ..
+        } = request;
+        let new_request = |command: String, parameters: Vec<Parameter>| Request {
+            driver,
+            command,
+            mode,
+            parameters,
+            deadline_seconds,
+            phase: RequestPhase::Queued,
+        };
+        if targets.is_empty() {
+            let id = self.allocate_id();
+            self.requests.insert(id, new_request(command, parameters));
+            self.queued += 1;
+            match self.idle.pop_first() {
+                Some(rank) => self.send_request(id, rank),
+                None => self.queue.push_back(id),
+            }
+            return Ok(vec![id]);
+        }
+        let mut ids = Vec::with_capacity(targets.len());
+        let last = targets.len() - 1;
+        let (mut command, mut parameters) = (Some(command), Some(parameters));
+        for (i, &rank) in targets.iter().enumerate() {
+            let id = self.allocate_id();
+            let request = if i == last {
+                new_request(
+                    command.take().unwrap_or_default(),
+                    parameters.take().unwrap_or_default(),
+                )
+            } else {
+                new_request(
+                    command.clone().unwrap_or_default(),
+                    parameters.clone().unwrap_or_default(),
+                )
+            };
+            self.requests.insert(id, request);
+            self.queued += 1;
+            let server = self.server(rank).expect("target checked above");
+            if server.free() && server.queue.is_empty() {
+                self.send_request(id, rank);
+            } else {
+                self.server_mut(rank)
+                    .expect("target checked above")
+                    .queue
+                    .push_back(id);
+            }
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Takes an envelope a server sent.
+    pub fn handle(
+        &mut self,
+        from: Rank,
+        envelope: Envelope,
+        now: Instant,
+    ) -> Result<(), CoreError> {
+        let Some(server) = self.server_mut(from) else {
+            return Err(CoreError::UnknownRank(from));
+        };
+        if envelope.protocol_version != PROTOCOL_VERSION {
+            return Err(CoreError::VersionMismatch {
+                from,
+                version: envelope.protocol_version,
+            });
+        }
+        if !server.monitored() {
+            return Ok(());
+        }
+        server.last_seen = now;
+        if server.timed_out {
+            server.timed_out = false;
+            let expiry = now + self.config.timeout;
+            self.next_expiry = self.next_expiry.map(|e| e.min(expiry));
+            self.event(Event::ServerRecovered { rank: from });
+        }
+        let result = match envelope.body {
+            Some(Body::PingResponse(ping)) => {
+                self.on_ping(from, ping, now);
+                Ok(())
+            }
+            Some(Body::CommandResponse(response)) => self.on_response(from, response),
+            Some(Body::ControlResponse(response)) => {
+                self.on_control(from, envelope.correlation, response);
+                Ok(())
+            }
+            Some(Body::LogRecord(record)) => {
+                self.actions.push_back(Action::Forward(record));
+                Ok(())
+            }
+            Some(other) => Err(CoreError::Unexpected {
+                from,
+                message: other.name(),
+            }),
+            None => Err(CoreError::Unexpected {
+                from,
+                message: "empty envelope",
+            }),
+        };
+        self.dispatch(from);
+        result
+    }
+
+    /// A server's link closed for good: its requests are answered with
+    /// status timeout and it gets no more work.
+    pub fn server_lost(&mut self, rank: Rank) {
+        let Some(server) = self.server_mut(rank) else {
+            return;
+        };
+        if matches!(server.phase, ServerPhase::Lost | ServerPhase::Stopped) {
+            return;
+        }
+        server.phase = ServerPhase::Lost;
+        let running = server.running.take();
+        let queued: Vec<RequestId> = server.queue.drain(..).collect();
+        self.idle.remove(&rank);
+        self.event(Event::ServerLost { rank });
+        if let Some(id) = running {
+            let reason =
+                format!("Timeout: server n# {rank} disconnected while running the command");
+            match self.requests.get(&id).map(|r| &r.phase) {
+                Some(RequestPhase::Sent { .. }) => {
+                    let request = self.requests.remove(&id).expect("just seen");
+                    self.deliver_failure(id, request, rank, CommandStatus::Timeout, reason);
+                    self.event(Event::RequestTimedOut { id, server: rank });
+                }
+                Some(RequestPhase::TimedOut { .. }) => {
+                    self.requests.remove(&id);
+                }
+                _ => {}
+            }
+        }
+        for id in queued {
+            self.finish_unsent(
+                id,
+                CommandStatus::Timeout,
+                format!("Timeout: server n# {rank} disconnected before the command was sent"),
+            );
+        }
+        self.check_stopped();
+    }
+
+    /// Advances time: sends the ping round when due (rule 19) and marks
+    /// silent servers timed out (rule 20).
+    pub fn tick(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Idle | Phase::Stopped) {
+            return;
+        }
+        if self.next_round.is_none_or(|t| now >= t) {
+            self.ping_round += 1;
+            let ping = Envelope::new(Body::PingRequest(PingRequest {
+                sequence: self.ping_round,
+            }));
+            for &rank in &self.server_ranks {
+                let server = self.servers[rank as usize].as_ref().expect("registered");
+                if server.monitored() {
+                    self.actions.push_back(Action::Send {
+                        to: rank,
+                        envelope: ping.clone(),
+                    });
+                }
+            }
+            let next = self.next_round.map_or(now, |t| t) + self.config.heartbeat;
+            self.next_round = Some(if next <= now {
+                now + self.config.heartbeat
+            } else {
+                next
+            });
+        }
+        if !self.debugging && self.next_expiry.is_none_or(|t| now >= t) {
+            self.check_timeouts(now);
+        }
+    }
+
+    /// Cancels requests (rule 24): queued ones are answered as cancelled at
+    /// once; running ones are interrupted by their servers, whose responses
+    /// follow with status cancelled.
+    pub fn cancel(&mut self, ids: &[RequestId]) -> CancelReply {
+        let mut reply = CancelReply::default();
+        for &id in ids {
+            match self.requests.get(&id).map(|r| &r.phase) {
+                Some(RequestPhase::Queued) => {
+                    self.finish_unsent(
+                        id,
+                        CommandStatus::Cancelled,
+                        "Cancelled before the request was sent".into(),
+                    );
+                    reply.dequeued.push(id);
+                }
+                Some(RequestPhase::Sent { server, .. }) => {
+                    let server = *server;
+                    self.send_control(
+                        server,
+                        control_request::Action::Cancel(Cancel { request_id: id }),
+                        ControlKind::Other,
+                    );
+                    reply.interrupting.push(id);
+                }
+                _ => reply.not_pending.push(id),
+            }
+        }
+        reply
+    }
+
+    /// Turns debugging mode on or off (rule 22).
+    pub fn set_debugging(&mut self, enabled: bool) {
+        if self.debugging == enabled {
+            return;
+        }
+        self.debugging = enabled;
+        if !enabled {
+            self.next_expiry = None;
+        }
+        self.event(Event::DebuggingMode { enabled });
+    }
+
+    /// True while debugging mode is on.
+    pub fn debugging(&self) -> bool {
+        self.debugging
+    }
+
+    /// Changes the log level of the given servers, or of all when `servers`
+    /// is empty (rule 31).
+    pub fn set_log_level(&mut self, level: LogLevel, servers: &[Rank]) -> Result<(), CoreError> {
+        for &rank in servers {
+            if self.server(rank).is_none() {
+                return Err(CoreError::UnknownRank(rank));
+            }
+        }
+        let ranks: Vec<Rank> = if servers.is_empty() {
+            self.server_ranks.iter().copied().collect()
+        } else {
+            servers.to_vec()
+        };
+        for rank in ranks {
+            if self.server(rank).is_some_and(|s| s.monitored()) {
+                self.send_control(
+                    rank,
+                    control_request::Action::SetLogLevel(SetLogLevel {
+                        log_level: level.into(),
+                    }),
+                    ControlKind::Other,
+                );
+            }
+        }
+        Ok(())
+    }
+
+    /// The server table (rule 23), for one server or all.
+    pub fn status(&self, server: Option<Rank>) -> Result<StatusReply, CoreError> {
+        let ranks: Vec<Rank> = match server {
+            Some(rank) if self.server(rank).is_some() => vec![rank],
+            Some(rank) => return Err(CoreError::UnknownRank(rank)),
+            None => self.server_ranks.iter().copied().collect(),
+        };
+        let servers = ranks
+            .into_iter()
+            .map(|rank| {
+                let s = self.server(rank).expect("registered");
+                let running = s
+                    .running
+                    .and_then(|id| self.requests.get(&id).map(|r| (id, r)));
+                ServerStatus {
+                    rank,
+                    processor: s.host.clone(),
+                    pid: s.pid,
+                    worker_pid: s.worker_pid,
+                    busy: running.is_some(),
+                    command: running.map(|(_, r)| r.command.clone()).unwrap_or_default(),
+                    command_id: running.map_or(0, |(id, _)| id),
+                    command_start_time: if running.is_some() {
+                        s.command_start_time
+                    } else {
+                        0.0
+                    },
+                    timeout: s.timed_out || s.phase == ServerPhase::Lost,
+                    online: s.available(),
+                    last_ping: s.last_ping_epoch,
+                    rss: s.rss,
+                }
+            })
+            .collect();
+        Ok(StatusReply {
+            servers,
+            cluster: Some(self.cluster_info()),
+            queued: self.queued as u64,
+        })
+    }
+
+    /// Where each request stands (rule 17's pending report).
+    pub fn track(&self, ids: &[RequestId]) -> TrackReply {
+        let states = ids
+            .iter()
+            .map(|&id| {
+                let (status, server) = match self.requests.get(&id).map(|r| &r.phase) {
+                    Some(RequestPhase::Queued) => (CommandStatus::HoldingQueue, 0),
+                    Some(RequestPhase::Sent { server, .. }) => {
+                        (CommandStatus::RequestSent, *server)
+                    }
+                    Some(RequestPhase::TimedOut { server, .. }) => {
+                        (CommandStatus::Timeout, *server)
+                    }
+                    None if id > 0 && id < self.next_id => (CommandStatus::ResponseReceived, 0),
+                    None => (CommandStatus::Unspecified, 0),
+                };
+                RequestState {
+                    id,
+                    status: status.into(),
+                    server,
+                }
+            })
+            .collect();
+        TrackReply { states }
+    }
+
+    /// The cluster's description for drivers.
+    pub fn cluster_info(&self) -> ClusterInfo {
+        ClusterInfo {
+            transport: self.config.transport.clone(),
+            host: self.config.host.clone(),
+            client_rank: 0,
+            world_size: self.server_ranks.len() as i32 + 1,
+            server_ranks: self.server_ranks.iter().copied().collect(),
+            heartbeat_seconds: self.config.heartbeat.as_secs_f64(),
+            timeout_seconds: self.config.timeout.as_secs_f64(),
+            debugging: self.debugging,
+        }
+    }
+
+    /// Requests accepted and not yet finished.
+    pub fn pending(&self) -> usize {
+        self.requests
+            .values()
+            .filter(|r| !matches!(r.phase, RequestPhase::TimedOut { .. }))
+            .count()
+    }
+
+    /// True once services are stopped.
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    fn server(&self, rank: Rank) -> Option<&Server> {
+        usize::try_from(rank)
+            .ok()
+            .and_then(|i| self.servers.get(i))
+            .and_then(Option::as_ref)
+    }
+
+    fn server_mut(&mut self, rank: Rank) -> Option<&mut Server> {
+        usize::try_from(rank)
+            .ok()
+            .and_then(|i| self.servers.get_mut(i))
+            .and_then(Option::as_mut)
+    }
+
+    fn check_target(&self, target: Rank) -> Result<(), Rejection> {
+        match self.server(target) {
+            None => {
+                let ranks = describe_ranks(&self.server_ranks);
+                Err(Rejection::new(
+                    RejectReason::UnknownTarget,
+                    format!("target {target} is not a server rank (server ranks: {ranks})"),
+                ))
+            }
+            Some(s) if s.timed_out || s.phase == ServerPhase::Lost => Err(Rejection::new(
+                RejectReason::TargetTimedOut,
+                format!("target server n# {target} is in timeout"),
+            )),
+            Some(s) if s.phase == ServerPhase::Stopped || s.phase == ServerPhase::Stopping => {
+                Err(Rejection::new(
+                    RejectReason::Stopped,
+                    format!("target server n# {target} is stopped"),
+                ))
+            }
+            Some(_) => Ok(()),
+        }
+    }
+
+    fn allocate_id(&mut self) -> RequestId {
+        let id = self.next_id;
+        self.next_id += 1;
+        id
+    }
+
+    fn event(&mut self, event: Event) {
+        self.actions.push_back(Action::Event(event));
+    }
+
+    fn send_control(&mut self, rank: Rank, action: control_request::Action, kind: ControlKind) {
+        let correlation = self.next_correlation;
+        self.next_correlation += 1;
+        self.controls.insert(correlation, kind);
+        self.actions.push_back(Action::Send {
+            to: rank,
+            envelope: Envelope::correlated(
+                correlation,
+                Body::ControlRequest(ControlRequest {
+                    action: Some(action),
+                }),
+            ),
+        });
+    }
+
+    fn send_start(&mut self, rank: Rank) {
+        self.awaiting_start += 1;
+        let start = self.config.start.clone();
+        self.send_control(
+            rank,
+            control_request::Action::Start(start),
+            ControlKind::Start,
+        );
+    }
+
+    fn send_stop(&mut self, rank: Rank, force: bool) {
+        let Some(server) = self.server_mut(rank) else {
+            return;
+        };
+        if !server.monitored() {
+            return;
+        }
+        server.phase = ServerPhase::Stopping;
+        self.send_control(
+            rank,
+            control_request::Action::Stop(Stop { force }),
+            ControlKind::Stop,
+        );
+    }
+
+    fn send_request(&mut self, id: RequestId, rank: Rank) {
+        let ping_round = self.ping_round;
+        let request = self.requests.get_mut(&id).expect("queued request exists");
+        request.phase = RequestPhase::Sent {
+            server: rank,
+            ping_round,
+        };
+        let envelope = Envelope::new(Body::CommandRequest(CommandRequest {
+            id,
+            command: request.command.clone(),
+            mode: request.mode.into(),
+            parameters: request.parameters.clone(),
+            deadline_seconds: request.deadline_seconds,
+        }));
+        self.queued -= 1;
+        self.idle.remove(&rank);
+        self.servers[rank as usize]
+            .as_mut()
+            .expect("registered")
+            .running = Some(id);
+        self.actions.push_back(Action::Send { to: rank, envelope });
+        self.event(Event::RequestSent { id, server: rank });
+    }
+
+    /// Gives a free server its next request: the oldest of its own queue's
+    /// head and the shared queue's head (rules 12-13); else marks it idle.
+    fn dispatch(&mut self, rank: Rank) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        let Some(server) = self.servers.get_mut(rank as usize).and_then(Option::as_mut) else {
+            return;
+        };
+        if !server.free() {
+            return;
+        }
+        let requests = &self.requests;
+        let still_queued = |id: &RequestId| {
+            requests
+                .get(id)
+                .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
+        };
+        while server.queue.front().is_some_and(|id| !still_queued(id)) {
+            server.queue.pop_front();
+        }
+        while self.queue.front().is_some_and(|id| !still_queued(id)) {
+            self.queue.pop_front();
+        }
+        let next = match (server.queue.front(), self.queue.front()) {
+            (Some(&own), Some(&shared)) if shared < own => self.queue.pop_front(),
+            (Some(_), _) => server.queue.pop_front(),
+            (None, Some(_)) => self.queue.pop_front(),
+            (None, None) => None,
+        };
+        match next {
+            Some(id) => self.send_request(id, rank),
+            None => {
+                self.idle.insert(rank);
+            }
+        }
+    }
+
+    fn on_ping(&mut self, from: Rank, ping: PingResponse, now: Instant) {
+        let epoch = self.clock.epoch(now);
+        let server = self.servers[from as usize]
+            .as_mut()
+            .expect("checked by handle");
+        server.last_ping_epoch = epoch;
+        server.host = ping.host;
+        server.pid = ping.pid;
+        server.worker_pid = ping.worker_pid;
+        server.rss = ping.rss_bytes;
+        server.command_start_time = ping.command_start_time;
+        // A timed-out record whose command the server no longer runs, as
+        // told by a ping it answered after receiving the command, will get
+        // no answer: the server finished it before the record could be
+        // replaced, or lost it with its worker.
+        if let Some(id) = server.running {
+            if let Some(Request {
+                phase: RequestPhase::TimedOut { ping_round, .. },
+                ..
+            }) = self.requests.get(&id)
+            {
+                if ping.sequence > *ping_round && !(ping.busy && ping.command_id == id) {
+                    self.requests.remove(&id);
+                    server.running = None;
+                }
+            }
+        }
+    }
+
+    fn on_response(&mut self, from: Rank, response: CommandResponse) -> Result<(), CoreError> {
+        let id = response.id;
+        let replaces_timeout = match self.requests.get(&id).map(|r| &r.phase) {
+            Some(RequestPhase::Sent { server, .. }) if *server == from => false,
+            Some(RequestPhase::TimedOut { server, .. }) if *server == from => true,
+            _ => return Err(CoreError::UnknownRequest { id, from }),
+        };
+        let request = self.requests.remove(&id).expect("just seen");
+        let server = self.servers[from as usize]
+            .as_mut()
+            .expect("checked by handle");
+        if server.running == Some(id) {
+            server.running = None;
+        }
+        let status = match response.status() {
+            CommandStatus::Unspecified
+            | CommandStatus::HoldingQueue
+            | CommandStatus::RequestSent => CommandStatus::ResponseReceived,
+            status => status,
+        };
+        let mode = match response.mode() {
+            CommandMode::Unspecified => request.mode,
+            mode => mode,
+        };
+        let record = CommandResponse {
+            id,
+            command: request.command,
+            mode: mode.into(),
+            parameters: request.parameters,
+            ret: Some(response.ret.unwrap_or_else(Value::none)),
+            server: from,
+            status: status.into(),
+            successful: response.successful,
+            traceback: response.traceback,
+            command_start_time: response.command_start_time,
+            command_stop_time: response.command_stop_time,
+            worker_restarted: response.worker_restarted,
+        };
+        if replaces_timeout {
+            self.event(Event::ResponseRecovered { id, server: from });
+        } else if record.successful {
+            self.event(Event::RequestSucceeded { id, server: from });
+        } else {
+            self.event(Event::RequestFailed {
+                id,
+                server: from,
+                traceback: record.traceback.clone().unwrap_or_default(),
+            });
+        }
+        self.actions.push_back(Action::Deliver {
+            driver: request.driver,
+            delivery: ResponseDelivery {
+                response: Some(record),
+                replaces_timeout,
+            },
+        });
+        Ok(())
+    }
+
+    fn on_control(&mut self, from: Rank, correlation: u64, response: ControlResponse) {
+        let Some(kind) = self.controls.remove(&correlation) else {
+            return;
+        };
+        match kind {
+            ControlKind::Start => {
+                self.awaiting_start = self.awaiting_start.saturating_sub(1);
+                let server = self.servers[from as usize]
+                    .as_mut()
+                    .expect("checked by handle");
+                if response.ok {
+                    server.host = response.host.clone();
+                    server.pid = response.pid;
+                    if server.phase == ServerPhase::Starting {
+                        server.phase = ServerPhase::Online;
+                    }
+                    self.event(Event::ServerStarted {
+                        rank: from,
+                        host: response.host,
+                        pid: response.pid,
+                    });
+                } else {
+                    server.phase = ServerPhase::Lost;
+                    self.event(Event::ServerStartFailed {
+                        rank: from,
+                        error: response.error,
+                    });
+                }
+                if self.awaiting_start == 0 {
+                    self.event(Event::AllServersStarted);
+                }
+            }
+            ControlKind::Stop => {
+                let server = self.servers[from as usize]
+                    .as_mut()
+                    .expect("checked by handle");
+                server.phase = ServerPhase::Stopped;
+                self.idle.remove(&from);
+                self.event(Event::ServerStopped { rank: from });
+                self.check_stopped();
+            }
+            ControlKind::Other => {}
+        }
+    }
+
+    fn check_timeouts(&mut self, now: Instant) {
+        let mut earliest: Option<Instant> = None;
+        let mut expired = Vec::new();
+        for &rank in &self.server_ranks {
+            let server = self.servers[rank as usize].as_ref().expect("registered");
+            if !server.monitored() || server.timed_out {
+                continue;
+            }
+            let expiry = server.last_seen + self.config.timeout;
+            if now >= expiry {
+                expired.push((rank, now - server.last_seen));
+            } else {
+                earliest = Some(earliest.map_or(expiry, |e| e.min(expiry)));
+            }
+        }
+        self.next_expiry = Some(earliest.unwrap_or(now + self.config.timeout));
+        for (rank, silent_for) in expired {
+            self.mark_timed_out(rank, silent_for);
+        }
+        self.check_stopped();
+    }
+
+    fn mark_timed_out(&mut self, rank: Rank, silent_for: Duration) {
+        let server = self.servers[rank as usize].as_mut().expect("registered");
+        server.timed_out = true;
+        let running = server.running;
+        let queued: Vec<RequestId> = server.queue.drain(..).collect();
+        self.idle.remove(&rank);
+        self.event(Event::ServerTimedOut { rank, silent_for });
+        if let Some(id) = running {
+            if let Some(request) = self.requests.get_mut(&id) {
+                if let RequestPhase::Sent { ping_round, .. } = request.phase {
+                    request.phase = RequestPhase::TimedOut {
+                        server: rank,
+                        ping_round,
+                    };
+                    let record = CommandResponse {
+                        id,
+                        command: request.command.clone(),
+                        mode: request.mode.into(),
+                        parameters: request.parameters.clone(),
+                        ret: Some(Value::none()),
+                        server: rank,
+                        status: CommandStatus::Timeout.into(),
+                        successful: false,
+                        traceback: Some(format!(
+                            "Timeout: server n# {rank} did not answer for {:.1} s while running the command",
+                            silent_for.as_secs_f64()
+                        )),
+                        command_start_time: 0.0,
+                        command_stop_time: 0.0,
+                        worker_restarted: false,
+                    };
+                    let driver = request.driver;
+                    self.actions.push_back(Action::Deliver {
+                        driver,
+                        delivery: ResponseDelivery {
+                            response: Some(record),
+                            replaces_timeout: false,
+                        },
+                    });
+                    self.event(Event::RequestTimedOut { id, server: rank });
+                }
+            }
+        }
+        for id in queued {
+            self.finish_unsent(
+                id,
+                CommandStatus::Timeout,
+                format!("Timeout: server n# {rank} timed out before the command was sent"),
+            );
+        }
+    }
+
+    /// Answers a request that never reached a server.
+    fn finish_unsent(&mut self, id: RequestId, status: CommandStatus, reason: String) {
+        let Some(request) = self.requests.remove(&id) else {
+            return;
+        };
+        debug_assert!(matches!(request.phase, RequestPhase::Queued));
+        self.queued -= 1;
+        if status == CommandStatus::Timeout {
+            self.event(Event::RequestTimedOut { id, server: 0 });
+        }
+        self.deliver_failure(id, request, 0, status, reason);
+    }
+
+    fn deliver_failure(
+        &mut self,
+        id: RequestId,
+        request: Request,
+        server: Rank,
+        status: CommandStatus,
+        reason: String,
+    ) {
+        let record = CommandResponse {
+            id,
+            command: request.command,
+            mode: request.mode.into(),
+            parameters: request.parameters,
+            ret: Some(Value::none()),
+            server,
+            status: status.into(),
+            successful: false,
+            traceback: Some(reason),
+            command_start_time: 0.0,
+            command_stop_time: 0.0,
+            worker_restarted: false,
+        };
+        self.actions.push_back(Action::Deliver {
+            driver: request.driver,
+            delivery: ResponseDelivery {
+                response: Some(record),
+                replaces_timeout: false,
+            },
+        });
+    }
+
+    fn check_stopped(&mut self) {
+        if self.phase != Phase::Stopping {
+            return;
+        }
+        let done = self.server_ranks.iter().all(|&rank| {
+            let s = self.servers[rank as usize].as_ref().expect("registered");
+            matches!(s.phase, ServerPhase::Stopped | ServerPhase::Lost) || s.timed_out
+        });
+        if done {
+            self.phase = Phase::Stopped;
+            self.actions.push_back(Action::Stopped);
+        }
+    }
+}
+
+/// "1-4" or "1, 3, 7": the server ranks, for error messages.
+fn describe_ranks(ranks: &BTreeSet<Rank>) -> String {
+    match (ranks.first(), ranks.last()) {
+        (None, _) | (_, None) => "none".into(),
+        (Some(first), Some(last)) if (last - first) as usize + 1 == ranks.len() => {
+            if first == last {
+                first.to_string()
+            } else {
+                format!("{first}-{last}")
+            }
+        }
+        _ => ranks
+            .iter()
+            .map(ToString::to_string)
+            .collect::<Vec<_>>()
+            .join(", "),
+    }
+}

@@ -1,0 +1,56 @@
+//! casa-node's protocol: the messages, and the logic that gives them
+//! meaning, without any I/O.
+//!
+//! The messages are generated from `proto/casa/node/v1/*.proto`, the source
+//! of truth for every language ([`pb`]). Around them this crate holds:
+//!
+//! - [`Framing`]: length-delimited frames under a size limit;
+//! - conversions between [`pb::Value`] and Rust types, and a Python-style
+//!   `Display` for values;
+//! - [`Transport`]: what MPI and ZeroMQ transports provide;
+//! - [`ClientCore`] and [`ServerCore`]: deterministic state machines for the
+//!   client node (queue, scheduler, monitor, lifecycle) and a server node
+//!   (control, pings, command hand-off). They hold no sockets, threads or
+//!   clocks: the caller feeds them events with the current time and carries
+//!   out the actions they hand back.
+//!
+//! Rules cited as "rule N" are those of the project's `SEMANTICS.md`.
+
+mod client;
+mod clock;
+mod envelope;
+mod error;
+mod frame;
+mod server;
+mod transport;
+mod value;
+
+/// The generated message types of package `casa.node.v1`.
+#[allow(missing_docs, clippy::doc_lazy_continuation)]
+pub mod pb {
+    include!(concat!(env!("OUT_DIR"), "/casa.node.v1.rs"));
+}
+
+pub use client::{Action, ClientConfig, ClientCore, CoreError, Event, Rejection};
+pub use clock::WallClock;
+pub use envelope::{PROTOCOL_VERSION, check_version};
+pub use error::{FrameError, TransportError, ValueError};
+pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX};
+pub use server::{ExecOutcome, Interruption, ServerAction, ServerConfig, ServerCore};
+pub use transport::{Transport, TransportEvent};
+
+/// A process's place in the cluster: 0 for the client node, 1.. for servers.
+pub type Rank = i32;
+
+/// A request's id, unique and increasing per client node (rule 11).
+pub type RequestId = u64;
+
+/// Which driver connection a request came from; chosen by the node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct DriverId(pub u64);
+
+impl std::fmt::Display for DriverId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "driver {}", self.0)
+    }
+}

@@ -1,0 +1,491 @@
+//! A server node's state machine: answers control and ping itself, hands
+//! commands to the executor one at a time, enforces deadlines, cancels and
+//! forced stops by interrupting and then killing the worker (rules 19,
+//! 24-27, 31).
+
+use std::collections::VecDeque;
+use std::time::{Duration, Instant};
+
+use thiserror::Error;
+
+use crate::clock::WallClock;
+use crate::envelope::PROTOCOL_VERSION;
+use crate::pb::control_request::{self, Start};
+use crate::pb::envelope::Body;
+use crate::pb::{
+    CommandMode, CommandRequest, CommandResponse, CommandStatus, ControlResponse, Envelope,
+    LogLevel, LogRecord, PingRequest, PingResponse, Value,
+};
+use crate::{Rank, RequestId};
+
+/// Settings of a server node.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// This server's rank.
+    pub rank: Rank,
+    /// The host it runs on.
+    pub host: String,
+    /// The server node's process id.
+    pub pid: u32,
+    /// How long an interrupted command may take to stop before its worker
+    /// is killed and restarted (rule 24).
+    pub kill_grace: Duration,
+}
+
+/// Why a running command is being interrupted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Interruption {
+    /// It ran past its deadline; answered with status timeout.
+    Deadline,
+    /// The driver cancelled it; answered with status cancelled.
+    Cancel,
+    /// A forced stop; answered with status cancelled.
+    Stop,
+}
+
+/// Something the node must do for the server core.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ServerAction {
+    /// Send `envelope` to the client node.
+    Send(Envelope),
+    /// Apply the client's settings to the executor before the first
+    /// command: working directory, environment, log level.
+    Configure(Start),
+    /// Run this command in the worker; report with
+    /// [`ServerCore::finished`].
+    Execute(CommandRequest),
+    /// Raise KeyboardInterrupt in the worker running command `id`.
+    Interrupt {
+        /// The running command.
+        id: RequestId,
+        /// Why.
+        reason: Interruption,
+    },
+    /// The interrupted command `id` did not stop in time: kill the worker,
+    /// report the command as failed, start a fresh worker.
+    Kill {
+        /// The running command.
+        id: RequestId,
+    },
+    /// Forward only log records of this level and above.
+    SetLogLevel(LogLevel),
+    /// Stopped: the STOP acknowledgement is sent; exit.
+    Exit,
+}
+
+/// What the executor reports when a command ends.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ExecOutcome {
+    /// The command's request id.
+    pub id: RequestId,
+    /// The mode it ran in.
+    pub mode: CommandMode,
+    /// Its return value (rule 6); `None` reads as Python's None.
+    pub ret: Option<Value>,
+    /// False when it raised or its worker died (rule 7).
+    pub successful: bool,
+    /// The formatted traceback or the reason for failure.
+    pub traceback: Option<String>,
+    /// When it started, seconds since the Unix epoch.
+    pub start_time: f64,
+    /// When it ended, seconds since the Unix epoch.
+    pub stop_time: f64,
+    /// True when a fresh worker was started after it (rule 25).
+    pub worker_restarted: bool,
+}
+
+/// Something the client node sent that the server core cannot take.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum ServerError {
+    /// Only the client node may send to a server.
+    #[error("rank {0} is not the client node")]
+    NotFromClient(Rank),
+    /// The sender speaks another protocol version.
+    #[error("the client node speaks protocol version {0}, not {PROTOCOL_VERSION}")]
+    VersionMismatch(u32),
+    /// A message servers do not take.
+    #[error("unexpected {0} from the client node")]
+    Unexpected(&'static str),
+    /// The executor reported a command that is not running.
+    #[error("command {0} is not running")]
+    NotRunning(RequestId),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// Waiting for START; commands are held.
+    Waiting,
+    Serving,
+    /// STOP received; the acknowledgement waits for the running command.
+    Stopping {
+        correlation: u64,
+    },
+    Stopped,
+}
+
+#[derive(Debug)]
+struct Running {
+    id: RequestId,
+    start_epoch: f64,
+    deadline: Option<(Instant, f64)>,
+    interrupted: Option<(Interruption, Instant)>,
+    killed: bool,
+}
+
+/// A server node's protocol logic; see the module documentation.
+#[derive(Debug)]
+pub struct ServerCore {
+    config: ServerConfig,
+    clock: WallClock,
+    born: Instant,
+    phase: Phase,
+    log_level: LogLevel,
+    running: Option<Running>,
+    queue: VecDeque<CommandRequest>,
+    worker_pid: u32,
+    rss: u64,
+    actions: VecDeque<ServerAction>,
+}
+
+/// The client node's rank.
+const CLIENT: Rank = 0;
+
+impl ServerCore {
+    /// A server core created at `now`, waiting for START.
+    pub fn new(config: ServerConfig, clock: WallClock, now: Instant) -> Self {
+        ServerCore {
+            config,
+            clock,
+            born: now,
+            phase: Phase::Waiting,
+            log_level: LogLevel::Info,
+            running: None,
+            queue: VecDeque::new(),
+            worker_pid: 0,
+            rss: 0,
+            actions: VecDeque::new(),
+        }
+    }
+
+    /// The next action to carry out, if any.
+    pub fn poll_action(&mut self) -> Option<ServerAction> {
+        self.actions.pop_front()
+    }
+
+    /// When [`tick`](Self::tick) next has work to do.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        let running = self.running.as_ref()?;
+        match running.interrupted {
+            None => running.deadline.map(|(at, _)| at),
+            Some((_, kill_at)) if !running.killed => Some(kill_at),
+            Some(_) => None,
+        }
+    }
+
+    /// Records the worker's process id and the resident memory of server
+    /// and worker, reported in ping answers (rule 19).
+    pub fn set_resources(&mut self, worker_pid: u32, rss: u64) {
+        self.worker_pid = worker_pid;
+        self.rss = rss;
+    }
+
+    /// The lowest level of log record forwarded.
+    pub fn log_level(&self) -> LogLevel {
+        self.log_level
+    }
+
+    /// True once STOP is acknowledged.
+    pub fn is_stopped(&self) -> bool {
+        self.phase == Phase::Stopped
+    }
+
+    /// The running command's id, if any.
+    pub fn running(&self) -> Option<RequestId> {
+        self.running.as_ref().map(|r| r.id)
+    }
+
+    /// Forwards a log line to the client node when `level` passes the log
+    /// level (rule 31).
+    pub fn log(&mut self, level: LogLevel, message: impl Into<String>, now: Instant) {
+        if level < self.log_level {
+            return;
+        }
+        let record = LogRecord {
+            time: self.clock.epoch(now),
+            level: level.into(),
+            origin: format!("{}:server-{}", self.config.host, self.config.rank),
+            rank: self.config.rank,
+            message: message.into(),
+        };
+        self.send(Envelope::new(Body::LogRecord(record)));
+    }
+
+    /// Takes an envelope from the transport.
+    pub fn handle(
+        &mut self,
+        from: Rank,
+        envelope: Envelope,
+        now: Instant,
+    ) -> Result<(), ServerError> {
+        if from != CLIENT {
+            return Err(ServerError::NotFromClient(from));
+        }
+        if envelope.protocol_version != PROTOCOL_VERSION {
+            return Err(ServerError::VersionMismatch(envelope.protocol_version));
+        }
+        match envelope.body {
+            Some(Body::PingRequest(ping)) => self.on_ping(ping, now),
+            Some(Body::ControlRequest(control)) => match control.action {
+                Some(action) => self.on_control(envelope.correlation, action, now),
+                None => return Err(ServerError::Unexpected("empty ControlRequest")),
+            },
+            Some(Body::CommandRequest(request)) => self.on_command(request, now),
+            Some(other) => return Err(ServerError::Unexpected(other.name())),
+            None => return Err(ServerError::Unexpected("empty envelope")),
+        }
+        Ok(())
+    }
+
+    /// The executor reports that a command ended.
+    pub fn finished(&mut self, outcome: ExecOutcome, now: Instant) -> Result<(), ServerError> {
+        if self.running.as_ref().map(|r| r.id) != Some(outcome.id) {
+            return Err(ServerError::NotRunning(outcome.id));
+        }
+        let running = self.running.take().expect("checked above");
+        let (status, traceback) = match (outcome.successful, running.interrupted) {
+            (true, _) | (false, None) => (CommandStatus::ResponseReceived, outcome.traceback),
+            (false, Some((Interruption::Deadline, _))) => {
+                let limit = running.deadline.map_or(0.0, |(_, s)| s);
+                let note = format!("Timeout: the command ran past its deadline of {limit} s");
+                (
+                    CommandStatus::Timeout,
+                    Some(join_reason(note, outcome.traceback)),
+                )
+            }
+            (false, Some((Interruption::Cancel, _))) => (
+                CommandStatus::Cancelled,
+                Some(join_reason(
+                    "Cancelled while running".into(),
+                    outcome.traceback,
+                )),
+            ),
+            (false, Some((Interruption::Stop, _))) => (
+                CommandStatus::Cancelled,
+                Some(join_reason(
+                    "Cancelled: services were stopped with force".into(),
+                    outcome.traceback,
+                )),
+            ),
+        };
+        let response = CommandResponse {
+            id: outcome.id,
+            mode: outcome.mode.into(),
+            ret: Some(outcome.ret.unwrap_or_else(Value::none)),
+            server: self.config.rank,
+            status: status.into(),
+            successful: outcome.successful,
+            traceback,
+            command_start_time: outcome.start_time,
+            command_stop_time: outcome.stop_time,
+            worker_restarted: outcome.worker_restarted,
+            ..CommandResponse::default()
+        };
+        self.send(Envelope::new(Body::CommandResponse(response)));
+        if let Phase::Stopping { correlation } = self.phase {
+            self.acknowledge_stop(correlation);
+        } else {
+            self.dispatch(now);
+        }
+        Ok(())
+    }
+
+    /// Advances time: interrupts a command past its deadline, kills a
+    /// worker that ignored an interrupt for the grace period (rule 24).
+    pub fn tick(&mut self, now: Instant) {
+        let grace = self.config.kill_grace;
+        let Some(running) = self.running.as_mut() else {
+            return;
+        };
+        match running.interrupted {
+            None => {
+                if running.deadline.is_some_and(|(at, _)| now >= at) {
+                    running.interrupted = Some((Interruption::Deadline, now + grace));
+                    let id = running.id;
+                    self.actions.push_back(ServerAction::Interrupt {
+                        id,
+                        reason: Interruption::Deadline,
+                    });
+                }
+            }
+            Some((_, kill_at)) if !running.killed && now >= kill_at => {
+                running.killed = true;
+                let id = running.id;
+                self.actions.push_back(ServerAction::Kill { id });
+            }
+            Some(_) => {}
+        }
+    }
+
+    fn send(&mut self, envelope: Envelope) {
+        self.actions.push_back(ServerAction::Send(envelope));
+    }
+
+    fn reply_control(&mut self, correlation: u64, error: Option<String>) {
+        let response = ControlResponse {
+            ok: error.is_none(),
+            error: error.unwrap_or_default(),
+            rank: self.config.rank,
+            host: self.config.host.clone(),
+            pid: self.config.pid,
+        };
+        self.send(Envelope::correlated(
+            correlation,
+            Body::ControlResponse(response),
+        ));
+    }
+
+    fn on_ping(&mut self, ping: PingRequest, now: Instant) {
+        let running = self.running.as_ref();
+        let response = PingResponse {
+            sequence: ping.sequence,
+            busy: running.is_some(),
+            command_id: running.map_or(0, |r| r.id),
+            command_start_time: running.map_or(0.0, |r| r.start_epoch),
+            pid: self.config.pid,
+            worker_pid: self.worker_pid,
+            host: self.config.host.clone(),
+            rss_bytes: self.rss,
+            uptime_seconds: now.saturating_duration_since(self.born).as_secs_f64(),
+        };
+        self.send(Envelope::new(Body::PingResponse(response)));
+    }
+
+    fn on_control(&mut self, correlation: u64, action: control_request::Action, now: Instant) {
+        match action {
+            control_request::Action::Start(start) => {
+                if self.phase == Phase::Waiting {
+                    self.phase = Phase::Serving;
+                    self.log_level = level_or_info(start.log_level());
+                    self.actions.push_back(ServerAction::Configure(start));
+                }
+                self.reply_control(correlation, None);
+                self.dispatch(now);
+            }
+            control_request::Action::Stop(stop) => {
+                if matches!(self.phase, Phase::Stopping { .. } | Phase::Stopped) {
+                    self.reply_control(correlation, None);
+                    return;
+                }
+                for request in std::mem::take(&mut self.queue) {
+                    self.answer_unrun(request.id, "Cancelled: the server is stopping");
+                }
+                match self.running.as_mut() {
+                    None => self.acknowledge_stop(correlation),
+                    Some(running) => {
+                        self.phase = Phase::Stopping { correlation };
+                        if stop.force && running.interrupted.is_none() {
+                            running.interrupted =
+                                Some((Interruption::Stop, now + self.config.kill_grace));
+                            let id = running.id;
+                            self.actions.push_back(ServerAction::Interrupt {
+                                id,
+                                reason: Interruption::Stop,
+                            });
+                        }
+                    }
+                }
+            }
+            control_request::Action::SetLogLevel(set) => {
+                self.log_level = level_or_info(set.log_level());
+                self.actions
+                    .push_back(ServerAction::SetLogLevel(self.log_level));
+                self.reply_control(correlation, None);
+            }
+            control_request::Action::Cancel(cancel) => {
+                let id = cancel.request_id;
+                if let Some(running) = self.running.as_mut().filter(|r| r.id == id) {
+                    if running.interrupted.is_none() {
+                        running.interrupted =
+                            Some((Interruption::Cancel, now + self.config.kill_grace));
+                        self.actions.push_back(ServerAction::Interrupt {
+                            id,
+                            reason: Interruption::Cancel,
+                        });
+                    }
+                    self.reply_control(correlation, None);
+                } else if let Some(pos) = self.queue.iter().position(|r| r.id == id) {
+                    self.queue.remove(pos);
+                    self.answer_unrun(id, "Cancelled before it started");
+                    self.reply_control(correlation, None);
+                } else {
+                    let error =
+                        format!("request {id} is not running on server {}", self.config.rank);
+                    self.reply_control(correlation, Some(error));
+                }
+            }
+        }
+    }
+
+    fn on_command(&mut self, request: CommandRequest, now: Instant) {
+        if matches!(self.phase, Phase::Stopping { .. } | Phase::Stopped) {
+            self.answer_unrun(request.id, "Cancelled: the server is stopping");
+            return;
+        }
+        self.queue.push_back(request);
+        self.dispatch(now);
+    }
+
+    fn dispatch(&mut self, now: Instant) {
+        if self.phase != Phase::Serving || self.running.is_some() {
+            return;
+        }
+        let Some(request) = self.queue.pop_front() else {
+            return;
+        };
+        let deadline = request
+            .deadline_seconds
+            .filter(|s| s.is_finite() && *s > 0.0)
+            .map(|s| (now + Duration::from_secs_f64(s.min(1e9)), s));
+        self.running = Some(Running {
+            id: request.id,
+            start_epoch: self.clock.epoch(now),
+            deadline,
+            interrupted: None,
+            killed: false,
+        });
+        self.actions.push_back(ServerAction::Execute(request));
+    }
+
+    fn answer_unrun(&mut self, id: RequestId, reason: &str) {
+        let response = CommandResponse {
+            id,
+            ret: Some(Value::none()),
+            server: self.config.rank,
+            status: CommandStatus::Cancelled.into(),
+            successful: false,
+            traceback: Some(reason.to_owned()),
+            ..CommandResponse::default()
+        };
+        self.send(Envelope::new(Body::CommandResponse(response)));
+    }
+
+    fn acknowledge_stop(&mut self, correlation: u64) {
+        self.phase = Phase::Stopped;
+        self.reply_control(correlation, None);
+        self.actions.push_back(ServerAction::Exit);
+    }
+}
+
+fn level_or_info(level: LogLevel) -> LogLevel {
+    match level {
+        LogLevel::Unspecified => LogLevel::Info,
+        level => level,
+    }
+}
+
+fn join_reason(note: String, traceback: Option<String>) -> String {
+    match traceback {
+        Some(tb) if !tb.is_empty() => format!("{note}\n{tb}"),
+        _ => note,
+    }
+}
