@@ -421,8 +421,8 @@ pub struct ClientCore {
     awaiting_start: usize,
     ping_round: u64,
     next_round: Option<Instant>,
-    /// When the next server could time out at the earliest; `None`: check
-    /// at the next tick.
+    /// When the next server could time out at the earliest; `None` before
+    /// services start.
     next_expiry: Option<Instant>,
     debugging: bool,
     actions: VecDeque<Action>,
@@ -530,8 +530,8 @@ impl ClientCore {
             }
             self.send_start(rank);
         }
-        self.next_round = None;
-        self.next_expiry = None;
+        self.next_round = Some(now);
+        self.next_expiry = Some(now);
     }
 
     /// Stops services (rule 27): later submissions are refused, requests
@@ -768,7 +768,7 @@ impl ClientCore {
         if matches!(self.phase, Phase::Idle | Phase::Stopped) {
             return;
         }
-        if self.next_round.is_none_or(|t| now >= t) {
+        if let Some(due) = self.next_round.filter(|&t| now >= t) {
             self.ping_round += 1;
             let ping = Envelope::new(Body::PingRequest(PingRequest {
                 sequence: self.ping_round,
@@ -782,14 +782,16 @@ impl ClientCore {
                     });
                 }
             }
-            let next = self.next_round.map_or(now, |t| t) + self.config.heartbeat;
+            // Keep to the schedule, unless ticks came so late that whole
+            // rounds were missed.
+            let next = due + self.config.heartbeat;
             self.next_round = Some(if next <= now {
                 now + self.config.heartbeat
             } else {
                 next
             });
         }
-        if !self.debugging && self.next_expiry.is_none_or(|t| now >= t) {
+        if !self.debugging && self.next_expiry.is_some_and(|t| now >= t) {
             self.check_timeouts(now);
         }
     }
@@ -825,13 +827,13 @@ impl ClientCore {
     }
 
     /// Turns debugging mode on or off (rule 22).
-    pub fn set_debugging(&mut self, enabled: bool) {
+    pub fn set_debugging(&mut self, enabled: bool, now: Instant) {
         if self.debugging == enabled {
             return;
         }
         self.debugging = enabled;
         if !enabled {
-            self.next_expiry = None;
+            self.next_expiry = Some(now);
         }
         self.event(Event::DebuggingMode { enabled });
     }

@@ -92,8 +92,6 @@ impl Framing {
             return Ok(None);
         };
         if src.len() < LENGTH_PREFIX + len {
-            // Reserve only up to the declared length, which is within the limit.
-            src.reserve(LENGTH_PREFIX + len - src.len());
             return Ok(None);
         }
         src.advance(LENGTH_PREFIX);

@@ -54,7 +54,11 @@ impl Value {
 
     /// A Python `complex`.
     pub fn complex(real: f64, imag: f64) -> Self {
-        Kind::ComplexValue(Complex { real, imag }).into()
+        Kind::ComplexValue(Complex {
+            real: Some(real),
+            imag: Some(imag),
+        })
+        .into()
     }
 
     /// A numpy array (`scalar = false`) or numpy scalar (`scalar = true`)
@@ -418,39 +422,53 @@ fn write_items(
 
 fn write_float(f: &mut fmt::Formatter<'_>, d: f64) -> fmt::Result {
     if d.is_nan() {
-        f.write_str("nan")
-    } else if d.is_infinite() {
-        f.write_str(if d > 0.0 { "inf" } else { "-inf" })
-    } else if d == d.trunc() && d.abs() < 1e16 {
+        return f.write_str("nan");
+    }
+    if d.is_infinite() {
+        return f.write_str(if d > 0.0 { "inf" } else { "-inf" });
+    }
+    // Python's repr: shortest round-trip digits, with an exponent outside
+    // 1e-4 <= |d| < 1e16, and a ".0" on integral values.
+    let magnitude = d.abs();
+    if magnitude != 0.0 && !(1e-4..1e16).contains(&magnitude) {
+        let text = format!("{d:e}");
+        let (mantissa, exponent) = text.split_once('e').expect("{:e} has an exponent");
+        let (sign, digits) = match exponent.strip_prefix('-') {
+            Some(digits) => ('-', digits),
+            None => ('+', exponent),
+        };
+        return write!(f, "{mantissa}e{sign}{digits:0>2}");
+    }
+    if d == d.trunc() {
         write!(f, "{d:.1}")
     } else {
         write!(f, "{d}")
     }
 }
 
+/// A float as Python prints it inside a complex: no ".0" on integral
+/// values.
+fn write_complex_part(f: &mut fmt::Formatter<'_>, d: f64) -> fmt::Result {
+    if d.is_finite() && d == d.trunc() && d.abs() < 1e16 {
+        write!(f, "{d}")
+    } else {
+        write_float(f, d)
+    }
+}
+
 fn write_complex(f: &mut fmt::Formatter<'_>, c: &Complex) -> fmt::Result {
-    let imag = |f: &mut fmt::Formatter<'_>, v: f64| -> fmt::Result {
-        if v.is_finite() && v == v.trunc() && v.abs() < 1e16 {
-            write!(f, "{v}j")
-        } else {
-            write_float(f, v)?;
-            f.write_str("j")
-        }
-    };
-    if c.real == 0.0 && c.real.is_sign_positive() {
-        return imag(f, c.imag);
+    let (real, imag) = (c.real.unwrap_or(0.0), c.imag.unwrap_or(0.0));
+    if real == 0.0 && real.is_sign_positive() {
+        write_complex_part(f, imag)?;
+        return f.write_str("j");
     }
     f.write_str("(")?;
-    if c.real.is_finite() && c.real == c.real.trunc() && c.real.abs() < 1e16 {
-        write!(f, "{}", c.real)?;
-    } else {
-        write_float(f, c.real)?;
-    }
-    if c.imag >= 0.0 || c.imag.is_nan() {
+    write_complex_part(f, real)?;
+    if !imag.is_sign_negative() || imag.is_nan() {
         f.write_str("+")?;
     }
-    imag(f, c.imag)?;
-    f.write_str(")")
+    write_complex_part(f, imag)?;
+    f.write_str("j)")
 }
 
 fn write_str_repr(f: &mut fmt::Formatter<'_>, s: &str) -> fmt::Result {
@@ -589,6 +607,12 @@ mod tests {
             r#"{'a': 1, (1,): [nan, 2.0], 3: (1-2j), None: b"x'\n"}"#
         );
         assert_eq!(Value::complex(0.0, 1.5).to_string(), "1.5j");
+        assert_eq!(Value::complex(1.0, -0.0).to_string(), "(1-0j)");
+        assert_eq!(Value::from(1e16).to_string(), "1e+16");
+        assert_eq!(Value::from(1.5e-5).to_string(), "1.5e-05");
+        assert_eq!(Value::from(-2.5e300).to_string(), "-2.5e+300");
+        assert_eq!(Value::from(0.0001).to_string(), "0.0001");
+        assert_eq!(Value::from(-0.0).to_string(), "-0.0");
         assert_eq!(Value::from(false).to_string(), "False");
     }
 
