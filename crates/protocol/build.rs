@@ -17,6 +17,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let descriptors = protox::compile(files, [&root])?;
     prost_build::Config::new()
         .bytes([".casa.node.v1.NdArray.data"])
+        .boxed(".casa.node.v1.Envelope.body.command_response")
+        .boxed(".casa.node.v1.Envelope.body.response_delivery")
+        .boxed(".casa.node.v1.Envelope.body.welcome")
+        .boxed(".casa.node.v1.Envelope.body.status_reply")
+        .boxed(".casa.node.v1.Envelope.body.submit_request")
         .compile_fds(descriptors)?;
     Ok(())
 }

@@ -316,8 +316,12 @@ fn dispatch(
         };
         let mut response = template.clone();
         response.id = id;
-        core.handle(rank, Envelope::new(Body::CommandResponse(response)), now)
-            .expect("response taken");
+        core.handle(
+            rank,
+            Envelope::new(Body::CommandResponse(Box::new(response))),
+            now,
+        )
+        .expect("response taken");
         run.drain(core);
     }
     let elapsed = start.elapsed().as_secs_f64();

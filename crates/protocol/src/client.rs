@@ -72,7 +72,7 @@ pub enum Action {
         /// The driver.
         driver: DriverId,
         /// The response.
-        delivery: ResponseDelivery,
+        delivery: Box<ResponseDelivery>,
     },
     /// A server's log record, for the unified log and subscribed drivers.
     Forward(LogRecord),
@@ -414,7 +414,7 @@ pub struct ClientCore {
     /// skipped when met.
     queue: VecDeque<RequestId>,
     queued: usize,
-    requests: HashMap<RequestId, Request>,
+    requests: RequestTable,
     next_id: RequestId,
     next_correlation: u64,
     controls: HashMap<u64, ControlKind>,
@@ -440,7 +440,7 @@ impl ClientCore {
             idle: BTreeSet::new(),
             queue: VecDeque::new(),
             queued: 0,
-            requests: HashMap::new(),
+            requests: RequestTable::default(),
             next_id: 1,
             next_correlation: 1,
             controls: HashMap::new(),
@@ -554,7 +554,7 @@ impl ClientCore {
             .requests
             .iter()
             .filter(|(_, r)| matches!(r.phase, RequestPhase::Queued))
-            .map(|(id, _)| *id)
+            .map(|(id, _)| id)
             .collect();
         pending.sort_unstable();
         for id in pending {
@@ -690,18 +690,20 @@ impl ClientCore {
             return Ok(());
         }
         server.last_seen = now;
+        let mut needs_dispatch = server.timed_out;
         if server.timed_out {
             server.timed_out = false;
             let expiry = now + self.config.timeout;
             self.next_expiry = self.next_expiry.map(|e| e.min(expiry));
             self.event(Event::ServerRecovered { rank: from });
         }
+        let is_ping = matches!(envelope.body, Some(Body::PingResponse(_)));
         let result = match envelope.body {
             Some(Body::PingResponse(ping)) => {
-                self.on_ping(from, ping, now);
+                needs_dispatch |= self.on_ping(from, ping, now);
                 Ok(())
             }
-            Some(Body::CommandResponse(response)) => self.on_response(from, response),
+            Some(Body::CommandResponse(response)) => self.on_response(from, *response),
             Some(Body::ControlResponse(response)) => {
                 self.on_control(from, envelope.correlation, response);
                 Ok(())
@@ -719,7 +721,9 @@ impl ClientCore {
                 message: "empty envelope",
             }),
         };
-        self.dispatch(from);
+        if !is_ping || needs_dispatch {
+            self.dispatch(from);
+        }
         result
     }
 
@@ -1113,7 +1117,7 @@ impl ClientCore {
         }
     }
 
-    fn on_ping(&mut self, from: Rank, ping: PingResponse, now: Instant) {
+    fn on_ping(&mut self, from: Rank, ping: PingResponse, now: Instant) -> bool {
         let epoch = self.clock.epoch(now);
         let server = self.servers[from as usize]
             .as_mut()
@@ -1137,9 +1141,11 @@ impl ClientCore {
                 if ping.sequence > *ping_round && !(ping.busy && ping.command_id == id) {
                     self.requests.remove(&id);
                     server.running = None;
+                    return true;
                 }
             }
         }
+        false
     }
 
     fn on_response(&mut self, from: Rank, response: CommandResponse) -> Result<(), CoreError> {
@@ -1193,10 +1199,10 @@ impl ClientCore {
         }
         self.actions.push_back(Action::Deliver {
             driver: request.driver,
-            delivery: ResponseDelivery {
+            delivery: Box::new(ResponseDelivery {
                 response: Some(record),
                 replaces_timeout,
-            },
+            }),
         });
         Ok(())
     }
@@ -1302,10 +1308,10 @@ impl ClientCore {
                     let driver = request.driver;
                     self.actions.push_back(Action::Deliver {
                         driver,
-                        delivery: ResponseDelivery {
+                        delivery: Box::new(ResponseDelivery {
                             response: Some(record),
                             replaces_timeout: false,
-                        },
+                        }),
                     });
                     self.event(Event::RequestTimedOut { id, server: rank });
                 }
@@ -1357,10 +1363,10 @@ impl ClientCore {
         };
         self.actions.push_back(Action::Deliver {
             driver: request.driver,
-            delivery: ResponseDelivery {
+            delivery: Box::new(ResponseDelivery {
                 response: Some(record),
                 replaces_timeout: false,
-            },
+            }),
         });
     }
 
@@ -1376,6 +1382,86 @@ impl ClientCore {
             self.phase = Phase::Stopped;
             self.actions.push_back(Action::Stopped);
         }
+    }
+}
+
+/// Requests by id. Ids are handed out in increasing order and most
+/// requests finish roughly in that order, so recent ones live in a ring
+/// indexed by `id - base`: no hashing, and neighbouring ids share cache
+/// lines. A request still pending when the ring would pass [`RING`] slots
+/// (a CASA task running for hours amid many short commands) moves to a
+/// map, so memory stays bounded by what is pending.
+#[derive(Debug, Default)]
+struct RequestTable {
+    base: RequestId,
+    slots: VecDeque<Option<Request>>,
+    old: HashMap<RequestId, Request>,
+}
+
+/// Slots of the ring before old pending requests move to the map.
+const RING: usize = 1 << 16;
+
+impl RequestTable {
+    fn index(&self, id: RequestId) -> Option<usize> {
+        let offset = id.checked_sub(self.base)?;
+        usize::try_from(offset)
+            .ok()
+            .filter(|&i| i < self.slots.len())
+    }
+
+    fn insert(&mut self, id: RequestId, request: Request) {
+        if self.slots.is_empty() {
+            self.base = id;
+        }
+        let index = usize::try_from(id - self.base).expect("ids increase");
+        assert_eq!(index, self.slots.len(), "ids are inserted in order");
+        self.slots.push_back(Some(request));
+        while self.slots.len() > RING {
+            if let Some(Some(request)) = self.slots.pop_front() {
+                self.old.insert(self.base, request);
+            }
+            self.base += 1;
+        }
+    }
+
+    fn get(&self, id: &RequestId) -> Option<&Request> {
+        match self.index(*id) {
+            Some(i) => self.slots[i].as_ref(),
+            None => self.old.get(id),
+        }
+    }
+
+    fn get_mut(&mut self, id: &RequestId) -> Option<&mut Request> {
+        match self.index(*id) {
+            Some(i) => self.slots[i].as_mut(),
+            None => self.old.get_mut(id),
+        }
+    }
+
+    fn remove(&mut self, id: &RequestId) -> Option<Request> {
+        let Some(index) = self.index(*id) else {
+            return self.old.remove(id);
+        };
+        let request = self.slots[index].take()?;
+        while matches!(self.slots.front(), Some(None)) {
+            self.slots.pop_front();
+            self.base += 1;
+        }
+        Some(request)
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (RequestId, &Request)> {
+        let base = self.base;
+        let recent = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(move |(i, r)| r.as_ref().map(|r| (base + i as RequestId, r)));
+        self.old.iter().map(|(id, r)| (*id, r)).chain(recent)
+    }
+
+    fn values(&self) -> impl Iterator<Item = &Request> {
+        self.old.values().chain(self.slots.iter().flatten())
     }
 }
 

@@ -290,7 +290,7 @@ impl ServerCore {
             worker_restarted: outcome.worker_restarted,
             ..CommandResponse::default()
         };
-        self.send(Envelope::new(Body::CommandResponse(response)));
+        self.send(Envelope::new(Body::CommandResponse(Box::new(response))));
         if let Phase::Stopping { correlation } = self.phase {
             self.acknowledge_stop(correlation);
         } else {
@@ -466,7 +466,7 @@ impl ServerCore {
             traceback: Some(reason.to_owned()),
             ..CommandResponse::default()
         };
-        self.send(Envelope::new(Body::CommandResponse(response)));
+        self.send(Envelope::new(Body::CommandResponse(Box::new(response))));
     }
 
     fn acknowledge_stop(&mut self, correlation: u64) {

@@ -293,13 +293,13 @@ fn vectors() -> Vec<Vector> {
             "welcome_server_node",
             "The client node accepts server 2 and describes the cluster: client rank 0 and servers 1 and 2 (world size 3), pings every 5 s, timeout after 60 s",
             0,
-            Body::Welcome(Welcome {
+            Body::Welcome(Box::new(Welcome {
                 protocol_version: PROTOCOL_VERSION,
                 role: Role::ClientNode.into(),
                 software: SOFTWARE.into(),
                 rank: 2,
                 cluster: Some(cluster()),
-            }),
+            })),
         ),
         vector(
             "protocol_error_incompatible_version",
@@ -351,13 +351,13 @@ fn vectors() -> Vec<Vector> {
             "command_response_a_plus_b",
             "Server 1's answer to request 2: a+b returned 3",
             0,
-            Body::CommandResponse(a_plus_b_response()),
+            Body::CommandResponse(Box::new(a_plus_b_response())),
         ),
         vector(
             "command_response_name_error",
             "Server 2's answer to request 4, a+c with only a bound: it raised NameError, so successful is false, ret is None and traceback holds Python's formatted traceback",
             0,
-            Body::CommandResponse(CommandResponse {
+            Body::CommandResponse(Box::new(CommandResponse {
                 id: 4,
                 command: "a+c".into(),
                 mode: CommandMode::Eval.into(),
@@ -370,13 +370,13 @@ fn vectors() -> Vec<Vector> {
                 command_start_time: T0 + 1.0,
                 command_stop_time: T0 + 1.125,
                 worker_restarted: false,
-            }),
+            })),
         ),
         vector(
             "command_response_flagdata_summary",
             "Server 1's answer to request 1: flagdata(mode='summary') returned its summary dict (nested dicts of floats per spw)",
             0,
-            Body::CommandResponse(CommandResponse {
+            Body::CommandResponse(Box::new(CommandResponse {
                 id: 1,
                 command: "flagdata()".into(),
                 mode: CommandMode::Eval.into(),
@@ -389,13 +389,13 @@ fn vectors() -> Vec<Vector> {
                 command_start_time: T0,
                 command_stop_time: T0 + 42.5,
                 worker_restarted: false,
-            }),
+            })),
         ),
         vector(
             "command_response_imstat_arrays",
             "Server 2's answer to request 5: imstat returned a dict of numpy arrays (<i4 corners, <f8 statistics) and a str",
             0,
-            Body::CommandResponse(CommandResponse {
+            Body::CommandResponse(Box::new(CommandResponse {
                 id: 5,
                 command: "imstat(imagename='M100_cont.image')".into(),
                 mode: CommandMode::Eval.into(),
@@ -408,7 +408,7 @@ fn vectors() -> Vec<Vector> {
                 command_start_time: T0 + 2.0,
                 command_stop_time: T0 + 3.75,
                 worker_restarted: true,
-            }),
+            })),
         ),
         vector(
             "control_request_start",
@@ -536,13 +536,13 @@ fn vectors() -> Vec<Vector> {
             "submit_request_flagdata",
             "A driver submits flagdata() to servers 1 and 2 (one request each), at most one hour each",
             7,
-            Body::SubmitRequest(SubmitRequest {
+            Body::SubmitRequest(Box::new(SubmitRequest {
                 command: "flagdata()".into(),
                 mode: CommandMode::Auto.into(),
                 parameters: flagdata_parameters(),
                 targets: vec![1, 2],
                 deadline_seconds: Some(3600.0),
-            }),
+            })),
         ),
         vector(
             "submit_reply_accepted",
@@ -569,16 +569,16 @@ fn vectors() -> Vec<Vector> {
             "response_delivery_a_plus_b",
             "The client node delivers request 2's final response (a+b returned 3) to the driver that submitted it",
             0,
-            Body::ResponseDelivery(ResponseDelivery {
+            Body::ResponseDelivery(Box::new(ResponseDelivery {
                 response: Some(a_plus_b_response()),
                 replaces_timeout: false,
-            }),
+            })),
         ),
         vector(
             "response_delivery_replaces_timeout",
             "The client node delivers request 6's real response after having delivered a timeout record for it: server 2 recovered and answered (rule 21); the command ran in EXEC mode, so ret is None",
             0,
-            Body::ResponseDelivery(ResponseDelivery {
+            Body::ResponseDelivery(Box::new(ResponseDelivery {
                 response: Some(CommandResponse {
                     id: 6,
                     command: "tclean(vis=vis, imagename='M100_cont', niter=1000)".into(),
@@ -594,7 +594,7 @@ fn vectors() -> Vec<Vector> {
                     worker_restarted: false,
                 }),
                 replaces_timeout: true,
-            }),
+            })),
         ),
         vector(
             "status_request_all",
@@ -612,7 +612,7 @@ fn vectors() -> Vec<Vector> {
             "status_reply",
             "The server table: server 1 busy with request 1, server 2 idle; the cluster's settings; 3 requests queued",
             9,
-            Body::StatusReply(StatusReply {
+            Body::StatusReply(Box::new(StatusReply {
                 servers: vec![
                     ServerStatus {
                         rank: 1,
@@ -645,7 +645,7 @@ fn vectors() -> Vec<Vector> {
                 ],
                 cluster: Some(cluster()),
                 queued: 3,
-            }),
+            })),
         ),
         vector(
             "cancel_request",

@@ -701,11 +701,13 @@ pub fn arb_protocol_error() -> impl Strategy<Value = ProtocolError> {
 pub fn arb_body() -> impl Strategy<Value = Body> {
     proptest::strategy::Union::new(vec![
         arb_hello().prop_map(Body::Hello).boxed(),
-        arb_welcome().prop_map(Body::Welcome).boxed(),
+        arb_welcome()
+            .prop_map(|m| Body::Welcome(Box::new(m)))
+            .boxed(),
         arb_protocol_error().prop_map(Body::Error).boxed(),
         arb_command_request().prop_map(Body::CommandRequest).boxed(),
         arb_command_response()
-            .prop_map(Body::CommandResponse)
+            .prop_map(|m| Body::CommandResponse(Box::new(m)))
             .boxed(),
         arb_control_request().prop_map(Body::ControlRequest).boxed(),
         arb_control_response()
@@ -714,13 +716,17 @@ pub fn arb_body() -> impl Strategy<Value = Body> {
         arb_ping_request().prop_map(Body::PingRequest).boxed(),
         arb_ping_response().prop_map(Body::PingResponse).boxed(),
         arb_log_record().prop_map(Body::LogRecord).boxed(),
-        arb_submit_request().prop_map(Body::SubmitRequest).boxed(),
+        arb_submit_request()
+            .prop_map(|m| Body::SubmitRequest(Box::new(m)))
+            .boxed(),
         arb_submit_reply().prop_map(Body::SubmitReply).boxed(),
         arb_response_delivery()
-            .prop_map(Body::ResponseDelivery)
+            .prop_map(|m| Body::ResponseDelivery(Box::new(m)))
             .boxed(),
         arb_status_request().prop_map(Body::StatusRequest).boxed(),
-        arb_status_reply().prop_map(Body::StatusReply).boxed(),
+        arb_status_reply()
+            .prop_map(|m| Body::StatusReply(Box::new(m)))
+            .boxed(),
         arb_cancel_request().prop_map(Body::CancelRequest).boxed(),
         arb_cancel_reply().prop_map(Body::CancelReply).boxed(),
         arb_log_subscription()
