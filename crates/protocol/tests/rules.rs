@@ -1,0 +1,921 @@
+//! The behaviour rules of SEMANTICS.md, one or more tests each, on a small
+//! cluster of `ClientCore` and `ServerCore`s joined without delay. Each test
+//! names the rule it checks.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use casa_node_protocol::pb::control_request::{self, Start};
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{
+    CommandMode, CommandRequest, CommandResponse, CommandStatus, Envelope, LogLevel, Parameter,
+    RejectReason, ResponseDelivery, SubmitRequest, Value,
+};
+use casa_node_protocol::{
+    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, Rank, RequestId,
+    ServerAction, ServerConfig, ServerCore, WallClock,
+};
+
+const EPOCH: f64 = 1_700_000_000.0;
+const DRIVER: DriverId = DriverId(7);
+const GRACE: Duration = Duration::from_secs(2);
+
+/// A client core and `n` server cores joined by instant, ordered links.
+struct Cluster {
+    t0: Instant,
+    now: Instant,
+    client: ClientCore,
+    servers: HashMap<Rank, ServerCore>,
+    /// What each server's worker runs now.
+    running: HashMap<Rank, CommandRequest>,
+    /// Servers that read nothing (SIGSTOP), and what waits for them.
+    stalled: HashSet<Rank>,
+    held: HashMap<Rank, Vec<Envelope>>,
+    deliveries: Vec<(DriverId, ResponseDelivery)>,
+    events: Vec<Event>,
+    sent: Vec<(Rank, Envelope)>,
+    executed: Vec<(Rank, RequestId)>,
+    server_actions: Vec<(Rank, ServerAction)>,
+}
+
+impl Cluster {
+    fn new(n: Rank) -> Cluster {
+        Cluster::with_config(n, ClientConfig::default())
+    }
+
+    fn with_config(n: Rank, config: ClientConfig) -> Cluster {
+        let t0 = Instant::now();
+        let clock = WallClock::new(t0, EPOCH);
+        let mut client = ClientCore::new(config, clock);
+        let mut servers = HashMap::new();
+        for rank in 1..=n {
+            client.add_server(rank, t0).unwrap();
+            let config = ServerConfig {
+                rank,
+                host: format!("node{rank}"),
+                pid: 100 + rank as u32,
+                kill_grace: GRACE,
+            };
+            servers.insert(rank, ServerCore::new(config, clock, t0));
+        }
+        let mut cluster = Cluster {
+            t0,
+            now: t0,
+            client,
+            servers,
+            running: HashMap::new(),
+            stalled: HashSet::new(),
+            held: HashMap::new(),
+            deliveries: Vec::new(),
+            events: Vec::new(),
+            sent: Vec::new(),
+            executed: Vec::new(),
+            server_actions: Vec::new(),
+        };
+        cluster.client.start(t0);
+        cluster.pump();
+        cluster
+    }
+
+    fn submit(&mut self, command: &str, targets: &[Rank]) -> Result<Vec<RequestId>, RejectReason> {
+        self.submit_request(SubmitRequest {
+            command: command.into(),
+            targets: targets.to_vec(),
+            ..SubmitRequest::default()
+        })
+    }
+
+    fn submit_request(&mut self, request: SubmitRequest) -> Result<Vec<RequestId>, RejectReason> {
+        let result = self.client.submit(DRIVER, request).map_err(|r| r.reason);
+        self.pump();
+        result
+    }
+
+    /// Carries every action across until nothing moves.
+    fn pump(&mut self) {
+        loop {
+            let mut moved = false;
+            while let Some(action) = self.client.poll_action() {
+                moved = true;
+                match action {
+                    Action::Send { to, envelope } => {
+                        self.sent.push((to, envelope.clone()));
+                        if self.stalled.contains(&to) {
+                            self.held.entry(to).or_default().push(envelope);
+                        } else {
+                            let now = self.now;
+                            self.servers
+                                .get_mut(&to)
+                                .unwrap()
+                                .handle(0, envelope, now)
+                                .unwrap();
+                        }
+                    }
+                    Action::Deliver { driver, delivery } => {
+                        self.deliveries.push((driver, *delivery))
+                    }
+                    Action::Event(event) => self.events.push(event),
+                    Action::Forward(_) | Action::Stopped => {}
+                }
+            }
+            let ranks: Vec<Rank> = self.servers.keys().copied().collect();
+            for rank in ranks {
+                if self.stalled.contains(&rank) {
+                    continue;
+                }
+                while let Some(action) = self.servers.get_mut(&rank).unwrap().poll_action() {
+                    moved = true;
+                    match action {
+                        ServerAction::Send(envelope) => {
+                            let now = self.now;
+                            self.client.handle(rank, envelope, now).unwrap();
+                        }
+                        ServerAction::Execute(request) => {
+                            self.executed.push((rank, request.id));
+                            self.running.insert(rank, request);
+                        }
+                        other => self.server_actions.push((rank, other)),
+                    }
+                }
+            }
+            if !moved {
+                return;
+            }
+        }
+    }
+
+    /// The worker of `rank` finishes its command.
+    fn finish(&mut self, rank: Rank, ret: Value) -> RequestId {
+        self.end(rank, true, Some(ret), None)
+    }
+
+    fn fail(&mut self, rank: Rank, traceback: &str) -> RequestId {
+        self.end(rank, false, None, Some(traceback.into()))
+    }
+
+    fn end(&mut self, rank: Rank, ok: bool, ret: Option<Value>, tb: Option<String>) -> RequestId {
+        let request = self.running.remove(&rank).expect("a command runs there");
+        let now_epoch = EPOCH + (self.now - self.t0).as_secs_f64();
+        let outcome = ExecOutcome {
+            id: request.id,
+            mode: CommandMode::Eval,
+            ret,
+            successful: ok,
+            traceback: tb,
+            start_time: now_epoch,
+            stop_time: now_epoch,
+            worker_restarted: false,
+        };
+        let now = self.now;
+        self.servers
+            .get_mut(&rank)
+            .unwrap()
+            .finished(outcome, now)
+            .unwrap();
+        self.pump();
+        request.id
+    }
+
+    /// Lets `d` pass in steps of 100 ms, ticking every core.
+    fn advance(&mut self, d: Duration) {
+        let end = self.now + d;
+        while self.now < end {
+            self.now = (self.now + Duration::from_millis(100)).min(end);
+            let now = self.now;
+            self.client.tick(now);
+            for (rank, server) in self.servers.iter_mut() {
+                if !self.stalled.contains(rank) {
+                    server.tick(now);
+                }
+            }
+            self.pump();
+        }
+    }
+
+    fn stall(&mut self, rank: Rank) {
+        self.stalled.insert(rank);
+    }
+
+    fn resume(&mut self, rank: Rank) {
+        self.stalled.remove(&rank);
+        let now = self.now;
+        for envelope in self.held.remove(&rank).unwrap_or_default() {
+            self.servers
+                .get_mut(&rank)
+                .unwrap()
+                .handle(0, envelope, now)
+                .unwrap();
+        }
+        self.pump();
+    }
+
+    fn response(&self, id: RequestId) -> &CommandResponse {
+        let finals: Vec<_> = self
+            .deliveries
+            .iter()
+            .filter(|(_, d)| !d.replaces_timeout)
+            .filter_map(|(_, d)| d.response.as_ref())
+            .filter(|r| r.id == id)
+            .collect();
+        assert_eq!(
+            finals.len(),
+            1,
+            "request {id}: {} final responses",
+            finals.len()
+        );
+        finals[0]
+    }
+
+    fn has_response(&self, id: RequestId) -> bool {
+        self.deliveries
+            .iter()
+            .any(|(_, d)| d.response.as_ref().is_some_and(|r| r.id == id))
+    }
+
+    fn log_lines(&self) -> Vec<String> {
+        self.events.iter().map(ToString::to_string).collect()
+    }
+}
+
+#[test]
+fn rule_2_the_command_push_is_push_mode_and_others_default_to_auto() {
+    let mut c = Cluster::new(1);
+    let ids = c.submit("push", &[1]).unwrap();
+    assert_eq!(c.running[&1].mode(), CommandMode::Push);
+    c.finish(1, Value::none());
+    assert_eq!(
+        c.response(ids[0]).mode(),
+        CommandMode::Eval,
+        "the server's mode is reported"
+    );
+    c.submit("a+b", &[1]).unwrap();
+    assert_eq!(c.running[&1].mode(), CommandMode::Auto);
+    c.finish(1, 3.into());
+    c.submit_request(SubmitRequest {
+        command: "x = 1".into(),
+        mode: CommandMode::Exec.into(),
+        targets: vec![1],
+        ..SubmitRequest::default()
+    })
+    .unwrap();
+    assert_eq!(c.running[&1].mode(), CommandMode::Exec);
+}
+
+#[test]
+fn rule_3_parameters_travel_with_the_command_and_come_back_in_the_response() {
+    let mut c = Cluster::new(1);
+    let ids = c
+        .submit_request(SubmitRequest {
+            command: "a+b".into(),
+            parameters: vec![Parameter::new("a", 1), Parameter::new("b", 2)],
+            ..SubmitRequest::default()
+        })
+        .unwrap();
+    assert_eq!(c.running[&1].parameters.len(), 2);
+    c.finish(1, 3.into());
+    let response = c.response(ids[0]);
+    assert_eq!(
+        response.parameters,
+        vec![Parameter::new("a", 1), Parameter::new("b", 2)]
+    );
+    assert_eq!(response.command, "a+b");
+    assert_eq!(response.ret, Some(Value::from(3)));
+}
+
+#[test]
+fn rule_7_a_failure_carries_its_traceback_and_no_return_value() {
+    let mut c = Cluster::new(1);
+    let ids = c.submit("1/0", &[]).unwrap();
+    c.fail(
+        1,
+        "Traceback (most recent call last):\nZeroDivisionError: division by zero",
+    );
+    let response = c.response(ids[0]);
+    assert!(!response.successful);
+    assert!(response.ret.as_ref().unwrap().is_none());
+    assert!(response.traceback().contains("ZeroDivisionError"));
+    assert_eq!(response.status(), CommandStatus::ResponseReceived);
+}
+
+#[test]
+fn rule_9_a_response_record_has_every_field() {
+    let mut c = Cluster::new(2);
+    c.advance(Duration::from_millis(1500));
+    let ids = c.submit("1+1", &[2]).unwrap();
+    c.finish(2, 2.into());
+    let r = c.response(ids[0]);
+    assert_eq!(
+        (r.id, r.command.as_str(), r.server, r.status(), r.successful),
+        (ids[0], "1+1", 2, CommandStatus::ResponseReceived, true)
+    );
+    assert_eq!(r.mode(), CommandMode::Eval);
+    assert_eq!(r.traceback, None);
+    assert!(r.command_start_time >= EPOCH + 1.5 && r.command_stop_time >= r.command_start_time);
+}
+
+#[test]
+fn rule_11_ids_are_unique_and_increasing() {
+    let mut c = Cluster::new(3);
+    let mut all = Vec::new();
+    for targets in [&[][..], &[1, 2, 3], &[2], &[]] {
+        all.extend(c.submit("1", targets).unwrap());
+    }
+    assert_eq!(all, (1..=all.len() as u64).collect::<Vec<_>>());
+}
+
+#[test]
+fn rule_12_untargeted_requests_go_to_the_first_available_server_oldest_first() {
+    let mut c = Cluster::new(2);
+    let first = c.submit("a", &[]).unwrap()[0];
+    let second = c.submit("b", &[]).unwrap()[0];
+    let third = c.submit("c", &[]).unwrap()[0];
+    let fourth = c.submit("d", &[]).unwrap()[0];
+    assert_eq!(c.executed, vec![(1, first), (2, second)]);
+    // Server 2 frees first: it takes the oldest waiting request.
+    c.finish(2, Value::none());
+    assert_eq!(c.executed.last(), Some(&(2, third)));
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.last(), Some(&(1, fourth)));
+}
+
+#[test]
+fn rule_13_one_request_per_target_in_list_order_and_fifo_per_server() {
+    let mut c = Cluster::new(3);
+    let ids = c.submit("x", &[3, 1]).unwrap();
+    assert_eq!(ids.len(), 2);
+    assert!(c.executed.contains(&(3, ids[0])) && c.executed.contains(&(1, ids[1])));
+    assert_eq!(c.executed.len(), 2);
+    // Server 3 is busy: its next two requests wait, then run in order.
+    let later = [
+        c.submit("y", &[3]).unwrap()[0],
+        c.submit("z", &[3]).unwrap()[0],
+    ];
+    assert_eq!(c.executed.len(), 2);
+    c.finish(3, Value::none());
+    assert_eq!(c.executed.last(), Some(&(3, later[0])));
+    c.finish(3, Value::none());
+    assert_eq!(c.executed.last(), Some(&(3, later[1])));
+}
+
+#[test]
+fn rule_13_a_server_takes_the_older_of_its_own_and_the_shared_queue() {
+    let mut c = Cluster::new(1);
+    c.submit("busy", &[1]).unwrap();
+    let shared = c.submit("shared", &[]).unwrap()[0];
+    let own = c.submit("own", &[1]).unwrap()[0];
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.last(), Some(&(1, shared)));
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.last(), Some(&(1, own)));
+}
+
+#[test]
+fn rule_14_a_bad_target_rejects_the_whole_push() {
+    let mut c = Cluster::new(2);
+    for bad in [&[1, 3][..], &[0], &[-1, 1]] {
+        let sent = c.sent.len();
+        assert_eq!(c.submit("x", bad), Err(RejectReason::UnknownTarget));
+        assert_eq!(c.sent.len(), sent, "a rejected push sent nothing");
+        assert_eq!(c.client.pending(), 0, "a rejected push queued nothing");
+    }
+    let rejection = c
+        .client
+        .submit(
+            DRIVER,
+            SubmitRequest {
+                command: "x".into(),
+                targets: vec![9],
+                ..SubmitRequest::default()
+            },
+        )
+        .unwrap_err();
+    assert!(rejection.message.contains("9"), "{}", rejection.message);
+    assert!(rejection.message.contains("1-2"), "{}", rejection.message);
+    // The next accepted push takes the next id: rejections use none.
+    assert_eq!(c.submit("x", &[1]), Ok(vec![1]));
+}
+
+#[test]
+fn rule_14_a_timed_out_target_rejects_the_push() {
+    let mut c = Cluster::new(2);
+    c.stall(2);
+    c.advance(Duration::from_secs(7));
+    assert_eq!(c.submit("x", &[1, 2]), Err(RejectReason::TargetTimedOut));
+    assert_eq!(c.client.pending(), 0);
+}
+
+#[test]
+fn rule_15_a_busy_target_runs_after_its_first_command() {
+    let mut c = Cluster::new(2);
+    let first = c.submit("time.sleep(5); test_bs=1", &[1]).unwrap()[0];
+    let pair = c.submit("test_bs+1", &[1, 2]).unwrap();
+    // B runs at once and fails; A runs after its first command.
+    assert_eq!(c.executed, vec![(1, first), (2, pair[1])]);
+    c.fail(2, "NameError: name 'test_bs' is not defined");
+    c.advance(Duration::from_secs(5));
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.last(), Some(&(1, pair[0])));
+    c.finish(1, 2.into());
+    assert_eq!(c.response(pair[0]).ret, Some(Value::from(2)));
+    assert!(c.response(pair[1]).traceback().contains("NameError"));
+}
+
+#[test]
+fn rule_17_tracking_tells_queued_sent_done_and_unknown_apart() {
+    let mut c = Cluster::new(1);
+    let running = c.submit("a", &[]).unwrap()[0];
+    let queued = c.submit("b", &[]).unwrap()[0];
+    let states = c.client.track(&[running, queued, 99]).states;
+    let view: Vec<_> = states.iter().map(|s| (s.status(), s.server)).collect();
+    assert_eq!(
+        view,
+        vec![
+            (CommandStatus::RequestSent, 1),
+            (CommandStatus::HoldingQueue, 0),
+            (CommandStatus::Unspecified, 0)
+        ]
+    );
+    c.finish(1, Value::none());
+    assert_eq!(
+        c.client.track(&[running]).states[0].status(),
+        CommandStatus::ResponseReceived
+    );
+}
+
+#[test]
+fn rule_19_every_server_is_pinged_every_heartbeat_and_answers_with_its_state() {
+    let mut c = Cluster::new(3);
+    let pings = |c: &Cluster| {
+        c.sent
+            .iter()
+            .filter(|(_, e)| matches!(e.body, Some(Body::PingRequest(_))))
+            .count()
+    };
+    // The first round goes out at the first tick.
+    c.advance(Duration::from_millis(100));
+    assert_eq!(pings(&c), 3);
+    let at_start = pings(&c);
+    c.advance(Duration::from_millis(3950));
+    assert_eq!(
+        pings(&c) - at_start,
+        3 * 4,
+        "one ping per server per heartbeat"
+    );
+    c.servers.get_mut(&2).unwrap().set_resources(4242, 123_456);
+    c.submit("work()", &[2]).unwrap();
+    c.advance(Duration::from_secs(1));
+    let status = c.client.status(Some(2)).unwrap().servers.remove(0);
+    assert_eq!(
+        (status.worker_pid, status.rss, status.pid),
+        (4242, 123_456, 102)
+    );
+    assert!(status.busy && status.command == "work()");
+    assert!(status.command_start_time >= EPOCH + 4.0);
+}
+
+#[test]
+fn rule_20_a_silent_server_is_timed_out_and_its_requests_answered() {
+    let mut c = Cluster::new(2);
+    let running = c.submit("long()", &[2]).unwrap()[0];
+    let waiting = c.submit("next()", &[2]).unwrap()[0];
+    let shared = c.submit("any()", &[]).unwrap()[0];
+    c.stall(2);
+    c.advance(Duration::from_millis(4900));
+    assert!(!c.has_response(running), "not before the timeout");
+    c.advance(Duration::from_millis(200));
+    let r = c.response(running);
+    assert_eq!(
+        (r.status(), r.successful, r.server),
+        (CommandStatus::Timeout, false, 2)
+    );
+    assert!(r.traceback().contains("Timeout"));
+    assert_eq!(c.response(waiting).status(), CommandStatus::Timeout);
+    // The untargeted request went to server 1 and is untouched.
+    assert_eq!(
+        c.executed.iter().find(|(_, id)| *id == shared),
+        Some(&(1, shared))
+    );
+    let status = c.client.status(Some(2)).unwrap().servers.remove(0);
+    assert!(status.timeout && !status.online);
+    // Nothing new goes to the timed-out server.
+    c.finish(1, Value::none());
+    let more = c.submit("more()", &[]).unwrap()[0];
+    assert_eq!(c.executed.last(), Some(&(1, more)));
+}
+
+#[test]
+fn rule_21_a_recovered_server_is_online_again_and_its_real_response_replaces_the_timeout() {
+    let mut c = Cluster::new(1);
+    let id = c.submit("long()", &[1]).unwrap()[0];
+    c.stall(1);
+    c.advance(Duration::from_secs(7));
+    assert_eq!(c.response(id).status(), CommandStatus::Timeout);
+    assert_eq!(
+        c.client.track(&[id]).states[0].status(),
+        CommandStatus::Timeout
+    );
+    c.resume(1);
+    assert!(c.client.status(Some(1)).unwrap().servers[0].online);
+    assert!(
+        c.log_lines()
+            .iter()
+            .any(|l| l == "Server n# 1 recovered from timeout")
+    );
+    c.finish(1, 42.into());
+    let replacement = c
+        .deliveries
+        .iter()
+        .find(|(_, d)| d.replaces_timeout)
+        .and_then(|(_, d)| d.response.as_ref())
+        .expect("a replacement");
+    assert_eq!(
+        (
+            replacement.id,
+            replacement.status(),
+            replacement.ret.clone()
+        ),
+        (id, CommandStatus::ResponseReceived, Some(Value::from(42)))
+    );
+    // The server takes new work again.
+    let next = c.submit("next()", &[1]).unwrap()[0];
+    assert_eq!(c.executed.last(), Some(&(1, next)));
+}
+
+#[test]
+fn rule_21_a_recovered_server_that_lost_its_command_is_freed_by_its_ping() {
+    let mut c = Cluster::new(1);
+    let id = c.submit("long()", &[1]).unwrap()[0];
+    c.stall(1);
+    c.advance(Duration::from_secs(7));
+    // While stalled the worker died and the command vanished with it; the
+    // server answers pings as idle once it resumes.
+    c.running.remove(&1);
+    let server = c.servers.get_mut(&1).unwrap();
+    let outcome = ExecOutcome {
+        id,
+        successful: false,
+        traceback: Some("worker killed".into()),
+        worker_restarted: true,
+        ..ExecOutcome::default()
+    };
+    server.finished(outcome, c.now).unwrap();
+    c.resume(1);
+    c.advance(Duration::from_secs(2));
+    let replacement = c
+        .deliveries
+        .iter()
+        .find(|(_, d)| d.replaces_timeout)
+        .unwrap();
+    assert!(replacement.1.response.as_ref().unwrap().worker_restarted);
+    let next = c.submit("next()", &[1]).unwrap()[0];
+    assert_eq!(c.executed.last(), Some(&(1, next)));
+}
+
+#[test]
+fn rule_22_debugging_mode_keeps_silent_servers_online() {
+    let mut c = Cluster::new(1);
+    let id = c.submit("pdb.set_trace()", &[1]).unwrap()[0];
+    c.client.set_debugging(true, c.now);
+    c.stall(1);
+    c.advance(Duration::from_secs(30));
+    assert!(!c.has_response(id));
+    assert!(c.client.status(None).unwrap().servers[0].online);
+    assert!(c.client.cluster_info().debugging);
+    c.client.set_debugging(false, c.now);
+    c.advance(Duration::from_millis(200));
+    assert_eq!(c.response(id).status(), CommandStatus::Timeout);
+}
+
+#[test]
+fn rule_23_status_lists_every_server_in_rank_order() {
+    let mut c = Cluster::new(3);
+    c.advance(Duration::from_secs(1));
+    let reply = c.client.status(None).unwrap();
+    let ranks: Vec<Rank> = reply.servers.iter().map(|s| s.rank).collect();
+    assert_eq!(ranks, vec![1, 2, 3]);
+    let s = &reply.servers[1];
+    assert_eq!(
+        (s.processor.as_str(), s.pid, s.busy, s.online, s.timeout),
+        ("node2", 102, false, true, false)
+    );
+    assert!(s.last_ping >= EPOCH + 1.0);
+    let cluster = reply.cluster.unwrap();
+    assert_eq!(
+        (cluster.world_size, cluster.server_ranks.clone()),
+        (4, vec![1, 2, 3])
+    );
+    assert_eq!(
+        (cluster.heartbeat_seconds, cluster.timeout_seconds),
+        (1.0, 5.0)
+    );
+    assert!(c.client.status(Some(4)).is_err());
+}
+
+#[test]
+fn rule_24_cancel_answers_queued_requests_and_interrupts_running_ones() {
+    let mut c = Cluster::new(1);
+    let running = c.submit("long()", &[1]).unwrap()[0];
+    let queued = c.submit("next()", &[1]).unwrap()[0];
+    let reply = c.client.cancel(&[running, queued, 99]);
+    c.pump();
+    assert_eq!(
+        (reply.interrupting, reply.dequeued, reply.not_pending),
+        (vec![running], vec![queued], vec![99])
+    );
+    assert_eq!(c.response(queued).status(), CommandStatus::Cancelled);
+    assert!(c.server_actions.contains(&(
+        1,
+        ServerAction::Interrupt {
+            id: running,
+            reason: Interruption::Cancel
+        }
+    )));
+    c.fail(1, "KeyboardInterrupt");
+    let r = c.response(running);
+    assert_eq!(r.status(), CommandStatus::Cancelled);
+    assert!(r.traceback().starts_with("Cancelled"), "{}", r.traceback());
+}
+
+#[test]
+fn rule_24_a_deadline_interrupts_then_kills_after_the_grace_period() {
+    let mut c = Cluster::new(1);
+    let id = c
+        .submit_request(SubmitRequest {
+            command: "while True: pass".into(),
+            targets: vec![1],
+            deadline_seconds: Some(3.0),
+            ..SubmitRequest::default()
+        })
+        .unwrap()[0];
+    c.server_actions.clear();
+    c.advance(Duration::from_millis(2900));
+    assert!(c.server_actions.is_empty());
+    c.advance(Duration::from_millis(200));
+    assert_eq!(
+        c.server_actions,
+        vec![(
+            1,
+            ServerAction::Interrupt {
+                id,
+                reason: Interruption::Deadline
+            }
+        )]
+    );
+    // The command ignores the interrupt: after the grace period, a kill.
+    c.advance(GRACE);
+    assert_eq!(
+        c.server_actions.last(),
+        Some(&(1, ServerAction::Kill { id }))
+    );
+    c.end(1, false, None, Some("worker killed by signal 9".into()));
+    let r = c.response(id);
+    assert_eq!(r.status(), CommandStatus::Timeout);
+    assert!(
+        r.traceback().contains("deadline of 3 s"),
+        "{}",
+        r.traceback()
+    );
+    // The server stays online: pings were answered all along.
+    assert!(c.client.status(Some(1)).unwrap().servers[0].online);
+}
+
+#[test]
+fn rule_24_the_cluster_default_deadline_applies_to_requests_without_one() {
+    let config = ClientConfig {
+        default_deadline: Some(Duration::from_secs(60)),
+        ..ClientConfig::default()
+    };
+    let mut c = Cluster::with_config(1, config);
+    c.submit("x", &[1]).unwrap();
+    assert_eq!(c.running[&1].deadline_seconds, Some(60.0));
+    let rejected = c.submit_request(SubmitRequest {
+        command: "x".into(),
+        deadline_seconds: Some(-1.0),
+        ..SubmitRequest::default()
+    });
+    assert_eq!(rejected, Err(RejectReason::InvalidDeadline));
+}
+
+#[test]
+fn rule_24_a_long_command_keeps_its_server_busy_but_online() {
+    let mut c = Cluster::new(1);
+    c.submit("tclean()", &[1]).unwrap();
+    c.advance(Duration::from_secs(3600));
+    let s = c.client.status(Some(1)).unwrap().servers.remove(0);
+    assert!(s.busy && s.online && !s.timeout);
+}
+
+#[test]
+fn rule_26_start_reaches_every_server_with_the_clients_settings() {
+    let config = ClientConfig {
+        start: Start {
+            working_directory: "/data/run1".into(),
+            log_level: LogLevel::Debug.into(),
+            ..Start::default()
+        },
+        ..ClientConfig::default()
+    };
+    let c = Cluster::with_config(2, config);
+    let configured: Vec<_> = c
+        .server_actions
+        .iter()
+        .filter_map(|(rank, a)| match a {
+            ServerAction::Configure(start) => Some((*rank, start.working_directory.clone())),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(configured.len(), 2);
+    assert!(configured.iter().all(|(_, dir)| dir == "/data/run1"));
+    let lines = c.log_lines();
+    assert!(lines.contains(&"Server with rank 1 started at node1 with PID 101".to_owned()));
+    assert!(lines.contains(&"Server with rank 2 started at node2 with PID 102".to_owned()));
+    assert_eq!(c.servers[&1].log_level(), LogLevel::Debug);
+}
+
+#[test]
+fn rule_26_requests_wait_for_servers_that_have_not_started() {
+    let t0 = Instant::now();
+    let mut client = ClientCore::new(ClientConfig::default(), WallClock::new(t0, EPOCH));
+    client.add_server(1, t0).unwrap();
+    client.start(t0);
+    let id = client
+        .submit(
+            DRIVER,
+            SubmitRequest {
+                command: "x".into(),
+                ..SubmitRequest::default()
+            },
+        )
+        .unwrap()[0];
+    let mut actions = Vec::new();
+    client.drain_actions(&mut actions);
+    assert!(actions.iter().all(|a| !matches!(a, Action::Send { envelope, .. } if matches!(envelope.body, Some(Body::CommandRequest(_))))));
+    assert_eq!(
+        client.track(&[id]).states[0].status(),
+        CommandStatus::HoldingQueue
+    );
+}
+
+#[test]
+fn rule_27_graceful_stop_finishes_running_commands_and_refuses_new_ones() {
+    let mut c = Cluster::new(2);
+    let running = c.submit("long()", &[1]).unwrap()[0];
+    let queued = c.submit("next()", &[1]).unwrap()[0];
+    c.client.stop(false);
+    c.pump();
+    assert_eq!(c.response(queued).status(), CommandStatus::Cancelled);
+    assert!(!c.client.is_stopped(), "server 1 still runs its command");
+    assert!(c.servers[&2].is_stopped());
+    assert_eq!(c.submit("x", &[]), Err(RejectReason::Stopped));
+    c.finish(1, 1.into());
+    assert_eq!(
+        c.response(running).status(),
+        CommandStatus::ResponseReceived
+    );
+    assert!(c.servers[&1].is_stopped());
+    assert!(c.client.is_stopped());
+    assert!(c.server_actions.contains(&(1, ServerAction::Exit)));
+}
+
+#[test]
+fn rule_27_forced_stop_interrupts_running_commands() {
+    let mut c = Cluster::new(1);
+    let running = c.submit("long()", &[1]).unwrap()[0];
+    c.client.stop(true);
+    c.pump();
+    assert!(c.server_actions.contains(&(
+        1,
+        ServerAction::Interrupt {
+            id: running,
+            reason: Interruption::Stop
+        }
+    )));
+    c.fail(1, "KeyboardInterrupt");
+    assert_eq!(c.response(running).status(), CommandStatus::Cancelled);
+    assert!(c.client.is_stopped());
+}
+
+#[test]
+fn rule_27_stop_does_not_wait_for_a_timed_out_server() {
+    let mut c = Cluster::new(2);
+    c.stall(2);
+    c.advance(Duration::from_secs(7));
+    c.client.stop(false);
+    c.pump();
+    assert!(c.client.is_stopped());
+}
+
+#[test]
+fn rule_31_server_logs_carry_their_origin_and_obey_the_log_level() {
+    let t0 = Instant::now();
+    let config = ServerConfig {
+        rank: 3,
+        host: "almahpc02".into(),
+        pid: 1,
+        kill_grace: GRACE,
+    };
+    let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
+    let start = control_request::Action::Start(Start {
+        log_level: LogLevel::Warning.into(),
+        ..Start::default()
+    });
+    let envelope = Envelope::correlated(
+        1,
+        Body::ControlRequest(casa_node_protocol::pb::ControlRequest {
+            action: Some(start),
+        }),
+    );
+    server.handle(0, envelope, t0).unwrap();
+    while server.poll_action().is_some() {}
+    server.log(LogLevel::Info, "dropped", t0);
+    server.log(LogLevel::Error, "kept", t0 + Duration::from_secs(2));
+    let records: Vec<_> = std::iter::from_fn(|| server.poll_action())
+        .filter_map(|a| match a {
+            ServerAction::Send(Envelope {
+                body: Some(Body::LogRecord(r)),
+                ..
+            }) => Some(r),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(records.len(), 1);
+    assert_eq!(
+        (
+            records[0].origin.as_str(),
+            records[0].rank,
+            records[0].message.as_str()
+        ),
+        ("almahpc02:server-3", 3, "kept")
+    );
+    assert_eq!(records[0].time, EPOCH + 2.0);
+}
+
+#[test]
+fn rule_31_the_log_level_changes_at_run_time() {
+    let mut c = Cluster::new(2);
+    c.client.set_log_level(LogLevel::Debug, &[2]).unwrap();
+    c.pump();
+    assert_eq!(c.servers[&2].log_level(), LogLevel::Debug);
+    assert_eq!(c.servers[&1].log_level(), LogLevel::Info);
+    assert!(c.client.set_log_level(LogLevel::Debug, &[5]).is_err());
+}
+
+#[test]
+fn rule_32_the_client_logs_each_requests_life() {
+    let mut c = Cluster::new(1);
+    c.submit("a+b", &[1]).unwrap();
+    c.finish(1, 3.into());
+    c.submit("1/0", &[1]).unwrap();
+    c.fail(1, "ZeroDivisionError: division by zero");
+    let lines = c.log_lines();
+    for expected in [
+        "Command request with id# 1 sent to server n# 1",
+        "Command request with id 1 successfully handled by server n# 1",
+        "Command request with id# 2 sent to server n# 1",
+        "Command request with id 2 failed in server n# 1 with traceback ZeroDivisionError: division by zero",
+    ] {
+        assert!(
+            lines.iter().any(|l| l == expected),
+            "no {expected:?} in {lines:#?}"
+        );
+    }
+}
+
+#[test]
+fn a_server_answering_a_request_it_does_not_run_is_an_error_not_a_panic() {
+    let mut c = Cluster::new(1);
+    let bogus = Envelope::new(Body::CommandResponse(Box::new(CommandResponse {
+        id: 5,
+        ..CommandResponse::default()
+    })));
+    assert!(c.client.handle(1, bogus.clone(), c.now).is_err());
+    assert!(c.client.handle(9, bogus, c.now).is_err());
+    let mut old = Envelope::new(Body::PingRequest(Default::default()));
+    old.protocol_version = 2;
+    assert!(c.client.handle(1, old.clone(), c.now).is_err());
+    assert!(
+        c.servers
+            .get_mut(&1)
+            .unwrap()
+            .handle(0, old, c.now)
+            .is_err()
+    );
+}
+
+#[test]
+fn a_request_pending_while_many_others_pass_is_still_found() {
+    // More requests than the ring holds go by while one runs for long.
+    let mut c = Cluster::new(2);
+    let long = c.submit("tclean()", &[1]).unwrap()[0];
+    for _ in 0..70_000 {
+        c.submit("1+1", &[2]).unwrap();
+        c.finish(2, 2.into());
+    }
+    assert_eq!(
+        c.client.track(&[long]).states[0].status(),
+        CommandStatus::RequestSent
+    );
+    c.finish(1, Value::none());
+    assert_eq!(c.response(long).command, "tclean()");
+    assert_eq!(c.client.pending(), 0);
+}
