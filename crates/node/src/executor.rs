@@ -1,0 +1,1 @@
+//! Runs commands in a Python worker process.
