@@ -1,0 +1,730 @@
+//! The task that owns a transport's ZeroMQ socket.
+//!
+//! One engine runs per [`ZmqTransport`](crate::ZmqTransport), as a tokio
+//! task. It alone touches the socket's send half; a second small task (the
+//! reader) does nothing but `recv()` on the receive half and hand what it
+//! gets over a channel, so the crate's `recv` future is never cancelled.
+//! The handle talks to the engine through channels and a little shared
+//! state (the per-peer credit semaphores), which is what makes the handle's
+//! `recv` cancel-safe and lets `send` wait without blocking the engine.
+//!
+//! Flow control: each side grants its peer `window` data messages up front
+//! and grants more as its application *consumes* messages (not when the
+//! engine reads them), so the messages the engine holds for the
+//! application, and those ZeroMQ holds in its queues, never exceed the
+//! window per peer. The sender also bounds the bytes it has in flight per
+//! peer; when that budget runs low it flags its messages so the receiver
+//! returns credit as soon as they are consumed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{Envelope, ProtocolErrorCode, Role, Welcome};
+use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, TransportEvent, check_version};
+use futures::StreamExt;
+use tokio::sync::{Semaphore, mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tracing::{debug, info, warn};
+use zeromq::{
+    DealerSendHalf, RouterSendHalf, SocketEvent, SocketSend, ZmqError, ZmqMessage, ZmqResult,
+};
+
+use crate::wire::Header;
+use crate::{MAX_WINDOW, ZmqConfig};
+
+/// State the handle reads and the engine writes.
+#[derive(Default)]
+pub(crate) struct Shared {
+    /// The peers one can send to now.
+    pub(crate) links: BTreeMap<Rank, Link>,
+    /// Peers that were connected and are gone (until their rank is reused).
+    pub(crate) lost: BTreeSet<Rank>,
+    /// Why the engine stopped, once it has.
+    pub(crate) terminal: Option<Terminal>,
+}
+
+/// What the handle needs to send to one connected peer.
+#[derive(Clone)]
+pub(crate) struct Link {
+    /// Tells this connection from an earlier one that had the same rank.
+    pub(crate) id: u64,
+    /// Data messages the peer lets us send before it returns credit.
+    pub(crate) messages: Arc<Semaphore>,
+    /// Bytes we may still put in flight to the peer.
+    pub(crate) bytes: Arc<Semaphore>,
+}
+
+impl Link {
+    fn new(id: u64, max_in_flight_bytes: u32) -> Self {
+        Link {
+            id,
+            messages: Arc::new(Semaphore::new(0)),
+            bytes: Arc::new(Semaphore::new(max_in_flight_bytes as usize)),
+        }
+    }
+
+    fn close(&self) {
+        self.messages.close();
+        self.bytes.close();
+    }
+}
+
+/// Why an engine stopped.
+#[derive(Debug, Clone)]
+pub(crate) enum Terminal {
+    /// Shut down or dropped by its owner.
+    Closed,
+    /// A server node lost its client node.
+    Lost(Rank),
+    /// The socket failed.
+    Failed(String),
+}
+
+/// What the handle asks of the engine.
+pub(crate) enum Command {
+    /// Send a data message; the handle has already taken its credit.
+    Send {
+        to: Rank,
+        link: u64,
+        body: Bytes,
+        charge: u32,
+        credit_wanted: bool,
+    },
+    /// The application took a message from `from` off the queue.
+    Consumed {
+        from: Rank,
+        link: u64,
+        credit_wanted: bool,
+    },
+    /// Say goodbye to every peer, then stop; answer when done.
+    Shutdown(oneshot::Sender<()>),
+}
+
+/// An event for the handle, with what it needs to return credit.
+pub(crate) struct Delivery {
+    pub(crate) event: TransportEvent,
+    pub(crate) link: u64,
+    pub(crate) credit_wanted: bool,
+}
+
+/// The socket's send half.
+pub(crate) enum SendHalf {
+    Router(RouterSendHalf),
+    Dealer(DealerSendHalf),
+}
+
+impl SendHalf {
+    /// Sends `parts` to the peer known by `identity` (ignored by a DEALER,
+    /// which has one peer).
+    async fn send(&mut self, identity: &Bytes, parts: Vec<Bytes>) -> ZmqResult<()> {
+        match self {
+            SendHalf::Router(half) => {
+                let mut message = ZmqMessage::from(identity.clone());
+                for part in parts {
+                    message.push_back(part);
+                }
+                half.send(message).await
+            }
+            SendHalf::Dealer(half) => {
+                let message =
+                    ZmqMessage::try_from(parts).map_err(|_| ZmqError::Other("empty message"))?;
+                half.send(message).await
+            }
+        }
+    }
+
+    fn is_router(&self) -> bool {
+        matches!(self, SendHalf::Router(_))
+    }
+}
+
+/// Spawns the task that receives from the socket, forever, into a channel.
+pub(crate) fn spawn_reader<R>(
+    mut half: R,
+) -> (mpsc::Receiver<ZmqResult<ZmqMessage>>, JoinHandle<()>)
+where
+    R: zeromq::SocketRecv + Send + 'static,
+{
+    // Small: the reader waits when the engine is behind, and ZeroMQ and the
+    // kernel hold the rest, within the peers' windows.
+    let (tx, rx) = mpsc::channel(256);
+    let task = tokio::spawn(async move {
+        loop {
+            let result = half.recv().await;
+            let failed = result.is_err();
+            if tx.send(result).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    (rx, task)
+}
+
+/// One connected peer, as the engine sees it.
+struct Peer {
+    /// ZeroMQ's routing identity (empty on a DEALER).
+    identity: Bytes,
+    link: Link,
+    /// The byte charges of the data messages sent and not yet credited, in
+    /// order.
+    charges: VecDeque<u32>,
+    /// Messages the application consumed since we last granted credit.
+    consumed: u32,
+    /// Data messages the peer may still send us.
+    budget: u64,
+    /// The peer acknowledged our goodbye.
+    bye_acked: bool,
+}
+
+/// An engine and what it listens to.
+pub(crate) struct Engine {
+    socket: SendHalf,
+    config: ZmqConfig,
+    framing: Framing,
+    shared: Arc<Mutex<Shared>>,
+    events: mpsc::UnboundedSender<Delivery>,
+    peers: BTreeMap<Rank, Peer>,
+    by_identity: HashMap<Bytes, Rank>,
+    next_link: u64,
+    /// A DEALER that lost the ROUTER has nothing left to do.
+    finished: bool,
+    closing: bool,
+}
+
+/// What an engine waits on.
+pub(crate) struct Inputs {
+    pub(crate) commands: mpsc::UnboundedReceiver<Command>,
+    pub(crate) incoming: mpsc::Receiver<ZmqResult<ZmqMessage>>,
+    pub(crate) monitor: futures::channel::mpsc::Receiver<SocketEvent>,
+    pub(crate) reader: JoinHandle<()>,
+}
+
+impl Engine {
+    pub(crate) fn new(
+        socket: SendHalf,
+        config: ZmqConfig,
+        shared: Arc<Mutex<Shared>>,
+        events: mpsc::UnboundedSender<Delivery>,
+    ) -> Self {
+        Engine {
+            socket,
+            framing: Framing::new(config.max_frame),
+            config,
+            shared,
+            events,
+            peers: BTreeMap::new(),
+            by_identity: HashMap::new(),
+            next_link: 1,
+            finished: false,
+            closing: false,
+        }
+    }
+
+    /// Registers the ROUTER as rank 0 of a DEALER that was just welcomed,
+    /// and grants it its window.
+    pub(crate) async fn add_client_node(&mut self) {
+        self.add_peer(0, Bytes::new());
+        self.grant_window(0).await;
+    }
+
+    /// Runs until shut down, dropped, or (on a DEALER) the client node is
+    /// lost.
+    pub(crate) async fn run(mut self, mut inputs: Inputs) {
+        let mut done: Vec<oneshot::Sender<()>> = Vec::new();
+        let mut deadline: Option<Instant> = None;
+        let mut monitor_open = true;
+        loop {
+            if self.finished || (self.closing && self.peers.values().all(|p| p.bye_acked)) {
+                break;
+            }
+            tokio::select! {
+                incoming = inputs.incoming.recv() => match incoming {
+                    Some(Ok(message)) => self.on_message(message).await,
+                    Some(Err(error)) => self.on_socket_error(&error),
+                    None => self.on_socket_error(&ZmqError::Other("the socket's reader stopped")),
+                },
+                event = inputs.monitor.next(), if monitor_open => match event {
+                    Some(SocketEvent::Disconnected(identity)) => {
+                        // What the peer sent before it went is already in
+                        // the channel: deliver it first.
+                        while let Ok(result) = inputs.incoming.try_recv() {
+                            match result {
+                                Ok(message) => self.on_message(message).await,
+                                Err(error) => self.on_socket_error(&error),
+                            }
+                        }
+                        self.on_disconnected(Bytes::copy_from_slice(&identity));
+                    }
+                    Some(other) => debug!(event = ?other, "socket event"),
+                    None => monitor_open = false,
+                },
+                command = inputs.commands.recv(), if !self.closing => match command {
+                    Some(Command::Send { to, link, body, charge, credit_wanted }) => {
+                        self.send_data(to, link, body, charge, credit_wanted).await;
+                    }
+                    Some(Command::Consumed { from, link, credit_wanted }) => {
+                        self.consumed(from, link, credit_wanted).await;
+                    }
+                    Some(Command::Shutdown(reply)) => {
+                        done.push(reply);
+                        deadline = Some(Instant::now() + self.config.linger);
+                        self.start_closing().await;
+                    }
+                    None => {
+                        deadline = Some(Instant::now() + self.config.linger);
+                        self.start_closing().await;
+                    }
+                },
+                _ = sleep_until(deadline), if deadline.is_some() => {
+                    let silent: Vec<Rank> =
+                        self.peers.iter().filter(|(_, p)| !p.bye_acked).map(|(r, _)| *r).collect();
+                    debug!(?silent, "shutting down without every peer's goodbye");
+                    break;
+                }
+            }
+        }
+        inputs.reader.abort();
+        // Wait for it to let go of the receive half, so that the socket is
+        // closed when this returns.
+        let _ = (&mut inputs.reader).await;
+        {
+            let mut shared = self.shared.lock().expect("transport state poisoned");
+            for link in shared.links.values() {
+                link.close();
+            }
+            shared.links.clear();
+            if shared.terminal.is_none() {
+                shared.terminal = Some(Terminal::Closed);
+            }
+        }
+        // Dropping the socket closes the connections; then answer.
+        drop(self);
+        for reply in done {
+            let _ = reply.send(());
+        }
+    }
+
+    async fn start_closing(&mut self) {
+        self.closing = true;
+        let ranks: Vec<Rank> = self.peers.keys().copied().collect();
+        for rank in ranks {
+            self.send_control(rank, Header::Bye).await;
+        }
+    }
+
+    async fn send_data(&mut self, to: Rank, link: u64, body: Bytes, charge: u32, wanted: bool) {
+        let Some(peer) = self.peers.get_mut(&to).filter(|p| p.link.id == link) else {
+            debug!(rank = to, "dropping a message for a peer that is gone");
+            return;
+        };
+        peer.charges.push_back(charge);
+        let identity = peer.identity.clone();
+        let header = Header::Data {
+            credit_wanted: wanted,
+        };
+        if let Err(error) = self
+            .socket
+            .send(&identity, vec![header.encode(), body])
+            .await
+        {
+            self.lose(to, &format!("sending failed: {error}"));
+        }
+    }
+
+    async fn send_control(&mut self, to: Rank, header: Header) {
+        let Some(peer) = self.peers.get(&to) else {
+            return;
+        };
+        let identity = peer.identity.clone();
+        if let Err(error) = self.socket.send(&identity, vec![header.encode()]).await {
+            self.lose(to, &format!("sending failed: {error}"));
+        }
+    }
+
+    async fn consumed(&mut self, from: Rank, link: u64, wanted: bool) {
+        let threshold = (self.config.window / 2).max(1);
+        let Some(peer) = self.peers.get_mut(&from).filter(|p| p.link.id == link) else {
+            return;
+        };
+        peer.consumed += 1;
+        if wanted || peer.consumed >= threshold {
+            let grant = std::mem::take(&mut peer.consumed);
+            peer.budget += u64::from(grant);
+            self.send_control(from, Header::Credit(grant)).await;
+        }
+    }
+
+    async fn grant_window(&mut self, rank: Rank) {
+        let window = self.config.window;
+        if let Some(peer) = self.peers.get_mut(&rank) {
+            peer.budget += u64::from(window);
+            self.send_control(rank, Header::Credit(window)).await;
+        }
+    }
+
+    fn add_peer(&mut self, rank: Rank, identity: Bytes) -> Link {
+        let link = Link::new(self.next_link, self.config.max_in_flight_bytes);
+        self.next_link += 1;
+        if self.socket.is_router() {
+            self.by_identity.insert(identity.clone(), rank);
+        }
+        self.peers.insert(
+            rank,
+            Peer {
+                identity,
+                link: link.clone(),
+                charges: VecDeque::new(),
+                consumed: 0,
+                budget: 0,
+                bye_acked: false,
+            },
+        );
+        let mut shared = self.shared.lock().expect("transport state poisoned");
+        shared.lost.remove(&rank);
+        shared.links.insert(rank, link.clone());
+        link
+    }
+
+    /// Forgets a peer and reports it lost.
+    fn lose(&mut self, rank: Rank, why: &str) {
+        let Some(peer) = self.peers.remove(&rank) else {
+            return;
+        };
+        self.by_identity.remove(&peer.identity);
+        peer.link.close();
+        {
+            let mut shared = self.shared.lock().expect("transport state poisoned");
+            shared.links.remove(&rank);
+            shared.lost.insert(rank);
+            if !self.socket.is_router() {
+                shared.terminal = Some(Terminal::Lost(rank));
+            }
+        }
+        if self.closing {
+            debug!(rank, why, "peer gone while shutting down");
+        } else {
+            info!(rank, why, "peer lost");
+            self.deliver(TransportEvent::PeerLost(rank), 0, false);
+        }
+        if !self.socket.is_router() {
+            self.finished = true;
+        }
+    }
+
+    fn deliver(&self, event: TransportEvent, link: u64, credit_wanted: bool) {
+        // The handle may be gone already; then nobody is listening.
+        let _ = self.events.send(Delivery {
+            event,
+            link,
+            credit_wanted,
+        });
+    }
+
+    fn on_socket_error(&mut self, error: &ZmqError) {
+        if self.socket.is_router() {
+            warn!(%error, "the ROUTER socket failed");
+            let mut shared = self.shared.lock().expect("transport state poisoned");
+            shared.terminal = Some(Terminal::Failed(error.to_string()));
+            drop(shared);
+            self.finished = true;
+        } else {
+            self.lose(0, &format!("the connection failed: {error}"));
+        }
+    }
+
+    fn on_disconnected(&mut self, identity: Bytes) {
+        let rank = if self.socket.is_router() {
+            self.by_identity.get(&identity).copied()
+        } else {
+            Some(0)
+        };
+        match rank {
+            Some(rank) => self.lose(rank, "connection closed"),
+            None => debug!("a connection that never joined closed"),
+        }
+    }
+
+    async fn on_message(&mut self, message: ZmqMessage) {
+        let mut parts = message.into_vecdeque();
+        let identity = if self.socket.is_router() {
+            match parts.pop_front() {
+                Some(identity) => identity,
+                None => return,
+            }
+        } else {
+            Bytes::new()
+        };
+        let Some(header) = parts.front().and_then(|h| Header::decode(h)) else {
+            warn!(
+                parts = parts.len(),
+                "dropping a message without a valid transport header"
+            );
+            return;
+        };
+        parts.pop_front();
+        let rank = if self.socket.is_router() {
+            self.by_identity.get(&identity).copied()
+        } else {
+            self.peers.contains_key(&0).then_some(0)
+        };
+        let expected_parts = usize::from(header.carries_envelope());
+        if parts.len() != expected_parts {
+            warn!(
+                ?header,
+                rank,
+                parts = parts.len(),
+                "dropping a message with the wrong number of parts"
+            );
+            if let (Header::Data { credit_wanted }, Some(rank)) = (header, rank) {
+                self.dropped_data(rank, credit_wanted).await;
+            }
+            return;
+        }
+        let body = parts.pop_front();
+        let Some(rank) = rank else {
+            match (header, body) {
+                (Header::Hello, Some(body)) => self.on_hello(identity, body).await,
+                _ => debug!(
+                    ?header,
+                    "dropping a message from a peer that has not joined"
+                ),
+            }
+            return;
+        };
+        match (header, body) {
+            (Header::Data { credit_wanted }, Some(body)) => {
+                self.on_data(rank, body, credit_wanted).await;
+            }
+            (Header::Credit(count), None) => self.on_credit(rank, count),
+            (Header::Bye, None) => {
+                self.send_control(rank, Header::ByeAck).await;
+                self.lose(rank, "it said goodbye");
+            }
+            (Header::ByeAck, None) => {
+                if let Some(peer) = self.peers.get_mut(&rank) {
+                    peer.bye_acked = true;
+                }
+            }
+            (header, _) => warn!(?header, rank, "dropping an unexpected message"),
+        }
+    }
+
+    async fn on_data(&mut self, rank: Rank, body: Bytes, credit_wanted: bool) {
+        let Some(peer) = self.peers.get_mut(&rank) else {
+            return;
+        };
+        if peer.budget == 0 {
+            warn!(rank, "dropping a message sent beyond the credit granted");
+            return;
+        }
+        peer.budget -= 1;
+        let link = peer.link.id;
+        if self.closing {
+            // Nobody will read it; say goodbye rather than credit it.
+            return;
+        }
+        match self.framing.decode_body(body) {
+            Ok(envelope) => self.deliver(
+                TransportEvent::Message {
+                    from: rank,
+                    envelope,
+                },
+                link,
+                credit_wanted,
+            ),
+            Err(error) => {
+                warn!(rank, %error, "dropping a malformed envelope");
+                self.consumed(rank, link, credit_wanted).await;
+            }
+        }
+    }
+
+    /// Credits a data message that was dropped as if it had been consumed,
+    /// so the sender's window does not shrink.
+    async fn dropped_data(&mut self, rank: Rank, credit_wanted: bool) {
+        let Some(peer) = self.peers.get_mut(&rank) else {
+            return;
+        };
+        if peer.budget == 0 {
+            return;
+        }
+        peer.budget -= 1;
+        let link = peer.link.id;
+        self.consumed(rank, link, credit_wanted).await;
+    }
+
+    fn on_credit(&mut self, rank: Rank, count: u32) {
+        let Some(peer) = self.peers.get_mut(&rank) else {
+            return;
+        };
+        let count = count as usize;
+        // Credit available plus messages in flight is the peer's window,
+        // which may not exceed MAX_WINDOW: more would let ZeroMQ's queue
+        // for that peer fill up and make the engine wait.
+        let window = peer.link.messages.available_permits() + peer.charges.len() + count;
+        if window > MAX_WINDOW as usize {
+            warn!(
+                rank,
+                count, "ignoring a credit grant beyond the largest window"
+            );
+            return;
+        }
+        let settled = count.min(peer.charges.len());
+        let bytes: usize = peer.charges.drain(..settled).map(|c| c as usize).sum();
+        peer.link.bytes.add_permits(bytes);
+        peer.link.messages.add_permits(count);
+    }
+
+    async fn on_hello(&mut self, identity: Bytes, body: Bytes) {
+        let hello_envelope = match self.framing.decode_body(body) {
+            Ok(envelope) => envelope,
+            Err(error) => {
+                warn!(%error, "refusing a peer whose Hello cannot be decoded");
+                let reply = Envelope::error(0, ProtocolErrorCode::Malformed, error.to_string());
+                self.answer_stranger(&identity, &reply).await;
+                return;
+            }
+        };
+        let correlation = hello_envelope.correlation;
+        let hello = match hello_envelope.body {
+            Some(Body::Hello(hello)) => hello,
+            other => {
+                let kind = other.as_ref().map_or("nothing", Body::name);
+                warn!(
+                    kind,
+                    "refusing a peer that opened with something else than Hello"
+                );
+                let reply = Envelope::error(
+                    correlation,
+                    ProtocolErrorCode::UnexpectedMessage,
+                    format!("expected Hello, got {kind}"),
+                );
+                self.answer_stranger(&identity, &reply).await;
+                return;
+            }
+        };
+        let checked = check_version(hello.protocol_version, correlation)
+            .and_then(|()| check_version(hello_envelope.protocol_version, correlation));
+        if let Err(reply) = checked {
+            warn!(
+                version = hello.protocol_version,
+                host = hello.host,
+                pid = hello.pid,
+                "refusing a server node with an incompatible protocol version"
+            );
+            self.answer_stranger(&identity, &reply).await;
+            return;
+        }
+        let refusal = if hello.role() != Role::ServerNode {
+            Some((
+                ProtocolErrorCode::RoleRefused,
+                format!(
+                    "only server nodes may join a client node, not {}",
+                    hello.role().as_str_name()
+                ),
+            ))
+        } else if self.closing {
+            Some((
+                ProtocolErrorCode::UnexpectedMessage,
+                "the client node is shutting down".to_owned(),
+            ))
+        } else {
+            None
+        };
+        if let Some((code, message)) = refusal {
+            warn!(
+                host = hello.host,
+                pid = hello.pid,
+                message,
+                "refusing a peer"
+            );
+            self.answer_stranger(&identity, &Envelope::error(correlation, code, message))
+                .await;
+            return;
+        }
+        let rank = self.pick_rank(hello.rank);
+        self.add_peer(rank, identity.clone());
+        let welcome = Envelope::correlated(
+            correlation,
+            Body::Welcome(
+                Welcome {
+                    protocol_version: PROTOCOL_VERSION,
+                    role: Role::ClientNode.into(),
+                    software: crate::software(),
+                    rank,
+                    cluster: None,
+                }
+                .into(),
+            ),
+        );
+        match self.framing.encode_body(&welcome) {
+            Ok(bytes) => {
+                if let Err(error) = self
+                    .socket
+                    .send(
+                        &identity,
+                        vec![Header::Welcome.encode(), Bytes::from(bytes)],
+                    )
+                    .await
+                {
+                    self.lose(rank, &format!("welcoming it failed: {error}"));
+                    return;
+                }
+            }
+            Err(error) => {
+                warn!(%error, "cannot encode Welcome");
+                self.lose(rank, "cannot encode Welcome");
+                return;
+            }
+        }
+        self.grant_window(rank).await;
+        if !self.peers.contains_key(&rank) {
+            return;
+        }
+        info!(
+            rank,
+            requested = hello.rank,
+            host = hello.host,
+            pid = hello.pid,
+            software = hello.software,
+            "server node joined"
+        );
+        self.deliver(TransportEvent::PeerJoined(rank), 0, false);
+    }
+
+    /// The requested rank if it is free, else the lowest free rank >= 1.
+    fn pick_rank(&self, requested: Rank) -> Rank {
+        if requested >= 1 && !self.peers.contains_key(&requested) {
+            return requested;
+        }
+        let mut rank = 1;
+        while self.peers.contains_key(&rank) {
+            rank += 1;
+        }
+        rank
+    }
+
+    /// Sends a refusal to a connection that has not joined.
+    async fn answer_stranger(&mut self, identity: &Bytes, reply: &Envelope) {
+        let Ok(bytes) = self.framing.encode_body(reply) else {
+            return;
+        };
+        if let Err(error) = self
+            .socket
+            .send(identity, vec![Header::Welcome.encode(), Bytes::from(bytes)])
+            .await
+        {
+            debug!(%error, "could not answer a peer that has not joined");
+        }
+    }
+}
+
+async fn sleep_until(deadline: Option<Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,548 @@
+//! casa-node's ZeroMQ transport: a ROUTER on the client node (rank 0), one
+//! DEALER per server node, over `ipc://` on one machine or `tcp://` across
+//! machines, with the pure-Rust [`zeromq`] crate on tokio.
+//!
+//! - [`ZmqTransport::bind`] makes the client node's side: it listens, admits
+//!   server nodes that open with a compatible `Hello`, gives each a rank and
+//!   reports [`TransportEvent::PeerJoined`].
+//! - [`ZmqTransport::connect`] makes a server node's side: it connects, says
+//!   `Hello` and waits (at most [`ZmqConfig::handshake_timeout`]) for
+//!   `Welcome`, or fails with a [`HandshakeError`] saying why. Its only peer
+//!   is rank 0, there from the start (no `PeerJoined(0)`).
+//!
+//! # Wire format
+//!
+//! Each ZeroMQ message is `[header]` or `[header, envelope]` (on the ROUTER
+//! side preceded by ZeroMQ's routing identity). The envelope is one part,
+//! protobuf without length prefix
+//! ([`Framing::encode_body`](casa_node_protocol::Framing::encode_body)), at
+//! most [`ZmqConfig::max_frame`] bytes. The header's first byte says what
+//! the message is:
+//!
+//! | header                   | envelope | meaning                                               |
+//! |--------------------------|----------|-------------------------------------------------------|
+//! | `H`                      | yes      | `Hello`: the DEALER's first message                   |
+//! | `W`                      | yes      | `Welcome`, or a `ProtocolError` refusing the Hello    |
+//! | `D`, flags (1 byte)      | yes      | data; flag bit 0: the sender is short of credit       |
+//! | `C`, count (u32, BE)     | no       | credit: `count` more data messages may be sent        |
+//! | `B`                      | no       | goodbye: the sender is shutting down                  |
+//! | `A`                      | no       | goodbye acknowledged                                  |
+//!
+//! A server node connects and sends `H`; the client node answers `W` and,
+//! if it welcomed the peer, `C` with its window; the server node then sends
+//! its own `C`. Input that breaks these rules is logged (with `tracing`) and
+//! dropped.
+//!
+//! # Delivery
+//!
+//! Messages from one peer to another arrive in order, none lost and none
+//! duplicated while both are up.
+//!
+//! The crate's queues are not trusted for that. In zeromq 0.7 a ROUTER or
+//! DEALER buffers up to 100 000 messages per peer (of any size) and then makes
+//! `send` wait; libzmq's ROUTER instead drops silently at its high-water mark,
+//! and neither behaviour suits a socket shared by all peers. So the transport
+//! bounds what is in flight itself, with credit: a receiver grants each
+//! sender [`ZmqConfig::window`] messages and grants more as its application
+//! consumes them; a sender also keeps at most
+//! [`ZmqConfig::max_in_flight_bytes`] unacknowledged per peer (a single
+//! larger message goes alone). [`Transport::send`] waits only when that peer's
+//! credit is used up, and never blocks sending to other peers. Credit comes
+//! back only as the peer's application takes messages with `recv`: two
+//! peers that both keep sending to each other without receiving wait
+//! forever once both windows are full, so an event loop should keep taking
+//! events between sends.
+//!
+//! # Peer loss
+//!
+//! Reported as [`TransportEvent::PeerLost`], once per connection:
+//!
+//! - when the peer shuts its transport down or drops it (it says goodbye);
+//! - when its process exits or is killed, or its connection closes or
+//!   fails (the socket sees end of file or an error);
+//! - on a server node, losing the client node ends the transport: after
+//!   `PeerLost(0)`, `recv` and `send` fail with
+//!   [`TransportError::Disconnected`]`(0)`, so the server can exit.
+//!
+//! Not detected here: a peer that is alive but silent (stopped with SIGSTOP,
+//! hung, or behind a network partition or a crashed host with no FIN or RST):
+//! its connection stays open, and the protocol's pings are what notice it.
+//!
+//! # Limits
+//!
+//! No CURVE security (the crate has none) and no signing yet: use `ipc://`
+//! in a private directory, or `tcp://` on a trusted network only. The crate
+//! reads a whole ZeroMQ message into memory before this transport sees its
+//! size, so `max_frame` protects decoding, not memory, against a hostile
+//! peer.
+
+mod engine;
+mod wire;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{Envelope, Hello, ProtocolErrorCode, Role};
+use casa_node_protocol::{
+    DEFAULT_MAX_FRAME, Framing, PROTOCOL_VERSION, Rank, Transport, TransportError, TransportEvent,
+    check_version,
+};
+use futures::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use zeromq::{DealerSocket, RouterSocket, Socket, SocketEvent, SocketOptions, ZmqMessage};
+
+use engine::{Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
+use wire::Header;
+
+/// Data messages a receiver lets each peer have in flight by default.
+pub const DEFAULT_WINDOW: u32 = 32_768;
+
+/// The largest window: below zeromq's own per-peer queue (100 000
+/// messages), so that the crate never makes the engine wait.
+pub const MAX_WINDOW: u32 = 65_536;
+
+/// Bytes a sender lets be in flight to one peer by default.
+pub const DEFAULT_MAX_IN_FLIGHT_BYTES: u32 = 64 << 20;
+
+/// How the transport behaves; [`Default`] suits most uses.
+#[derive(Debug, Clone)]
+pub struct ZmqConfig {
+    /// The largest envelope sent or accepted, in bytes.
+    pub max_frame: usize,
+    /// Data messages each peer may send us before we return credit;
+    /// at least 1, at most [`MAX_WINDOW`].
+    pub window: u32,
+    /// Bytes we may have in flight to one peer before `send` waits for the
+    /// peer to consume them (a larger message waits until nothing else is
+    /// in flight); at least 1.
+    pub max_in_flight_bytes: u32,
+    /// How long a server node's `connect` waits for the connection and the
+    /// `Welcome`.
+    pub handshake_timeout: Duration,
+    /// How long `shutdown` waits for peers to acknowledge the goodbye.
+    pub linger: Duration,
+}
+
+impl Default for ZmqConfig {
+    fn default() -> Self {
+        ZmqConfig {
+            max_frame: DEFAULT_MAX_FRAME,
+            window: DEFAULT_WINDOW,
+            max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
+            handshake_timeout: Duration::from_secs(10),
+            linger: Duration::from_secs(2),
+        }
+    }
+}
+
+impl ZmqConfig {
+    fn normalized(mut self) -> Self {
+        self.window = self.window.clamp(1, MAX_WINDOW);
+        self.max_in_flight_bytes = self.max_in_flight_bytes.max(1);
+        self
+    }
+}
+
+/// Why a server node could not join, inside [`TransportError::Io`]'s
+/// `source` (find it with `downcast_ref`).
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum HandshakeError {
+    /// The client node answered `Hello` with a `ProtocolError`.
+    #[error("the client node refused this server node ({}): {message}", code.as_str_name())]
+    Refused {
+        /// Why, for programs.
+        code: ProtocolErrorCode,
+        /// Why, for people.
+        message: String,
+    },
+    /// No connection or no answer in time.
+    #[error("no Welcome from the client node within {0:?}")]
+    Timeout(Duration),
+    /// The connection closed before the answer.
+    #[error("the client node closed the connection during the handshake")]
+    Closed,
+    /// The answer was not a `Welcome` this side can accept.
+    #[error("unexpected answer to Hello: {0}")]
+    Unexpected(String),
+}
+
+/// A [`Transport`] over ZeroMQ; see the [crate] documentation.
+pub struct ZmqTransport {
+    rank: Rank,
+    endpoint: String,
+    framing: Framing,
+    max_in_flight_bytes: u32,
+    shared: Arc<Mutex<Shared>>,
+    commands: mpsc::UnboundedSender<Command>,
+    events: mpsc::UnboundedReceiver<Delivery>,
+    closed: bool,
+}
+
+impl std::fmt::Debug for ZmqTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ZmqTransport")
+            .field("rank", &self.rank)
+            .field("endpoint", &self.endpoint)
+            .field("closed", &self.closed)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ZmqTransport {
+    /// The client node's side: a ROUTER bound at `endpoint` (`ipc://PATH`
+    /// or `tcp://HOST:PORT`; port 0 picks a free port), rank 0.
+    pub async fn bind(endpoint: &str) -> Result<ZmqTransport, TransportError> {
+        Self::bind_with(endpoint, ZmqConfig::default()).await
+    }
+
+    /// [`bind`](Self::bind) with a configuration.
+    pub async fn bind_with(
+        endpoint: &str,
+        config: ZmqConfig,
+    ) -> Result<ZmqTransport, TransportError> {
+        let config = config.normalized();
+        let mut socket = RouterSocket::with_options(socket_options(&config));
+        let monitor = socket.monitor();
+        let bound = socket
+            .bind(endpoint)
+            .await
+            .map_err(|e| io_error(format!("binding the client node's socket to {endpoint}"), e))?;
+        let (send, recv) = socket.split();
+        let (incoming, reader) = engine::spawn_reader(recv);
+        let (handle, engine, commands) =
+            Self::assemble(0, bound.to_string(), SendHalf::Router(send), config);
+        tokio::spawn(engine.run(Inputs {
+            commands,
+            incoming,
+            monitor,
+            reader,
+        }));
+        Ok(handle)
+    }
+
+    /// A server node's side: a DEALER connected to the client node at
+    /// `endpoint`, asking for `requested_rank` (0: any). Returns once the
+    /// client node has answered `Welcome`; [`rank`](Transport::rank) is the
+    /// rank it gave, which may differ from the one asked for if that was
+    /// taken.
+    pub async fn connect(
+        endpoint: &str,
+        requested_rank: Rank,
+    ) -> Result<ZmqTransport, TransportError> {
+        Self::connect_with(endpoint, requested_rank, ZmqConfig::default()).await
+    }
+
+    /// [`connect`](Self::connect) with a configuration.
+    pub async fn connect_with(
+        endpoint: &str,
+        requested_rank: Rank,
+        config: ZmqConfig,
+    ) -> Result<ZmqTransport, TransportError> {
+        let config = config.normalized();
+        let context = || format!("joining the client node at {endpoint}");
+        let timeout = config.handshake_timeout;
+        let deadline = Instant::now() + timeout;
+        let mut options = socket_options(&config);
+        options.connect_timeout(timeout);
+        let mut socket = DealerSocket::with_options(options);
+        let mut monitor = socket.monitor();
+        tokio::select! {
+            connected = socket.connect(endpoint) => {
+                connected.map_err(|e| io_error(context(), e))?;
+            }
+            _ = tokio::time::sleep_until(deadline) => {
+                return Err(io_error(context(), HandshakeError::Timeout(timeout)));
+            }
+        }
+        let (mut send, recv) = socket.split();
+        let (mut incoming, reader) = engine::spawn_reader(recv);
+        let framing = Framing::new(config.max_frame);
+
+        let hello = Envelope::correlated(
+            1,
+            Body::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                role: Role::ServerNode.into(),
+                software: software(),
+                host: host_name(),
+                pid: std::process::id(),
+                rank: requested_rank,
+            }),
+        );
+        let hello = framing.encode_body(&hello)?;
+        let message = ZmqMessage::try_from(vec![Header::Hello.encode(), Bytes::from(hello)])
+            .expect("two parts");
+        zeromq::SocketSend::send(&mut send, message)
+            .await
+            .map_err(|e| io_error(context(), e))?;
+
+        let answer = loop {
+            tokio::select! {
+                received = incoming.recv() => match received {
+                    Some(Ok(message)) => {
+                        if let Some(answer) = welcome_or_refusal(&framing, message) {
+                            break answer;
+                        }
+                    }
+                    Some(Err(_)) | None => break Err(HandshakeError::Closed),
+                },
+                event = monitor.next() => {
+                    if let Some(SocketEvent::Disconnected(_)) | None = event {
+                        break Err(HandshakeError::Closed);
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    break Err(HandshakeError::Timeout(timeout));
+                }
+            }
+        };
+        let rank = match answer {
+            Ok(rank) => rank,
+            Err(error) => {
+                reader.abort();
+                return Err(io_error(context(), error));
+            }
+        };
+        let (handle, mut engine, commands) =
+            Self::assemble(rank, endpoint.to_owned(), SendHalf::Dealer(send), config);
+        engine.add_client_node().await;
+        tokio::spawn(engine.run(Inputs {
+            commands,
+            incoming,
+            monitor,
+            reader,
+        }));
+        Ok(handle)
+    }
+
+    fn assemble(
+        rank: Rank,
+        endpoint: String,
+        socket: SendHalf,
+        config: ZmqConfig,
+    ) -> (ZmqTransport, Engine, mpsc::UnboundedReceiver<Command>) {
+        let shared = Arc::new(Mutex::new(Shared::default()));
+        let (commands_tx, commands_rx) = mpsc::unbounded_channel();
+        let (events_tx, events_rx) = mpsc::unbounded_channel();
+        let handle = ZmqTransport {
+            rank,
+            endpoint,
+            framing: Framing::new(config.max_frame),
+            max_in_flight_bytes: config.max_in_flight_bytes,
+            shared: shared.clone(),
+            commands: commands_tx,
+            events: events_rx,
+            closed: false,
+        };
+        let engine = Engine::new(socket, config, shared, events_tx);
+        (handle, engine, commands_rx)
+    }
+
+    /// Where the client node listens (the resolved address: `tcp://…:0`
+    /// becomes the actual port), or, on a server node, the endpoint it
+    /// connected to.
+    pub fn endpoint(&self) -> &str {
+        &self.endpoint
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, Shared> {
+        self.shared.lock().expect("transport state poisoned")
+    }
+
+    /// The error for sending to `to`, which has no link.
+    fn unreachable(&self, to: Rank) -> TransportError {
+        let state = self.state();
+        if state.terminal.is_some() {
+            drop(state);
+            self.terminal_error()
+        } else if state.lost.contains(&to) {
+            TransportError::Disconnected(to)
+        } else {
+            TransportError::UnknownRank(to)
+        }
+    }
+
+    /// The error for an operation after the engine stopped.
+    fn terminal_error(&self) -> TransportError {
+        if self.closed {
+            return TransportError::Closed;
+        }
+        match self.state().terminal.clone() {
+            Some(Terminal::Lost(rank)) => TransportError::Disconnected(rank),
+            Some(Terminal::Failed(why)) => TransportError::Io {
+                context: format!("the socket at {}", self.endpoint),
+                source: why.into(),
+            },
+            Some(Terminal::Closed) | None => TransportError::Closed,
+        }
+    }
+}
+
+impl Transport for ZmqTransport {
+    fn rank(&self) -> Rank {
+        self.rank
+    }
+
+    fn peers(&self) -> Vec<Rank> {
+        if self.closed {
+            return Vec::new();
+        }
+        self.state().links.keys().copied().collect()
+    }
+
+    async fn send(&mut self, to: Rank, envelope: Envelope) -> Result<(), TransportError> {
+        if self.closed {
+            return Err(TransportError::Closed);
+        }
+        let link = self.state().links.get(&to).cloned();
+        let Some(link) = link else {
+            return Err(self.unreachable(to));
+        };
+        let body = self.framing.encode_body(&envelope)?;
+        drop(envelope);
+        let charge = u32::try_from(body.len())
+            .unwrap_or(u32::MAX)
+            .clamp(1, self.max_in_flight_bytes);
+        // Both waits are cancel-safe: an unused permit goes back.
+        let message = link
+            .messages
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| TransportError::Disconnected(to))?;
+        let bytes = link
+            .bytes
+            .clone()
+            .acquire_many_owned(charge)
+            .await
+            .map_err(|_| TransportError::Disconnected(to))?;
+        message.forget();
+        bytes.forget();
+        let credit_wanted =
+            link.bytes.available_permits() < (self.max_in_flight_bytes / 2) as usize;
+        self.commands
+            .send(Command::Send {
+                to,
+                link: link.id,
+                body: Bytes::from(body),
+                charge,
+                credit_wanted,
+            })
+            .map_err(|_| self.terminal_error())
+    }
+
+    async fn recv(&mut self) -> Result<TransportEvent, TransportError> {
+        if self.closed {
+            return Err(TransportError::Closed);
+        }
+        match self.events.recv().await {
+            Some(Delivery {
+                event,
+                link,
+                credit_wanted,
+            }) => {
+                if let TransportEvent::Message { from, .. } = &event {
+                    let _ = self.commands.send(Command::Consumed {
+                        from: *from,
+                        link,
+                        credit_wanted,
+                    });
+                }
+                Ok(event)
+            }
+            None => Err(self.terminal_error()),
+        }
+    }
+
+    async fn shutdown(&mut self) -> Result<(), TransportError> {
+        if self.closed {
+            return Ok(());
+        }
+        let (tx, rx) = oneshot::channel();
+        if self.commands.send(Command::Shutdown(tx)).is_ok() {
+            // An error means the engine stopped on its own: closed too.
+            let _ = rx.await;
+        }
+        self.closed = true;
+        self.events.close();
+        Ok(())
+    }
+}
+
+/// Reads the ROUTER's answer to Hello: `Some(Ok(rank))` for a Welcome,
+/// `Some(Err(_))` for a refusal or a bad answer, `None` for anything to
+/// skip.
+fn welcome_or_refusal(
+    framing: &Framing,
+    message: ZmqMessage,
+) -> Option<Result<Rank, HandshakeError>> {
+    let mut parts = message.into_vecdeque();
+    let header = parts.front().and_then(|h| Header::decode(h));
+    if header != Some(Header::Welcome) || parts.len() != 2 {
+        tracing::warn!(?header, "ignoring a message before Welcome");
+        return None;
+    }
+    let body = parts.pop_back().expect("two parts");
+    let envelope = match framing.decode_body(body) {
+        Ok(envelope) => envelope,
+        Err(error) => return Some(Err(HandshakeError::Unexpected(error.to_string()))),
+    };
+    Some(match envelope.body {
+        Some(Body::Welcome(welcome)) => {
+            if check_version(welcome.protocol_version, 0).is_err() {
+                Err(HandshakeError::Unexpected(format!(
+                    "the client node speaks protocol version {}, this server node {PROTOCOL_VERSION}",
+                    welcome.protocol_version
+                )))
+            } else if welcome.rank < 1 {
+                Err(HandshakeError::Unexpected(format!(
+                    "Welcome gives rank {}, not a server rank",
+                    welcome.rank
+                )))
+            } else {
+                Ok(welcome.rank)
+            }
+        }
+        Some(Body::Error(error)) => Err(HandshakeError::Refused {
+            code: error.code(),
+            message: error.message,
+        }),
+        other => Err(HandshakeError::Unexpected(format!(
+            "{} instead of Welcome",
+            other.as_ref().map_or("an empty envelope", Body::name)
+        ))),
+    })
+}
+
+fn socket_options(_config: &ZmqConfig) -> SocketOptions {
+    // The crate's read buffer (64 KiB chunks at most) is as fast as larger
+    // ones for 256 MiB messages: the time goes to page faults and copies.
+    SocketOptions::default()
+}
+
+fn io_error(
+    context: String,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+) -> TransportError {
+    TransportError::Io {
+        context,
+        source: source.into(),
+    }
+}
+
+/// This software, for Hello and Welcome.
+pub(crate) fn software() -> String {
+    format!("casa-node {}", env!("CARGO_PKG_VERSION"))
+}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|name| name.trim().to_owned())
+        .ok()
+        .filter(|name| !name.is_empty())
+        .or_else(|| std::env::var("HOSTNAME").ok())
+        .unwrap_or_else(|| "localhost".to_owned())
+}

@@ -1,0 +1,117 @@
+//! The shared transport checks (`casa_node_conformance::transport`), over
+//! ZeroMQ: `ipc://` endpoints in a fresh temporary directory, and one check
+//! over `tcp://127.0.0.1:0`.
+
+use casa_node_conformance::transport::{self as checks, Departure};
+use casa_node_protocol::Transport;
+use casa_node_transport_zmq::ZmqTransport;
+use tempfile::TempDir;
+
+/// A client node bound in a fresh directory (kept alive by the `TempDir`).
+async fn client_ipc() -> (ZmqTransport, TempDir) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let endpoint = format!("ipc://{}/client.sock", dir.path().display());
+    let client = ZmqTransport::bind(&endpoint).await.expect("bind");
+    assert_eq!(client.endpoint(), endpoint);
+    (client, dir)
+}
+
+/// A client node and `n` server nodes joined to it at once.
+async fn cluster_ipc(n: usize) -> (ZmqTransport, Vec<ZmqTransport>, TempDir) {
+    let (client, dir) = client_ipc().await;
+    let endpoint = client.endpoint().to_owned();
+    let servers =
+        futures::future::try_join_all((0..n).map(|_| ZmqTransport::connect(&endpoint, 0)))
+            .await
+            .expect("connect");
+    (client, servers, dir)
+}
+
+async fn pair_ipc() -> (ZmqTransport, ZmqTransport, TempDir) {
+    let (client, mut servers, dir) = cluster_ipc(1).await;
+    (client, servers.pop().expect("one server"), dir)
+}
+
+fn ok(result: checks::CheckResult) {
+    if let Err(failure) = result {
+        panic!("{failure}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_10_000_each_way_ipc() {
+    let (mut client, mut server, _dir) = pair_ipc().await;
+    ok(checks::ordering(&mut client, &mut server, 10_000).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ordering_10_000_each_way_tcp() {
+    let mut client = ZmqTransport::bind("tcp://127.0.0.1:0").await.expect("bind");
+    let endpoint = client.endpoint().to_owned();
+    assert!(endpoint.starts_with("tcp://127.0.0.1:"), "{endpoint}");
+    assert!(
+        !endpoint.ends_with(":0"),
+        "the bound port is not reported: {endpoint}"
+    );
+    let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
+    ok(checks::ordering(&mut client, &mut server, 10_000).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_in_flight_20_000_each_way() {
+    let (mut client, mut server, _dir) = pair_ipc().await;
+    ok(checks::many_in_flight(&mut client, &mut server, 20_000).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_message_256_mib_each_way() {
+    let (mut client, mut server, _dir) = pair_ipc().await;
+    ok(checks::large_message(&mut client, &mut server, 256 << 20).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_peers_32_servers() {
+    let (mut client, mut servers, _dir) = cluster_ipc(32).await;
+    let mut ranks: Vec<_> = servers.iter().map(|s| s.rank()).collect();
+    ranks.sort_unstable();
+    assert_eq!(ranks, (1..=32).collect::<Vec<_>>());
+    assert_eq!(client.peers(), ranks);
+    ok(checks::many_peers(&mut client, &mut servers, 200).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn recv_is_cancel_safe() {
+    let (mut client, mut server, _dir) = pair_ipc().await;
+    ok(checks::cancel_safe_recv(&mut client, &mut server, 5_000).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_shutdown_is_noticed() {
+    let (mut client, server, _dir) = pair_ipc().await;
+    ok(checks::server_departure(&mut client, server, Departure::Shutdown).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_drop_is_noticed() {
+    let (mut client, server, _dir) = pair_ipc().await;
+    ok(checks::server_departure(&mut client, server, Departure::Drop).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_shutdown_is_noticed() {
+    let (client, mut server, _dir) = pair_ipc().await;
+    ok(checks::client_departure(client, &mut server, Departure::Shutdown).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_drop_is_noticed() {
+    let (client, mut server, _dir) = pair_ipc().await;
+    ok(checks::client_departure(client, &mut server, Departure::Drop).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn closed_after_shutdown_on_both_sides() {
+    let (mut client, mut server, _dir) = pair_ipc().await;
+    ok(checks::closed_after_shutdown(&mut server).await);
+    ok(checks::closed_after_shutdown(&mut client).await);
+}

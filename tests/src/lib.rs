@@ -1,0 +1,10 @@
+//! Conformance of casa.node.v1 implementations.
+//!
+//! - `vectors/` (checked by `vectors.rs`): encoded envelopes for every
+//!   implementation, in any language, to decode and re-encode;
+//! - [`transport`]: the checks every [`Transport`] passes, instantiated by
+//!   each transport's own tests.
+//!
+//! [`Transport`]: casa_node_protocol::Transport
+
+pub mod transport;
