@@ -1,4 +1,24 @@
 //! The casa-node runtime: the client node, server nodes and their Python
 //! workers, the front door drivers connect to, and a Rust client for it.
 
+pub mod client;
+pub mod client_node;
+pub mod cluster;
+pub mod commands;
+pub mod endpoint;
 pub mod executor;
+pub mod front_door;
+pub mod json;
+pub mod literal;
+pub mod log;
+pub mod server_node;
+pub mod signals;
+pub mod syntax;
+
+/// This machine's host name, for logs and the cluster description.
+pub fn hostname() -> String {
+    nix::unistd::gethostname()
+        .ok()
+        .and_then(|h| h.into_string().ok())
+        .unwrap_or_else(|| "localhost".into())
+}

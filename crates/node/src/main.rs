@@ -1,5 +1,324 @@
-//! The `casa-node` command.
+//! The `casa-node` command: parses flags and hands over to the library.
 
-fn main() {
-    println!("casa-node {}", env!("CARGO_PKG_VERSION"));
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use casa_node::client::Submit;
+use casa_node::cluster::{self, UpOptions};
+use casa_node::commands::{self, Outcome};
+use casa_node::endpoint::{self, FrontDoorEndpoint};
+use casa_node::literal;
+use casa_node::server_node::{self, ServerNodeConfig};
+use casa_node_protocol::Rank;
+use casa_node_protocol::pb::LogLevel;
+use casa_node_transport_zmq::ZmqTransport;
+use clap::{Parser, Subcommand, ValueEnum};
+
+const EXAMPLES: &str = "\
+Examples:
+  casa-node up --servers 4                      start a local cluster (runs until Ctrl-C)
+  casa-node submit --param a=1 --param b=2 'a+b'
+  casa-node submit --target 1 --target 2 'import os; os.getpid()'
+  casa-node submit --no-wait 'flagdata()' --param vis=\"'uid___A002.ms'\"
+  casa-node status
+  casa-node stop";
+
+/// Run Python commands in parallel on a cluster of server processes, the
+/// way CASA's mpi4casa does.
+#[derive(Parser)]
+#[command(name = "casa-node", version, after_help = EXAMPLES)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Start a client node and N local server nodes, and serve until
+    /// SIGINT/SIGTERM or `casa-node stop`.
+    Up(UpArgs),
+    /// Push a command; print each response record as one JSON line.
+    Submit(SubmitArgs),
+    /// Print the server table.
+    Status(StatusArgs),
+    /// Stop services: servers finish their commands (or, forced, are
+    /// interrupted) and exit.
+    Stop(StopArgs),
+    /// Attach one server node to a running client node.
+    Server(ServerArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum TransportKind {
+    /// ZeroMQ: one machine, or machines that reach each other.
+    Zmq,
+    /// MPI, under mpirun.
+    Mpi,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum Level {
+    Debug,
+    Info,
+    Warning,
+    Error,
+    Critical,
+}
+
+impl From<Level> for LogLevel {
+    fn from(level: Level) -> LogLevel {
+        match level {
+            Level::Debug => LogLevel::Debug,
+            Level::Info => LogLevel::Info,
+            Level::Warning => LogLevel::Warning,
+            Level::Error => LogLevel::Error,
+            Level::Critical => LogLevel::Critical,
+        }
+    }
+}
+
+#[derive(clap::Args)]
+struct UpArgs {
+    /// Server nodes to start.
+    #[arg(long, env = "CASA_NODE_SERVERS", default_value_t = 2)]
+    servers: usize,
+    /// How nodes talk to each other.
+    #[arg(long, value_enum, env = "CASA_NODE_TRANSPORT", default_value = "zmq")]
+    transport: TransportKind,
+    /// Where drivers connect: unix://PATH (default: a socket in a private
+    /// runtime directory).
+    #[arg(long, env = "CASA_NODE_FRONT_DOOR")]
+    endpoint: Option<String>,
+    /// The Python interpreter of the workers, e.g. a CASA installation's.
+    #[arg(long, env = "CASA_NODE_PYTHON", default_value = "python3")]
+    python: PathBuf,
+    /// A script each worker runs at start, e.g. `from casatasks import *`.
+    #[arg(long, env = "CASA_NODE_INIT")]
+    init: Option<PathBuf>,
+    /// Seconds between pings of every server.
+    #[arg(long, env = "CASA_NODE_HEARTBEAT", default_value_t = 1.0, value_parser = positive_seconds)]
+    heartbeat: f64,
+    /// Seconds without an answer before a server is marked timed out.
+    #[arg(long, env = "CASA_NODE_TIMEOUT", default_value_t = 5.0, value_parser = positive_seconds)]
+    timeout: f64,
+    /// Default deadline of a command, in seconds (none unless set).
+    #[arg(long, env = "CASA_NODE_COMMAND_TIMEOUT", value_parser = positive_seconds)]
+    command_timeout: Option<f64>,
+    /// The unified log file.
+    #[arg(long, env = "CASA_NODE_LOG_FILE", default_value = "casa-node.log")]
+    log_file: PathBuf,
+    /// Lowest level logged.
+    #[arg(long, value_enum, env = "CASA_NODE_LOG_LEVEL", default_value = "info")]
+    log_level: Level,
+    /// Echo the log on standard error too.
+    #[arg(long)]
+    log_terminal: bool,
+}
+
+#[derive(clap::Args)]
+struct EndpointArg {
+    /// The front door (default: $CASA_NODE_ENDPOINT, else the cluster
+    /// `casa-node up` started last).
+    #[arg(long)]
+    endpoint: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct SubmitArgs {
+    #[command(flatten)]
+    endpoint: EndpointArg,
+    /// A server rank to run on; repeat for several (default: the first
+    /// available server).
+    #[arg(long = "target", value_name = "RANK")]
+    targets: Vec<Rank>,
+    /// A parameter bound in the server's globals, as NAME=PYTHON_LITERAL.
+    #[arg(long = "param", value_name = "NAME=LITERAL")]
+    params: Vec<String>,
+    /// Print the request ids and return at once.
+    #[arg(long)]
+    no_wait: bool,
+    /// Interrupt the command if it runs longer than this many seconds.
+    #[arg(long, value_parser = positive_seconds)]
+    timeout: Option<f64>,
+    /// The Python command: an expression, statements, or "push".
+    command: String,
+}
+
+#[derive(clap::Args)]
+struct StatusArgs {
+    #[command(flatten)]
+    endpoint: EndpointArg,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    json: bool,
+    /// Only this server.
+    #[arg(long, value_name = "RANK")]
+    server: Option<Rank>,
+}
+
+#[derive(clap::Args)]
+struct StopArgs {
+    #[command(flatten)]
+    endpoint: EndpointArg,
+    /// Interrupt running commands instead of letting them finish.
+    #[arg(long)]
+    force: bool,
+}
+
+#[derive(clap::Args)]
+struct ServerArgs {
+    /// The client node's ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT).
+    #[arg(long)]
+    connect: String,
+    /// The rank to ask for (default: the next free one).
+    #[arg(long, default_value_t = 0)]
+    rank: Rank,
+    /// The Python interpreter of the worker.
+    #[arg(long, env = "CASA_NODE_PYTHON", default_value = "python3")]
+    python: PathBuf,
+    /// A script the worker runs at start.
+    #[arg(long, env = "CASA_NODE_INIT")]
+    init: Option<PathBuf>,
+    /// Exit after this many seconds without a message from the client node.
+    #[arg(long, env = "CASA_NODE_TIMEOUT", default_value_t = 5.0, value_parser = positive_seconds)]
+    timeout: f64,
+    /// Seconds an interrupted command may take before its worker is killed.
+    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
+    kill_grace: f64,
+}
+
+fn positive_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
+        _ => Err(format!("{text:?} is not a positive number of seconds")),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_writer(std::io::stderr)
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_env("CASA_NODE_TRACE")
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zeromq=error")),
+        )
+        .init();
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(runtime) => runtime,
+        Err(e) => return fail(format!("cannot start the runtime: {e}")),
+    };
+    runtime.block_on(dispatch(cli.command))
+}
+
+fn fail(message: impl std::fmt::Display) -> ExitCode {
+    eprintln!("casa-node: error: {message}");
+    ExitCode::from(2)
+}
+
+fn exit(outcome: Outcome) -> ExitCode {
+    match outcome {
+        Outcome::Success => ExitCode::SUCCESS,
+        Outcome::Failed => ExitCode::from(1),
+    }
+}
+
+fn front_door(arg: &EndpointArg) -> Result<FrontDoorEndpoint, ExitCode> {
+    endpoint::resolve(arg.endpoint.as_deref()).map_err(fail)
+}
+
+async fn dispatch(command: Command) -> ExitCode {
+    match command {
+        Command::Up(args) => up(args).await,
+        Command::Submit(args) => {
+            let endpoint = match front_door(&args.endpoint) {
+                Ok(e) => e,
+                Err(code) => return code,
+            };
+            let mut submit = Submit::new(args.command).targets(args.targets);
+            for param in &args.params {
+                let Some((name, text)) = param.split_once('=') else {
+                    return fail(format!("--param {param:?}: expected NAME=PYTHON_LITERAL"));
+                };
+                match literal::parse(text) {
+                    Ok(value) => submit = submit.param(name.trim(), value),
+                    Err(e) => return fail(format!("--param {name}: {e}")),
+                }
+            }
+            if let Some(seconds) = args.timeout {
+                submit = submit.deadline(Duration::from_secs_f64(seconds));
+            }
+            match commands::submit(&endpoint, submit, args.no_wait).await {
+                Ok(outcome) => exit(outcome),
+                Err(e) => fail(e),
+            }
+        }
+        Command::Status(args) => match front_door(&args.endpoint) {
+            Ok(endpoint) => commands::status(&endpoint, args.server, args.json)
+                .await
+                .map_or_else(fail, exit),
+            Err(code) => code,
+        },
+        Command::Stop(args) => match front_door(&args.endpoint) {
+            Ok(endpoint) => commands::stop(&endpoint, args.force)
+                .await
+                .map_or_else(fail, exit),
+            Err(code) => code,
+        },
+        Command::Server(args) => server(args).await,
+    }
+}
+
+async fn up(args: UpArgs) -> ExitCode {
+    if matches!(args.transport, TransportKind::Mpi) {
+        return fail("this casa-node was built without MPI support");
+    }
+    let endpoint = match args.endpoint.as_deref().map(str::parse).transpose() {
+        Ok(endpoint) => endpoint,
+        Err(e) => return fail(e),
+    };
+    if args.servers == 0 {
+        return fail("--servers must be at least 1");
+    }
+    let options = UpOptions {
+        servers: args.servers,
+        endpoint,
+        python: args.python,
+        init: args.init,
+        heartbeat: Duration::from_secs_f64(args.heartbeat),
+        timeout: Duration::from_secs_f64(args.timeout),
+        command_timeout: args.command_timeout.map(Duration::from_secs_f64),
+        log_file: args.log_file,
+        log_level: args.log_level.into(),
+        log_terminal: args.log_terminal,
+        start_timeout: Duration::from_secs(120),
+    };
+    let signals = casa_node::signals::watch();
+    let on_ready = |front: &FrontDoorEndpoint| {
+        use std::io::Write;
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "front door: {front}");
+        let _ = out.flush();
+    };
+    match cluster::up(options, signals, on_ready).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
+}
+
+async fn server(args: ServerArgs) -> ExitCode {
+    let transport = match ZmqTransport::connect(&args.connect, args.rank).await {
+        Ok(t) => t,
+        Err(e) => return fail(format!("cannot join {}: {e}", args.connect)),
+    };
+    let config = ServerNodeConfig {
+        python: args.python,
+        init: args.init,
+        kill_grace: Duration::from_secs_f64(args.kill_grace),
+        client_timeout: Duration::from_secs_f64(args.timeout),
+    };
+    match server_node::run(transport, config).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => fail(e),
+    }
 }

@@ -1,0 +1,567 @@
+//! The Rust client: a driver that talks to a cluster's front door. Async,
+//! with [`BlockingClient`] for programs without a runtime.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{
+    CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandResponse, DebuggingModeRequest,
+    Envelope, Hello, LogLevel, LogLevelRequest, LogRecord, LogSubscription, Parameter,
+    ProtocolError, RejectReason, Role, StatusReply, StatusRequest, StopRequest, SubmitRequest,
+    TrackReply, TrackRequest, submit_reply,
+};
+use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
+use futures::{SinkExt, StreamExt};
+use thiserror::Error;
+use tokio::net::UnixStream;
+use tokio::sync::{Notify, mpsc, oneshot};
+use tokio_util::codec::{FramedRead, FramedWrite};
+
+use crate::endpoint::FrontDoorEndpoint;
+use crate::front_door::codec;
+
+/// What can go wrong for a driver.
+#[derive(Debug, Error)]
+pub enum ClientError {
+    /// The front door could not be reached.
+    #[error("cannot reach the casa-node front door at {endpoint}: {source}")]
+    Unreachable {
+        /// Where it was looked for.
+        endpoint: String,
+        /// Why not.
+        #[source]
+        source: std::io::Error,
+    },
+    /// This endpoint kind is not supported by the client.
+    #[error("{0}: only unix:// front doors are supported by this version")]
+    Unsupported(String),
+    /// The client node refused the submission; nothing was queued.
+    #[error("rejected: {message}")]
+    Rejected {
+        /// The reason, for programs.
+        reason: RejectReason,
+        /// The reason, for people.
+        message: String,
+    },
+    /// The client node reported an error.
+    #[error("the client node says: {0}")]
+    Refused(String),
+    /// The connection closed.
+    #[error("the connection to the client node closed")]
+    Disconnected,
+    /// An id this client never received from a submission (rule 17).
+    #[error("unknown request id {0}")]
+    UnknownId(RequestId),
+    /// The client node answered with something unexpected.
+    #[error("unexpected answer from the client node: {0}")]
+    Protocol(String),
+    /// The wait ran out.
+    #[error("timed out after {0:?}")]
+    TimedOut(Duration),
+}
+
+/// A command to push: the driver plane's `SubmitRequest`, built with a
+/// fluent API.
+#[derive(Debug, Clone, Default)]
+pub struct Submit {
+    request: SubmitRequest,
+}
+
+impl Submit {
+    /// `command`, to the first available server, no parameters.
+    pub fn new(command: impl Into<String>) -> Self {
+        Submit {
+            request: SubmitRequest {
+                command: command.into(),
+                ..SubmitRequest::default()
+            },
+        }
+    }
+
+    /// Binds `name` in the server's globals for the command (rule 3).
+    pub fn param(
+        mut self,
+        name: impl Into<String>,
+        value: impl Into<casa_node_protocol::pb::Value>,
+    ) -> Self {
+        self.request.parameters.push(Parameter::new(name, value));
+        self
+    }
+
+    /// Runs on these servers, one request each, in this order (rule 13).
+    pub fn targets(mut self, ranks: impl IntoIterator<Item = Rank>) -> Self {
+        self.request.targets.extend(ranks);
+        self
+    }
+
+    /// Forces the mode instead of letting the server decide (rule 2).
+    pub fn mode(mut self, mode: CommandMode) -> Self {
+        self.request.mode = mode.into();
+        self
+    }
+
+    /// Interrupts the command if it runs longer than `deadline` (rule 24).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.request.deadline_seconds = Some(deadline.as_secs_f64());
+        self
+    }
+}
+
+impl From<SubmitRequest> for Submit {
+    fn from(request: SubmitRequest) -> Self {
+        Submit { request }
+    }
+}
+
+#[derive(Default)]
+struct State {
+    replies: HashMap<u64, oneshot::Sender<Body>>,
+    responses: HashMap<RequestId, CommandResponse>,
+    known: HashSet<RequestId>,
+    logs: Option<mpsc::UnboundedSender<LogRecord>>,
+    closed: bool,
+}
+
+struct Shared {
+    state: Mutex<State>,
+    arrived: Notify,
+}
+
+/// A connection to a cluster's front door.
+pub struct Client {
+    shared: Arc<Shared>,
+    outbox: mpsc::UnboundedSender<Envelope>,
+    correlation: AtomicU64,
+    cluster: ClusterInfo,
+    reader: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.reader.abort();
+    }
+}
+
+impl Client {
+    /// Connects to the front door at `endpoint` and shakes hands.
+    pub async fn connect(endpoint: &FrontDoorEndpoint) -> Result<Client, ClientError> {
+        let path = match endpoint {
+            FrontDoorEndpoint::Unix(path) => path,
+            FrontDoorEndpoint::Tcp(_) => {
+                return Err(ClientError::Unsupported(endpoint.to_string()));
+            }
+        };
+        let stream =
+            UnixStream::connect(path)
+                .await
+                .map_err(|source| ClientError::Unreachable {
+                    endpoint: endpoint.to_string(),
+                    source,
+                })?;
+        let framing = Framing::default();
+        let (read_half, write_half) = stream.into_split();
+        let mut reader = FramedRead::new(read_half, codec(framing));
+        let mut writer = FramedWrite::new(write_half, codec(framing));
+        let hello = Envelope::correlated(
+            1,
+            Body::Hello(Hello {
+                protocol_version: PROTOCOL_VERSION,
+                role: Role::Driver.into(),
+                software: format!("casa-node {}", env!("CARGO_PKG_VERSION")),
+                host: crate::hostname(),
+                pid: std::process::id(),
+                rank: 0,
+            }),
+        );
+        let hello = framing
+            .encode_body(&hello)
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        writer
+            .send(Bytes::from(hello))
+            .await
+            .map_err(|_| ClientError::Disconnected)?;
+        let first = reader
+            .next()
+            .await
+            .ok_or(ClientError::Disconnected)?
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let welcome = framing
+            .decode_body(first.freeze())
+            .map_err(|e| ClientError::Protocol(e.to_string()))?;
+        let cluster = match welcome.body {
+            Some(Body::Welcome(w)) => w.cluster.unwrap_or_default(),
+            Some(Body::Error(e)) => return Err(ClientError::Refused(e.message)),
+            other => {
+                return Err(ClientError::Protocol(format!(
+                    "expected Welcome, got {}",
+                    other.map_or("nothing", |b| b.name())
+                )));
+            }
+        };
+        let shared = Arc::new(Shared {
+            state: Mutex::new(State::default()),
+            arrived: Notify::new(),
+        });
+        let (outbox, mut queue) = mpsc::unbounded_channel::<Envelope>();
+        tokio::spawn(async move {
+            while let Some(envelope) = queue.recv().await {
+                let Ok(bytes) = framing.encode_body(&envelope) else {
+                    continue;
+                };
+                if writer.send(Bytes::from(bytes)).await.is_err() {
+                    break;
+                }
+            }
+        });
+        let reader = tokio::spawn(read_loop(reader, framing, shared.clone()));
+        Ok(Client {
+            shared,
+            outbox,
+            correlation: AtomicU64::new(2),
+            cluster,
+            reader,
+        })
+    }
+
+    /// The cluster as it was when this client connected.
+    pub fn cluster(&self) -> &ClusterInfo {
+        &self.cluster
+    }
+
+    async fn request(&self, body: Body) -> Result<Body, ClientError> {
+        let correlation = self.correlation.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        {
+            let mut state = self.shared.state.lock().expect("client state");
+            if state.closed {
+                return Err(ClientError::Disconnected);
+            }
+            state.replies.insert(correlation, tx);
+        }
+        self.outbox
+            .send(Envelope::correlated(correlation, body))
+            .map_err(|_| ClientError::Disconnected)?;
+        match rx.await.map_err(|_| ClientError::Disconnected)? {
+            Body::Error(ProtocolError { message, .. }) => Err(ClientError::Refused(message)),
+            body => Ok(body),
+        }
+    }
+
+    /// Pushes a command; returns the ids of the accepted requests, or the
+    /// rejection (rule 14).
+    pub async fn submit(&self, submit: impl Into<Submit>) -> Result<Vec<RequestId>, ClientError> {
+        let body = Body::SubmitRequest(Box::new(submit.into().request));
+        match self.request(body).await? {
+            Body::SubmitReply(reply) => match reply.outcome {
+                Some(submit_reply::Outcome::Accepted(accepted)) => {
+                    let mut state = self.shared.state.lock().expect("client state");
+                    state.known.extend(accepted.ids.iter().copied());
+                    Ok(accepted.ids)
+                }
+                Some(submit_reply::Outcome::Rejected(rejected)) => Err(ClientError::Rejected {
+                    reason: rejected.reason(),
+                    message: rejected.message,
+                }),
+                None => Err(ClientError::Protocol("empty SubmitReply".into())),
+            },
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Waits for the responses to `ids` and returns them in id order
+    /// (rule 16). A request whose server timed out comes back with status
+    /// timeout (rule 17).
+    pub async fn wait(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
+        loop {
+            let arrived = self.shared.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            {
+                let state = self.shared.state.lock().expect("client state");
+                if let Some(&id) = ids.iter().find(|id| !state.known.contains(id)) {
+                    return Err(ClientError::UnknownId(id));
+                }
+                if ids.iter().all(|id| state.responses.contains_key(id)) {
+                    let mut sorted = ids.to_vec();
+                    sorted.sort_unstable();
+                    sorted.dedup();
+                    return Ok(sorted
+                        .iter()
+                        .filter_map(|id| state.responses.get(id).cloned())
+                        .collect());
+                }
+                if state.closed {
+                    return Err(ClientError::Disconnected);
+                }
+            }
+            arrived.await;
+        }
+    }
+
+    /// Completes when the connection has closed, as it does when the
+    /// client node exits.
+    pub async fn closed(&self) {
+        loop {
+            let arrived = self.shared.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            if self.shared.state.lock().expect("client state").closed {
+                return;
+            }
+            arrived.await;
+        }
+    }
+
+    /// [`wait`](Self::wait) with a time limit.
+    pub async fn wait_timeout(
+        &self,
+        ids: &[RequestId],
+        limit: Duration,
+    ) -> Result<Vec<CommandResponse>, ClientError> {
+        tokio::time::timeout(limit, self.wait(ids))
+            .await
+            .map_err(|_| ClientError::TimedOut(limit))?
+    }
+
+    /// The responses to `ids` received so far, in id order, leaving out the
+    /// pending ones (rule 17).
+    pub fn poll(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
+        let state = self.shared.state.lock().expect("client state");
+        if let Some(&id) = ids.iter().find(|id| !state.known.contains(id)) {
+            return Err(ClientError::UnknownId(id));
+        }
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        Ok(sorted
+            .iter()
+            .filter_map(|id| state.responses.get(id).cloned())
+            .collect())
+    }
+
+    /// Forgets the responses to `ids`, so a long-running driver does not
+    /// keep every response it ever received.
+    pub fn forget(&self, ids: &[RequestId]) {
+        let mut state = self.shared.state.lock().expect("client state");
+        for id in ids {
+            state.responses.remove(id);
+        }
+    }
+
+    /// Where requests stand: queued, sent to which server, or done.
+    pub async fn track(&self, ids: &[RequestId]) -> Result<TrackReply, ClientError> {
+        match self
+            .request(Body::TrackRequest(TrackRequest { ids: ids.to_vec() }))
+            .await?
+        {
+            Body::TrackReply(reply) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// The server table (rule 23), for one server or all.
+    pub async fn status(&self, server: Option<Rank>) -> Result<StatusReply, ClientError> {
+        match self
+            .request(Body::StatusRequest(StatusRequest { server }))
+            .await?
+        {
+            Body::StatusReply(reply) => Ok(*reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Cancels requests (rule 24).
+    pub async fn cancel(&self, ids: &[RequestId]) -> Result<CancelReply, ClientError> {
+        match self
+            .request(Body::CancelRequest(CancelRequest { ids: ids.to_vec() }))
+            .await?
+        {
+            Body::CancelReply(reply) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
+    /// Stops services (rule 27); `force` interrupts running commands.
+    pub async fn stop(&self, force: bool) -> Result<(), ClientError> {
+        self.ack(Body::StopRequest(StopRequest { force })).await
+    }
+
+    /// Turns debugging mode on or off (rule 22).
+    pub async fn set_debugging(&self, enabled: bool) -> Result<(), ClientError> {
+        self.ack(Body::DebuggingModeRequest(DebuggingModeRequest { enabled }))
+            .await
+    }
+
+    /// Changes the log level of the given servers, or of all (rule 31).
+    pub async fn set_log_level(
+        &self,
+        level: LogLevel,
+        servers: &[Rank],
+    ) -> Result<(), ClientError> {
+        self.ack(Body::LogLevelRequest(LogLevelRequest {
+            level: level.into(),
+            servers: servers.to_vec(),
+        }))
+        .await
+    }
+
+    /// Receives every log record of `min_level` and above from now on:
+    /// the servers' and the client node's (rule 31).
+    pub async fn subscribe_logs(
+        &self,
+        min_level: LogLevel,
+    ) -> Result<mpsc::UnboundedReceiver<LogRecord>, ClientError> {
+        let (tx, rx) = mpsc::unbounded_channel();
+        self.shared.state.lock().expect("client state").logs = Some(tx);
+        self.ack(Body::LogSubscription(LogSubscription {
+            enabled: true,
+            min_level: min_level.into(),
+        }))
+        .await?;
+        Ok(rx)
+    }
+
+    async fn ack(&self, body: Body) -> Result<(), ClientError> {
+        match self.request(body).await? {
+            Body::Ack(ack) if ack.ok => Ok(()),
+            Body::Ack(ack) => Err(ClientError::Refused(ack.error)),
+            other => Err(unexpected(other)),
+        }
+    }
+}
+
+fn unexpected(body: Body) -> ClientError {
+    ClientError::Protocol(format!("unexpected {}", body.name()))
+}
+
+async fn read_loop(
+    mut reader: FramedRead<
+        tokio::net::unix::OwnedReadHalf,
+        tokio_util::codec::LengthDelimitedCodec,
+    >,
+    framing: Framing,
+    shared: Arc<Shared>,
+) {
+    while let Some(Ok(frame)) = reader.next().await {
+        let Ok(envelope) = framing.decode_body(frame.freeze()) else {
+            continue;
+        };
+        let Some(body) = envelope.body else {
+            continue;
+        };
+        let mut state = shared.state.lock().expect("client state");
+        match body {
+            Body::ResponseDelivery(delivery) => {
+                if let Some(response) = delivery.response {
+                    state.responses.insert(response.id, response);
+                    drop(state);
+                    shared.arrived.notify_waiters();
+                }
+            }
+            Body::LogRecord(record) => {
+                if let Some(logs) = &state.logs {
+                    let _ = logs.send(record);
+                }
+            }
+            body => {
+                if let Some(reply) = state.replies.remove(&envelope.correlation) {
+                    let _ = reply.send(body);
+                } else if let Body::Error(e) = body {
+                    tracing::warn!("the client node reports: {}", e.message);
+                }
+            }
+        }
+    }
+    let mut state = shared.state.lock().expect("client state");
+    state.closed = true;
+    state.replies.clear();
+    state.logs = None;
+    drop(state);
+    shared.arrived.notify_waiters();
+}
+
+/// [`Client`] for programs without an async runtime: every call blocks.
+pub struct BlockingClient {
+    runtime: tokio::runtime::Runtime,
+    inner: Client,
+}
+
+impl BlockingClient {
+    /// Connects to the front door at `endpoint`.
+    pub fn connect(endpoint: &FrontDoorEndpoint) -> Result<BlockingClient, ClientError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|source| ClientError::Unreachable {
+                endpoint: endpoint.to_string(),
+                source,
+            })?;
+        let inner = runtime.block_on(Client::connect(endpoint))?;
+        Ok(BlockingClient { runtime, inner })
+    }
+
+    /// See [`Client::cluster`].
+    pub fn cluster(&self) -> &ClusterInfo {
+        self.inner.cluster()
+    }
+
+    /// See [`Client::submit`].
+    pub fn submit(&self, submit: impl Into<Submit>) -> Result<Vec<RequestId>, ClientError> {
+        self.runtime.block_on(self.inner.submit(submit))
+    }
+
+    /// See [`Client::wait`].
+    pub fn wait(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
+        self.runtime.block_on(self.inner.wait(ids))
+    }
+
+    /// See [`Client::wait_timeout`].
+    pub fn wait_timeout(
+        &self,
+        ids: &[RequestId],
+        limit: Duration,
+    ) -> Result<Vec<CommandResponse>, ClientError> {
+        self.runtime.block_on(self.inner.wait_timeout(ids, limit))
+    }
+
+    /// See [`Client::poll`].
+    pub fn poll(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
+        self.inner.poll(ids)
+    }
+
+    /// See [`Client::track`].
+    pub fn track(&self, ids: &[RequestId]) -> Result<TrackReply, ClientError> {
+        self.runtime.block_on(self.inner.track(ids))
+    }
+
+    /// See [`Client::status`].
+    pub fn status(&self, server: Option<Rank>) -> Result<StatusReply, ClientError> {
+        self.runtime.block_on(self.inner.status(server))
+    }
+
+    /// See [`Client::cancel`].
+    pub fn cancel(&self, ids: &[RequestId]) -> Result<CancelReply, ClientError> {
+        self.runtime.block_on(self.inner.cancel(ids))
+    }
+
+    /// See [`Client::stop`].
+    pub fn stop(&self, force: bool) -> Result<(), ClientError> {
+        self.runtime.block_on(self.inner.stop(force))
+    }
+
+    /// See [`Client::set_debugging`].
+    pub fn set_debugging(&self, enabled: bool) -> Result<(), ClientError> {
+        self.runtime.block_on(self.inner.set_debugging(enabled))
+    }
+
+    /// See [`Client::set_log_level`].
+    pub fn set_log_level(&self, level: LogLevel, servers: &[Rank]) -> Result<(), ClientError> {
+        self.runtime
+            .block_on(self.inner.set_log_level(level, servers))
+    }
+}

@@ -1,0 +1,472 @@
+//! The client node's event loop: moves envelopes between the transport,
+//! the front door and `ClientCore`, keeps the clock, and writes the
+//! unified log. Every decision is the core's.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{
+    Ack, CommandMode, Envelope, LogLevel, LogRecord, ProtocolErrorCode, RejectReason, Role,
+    SubmitReply, SubmitRequest, Welcome, submit_reply,
+};
+use casa_node_protocol::{
+    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Transport, TransportError,
+    TransportEvent, WallClock, check_version,
+};
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::front_door::{DriverEvent, FrontDoor};
+use crate::log::LogSink;
+use crate::syntax::SyntaxChecker;
+
+/// A submission on its way through the syntax check, in arrival order.
+struct Pending {
+    driver: DriverId,
+    correlation: u64,
+    request: SubmitRequest,
+}
+
+/// A submission after the check: ready for the core, or rejected.
+struct Checked {
+    driver: DriverId,
+    correlation: u64,
+    result: Result<SubmitRequest, String>,
+}
+
+/// Checks submissions one after another, so each driver's submissions
+/// keep their order (and their ids increase in that order).
+async fn check_submissions(
+    python: Option<PathBuf>,
+    mut pending: mpsc::UnboundedReceiver<Pending>,
+    checked: mpsc::UnboundedSender<Checked>,
+) {
+    let mut checker = python.and_then(|python| match SyntaxChecker::start(&python) {
+        Ok(checker) => Some(checker),
+        Err(e) => {
+            tracing::warn!(
+                "commands are not checked at submission: {}: {e}",
+                python.display()
+            );
+            None
+        }
+    });
+    while let Some(Pending {
+        driver,
+        correlation,
+        mut request,
+    }) = pending.recv().await
+    {
+        let auto = matches!(request.mode(), CommandMode::Unspecified | CommandMode::Auto);
+        let mut result = Ok(());
+        if auto && request.command != "push" {
+            if let Some(c) = checker.as_mut() {
+                match c.check(&request.command).await {
+                    Ok(Ok(mode)) => request.mode = mode.into(),
+                    Ok(Err(error)) => result = Err(error),
+                    Err(e) => {
+                        tracing::warn!(
+                            "the syntax checker failed ({e}); workers will check commands"
+                        );
+                        checker = None;
+                    }
+                }
+            }
+        }
+        let result = result.map(|()| request);
+        if checked
+            .send(Checked {
+                driver,
+                correlation,
+                result,
+            })
+            .is_err()
+        {
+            break;
+        }
+    }
+    if let Some(checker) = checker {
+        checker.stop().await;
+    }
+}
+
+/// Settings of the client node's loop.
+pub struct ClientNodeConfig {
+    /// The core's settings.
+    pub core: ClientConfig,
+    /// Where the unified log goes.
+    pub log: LogSink,
+    /// Servers to wait for before the front door opens.
+    pub expected_servers: usize,
+    /// The Python that checks commands at submission (rule 2); `None`
+    /// leaves it to the workers.
+    pub python: Option<PathBuf>,
+}
+
+/// Why the client node stopped other than by stop services.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientNodeError {
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+}
+
+struct Driver {
+    outbox: mpsc::UnboundedSender<Envelope>,
+    greeted: bool,
+    logs: Option<LogLevel>,
+}
+
+/// Runs the client node until services are stopped: by a driver, or when
+/// `stop` becomes true (SIGINT/SIGTERM), or `force_stop` (a second
+/// signal). `ready` fires once the expected servers have started and the
+/// front door is open.
+pub async fn run<T: Transport>(
+    mut transport: T,
+    mut config: ClientNodeConfig,
+    front_door: FrontDoor,
+    ready: oneshot::Sender<()>,
+    mut stop: watch::Receiver<u32>,
+) -> Result<(), ClientNodeError> {
+    let clock = WallClock::system();
+    let origin = format!("{}:client", config.core.host);
+    let (pending_tx, pending_rx) = mpsc::unbounded_channel();
+    let (checked_tx, mut checked_rx) = mpsc::unbounded_channel();
+    let checker = tokio::spawn(check_submissions(
+        config.python.take(),
+        pending_rx,
+        checked_tx,
+    ));
+    let mut node = Node {
+        core: ClientCore::new(config.core.clone(), clock),
+        clock,
+        origin,
+        drivers: HashMap::new(),
+        log: &mut config.log,
+        started: 0,
+        expected_servers: config.expected_servers,
+        pending: pending_tx,
+    };
+    let now = Instant::now();
+    for rank in transport.peers() {
+        if rank != 0 {
+            node.core
+                .add_server(rank, now)
+                .expect("transport ranks are valid");
+        }
+    }
+    node.core.start(now);
+    let (driver_tx, mut driver_rx) = mpsc::unbounded_channel();
+    let mut front_door = Some(front_door);
+    let mut ready = Some(ready);
+    let mut serving = None;
+    let result = loop {
+        if ready.is_some() && node.started >= config.expected_servers {
+            if let Some(door) = front_door.take() {
+                serving = Some(door.serve(driver_tx.clone()));
+            }
+            if let Some(ready) = ready.take() {
+                let _ = ready.send(());
+            }
+        }
+        let deadline = node
+            .core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
+        tokio::select! {
+            event = transport.recv() => {
+                let now = Instant::now();
+                match event {
+                    Ok(TransportEvent::Message { from, envelope }) => {
+                        if let Err(e) = node.core.handle(from, envelope, now) {
+                            node.warn(&format!("dropped a message: {e}"));
+                        }
+                    }
+                    Ok(TransportEvent::PeerJoined(rank)) => {
+                        if let Err(e) = node.core.add_server(rank, now) {
+                            node.warn(&e.to_string());
+                        }
+                    }
+                    Ok(TransportEvent::PeerLost(rank)) => node.core.server_lost(rank),
+                    Err(e) => break Err(e.into()),
+                }
+            }
+            Some(event) = driver_rx.recv() => node.on_driver(event),
+            Some(checked) = checked_rx.recv() => node.on_checked(checked),
+            _ = tokio::time::sleep_until(deadline.into()) => node.core.tick(Instant::now()),
+            changed = stop.changed() => {
+                let signals = if changed.is_ok() { *stop.borrow_and_update() } else { 2 };
+                if signals >= 2 {
+                    node.warn("stopping at once: the servers exit when they notice the client node is gone");
+                    break Ok(());
+                }
+                node.core.stop(false);
+            }
+        }
+        let stopped = node.carry_out(&mut transport).await?;
+        // Operators tail the log: lines go out as they happen.
+        node.log.flush();
+        if stopped {
+            break Ok(());
+        }
+    };
+    if let Some(task) = serving {
+        task.abort();
+    }
+    drop(node.pending);
+    let _ = checker.await;
+    node.log.flush();
+    let _ = transport.shutdown().await;
+    result
+}
+
+struct Node<'a> {
+    core: ClientCore,
+    clock: WallClock,
+    origin: String,
+    drivers: HashMap<DriverId, Driver>,
+    log: &'a mut LogSink,
+    started: usize,
+    expected_servers: usize,
+    pending: mpsc::UnboundedSender<Pending>,
+}
+
+impl Node<'_> {
+    /// Carries out the core's actions; true once services are stopped.
+    async fn carry_out<T: Transport>(
+        &mut self,
+        transport: &mut T,
+    ) -> Result<bool, ClientNodeError> {
+        let mut stopped = false;
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                Action::Send { to, envelope } => match transport.send(to, envelope).await {
+                    Ok(()) => {}
+                    Err(TransportError::UnknownRank(rank) | TransportError::Disconnected(rank)) => {
+                        self.core.server_lost(rank);
+                    }
+                    Err(e) => return Err(e.into()),
+                },
+                Action::Deliver { driver, delivery } => {
+                    if let Some(d) = self.drivers.get(&driver) {
+                        let _ = d
+                            .outbox
+                            .send(Envelope::new(Body::ResponseDelivery(delivery)));
+                    }
+                }
+                Action::Forward(record) => self.record(record),
+                Action::Event(event) => {
+                    match event {
+                        casa_node_protocol::Event::ServerStarted { .. } => self.started += 1,
+                        // Servers joining one by one make "all" premature
+                        // until the expected number has started.
+                        casa_node_protocol::Event::AllServersStarted
+                            if self.started < self.expected_servers =>
+                        {
+                            continue;
+                        }
+                        _ => {}
+                    }
+                    let record = LogRecord {
+                        time: self.clock.epoch(Instant::now()),
+                        level: event.level().into(),
+                        origin: self.origin.clone(),
+                        rank: 0,
+                        message: event.to_string(),
+                    };
+                    self.record(record);
+                }
+                Action::Stopped => stopped = true,
+            }
+        }
+        Ok(stopped)
+    }
+
+    fn record(&mut self, record: LogRecord) {
+        self.log.write(&record);
+        for driver in self.drivers.values() {
+            if driver.logs.is_some_and(|min| record.level() >= min) {
+                let _ = driver
+                    .outbox
+                    .send(Envelope::new(Body::LogRecord(record.clone())));
+            }
+        }
+    }
+
+    fn warn(&mut self, message: &str) {
+        let record = LogRecord {
+            time: self.clock.epoch(Instant::now()),
+            level: LogLevel::Warning.into(),
+            origin: self.origin.clone(),
+            rank: 0,
+            message: message.to_owned(),
+        };
+        self.record(record);
+    }
+
+    fn on_driver(&mut self, event: DriverEvent) {
+        match event {
+            DriverEvent::Connected { driver, outbox } => {
+                self.drivers.insert(
+                    driver,
+                    Driver {
+                        outbox,
+                        greeted: false,
+                        logs: None,
+                    },
+                );
+            }
+            DriverEvent::Disconnected { driver } => {
+                self.drivers.remove(&driver);
+            }
+            DriverEvent::Request { driver, envelope } => {
+                let correlation = envelope.correlation;
+                let Some((reply, close)) = self.answer(driver, envelope) else {
+                    return;
+                };
+                if let Some(d) = self.drivers.get(&driver) {
+                    let _ = d.outbox.send(Envelope::correlated(correlation, reply));
+                }
+                if close {
+                    // Dropping the outbox closes the connection once the
+                    // refusal is written.
+                    self.drivers.remove(&driver);
+                }
+            }
+        }
+    }
+
+    /// The reply to one driver request, and whether to close the
+    /// connection after it.
+    fn answer(&mut self, driver: DriverId, envelope: Envelope) -> Option<(Body, bool)> {
+        let greeted = self.drivers.get(&driver)?.greeted;
+        let correlation = envelope.correlation;
+        let body = envelope.body?;
+        if !greeted {
+            return Some(self.greet(driver, body));
+        }
+        if let Err(error) = check_version(envelope.protocol_version, 0) {
+            return Some((error.body?, true));
+        }
+        let now = Instant::now();
+        let reply = match body {
+            Body::SubmitRequest(request) => {
+                // Answered once checked (rule 2), in on_checked.
+                let _ = self.pending.send(Pending {
+                    driver,
+                    correlation,
+                    request: *request,
+                });
+                return None;
+            }
+            Body::StatusRequest(request) => match self.core.status(request.server) {
+                Ok(reply) => Body::StatusReply(Box::new(reply)),
+                Err(e) => error_body(ProtocolErrorCode::UnknownRank, e.to_string()),
+            },
+            Body::TrackRequest(request) => Body::TrackReply(self.core.track(&request.ids)),
+            Body::CancelRequest(request) => Body::CancelReply(self.core.cancel(&request.ids)),
+            Body::StopRequest(request) => {
+                self.core.stop(request.force);
+                ack(Ok(()))
+            }
+            Body::DebuggingModeRequest(request) => {
+                self.core.set_debugging(request.enabled, now);
+                ack(Ok(()))
+            }
+            Body::LogLevelRequest(request) => {
+                let result = self.core.set_log_level(request.level(), &request.servers);
+                ack(result.map_err(|e| e.to_string()))
+            }
+            Body::LogSubscription(request) => {
+                if let Some(d) = self.drivers.get_mut(&driver) {
+                    d.logs = request.enabled.then(|| match request.min_level() {
+                        LogLevel::Unspecified => LogLevel::Info,
+                        level => level,
+                    });
+                }
+                ack(Ok(()))
+            }
+            other => error_body(
+                ProtocolErrorCode::UnexpectedMessage,
+                format!("a driver may not send {}", other.name()),
+            ),
+        };
+        Some((reply, false))
+    }
+
+    /// Submits a checked request, or rejects it, and answers the driver.
+    fn on_checked(&mut self, checked: Checked) {
+        let outcome = match checked.result {
+            Ok(request) => match self.core.submit(checked.driver, request) {
+                Ok(ids) => submit_reply::Outcome::Accepted(submit_reply::Accepted { ids }),
+                Err(rejection) => submit_reply::Outcome::Rejected(submit_reply::Rejected {
+                    reason: rejection.reason.into(),
+                    message: rejection.message,
+                }),
+            },
+            Err(error) => submit_reply::Outcome::Rejected(submit_reply::Rejected {
+                reason: RejectReason::InvalidCommand.into(),
+                message: format!("the command is neither an expression nor statements: {error}"),
+            }),
+        };
+        if let Some(d) = self.drivers.get(&checked.driver) {
+            let reply = Body::SubmitReply(SubmitReply {
+                outcome: Some(outcome),
+            });
+            let _ = d
+                .outbox
+                .send(Envelope::correlated(checked.correlation, reply));
+        }
+    }
+
+    /// Answers the first message of a connection: it must be a driver's
+    /// `Hello` of this protocol version; anything else is refused and the
+    /// connection closed.
+    fn greet(&mut self, driver: DriverId, body: Body) -> (Body, bool) {
+        let refusal = match body {
+            Body::Hello(hello) => match check_version(hello.protocol_version, 0) {
+                Err(error) => error.body,
+                Ok(()) if hello.role() != Role::Driver => Some(error_body(
+                    ProtocolErrorCode::RoleRefused,
+                    "only drivers may connect to the front door".to_owned(),
+                )),
+                Ok(()) => None,
+            },
+            other => Some(error_body(
+                ProtocolErrorCode::UnexpectedMessage,
+                format!("expected Hello, got {}", other.name()),
+            )),
+        };
+        if let Some(refusal) = refusal {
+            return (refusal, true);
+        }
+        if let Some(d) = self.drivers.get_mut(&driver) {
+            d.greeted = true;
+        }
+        let welcome = Body::Welcome(Box::new(Welcome {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::ClientNode.into(),
+            software: format!("casa-node {}", env!("CARGO_PKG_VERSION")),
+            rank: 0,
+            cluster: Some(self.core.cluster_info()),
+        }));
+        (welcome, false)
+    }
+}
+
+fn error_body(code: ProtocolErrorCode, message: String) -> Body {
+    Envelope::error(0, code, message)
+        .body
+        .expect("error envelopes carry a body")
+}
+
+fn ack(result: Result<(), String>) -> Body {
+    match result {
+        Ok(()) => Body::Ack(Ack {
+            ok: true,
+            error: String::new(),
+        }),
+        Err(error) => Body::Ack(Ack { ok: false, error }),
+    }
+}

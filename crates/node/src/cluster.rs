@@ -1,0 +1,228 @@
+//! `casa-node up`: a client node in this process and N server nodes as
+//! child processes, joined by the ZeroMQ transport over a private `ipc://`
+//! socket, with the front door open for drivers.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::time::Duration;
+
+use casa_node_protocol::pb::control_request::Start;
+use casa_node_protocol::pb::{EnvironmentVariable, LogLevel, LogRecord};
+use casa_node_protocol::{ClientConfig, Framing, Transport, TransportError, WallClock};
+use casa_node_transport_zmq::ZmqTransport;
+use thiserror::Error;
+use tokio::process::{Child, Command};
+use tokio::sync::{oneshot, watch};
+
+use crate::client_node::{self, ClientNodeConfig, ClientNodeError};
+use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
+use crate::front_door::{FrontDoor, FrontDoorError};
+use crate::log::LogSink;
+
+/// Settings of `casa-node up`.
+#[derive(Debug, Clone)]
+pub struct UpOptions {
+    /// Local server nodes to start.
+    pub servers: usize,
+    /// The front door; `None` for a socket in the private runtime directory.
+    pub endpoint: Option<FrontDoorEndpoint>,
+    /// The Python interpreter of the workers.
+    pub python: PathBuf,
+    /// A start-up script for each worker (rule 5).
+    pub init: Option<PathBuf>,
+    /// Time between pings (rule 19).
+    pub heartbeat: Duration,
+    /// Silence after which a server is timed out (rule 20).
+    pub timeout: Duration,
+    /// Deadline for commands that carry none (rule 24).
+    pub command_timeout: Option<Duration>,
+    /// The unified log file (rule 31).
+    pub log_file: PathBuf,
+    /// Lowest level logged.
+    pub log_level: LogLevel,
+    /// Echo the log on standard error too.
+    pub log_terminal: bool,
+    /// How long the servers may take to start.
+    pub start_timeout: Duration,
+}
+
+/// `up` could not start or run the cluster.
+#[derive(Debug, Error)]
+pub enum UpError {
+    /// The runtime directory or endpoint is unusable.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The front door could not open.
+    #[error(transparent)]
+    FrontDoor(#[from] FrontDoorError),
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// The client node failed.
+    #[error(transparent)]
+    ClientNode(#[from] ClientNodeError),
+    /// A file or process could not be created.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Not every server started in time.
+    #[error("the servers did not all start within {0:?}; see the log for why")]
+    StartTimeout(Duration),
+}
+
+fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpError {
+    let context = context.into();
+    move |source| UpError::Io { context, source }
+}
+
+/// Runs a local cluster until stop services (from a driver, or the count
+/// in `signals` rising: 1 stops gracefully, 2 at once). `on_ready` is
+/// called with the front door once every server has started.
+pub async fn up(
+    options: UpOptions,
+    signals: watch::Receiver<u32>,
+    on_ready: impl FnOnce(&FrontDoorEndpoint),
+) -> Result<(), UpError> {
+    let run_dir = endpoint::runtime_dir()?.join(std::process::id().to_string());
+    endpoint::private_dir(&run_dir)?;
+    let result = run(&options, &run_dir, signals, on_ready).await;
+    let _ = std::fs::remove_dir_all(&run_dir);
+    result
+}
+
+async fn run(
+    options: &UpOptions,
+    run_dir: &std::path::Path,
+    signals: watch::Receiver<u32>,
+    on_ready: impl FnOnce(&FrontDoorEndpoint),
+) -> Result<(), UpError> {
+    let host = crate::hostname();
+    let nodes = format!("ipc://{}", run_dir.join("nodes.sock").display());
+    let transport = ZmqTransport::bind(&nodes).await?;
+    let front = options
+        .endpoint
+        .clone()
+        .unwrap_or_else(|| FrontDoorEndpoint::Unix(run_dir.join("front-door.sock")));
+    let door = FrontDoor::bind(&front, Framing::default()).await?;
+    let mut log = LogSink::open(
+        Some(&options.log_file),
+        options.log_terminal,
+        options.log_level,
+    )
+    .map_err(io_error(format!("log file {}", options.log_file.display())))?;
+    log.write(&LogRecord {
+        time: WallClock::system().epoch(std::time::Instant::now()),
+        level: LogLevel::Info.into(),
+        origin: format!("{host}:client"),
+        rank: transport.rank(),
+        message: format!(
+            "casa-node {} client node with rank 0 at {host} (PID {}), transport zmq at {nodes}, front door at {front}, {} servers",
+            env!("CARGO_PKG_VERSION"),
+            std::process::id(),
+            options.servers
+        ),
+    });
+    let mut children = Vec::with_capacity(options.servers);
+    for rank in 1..=options.servers {
+        children.push(spawn_server(options, &nodes, rank)?);
+    }
+    let config = ClientNodeConfig {
+        core: ClientConfig {
+            host,
+            transport: "zmq".into(),
+            heartbeat: options.heartbeat,
+            timeout: options.timeout,
+            default_deadline: options.command_timeout,
+            start: start_settings(options.log_level),
+        },
+        log,
+        expected_servers: options.servers,
+        python: Some(options.python.clone()),
+    };
+    let (ready_tx, ready_rx) = oneshot::channel();
+    let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));
+    let outcome = tokio::select! {
+        ready = ready_rx => {
+            if ready.is_ok() {
+                on_ready(&front);
+                endpoint::record(&front)?;
+            }
+            node.await
+        }
+        _ = tokio::time::sleep(options.start_timeout) => {
+            node.abort();
+            stop_children(&mut children).await;
+            return Err(UpError::StartTimeout(options.start_timeout));
+        }
+        finished = &mut node => finished,
+    };
+    endpoint::forget(&front);
+    stop_children(&mut children).await;
+    match outcome {
+        Ok(result) => result.map_err(UpError::from),
+        Err(e) => Err(UpError::Io {
+            context: "the client node".into(),
+            source: std::io::Error::other(e),
+        }),
+    }
+}
+
+/// What START carries to every server (rule 26): this working directory.
+fn start_settings(log_level: LogLevel) -> Start {
+    let cwd = std::env::current_dir()
+        .map(|d| d.display().to_string())
+        .unwrap_or_default();
+    Start {
+        working_directory: cwd,
+        environment: Vec::<EnvironmentVariable>::new(),
+        log_level: log_level.into(),
+    }
+}
+
+fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, UpError> {
+    let exe = std::env::current_exe().map_err(io_error("finding the casa-node executable"))?;
+    let mut command = Command::new(exe);
+    command
+        .arg("server")
+        .arg("--connect")
+        .arg(nodes)
+        .arg("--rank")
+        .arg(rank.to_string())
+        .arg("--python")
+        .arg(&options.python)
+        .arg("--timeout")
+        .arg(options.timeout.as_secs_f64().to_string());
+    if let Some(init) = &options.init {
+        command.arg("--init").arg(init);
+    }
+    // Its own process group: a Ctrl-C in the terminal reaches `up`, which
+    // stops the servers in order, rather than killing them mid-command.
+    command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .kill_on_drop(true);
+    command
+        .spawn()
+        .map_err(io_error(format!("starting server node {rank}")))
+}
+
+/// Waits for the server processes to exit (they do after STOP, or when
+/// they notice the client node is gone), killing any that take too long.
+async fn stop_children(children: &mut [Child]) {
+    let waits = children.iter_mut().map(|child| async move {
+        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+            .await
+            .is_err()
+        {
+            let _ = child.start_kill();
+            let _ = child.wait().await;
+        }
+    });
+    futures::future::join_all(waits).await;
+}

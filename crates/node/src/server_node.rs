@@ -1,0 +1,298 @@
+//! A server node's event loop: answers the client node through
+//! `ServerCore`, runs commands in the Python worker through the
+//! [`Executor`], and exits when told to stop or when the client node is
+//! gone (rule 30). Pings are answered here, never by Python, so a busy
+//! worker never makes its server look dead (rule 24).
+
+use std::collections::VecDeque;
+use std::future::Future;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::time::{Duration, Instant};
+
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{CommandRequest, LogLevel};
+use casa_node_protocol::{
+    ExecOutcome, ServerAction, ServerConfig, ServerCore, Transport, TransportError, TransportEvent,
+    WallClock,
+};
+
+use crate::executor::{Executor, ExecutorConfig, ExecutorError, ExecutorEvent};
+
+/// Settings of a server node.
+#[derive(Debug, Clone)]
+pub struct ServerNodeConfig {
+    /// The Python interpreter the worker runs under.
+    pub python: PathBuf,
+    /// A start-up script run in each worker's namespace (rule 5).
+    pub init: Option<PathBuf>,
+    /// How long an interrupted command may take before its worker is
+    /// killed (rule 24).
+    pub kill_grace: Duration,
+    /// Silence from the client node after which this server exits, since
+    /// the client node pings every heartbeat (rule 30).
+    pub client_timeout: Duration,
+}
+
+/// Why a server node stopped other than by STOP.
+#[derive(Debug, thiserror::Error)]
+pub enum ServerNodeError {
+    /// The transport failed.
+    #[error("transport: {0}")]
+    Transport(#[from] TransportError),
+    /// The client node went away.
+    #[error("the client node is gone ({0}); exiting")]
+    ClientGone(String),
+}
+
+/// After the client node's silence limit passes, how long to wait for
+/// anything from it before leaving. A server that was itself stopped
+/// (SIGSTOP) finds the limit passed on waking while the messages it missed
+/// are still queued; this gives them time to arrive.
+const LAST_CHANCE: Duration = Duration::from_secs(1);
+
+type Starting = Pin<Box<dyn Future<Output = Result<Executor, ExecutorError>> + Send>>;
+
+/// Runs a server node until STOP or the loss of the client node.
+pub async fn run<T: Transport>(
+    mut transport: T,
+    config: ServerNodeConfig,
+) -> Result<(), ServerNodeError> {
+    let now = Instant::now();
+    let core = ServerCore::new(
+        ServerConfig {
+            rank: transport.rank(),
+            host: crate::hostname(),
+            pid: std::process::id(),
+            kill_grace: config.kill_grace,
+        },
+        WallClock::system(),
+        now,
+    );
+    let mut node = Node {
+        core,
+        config,
+        executor: None,
+        starting: None,
+        broken: None,
+        waiting: VecDeque::new(),
+    };
+    let mut last_heard = now;
+    let mut last_chance: Option<Instant> = None;
+    loop {
+        let silence_limit = last_heard + node.config.client_timeout;
+        let wake_at = last_chance.unwrap_or(silence_limit);
+        let deadline = node.core.poll_timeout().map_or(wake_at, |t| t.min(wake_at));
+        tokio::select! {
+            event = transport.recv() => {
+                let now = Instant::now();
+                match event {
+                    Ok(TransportEvent::Message { from, envelope }) => {
+                        last_heard = now;
+                        last_chance = None;
+                        if matches!(envelope.body, Some(Body::PingRequest(_))) {
+                            node.update_resources();
+                        }
+                        if let Err(e) = node.core.handle(from, envelope, now) {
+                            node.core.log(LogLevel::Warning, format!("dropped a message: {e}"), now);
+                        }
+                    }
+                    Ok(TransportEvent::PeerLost(0)) => {
+                        node.shutdown().await;
+                        return Err(ServerNodeError::ClientGone("its link closed".into()));
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        node.shutdown().await;
+                        return Err(e.into());
+                    }
+                }
+            }
+            event = next_event(&mut node.executor) => node.on_executor(event),
+            started = starting(&mut node.starting) => node.on_started(started),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                let now = Instant::now();
+                if now >= silence_limit {
+                    match last_chance {
+                        None => last_chance = Some(now + LAST_CHANCE),
+                        Some(at) if now >= at => {
+                            node.shutdown().await;
+                            let silence = node.config.client_timeout.as_secs_f64();
+                            return Err(ServerNodeError::ClientGone(format!("no message for {silence:.0} s")));
+                        }
+                        Some(_) => {}
+                    }
+                }
+                node.core.tick(now);
+            }
+        }
+        if node.carry_out(&mut transport).await? {
+            node.shutdown().await;
+            let _ = transport.shutdown().await;
+            return Ok(());
+        }
+    }
+}
+
+async fn next_event(executor: &mut Option<Executor>) -> ExecutorEvent {
+    match executor {
+        Some(executor) => executor.next_event().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn starting(starting: &mut Option<Starting>) -> Result<Executor, ExecutorError> {
+    match starting {
+        Some(future) => {
+            let result = future.await;
+            *starting = None;
+            result
+        }
+        None => std::future::pending().await,
+    }
+}
+
+struct Node {
+    core: ServerCore,
+    config: ServerNodeConfig,
+    executor: Option<Executor>,
+    starting: Option<Starting>,
+    /// Why no worker can run, when its start failed.
+    broken: Option<String>,
+    /// Commands handed over before the worker was ready.
+    waiting: VecDeque<CommandRequest>,
+}
+
+impl Node {
+    /// Carries out the core's actions; true once stopped.
+    async fn carry_out<T: Transport>(
+        &mut self,
+        transport: &mut T,
+    ) -> Result<bool, ServerNodeError> {
+        while let Some(action) = self.core.poll_action() {
+            match action {
+                ServerAction::Send(envelope) => transport.send(0, envelope).await?,
+                ServerAction::Configure(start) => {
+                    let config = ExecutorConfig {
+                        python: self.config.python.clone(),
+                        init: self.config.init.clone(),
+                        working_directory: (!start.working_directory.is_empty())
+                            .then(|| PathBuf::from(&start.working_directory)),
+                        environment: start
+                            .environment
+                            .iter()
+                            .map(|v| (v.name.clone(), v.value.clone()))
+                            .collect(),
+                        rank: transport.rank(),
+                    };
+                    self.starting = Some(Box::pin(Executor::start(config)));
+                }
+                ServerAction::Execute(request) => self.execute(request),
+                ServerAction::Interrupt { id, .. } => {
+                    if let Some(pos) = self.waiting.iter().position(|r| r.id == id) {
+                        self.waiting.remove(pos);
+                        self.fail(
+                            id,
+                            "KeyboardInterrupt: interrupted before the worker was ready".into(),
+                        );
+                    } else if let Some(executor) = &mut self.executor {
+                        executor.interrupt();
+                    }
+                }
+                ServerAction::Kill { .. } => {
+                    if let Some(executor) = &mut self.executor {
+                        executor.kill();
+                    }
+                }
+                ServerAction::SetLogLevel(_) => {}
+                ServerAction::Exit => return Ok(true),
+            }
+        }
+        Ok(false)
+    }
+
+    fn execute(&mut self, request: CommandRequest) {
+        if let Some(reason) = &self.broken {
+            let reason = reason.clone();
+            self.fail(request.id, reason);
+            return;
+        }
+        match &mut self.executor {
+            Some(executor) => {
+                let id = request.id;
+                if let Err(e) = executor.execute(request) {
+                    self.fail(
+                        id,
+                        format!("the Python worker could not take the command: {e}"),
+                    );
+                }
+            }
+            None => self.waiting.push_back(request),
+        }
+    }
+
+    fn fail(&mut self, id: u64, traceback: String) {
+        let outcome = ExecOutcome {
+            id,
+            traceback: Some(traceback),
+            ..ExecOutcome::default()
+        };
+        if let Err(e) = self.core.finished(outcome, Instant::now()) {
+            tracing::warn!("{e}");
+        }
+    }
+
+    fn on_started(&mut self, started: Result<Executor, ExecutorError>) {
+        let now = Instant::now();
+        match started {
+            Ok(executor) => {
+                self.core.log(
+                    LogLevel::Info,
+                    format!(
+                        "Python worker started with PID {}",
+                        executor.worker_pid().unwrap_or(0)
+                    ),
+                    now,
+                );
+                self.executor = Some(executor);
+            }
+            Err(e) => {
+                let reason = format!("the Python worker could not start: {e}");
+                self.core.log(LogLevel::Error, reason.clone(), now);
+                self.broken = Some(reason);
+            }
+        }
+        for request in std::mem::take(&mut self.waiting) {
+            self.execute(request);
+        }
+    }
+
+    fn on_executor(&mut self, event: ExecutorEvent) {
+        let now = Instant::now();
+        match event {
+            ExecutorEvent::Finished(outcome) => {
+                if let Err(e) = self.core.finished(outcome, now) {
+                    self.core.log(LogLevel::Warning, e.to_string(), now);
+                }
+            }
+            ExecutorEvent::Log { level, message } => self.core.log(level, message, now),
+            ExecutorEvent::WorkerRestarted { reason } => {
+                self.core.log(LogLevel::Warning, reason, now)
+            }
+        }
+    }
+
+    fn update_resources(&mut self) {
+        if let Some(executor) = &self.executor {
+            self.core
+                .set_resources(executor.worker_pid().unwrap_or(0), executor.rss_bytes());
+        }
+    }
+
+    async fn shutdown(&mut self) {
+        self.starting = None;
+        if let Some(executor) = self.executor.take() {
+            executor.shutdown().await;
+        }
+    }
+}

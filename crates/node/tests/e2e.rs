@@ -1,0 +1,614 @@
+//! End to end: real `casa-node` processes (a client node, server nodes,
+//! Python workers) driven through the Rust client and the CLI. Each test
+//! names the SEMANTICS rule it checks. Every process a test starts is
+//! stopped when the test ends, passed or failed, by PID.
+
+use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use casa_node::client::{BlockingClient, ClientError, Submit};
+use casa_node::endpoint::FrontDoorEndpoint;
+use casa_node_protocol::pb::{CommandMode, CommandStatus, LogLevel, RejectReason, Value};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
+const WAIT: Duration = Duration::from_secs(60);
+
+/// A running `casa-node up`, stopped on drop.
+struct Cluster {
+    up: Child,
+    dir: PathBuf,
+    endpoint: FrontDoorEndpoint,
+    /// Server and worker pids seen, to make sure none is left behind.
+    seen: Vec<u32>,
+}
+
+impl Cluster {
+    fn start(servers: usize, extra: &[&str]) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "casa-node-e2e-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("front.sock");
+        let mut up = Command::new(BIN)
+            .arg("up")
+            .args(["--servers", &servers.to_string()])
+            .args(["--endpoint", &format!("unix://{}", socket.display())])
+            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
+            .args(["--heartbeat", "0.2", "--timeout", "2"])
+            .args(extra)
+            .env("XDG_RUNTIME_DIR", &dir)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("casa-node up starts");
+        let stdout = up.stdout.take().unwrap();
+        let mut first = String::new();
+        let read = BufReader::new(stdout).read_line(&mut first);
+        let mut cluster = Cluster {
+            up,
+            dir,
+            endpoint: FrontDoorEndpoint::Unix(socket),
+            seen: Vec::new(),
+        };
+        assert!(read.is_ok_and(|n| n > 0), "casa-node up printed nothing");
+        assert_eq!(
+            first.trim(),
+            format!("front door: {}", cluster.endpoint),
+            "first line of up"
+        );
+        cluster.note_pids();
+        cluster
+    }
+
+    fn client(&self) -> BlockingClient {
+        BlockingClient::connect(&self.endpoint).expect("the front door accepts")
+    }
+
+    fn note_pids(&mut self) {
+        let status = self.client().status(None).unwrap();
+        for s in status.servers {
+            self.seen
+                .extend([s.pid, s.worker_pid].into_iter().filter(|&p| p != 0));
+        }
+    }
+
+    /// Runs the CLI against this cluster.
+    fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .args(args)
+            .env("CASA_NODE_ENDPOINT", self.endpoint.to_string())
+            .env("XDG_RUNTIME_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .output()
+            .expect("the CLI runs")
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("casa-node.log")).unwrap_or_default()
+    }
+
+    fn server_pid(&self, rank: i32) -> (u32, u32) {
+        let s = self.client().status(Some(rank)).unwrap().servers.remove(0);
+        (s.pid, s.worker_pid)
+    }
+
+    /// Waits for `casa-node up` to exit, then checks no server or worker
+    /// it started is left.
+    fn wait_exit(&mut self) -> std::process::ExitStatus {
+        let status = wait_child(&mut self.up, WAIT).expect("casa-node up exits");
+        for &pid in &self.seen {
+            assert!(
+                wait_gone(pid, Duration::from_secs(15)),
+                "process {pid} was left behind"
+            );
+        }
+        status
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        for &pid in &self.seen {
+            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
+        }
+        if self.up.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.up.id() as i32), Signal::SIGTERM);
+            if wait_child(&mut self.up, Duration::from_secs(20)).is_none() {
+                let _ = self.up.kill();
+                let _ = self.up.wait();
+            }
+        }
+        for &pid in &self.seen {
+            if !wait_gone(pid, Duration::from_secs(10)) {
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// True once `pid` no longer exists (or is a zombie of someone else).
+fn wait_gone(pid: u32, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
+        let gone = match stat {
+            Err(_) => true,
+            Ok(text) => text
+                .rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z')),
+        };
+        if gone {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn one(client: &BlockingClient, submit: Submit) -> casa_node_protocol::pb::CommandResponse {
+    let ids = client.submit(submit).expect("accepted");
+    let mut responses = client.wait_timeout(&ids, WAIT).expect("answered");
+    assert_eq!(responses.len(), 1);
+    responses.remove(0)
+}
+
+fn stdout_lines(output: &Output) -> Vec<serde_json::Value> {
+    String::from_utf8_lossy(&output.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect()
+}
+
+#[test]
+fn cli_submit_prints_json_records_and_fails_on_errors() {
+    let cluster = Cluster::start(2, &[]);
+    // Rules 1, 3, 6, 9: parameters, eval, the record's fields.
+    let out = cluster.cli(&["submit", "--param", "a=1", "--param", "b=2", "a+b"]);
+    assert!(out.status.success(), "{out:?}");
+    let records = stdout_lines(&out);
+    assert_eq!(records.len(), 1);
+    let r = &records[0];
+    assert_eq!(r["ret"], 3);
+    assert_eq!(r["mode"], "eval");
+    assert_eq!(r["status"], "response received");
+    assert_eq!(r["successful"], true);
+    assert_eq!(r["parameters"], serde_json::json!({"a": 1, "b": 2}));
+    assert!(r["server"] == 1 || r["server"] == 2);
+    assert!(r["command_stop_time"].as_f64().unwrap() >= r["command_start_time"].as_f64().unwrap());
+    // Rule 7: a failure names its exception and the CLI exits non-zero.
+    let out = cluster.cli(&["submit", "import something"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r = &stdout_lines(&out)[0];
+    assert_eq!(r["successful"], false);
+    assert!(
+        r["traceback"]
+            .as_str()
+            .unwrap()
+            .contains("ModuleNotFoundError"),
+        "{r}"
+    );
+    assert_eq!(r["mode"], "exec");
+    // Rule 13: one request per target, in order.
+    let out = cluster.cli(&[
+        "submit",
+        "--target",
+        "2",
+        "--target",
+        "1",
+        "import os; os.getpid()",
+    ]);
+    let records = stdout_lines(&out);
+    let servers: Vec<_> = records
+        .iter()
+        .map(|r| r["server"].as_i64().unwrap())
+        .collect();
+    assert_eq!(servers, vec![2, 1]);
+    // Rule 14: a bad target is a one-line error and a non-zero exit.
+    let out = cluster.cli(&["submit", "--target", "7", "1"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("target 7 is not a server rank"), "{err}");
+    assert_eq!(err.trim().lines().count(), 1, "{err}");
+    // --no-wait prints the ids.
+    let out = cluster.cli(&["submit", "--no-wait", "1"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.trim().parse::<u64>().is_ok(), "{text}");
+}
+
+#[test]
+fn cli_status_and_stop() {
+    let mut cluster = Cluster::start(2, &[]);
+    let out = cluster.cli(&["status"]);
+    assert!(out.status.success());
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(table.starts_with("RANK"), "{table}");
+    assert!(table.contains("idle"), "{table}");
+    let out = cluster.cli(&["status", "--json"]);
+    let status: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(status["servers"].as_array().unwrap().len(), 2);
+    // Rule 23: the fields of each server.
+    for key in [
+        "rank",
+        "processor",
+        "pid",
+        "worker_pid",
+        "busy",
+        "command",
+        "command_start_time",
+        "timeout",
+        "online",
+        "last_ping",
+        "rss",
+    ] {
+        assert!(
+            status["servers"][0].get(key).is_some(),
+            "no {key} in {status}"
+        );
+    }
+    // Rule 27: stop services; the whole cluster exits, nothing left behind.
+    let out = cluster.cli(&["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(cluster.wait_exit().success());
+    // Afterwards the CLI reports the cluster unreachable in one line.
+    let out = cluster.cli(&["status"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
+}
+
+#[test]
+fn cli_refuses_bad_input_in_one_line() {
+    for args in [
+        &["submit", "--param", "a", "1"][..],
+        &["submit", "--param", "a=flagdata", "1"],
+        &["submit", "--endpoint", "http://x", "1"],
+        &["up", "--heartbeat", "-1"],
+        &["status", "--endpoint", "unix:///nonexistent/casa.sock"],
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+    let out = Command::new(BIN).arg("--version").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("casa-node "));
+    let out = Command::new(BIN).arg("--help").output().unwrap();
+    assert!(String::from_utf8_lossy(&out.stdout).contains("Examples:"));
+}
+
+#[test]
+fn rules_2_to_7_commands_parameters_and_globals() {
+    let cluster = Cluster::start(1, &[]);
+    let c = cluster.client();
+    // Rule 5: os, sys and time are there; globals persist.
+    assert_eq!(
+        one(&c, Submit::new("sys.version_info[0]")).ret,
+        Some(Value::from(3))
+    );
+    let r = one(&c, Submit::new("x = 41"));
+    assert_eq!(
+        (r.mode(), r.ret.clone()),
+        (CommandMode::Exec, Some(Value::none()))
+    );
+    assert_eq!(one(&c, Submit::new("x + 1")).ret, Some(Value::from(42)));
+    // Rule 3: parameters are removed afterwards; push keeps them.
+    assert_eq!(
+        one(&c, Submit::new("p * 2").param("p", 21)).ret,
+        Some(Value::from(42))
+    );
+    let r = one(&c, Submit::new("p"));
+    assert!(!r.successful && r.traceback().contains("NameError"));
+    one(&c, Submit::new("push").param("kept", "yes"));
+    assert_eq!(one(&c, Submit::new("kept")).ret, Some(Value::from("yes")));
+    // Rule 4: f() is called with the parameters as keyword arguments.
+    one(
+        &c,
+        Submit::new("def f(vis, mode='x'): return vis + ':' + mode"),
+    );
+    let r = one(
+        &c,
+        Submit::new("f()")
+            .param("vis", "a.ms")
+            .param("mode", "summary"),
+    );
+    assert_eq!(r.ret, Some(Value::from("a.ms:summary")));
+    // Rule 7: a task returning False is successful.
+    let r = one(&c, Submit::new("False"));
+    assert!(r.successful);
+    // Rule 8: values come back as they went.
+    let v = Value::dict([
+        (
+            Value::tuple([Value::from(1), Value::from("a")]),
+            Value::list([Value::from(f64::INFINITY), Value::bytes(b"\x00".to_vec())]),
+        ),
+        (Value::from(u64::MAX), Value::complex(1.0, -2.0)),
+    ]);
+    let r = one(&c, Submit::new("v").param("v", v.clone()));
+    assert_eq!(r.ret, Some(v));
+    // Rule 2: a command that is neither an expression nor statements is
+    // rejected at submission, naming its SyntaxError.
+    match c.submit(Submit::new("1 +* 2")) {
+        Err(ClientError::Rejected { reason, message }) => {
+            assert_eq!(reason, RejectReason::InvalidCommand);
+            assert!(message.contains("SyntaxError"), "{message}");
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+}
+
+#[test]
+fn rules_11_to_17_ids_targets_and_waiting() {
+    let cluster = Cluster::start(2, &[]);
+    let c = cluster.client();
+    // Rule 15: the seed's busy-target example.
+    let first = c
+        .submit(Submit::new("time.sleep(1); test_bs = 1").targets([1]))
+        .unwrap();
+    let pair = c
+        .submit(Submit::new("test_bs + 1").targets([1, 2]))
+        .unwrap();
+    // Rule 11: ids unique and increasing.
+    assert!(pair[0] > first[0] && pair[1] == pair[0] + 1);
+    // Rule 17: without blocking, only what has arrived.
+    let got = c.wait_timeout(&[pair[1]], WAIT).unwrap();
+    assert!(got[0].traceback().contains("NameError"));
+    assert!(c.poll(&[pair[0]]).unwrap().is_empty(), "A is still busy");
+    let track = c.track(&[pair[0]]).unwrap();
+    assert_eq!(track.states[0].status(), CommandStatus::HoldingQueue);
+    // Rule 16: blocking returns all, in id order.
+    let both = c.wait_timeout(&pair, WAIT).unwrap();
+    assert_eq!(both[0].ret, Some(Value::from(2)));
+    assert_eq!(both.iter().map(|r| r.id).collect::<Vec<_>>(), pair);
+    // Rule 14: bad and timed-out targets reject the whole push.
+    match c.submit(Submit::new("1").targets([1, 9])) {
+        Err(ClientError::Rejected { reason, .. }) => {
+            assert_eq!(reason, RejectReason::UnknownTarget)
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // Rule 17: an unknown id is an error.
+    assert!(matches!(c.poll(&[9999]), Err(ClientError::UnknownId(9999))));
+    // Rule 12: untargeted work spreads over free servers.
+    let ids: Vec<u64> = (0..6)
+        .flat_map(|_| {
+            c.submit(Submit::new("time.sleep(0.2); os.getpid()"))
+                .unwrap()
+        })
+        .collect();
+    let responses = c.wait_timeout(&ids, WAIT).unwrap();
+    let servers: std::collections::BTreeSet<i32> = responses.iter().map(|r| r.server).collect();
+    assert_eq!(servers.len(), 2, "{servers:?}");
+}
+
+#[test]
+fn rules_19_to_21_a_stopped_server_times_out_and_recovers() {
+    let mut cluster = Cluster::start(2, &[]);
+    cluster.note_pids();
+    let c = cluster.client();
+    let (server, _) = cluster.server_pid(2);
+    let ids = c
+        .submit(Submit::new("(time.sleep(1), 'done')[1]").targets([2]))
+        .unwrap();
+    kill(Pid::from_raw(server as i32), Signal::SIGSTOP).unwrap();
+    let stopped = Instant::now();
+    // Rule 20: timed out, the request answered with status timeout.
+    let r = c.wait_timeout(&ids, WAIT).unwrap().remove(0);
+    let detected = stopped.elapsed();
+    assert_eq!(r.status(), CommandStatus::Timeout);
+    assert!(r.traceback().contains("Timeout"));
+    eprintln!("stopped server detected after {detected:?} (heartbeat 0.2 s, timeout 2 s)");
+    let status = c.status(Some(2)).unwrap().servers.remove(0);
+    assert!(status.timeout && !status.online);
+    match c.submit(Submit::new("1").targets([2])) {
+        Err(ClientError::Rejected { reason, .. }) => {
+            assert_eq!(reason, RejectReason::TargetTimedOut)
+        }
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    // Rule 21: it recovers, and its real response replaces the timeout.
+    kill(Pid::from_raw(server as i32), Signal::SIGCONT).unwrap();
+    let end = Instant::now() + WAIT;
+    loop {
+        let r = c.poll(&ids).unwrap().remove(0);
+        if r.status() == CommandStatus::ResponseReceived {
+            assert_eq!(r.ret, Some(Value::from("done")));
+            break;
+        }
+        assert!(Instant::now() < end, "no recovery");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(c.status(Some(2)).unwrap().servers[0].online);
+}
+
+#[test]
+fn rule_22_debugging_mode_keeps_a_stopped_server_online() {
+    let cluster = Cluster::start(1, &[]);
+    let c = cluster.client();
+    let (server, _) = cluster.server_pid(1);
+    c.set_debugging(true).unwrap();
+    kill(Pid::from_raw(server as i32), Signal::SIGSTOP).unwrap();
+    let started = Instant::now();
+    let id = c.submit(Submit::new("1").targets([1])).unwrap();
+    // Three timeouts pass with the server stopped; it stays online.
+    while started.elapsed() < Duration::from_secs(6) {
+        assert!(c.poll(&id).unwrap().is_empty());
+        assert!(c.status(Some(1)).unwrap().servers[0].online);
+    }
+    kill(Pid::from_raw(server as i32), Signal::SIGCONT).unwrap();
+    assert!(c.wait_timeout(&id, WAIT).unwrap()[0].successful);
+}
+
+#[test]
+fn rule_24_deadline_and_cancel_interrupt_the_worker() {
+    let cluster = Cluster::start(1, &[]);
+    let c = cluster.client();
+    let r = one(
+        &c,
+        Submit::new("while True: pass").deadline(Duration::from_millis(500)),
+    );
+    assert_eq!(r.status(), CommandStatus::Timeout);
+    assert!(r.traceback().contains("deadline"), "{}", r.traceback());
+    let ids = c.submit(Submit::new("time.sleep(60)")).unwrap();
+    while c.track(&ids).unwrap().states[0].status() != CommandStatus::RequestSent {}
+    let reply = c.cancel(&ids).unwrap();
+    assert_eq!(reply.interrupting, ids);
+    let r = c.wait_timeout(&ids, WAIT).unwrap().remove(0);
+    assert_eq!(r.status(), CommandStatus::Cancelled);
+    assert!(
+        r.traceback().contains("KeyboardInterrupt"),
+        "{}",
+        r.traceback()
+    );
+    // Globals survive an interrupt.
+    one(&c, Submit::new("y = 5"));
+    assert_eq!(one(&c, Submit::new("y")).ret, Some(Value::from(5)));
+}
+
+#[test]
+fn rule_25_a_dead_worker_fails_its_command_and_a_fresh_one_serves() {
+    let cluster = Cluster::start(1, &[]);
+    let c = cluster.client();
+    for (how, expect) in [
+        ("import ctypes; ctypes.string_at(0)", "SIGSEGV"),
+        ("os._exit(3)", "exit"),
+        ("os.kill(os.getpid(), 9)", "SIGKILL"),
+    ] {
+        one(&c, Submit::new("g = 1"));
+        let r = one(&c, Submit::new(how));
+        assert!(!r.successful, "{how}");
+        assert!(r.worker_restarted, "{how}");
+        assert!(r.traceback().contains(expect), "{how}: {}", r.traceback());
+        // The next command succeeds on a fresh worker, without the globals.
+        assert!(one(&c, Submit::new("1+1")).successful);
+        assert!(!one(&c, Submit::new("g")).successful);
+    }
+}
+
+#[test]
+fn rule_26_and_31_32_the_unified_log() {
+    let mut cluster = Cluster::start(2, &[]);
+    let c = cluster.client();
+    one(
+        &c,
+        Submit::new("print('hello from the worker')").targets([1]),
+    );
+    one(&c, Submit::new("1/0").targets([2]));
+    c.stop(false).unwrap();
+    assert!(cluster.wait_exit().success());
+    let log = cluster.log();
+    for expected in [
+        "Server with rank 1 started at",
+        "Server with rank 2 started at",
+        "sent to server n# 1",
+        "successfully handled by server n# 1",
+        "failed in server n# 2 with traceback",
+        ":server-1 hello from the worker",
+        "ZeroDivisionError",
+    ] {
+        assert!(log.contains(expected), "no {expected:?} in the log:\n{log}");
+    }
+}
+
+#[test]
+fn rule_30_killing_the_client_node_leaves_nothing_behind() {
+    let mut cluster = Cluster::start(2, &[]);
+    cluster.note_pids();
+    assert!(
+        cluster.seen.len() >= 4,
+        "servers and workers: {:?}",
+        cluster.seen
+    );
+    cluster.up.kill().unwrap();
+    cluster.up.wait().unwrap();
+    for &pid in &cluster.seen {
+        assert!(
+            wait_gone(pid, Duration::from_secs(15)),
+            "process {pid} outlived the client node"
+        );
+    }
+}
+
+#[test]
+fn rule_31_log_level_changes_at_run_time() {
+    let mut cluster = Cluster::start(1, &[]);
+    let c = cluster.client();
+    c.set_log_level(LogLevel::Error, &[]).unwrap();
+    one(&c, Submit::new("print('quiet please')"));
+    c.set_log_level(LogLevel::Info, &[1]).unwrap();
+    one(&c, Submit::new("print('loud again')"));
+    c.stop(false).unwrap();
+    assert!(cluster.wait_exit().success());
+    let log = cluster.log();
+    assert!(!log.contains("quiet please"), "{log}");
+    assert!(log.contains("loud again"), "{log}");
+}
+
+#[test]
+fn the_front_door_refuses_garbage_and_keeps_serving() {
+    use std::io::{Read, Write};
+    let cluster = Cluster::start(1, &[]);
+    let FrontDoorEndpoint::Unix(path) = &cluster.endpoint else {
+        unreachable!("the tests use unix sockets")
+    };
+    let read_frame = |stream: &mut std::os::unix::net::UnixStream| {
+        let mut len = [0u8; 4];
+        stream.read_exact(&mut len).unwrap();
+        let mut body = vec![0; u32::from_be_bytes(len) as usize];
+        stream.read_exact(&mut body).unwrap();
+        casa_node_protocol::Framing::default()
+            .decode_body(body.into())
+            .unwrap()
+    };
+    // Garbage gets a ProtocolError; a message other than Hello first gets
+    // one too, and the connection closes.
+    let mut raw = std::os::unix::net::UnixStream::connect(path).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).unwrap();
+    assert_eq!(read_frame(&mut raw).kind(), "ProtocolError");
+    let status = casa_node_protocol::pb::Envelope::new(
+        casa_node_protocol::pb::envelope::Body::StatusRequest(Default::default()),
+    );
+    let frame = casa_node_protocol::Framing::default()
+        .encode_to_bytes(&status)
+        .unwrap();
+    raw.write_all(&frame).unwrap();
+    assert_eq!(read_frame(&mut raw).kind(), "ProtocolError");
+    let mut rest = Vec::new();
+    assert_eq!(
+        raw.read_to_end(&mut rest).unwrap(),
+        0,
+        "closed after the refusal"
+    );
+    // Other drivers are served all along.
+    let c = cluster.client();
+    assert!(one(&c, Submit::new("1")).successful);
+}
