@@ -26,6 +26,9 @@ pub struct UpOptions {
     pub servers: usize,
     /// The front door; `None` for a socket in the private runtime directory.
     pub endpoint: Option<FrontDoorEndpoint>,
+    /// Where server nodes connect (`ipc://` or `tcp://`); `None` for a
+    /// socket in the private runtime directory.
+    pub nodes: Option<String>,
     /// The Python interpreter of the workers.
     pub python: PathBuf,
     /// A start-up script for each worker (rule 5).
@@ -82,11 +85,12 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpErro
 
 /// Runs a local cluster until stop services (from a driver, or the count
 /// in `signals` rising: 1 stops gracefully, 2 at once). `on_ready` is
-/// called with the front door once every server has started.
+/// called with the front door and the endpoint more server nodes can
+/// connect to, once every server has started.
 pub async fn up(
     options: UpOptions,
     signals: watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint),
+    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
 ) -> Result<(), UpError> {
     let run_dir = endpoint::runtime_dir()?.join(std::process::id().to_string());
     endpoint::private_dir(&run_dir)?;
@@ -99,11 +103,16 @@ async fn run(
     options: &UpOptions,
     run_dir: &std::path::Path,
     signals: watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint),
+    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
 ) -> Result<(), UpError> {
     let host = crate::hostname();
-    let nodes = format!("ipc://{}", run_dir.join("nodes.sock").display());
+    let nodes = options
+        .nodes
+        .clone()
+        .unwrap_or_else(|| format!("ipc://{}", run_dir.join("nodes.sock").display()));
     let transport = ZmqTransport::bind(&nodes).await?;
+    // With tcp://HOST:0 the port is chosen now.
+    let nodes = transport.endpoint().to_owned();
     let front = options
         .endpoint
         .clone()
@@ -149,7 +158,7 @@ async fn run(
     let outcome = tokio::select! {
         ready = ready_rx => {
             if ready.is_ok() {
-                on_ready(&front);
+                on_ready(&front, &nodes);
                 endpoint::record(&front)?;
             }
             node.await

@@ -90,6 +90,11 @@ struct UpArgs {
     /// runtime directory).
     #[arg(long, env = "CASA_NODE_FRONT_DOOR")]
     endpoint: Option<String>,
+    /// Where more server nodes can connect with `casa-node server
+    /// --connect`: ipc://PATH, or tcp://HOST:PORT to take servers from
+    /// other machines (default: a socket in the private runtime directory).
+    #[arg(long, env = "CASA_NODE_NODES")]
+    nodes: Option<String>,
     /// The Python interpreter of the workers, e.g. a CASA installation's.
     #[arg(long, env = "CASA_NODE_PYTHON", default_value = "python3")]
     python: PathBuf,
@@ -283,6 +288,7 @@ async fn up(args: UpArgs) -> ExitCode {
     let options = UpOptions {
         servers: args.servers,
         endpoint,
+        nodes: args.nodes,
         python: args.python,
         init: args.init,
         heartbeat: Duration::from_secs_f64(args.heartbeat),
@@ -294,10 +300,11 @@ async fn up(args: UpArgs) -> ExitCode {
         start_timeout: Duration::from_secs(120),
     };
     let signals = casa_node::signals::watch();
-    let on_ready = |front: &FrontDoorEndpoint| {
+    let on_ready = |front: &FrontDoorEndpoint, nodes: &str| {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "front door: {front}");
+        let _ = writeln!(out, "nodes: {nodes}");
         let _ = out.flush();
     };
     match cluster::up(options, signals, on_ready).await {

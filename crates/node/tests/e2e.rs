@@ -22,6 +22,8 @@ struct Cluster {
     up: Child,
     dir: PathBuf,
     endpoint: FrontDoorEndpoint,
+    /// Where more server nodes connect.
+    nodes: String,
     /// Server and worker pids seen, to make sure none is left behind.
     seen: Vec<u32>,
 }
@@ -49,13 +51,20 @@ impl Cluster {
             .stderr(Stdio::inherit())
             .spawn()
             .expect("casa-node up starts");
-        let stdout = up.stdout.take().unwrap();
+        let mut stdout = BufReader::new(up.stdout.take().unwrap());
         let mut first = String::new();
-        let read = BufReader::new(stdout).read_line(&mut first);
+        let read = stdout.read_line(&mut first);
+        let mut second = String::new();
+        let _ = stdout.read_line(&mut second);
         let mut cluster = Cluster {
             up,
             dir,
             endpoint: FrontDoorEndpoint::Unix(socket),
+            nodes: second
+                .trim()
+                .strip_prefix("nodes: ")
+                .unwrap_or_default()
+                .to_owned(),
             seen: Vec::new(),
         };
         assert!(read.is_ok_and(|n| n > 0), "casa-node up printed nothing");
@@ -526,6 +535,8 @@ fn rule_26_and_31_32_the_unified_log() {
     assert!(cluster.wait_exit().success());
     let log = cluster.log();
     for expected in [
+        "client node with rank 0 at",
+        "transport zmq at ipc://",
         "Server with rank 1 started at",
         "Server with rank 2 started at",
         "sent to server n# 1",
@@ -611,4 +622,79 @@ fn the_front_door_refuses_garbage_and_keeps_serving() {
     // Other drivers are served all along.
     let c = cluster.client();
     assert!(one(&c, Submit::new("1")).successful);
+}
+
+#[test]
+fn a_server_attached_with_connect_joins_and_serves() {
+    let mut cluster = Cluster::start(1, &[]);
+    assert!(cluster.nodes.starts_with("ipc://"), "{}", cluster.nodes);
+    let mut extra = Command::new(BIN)
+        .args(["server", "--connect", &cluster.nodes, "--timeout", "2"])
+        .stdin(Stdio::null())
+        .spawn()
+        .unwrap();
+    let c = cluster.client();
+    let end = Instant::now() + WAIT;
+    while c
+        .status(None)
+        .unwrap()
+        .servers
+        .iter()
+        .filter(|s| s.online)
+        .count()
+        < 2
+    {
+        assert!(
+            Instant::now() < end,
+            "the attached server never came online"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.note_pids();
+    let r = one(&c, Submit::new("os.getpid()").targets([2]));
+    assert!(r.successful && r.server == 2);
+    c.stop(false).unwrap();
+    assert!(cluster.wait_exit().success());
+    assert!(wait_child(&mut extra, WAIT).is_some_and(|s| s.success()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rule_31_a_driver_subscribes_to_the_log() {
+    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1, &[]))
+        .await
+        .unwrap();
+    let c = casa_node::client::Client::connect(&cluster.endpoint)
+        .await
+        .unwrap();
+    let mut logs = c.subscribe_logs(LogLevel::Info).await.unwrap();
+    let ids = c
+        .submit(Submit::new("print('to the subscriber')"))
+        .await
+        .unwrap();
+    c.wait_timeout(&ids, WAIT).await.unwrap();
+    let mut seen = Vec::new();
+    while !seen
+        .iter()
+        .any(|m: &String| m.contains("to the subscriber"))
+    {
+        let record = tokio::time::timeout(WAIT, logs.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        seen.push(format!("{} {}", record.origin, record.message));
+    }
+    assert!(
+        seen.iter()
+            .any(|m| m.contains(":client Command request with id# 1 sent")),
+        "{seen:#?}"
+    );
+    assert!(
+        seen.iter()
+            .any(|m| m.contains(":server-1 to the subscriber")),
+        "{seen:#?}"
+    );
+    drop(c);
+    tokio::task::spawn_blocking(move || drop(cluster))
+        .await
+        .unwrap();
 }
