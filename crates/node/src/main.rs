@@ -201,7 +201,20 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if e.use_stderr() => {
+            // One line, as scripts expect; the details are in --help.
+            let text = e.to_string();
+            let first = text.lines().next().unwrap_or_default();
+            let first = first.strip_prefix("error: ").unwrap_or(first);
+            return fail(format!("{first} (see casa-node --help)"));
+        }
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::SUCCESS;
+        }
+    };
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(
@@ -284,6 +297,11 @@ async fn up(args: UpArgs) -> ExitCode {
     };
     if args.servers == 0 {
         return fail("--servers must be at least 1");
+    }
+    if let Some(init) = &args.init {
+        if let Err(e) = std::fs::File::open(init) {
+            return fail(format!("--init {}: {e}", init.display()));
+        }
     }
     let options = UpOptions {
         servers: args.servers,

@@ -293,10 +293,13 @@ fn cli_status_and_stop() {
 #[test]
 fn cli_refuses_bad_input_in_one_line() {
     for args in [
-        &["submit", "--param", "a", "1"][..],
+        &["submit", "--no-such-flag", "1"][..],
+        &["up", "--servers", "many"],
+        &["submit", "--param", "a", "1"],
         &["submit", "--param", "a=flagdata", "1"],
         &["submit", "--endpoint", "http://x", "1"],
         &["up", "--heartbeat", "-1"],
+        &["up", "--init", "/nonexistent/init.py"],
         &["status", "--endpoint", "unix:///nonexistent/casa.sock"],
     ] {
         let out = Command::new(BIN)
@@ -307,6 +310,8 @@ fn cli_refuses_bad_input_in_one_line() {
         assert!(!out.status.success(), "{args:?}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(!err.contains("panicked"), "{args:?}: {err}");
+        assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
+        assert!(err.starts_with("casa-node: error: "), "{args:?}: {err}");
     }
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("casa-node "));
@@ -316,8 +321,21 @@ fn cli_refuses_bad_input_in_one_line() {
 
 #[test]
 fn rules_2_to_7_commands_parameters_and_globals() {
-    let cluster = Cluster::start(1, &[]);
+    let init = std::env::temp_dir().join(format!("casa-node-init-{}.py", std::process::id()));
+    std::fs::write(&init, "def hello():\n    return 'hi from init'\n").unwrap();
+    let cluster = Cluster::start(1, &["--init", init.to_str().unwrap()]);
     let c = cluster.client();
+    // Rule 5: the start-up script ran in the worker's namespace.
+    assert_eq!(
+        one(&c, Submit::new("hello()")).ret,
+        Some(Value::from("hi from init"))
+    );
+    // Rule 26: the worker runs in the client's working directory.
+    let cwd = one(&c, Submit::new("os.getcwd()")).ret.unwrap();
+    assert_eq!(
+        String::try_from(&cwd).unwrap(),
+        cluster.dir.canonicalize().unwrap().display().to_string()
+    );
     // Rule 5: os, sys and time are there; globals persist.
     assert_eq!(
         one(&c, Submit::new("sys.version_info[0]")).ret,
