@@ -42,7 +42,7 @@ impl Cluster {
             .args(["--servers", &servers.to_string()])
             .args(["--endpoint", &format!("unix://{}", socket.display())])
             .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-            .args(["--heartbeat", "0.2", "--timeout", "2"])
+            .args(["--heartbeat", "0.2", "--timeout", "3"])
             .args(extra)
             .env("XDG_RUNTIME_DIR", &dir)
             .current_dir(&dir)
@@ -452,7 +452,7 @@ fn rules_19_to_21_a_stopped_server_times_out_and_recovers() {
     let detected = stopped.elapsed();
     assert_eq!(r.status(), CommandStatus::Timeout);
     assert!(r.traceback().contains("Timeout"));
-    eprintln!("stopped server detected after {detected:?} (heartbeat 0.2 s, timeout 2 s)");
+    eprintln!("stopped server detected after {detected:?} (heartbeat 0.2 s, timeout 3 s)");
     let status = c.status(Some(2)).unwrap().servers.remove(0);
     assert!(status.timeout && !status.online);
     match c.submit(Submit::new("1").targets([2])) {
@@ -485,8 +485,8 @@ fn rule_22_debugging_mode_keeps_a_stopped_server_online() {
     kill(Pid::from_raw(server as i32), Signal::SIGSTOP).unwrap();
     let started = Instant::now();
     let id = c.submit(Submit::new("1").targets([1])).unwrap();
-    // Three timeouts pass with the server stopped; it stays online.
-    while started.elapsed() < Duration::from_secs(6) {
+    // More than two timeouts pass with the server stopped; it stays online.
+    while started.elapsed() < Duration::from_secs(7) {
         assert!(c.poll(&id).unwrap().is_empty());
         assert!(c.status(Some(1)).unwrap().servers[0].online);
     }
@@ -647,7 +647,7 @@ fn a_server_attached_with_connect_joins_and_serves() {
     let mut cluster = Cluster::start(1, &[]);
     assert!(cluster.nodes.starts_with("ipc://"), "{}", cluster.nodes);
     let mut extra = Command::new(BIN)
-        .args(["server", "--connect", &cluster.nodes, "--timeout", "2"])
+        .args(["server", "--connect", &cluster.nodes, "--timeout", "3"])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();
