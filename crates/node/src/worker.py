@@ -15,12 +15,13 @@ big-endian length, then the bytes of a protobuf ``casa.node.v1.Envelope``.
   A LogRecord's ``origin`` says which: "stdout", "stderr" or "logging".
 - CONTROL (executor -> worker, read by a thread): ControlRequest Cancel
   {request_id}. If that command runs, or is about to run, the thread sends
-  SIGINT to the main thread, so KeyboardInterrupt is raised inside it even
-  in a blocking call; an interrupt for a command that already ended is
-  ignored. A SIGINT from elsewhere interrupts a running command too, and is
-  ignored while the worker is idle. When this pipe closes (the executor
-  closed it or its process died) the worker exits at once, even in the
-  middle of a command, so no orphan is left behind.
+  SIGINT to the main thread (again, until its handler has run), so
+  KeyboardInterrupt is raised inside it even in a blocking call, once; an
+  interrupt for a command that already ended is ignored. A SIGINT from
+  elsewhere interrupts a running command too, and is ignored while the
+  worker is idle. The same thread watches the COMMANDS pipe: when either
+  pipe closes (the executor closed it or its process died) the worker exits
+  at once, even in the middle of a command, so no orphan is left behind.
 
 The codec below is a hand-written subset of protobuf: it reads and writes
 exactly what prost writes (fields in number order, default scalars left out
@@ -48,6 +49,7 @@ import io
 import logging
 import os
 import pickle
+import select
 import signal
 import struct
 import threading
@@ -73,6 +75,8 @@ _I64_MIN = -(1 << 63)
 _I64_MAX = (1 << 63) - 1
 _U64 = (1 << 64) - 1
 _PICKLE_PROTOCOL = pickle.DEFAULT_PROTOCOL
+# How often an interrupt is signalled again until its handler has run.
+_RESEND_MS = 20
 # Payloads at least this large are written without being copied into a
 # frame buffer first.
 _BIG = 1 << 16
@@ -178,7 +182,11 @@ def _varint(buf, pos):
 
 def _span(buf, pos, end):
     """The bounds of a length-delimited field whose length starts at pos."""
-    n, pos = _varint(buf, pos)
+    n = buf[pos]
+    if n < 0x80:
+        pos += 1
+    else:
+        n, pos = _varint(buf, pos)
     stop = pos + n
     if stop > end:
         raise DecodeError("field runs past the end of its message")
@@ -226,7 +234,11 @@ def _dec_value(buf, mv, pos, end, raw):
     installed, and a dict Python cannot hold is an error."""
     value = None
     while pos < end:
-        tag, pos = _tag(buf, pos)
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(buf, pos)
         if tag == 0x18:  # int_value, sint64
             n, pos = _varint(buf, pos)
             value = (n >> 1) ^ -(n & 1)
@@ -404,19 +416,28 @@ def _make_ndarray(dtype, shape, data, scalar):
     return array[()] if scalar else array
 
 
+# The field numbers of Envelope's `body` oneof: the last one present wins;
+# any other field is unknown and skipped.
+_BODY_FIELDS = frozenset([10, 11, 12] + list(range(20, 27)) + list(range(40, 54)))
+
+
 def _dec_envelope(buf):
     """(protocol_version, correlation, body field number, body start, body
     end) of an Envelope."""
     pos, end = 0, len(buf)
     version = correlation = field = a = b = 0
     while pos < end:
-        tag, pos = _tag(buf, pos)
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(buf, pos)
         wire = tag & 7
         if tag == 0x08:
             version, pos = _varint(buf, pos)
         elif tag == 0x10:
             correlation, pos = _varint(buf, pos)
-        elif wire == 2 and (tag >> 3) >= 10:
+        elif wire == 2 and (tag >> 3) in _BODY_FIELDS:
             a, pos = _span(buf, pos, end)
             field, b = tag >> 3, pos
         else:
@@ -431,7 +452,11 @@ def _dec_command(buf, mv, pos, end):
     command = ""
     params = []
     while pos < end:
-        tag, pos = _tag(buf, pos)
+        tag = buf[pos]
+        if tag < 0x80:
+            pos += 1
+        else:
+            tag, pos = _varint(buf, pos)
         if tag == 0x08:
             rid, pos = _varint(buf, pos)
         elif tag == 0x12:
@@ -820,6 +845,18 @@ class _FrameReader(object):
                 return None
             buf += chunk
 
+    def complete(self):
+        """The frames already buffered, without reading."""
+        buf = self.buf
+        frames = []
+        while len(buf) >= 4:
+            total = _unpack_len(buf)[0] + 4
+            if len(buf) < total:
+                break
+            frames.append(buf[4:total])
+            del buf[:total]
+        return frames
+
     def _read_large(self, n):
         body = bytearray(n)
         have = len(self.buf) - 4
@@ -842,6 +879,7 @@ class _State(object):
         self.lock = threading.Lock()
         self.running_id = None  # id of the command being run
         self.interrupt_id = None  # id the executor asked to interrupt
+        self.delivered = True  # the SIGINT handler ran since that request
         self.armed = False  # user code runs: SIGINT raises KeyboardInterrupt
         self.sending = 0  # the main thread is writing a frame
         self.deferred = False  # a SIGINT arrived while it was
@@ -910,7 +948,10 @@ class _Out(object):
 
 
 def _write_all(fd, data):
-    view = memoryview(data).cast("B")
+    written = os.write(fd, data)
+    if written == len(data):
+        return
+    view = memoryview(data).cast("B")[written:]
     while len(view):
         written = os.write(fd, view)
         view = view[written:]
@@ -956,7 +997,13 @@ class _Sink(io.RawIOBase):
             self._send(line)
         return len(b)
 
+    def flush(self):
+        # sys.stdout.flush() and print(..., flush=True) send a partial line.
+        self.flush_partial()
+
     def flush_partial(self):
+        if not self._partial:  # the common case, without taking the lock
+            return
         with self._lock:
             data, self._partial = self._partial, b""
         if data:
@@ -1063,6 +1110,7 @@ class _Worker(object):
 
     def _on_sigint(self, signum, frame):
         state = self.state
+        state.delivered = True
         if not state.armed:
             return
         if state.sending:
@@ -1071,26 +1119,52 @@ class _Worker(object):
         raise KeyboardInterrupt
 
     def _control_loop(self):
+        """Reads the control pipe, and ends the worker as soon as either
+        the control or the commands pipe is closed (the executor is gone),
+        whatever the main thread is doing."""
+        poller = select.poll()
+        poller.register(self.control_fd, select.POLLIN)
+        poller.register(self.commands_fd, 0)  # only POLLHUP: the writer left
         reader = _FrameReader(self.control_fd)
         state = self.state
         while True:
-            body = reader.read()
-            if body is None:
-                os._exit(0)
-            _, _, field, a, b = _dec_envelope(body)
-            if field != 22:
-                continue
-            for tag, start, end in _fields(body, a, b):
-                if tag != 0x22:  # ControlRequest.cancel
-                    continue
-                rid = 0
-                for t, n, _ in _fields(body, start, end):
-                    if t == 0x08:
-                        rid = n
+            # A SIGINT that lands just before the main thread blocks in a
+            # system call (time.sleep, a read) runs its Python handler only
+            # when that call returns: until the handler has run, send it
+            # again now and then.
+            waiting = state.interrupt_id is not None and not state.delivered
+            events = poller.poll(_RESEND_MS if waiting else None)
+            if not events:
                 with state.lock:
-                    state.interrupt_id = rid
-                    if state.running_id == rid:
+                    if state.running_id == state.interrupt_id and not state.delivered:
                         signal.pthread_kill(self.main_ident, signal.SIGINT)
+            for fd, _ in events:
+                if fd == self.commands_fd:
+                    os._exit(0)
+                chunk = os.read(self.control_fd, _BIG)
+                if not chunk:
+                    os._exit(0)
+                reader.buf += chunk
+                for body in reader.complete():
+                    self._cancel(body)
+
+    def _cancel(self, body):
+        _, _, field, a, b = _dec_envelope(body)
+        if field != 22:
+            return
+        for tag, start, end in _fields(body, a, b):
+            if tag != 0x22:  # ControlRequest.cancel
+                continue
+            rid = 0
+            for t, n, _ in _fields(body, start, end):
+                if t == 0x08:
+                    rid = n
+            state = self.state
+            with state.lock:
+                state.interrupt_id = rid
+                state.delivered = False
+                if state.running_id == rid:
+                    signal.pthread_kill(self.main_ident, signal.SIGINT)
 
     # -- the main loop ------------------------------------------------------
 
@@ -1327,7 +1401,9 @@ def _codec_echo(in_fd, out_fd):
         if body is None:
             return
         mv = memoryview(body)
-        _, correlation, _, a, b = _dec_envelope(body)
+        _, correlation, field, a, b = _dec_envelope(body)
+        if field != 20:
+            continue
         rid, command, _, params = _dec_command(body, mv, a, b)
         failure = None
         try:
