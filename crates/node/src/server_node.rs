@@ -204,7 +204,11 @@ impl Node {
                         executor.kill();
                     }
                 }
-                ServerAction::SetLogLevel(_) => {}
+                ServerAction::SetLogLevel(level) => {
+                    if let Some(executor) = &mut self.executor {
+                        executor.set_log_level(level);
+                    }
+                }
                 ServerAction::Exit => return Ok(true),
             }
         }
@@ -245,7 +249,9 @@ impl Node {
     fn on_started(&mut self, started: Result<Executor, ExecutorError>) {
         let now = Instant::now();
         match started {
-            Ok(executor) => {
+            Ok(mut executor) => {
+                // Python's own logging follows the level START set.
+                executor.set_log_level(self.core.log_level());
                 self.core.log(
                     LogLevel::Info,
                     format!(

@@ -588,17 +588,28 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
 
 #[test]
 fn rule_31_log_level_changes_at_run_time() {
-    let mut cluster = Cluster::start(1, &[]);
+    let mut cluster = Cluster::start(1, &["--log-level", "debug"]);
     let c = cluster.client();
     c.set_log_level(LogLevel::Error, &[]).unwrap();
     one(&c, Submit::new("print('quiet please')"));
     c.set_log_level(LogLevel::Info, &[1]).unwrap();
     one(&c, Submit::new("print('loud again')"));
+    one(
+        &c,
+        Submit::new("import logging; logging.getLogger('casa').debug('not at info')"),
+    );
+    c.set_log_level(LogLevel::Debug, &[1]).unwrap();
+    one(
+        &c,
+        Submit::new("logging.getLogger('casa').debug('python debug record')"),
+    );
     c.stop(false).unwrap();
     assert!(cluster.wait_exit().success());
     let log = cluster.log();
     assert!(!log.contains("quiet please"), "{log}");
     assert!(log.contains("loud again"), "{log}");
+    assert!(!log.contains("not at info"), "{log}");
+    assert!(log.contains("python debug record"), "{log}");
 }
 
 #[test]

@@ -10,10 +10,8 @@
 //! are never `-0.0` here. prost compares such a field with `0.0` to decide
 //! whether to write it, and `-0.0 == 0.0`, so `-0.0` is not written and
 //! comes back as `+0.0`: the bytes round-trip but the value's sign does
-//! not. This includes the parts of a `Complex`, so a Python
-//! `complex(-0.0, 1.0)` is not carried losslessly (see codec.rs's ignored
-//! `rule_8_complex_keeps_the_sign_of_zero`). Values' `double_value` (a
-//! oneof member) and `optional double` fields do get `-0.0`.
+//! not. Values' `double_value` (a oneof member) and `optional double`
+//! fields, the parts of a `Complex` among them, do get `-0.0`.
 
 #![allow(dead_code)]
 
@@ -138,9 +136,9 @@ pub fn arb_null() -> impl Strategy<Value = Null> + Clone {
     Just(Null {})
 }
 
-/// `Complex`, parts of any `f64`.
+/// `Complex`, parts of any `f64`, -0.0 included.
 pub fn arb_complex() -> impl Strategy<Value = Complex> + Clone {
-    (arb_plain_f64(), arb_plain_f64()).prop_map(|(real, imag)| Complex {
+    (arb_f64(), arb_f64()).prop_map(|(real, imag)| Complex {
         real: Some(real),
         imag: Some(imag),
     })
@@ -204,9 +202,7 @@ pub fn arb_leaf_value() -> impl Strategy<Value = Value> + Clone {
         arb_f64().prop_map(Value::from),
         arb_string().prop_map(Value::from),
         arb_bytes().prop_map(Value::bytes),
-        // Complex parts are plain doubles: no -0.0 (see the module docs and
-        // codec.rs's rule_8_complex_keeps_the_sign_of_zero).
-        (arb_plain_f64(), arb_plain_f64()).prop_map(|(r, i)| Value::complex(r, i)),
+        (arb_f64(), arb_f64()).prop_map(|(r, i)| Value::complex(r, i)),
         arb_ndarray().prop_map(|a| Value::ndarray(a.dtype, a.shape, a.data, a.scalar)),
         arb_bytes().prop_map(Value::pickle),
     ]
