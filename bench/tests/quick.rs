@@ -39,3 +39,20 @@ fn unknown_arguments_are_refused() {
     assert!(!output.status.success());
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown argument"));
 }
+
+#[test]
+fn the_quick_worker_benchmark_runs_against_its_baseline() {
+    let output = Command::new(env!("CARGO_BIN_EXE_worker-latency"))
+        .arg("--quick")
+        .output()
+        .expect("the benchmark runs");
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    for row in ["baseline: python pipe echo", "1+1 through the executor"] {
+        assert!(stdout.contains(row), "no {row:?} row in:\n{stdout}");
+    }
+}

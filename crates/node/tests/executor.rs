@@ -1265,28 +1265,3 @@ async fn large_values_cross_the_pipes() {
     assert_eq!(Vec::<u8>::try_from(&items[2]).unwrap(), data);
     ex.shutdown().await;
 }
-
-/// Not a test of behaviour: prints the median round trip of `1+1` through
-/// the executor. Run with
-/// `cargo test --release -p casa-node --test executor -- --ignored --nocapture`.
-#[tokio::test]
-#[ignore = "a measurement, run by hand"]
-async fn round_trip_latency() {
-    let mut ex = start().await;
-    for _ in 0..200 {
-        run_ok(&mut ex, "1+1").await;
-    }
-    let mut times = Vec::with_capacity(1000);
-    for _ in 0..1000 {
-        let began = Instant::now();
-        let ran = run(&mut ex, request("1+1")).await;
-        times.push(began.elapsed());
-        assert!(ran.outcome.successful);
-    }
-    times.sort();
-    println!(
-        "1+1 through the executor: median {:?}, p90 {:?}, p99 {:?}, min {:?}",
-        times[500], times[900], times[990], times[0]
-    );
-    ex.shutdown().await;
-}
