@@ -126,7 +126,10 @@ impl FrontDoor {
                 let stream = match self.listener.accept().await {
                     Ok((stream, _)) => stream,
                     Err(e) => {
+                        // Out of file descriptors, say: back off rather
+                        // than spin.
                         tracing::warn!("front door: accept failed: {e}");
+                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
                         continue;
                     }
                 };
