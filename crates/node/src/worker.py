@@ -581,20 +581,43 @@ def _enc_bytes_field(tag, data, parts):
     return len(b)
 
 
+# Protobuf decoders (prost, and Python's) refuse messages nested more than
+# 100 deep. A list or tuple level nests two messages (Value, ValueList), a
+# dict level three (Value, Dict, DictEntry), and the envelope around a
+# value a few more; a value that would nest deeper is pickled whole.
+_MAX_NESTING = 90
+_depth = [0]
+
+
+class _TooDeep(Exception):
+    pass
+
+
+def _enter(levels):
+    _depth[0] += levels
+    if _depth[0] > _MAX_NESTING:
+        _depth[0] -= levels
+        raise _TooDeep()
+
+
 def _enc_items(tag, items, parts):
-    slot = len(parts)
-    parts.append(None)
-    n = 0
-    for item in items:
-        i = len(parts)
+    _enter(2)
+    try:
+        slot = len(parts)
         parts.append(None)
-        m = _enc_value(item, parts)
-        head = b"\x0a" + _uv(m)
-        parts[i] = head
-        n += len(head) + m
-    head = tag + _uv(n)
-    parts[slot] = head
-    return len(head) + n
+        n = 0
+        for item in items:
+            i = len(parts)
+            parts.append(None)
+            m = _enc_value(item, parts)
+            head = b"\x0a" + _uv(m)
+            parts[i] = head
+            n += len(head) + m
+        head = tag + _uv(n)
+        parts[slot] = head
+        return len(head) + n
+    finally:
+        _depth[0] -= 2
 
 
 def _enc_list(v, parts):
@@ -606,29 +629,33 @@ def _enc_tuple(v, parts):
 
 
 def _enc_pairs(pairs, parts):
-    slot = len(parts)
-    parts.append(None)
-    n = 0
-    for key, value in pairs:
-        i = len(parts)
+    _enter(3)
+    try:
+        slot = len(parts)
         parts.append(None)
-        j = len(parts)
-        parts.append(None)
-        mk = _enc_value(key, parts)
-        hk = b"\x0a" + _uv(mk)
-        parts[j] = hk
-        j = len(parts)
-        parts.append(None)
-        mv = _enc_value(value, parts)
-        hv = b"\x12" + _uv(mv)
-        parts[j] = hv
-        m = len(hk) + mk + len(hv) + mv
-        head = b"\x0a" + _uv(m)
-        parts[i] = head
-        n += len(head) + m
-    head = b"\x52" + _uv(n)
-    parts[slot] = head
-    return len(head) + n
+        n = 0
+        for key, value in pairs:
+            i = len(parts)
+            parts.append(None)
+            j = len(parts)
+            parts.append(None)
+            mk = _enc_value(key, parts)
+            hk = b"\x0a" + _uv(mk)
+            parts[j] = hk
+            j = len(parts)
+            parts.append(None)
+            mv = _enc_value(value, parts)
+            hv = b"\x12" + _uv(mv)
+            parts[j] = hv
+            m = len(hk) + mk + len(hv) + mv
+            head = b"\x0a" + _uv(m)
+            parts[i] = head
+            n += len(head) + m
+        head = b"\x52" + _uv(n)
+        parts[slot] = head
+        return len(head) + n
+    finally:
+        _depth[0] -= 3
 
 
 def _enc_dict(v, parts):
@@ -739,9 +766,11 @@ def _encode_value(v):
     """(parts, length) of a Value; structures too deep (or cyclic) for the
     native encoding are pickled whole."""
     parts = []
+    _depth[0] = 0
     try:
         n = _enc_value(v, parts)
-    except RecursionError:
+    except (RecursionError, _TooDeep):
+        _depth[0] = 0
         parts = []
         n = _enc_pickled_object(v, parts)
     return parts, n

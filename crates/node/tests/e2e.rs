@@ -381,6 +381,19 @@ fn rules_2_to_7_commands_parameters_and_globals() {
     ]);
     let r = one(&c, Submit::new("v").param("v", v.clone()));
     assert_eq!(r.ret, Some(v));
+    // Rule 8: a value nested deeper than protobuf decoders allow travels
+    // pickled, and the worker keeps its globals.
+    one(
+        &c,
+        Submit::new("deep = []\nfor _ in range(60): deep = [deep]"),
+    );
+    let r = one(&c, Submit::new("deep"));
+    assert!(r.successful, "{r:?}");
+    assert!(matches!(
+        r.ret.and_then(|v| v.kind),
+        Some(casa_node_protocol::pb::value::Kind::PickleValue(_))
+    ));
+    assert_eq!(one(&c, Submit::new("len(deep)")).ret, Some(Value::from(1)));
     // Rule 2: a command that is neither an expression nor statements is
     // rejected at submission, naming its SyntaxError.
     match c.submit(Submit::new("1 +* 2")) {
