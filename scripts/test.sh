@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The project's one test command: formatting, lints, then every test of the
-# workspace (unit, property, simulated cluster, conformance vectors, and the
-# quick run of the benchmarks). Installs nothing beyond Rust crates today;
-# the steps that need MPI or Python install what they need themselves.
+# The project's one test command: formatting, lints, every test of the
+# workspace (unit, property, simulated cluster, conformance vectors,
+# end-to-end with real processes and Python workers, the quick run of the
+# benchmarks), then the Python client's tests in a virtual environment that
+# python/run-tests.sh creates and fills from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -27,7 +28,16 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --locked 2>&1 | tee "$log"
 
-# One closing line for the whole run: cargo's own last line belongs to
-# whichever target ran last (often doc tests, with nothing to run).
+step "python tests (python/run-tests.sh: a virtual environment with protobuf and pytest)"
+python/run-tests.sh 2>&1 | tee -a "$log"
+
+# One closing line for the whole run: cargo's and pytest's own last lines
+# each cover only part of it.
 awk '/^test result:/ { passed += $4; failed += $6 }
+     /^[0-9]+ (passed|failed).* in [0-9.]+s/ {
+         for (i = 1; i < NF; i++) {
+             if ($(i + 1) ~ /^passed/) passed += $i
+             if ($(i + 1) ~ /^failed/) failed += $i
+         }
+     }
      END { printf "\ntests: %d passed, %d failed\n", passed, failed }' "$log"
