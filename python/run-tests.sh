@@ -21,6 +21,8 @@ fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here[test]"
 
 (cd "$repo" && cargo build --quiet -p casa-node)
+target_dir=${CARGO_TARGET_DIR:-$repo/target}
+export CASA_NODE_BIN="$target_dir/debug/casa-node"
 
 cd "$here"
 export CASA_NODE_REQUIRE_E2E=1  # the binary was just built: never skip

@@ -9,13 +9,16 @@ import subprocess
 import tempfile
 import time
 
+from pathlib import Path
+
 import pytest
 
 import casanode
 from casanode.connection import resolve_endpoint
 from conftest import REPO
 
-BINARY = REPO / "target" / "debug" / "casa-node"
+# run-tests.sh builds it and says where; else cargo's default place.
+BINARY = Path(os.environ.get("CASA_NODE_BIN") or REPO / "target" / "debug" / "casa-node")
 
 
 class Cluster:
