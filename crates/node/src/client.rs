@@ -126,6 +126,27 @@ struct State {
     closed: bool,
 }
 
+impl State {
+    /// The responses to `ids` received so far, in id order; an error for
+    /// an id this client was never given.
+    fn received(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
+        if let Some(&id) = ids.iter().find(|id| !self.known.contains(id)) {
+            return Err(ClientError::UnknownId(id));
+        }
+        let mut sorted = ids.to_vec();
+        sorted.sort_unstable();
+        sorted.dedup();
+        Ok(sorted
+            .iter()
+            .filter_map(|id| self.responses.get(id).cloned())
+            .collect())
+    }
+}
+
+fn count_distinct(ids: &[RequestId]) -> usize {
+    ids.iter().collect::<HashSet<_>>().len()
+}
+
 struct Shared {
     state: Mutex<State>,
     arrived: Notify,
@@ -282,17 +303,9 @@ impl Client {
             arrived.as_mut().enable();
             {
                 let state = self.shared.state.lock().expect("client state");
-                if let Some(&id) = ids.iter().find(|id| !state.known.contains(id)) {
-                    return Err(ClientError::UnknownId(id));
-                }
-                if ids.iter().all(|id| state.responses.contains_key(id)) {
-                    let mut sorted = ids.to_vec();
-                    sorted.sort_unstable();
-                    sorted.dedup();
-                    return Ok(sorted
-                        .iter()
-                        .filter_map(|id| state.responses.get(id).cloned())
-                        .collect());
+                let received = state.received(ids)?;
+                if received.len() == count_distinct(ids) {
+                    return Ok(received);
                 }
                 if state.closed {
                     return Err(ClientError::Disconnected);
@@ -330,17 +343,11 @@ impl Client {
     /// The responses to `ids` received so far, in id order, leaving out the
     /// pending ones (rule 17).
     pub fn poll(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
-        let state = self.shared.state.lock().expect("client state");
-        if let Some(&id) = ids.iter().find(|id| !state.known.contains(id)) {
-            return Err(ClientError::UnknownId(id));
-        }
-        let mut sorted = ids.to_vec();
-        sorted.sort_unstable();
-        sorted.dedup();
-        Ok(sorted
-            .iter()
-            .filter_map(|id| state.responses.get(id).cloned())
-            .collect())
+        self.shared
+            .state
+            .lock()
+            .expect("client state")
+            .received(ids)
     }
 
     /// Forgets the responses to `ids`, so a long-running driver does not
