@@ -11,6 +11,7 @@ pub mod front_door;
 pub mod json;
 pub mod literal;
 pub mod log;
+pub mod run;
 pub mod server_node;
 pub mod signals;
 pub mod syntax;

@@ -47,6 +47,21 @@ enum Command {
     Stop(StopArgs),
     /// Attach one server node to a running client node.
     Server(ServerArgs),
+    /// Start a cluster as `up` does, run a Python script against it (with
+    /// `casanode` importable), stop services when it ends, and exit with
+    /// its status.
+    Run(RunArgs),
+}
+
+#[derive(clap::Args)]
+struct RunArgs {
+    #[command(flatten)]
+    up: UpArgs,
+    /// The script to run under the cluster's Python.
+    script: PathBuf,
+    /// Arguments for the script.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    args: Vec<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -284,26 +299,46 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => code,
         },
         Command::Server(args) => server(args).await,
+        Command::Run(args) => run(args).await,
     }
 }
 
-async fn up(args: UpArgs) -> ExitCode {
+async fn run(args: RunArgs) -> ExitCode {
+    let options = match up_options(args.up) {
+        Ok(options) => options,
+        Err(code) => return code,
+    };
+    let signals = casa_node::signals::watch();
+    match casa_node::run::run(options, args.script, args.args, signals).await {
+        Ok(status) => {
+            use std::os::unix::process::ExitStatusExt;
+            let code = status
+                .code()
+                .or_else(|| status.signal().map(|s| 128 + s))
+                .unwrap_or(1);
+            ExitCode::from(u8::try_from(code).unwrap_or(1))
+        }
+        Err(e) => fail(e),
+    }
+}
+
+fn up_options(args: UpArgs) -> Result<UpOptions, ExitCode> {
     if matches!(args.transport, TransportKind::Mpi) {
-        return fail("this casa-node was built without MPI support");
+        return Err(fail("this casa-node was built without MPI support"));
     }
     let endpoint = match args.endpoint.as_deref().map(str::parse).transpose() {
         Ok(endpoint) => endpoint,
-        Err(e) => return fail(e),
+        Err(e) => return Err(fail(e)),
     };
     if args.servers == 0 {
-        return fail("--servers must be at least 1");
+        return Err(fail("--servers must be at least 1"));
     }
     if let Some(init) = &args.init {
         if let Err(e) = std::fs::File::open(init) {
-            return fail(format!("--init {}: {e}", init.display()));
+            return Err(fail(format!("--init {}: {e}", init.display())));
         }
     }
-    let options = UpOptions {
+    Ok(UpOptions {
         servers: args.servers,
         endpoint,
         nodes: args.nodes,
@@ -316,6 +351,13 @@ async fn up(args: UpArgs) -> ExitCode {
         log_level: args.log_level.into(),
         log_terminal: args.log_terminal,
         start_timeout: Duration::from_secs(120),
+    })
+}
+
+async fn up(args: UpArgs) -> ExitCode {
+    let options = match up_options(args) {
+        Ok(options) => options,
+        Err(code) => return code,
     };
     let signals = casa_node::signals::watch();
     let on_ready = |front: &FrontDoorEndpoint, nodes: &str| {

@@ -740,3 +740,32 @@ async fn rule_31_a_driver_subscribes_to_the_log() {
         .await
         .unwrap();
 }
+
+#[test]
+fn run_names_the_package_to_install_when_protobuf_is_missing() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = std::env::temp_dir().join(format!("casa-node-noproto-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    // A Python without site-packages, hence without protobuf.
+    let python = dir.join("bare-python");
+    std::fs::write(&python, "#!/bin/sh\nexec python3 -S \"$@\"\n").unwrap();
+    std::fs::set_permissions(&python, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let script = dir.join("script.py");
+    std::fs::write(&script, "print('never runs')\n").unwrap();
+    let out = Command::new(BIN)
+        .args([
+            "run",
+            "--python",
+            python.to_str().unwrap(),
+            script.to_str().unwrap(),
+        ])
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("-m pip install 'protobuf"), "{err}");
+    assert!(!String::from_utf8_lossy(&out.stdout).contains("never runs"));
+}

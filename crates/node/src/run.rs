@@ -1,0 +1,203 @@
+//! `casa-node run`: a cluster as `up` starts it, for the length of one
+//! Python script. The script runs under the cluster's Python with the
+//! `casanode` package importable (it ships inside this binary) and the front
+//! door in `CASA_NODE_ENDPOINT`; when it ends, services stop and `run`
+//! exits with the script's status.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitStatus;
+use std::sync::{Arc, Mutex};
+
+use tokio::process::Command;
+use tokio::sync::watch;
+
+use crate::cluster::{self, UpError, UpOptions};
+use crate::endpoint::{self, ENDPOINT_VAR};
+
+/// The `casanode` package, as files under a `PYTHONPATH` entry.
+const PACKAGE: &[(&str, &str)] = &[
+    (
+        "casanode/__init__.py",
+        include_str!("../../../python/casanode/__init__.py"),
+    ),
+    (
+        "casanode/client.py",
+        include_str!("../../../python/casanode/client.py"),
+    ),
+    (
+        "casanode/connection.py",
+        include_str!("../../../python/casanode/connection.py"),
+    ),
+    (
+        "casanode/values.py",
+        include_str!("../../../python/casanode/values.py"),
+    ),
+    (
+        "casanode/_pb/__init__.py",
+        include_str!("../../../python/casanode/_pb/__init__.py"),
+    ),
+    (
+        "casanode/_pb/casa/__init__.py",
+        include_str!("../../../python/casanode/_pb/casa/__init__.py"),
+    ),
+    (
+        "casanode/_pb/casa/node/__init__.py",
+        include_str!("../../../python/casanode/_pb/casa/node/__init__.py"),
+    ),
+    (
+        "casanode/_pb/casa/node/v1/__init__.py",
+        include_str!("../../../python/casanode/_pb/casa/node/v1/__init__.py"),
+    ),
+    (
+        "casanode/_pb/casa/node/v1/driver_pb2.py",
+        include_str!("../../../python/casanode/_pb/casa/node/v1/driver_pb2.py"),
+    ),
+    (
+        "casanode/_pb/casa/node/v1/envelope_pb2.py",
+        include_str!("../../../python/casanode/_pb/casa/node/v1/envelope_pb2.py"),
+    ),
+    (
+        "casanode/_pb/casa/node/v1/node_pb2.py",
+        include_str!("../../../python/casanode/_pb/casa/node/v1/node_pb2.py"),
+    ),
+    (
+        "casanode/_pb/casa/node/v1/value_pb2.py",
+        include_str!("../../../python/casanode/_pb/casa/node/v1/value_pb2.py"),
+    ),
+];
+
+/// What the Python driver needs besides the standard library.
+const PROTOBUF_REQUIREMENT: &str = "protobuf>=6.31.1,<7";
+
+/// `run` could not run the script.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// The cluster failed.
+    #[error(transparent)]
+    Up(#[from] UpError),
+    /// The script's Python cannot import `google.protobuf`.
+    #[error(
+        "{python} cannot import google.protobuf, which casanode needs; install it with: {python} -m pip install '{PROTOBUF_REQUIREMENT}'"
+    )]
+    NoProtobuf {
+        /// The interpreter.
+        python: String,
+    },
+    /// A file or process could not be made.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The cause.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Runs `script` with `args` against a cluster started with `options`;
+/// returns the script's exit status.
+pub async fn run(
+    options: UpOptions,
+    script: PathBuf,
+    args: Vec<String>,
+    signals: watch::Receiver<u32>,
+) -> Result<ExitStatus, RunError> {
+    check_protobuf(&options.python).await?;
+    let package = endpoint::runtime_dir()
+        .map_err(UpError::from)?
+        .join(format!("python-{}", std::process::id()));
+    write_package(&package).map_err(|source| RunError::Io {
+        context: format!("writing the casanode package to {}", package.display()),
+        source,
+    })?;
+    // The cluster stops when the script ends or on the signals `run` gets.
+    let (stop_tx, stop_rx) = watch::channel(0u32);
+    let forward = stop_tx.clone();
+    let mut outside = signals;
+    tokio::spawn(async move {
+        while outside.changed().await.is_ok() {
+            let count = *outside.borrow_and_update();
+            forward.send_modify(|c| *c = (*c).max(count));
+        }
+    });
+    let status: Arc<Mutex<Option<std::io::Result<ExitStatus>>>> = Arc::default();
+    let (done_tx, done_rx) = tokio::sync::oneshot::channel();
+    let python = options.python.clone();
+    let path_entry = package.clone();
+    let record = status.clone();
+    let on_ready = move |front: &endpoint::FrontDoorEndpoint, _nodes: &str| {
+        let mut command = Command::new(&python);
+        command
+            .arg(&script)
+            .args(&args)
+            .env(ENDPOINT_VAR, front.to_string())
+            .env("PYTHONPATH", python_path(&path_entry));
+        tokio::spawn(async move {
+            let result = match command.spawn() {
+                Ok(mut child) => child.wait().await,
+                Err(e) => Err(e),
+            };
+            *record.lock().expect("status") = Some(result);
+            stop_tx.send_modify(|c| *c = (*c).max(1));
+            let _ = done_tx.send(());
+        });
+    };
+    let result = cluster::up(options, stop_rx, on_ready).await;
+    let _ = done_rx.await;
+    let _ = std::fs::remove_dir_all(&package);
+    result?;
+    let outcome = status.lock().expect("status").take();
+    match outcome {
+        Some(Ok(status)) => Ok(status),
+        Some(Err(source)) => Err(RunError::Io {
+            context: "starting the script".into(),
+            source,
+        }),
+        None => Err(RunError::Io {
+            context: "the script".into(),
+            source: std::io::Error::other("never started"),
+        }),
+    }
+}
+
+async fn check_protobuf(python: &Path) -> Result<(), RunError> {
+    let probe = Command::new(python)
+        .args(["-c", "import google.protobuf"])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .await
+        .map_err(|source| RunError::Io {
+            context: format!("running {}", python.display()),
+            source,
+        })?;
+    if probe.success() {
+        Ok(())
+    } else {
+        Err(RunError::NoProtobuf {
+            python: python.display().to_string(),
+        })
+    }
+}
+
+fn write_package(root: &Path) -> std::io::Result<()> {
+    for (path, text) in PACKAGE {
+        let file = root.join(path);
+        if let Some(dir) = file.parent() {
+            std::fs::create_dir_all(dir)?;
+        }
+        std::fs::write(file, text)?;
+    }
+    Ok(())
+}
+
+/// `PYTHONPATH` with the package first, keeping what the user had.
+fn python_path(package: &Path) -> std::ffi::OsString {
+    let mut value = package.as_os_str().to_owned();
+    if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|v| !v.is_empty()) {
+        value.push(":");
+        value.push(existing);
+    }
+    value
+}
