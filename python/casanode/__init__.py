@@ -16,6 +16,7 @@ from .connection import (
     UnexpectedReply,
     resolve_endpoint,
 )
+from .seed import MPICommandClient, MPIEnvironment, MPIMonitorClient
 from .values import NdArray, Pickled, from_value, to_value
 
 __version__ = "0.1.0"
@@ -24,6 +25,9 @@ __all__ = [
     "CasaNodeError",
     "Client",
     "Connection",
+    "MPICommandClient",
+    "MPIEnvironment",
+    "MPIMonitorClient",
     "ConnectionClosed",
     "NdArray",
     "NoCluster",
