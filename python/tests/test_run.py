@@ -25,6 +25,9 @@ def test_a_script_runs_against_its_own_cluster_and_its_status_is_kept(tmp_path):
         client = casanode.connect()
         ret = client.submit("a+b", parameters={"a": 1, "b": 2}).result()["ret"]
         pids = {f.result()["ret"] for f in client.submit("os.getpid()", target=[1, 2])}
+        from casanode import MPICommandClient
+        seed = MPICommandClient()
+        assert seed.push_command_request("a*b", True, [2], {"a": 6, "b": 7})[0]["ret"] == 42
         print("ret", ret, "servers", len(pids), "args", sys.argv[1:])
         sys.exit(3)
     """))

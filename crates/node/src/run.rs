@@ -29,6 +29,10 @@ const PACKAGE: &[(&str, &str)] = &[
         include_str!("../../../python/casanode/connection.py"),
     ),
     (
+        "casanode/seed.py",
+        include_str!("../../../python/casanode/seed.py"),
+    ),
+    (
         "casanode/values.py",
         include_str!("../../../python/casanode/values.py"),
     ),
@@ -200,4 +204,32 @@ fn python_path(package: &Path) -> std::ffi::OsString {
         value.push(existing);
     }
     value
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every module of the package ships, so `run` scripts can import all
+    /// of casanode.
+    #[test]
+    fn every_file_of_the_package_is_embedded() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
+        let mut on_disk = Vec::new();
+        let mut dirs = vec![root.join("casanode")];
+        while let Some(dir) = dirs.pop() {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.is_dir() {
+                    dirs.push(path);
+                } else if path.extension().is_some_and(|e| e == "py") {
+                    on_disk.push(path.strip_prefix(&root).unwrap().display().to_string());
+                }
+            }
+        }
+        on_disk.sort();
+        let mut embedded: Vec<String> = PACKAGE.iter().map(|(p, _)| p.to_string()).collect();
+        embedded.sort();
+        assert_eq!(embedded, on_disk);
+    }
 }
