@@ -192,15 +192,20 @@ class Client:
         self.connection.watch(request_id, resolve)
         return future
 
+    def check_known(self, ids):
+        """Raises UnknownRequest for an id this client never received from
+        a submission (rule 17)."""
+        with self._lock:
+            unknown = [rid for rid in ids if rid not in self._known]
+        if unknown:
+            raise UnknownRequest(f"unknown request id {unknown[0]}")
+
     def wait(self, items, timeout=None):
         """Waits for the responses to `items` (Futures or ids, rule 16) and
         returns the latest record of each as a dict, in id order. Raises
         TimeoutError when `timeout` seconds pass first."""
         ids = sorted(set(_ids(items)))
-        with self._lock:
-            unknown = [rid for rid in ids if rid not in self._known]
-        if unknown:
-            raise UnknownRequest(f"unknown request id {unknown[0]}")
+        self.check_known(ids)
         end = None if timeout is None else time.monotonic() + timeout
         for rid in ids:
             left = None if end is None else max(0.0, end - time.monotonic())

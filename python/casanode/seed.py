@@ -16,7 +16,7 @@ import logging
 import threading
 
 from ._pb.casa.node.v1 import driver_pb2, node_pb2
-from .client import STATUSES, SubmissionRejected, UnknownRequest, connect
+from .client import STATUSES, SubmissionRejected, connect
 from .connection import CasaNodeError, ConnectionClosed, NoCluster, resolve_endpoint
 
 log = logging.getLogger("casanode")
@@ -201,19 +201,12 @@ class MPICommandClient:
 
     # ------------------------------------------------------------ responses
 
-    def _check_known(self, ids):
-        client = _shared_client()
-        with client._lock:
-            unknown = [rid for rid in ids if rid not in client._known]
-        if unknown:
-            raise UnknownRequest(f"unknown request id {unknown[0]}")
-
     def get_command_response(self, command_request_id_list, block=False, verbose=True):
         """The responses to the ids already received, in id order, leaving
         out pending ones (rule 17); block=True waits for all. With verbose,
         logs where the pending ones stand."""
         ids = sorted({int(i) for i in _as_list(command_request_id_list)})
-        self._check_known(ids)
+        _shared_client().check_known(ids)
         client = _shared_client()
         if block:
             return client.wait(ids)
@@ -249,7 +242,7 @@ class MPICommandClient:
         """A threading.Event set once every id's response has arrived
         (rule 18)."""
         ids = sorted({int(i) for i in _as_list(command_request_id_list)})
-        self._check_known(ids)
+        _shared_client().check_known(ids)
         event = threading.Event()
         left = [len(ids)]
         lock = threading.Lock()
