@@ -5,7 +5,15 @@
     client.submit("a+b", parameters={"a": 1, "b": 2}).result()["ret"]   # 3
 """
 
-from .client import Client, SubmissionRejected, UnknownRequest, connect, response_dict
+from .client import (
+    Client,
+    LogStream,
+    SubmissionRejected,
+    UnknownRequest,
+    connect,
+    log_dict,
+    response_dict,
+)
 from .connection import (
     CasaNodeError,
     Connection,
@@ -16,7 +24,13 @@ from .connection import (
     UnexpectedReply,
     resolve_endpoint,
 )
-from .seed import MPICommandClient, MPIEnvironment, MPIMonitorClient
+from .seed import (
+    MPICommandClient,
+    MPICommandServer,
+    MPIEnvironment,
+    MPIMonitorClient,
+    MPIMonitorServer,
+)
 from .values import NdArray, Pickled, from_value, to_value
 
 __version__ = "0.1.0"
@@ -25,9 +39,12 @@ __all__ = [
     "CasaNodeError",
     "Client",
     "Connection",
+    "LogStream",
     "MPICommandClient",
+    "MPICommandServer",
     "MPIEnvironment",
     "MPIMonitorClient",
+    "MPIMonitorServer",
     "ConnectionClosed",
     "NdArray",
     "NoCluster",
@@ -39,6 +56,7 @@ __all__ = [
     "Unreachable",
     "connect",
     "from_value",
+    "log_dict",
     "resolve_endpoint",
     "response_dict",
     "to_value",

@@ -11,8 +11,10 @@ A Future resolves to the response dict whatever the command did: check its
 client node refuses raises SubmissionRejected; nothing was queued (rule 14).
 """
 
+import queue
 import threading
 import time
+from concurrent import futures as _futures
 from concurrent.futures import Future
 
 from . import values
@@ -39,6 +41,24 @@ STATUSES = {
     node_pb2.COMMAND_STATUS_RESPONSE_RECEIVED: "response received",
     node_pb2.COMMAND_STATUS_TIMEOUT: "timeout",
     node_pb2.COMMAND_STATUS_CANCELLED: "cancelled",
+}
+
+
+LEVELS = {
+    node_pb2.LOG_LEVEL_UNSPECIFIED: "INFO",
+    node_pb2.LOG_LEVEL_DEBUG: "DEBUG",
+    node_pb2.LOG_LEVEL_INFO: "INFO",
+    node_pb2.LOG_LEVEL_WARNING: "WARNING",
+    node_pb2.LOG_LEVEL_ERROR: "ERROR",
+    node_pb2.LOG_LEVEL_CRITICAL: "CRITICAL",
+}
+_LEVEL_BY_NAME = {
+    "DEBUG": node_pb2.LOG_LEVEL_DEBUG,
+    "INFO": node_pb2.LOG_LEVEL_INFO,
+    "WARNING": node_pb2.LOG_LEVEL_WARNING,
+    "WARN": node_pb2.LOG_LEVEL_WARNING,
+    "ERROR": node_pb2.LOG_LEVEL_ERROR,
+    "CRITICAL": node_pb2.LOG_LEVEL_CRITICAL,
 }
 
 
@@ -105,6 +125,27 @@ def cluster_dict(c):
     }
 
 
+def log_dict(record):
+    """A forwarded LogRecord as a dict: time (seconds since the epoch),
+    level ("DEBUG" .. "CRITICAL"), origin ("HOST:server-R" or "HOST:client"),
+    rank and message."""
+    return {
+        "time": record.time,
+        "level": LEVELS.get(record.level, "INFO"),
+        "origin": record.origin,
+        "rank": record.rank,
+        "message": record.message,
+    }
+
+
+def level_number(level):
+    """A LogLevel from a name ("DEBUG", "INFO", "WARNING", ...)."""
+    try:
+        return _LEVEL_BY_NAME[str(level).upper()]
+    except KeyError:
+        raise ValueError(f"unknown log level {level!r}: expected one of {', '.join(_LEVEL_BY_NAME)}") from None
+
+
 def _ids(items):
     """Request ids from ids, Futures from submit, or lists of either."""
     if isinstance(items, (int, Future)):
@@ -127,6 +168,10 @@ class Client:
         self.connection = connection
         self._known = set()
         self._lock = threading.Lock()
+        self._streams = []
+        self._open_streams = ()  # a copy for the reader thread
+        self._streams_lock = threading.Lock()  # held across the subscription's request
+        self._subscribed = None  # the level the client node forwards from, or None
 
     @property
     def cluster(self):
@@ -214,6 +259,93 @@ class Client:
             future.result(left)
         return [self.response(rid) for rid in ids]
 
+    def map(self, command, parameter_sets, target=None, deadline=None, mode=None, timeout=None):
+        """Submits `command` once per parameters dict in `parameter_sets`
+        (all at once, spread over the servers unless `target` names one),
+        then yields the response dicts in the order of `parameter_sets`.
+        `timeout` bounds the whole wait, as in Executor.map; TimeoutError
+        when it passes first. A rejected submission raises before anything
+        is yielded; those accepted before it still run."""
+        submitted = [
+            self.submit(command, target=target, parameters=p, deadline=deadline, mode=mode)
+            for p in parameter_sets
+        ]
+        if any(isinstance(f, list) for f in submitted):
+            raise ValueError("map takes one target rank or None, not a list")
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def results():
+            for future in submitted:
+                left = None if end is None else max(0.0, end - time.monotonic())
+                yield future.result(left)
+
+        return results()
+
+    def broadcast(self, command, parameters=None, deadline=None, mode=None):
+        """Submits `command` to every server that is online and not timed out,
+        one request each, in rank order. Returns their Futures."""
+        ranks = [r for r, s in sorted(self.status().items()) if s["online"] and not s["timeout"]]
+        if not ranks:
+            raise CasaNodeError("no server is online to broadcast to")
+        return self.submit(command, target=ranks, parameters=parameters, deadline=deadline, mode=mode)
+
+    @staticmethod
+    def as_completed(items, timeout=None):
+        """Yields the Futures of `items` (Futures or lists of them, as submit
+        returns) as they complete, as concurrent.futures.as_completed."""
+        flat = []
+        for item in items if isinstance(items, (list, tuple, set)) else [items]:
+            flat.extend(item if isinstance(item, list) else [item])
+        return _futures.as_completed(flat, timeout)
+
+    def logs(self, level="DEBUG"):
+        """A LogStream of the log records the cluster writes from now on
+        (rule 31): the servers' events, their workers' output and logging
+        records, and the client node's own lines, each as a dict (log_dict).
+        Close it when done; the cluster's log file keeps everything anyway."""
+        stream = LogStream(self, level_number(level))
+        with self._streams_lock:
+            self._streams.append(stream)
+            try:
+                self._resubscribe()
+            except BaseException:
+                self._streams.remove(stream)
+                self._open_streams = tuple(self._streams)
+                raise
+        return stream
+
+    def _close_stream(self, stream):
+        with self._streams_lock:
+            if stream in self._streams:
+                self._streams.remove(stream)
+                if self.connection.closed:
+                    self._open_streams = tuple(self._streams)
+                else:
+                    self._resubscribe()
+
+    def _resubscribe(self):
+        """Subscribes at the lowest level any open stream wants, or
+        unsubscribes when none is open. Called with _streams_lock held."""
+        self._open_streams = tuple(self._streams)
+        wanted = min((s.level for s in self._streams), default=None)
+        if wanted == self._subscribed:
+            return
+        if self._subscribed is None:
+            self.connection.add_log_subscriber(self._deliver_log)
+        request = driver_pb2.LogSubscription(enabled=wanted is not None, min_level=wanted or 0)
+        reply = self._expect(self.connection.request(log_subscription=request), "ack")
+        if not reply.ok:
+            raise CasaNodeError(f"log subscription failed: {reply.error}")
+        if wanted is None:
+            self.connection.remove_log_subscriber(self._deliver_log)
+        self._subscribed = wanted
+
+    def _deliver_log(self, record):
+        # On the reader thread, which must not wait for _streams_lock: a
+        # subscription request holds it while the reader brings the reply.
+        for stream in self._open_streams:
+            stream._put(record)
+
     def response(self, request_id):
         """The latest response dict delivered for `request_id`, or None; a
         real response replaces a timeout record (rule 21)."""
@@ -251,6 +383,78 @@ class Client:
     def close(self):
         """Closes the connection (the cluster keeps running)."""
         self.connection.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class LogStream:
+    """Forwarded log records as dicts (see log_dict), oldest first.
+
+        with client.logs("INFO") as records:
+            for record in records:          # blocks for the next one
+                print(record["origin"], record["message"])
+
+    `get(timeout)` waits at most `timeout` seconds (TimeoutError). Iteration
+    ends when the stream or the connection closes. A stream holds at most
+    `capacity` unread records; past that the oldest are dropped and counted
+    in `dropped`."""
+
+    _END = object()
+
+    def __init__(self, client, level, capacity=100_000):
+        self._client = client
+        self.level = level
+        self.capacity = capacity
+        self.dropped = 0
+        self._records = queue.Queue()
+        self._closed = False
+
+    def _put(self, record):
+        if record is None:
+            self._records.put(self._END)
+            return
+        if (record.level or node_pb2.LOG_LEVEL_INFO) < self.level:
+            return
+        while self._records.qsize() >= self.capacity:
+            try:
+                self._records.get_nowait()
+                self.dropped += 1
+            except queue.Empty:
+                break
+        self._records.put(log_dict(record))
+
+    def get(self, timeout=None):
+        """The next record; TimeoutError after `timeout` seconds, StopIteration
+        once the stream or its connection is closed."""
+        try:
+            item = self._records.get(timeout=timeout)
+        except queue.Empty:
+            raise TimeoutError(f"no log record within {timeout} s") from None
+        if item is self._END:
+            self._records.put(self._END)  # later calls end too
+            raise StopIteration
+        return item
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.get()
+
+    def close(self):
+        """Stops this stream; the client node stops forwarding when no
+        stream of the connection is left open."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            self._client._close_stream(self)
+        finally:
+            self._records.put(self._END)
 
     def __enter__(self):
         return self

@@ -254,7 +254,8 @@ class Connection:
 
     def add_log_subscriber(self, callback):
         """callback(LogRecord) is called, on the reader thread, for every
-        log record the client node forwards (after a LogSubscription)."""
+        log record the client node forwards (after a LogSubscription), and
+        callback(None) once when the connection closes."""
         with self._lock:
             self._log_subscribers.append(callback)
 
@@ -310,7 +311,9 @@ class Connection:
             self._closed = True
             replies, self._replies = self._replies, {}
             watchers, self._watchers = self._watchers, {}
-            self._log_subscribers = []
+            subscribers, self._log_subscribers = self._log_subscribers, []
+        for subscriber in subscribers:
+            _call(subscriber, None)
         for future in replies.values():
             future.set_exception(ConnectionClosed("the connection to the client node closed"))
         for callbacks in watchers.values():

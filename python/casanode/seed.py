@@ -13,6 +13,7 @@ The connection goes to the cluster named by $CASA_NODE_ENDPOINT, else the one
 
 import atexit
 import logging
+import os
 import threading
 
 from ._pb.casa.node.v1 import driver_pb2, node_pb2
@@ -68,8 +69,19 @@ def _reset(endpoint=None):
         client, _client = _client, None
         _endpoint = endpoint
         MPICommandClient._instance = None
+        MPIMonitorClient._instance = None
     if client is not None:
         client.close()
+
+
+def _server_rank():
+    """The rank of the server node this process works for, or None in a
+    driver: casa-node gives each worker its server's rank as CASA_NODE_RANK."""
+    try:
+        rank = int(os.environ.get("CASA_NODE_RANK") or 0)
+    except ValueError:
+        return None
+    return rank or None
 
 
 # ------------------------------------------------------------ environment
@@ -110,11 +122,19 @@ class _EnvironmentMeta(type):
         return cls._cluster.timeout_seconds
 
 
-class MPIEnvironment(metaclass=_EnvironmentMeta):
-    """The cluster as the driver sees it (the seed's MPIEnvironment)."""
+    @property
+    def is_mpi_client(cls):
+        return _server_rank() is None
 
-    is_mpi_client = True
-    mpi_processor_rank = 0
+    @property
+    def mpi_processor_rank(cls):
+        return _server_rank() or 0
+
+
+class MPIEnvironment(metaclass=_EnvironmentMeta):
+    """The cluster as the driver sees it (the seed's MPIEnvironment). In a
+    command running on a server, `is_mpi_client` is False and
+    `mpi_processor_rank` is that server's rank."""
 
     @staticmethod
     def mpi_server_rank_list():
@@ -146,6 +166,12 @@ class MPICommandClient:
     _instance = None
 
     def __new__(cls):
+        rank = _server_rank()
+        if rank is not None:
+            raise CasaNodeError(
+                f"MPICommandClient cannot be instantiated in a server (rank {rank}): "
+                "only the driver pushes commands"
+            )
         with _lock:
             if cls._instance is None:
                 instance = super().__new__(cls)
@@ -290,7 +316,16 @@ def _as_list(ids):
 
 
 class MPIMonitorClient:
-    """The seed's monitor client: server status and debugging mode."""
+    """The seed's monitor client: server status and debugging mode. A
+    singleton, like MPICommandClient."""
+
+    _instance = None
+
+    def __new__(cls):
+        with _lock:
+            if cls._instance is None:
+                cls._instance = super().__new__(cls)
+            return cls._instance
 
     def start_debugging_mode(self):
         """While on, no server is marked timed out (rule 22)."""
@@ -310,6 +345,26 @@ class MPIMonitorClient:
 
     def get_server_timeout(self):
         return [r for r, s in _status().items() if s["timeout"]]
+
+
+class _ServerSide:
+    """The seed's server-side singletons. casa-node's server nodes do their
+    work in Rust, so these exist only to fail clearly where a port of a
+    seed script instantiates them."""
+
+    def __new__(cls, *args, **kwargs):
+        raise CasaNodeError(
+            f"{cls.__name__} cannot be instantiated here: casa-node server nodes "
+            "serve by themselves (start them with `casa-node up`, `casa-node run` or mpirun)"
+        )
+
+
+class MPICommandServer(_ServerSide):
+    """The seed's command server; see _ServerSide."""
+
+
+class MPIMonitorServer(_ServerSide):
+    """The seed's monitor server; see _ServerSide."""
 
 
 @atexit.register

@@ -1,87 +1,16 @@
 """casanode against a real cluster: `casa-node up --servers 2`, driven over
 its front door."""
 
-import os
-import select
-import shutil
-import signal
-import subprocess
-import tempfile
-import time
-
-from pathlib import Path
-
 import pytest
 
 import casanode
+import clusters
 from casanode.connection import resolve_endpoint
-from conftest import REPO
-
-# run-tests.sh builds it and says where; else cargo's default place.
-BINARY = Path(os.environ.get("CASA_NODE_BIN") or REPO / "target" / "debug" / "casa-node")
-
-
-class Cluster:
-    def __init__(self, proc, directory, endpoint):
-        self.proc = proc
-        self.directory = directory
-        self.endpoint = endpoint
-
-    def log(self):
-        try:
-            with open(os.path.join(self.directory, "log"), encoding="utf-8", errors="replace") as f:
-                return f.read()
-        except OSError:
-            return ""
-
-
-def _start_cluster():
-    if not BINARY.exists():
-        message = f"{BINARY} is missing: run `cargo build -p casa-node` first"
-        if os.environ.get("CASA_NODE_REQUIRE_E2E"):
-            pytest.fail(message)
-        pytest.skip(message)
-    directory = tempfile.mkdtemp(prefix="casanode-e2e-")  # short: socket paths are limited
-    env = dict(os.environ, XDG_RUNTIME_DIR=directory)  # keep the user's endpoint record alone
-    env.pop("CASA_NODE_ENDPOINT", None)
-    stderr = open(os.path.join(directory, "stderr"), "wb")
-    proc = subprocess.Popen(
-        [str(BINARY), "up", "--servers", "2",
-         "--endpoint", f"unix://{directory}/front.sock",
-         "--log-file", f"{directory}/log"],
-        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env,
-    )
-    stderr.close()
-    cluster = Cluster(proc, directory, None)
-    ready, _, _ = select.select([proc.stdout], [], [], 60)
-    line = proc.stdout.readline().decode() if ready else ""
-    if not line.startswith("front door: "):
-        _stop_cluster(cluster)
-        with open(os.path.join(directory, "stderr"), errors="replace") as f:
-            pytest.fail(f"casa-node up did not start: {line!r} {f.read()}")
-    cluster.endpoint = line[len("front door: "):].strip()
-    return cluster
-
-
-def _stop_cluster(cluster):
-    """Stops the cluster by its PID: SIGTERM, then SIGKILL if it lingers."""
-    proc = cluster.proc
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(20)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-    proc.stdout.close()
-    shutil.rmtree(cluster.directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    cluster = _start_cluster()
-    request.addfinalizer(lambda: _stop_cluster(cluster))
-    return cluster
+    return clusters.started(request)
 
 
 @pytest.fixture(scope="module")
@@ -185,6 +114,80 @@ def test_cancel_a_queued_request(client):
     assert busy.result(60)["successful"]
 
 
+def test_map_yields_responses_in_the_order_of_its_inputs(client):
+    # The first input is the slowest: order is the inputs', not completion's.
+    sets = [{"n": 0.4}] + [{"n": i / 1000} for i in range(1, 6)]
+    responses = list(client.map("(time.sleep(n), n)[1]", sets, timeout=60))
+    assert [r["ret"] for r in responses] == [s["n"] for s in sets]
+    assert [r["parameters"] for r in responses] == sets
+    assert {r["server"] for r in responses} == {1, 2}  # spread over both servers
+    ids = [r["id"] for r in responses]
+    assert ids == sorted(ids)
+
+
+def test_map_rejects_before_yielding(client):
+    with pytest.raises(casanode.SubmissionRejected):
+        client.map("x", [{"x": 1}], target=9)
+    with pytest.raises(ValueError):
+        client.map("x", [{"x": 1}], target=[1, 2])
+
+
+def test_broadcast_runs_once_on_every_server(client):
+    futures = client.broadcast("os.getpid()")
+    responses = [f.result(60) for f in futures]
+    assert [r["server"] for r in responses] == [1, 2]
+    table = client.status()
+    assert [r["ret"] for r in responses] == [table[1]["worker_pid"], table[2]["worker_pid"]]
+
+
+def test_as_completed_yields_the_fastest_first(client):
+    slow = client.submit("(time.sleep(1.5), 'slow')[1]", target=1)
+    fast = client.submit("'fast'", target=2)
+    order = [f.result()["ret"] for f in client.as_completed([slow, fast], timeout=60)]
+    assert order == ["fast", "slow"]
+    both = client.submit("1", target=[1, 2])
+    assert sorted(f.id for f in client.as_completed([both], timeout=60)) == [f.id for f in both]
+
+
+def test_logs_stream_the_servers_output_and_the_request_lines(client):
+    with client.logs() as records:
+        future = client.submit("print('hello from the worker')", target=2)
+        assert future.result(60)["successful"]
+        seen = []
+        while not (
+            any(r["message"] == "hello from the worker" for r in seen)
+            and any(f"id {future.id} successfully handled" in r["message"] for r in seen)
+        ):
+            seen.append(records.get(timeout=30))
+    printed = next(r for r in seen if r["message"] == "hello from the worker")
+    assert printed["origin"].endswith(":server-2") and printed["rank"] == 2
+    assert printed["time"] > 0 and printed["level"] in ("INFO", "WARNING", "DEBUG")
+    handled = next(r for r in seen if f"id {future.id} successfully handled" in r["message"])
+    assert handled["origin"].endswith(":client") and handled["rank"] == 0
+    # Closed: iteration ends.
+    assert list(records) == []
+
+
+def test_a_log_stream_filters_by_level(client):
+    with client.logs("WARNING") as warnings, client.logs("DEBUG") as everything:
+        client.submit("import logging; logging.getLogger('t').warning('careful'); "
+                      "logging.getLogger('t').info('chatty')", target=1).result(60)
+        seen = []
+        while not any(r["message"].endswith("chatty") for r in seen):
+            seen.append(everything.get(timeout=30))
+        assert any(r["message"].endswith("careful") and r["level"] == "WARNING" for r in seen)
+        # Every stream gets each record in the same turn of the reader, so
+        # whatever the WARNING stream will get of these is there now.
+        warned = []
+        while True:
+            try:
+                warned.append(warnings.get(timeout=0))
+            except TimeoutError:
+                break
+    assert any(r["message"].endswith("careful") for r in warned), warned
+    assert all(r["level"] in ("WARNING", "ERROR", "CRITICAL") for r in warned), warned
+
+
 def test_the_endpoint_comes_from_the_environment_or_the_record(cluster, monkeypatch):
     monkeypatch.setenv("CASA_NODE_ENDPOINT", cluster.endpoint)
     assert resolve_endpoint() == cluster.endpoint[len("unix://"):]
@@ -196,8 +199,7 @@ def test_the_endpoint_comes_from_the_environment_or_the_record(cluster, monkeypa
 
 
 def test_stop_refuses_later_submissions_and_ends_the_cluster(request):
-    cluster = _start_cluster()
-    request.addfinalizer(lambda: _stop_cluster(cluster))
+    cluster = clusters.started(request)
     client = casanode.connect(cluster.endpoint)
     running = client.submit("[time.sleep(0.5), 'done'][1]")
     client.stop()

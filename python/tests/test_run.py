@@ -10,7 +10,7 @@ import textwrap
 
 import pytest
 
-from test_end_to_end import BINARY
+from clusters import BINARY
 
 pytestmark = pytest.mark.skipif(
     not BINARY.exists() and not os.environ.get("CASA_NODE_REQUIRE_E2E"),

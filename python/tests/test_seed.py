@@ -9,14 +9,12 @@ import pytest
 import casanode
 from casanode import MPICommandClient, MPIEnvironment, MPIMonitorClient, seed
 from casanode._pb.casa.node.v1 import driver_pb2
-from test_end_to_end import _start_cluster, _stop_cluster
+import clusters
 
 
 @pytest.fixture(scope="module")
 def cluster(request):
-    cluster = _start_cluster()
-    request.addfinalizer(lambda: _stop_cluster(cluster))
-    return cluster
+    return clusters.started(request)
 
 
 @pytest.fixture
@@ -142,8 +140,7 @@ def test_debugging_mode_turns_on_and_off(client):
 
 
 def test_stop_services_then_push_returns_none(request, caplog):
-    cluster = _start_cluster()
-    request.addfinalizer(lambda: _stop_cluster(cluster))
+    cluster = clusters.started(request)
     seed._reset(cluster.endpoint)
     request.addfinalizer(seed._reset)
     client = MPICommandClient()
@@ -161,8 +158,7 @@ def test_services_stop_when_the_driver_exits(request):
     import subprocess
     import sys
 
-    cluster = _start_cluster()
-    request.addfinalizer(lambda: _stop_cluster(cluster))
+    cluster = clusters.started(request)
     script = (
         "from casanode import MPICommandClient\n"
         "c = MPICommandClient(); c.start_services()\n"

@@ -1,0 +1,138 @@
+"""Real casa-node clusters for the tests: started as `casa-node up` (over
+ZeroMQ, or over MPI under mpirun), waited for until the front door is
+announced, and stopped by PID, also when a test fails.
+
+The transports a parametrized test runs on come from
+$CASA_NODE_TEST_TRANSPORTS (comma-separated, default "zmq")."""
+
+import os
+import select
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+
+# run-tests.sh builds it and says where; else cargo's default place.
+BINARY = Path(os.environ.get("CASA_NODE_BIN") or REPO / "target" / "debug" / "casa-node")
+
+TRANSPORTS = [t for t in os.environ.get("CASA_NODE_TEST_TRANSPORTS", "zmq").split(",") if t]
+
+
+class Cluster:
+    """A running `casa-node up`: its process, private directory and the
+    front door's endpoint."""
+
+    def __init__(self, proc, directory, transport, servers):
+        self.proc = proc
+        self.directory = directory
+        self.transport = transport
+        self.servers = servers
+        self.endpoint = None
+
+    def log(self):
+        """The unified log so far."""
+        try:
+            with open(os.path.join(self.directory, "log"), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+    def stderr(self):
+        try:
+            with open(os.path.join(self.directory, "stderr"), encoding="utf-8", errors="replace") as f:
+                return f.read()
+        except OSError:
+            return ""
+
+
+def require_binary():
+    if not BINARY.exists():
+        message = f"{BINARY} is missing: run `cargo build -p casa-node` first"
+        if os.environ.get("CASA_NODE_REQUIRE_E2E"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+def _mpirun():
+    mpirun = shutil.which("mpirun")
+    if mpirun is None:
+        pytest.fail("the MPI transport was asked for, but mpirun is not installed")
+    flags = ["--oversubscribe"]
+    if os.geteuid() == 0:
+        flags.append("--allow-run-as-root")
+    return [mpirun, *flags]
+
+
+def command(transport, servers, options, directory):
+    """The command line that starts a cluster of `servers` servers."""
+    up = [
+        "up", "--transport", transport,
+        "--endpoint", f"unix://{directory}/front.sock",
+        "--log-file", f"{directory}/log",
+        "--python", sys.executable,
+        *options,
+    ]
+    if transport == "zmq":
+        return [str(BINARY), *up, "--servers", str(servers)]
+    if transport == "mpi":
+        return [*_mpirun(), "-n", str(servers + 1), str(BINARY), *up]
+    raise ValueError(f"unknown transport {transport!r}")
+
+
+def start(servers=2, transport="zmq", options=()):
+    """Starts a cluster and returns it once its front door is open."""
+    require_binary()
+    directory = tempfile.mkdtemp(prefix="casanode-")  # short: socket paths are limited
+    env = dict(os.environ, XDG_RUNTIME_DIR=directory)  # keep the user's endpoint record alone
+    env.pop("CASA_NODE_ENDPOINT", None)
+    if transport == "mpi":
+        # Loopback only.
+        env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+        env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+    with open(os.path.join(directory, "stderr"), "wb") as stderr:
+        proc = subprocess.Popen(
+            command(transport, servers, list(options), directory),
+            stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env,
+        )
+    cluster = Cluster(proc, directory, transport, servers)
+    try:
+        ready, _, _ = select.select([proc.stdout], [], [], 120)
+        line = proc.stdout.readline().decode() if ready else ""
+    except BaseException:
+        stop(cluster)
+        raise
+    if not line.startswith("front door: "):
+        stop(cluster, remove=False)
+        message = f"casa-node up did not start: {line!r} {cluster.stderr()}"
+        shutil.rmtree(directory, ignore_errors=True)
+        pytest.fail(message)
+    cluster.endpoint = line[len("front door: "):].strip()
+    return cluster
+
+
+def stop(cluster, remove=True):
+    """Stops the cluster by its PID: SIGTERM, then SIGKILL if it lingers."""
+    proc = cluster.proc
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+    proc.stdout.close()
+    if remove:
+        shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+def started(request, servers=2, transport="zmq", options=()):
+    """start(), with the stop registered on the test's `request` at once."""
+    cluster = start(servers, transport, options)
+    request.addfinalizer(lambda: stop(cluster))
+    return cluster
