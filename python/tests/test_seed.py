@@ -13,8 +13,8 @@ import clusters
 
 
 @pytest.fixture(scope="module")
-def cluster(request):
-    return clusters.started(request)
+def cluster(request, transport):
+    return clusters.started(request, transport=transport)
 
 
 @pytest.fixture
@@ -139,8 +139,8 @@ def test_debugging_mode_turns_on_and_off(client):
     assert _debugging() is False
 
 
-def test_stop_services_then_push_returns_none(request, caplog):
-    cluster = clusters.started(request)
+def test_stop_services_then_push_returns_none(request, transport, caplog):
+    cluster = clusters.started(request, transport=transport)
     seed._reset(cluster.endpoint)
     request.addfinalizer(seed._reset)
     client = MPICommandClient()
@@ -153,12 +153,12 @@ def test_stop_services_then_push_returns_none(request, caplog):
     assert cluster.proc.wait(30) == 0
 
 
-def test_services_stop_when_the_driver_exits(request):
+def test_services_stop_when_the_driver_exits(request, transport):
     import os
     import subprocess
     import sys
 
-    cluster = clusters.started(request)
+    cluster = clusters.started(request, transport=transport)
     script = (
         "from casanode import MPICommandClient\n"
         "c = MPICommandClient(); c.start_services()\n"
