@@ -85,6 +85,37 @@ def command(transport, servers, options, directory):
     raise ValueError(f"unknown transport {transport!r}")
 
 
+def run(script, *args, servers=2, transport="zmq", options=(), directory, timeout=180):
+    """Runs `casa-node run SCRIPT ARGS` on a fresh cluster and returns the
+    finished process (text output captured). `directory` holds the log and
+    the runtime directory."""
+    require_binary()
+    directory = os.fspath(directory)
+    env = dict(os.environ, XDG_RUNTIME_DIR=directory)
+    env.pop("CASA_NODE_ENDPOINT", None)
+    options = ["--log-file", os.path.join(directory, "log"), "--python", sys.executable, *options]
+    if transport == "zmq":
+        line = [str(BINARY), "run", "--transport", "zmq", "--servers", str(servers), *options]
+    elif transport == "mpi":
+        env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+        env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+        line = [*_mpirun(), "-n", str(servers + 1), str(BINARY), "run", "--transport", "mpi", *options]
+    else:
+        raise ValueError(f"unknown transport {transport!r}")
+    proc = subprocess.Popen(
+        [*line, os.fspath(script), *args], cwd=directory, env=env,
+        stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except BaseException:
+        # By PID: the run, whose cluster stops with it.
+        proc.kill()
+        proc.communicate()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+
+
 def start(servers=2, transport="zmq", options=()):
     """Starts a cluster and returns it once its front door is open."""
     require_binary()
