@@ -5,6 +5,7 @@ announced, and stopped by PID, also when a test fails.
 The transports a parametrized test runs on come from
 $CASA_NODE_TEST_TRANSPORTS (comma-separated, default "zmq")."""
 
+import contextlib
 import os
 import select
 import shutil
@@ -167,3 +168,18 @@ def started(request, servers=2, transport="zmq", options=()):
     cluster = start(servers, transport, options)
     request.addfinalizer(lambda: stop(cluster))
     return cluster
+
+
+@contextlib.contextmanager
+def seed_session(endpoint):
+    """The seed's MPICommandClient, services started, on the cluster at
+    `endpoint`; the shared connection is closed and forgotten afterwards."""
+    from casanode import MPICommandClient, seed
+
+    seed._reset(endpoint)
+    try:
+        client = MPICommandClient()
+        client.start_services()
+        yield client
+    finally:
+        seed._reset()

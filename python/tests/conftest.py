@@ -17,3 +17,16 @@ def transport(request):
     """The transport a cluster test runs over: each in
     $CASA_NODE_TEST_TRANSPORTS (default zmq)."""
     return request.param
+
+
+@pytest.fixture(scope="module")
+def cluster(request, transport):
+    """A cluster of two servers for the module, over the transport under test."""
+    return clusters.started(request, transport=transport)
+
+
+@pytest.fixture
+def seed_client(cluster):
+    """The seed's MPICommandClient on the module's cluster."""
+    with clusters.seed_session(cluster.endpoint) as client:
+        yield client

@@ -9,11 +9,6 @@ from casanode.connection import resolve_endpoint
 
 
 @pytest.fixture(scope="module")
-def cluster(request):
-    return clusters.started(request)
-
-
-@pytest.fixture(scope="module")
 def client(cluster):
     client = casanode.connect(cluster.endpoint)
     yield client
@@ -198,8 +193,8 @@ def test_the_endpoint_comes_from_the_environment_or_the_record(cluster, monkeypa
         assert other.submit("2*21").result(60)["ret"] == 42
 
 
-def test_stop_refuses_later_submissions_and_ends_the_cluster(request):
-    cluster = clusters.started(request)
+def test_stop_refuses_later_submissions_and_ends_the_cluster(request, transport):
+    cluster = clusters.started(request, transport=transport)
     client = casanode.connect(cluster.endpoint)
     running = client.submit("[time.sleep(0.5), 'done'][1]")
     client.stop()

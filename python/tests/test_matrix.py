@@ -59,18 +59,9 @@ OUTCOMES = {
 }
 
 
-@pytest.fixture(scope="module")
-def cluster(request, transport):
-    return clusters.started(request, transport=transport)
-
-
 @pytest.fixture
-def client(cluster):
-    seed._reset(cluster.endpoint)
-    client = MPICommandClient()
-    client.start_services()
-    yield client
-    seed._reset()
+def client(seed_client):
+    return seed_client
 
 
 @pytest.mark.parametrize("outcome", list(OUTCOMES))
@@ -225,11 +216,8 @@ def monitored(request, transport):
 
 @pytest.fixture
 def monitor_client(monitored):
-    seed._reset(monitored.endpoint)
-    client = MPICommandClient()
-    client.start_services()
-    yield client
-    seed._reset()
+    with clusters.seed_session(monitored.endpoint) as client:
+        yield client
 
 
 def _until(condition, what, limit=60.0):

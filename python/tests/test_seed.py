@@ -12,18 +12,9 @@ from casanode._pb.casa.node.v1 import driver_pb2
 import clusters
 
 
-@pytest.fixture(scope="module")
-def cluster(request, transport):
-    return clusters.started(request, transport=transport)
-
-
 @pytest.fixture
-def client(cluster):
-    seed._reset(cluster.endpoint)
-    client = MPICommandClient()
-    client.start_services()
-    yield client
-    seed._reset()
+def client(seed_client):
+    return seed_client
 
 
 def test_the_command_client_is_a_singleton(client):
@@ -137,20 +128,6 @@ def test_debugging_mode_turns_on_and_off(client):
     assert _debugging() is True
     monitor.stop_debugging_mode()
     assert _debugging() is False
-
-
-def test_stop_services_then_push_returns_none(request, transport, caplog):
-    cluster = clusters.started(request, transport=transport)
-    seed._reset(cluster.endpoint)
-    request.addfinalizer(seed._reset)
-    client = MPICommandClient()
-    client.start_services()
-    assert client.push_command_request("1+1", True)[0]["ret"] == 2
-    client.stop_services()
-    with caplog.at_level(logging.ERROR, logger="casanode"):
-        assert client.push_command_request("1+1", True) is None
-    assert "stopped" in caplog.text
-    assert cluster.proc.wait(30) == 0
 
 
 def test_services_stop_when_the_driver_exits(request, transport):
