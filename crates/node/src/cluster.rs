@@ -92,9 +92,33 @@ pub async fn up(
     signals: watch::Receiver<u32>,
     on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
 ) -> Result<(), UpError> {
+    start(Servers::<ZmqTransport>::Local, options, signals, on_ready).await
+}
+
+/// Where the servers of a cluster come from.
+pub enum Servers<T> {
+    /// `options.servers` local server processes, joined over ZeroMQ.
+    Local,
+    /// Servers a launcher started (mpirun), reached over this transport.
+    Launched(T, Links),
+}
+
+/// Runs a cluster as [`up`] does, with servers from `how`.
+pub async fn start<T: Transport + 'static>(
+    how: Servers<T>,
+    options: UpOptions,
+    signals: watch::Receiver<u32>,
+    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+) -> Result<(), UpError> {
     let run_dir = endpoint::runtime_dir()?.join(std::process::id().to_string());
     endpoint::private_dir(&run_dir)?;
-    let result = run(&options, &run_dir, signals, on_ready).await;
+    let result = match how {
+        Servers::Local => run(&options, &run_dir, signals, on_ready).await,
+        Servers::Launched(transport, links) => {
+            let none = |_: &Links| Ok(Vec::new());
+            serve(transport, links, &options, &run_dir, signals, on_ready, none).await
+        }
+    };
     let _ = std::fs::remove_dir_all(&run_dir);
     result
 }
@@ -105,7 +129,6 @@ async fn run(
     signals: watch::Receiver<u32>,
     on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
 ) -> Result<(), UpError> {
-    let host = crate::hostname();
     let nodes = options
         .nodes
         .clone()
@@ -113,6 +136,49 @@ async fn run(
     let transport = ZmqTransport::bind(&nodes).await?;
     // With tcp://HOST:0 the port is chosen now.
     let nodes = transport.endpoint().to_owned();
+    let links = Links {
+        transport: "zmq",
+        description: format!("transport zmq at {nodes}"),
+        nodes,
+        servers: options.servers,
+    };
+    serve(transport, links, options, run_dir, signals, on_ready, |links| {
+        (1..=options.servers)
+            .map(|rank| spawn_server(options, &links.nodes, rank))
+            .collect()
+    })
+    .await
+}
+
+/// How the client node reaches its servers, for [`serve`].
+#[derive(Debug, Clone)]
+pub struct Links {
+    /// The transport's name, as drivers see it in ClusterInfo.
+    pub transport: &'static str,
+    /// What the start-up line says of it (rule 29), e.g. "transport zmq at
+    /// ipc://...".
+    pub description: String,
+    /// Where more server nodes can connect, for `on_ready` (empty when
+    /// none can).
+    pub nodes: String,
+    /// How many servers to wait for before the cluster is ready.
+    pub servers: usize,
+}
+
+/// Runs the client node over `transport` until stop services: opens the
+/// front door and the unified log, writes the start-up line, starts the
+/// server processes `spawn` makes (none when a launcher such as mpirun
+/// started them), and calls `on_ready` once every server has started.
+pub async fn serve<T: Transport + 'static>(
+    transport: T,
+    links: Links,
+    options: &UpOptions,
+    run_dir: &std::path::Path,
+    signals: watch::Receiver<u32>,
+    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+    spawn: impl FnOnce(&Links) -> Result<Vec<Child>, UpError>,
+) -> Result<(), UpError> {
+    let host = crate::hostname();
     let front = options
         .endpoint
         .clone()
@@ -130,27 +196,25 @@ async fn run(
         origin: format!("{host}:client"),
         rank: transport.rank(),
         message: format!(
-            "casa-node {} client node with rank 0 at {host} (PID {}), transport zmq at {nodes}, front door at {front}, {} servers",
+            "casa-node {} client node with rank 0 at {host} (PID {}), {}, front door at {front}, {} servers",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
-            options.servers
+            links.description,
+            links.servers
         ),
     });
-    let mut children = Vec::with_capacity(options.servers);
-    for rank in 1..=options.servers {
-        children.push(spawn_server(options, &nodes, rank)?);
-    }
+    let mut children = spawn(&links)?;
     let config = ClientNodeConfig {
         core: ClientConfig {
             host,
-            transport: "zmq".into(),
+            transport: links.transport.into(),
             heartbeat: options.heartbeat,
             timeout: options.timeout,
             default_deadline: options.command_timeout,
             start: start_settings(options.log_level),
         },
         log,
-        expected_servers: options.servers,
+        expected_servers: links.servers,
         python: Some(options.python.clone()),
     };
     let (ready_tx, ready_rx) = oneshot::channel();
@@ -158,7 +222,7 @@ async fn run(
     let outcome = tokio::select! {
         ready = ready_rx => {
             if ready.is_ok() {
-                on_ready(&front, &nodes);
+                on_ready(&front, &links.nodes);
                 endpoint::record(&front)?;
             }
             node.await

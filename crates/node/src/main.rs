@@ -309,7 +309,8 @@ async fn run(args: RunArgs) -> ExitCode {
         Err(code) => return code,
     };
     let signals = casa_node::signals::watch();
-    match casa_node::run::run(options, args.script, args.args, signals).await {
+    let how = cluster::Servers::<ZmqTransport>::Local;
+    match casa_node::run::run(how, options, args.script, args.args, signals).await {
         Ok(status) => {
             use std::os::unix::process::ExitStatusExt;
             let code = status

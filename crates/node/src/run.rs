@@ -11,7 +11,9 @@ use std::sync::{Arc, Mutex};
 use tokio::process::Command;
 use tokio::sync::watch;
 
-use crate::cluster::{self, UpError, UpOptions};
+use casa_node_protocol::Transport;
+
+use crate::cluster::{self, Servers, UpError, UpOptions};
 use crate::endpoint::{self, ENDPOINT_VAR};
 
 /// The `casanode` package, as files under a `PYTHONPATH` entry.
@@ -100,7 +102,8 @@ pub enum RunError {
 
 /// Runs `script` with `args` against a cluster started with `options`;
 /// returns the script's exit status.
-pub async fn run(
+pub async fn run<T: Transport + 'static>(
+    how: Servers<T>,
     options: UpOptions,
     script: PathBuf,
     args: Vec<String>,
@@ -146,7 +149,7 @@ pub async fn run(
             let _ = done_tx.send(());
         });
     };
-    let result = cluster::up(options, stop_rx, on_ready).await;
+    let result = cluster::start(how, options, stop_rx, on_ready).await;
     let _ = done_rx.await;
     let _ = std::fs::remove_dir_all(&package);
     result?;
