@@ -29,6 +29,10 @@ Examples:
 #[derive(Parser)]
 #[command(name = "casa-node", version, after_help = EXAMPLES)]
 struct Cli {
+    /// How nodes talk to each other (`up` and `run`; before or after the
+    /// subcommand).
+    #[arg(long, global = true, value_enum, env = "CASA_NODE_TRANSPORT", default_value = "zmq")]
+    transport: TransportKind,
     #[command(subcommand)]
     command: Command,
 }
@@ -98,9 +102,6 @@ struct UpArgs {
     /// Server nodes to start.
     #[arg(long, env = "CASA_NODE_SERVERS", default_value_t = 2)]
     servers: usize,
-    /// How nodes talk to each other.
-    #[arg(long, value_enum, env = "CASA_NODE_TRANSPORT", default_value = "zmq")]
-    transport: TransportKind,
     /// Where drivers connect: unix://PATH (default: a socket in a private
     /// runtime directory).
     #[arg(long, env = "CASA_NODE_FRONT_DOOR")]
@@ -241,7 +242,7 @@ fn main() -> ExitCode {
         Ok(runtime) => runtime,
         Err(e) => return fail(format!("cannot start the runtime: {e}")),
     };
-    runtime.block_on(dispatch(cli.command))
+    runtime.block_on(dispatch(cli.transport, cli.command))
 }
 
 fn fail(message: impl std::fmt::Display) -> ExitCode {
@@ -260,9 +261,9 @@ fn front_door(arg: &EndpointArg) -> Result<FrontDoorEndpoint, ExitCode> {
     endpoint::resolve(arg.endpoint.as_deref()).map_err(fail)
 }
 
-async fn dispatch(command: Command) -> ExitCode {
+async fn dispatch(transport: TransportKind, command: Command) -> ExitCode {
     match command {
-        Command::Up(args) => up(args).await,
+        Command::Up(args) => up(transport, args).await,
         Command::Submit(args) => {
             let endpoint = match front_door(&args.endpoint) {
                 Ok(e) => e,
@@ -299,12 +300,12 @@ async fn dispatch(command: Command) -> ExitCode {
             Err(code) => code,
         },
         Command::Server(args) => server(args).await,
-        Command::Run(args) => run(args).await,
+        Command::Run(args) => run(transport, args).await,
     }
 }
 
-async fn run(args: RunArgs) -> ExitCode {
-    let options = match up_options(args.up) {
+async fn run(transport: TransportKind, args: RunArgs) -> ExitCode {
+    let options = match up_options(transport, args.up) {
         Ok(options) => options,
         Err(code) => return code,
     };
@@ -323,8 +324,8 @@ async fn run(args: RunArgs) -> ExitCode {
     }
 }
 
-fn up_options(args: UpArgs) -> Result<UpOptions, ExitCode> {
-    if matches!(args.transport, TransportKind::Mpi) {
+fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitCode> {
+    if matches!(transport, TransportKind::Mpi) {
         return Err(fail("this casa-node was built without MPI support"));
     }
     let endpoint = match args.endpoint.as_deref().map(str::parse).transpose() {
@@ -355,8 +356,8 @@ fn up_options(args: UpArgs) -> Result<UpOptions, ExitCode> {
     })
 }
 
-async fn up(args: UpArgs) -> ExitCode {
-    let options = match up_options(args) {
+async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
+    let options = match up_options(transport, args) {
         Ok(options) => options,
         Err(code) => return code,
     };
