@@ -116,7 +116,10 @@ pub async fn start<T: Transport + 'static>(
         Servers::Local => run(&options, &run_dir, signals, on_ready).await,
         Servers::Launched(transport, links) => {
             let none = |_: &Links| Ok(Vec::new());
-            serve(transport, links, &options, &run_dir, signals, on_ready, none).await
+            serve(
+                transport, links, &options, &run_dir, signals, on_ready, none,
+            )
+            .await
         }
     };
     let _ = std::fs::remove_dir_all(&run_dir);
@@ -142,11 +145,19 @@ async fn run(
         nodes,
         servers: options.servers,
     };
-    serve(transport, links, options, run_dir, signals, on_ready, |links| {
-        (1..=options.servers)
-            .map(|rank| spawn_server(options, &links.nodes, rank))
-            .collect()
-    })
+    serve(
+        transport,
+        links,
+        options,
+        run_dir,
+        signals,
+        on_ready,
+        |links| {
+            (1..=options.servers)
+                .map(|rank| spawn_server(options, &links.nodes, rank))
+                .collect()
+        },
+    )
     .await
 }
 

@@ -31,7 +31,13 @@ Examples:
 struct Cli {
     /// How nodes talk to each other (`up` and `run`; before or after the
     /// subcommand).
-    #[arg(long, global = true, value_enum, env = "CASA_NODE_TRANSPORT", default_value = "zmq")]
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        env = "CASA_NODE_TRANSPORT",
+        default_value = "zmq"
+    )]
     transport: TransportKind,
     #[command(subcommand)]
     command: Command,
