@@ -59,6 +59,13 @@ OUTCOMES = {
 }
 
 
+@pytest.fixture(scope="module", params=[2, 4], ids=["2-servers", "4-servers"])
+def cluster(request, transport):
+    """The matrix runs on clusters of 2 and of 4 servers (mpirun -n 3 and
+    -n 5 over MPI)."""
+    return clusters.started(request, servers=request.param, transport=transport)
+
+
 @pytest.fixture
 def client(seed_client):
     return seed_client
