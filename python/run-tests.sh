@@ -6,7 +6,9 @@
 #   python/run-tests.sh [PYTEST ARGS...]
 #
 # PYTHON picks the interpreter (default python3); CASANODE_VENV the
-# environment's directory (default target/python-venv).
+# environment's directory (default target/python-venv);
+# CASA_NODE_TEST_TRANSPORTS the transports the cluster tests run over
+# (comma-separated: zmq, mpi; default zmq).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -20,7 +22,12 @@ if [ ! -x "$venv/bin/python" ]; then
 fi
 "$venv/bin/python" -m pip install --quiet --disable-pip-version-check -e "$here[test]"
 
-(cd "$repo" && cargo build --quiet -p casa-node)
+# With MPI among the transports under test, casa-node needs its MPI build.
+features=()
+case ",${CASA_NODE_TEST_TRANSPORTS:-zmq}," in
+    *,mpi,*) features=(--features mpi) ;;
+esac
+(cd "$repo" && cargo build --quiet -p casa-node "${features[@]}")
 target_dir=${CARGO_TARGET_DIR:-$repo/target}
 export CASA_NODE_BIN="$target_dir/debug/casa-node"
 

@@ -1,13 +1,18 @@
 #!/usr/bin/env bash
-# The project's one test command: formatting, lints, every test of the
-# workspace (unit, property, simulated cluster, conformance vectors,
-# end-to-end with real processes and Python workers, the quick run of the
-# benchmarks), then the Python client's tests in a virtual environment that
+# The project's one test command: installs Open MPI and libclang when
+# missing, then formatting, lints, every test of the workspace (unit,
+# property, simulated cluster, conformance vectors, the transport checks over
+# ZeroMQ and under mpirun, end-to-end with real processes and Python workers
+# over both transports, the quick run of the benchmarks), then the Python
+# client's tests over both transports, in a virtual environment that
 # python/run-tests.sh creates and fills from PyPI.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
+
+step "system packages: Open MPI and libclang (scripts/install-deps.sh)"
+scripts/install-deps.sh
 
 if cargo fmt --version >/dev/null 2>&1; then
     step "cargo fmt --check"
@@ -18,18 +23,23 @@ fi
 
 if cargo clippy --version >/dev/null 2>&1; then
     step "cargo clippy"
-    cargo clippy --workspace --all-targets --locked -- -D warnings
+    cargo clippy --workspace --all-targets --all-features --locked -- -D warnings
+    step "cargo clippy, the default build (without MPI)"
+    cargo clippy -p casa-node --all-targets --locked -- -D warnings
 else
     echo "clippy is not installed: lints not checked"
 fi
 
-step "cargo test"
+step "cargo test (end-to-end over ZeroMQ)"
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-cargo test --workspace --locked 2>&1 | tee "$log"
+cargo test --workspace --all-features --locked 2>&1 | tee "$log"
 
-step "python tests (python/run-tests.sh: a virtual environment with protobuf and pytest)"
-python/run-tests.sh 2>&1 | tee -a "$log"
+step "cargo test: end-to-end over MPI (under mpirun)"
+CASA_NODE_TEST_TRANSPORT=mpi cargo test -p casa-node --features mpi --locked --test e2e 2>&1 | tee -a "$log"
+
+step "python tests over ZeroMQ and MPI (python/run-tests.sh: a virtual environment with protobuf and pytest)"
+CASA_NODE_TEST_TRANSPORTS=zmq,mpi python/run-tests.sh 2>&1 | tee -a "$log"
 
 # One closing line for the whole run: cargo's and pytest's own last lines
 # each cover only part of it.

@@ -11,6 +11,8 @@ pub mod front_door;
 pub mod json;
 pub mod literal;
 pub mod log;
+#[cfg(feature = "mpi")]
+pub mod mpi;
 pub mod run;
 pub mod server_node;
 pub mod signals;

@@ -316,23 +316,54 @@ async fn run(transport: TransportKind, args: RunArgs) -> ExitCode {
         Err(code) => return code,
     };
     let signals = casa_node::signals::watch();
+    #[cfg(feature = "mpi")]
+    if matches!(transport, TransportKind::Mpi) {
+        return mpi(options, Some((args.script, args.args)), signals, |_, _| {}).await;
+    }
     let how = cluster::Servers::<ZmqTransport>::Local;
     match casa_node::run::run(how, options, args.script, args.args, signals).await {
-        Ok(status) => {
-            use std::os::unix::process::ExitStatusExt;
-            let code = status
-                .code()
-                .or_else(|| status.signal().map(|s| 128 + s))
-                .unwrap_or(1);
-            ExitCode::from(u8::try_from(code).unwrap_or(1))
-        }
+        Ok(status) => script_exit(status),
+        Err(e) => fail(e),
+    }
+}
+
+/// The exit code that passes a script's status on: its code, or 128 plus
+/// the signal that ended it.
+fn script_exit(status: std::process::ExitStatus) -> ExitCode {
+    use std::os::unix::process::ExitStatusExt;
+    let code = status
+        .code()
+        .or_else(|| status.signal().map(|s| 128 + s))
+        .unwrap_or(1);
+    ExitCode::from(u8::try_from(code).unwrap_or(1))
+}
+
+/// `up` or `run` on one rank of an MPI job.
+#[cfg(feature = "mpi")]
+async fn mpi(
+    options: UpOptions,
+    script: Option<(PathBuf, Vec<String>)>,
+    signals: tokio::sync::watch::Receiver<u32>,
+    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+) -> ExitCode {
+    use casa_node::mpi::{self, Outcome};
+    let transport = match tokio::task::spawn_blocking(mpi::init).await {
+        Ok(Ok(transport)) => transport,
+        Ok(Err(e)) => return fail(e),
+        Err(e) => return fail(format!("starting MPI: {e}")),
+    };
+    match mpi::launch(transport, options, script, signals, on_ready).await {
+        Ok(Outcome::Script(status)) => script_exit(status),
+        Ok(Outcome::Client | Outcome::Server) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
 
 fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitCode> {
-    if matches!(transport, TransportKind::Mpi) {
-        return Err(fail("this casa-node was built without MPI support"));
+    if matches!(transport, TransportKind::Mpi) && !cfg!(feature = "mpi") {
+        return Err(fail(
+            "this casa-node was built without MPI support: build it with `cargo build --release --features mpi`",
+        ));
     }
     let endpoint = match args.endpoint.as_deref().map(str::parse).transpose() {
         Ok(endpoint) => endpoint,
@@ -372,9 +403,15 @@ async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "front door: {front}");
-        let _ = writeln!(out, "nodes: {nodes}");
+        if !nodes.is_empty() {
+            let _ = writeln!(out, "nodes: {nodes}");
+        }
         let _ = out.flush();
     };
+    #[cfg(feature = "mpi")]
+    if matches!(transport, TransportKind::Mpi) {
+        return mpi(options, None, signals, on_ready).await;
+    }
     match cluster::up(options, signals, on_ready).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),

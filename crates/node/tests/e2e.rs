@@ -37,9 +37,12 @@ impl Cluster {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("front.sock");
-        let mut up = Command::new(BIN)
-            .arg("up")
-            .args(["--servers", &servers.to_string()])
+        let mut up = launcher(servers);
+        up.arg("up");
+        if !over_mpi() {
+            up.args(["--servers", &servers.to_string()]);
+        }
+        let mut up = up
             .args(["--endpoint", &format!("unix://{}", socket.display())])
             .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
             .args(["--heartbeat", "0.2", "--timeout", "3"])
@@ -55,7 +58,10 @@ impl Cluster {
         let mut first = String::new();
         let read = stdout.read_line(&mut first);
         let mut second = String::new();
-        let _ = stdout.read_line(&mut second);
+        if !over_mpi() {
+            // Under MPI no more servers can attach: no "nodes:" line.
+            let _ = stdout.read_line(&mut second);
+        }
         let mut cluster = Cluster {
             up,
             dir,
@@ -121,6 +127,32 @@ impl Cluster {
         }
         status
     }
+}
+
+/// True when the tests run over MPI (CASA_NODE_TEST_TRANSPORT=mpi): each
+/// cluster is then an mpirun job of servers + 1 ranks.
+fn over_mpi() -> bool {
+    std::env::var("CASA_NODE_TEST_TRANSPORT").is_ok_and(|t| t == "mpi")
+}
+
+/// The start of a command line that runs a cluster of `servers` servers:
+/// `casa-node` (with `--servers` after the subcommand), or
+/// `mpirun -n N+1 casa-node --transport mpi`.
+fn launcher(servers: usize) -> Command {
+    if !over_mpi() {
+        return Command::new(BIN);
+    }
+    let mut command = Command::new("mpirun");
+    command.arg("--oversubscribe");
+    if nix::unistd::geteuid().is_root() {
+        command.arg("--allow-run-as-root");
+    }
+    command
+        .args(["-n", &(servers + 1).to_string(), BIN, "--transport", "mpi"])
+        // Loopback only.
+        .env("OMPI_MCA_btl_tcp_if_include", "lo")
+        .env("OMPI_MCA_oob_tcp_if_include", "lo");
+    command
 }
 
 static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
@@ -490,6 +522,35 @@ fn rules_19_to_21_a_stopped_server_times_out_and_recovers() {
 }
 
 #[test]
+fn stop_services_ends_the_cluster_while_a_server_hangs() {
+    // A server that never answers again (stopped, not dead) must not keep
+    // the cluster from ending: over ZeroMQ `up` kills its child, over MPI
+    // rank 0 gives up waiting for it in MPI_Finalize and mpirun ends the job.
+    let mut cluster = Cluster::start(2, &[]);
+    cluster.note_pids();
+    let c = cluster.client();
+    let (server, _) = cluster.server_pid(2);
+    kill(Pid::from_raw(server as i32), Signal::SIGSTOP).unwrap();
+    let end = Instant::now() + WAIT;
+    while !c.status(Some(2)).unwrap().servers[0].timeout {
+        assert!(Instant::now() < end, "the server never timed out");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(one(&c, Submit::new("1+1").targets([1])).successful);
+    c.stop(false).unwrap();
+    let stopped = Instant::now();
+    let status = wait_child(&mut cluster.up, Duration::from_secs(90));
+    assert!(status.is_some(), "the cluster hangs on a hung server");
+    eprintln!("ended {:?} after stop services", stopped.elapsed());
+    for &pid in &cluster.seen {
+        assert!(
+            wait_gone(pid, Duration::from_secs(15)),
+            "process {pid} was left behind"
+        );
+    }
+}
+
+#[test]
 fn rule_22_debugging_mode_keeps_a_stopped_server_online() {
     let cluster = Cluster::start(1, &[]);
     let c = cluster.client();
@@ -565,9 +626,15 @@ fn rule_26_and_31_32_the_unified_log() {
     c.stop(false).unwrap();
     assert!(cluster.wait_exit().success());
     let log = cluster.log();
-    for expected in [
+    // Rule 29: the start-up line names the transport, and for MPI the
+    // version, the library and the thread level granted.
+    let transport: &[&str] = if over_mpi() {
+        &["transport mpi: rank 0 of 3", "MPI ", "thread level "]
+    } else {
+        &["transport zmq at ipc://"]
+    };
+    for expected in transport.iter().copied().chain([
         "client node with rank 0 at",
-        "transport zmq at ipc://",
         "Server with rank 1 started at",
         "Server with rank 2 started at",
         "sent to server n# 1",
@@ -575,7 +642,7 @@ fn rule_26_and_31_32_the_unified_log() {
         "failed in server n# 2 with traceback",
         ":server-1 hello from the worker",
         "ZeroDivisionError",
-    ] {
+    ]) {
         assert!(log.contains(expected), "no {expected:?} in the log:\n{log}");
     }
 }
@@ -589,14 +656,47 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
         "servers and workers: {:?}",
         cluster.seen
     );
-    cluster.up.kill().unwrap();
-    cluster.up.wait().unwrap();
+    if over_mpi() {
+        // The client node is rank 0, a child of mpirun beside the servers.
+        let servers: Vec<u32> = cluster.seen.clone();
+        let rank0 = children(cluster.up.id())
+            .into_iter()
+            .find(|pid| !servers.contains(pid))
+            .expect("rank 0 among mpirun's children");
+        kill(Pid::from_raw(rank0 as i32), Signal::SIGKILL).unwrap();
+        assert!(wait_child(&mut cluster.up, WAIT).is_some(), "mpirun ends");
+    } else {
+        cluster.up.kill().unwrap();
+        cluster.up.wait().unwrap();
+    }
     for &pid in &cluster.seen {
         assert!(
             wait_gone(pid, Duration::from_secs(15)),
             "process {pid} outlived the client node"
         );
     }
+}
+
+/// The processes whose parent is `parent`.
+fn children(parent: u32) -> Vec<u32> {
+    let mut found = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...
+        let ppid = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1))
+            .and_then(|p| p.parse::<u32>().ok());
+        if ppid == Some(parent) {
+            found.push(pid);
+        }
+    }
+    found
 }
 
 #[test]
@@ -668,6 +768,10 @@ fn the_front_door_refuses_garbage_and_keeps_serving() {
 
 #[test]
 fn a_server_attached_with_connect_joins_and_serves() {
+    if over_mpi() {
+        eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
+        return;
+    }
     let mut cluster = Cluster::start(1, &[]);
     assert!(cluster.nodes.starts_with("ipc://"), "{}", cluster.nodes);
     let mut extra = Command::new(BIN)

@@ -1,0 +1,92 @@
+//! `--transport mpi`: every process of an `mpirun` (or `mpiexec`, `srun`)
+//! job runs the same `casa-node` command; rank 0 becomes the client node,
+//! with the front door (and, under `run`, the script), and ranks 1.. serve.
+
+use std::path::PathBuf;
+use std::process::ExitStatus;
+use std::time::Duration;
+
+use casa_node_protocol::Transport;
+use casa_node_transport_mpi::{MpiError, MpiTransport};
+use tokio::sync::watch;
+
+use crate::cluster::{self, Links, Servers, UpError, UpOptions};
+use crate::endpoint::FrontDoorEndpoint;
+use crate::run::{self, RunError};
+use crate::server_node::{self, ServerNodeConfig, ServerNodeError};
+
+/// Seconds an interrupted command may take before its worker is killed.
+const KILL_GRACE: Duration = Duration::from_secs(5);
+
+/// Why an MPI rank could not do its part.
+#[derive(Debug, thiserror::Error)]
+pub enum MpiNodeError {
+    /// MPI could not start, or the world is too small.
+    #[error("--transport mpi: {0}")]
+    Start(#[from] MpiError),
+    /// The client node (rank 0) failed.
+    #[error(transparent)]
+    Up(#[from] UpError),
+    /// `run` failed on rank 0.
+    #[error(transparent)]
+    Run(#[from] RunError),
+    /// A server rank failed.
+    #[error(transparent)]
+    Server(#[from] ServerNodeError),
+}
+
+/// What this process turned out to be.
+#[derive(Debug)]
+pub enum Outcome {
+    /// Rank 0 ran the cluster until stop services.
+    Client,
+    /// Rank 0 ran the script, which exited with this status.
+    Script(ExitStatus),
+    /// A server rank served until stop services.
+    Server,
+}
+
+/// Initialises MPI. Blocks for as long as `MPI_Init` takes.
+pub fn init() -> Result<MpiTransport, MpiNodeError> {
+    Ok(MpiTransport::init()?)
+}
+
+/// `up` or `run` (with `script`) on this rank of an MPI job: rank 0 runs
+/// the client node, the others serve. `on_ready` is called on rank 0 once
+/// every server has started.
+pub async fn launch(
+    transport: MpiTransport,
+    options: UpOptions,
+    script: Option<(PathBuf, Vec<String>)>,
+    signals: watch::Receiver<u32>,
+    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+) -> Result<Outcome, MpiNodeError> {
+    if transport.rank() != 0 {
+        let config = ServerNodeConfig {
+            python: options.python,
+            init: options.init,
+            kill_grace: KILL_GRACE,
+            client_timeout: options.timeout,
+        };
+        server_node::run(transport, config).await?;
+        return Ok(Outcome::Server);
+    }
+    let info = transport.info().clone();
+    let links = Links {
+        transport: "mpi",
+        description: format!("transport mpi: {info}"),
+        nodes: String::new(),
+        servers: usize::try_from(info.world_size - 1).unwrap_or(0),
+    };
+    let servers = Servers::Launched(transport, links);
+    match script {
+        None => {
+            cluster::start(servers, options, signals, on_ready).await?;
+            Ok(Outcome::Client)
+        }
+        Some((script, args)) => {
+            let status = run::run(servers, options, script, args, signals).await?;
+            Ok(Outcome::Script(status))
+        }
+    }
+}
