@@ -7,7 +7,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use casa_node_protocol::Transport;
-use casa_node_transport_mpi::{MpiError, MpiTransport};
+use casa_node_transport_mpi::{MpiConfig, MpiError, MpiTransport};
 use tokio::sync::watch;
 
 use crate::cluster::{self, Links, Servers, UpError, UpOptions};
@@ -47,8 +47,18 @@ pub enum Outcome {
 }
 
 /// Initialises MPI. Blocks for as long as `MPI_Init` takes.
+///
+/// Rank 0 shuts the transport down only after every server that was still
+/// answering has stopped, so what remains to wait for at that point are
+/// servers that hang: the goodbye and `MPI_Finalize` waits are kept short
+/// for them (Open MPI's `MPI_Finalize` waits for every rank; past the limit
+/// rank 0 exits and mpirun ends the job).
 pub fn init() -> Result<MpiTransport, MpiNodeError> {
-    Ok(MpiTransport::init()?)
+    Ok(MpiTransport::init_with(MpiConfig {
+        linger: Duration::from_secs(2),
+        finalize_timeout: Duration::from_secs(10),
+        ..MpiConfig::default()
+    })?)
 }
 
 /// `up` or `run` (with `script`) on this rank of an MPI job: rank 0 runs
