@@ -7,7 +7,7 @@ use std::process::ExitStatus;
 use std::time::Duration;
 
 use casa_node_protocol::Transport;
-use casa_node_transport_mpi::{MpiConfig, MpiError, MpiTransport};
+use casa_node_transport_mpi::{IdlePolicy, MpiConfig, MpiError, MpiTransport};
 use tokio::sync::watch;
 
 use crate::cluster::{self, Links, Servers, UpError, UpOptions};
@@ -53,11 +53,21 @@ pub enum Outcome {
 /// servers that hang: the goodbye and `MPI_Finalize` waits are kept short
 /// for them (Open MPI's `MPI_Finalize` waits for every rank; past the limit
 /// rank 0 exits and mpirun ends the job).
-pub fn init() -> Result<MpiTransport, MpiNodeError> {
+///
+/// `idle_sleep` is the longest pause between looks for messages while idle
+/// (see [`IdlePolicy`]).
+pub fn init(idle_sleep: Duration) -> Result<MpiTransport, MpiNodeError> {
+    let defaults = MpiConfig::default();
+    let idle = IdlePolicy {
+        max_sleep: idle_sleep,
+        first_sleep: defaults.idle.first_sleep.min(idle_sleep),
+        ..defaults.idle
+    };
     Ok(MpiTransport::init_with(MpiConfig {
         linger: Duration::from_secs(2),
         finalize_timeout: Duration::from_secs(10),
-        ..MpiConfig::default()
+        idle,
+        ..defaults
     })?)
 }
 
