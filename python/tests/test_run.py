@@ -4,12 +4,11 @@ and `run` exits with the script's status."""
 
 import os
 from pathlib import Path
-import subprocess
-import sys
 import textwrap
 
 import pytest
 
+import clusters
 from clusters import BINARY
 
 pytestmark = pytest.mark.skipif(
@@ -18,7 +17,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 
-def test_a_script_runs_against_its_own_cluster_and_its_status_is_kept(tmp_path):
+def test_a_script_runs_against_its_own_cluster_and_its_status_is_kept(tmp_path, transport):
     script = tmp_path / "pipeline.py"
     script.write_text(textwrap.dedent("""
         import os, sys
@@ -32,28 +31,18 @@ def test_a_script_runs_against_its_own_cluster_and_its_status_is_kept(tmp_path):
         print("ret", ret, "servers", len(pids), "args", sys.argv[1:])
         sys.exit(3)
     """))
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
-    env.pop("CASA_NODE_ENDPOINT", None)
-    done = subprocess.run(
-        [str(BINARY), "run", "--servers", "2", "--python", sys.executable,
-         "--log-file", str(tmp_path / "log"), str(script), "x", "--flag"],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    done = clusters.run(script, "x", "--flag", servers=2, transport=transport, directory=tmp_path)
     assert done.returncode == 3, done.stderr
     assert done.stdout.strip() == "ret 3 servers 2 args ['x', '--flag']", done.stdout
     log = (tmp_path / "log").read_text()
     assert "Sending stop service signal to all servers" in log
 
 
-def test_the_quickstart_example_prints_its_results(tmp_path):
+def test_the_quickstart_example_prints_its_results(tmp_path, transport):
+    # The same results over either transport: `casa-node run --servers 2`,
+    # or `mpirun -n 3 casa-node --transport mpi run`.
     quickstart = Path(__file__).resolve().parents[2] / "examples" / "quickstart.py"
-    env = dict(os.environ, XDG_RUNTIME_DIR=str(tmp_path))
-    env.pop("CASA_NODE_ENDPOINT", None)
-    done = subprocess.run(
-        [str(BINARY), "run", "--servers", "2", "--python", sys.executable,
-         "--log-file", str(tmp_path / "log"), str(quickstart)],
-        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=120,
-    )
+    done = clusters.run(quickstart, servers=2, transport=transport, directory=tmp_path)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     for line in [
