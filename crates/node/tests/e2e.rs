@@ -352,6 +352,34 @@ fn cli_refuses_bad_input_in_one_line() {
 }
 
 #[test]
+fn mpi_outside_a_launcher_says_how_to_start_in_one_line() {
+    // Without mpirun the MPI world has one process (or, in a build without
+    // MPI, there is no MPI at all): either way one clear line, exit 2.
+    let dir = std::env::temp_dir().join(format!("casa-node-e2e-nompi-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let out = Command::new(BIN)
+        .args(["--transport", "mpi", "up", "--log-file"])
+        .arg(dir.join("log"))
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("casa-node: error: "))
+        .unwrap_or_else(|| panic!("no error line: {err}"));
+    if cfg!(feature = "mpi") {
+        assert!(line.contains("the MPI world has 1 process"), "{line}");
+        assert!(line.contains("mpirun -n N"), "{line}");
+    } else {
+        assert!(line.contains("--features mpi"), "{line}");
+    }
+}
+
+#[test]
 fn rules_2_to_7_commands_parameters_and_globals() {
     let init = std::env::temp_dir().join(format!("casa-node-init-{}.py", std::process::id()));
     std::fs::write(&init, "def hello():\n    return 'hi from init'\n").unwrap();
