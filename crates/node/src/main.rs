@@ -22,7 +22,8 @@ Examples:
   casa-node submit --target 1 --target 2 'import os; os.getpid()'
   casa-node submit --no-wait 'flagdata()' --param vis=\"'uid___A002.ms'\"
   casa-node status
-  casa-node stop";
+  casa-node stop
+  mpirun -n 5 casa-node --transport mpi run pipeline.py   (4 servers; build with --features mpi)";
 
 /// Run Python commands in parallel on a cluster of server processes, the
 /// way CASA's mpi4casa does.
@@ -105,7 +106,8 @@ impl From<Level> for LogLevel {
 
 #[derive(clap::Args)]
 struct UpArgs {
-    /// Server nodes to start.
+    /// Server nodes to start (with MPI the job's size decides: every rank
+    /// but rank 0 serves).
     #[arg(long, env = "CASA_NODE_SERVERS", default_value_t = 2)]
     servers: usize,
     /// Where drivers connect: unix://PATH (default: a socket in a private
