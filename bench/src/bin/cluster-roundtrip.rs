@@ -41,13 +41,16 @@
 
 use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use casa_node::client::{BlockingClient, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
+use casa_node_conformance::process::{
+    alive, collect, descendants, drain, mpi_launcher, mpirun, processes,
+};
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{CommandStatus, Value};
 use nix::sys::signal::{Signal, kill};
@@ -211,12 +214,10 @@ struct Measured {
     cpu: Option<BTreeMap<(String, String), f64>>,
 }
 
-/// Where the binaries are and how to start MPI jobs.
+/// Where the binaries are.
 struct Tools {
     casa_node: PathBuf,
     pingpong: PathBuf,
-    launcher: PathBuf,
-    open_mpi: bool,
     /// The cargo profile the binaries were built with, for messages.
     release: bool,
 }
@@ -470,63 +471,13 @@ fn tools() -> Result<Tools, String> {
             if release { " --release" } else { "" }
         ));
     }
-    let launcher = launcher()?;
-    let open_mpi = is_open_mpi(&launcher);
+    // Without an MPI launcher, fail before the first case.
+    mpi_launcher()?;
     Ok(Tools {
         casa_node,
         pingpong,
-        launcher,
-        open_mpi,
         release,
     })
-}
-
-/// `mpirun`, else `mpiexec`, from `PATH`.
-fn launcher() -> Result<PathBuf, String> {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["mpirun", "mpiexec"] {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return Ok(candidate);
-            }
-        }
-    }
-    Err("neither mpirun nor mpiexec is on PATH: install an MPI (Debian: openmpi-bin)".into())
-}
-
-fn is_open_mpi(launcher: &Path) -> bool {
-    Command::new(launcher)
-        .arg("--version")
-        .output()
-        .map(|out| {
-            let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-            text.contains("Open MPI") || text.contains("OpenRTE")
-        })
-        .unwrap_or(false)
-}
-
-impl Tools {
-    /// `mpirun -n RANKS` with what keeps a job on this machine and lets
-    /// it run as root and on more ranks than cores (Open MPI): shared
-    /// memory between the ranks, loopback for the runtime, no binding.
-    fn mpirun(&self, ranks: usize) -> Command {
-        let mut command = Command::new(&self.launcher);
-        if self.open_mpi {
-            if nix::unistd::geteuid().is_root() {
-                command.arg("--allow-run-as-root");
-            }
-            command
-                .arg("--oversubscribe")
-                .env("OMPI_MCA_pml", "ob1")
-                .env("OMPI_MCA_btl", "self,vader")
-                .env("OMPI_MCA_btl_tcp_if_include", "lo")
-                .env("OMPI_MCA_oob_tcp_if_include", "lo")
-                .env("OMPI_MCA_hwloc_base_binding_policy", "none");
-        }
-        command.arg("-n").arg(ranks.to_string());
-        command
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -540,7 +491,7 @@ fn pingpong(
     rounds: usize,
     through: Option<(Duration, u64)>,
 ) -> Result<(Measured, String), String> {
-    let mut command = tools.mpirun(2);
+    let mut command = mpirun(2)?;
     command.arg(&tools.pingpong).arg(rounds.to_string());
     if let Some((pause, idle_sleep)) = through {
         command
@@ -711,7 +662,7 @@ impl Cluster {
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         let socket = dir.join("front.sock");
         let mut command = if over_mpi {
-            let mut command = tools.mpirun(2);
+            let mut command = mpirun(2)?;
             command
                 .arg(&tools.casa_node)
                 .args(["--transport", "mpi", "up"]);
@@ -956,73 +907,6 @@ impl Drop for Tree {
     }
 }
 
-/// A process as /proc shows it: its parent, its state and when it started
-/// (which tells it from a later process given the same PID).
-fn stat(pid: Pid) -> Option<(Pid, char, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses,
-    // and the start time is the 22nd field of the line.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    let state = fields.first()?.chars().next()?;
-    let ppid = fields.get(1)?.parse().ok()?;
-    let started = fields.get(19)?.parse().ok()?;
-    Some((Pid::from_raw(ppid), state, started))
-}
-
-/// True while `pid` is the process that started at `started` and is not
-/// a zombie.
-fn alive(pid: Pid, started: u64) -> bool {
-    stat(pid).is_some_and(|(_, state, s)| s == started && state != 'Z')
-}
-
-/// Every process, with its parent and start time.
-fn processes() -> Vec<(Pid, Pid, u64)> {
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let pid = Pid::from_raw(pid);
-            let (ppid, _, started) = stat(pid)?;
-            Some((pid, ppid, started))
-        })
-        .collect()
-}
-
-/// The processes below `root`, with their start times.
-fn descendants(root: Pid) -> Vec<(Pid, u64)> {
-    let all = processes();
-    let mut found = Vec::new();
-    let mut parents = vec![root];
-    while let Some(parent) = parents.pop() {
-        for &(pid, ppid, started) in &all {
-            if ppid == parent {
-                found.push((pid, started));
-                parents.push(pid);
-            }
-        }
-    }
-    found
-}
-
-fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = pipe.read_to_end(&mut text);
-        let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
-    });
-    rx
-}
-
-/// What [`drain`] read; a pipe still held open by a stray process gives
-/// up after a while.
-fn collect(rx: mpsc::Receiver<String>) -> String {
-    rx.recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|_| "(output not closed)\n".to_owned())
-}
-
 fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
@@ -1058,7 +942,7 @@ fn cpu_snapshot(root: Pid) -> CpuSnapshot {
         if name.starts_with("python") {
             // The server node's worker, or the client node's syntax
             // checker (which compiles each new command string once).
-            let parent = all.iter().find(|p| p.0 == pid).map(|p| p.1);
+            let parent = all.iter().find(|p| p.0 == pid).map(|p| p.1.ppid);
             return match parent.map(is_server_node) {
                 Some(true) => "worker".into(),
                 _ => "checker".into(),

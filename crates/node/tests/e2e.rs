@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 
 use casa_node::client::{BlockingClient, ClientError, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
+use casa_node_conformance::process::{self, children, wait_gone};
 use casa_node_protocol::pb::{CommandMode, CommandStatus, LogLevel, RejectReason, Value};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -121,7 +122,7 @@ impl Cluster {
         let status = wait_child(&mut self.up, WAIT).expect("casa-node up exits");
         for &pid in &self.seen {
             assert!(
-                wait_gone(pid, Duration::from_secs(15)),
+                wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(15)),
                 "process {pid} was left behind"
             );
         }
@@ -137,21 +138,14 @@ fn over_mpi() -> bool {
 
 /// The start of a command line that runs a cluster of `servers` servers:
 /// `casa-node` (with `--servers` after the subcommand), or
-/// `mpirun -n N+1 casa-node --transport mpi`.
+/// `mpirun -n N+1 casa-node --transport mpi` (shared memory and loopback
+/// only).
 fn launcher(servers: usize) -> Command {
     if !over_mpi() {
         return Command::new(BIN);
     }
-    let mut command = Command::new("mpirun");
-    command.arg("--oversubscribe");
-    if nix::unistd::geteuid().is_root() {
-        command.arg("--allow-run-as-root");
-    }
-    command
-        .args(["-n", &(servers + 1).to_string(), BIN, "--transport", "mpi"])
-        // Loopback only.
-        .env("OMPI_MCA_btl_tcp_if_include", "lo")
-        .env("OMPI_MCA_oob_tcp_if_include", "lo");
+    let mut command = process::mpirun(servers + 1).unwrap_or_else(|why| panic!("{why}"));
+    command.args([BIN, "--transport", "mpi"]);
     command
 }
 
@@ -170,7 +164,7 @@ impl Drop for Cluster {
             }
         }
         for &pid in &self.seen {
-            if !wait_gone(pid, Duration::from_secs(10)) {
+            if !wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(10)) {
                 let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
             }
         }
@@ -186,27 +180,6 @@ fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitSt
         }
         if Instant::now() >= end {
             return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-/// True once `pid` no longer exists (or is a zombie of someone else).
-fn wait_gone(pid: u32, limit: Duration) -> bool {
-    let end = Instant::now() + limit;
-    loop {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"));
-        let gone = match stat {
-            Err(_) => true,
-            Ok(text) => text
-                .rsplit_once(") ")
-                .is_some_and(|(_, rest)| rest.starts_with('Z')),
-        };
-        if gone {
-            return true;
-        }
-        if Instant::now() >= end {
-            return false;
         }
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -572,7 +545,7 @@ fn stop_services_ends_the_cluster_while_a_server_hangs() {
     eprintln!("ended {:?} after stop services", stopped.elapsed());
     for &pid in &cluster.seen {
         assert!(
-            wait_gone(pid, Duration::from_secs(15)),
+            wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(15)),
             "process {pid} was left behind"
         );
     }
@@ -686,12 +659,11 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
     );
     if over_mpi() {
         // The client node is rank 0, a child of mpirun beside the servers.
-        let servers: Vec<u32> = cluster.seen.clone();
-        let rank0 = children(cluster.up.id())
+        let rank0 = children(Pid::from_raw(cluster.up.id() as i32))
             .into_iter()
-            .find(|pid| !servers.contains(pid))
+            .find(|p| !cluster.seen.contains(&(p.as_raw() as u32)))
             .expect("rank 0 among mpirun's children");
-        kill(Pid::from_raw(rank0 as i32), Signal::SIGKILL).unwrap();
+        kill(rank0, Signal::SIGKILL).unwrap();
         assert!(wait_child(&mut cluster.up, WAIT).is_some(), "mpirun ends");
     } else {
         cluster.up.kill().unwrap();
@@ -699,32 +671,10 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
     }
     for &pid in &cluster.seen {
         assert!(
-            wait_gone(pid, Duration::from_secs(15)),
+            wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(15)),
             "process {pid} outlived the client node"
         );
     }
-}
-
-/// The processes whose parent is `parent`.
-fn children(parent: u32) -> Vec<u32> {
-    let mut found = Vec::new();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-            continue;
-        };
-        // pid (comm) state ppid ...
-        let ppid = stat
-            .rsplit_once(") ")
-            .and_then(|(_, rest)| rest.split(' ').nth(1))
-            .and_then(|p| p.parse::<u32>().ok());
-        if ppid == Some(parent) {
-            found.push(pid);
-        }
-    }
-    found
 }
 
 #[test]

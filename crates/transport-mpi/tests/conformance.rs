@@ -8,13 +8,12 @@
 //! only), and a job that outlives its time limit is killed — mpirun and the
 //! processes it started, each by its PID — and fails the test.
 
-use std::io::Read;
-use std::path::{Path, PathBuf};
-use std::process::{Command, ExitStatus, Stdio};
+use std::process::{ExitStatus, Stdio};
 use std::sync::Mutex;
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
+use casa_node_conformance::process::{self, collect, descendants, drain, stat};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -22,31 +21,6 @@ const BINARY: &str = env!("CARGO_BIN_EXE_mpi-conformance");
 
 /// One MPI job at a time.
 static JOBS: Mutex<()> = Mutex::new(());
-
-/// The launcher: `mpirun`, else `mpiexec`, from `PATH`.
-fn launcher() -> PathBuf {
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    for name in ["mpirun", "mpiexec"] {
-        for dir in std::env::split_paths(&path) {
-            let candidate = dir.join(name);
-            if candidate.is_file() {
-                return candidate;
-            }
-        }
-    }
-    panic!("neither mpirun nor mpiexec is on PATH: install an MPI (Debian: openmpi-bin)");
-}
-
-fn is_open_mpi(launcher: &Path) -> bool {
-    Command::new(launcher)
-        .arg("--version")
-        .output()
-        .map(|out| {
-            let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
-            text.contains("Open MPI") || text.contains("OpenRTE")
-        })
-        .unwrap_or(false)
-}
 
 /// What a job printed and how it ended.
 struct Job {
@@ -75,25 +49,10 @@ fn mpirun(ranks: usize, args: &[&str], limit: Duration) -> Job {
 /// [`mpirun`] with environment variables for the ranks.
 fn mpirun_with(ranks: usize, args: &[&str], env: &[(&str, &str)], limit: Duration) -> Job {
     let _one_at_a_time = JOBS.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-    let launcher = launcher();
-    let mut command = Command::new(&launcher);
-    if is_open_mpi(&launcher) {
-        if nix::unistd::getuid().is_root() {
-            command.arg("--allow-run-as-root");
-        }
-        command
-            .arg("--oversubscribe")
-            // Shared memory within the machine, loopback for the runtime.
-            .env("OMPI_MCA_pml", "ob1")
-            .env("OMPI_MCA_btl", "self,vader")
-            .env("OMPI_MCA_btl_tcp_if_include", "lo")
-            .env("OMPI_MCA_oob_tcp_if_include", "lo")
-            .env("OMPI_MCA_hwloc_base_binding_policy", "none");
-    }
+    // Shared memory and loopback only (Open MPI).
+    let mut command = process::mpirun(ranks).unwrap_or_else(|why| panic!("{why}"));
     command
         .envs(env.iter().copied())
-        .arg("-n")
-        .arg(ranks.to_string())
         .arg(BINARY)
         .args(args)
         .stdin(Stdio::null())
@@ -102,8 +61,8 @@ fn mpirun_with(ranks: usize, args: &[&str], env: &[(&str, &str)], limit: Duratio
     let start = Instant::now();
     let mut child = command.spawn().expect("start mpirun");
     let pid = Pid::from_raw(child.id() as i32);
-    let stdout = reader(child.stdout.take().expect("piped stdout"));
-    let stderr = reader(child.stderr.take().expect("piped stderr"));
+    let stdout = drain(child.stdout.take().expect("piped stdout"));
+    let stderr = drain(child.stderr.take().expect("piped stderr"));
     let (exited_tx, exited_rx) = mpsc::channel();
     let waiter = std::thread::spawn(move || {
         let status = child.wait().expect("wait for mpirun");
@@ -126,7 +85,7 @@ fn mpirun_with(ranks: usize, args: &[&str], env: &[(&str, &str)], limit: Duratio
             };
             let below = started.len();
             for (process, started) in started {
-                if stat(process).is_some_and(|(_, now)| now == started) {
+                if stat(process).is_some_and(|now| now.started == started) {
                     let _ = kill(process, Signal::SIGKILL);
                 }
             }
@@ -150,62 +109,6 @@ fn mpirun_with(ranks: usize, args: &[&str], env: &[(&str, &str)], limit: Duratio
         stderr: collect(stderr),
         elapsed: start.elapsed(),
     }
-}
-
-/// A process as /proc shows it: its parent and when it started, which
-/// tells it from a later process given the same PID.
-fn stat(pid: Pid) -> Option<(Pid, u64)> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses,
-    // and the start time is the 22nd field of the line.
-    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
-    let ppid = fields.get(1)?.parse().ok()?;
-    let started = fields.get(19)?.parse().ok()?;
-    Some((Pid::from_raw(ppid), started))
-}
-
-/// The processes below `root` (mpirun's ranks and helpers), with their
-/// start times.
-fn descendants(root: Pid) -> Vec<(Pid, u64)> {
-    let all: Vec<(Pid, Pid, u64)> = std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(|pid| {
-            let pid = Pid::from_raw(pid);
-            let (ppid, started) = stat(pid)?;
-            Some((pid, ppid, started))
-        })
-        .collect();
-    let mut found = Vec::new();
-    let mut parents = vec![root];
-    while let Some(parent) = parents.pop() {
-        for &(pid, ppid, started) in &all {
-            if ppid == parent {
-                found.push((pid, started));
-                parents.push(pid);
-            }
-        }
-    }
-    found
-}
-
-fn reader(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        let mut text = Vec::new();
-        let _ = pipe.read_to_end(&mut text);
-        let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
-    });
-    rx
-}
-
-/// What a reader read; a pipe still held open by a stray process after
-/// the job's end gives up after a while.
-fn collect(rx: mpsc::Receiver<String>) -> String {
-    rx.recv_timeout(Duration::from_secs(10))
-        .unwrap_or_else(|_| "(output not closed)\n".to_owned())
 }
 
 /// Runs `check` on `ranks` processes and asserts that each rank passed.

@@ -1,0 +1,187 @@
+//! Processes, for the tests and benchmarks that start real ones (Linux):
+//!
+//! - the MPI launcher ([`mpirun`]), set up to keep a job on this machine;
+//! - what `/proc` says about a process ([`stat`]), so that everything a
+//!   test started can be found ([`descendants`], [`children`]) and stopped
+//!   by PID, telling a process from a later one given the same PID by its
+//!   start time ([`alive`]);
+//! - a child's pipes, read to the end in the background ([`drain`],
+//!   [`collect`]), so that a chatty child never blocks on a full pipe.
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{OnceLock, mpsc};
+use std::time::{Duration, Instant};
+
+use nix::unistd::Pid;
+
+/// The MPI launcher: `mpirun`, else `mpiexec`, from `PATH`.
+pub fn mpi_launcher() -> Result<PathBuf, String> {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    for name in ["mpirun", "mpiexec"] {
+        for dir in std::env::split_paths(&path) {
+            let candidate = dir.join(name);
+            if candidate.is_file() {
+                return Ok(candidate);
+            }
+        }
+    }
+    Err("neither mpirun nor mpiexec is on PATH: install an MPI (Debian: openmpi-bin)".into())
+}
+
+/// True when `launcher` is Open MPI's.
+fn is_open_mpi(launcher: &Path) -> bool {
+    Command::new(launcher)
+        .arg("--version")
+        .output()
+        .map(|out| {
+            let text = String::from_utf8_lossy(&out.stdout) + String::from_utf8_lossy(&out.stderr);
+            text.contains("Open MPI") || text.contains("OpenRTE")
+        })
+        .unwrap_or(false)
+}
+
+/// `mpirun -n RANKS` (the [`mpi_launcher`]), for the caller to add the
+/// program and its arguments to.
+///
+/// Under Open MPI, the job stays on this machine and runs anywhere: shared
+/// memory between the ranks, loopback for the runtime, no binding to
+/// cores, more ranks than cores allowed, and `--allow-run-as-root` when
+/// run as root. The launcher is looked for, and asked whether it is Open
+/// MPI, once per process.
+pub fn mpirun(ranks: usize) -> Result<Command, String> {
+    static FOUND: OnceLock<Result<(PathBuf, bool), String>> = OnceLock::new();
+    let (launcher, open_mpi) = FOUND
+        .get_or_init(|| {
+            let launcher = mpi_launcher()?;
+            let open_mpi = is_open_mpi(&launcher);
+            Ok((launcher, open_mpi))
+        })
+        .clone()?;
+    let mut command = Command::new(launcher);
+    if open_mpi {
+        if nix::unistd::geteuid().is_root() {
+            command.arg("--allow-run-as-root");
+        }
+        command
+            .arg("--oversubscribe")
+            // Shared memory within the machine, loopback for the runtime.
+            .env("OMPI_MCA_pml", "ob1")
+            .env("OMPI_MCA_btl", "self,vader")
+            .env("OMPI_MCA_btl_tcp_if_include", "lo")
+            .env("OMPI_MCA_oob_tcp_if_include", "lo")
+            .env("OMPI_MCA_hwloc_base_binding_policy", "none");
+    }
+    command.arg("-n").arg(ranks.to_string());
+    Ok(command)
+}
+
+/// A process as `/proc/PID/stat` shows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ProcStat {
+    /// Its parent.
+    pub ppid: Pid,
+    /// Its state: `R`, `S`, `D`, `T`, `Z` (a zombie), ….
+    pub state: char,
+    /// When it started, in clock ticks since boot: with the PID, this
+    /// tells it from a later process given the same PID.
+    pub started: u64,
+}
+
+/// What `/proc` shows of `pid`; `None` once it is gone (reaped).
+pub fn stat(pid: Pid) -> Option<ProcStat> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // `pid (comm) state ppid ...`; comm may hold spaces and parentheses,
+    // and the start time is the 22nd field of the line.
+    let fields: Vec<&str> = stat[stat.rfind(')')? + 1..].split_whitespace().collect();
+    let state = fields.first()?.chars().next()?;
+    let ppid = fields.get(1)?.parse().ok()?;
+    let started = fields.get(19)?.parse().ok()?;
+    Some(ProcStat {
+        ppid: Pid::from_raw(ppid),
+        state,
+        started,
+    })
+}
+
+/// True while `pid` is the process that started at `started` and is not
+/// a zombie.
+pub fn alive(pid: Pid, started: u64) -> bool {
+    stat(pid).is_some_and(|s| s.started == started && s.state != 'Z')
+}
+
+/// Every process, with what `/proc` shows of it.
+pub fn processes() -> Vec<(Pid, ProcStat)> {
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|entry| entry.file_name().to_str()?.parse::<i32>().ok())
+        .filter_map(|pid| {
+            let pid = Pid::from_raw(pid);
+            Some((pid, stat(pid)?))
+        })
+        .collect()
+}
+
+/// The processes whose parent is `parent`.
+pub fn children(parent: Pid) -> Vec<Pid> {
+    processes()
+        .into_iter()
+        .filter(|(_, stat)| stat.ppid == parent)
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The processes below `root` (its children, theirs, …), with their start
+/// times.
+pub fn descendants(root: Pid) -> Vec<(Pid, u64)> {
+    let all = processes();
+    let mut found = Vec::new();
+    let mut parents = vec![root];
+    while let Some(parent) = parents.pop() {
+        for &(pid, stat) in &all {
+            if stat.ppid == parent {
+                found.push((pid, stat.started));
+                parents.push(pid);
+            }
+        }
+    }
+    found
+}
+
+/// Waits up to `limit` for `pid` to be gone (or a zombie, which another
+/// process has to reap); true if it is.
+pub fn wait_gone(pid: Pid, limit: Duration) -> bool {
+    let end = Instant::now() + limit;
+    loop {
+        if stat(pid).is_none_or(|s| s.state == 'Z') {
+            return true;
+        }
+        if Instant::now() >= end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Reads `pipe` to its end on a thread of its own, and sends what it read
+/// (as UTF-8, lossily); see [`collect`].
+pub fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        let mut text = Vec::new();
+        let _ = pipe.read_to_end(&mut text);
+        let _ = tx.send(String::from_utf8_lossy(&text).into_owned());
+    });
+    rx
+}
+
+/// What [`drain`] read. A pipe still held open after the child's end (by a
+/// process it left behind) gives up after 10 s, with
+/// `(output not closed)`.
+pub fn collect(rx: mpsc::Receiver<String>) -> String {
+    rx.recv_timeout(Duration::from_secs(10))
+        .unwrap_or_else(|_| "(output not closed)\n".to_owned())
+}
