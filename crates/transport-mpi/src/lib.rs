@@ -56,9 +56,10 @@
 //! gives way to the application's threads. Then it sleeps between probes,
 //! from [`IdlePolicy::first_sleep`] (10 µs) doubling up to
 //! [`IdlePolicy::max_sleep`] (500 µs): an idle rank wakes about 2 000 times
-//! a second, a few percent of a core at most, and a message reaching a
-//! long-idle rank waits at most `max_sleep` (plus the kernel's timer slack)
-//! before it is seen. A local `send` wakes the thread at once; while sends
+//! a second (measured: 2.2–2.6 % of a core per idle rank on a 2-core VM,
+//! with 4 and with 9 ranks; 1.2 % with a 1 ms cap, 7 % with 100 µs), and a
+//! message reaching a long-idle rank waits at most `max_sleep` (plus the
+//! kernel's timer slack) before it is seen. A local `send` wakes the thread at once; while sends
 //! of its own are in progress it yields instead of sleeping, since some MPI
 //! transports move data only while MPI is called.
 //!
