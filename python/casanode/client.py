@@ -266,12 +266,12 @@ class Client:
         `timeout` bounds the whole wait, as in Executor.map; TimeoutError
         when it passes first. A rejected submission raises before anything
         is yielded; those accepted before it still run."""
+        if isinstance(target, (list, tuple, range)):
+            raise ValueError("map takes one target rank or None, not a list")
         submitted = [
             self.submit(command, target=target, parameters=p, deadline=deadline, mode=mode)
             for p in parameter_sets
         ]
-        if any(isinstance(f, list) for f in submitted):
-            raise ValueError("map takes one target rank or None, not a list")
         end = None if timeout is None else time.monotonic() + timeout
 
         def results():

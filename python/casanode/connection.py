@@ -257,7 +257,8 @@ class Connection:
         log record the client node forwards (after a LogSubscription), and
         callback(None) once when the connection closes."""
         with self._lock:
-            self._log_subscribers.append(callback)
+            if callback not in self._log_subscribers:
+                self._log_subscribers.append(callback)
 
     def remove_log_subscriber(self, callback):
         with self._lock:

@@ -123,8 +123,10 @@ def test_map_yields_responses_in_the_order_of_its_inputs(client):
 def test_map_rejects_before_yielding(client):
     with pytest.raises(casanode.SubmissionRejected):
         client.map("x", [{"x": 1}], target=9)
+    before = client.submit("1").id
     with pytest.raises(ValueError):
         client.map("x", [{"x": 1}], target=[1, 2])
+    assert client.submit("1").id == before + 1  # nothing was submitted
 
 
 def test_broadcast_runs_once_on_every_server(client):
