@@ -41,6 +41,9 @@ CASA_NODE_TEST_TRANSPORT=mpi cargo test -p casa-node --features mpi --locked --t
 step "python tests over ZeroMQ and MPI (python/run-tests.sh: a virtual environment with protobuf and pytest)"
 CASA_NODE_TEST_TRANSPORTS=zmq,mpi python/run-tests.sh 2>&1 | tee -a "$log"
 
+step "bench: casa-node against its peers, quick (bench/compare.sh --quick; the full run is by hand)"
+bench/compare.sh --quick
+
 # One closing line for the whole run: cargo's and pytest's own last lines
 # each cover only part of it.
 awk '/^test result:/ { passed += $4; failed += $6 }

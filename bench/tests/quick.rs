@@ -136,3 +136,30 @@ fn the_cluster_round_trip_refuses_unknown_arguments() {
     assert_eq!(output.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&output.stderr).contains("unknown argument"));
 }
+
+/// The comparison harness's L2 client (`bench/compare.sh` runs it against
+/// a cluster it starts): its arguments are checked, and a front door that
+/// is not there is an error, not a hang.
+#[test]
+fn the_roundtrip_client_checks_its_arguments_and_its_cluster() {
+    let client = env!("CARGO_BIN_EXE_roundtrip-client");
+    let output = Command::new(client)
+        .arg("--fast")
+        .output()
+        .expect("the client runs");
+    assert_eq!(output.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&output.stderr).contains("unknown argument"));
+    let output = Command::new(client).output().expect("the client runs");
+    assert_eq!(output.status.code(), Some(2));
+    let missing = std::env::temp_dir().join(format!("no-cluster-{}.sock", std::process::id()));
+    let output = Command::new(client)
+        .arg(format!("unix://{}", missing.display()))
+        .output()
+        .expect("the client runs");
+    assert_eq!(output.status.code(), Some(1));
+    assert!(
+        String::from_utf8_lossy(&output.stderr).contains("cannot connect"),
+        "{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+}

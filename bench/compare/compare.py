@@ -1,0 +1,455 @@
+"""casa-node against its peers (issue 6), in one run: every figure for
+casa-node and for the peer it is measured against, interleaved by
+repetition (which of the two goes first alternates from one repetition to
+the next), each the median of the repetitions after a warm-up, with min and
+max. Prints one Markdown table: figure, casa-node, peer, ratio, goal, met.
+
+    compare.py [--quick] [--reps N] [--only L,T,...]
+
+Run it through bench/compare.sh, which builds casa-node (with MPI) and the
+Rust round-trip client in release mode and makes the virtual environment
+with the peers. Exits non-zero when a measurement fails, never because a
+goal is missed: speed is reported, not asserted.
+"""
+
+import argparse
+import json
+import os
+import platform
+import select
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import harness
+from harness import PEERS, PYTHON, Cluster, Failed
+
+CASA_SIDE = harness.HERE / "casa_side.py"
+
+FULL = dict(
+    warmup_reps=1, reps=5,
+    requests=2000, request_warmup=200,          # L1, L2, L3
+    tasks=20000, task_warmup=200,               # T1, T2
+    mib=256,                                    # B1
+    heartbeat=1.0, timeout=5.0, sleep=1,        # F1
+    start_servers=4, start_pythons=5,           # S1
+    memory_servers=64, memory_reps=3,           # M1 (no warm-up: a state, not a speed)
+)
+QUICK = dict(
+    warmup_reps=0, reps=2,
+    requests=200, request_warmup=20,
+    tasks=500, task_warmup=50,
+    mib=8,
+    heartbeat=0.2, timeout=1.0, sleep=1,
+    start_servers=4, start_pythons=5,
+    memory_servers=4, memory_reps=1,
+)
+
+GROUPS = ("L", "Z", "T", "B", "F", "S", "M")
+
+
+# ------------------------------------------------------------------ figures
+
+
+class Figure:
+    """A row of the table. `better` is "lower" (times, memory) or "higher"
+    (rates); `goal` is the ratio (or, without a peer, the absolute value in
+    `unit`) the figure should reach."""
+
+    def __init__(self, key, name, unit, better, goal, goal_text, peer_name=None):
+        self.key, self.name, self.unit, self.better = key, name, unit, better
+        self.goal, self.goal_text, self.peer_name = goal, goal_text, peer_name
+        self.casa, self.peer = [], []   # one value per measured repetition
+        self.bound = None               # F1: the peer column is a bound
+        self.errors = []
+        self.notes = {}                 # name -> [values], reported under the table
+
+    def note(self, name, value):
+        self.notes.setdefault(name, []).append(value)
+
+
+def make_figures(s):
+    h, t = s["heartbeat"], s["timeout"]
+    figures = [
+        Figure("L1", "L1 latency, Python (µs)", "µs", "lower", 3, "≤ 3×",
+               "mpi4py send/recv of dicts, eval"),
+        Figure("L2", "L2 latency, Rust (µs)", "µs", "lower", 2, "≤ 2×",
+               "the same mpi4py floor"),
+        Figure("L3", "L3 latency, ZeroMQ (µs)", "µs", "lower", 1.5, "≤ 1.5×",
+               "pyzmq DEALER/ROUTER over ipc, eval"),
+        Figure("T1", f"T1 throughput, MPI (tasks/s, {s['tasks']} tasks)", "tasks/s", "higher", 4, "≥ 4×",
+               "MPIPoolExecutor, 2 workers"),
+        Figure("T1z", "T1 over ZeroMQ (context)", "tasks/s", "higher", 4, "≥ 4×",
+               "MPIPoolExecutor, 2 workers"),
+        Figure("T2", f"T2 throughput, MPI (tasks/s, {s['tasks']} tasks)", "tasks/s", "higher", 20, "≥ 20×",
+               "Dask LocalCluster, 2 processes"),
+        Figure("T2z", "T2 over ZeroMQ (context)", "tasks/s", "higher", 20, "≥ 20×",
+               "Dask LocalCluster, 2 processes"),
+        Figure("B1", f"B1 bandwidth, MPI (MiB/s, {s['mib']} MiB there and back)", "MiB/s", "higher", 0.5,
+               "≥ 0.5×", "mpi4py Send/Recv"),
+        Figure("F1", f"F1 failure detection (s; heartbeat {h:g} s, timeout {t:g} s)", "s", "lower", 1,
+               f"≤ {t + h:g} s (timeout + 1 heartbeat)", "the bound"),
+        Figure("S1", f"S1 start-up, `run --servers {s['start_servers']}` of an empty script (s)", "s",
+               "lower", 2, "≤ 2×", f"{s['start_pythons']} × `python3 -c pass`"),
+        Figure("S1w", "S1 until every worker answered `1` (context; s)", "s",
+               "lower", 2, "≤ 2×", f"{s['start_pythons']} × `python3 -c pass`"),
+        Figure("M1s", "M1 RSS of an idle server node, without its worker (MiB)", "MiB", "lower", 10,
+               "≤ 10 MiB"),
+        Figure("M1c", f"M1 RSS of the client node with {s['memory_servers']} servers (MiB)", "MiB",
+               "lower", 30, "≤ 30 MiB"),
+    ]
+    figures = {f.key: f for f in figures}
+    figures["F1"].bound = t + h
+    return figures
+
+
+# ------------------------------------------------------------------ casa-node side
+
+
+def casa_side(cluster, *args, timeout=900):
+    """Runs casa_side.py against `cluster` and returns its result, with the
+    CPU seconds each part of the cluster and the driver used during the
+    timed part (`cpu`, by role) and that part's wall time (`wall`): the
+    driver prints `ready` before it and its result after it, and waits
+    each time until told to go on."""
+    env = dict(os.environ, CASA_NODE_ENDPOINT=cluster.endpoint)
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen([PYTHON, str(CASA_SIDE), *map(str, args)], env=env, text=True,
+                                stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=stderr)
+        end = time.monotonic() + timeout
+        before = began = result = None
+        lines = []
+        try:
+            while result is None:
+                ready, _, _ = select.select([proc.stdout], [], [], max(0, end - time.monotonic()))
+                line = proc.stdout.readline() if ready else None
+                if not line:
+                    break
+                lines.append(line)
+                if line.strip() == "ready":
+                    before = harness.cpu_snapshot(cluster.pid, extra=[proc.pid])
+                    began = time.perf_counter()
+                elif line.startswith("{"):
+                    wall = time.perf_counter() - (began or 0)
+                    after = harness.cpu_snapshot(cluster.pid, extra=[proc.pid])
+                    result = json.loads(line)
+                    if before is not None:
+                        result["cpu"] = harness.cpu_seconds(before, after)
+                        result["wall"] = wall
+                else:
+                    continue
+                proc.stdin.write("\n")
+                proc.stdin.flush()
+            proc.stdin.close()
+            proc.wait(max(1, end - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            pass
+        finally:
+            if proc.poll() is None:
+                harness.stop_tree(proc)
+            proc.stdout.close()
+        stderr.seek(0)
+        err = stderr.read()
+    if result is None or proc.returncode != 0:
+        raise Failed(f"casa_side.py {' '.join(map(str, args))} failed (exit {proc.returncode})\n"
+                     f"stdout:\n{''.join(lines)}\nstderr:\n{err}\nthe cluster's log:\n{cluster.log_tail()}")
+    return result
+
+
+def measure_latency_mpi(s, figures, record):
+    """L1 and L2 on one MPI cluster of one server: the Rust client first,
+    then the Python driver (whose exit stops services, as the seed's does)."""
+    with Cluster("mpi", 1) as cluster:
+        cluster.wait_online()
+        rust = harness.run_json([harness.ROUNDTRIP_CLIENT, cluster.endpoint,
+                                 "--requests", s["requests"], "--warmup", s["request_warmup"]],
+                                name="roundtrip-client")
+        python = casa_side(cluster, "latency", s["requests"], s["request_warmup"])
+    if record:
+        figures["L2"].casa.append(rust["median_us"])
+        figures["L2"].note("casa-node p99 µs", rust["p99_us"])
+        figures["L1"].casa.append(python["median_us"])
+        figures["L1"].note("casa-node p99 µs", python["p99_us"])
+
+
+def peer_latency_mpi(s, figures, record):
+    r = harness.mpi_json(2, [PYTHON, PEERS / "mpi_pingpong.py", "latency", s["requests"], s["request_warmup"]])
+    if record:
+        for key in ("L1", "L2"):
+            figures[key].peer.append(r["median_us"])
+        figures["L1"].note("peer p99 µs", r["p99_us"])
+
+
+def measure_latency_zmq(s, figures, record):
+    with Cluster("zmq", 1) as cluster:
+        cluster.wait_online()
+        python = casa_side(cluster, "latency", s["requests"], s["request_warmup"])
+    if record:
+        figures["L3"].casa.append(python["median_us"])
+        figures["L3"].note("casa-node p99 µs", python["p99_us"])
+
+
+def peer_latency_zmq(s, figures, record):
+    r = harness.python_json(PEERS / "zmq_pingpong.py", s["requests"], s["request_warmup"])
+    if record:
+        figures["L3"].peer.append(r["median_us"])
+        figures["L3"].note("peer p99 µs", r["p99_us"])
+
+
+def measure_throughput(s, figures, record):
+    for transport, keys in (("mpi", ("T1", "T2")), ("zmq", ("T1z", "T2z"))):
+        with Cluster(transport, 2) as cluster:
+            cluster.wait_online()
+            r = casa_side(cluster, "throughput", s["tasks"], s["task_warmup"])
+        if record:
+            for key in keys:
+                figures[key].casa.append(r["tasks_per_s"])
+            f = figures[keys[0]]
+            f.note("casa-node: seconds pushing (of the total)", r["push_s"])
+            f.note("casa-node: seconds in all", r["total_s"])
+            f.note("casa-node: share of server 1", r["per_server"].get("1", 0) / s["tasks"])
+            for role, seconds in r["cpu"].items():
+                f.note(f"casa-node cores busy, {role}", seconds / r["wall"])
+
+
+def peer_pool(s, figures, record):
+    r = harness.mpi_json(3, [PYTHON, "-m", "mpi4py.futures", PEERS / "mpi_pool.py",
+                             s["tasks"], s["task_warmup"]])
+    if record:
+        for key in ("T1", "T1z"):
+            figures[key].peer.append(r["tasks_per_s"])
+        figures["T1"].note("peer: seconds submitting (of the total)", r["push_s"])
+
+
+def peer_dask(s, figures, record):
+    r = harness.python_json(PEERS / "dask_map.py", s["tasks"], s["task_warmup"], timeout=1800)
+    if record:
+        for key in ("T2", "T2z"):
+            figures[key].peer.append(r["tasks_per_s"])
+        figures["T2"].note("peer: seconds submitting (of the total)", r["push_s"])
+
+
+def measure_bandwidth(s, figures, record):
+    with Cluster("mpi", 1) as cluster:
+        cluster.wait_online()
+        r = casa_side(cluster, "bandwidth", s["mib"])
+    if record:
+        f = figures["B1"]
+        f.casa.append(r["mib_per_s"])
+        f.note("casa-node: seconds there and back", r["seconds"])
+        for role, seconds in r["cpu"].items():
+            f.note(f"casa-node CPU seconds, {role}", seconds)
+
+
+def peer_bandwidth(s, figures, record):
+    r = harness.mpi_json(2, [PYTHON, PEERS / "mpi_pingpong.py", "bandwidth", s["mib"]])
+    if record:
+        figures["B1"].peer.append(r["mib_per_s"])
+        figures["B1"].note("peer: seconds there and back", r["seconds"])
+
+
+def measure_failure(s, figures, record):
+    options = ["--heartbeat", f"{s['heartbeat']:g}", "--timeout", f"{s['timeout']:g}"]
+    with Cluster("zmq", 1, options) as cluster:
+        cluster.wait_online()
+        r = casa_side(cluster, "failure", s["sleep"])
+    if record:
+        figures["F1"].casa.append(r["seconds"])
+
+
+# S1's scripts: an empty one, and one that waits until every server's
+# worker has run a command (an empty script ends before the workers are up).
+SCRIPTS = {"S1": "", "S1w": "import casanode\nc = casanode.connect()\nc.wait(c.broadcast('1'))\n"}
+
+
+def measure_start(s, figures, record):
+    for key, text in SCRIPTS.items():
+        with tempfile.TemporaryDirectory(prefix="casacmp-") as directory:
+            script = os.path.join(directory, "script.py")
+            with open(script, "w") as f:
+                f.write(text)
+            env = dict(os.environ, XDG_RUNTIME_DIR=directory)
+            env.pop("CASA_NODE_ENDPOINT", None)
+            argv = [str(harness.CASA_NODE), "run", "--servers", str(s["start_servers"]),
+                    "--python", PYTHON, "--log-file", os.path.join(directory, "log"), script]
+            began = time.perf_counter()
+            proc = subprocess.run(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL,
+                                  capture_output=True, text=True, timeout=300)
+            wall = time.perf_counter() - began
+            if proc.returncode != 0:
+                raise Failed(f"casa-node run of {key}'s script failed (exit {proc.returncode}):\n"
+                             f"{proc.stdout}{proc.stderr}")
+        if record:
+            figures[key].casa.append(wall)
+
+
+def peer_start(s, figures, record):
+    began = time.perf_counter()
+    for _ in range(s["start_pythons"]):
+        subprocess.run([PYTHON, "-c", "pass"], check=True, stdin=subprocess.DEVNULL, timeout=60)
+    wall = time.perf_counter() - began
+    if record:
+        figures["S1"].peer.append(wall)
+        figures["S1w"].peer.append(wall)
+
+
+def measure_memory(s, figures, record):
+    began = time.perf_counter()
+    with Cluster("zmq", s["memory_servers"]) as cluster:
+        table = cluster.wait_online(workers=True)
+        online = time.perf_counter() - began
+        time.sleep(2)  # idle
+        servers = []
+        for rank, server in sorted(table.items()):
+            comm = harness._read(f"/proc/{server['pid']}/comm").strip()
+            if comm != "casa-node":
+                raise Failed(f"server {rank}'s pid {server['pid']} is {comm!r}, not a casa-node server node")
+            servers.append(harness.rss_kib(server["pid"]) / 1024)
+        client = harness.rss_kib(cluster.pid) / 1024
+        workers = [harness.rss_kib(server["worker_pid"]) / 1024 for server in table.values()
+                   if server["worker_pid"]]
+    if record:
+        figures["M1s"].casa.append(max(servers))
+        figures["M1s"].note("median over the servers, MiB", statistics.median(servers))
+        figures["M1s"].note("a worker (median, for context), MiB", statistics.median(workers))
+        figures["M1c"].casa.append(client)
+        figures["M1c"].note(f"seconds until all {s['memory_servers']} servers were online", online)
+
+
+# Each group: (figures it fills, casa-node side, peer side or None).
+PLAN = {
+    "L": (("L1", "L2"), measure_latency_mpi, peer_latency_mpi),
+    "Z": (("L3",), measure_latency_zmq, peer_latency_zmq),
+    "T": (("T1", "T1z", "T2", "T2z"), measure_throughput, [peer_pool, peer_dask]),
+    "B": (("B1",), measure_bandwidth, peer_bandwidth),
+    "F": (("F1",), measure_failure, None),
+    "S": (("S1", "S1w"), measure_start, peer_start),
+    "M": (("M1s", "M1c"), measure_memory, None),
+}
+
+
+# ------------------------------------------------------------------ the table
+
+
+def fmt(v):
+    if v is None:
+        return "—"
+    if abs(v) >= 1000:
+        return f"{v:,.0f}".replace(",", " ")
+    if abs(v) >= 100:
+        return f"{v:.0f}"
+    if abs(v) >= 10:
+        return f"{v:.1f}"
+    return f"{v:.2f}"
+
+
+def cell(values):
+    if not values:
+        return "—"
+    return f"{fmt(statistics.median(values))} [{fmt(min(values))}–{fmt(max(values))}]"
+
+
+def verdict(f):
+    """(casa cell, peer cell, ratio cell, met cell) of a figure."""
+    if f.errors and not f.casa:
+        return "error", cell(f.peer), "—", "error"
+    casa = statistics.median(f.casa) if f.casa else None
+    if f.bound is not None:
+        # Every repetition must be within the bound.
+        worst = max(f.casa)
+        return (cell(f.casa), f"{f.bound:g} (bound)", f"{casa / f.bound:.2f}",
+                "yes" if worst <= f.bound else f"no (max {fmt(worst)})")
+    if f.peer_name is None:
+        worst = max(f.casa)
+        return cell(f.casa), "—", "—", "yes" if worst <= f.goal else "no"
+    if not f.peer:
+        return cell(f.casa), "error", "—", "error"
+    ratio = casa / statistics.median(f.peer)
+    met = ratio <= f.goal if f.better == "lower" else ratio >= f.goal
+    return cell(f.casa), cell(f.peer), f"{ratio:.2f}×", "yes" if met else "no"
+
+
+def print_table(figures, settings, elapsed):
+    print()
+    print("| figure | casa-node | peer | ratio | goal | met? |")
+    print("|---|--:|--:|--:|---|---|")
+    for f in figures.values():
+        casa, peer, ratio, met = verdict(f)
+        peer_label = f"{peer} ({f.peer_name})" if f.peer_name and f.bound is None and peer != "—" else peer
+        print(f"| {f.name} | {casa} | {peer_label} | {ratio} | {f.goal_text} | {met} |")
+    print()
+    print("Cells: median [min–max] over the measured repetitions; ratio = casa-node median / peer median.")
+    notes = [(f, name, values) for f in figures.values() for name, values in f.notes.items()]
+    if notes:
+        print()
+        print("Details (median [min–max] over the repetitions):")
+        for f, name, values in notes:
+            print(f"  {f.key:<4} {name}: {cell(values)}")
+    print()
+    print(f"{settings['reps']} measured repetition(s) after {settings['warmup_reps']} of warm-up "
+          f"(M1: {settings['memory_reps']}); {elapsed:.0f} s in all; {platform.node()}, "
+          f"{os.cpu_count()} cores, Python {platform.python_version()}")
+
+
+# ------------------------------------------------------------------ main
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="tiny counts, to check the harness (about 30 s)")
+    parser.add_argument("--reps", type=int, help="measured repetitions (default 5, quick 2)")
+    parser.add_argument("--only", help=f"comma-separated groups of {','.join(GROUPS)} "
+                        "(L: L1+L2, Z: L3, T: T1+T2, B: B1, F: F1, S: S1, M: M1)")
+    args = parser.parse_args()
+    settings = dict(QUICK if args.quick else FULL)
+    if args.reps:
+        settings["reps"] = args.reps
+    groups = GROUPS if not args.only else [g.strip().upper() for g in args.only.split(",")]
+    for g in groups:
+        if g not in PLAN:
+            parser.error(f"unknown group {g!r}")
+    figures = make_figures(settings)
+    wanted = {k for g in groups for k in PLAN[g][0]}
+    figures = {k: f for k, f in figures.items() if k in wanted}
+    started = time.perf_counter()
+    failed = set()
+    total = settings["warmup_reps"] + settings["reps"]
+    for rep in range(total):
+        record = rep >= settings["warmup_reps"]
+        label = f"repetition {rep + 1 - settings['warmup_reps']}" if record else "warm-up"
+        for g in groups:
+            keys, casa, peers = PLAN[g]
+            if g in failed:
+                continue
+            if g == "M" and (not record or rep - settings["warmup_reps"] >= settings["memory_reps"]):
+                continue
+            peers = peers if isinstance(peers, list) else [peers] if peers else []
+            sides = [casa, *peers]
+            if rep % 2:
+                sides.reverse()  # the peer first in odd repetitions
+            for side in sides:
+                t0 = time.perf_counter()
+                try:
+                    side(settings, figures, record)
+                except (Failed, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
+                    print(f"compare: {g} {side.__name__} failed: {e}", file=sys.stderr, flush=True)
+                    for k in keys:
+                        figures[k].errors.append(str(e))
+                    failed.add(g)
+                    break
+                print(f"compare: {label}: {side.__name__} {time.perf_counter() - t0:.1f} s",
+                      file=sys.stderr, flush=True)
+    print_table(figures, settings, time.perf_counter() - started)
+    errors = [(k, e) for k, f in figures.items() for e in f.errors]
+    if errors:
+        print(f"\ncompare: {len(errors)} measurement(s) failed:", file=sys.stderr)
+        for k, e in errors:
+            print(f"  {k}: {e.splitlines()[0] if e else e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
