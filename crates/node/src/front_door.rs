@@ -193,17 +193,25 @@ async fn connection(
     {
         return;
     }
+    // Everything queued for the driver goes out in as few writes as the
+    // codec's buffer allows: under load, one system call and one wake-up
+    // of the driver carry many replies.
     let write = tokio::spawn(async move {
-        while let Some(envelope) = queue.recv().await {
-            let bytes = match framing.encode_body(&envelope) {
-                Ok(bytes) => Bytes::from(bytes),
-                Err(e) => {
-                    tracing::warn!("{driver}: a reply could not be framed: {e}");
-                    continue;
+        while let Some(first) = queue.recv().await {
+            let mut next = Some(first);
+            while let Some(envelope) = next {
+                match framing.encode_body(&envelope) {
+                    Ok(bytes) => {
+                        if writer.feed(Bytes::from(bytes)).await.is_err() {
+                            return;
+                        }
+                    }
+                    Err(e) => tracing::warn!("{driver}: a reply could not be framed: {e}"),
                 }
-            };
-            if writer.send(bytes).await.is_err() {
-                break;
+                next = queue.try_recv().ok();
+            }
+            if SinkExt::<Bytes>::flush(&mut writer).await.is_err() {
+                return;
             }
         }
     });
