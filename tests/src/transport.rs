@@ -384,6 +384,43 @@ pub async fn large_message<T: Transport>(
     .await
 }
 
+/// (c') A small message, then a `len`-byte one, each way: what a node
+/// does when a large parameter follows its pings. A transport that bounds
+/// the bytes in flight must still let the large message through once the
+/// small one is consumed, even if it is larger than the whole bound.
+pub async fn large_after_small<T: Transport>(
+    client: &mut T,
+    server: &mut T,
+    len: usize,
+) -> CheckResult {
+    const CHECK: &str = "large message after a small one";
+    let server_rank = server.rank();
+    within(CHECK, HEAVY_LIMIT, async {
+        for (seed, forward) in [(3, true), (4, false)] {
+            let (sender, receiver, to, from) = if forward {
+                (&mut *client, &mut *server, server_rank, 0)
+            } else {
+                (&mut *server, &mut *client, 0, server_rank)
+            };
+            let me = receiver.rank();
+            let (sent, received) = tokio::join!(
+                async {
+                    send(CHECK, sender, to, ping(u64::from(seed))).await?;
+                    send_large(sender, to, len, seed).await
+                },
+                async {
+                    let (peer, envelope) = next_message(CHECK, receiver).await?;
+                    expect_ping(CHECK, me, from, peer, &envelope, u64::from(seed))?;
+                    receive_large(receiver, from, len, seed).await
+                }
+            );
+            sent.and(received)?;
+        }
+        Ok(())
+    })
+    .await
+}
+
 // -------------------------------------------------------------- many peers
 
 /// The sequence number of ping `i` for `rank`.

@@ -8,13 +8,15 @@ use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    Ack, CommandMode, Envelope, LogLevel, LogRecord, ProtocolErrorCode, RejectReason, Role,
-    SubmitReply, SubmitRequest, Welcome, submit_reply,
+    Ack, CommandMode, CommandResponse, CommandStatus, Envelope, LogLevel, LogRecord,
+    ProtocolErrorCode, RejectReason, Role, SubmitReply, SubmitRequest, Welcome, submit_reply,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Transport, TransportError,
+    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Transport, TransportError,
     TransportEvent, WallClock, check_version,
 };
+use futures::FutureExt;
+use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::front_door::{DriverEvent, FrontDoor};
@@ -102,7 +104,14 @@ pub struct ClientNodeConfig {
     /// The Python that checks commands at submission (rule 2); `None`
     /// leaves it to the workers.
     pub python: Option<PathBuf>,
+    /// The largest frame the front door sends a driver: a response record
+    /// larger than this is delivered without its return value and
+    /// parameters, as failed, saying why.
+    pub max_frame: usize,
 }
+
+/// At most this many events already queued are taken before a timer tick.
+const DRAIN_BEFORE_TICK: usize = 4096;
 
 /// Why the client node stopped other than by stop services.
 #[derive(Debug, thiserror::Error)]
@@ -147,6 +156,7 @@ pub async fn run<T: Transport>(
         started: 0,
         expected_servers: config.expected_servers,
         pending: pending_tx,
+        max_frame: config.max_frame,
     };
     let now = Instant::now();
     for rank in transport.peers() {
@@ -176,25 +186,33 @@ pub async fn run<T: Transport>(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             event = transport.recv() => {
-                let now = Instant::now();
-                match event {
-                    Ok(TransportEvent::Message { from, envelope }) => {
-                        if let Err(e) = node.core.handle(from, envelope, now) {
-                            node.warn(&format!("dropped a message: {e}"));
-                        }
-                    }
-                    Ok(TransportEvent::PeerJoined(rank)) => {
-                        if let Err(e) = node.core.add_server(rank, now) {
-                            node.warn(&e.to_string());
-                        }
-                    }
-                    Ok(TransportEvent::PeerLost(rank)) => node.core.server_lost(rank),
-                    Err(e) => break Err(e.into()),
+                if let Err(e) = node.on_transport(event) {
+                    break Err(e.into());
                 }
             }
             Some(event) = driver_rx.recv() => node.on_driver(event),
             Some(checked) = checked_rx.recv() => node.on_checked(checked),
-            _ = tokio::time::sleep_until(deadline.into()) => node.core.tick(Instant::now()),
+            _ = tokio::time::sleep_until(deadline.into()) => {
+                // This thread may have been busy for seconds (encoding or
+                // decoding a message of hundreds of MiB) while the servers'
+                // answers queued up: take those first, or their silence
+                // would be judged from before they arrived.
+                tokio::task::yield_now().await;
+                let mut failed = None;
+                for _ in 0..DRAIN_BEFORE_TICK {
+                    let Some(event) = transport.recv().now_or_never() else {
+                        break;
+                    };
+                    if let Err(e) = node.on_transport(event) {
+                        failed = Some(e);
+                        break;
+                    }
+                }
+                if let Some(e) = failed {
+                    break Err(e.into());
+                }
+                node.core.tick(Instant::now());
+            }
             changed = stop.changed() => {
                 let signals = if changed.is_ok() { *stop.borrow_and_update() } else { 2 };
                 if signals >= 2 {
@@ -230,9 +248,32 @@ struct Node<'a> {
     started: usize,
     expected_servers: usize,
     pending: mpsc::UnboundedSender<Pending>,
+    max_frame: usize,
 }
 
 impl Node<'_> {
+    /// Takes one event from the transport; an error ends the client node.
+    fn on_transport(
+        &mut self,
+        event: Result<TransportEvent, TransportError>,
+    ) -> Result<(), TransportError> {
+        let now = Instant::now();
+        match event? {
+            TransportEvent::Message { from, envelope } => {
+                if let Err(e) = self.core.handle(from, envelope, now) {
+                    self.warn(&format!("dropped a message: {e}"));
+                }
+            }
+            TransportEvent::PeerJoined(rank) => {
+                if let Err(e) = self.core.add_server(rank, now) {
+                    self.warn(&e.to_string());
+                }
+            }
+            TransportEvent::PeerLost(rank) => self.core.server_lost(rank),
+        }
+        Ok(())
+    }
+
     /// Carries out the core's actions; true once services are stopped.
     async fn carry_out<T: Transport>(
         &mut self,
@@ -241,18 +282,34 @@ impl Node<'_> {
         let mut stopped = false;
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Send { to, envelope } => match transport.send(to, envelope).await {
-                    Ok(()) => {}
-                    Err(TransportError::UnknownRank(rank) | TransportError::Disconnected(rank)) => {
-                        self.core.server_lost(rank);
+                Action::Send { to, envelope } => {
+                    let request = match &envelope.body {
+                        Some(Body::CommandRequest(r)) => Some(r.id),
+                        _ => None,
+                    };
+                    match transport.send(to, envelope).await {
+                        Ok(()) => {}
+                        Err(
+                            TransportError::UnknownRank(rank) | TransportError::Disconnected(rank),
+                        ) => {
+                            self.core.server_lost(rank);
+                        }
+                        // Too large to send: the request fails, the
+                        // cluster goes on.
+                        Err(TransportError::Frame(e)) => match request {
+                            Some(id) => self.unsendable(to, id, &e.to_string()),
+                            None => self.warn(&format!("could not send to server n# {to}: {e}")),
+                        },
+                        Err(e) => return Err(e.into()),
                     }
-                    Err(e) => return Err(e.into()),
-                },
+                }
                 Action::Deliver { driver, delivery } => {
-                    if let Some(d) = self.drivers.get(&driver) {
-                        let _ = d
-                            .outbox
-                            .send(Envelope::new(Body::ResponseDelivery(delivery)));
+                    if self.drivers.contains_key(&driver) {
+                        let envelope = Envelope::new(Body::ResponseDelivery(delivery));
+                        let envelope = self.deliverable(envelope);
+                        if let Some(d) = self.drivers.get(&driver) {
+                            let _ = d.outbox.send(envelope);
+                        }
                     }
                 }
                 Action::Forward(record) => self.record(record),
@@ -281,6 +338,57 @@ impl Node<'_> {
             }
         }
         Ok(stopped)
+    }
+
+    /// Answers request `id`, which could not be sent to server `to`, as
+    /// failed there: the server never saw it and stays free.
+    fn unsendable(&mut self, to: Rank, id: u64, why: &str) {
+        let response = CommandResponse {
+            id,
+            server: to,
+            status: CommandStatus::ResponseReceived.into(),
+            successful: false,
+            traceback: Some(format!(
+                "casa-node: the request could not be sent to server n# {to}: {why}"
+            )),
+            ..CommandResponse::default()
+        };
+        let envelope = Envelope::new(Body::CommandResponse(Box::new(response)));
+        if let Err(e) = self.core.handle(to, envelope, Instant::now()) {
+            self.warn(&format!("request {id} could not be sent nor failed: {e}"));
+        }
+    }
+
+    /// `envelope`, or, for a response record too large for the front door,
+    /// the record without its return value and parameters, failed, saying
+    /// why (the front door would otherwise drop it, and the driver wait).
+    fn deliverable(&mut self, mut envelope: Envelope) -> Envelope {
+        let size = envelope.encoded_len();
+        if size <= self.max_frame {
+            return envelope;
+        }
+        let Some(Body::ResponseDelivery(delivery)) = &mut envelope.body else {
+            return envelope;
+        };
+        let Some(response) = delivery.response.as_mut() else {
+            return envelope;
+        };
+        let ret = response.ret.take().map_or(0, |v| v.encoded_len());
+        let parameters: usize = response.parameters.drain(..).map(|p| p.encoded_len()).sum();
+        let why = format!(
+            "casa-node: the response to request {} ({size} bytes: {ret} of return value, \
+             {parameters} of parameters) exceeds the largest frame a driver is sent \
+             ({} bytes), so neither its return value nor its parameters are delivered",
+            response.id, self.max_frame
+        );
+        response.traceback = Some(match response.traceback.take() {
+            Some(traceback) if !response.successful => format!("{why}\n{traceback}"),
+            _ => why.clone(),
+        });
+        response.successful = false;
+        response.ret = Some(casa_node_protocol::pb::Value::none());
+        self.warn(&why);
+        envelope
     }
 
     fn record(&mut self, record: LogRecord) {

@@ -194,7 +194,8 @@ pub async fn serve<T: Transport + 'static>(
         .endpoint
         .clone()
         .unwrap_or_else(|| FrontDoorEndpoint::Unix(run_dir.join("front-door.sock")));
-    let door = FrontDoor::bind(&front, Framing::default()).await?;
+    let framing = Framing::default();
+    let door = FrontDoor::bind(&front, framing).await?;
     let mut log = LogSink::open(
         Some(&options.log_file),
         options.log_terminal,
@@ -227,6 +228,7 @@ pub async fn serve<T: Transport + 'static>(
         log,
         expected_servers: links.servers,
         python: Some(options.python.clone()),
+        max_frame: framing.max_frame(),
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));

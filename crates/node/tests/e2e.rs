@@ -482,6 +482,73 @@ fn rules_11_to_17_ids_targets_and_waiting() {
     assert_eq!(servers.len(), 2, "{servers:?}");
 }
 
+/// Rules 3 and 9 with a parameter larger than the ZeroMQ transport's byte
+/// budget per peer (64 MiB): it reaches the server behind the pings, its
+/// value comes back as the return value, and the response record carries
+/// both; the other server, and a second large request to the same server,
+/// go on meanwhile. (It used to end with "server n# 1 disconnected" and a
+/// timeout.)
+#[test]
+fn a_parameter_larger_than_the_byte_budget_goes_there_and_back() {
+    const LEN: usize = 80 << 20;
+    let mut cluster = Cluster::start(2, &[]);
+    cluster.note_pids();
+    let c = cluster.client();
+    let data: Vec<u8> = (0..LEN)
+        .map(|i| (i % 251) as u8 ^ (i >> 20) as u8)
+        .collect();
+    let large = Value::bytes(data);
+    let started = Instant::now();
+    let small = c
+        .submit(Submit::new("(time.sleep(0.5), 'small')[1]").targets([2]))
+        .unwrap();
+    let echo = c
+        .submit(Submit::new("x").param("x", large.clone()).targets([1]))
+        .unwrap();
+    let length = c
+        .submit(Submit::new("len(y)").param("y", large.clone()).targets([1]))
+        .unwrap();
+    let mut responses = c
+        .wait_timeout(&[small[0], echo[0], length[0]], WAIT)
+        .expect("answered");
+    eprintln!(
+        "two {} MiB requests and their answers in {:?}",
+        LEN >> 20,
+        started.elapsed()
+    );
+    let length = responses.pop().unwrap();
+    let echo = responses.pop().unwrap();
+    let small = responses.pop().unwrap();
+    for r in [&small, &echo, &length] {
+        assert!(
+            r.successful && r.status() == CommandStatus::ResponseReceived,
+            "request {} on server n# {}: {:?} {}",
+            r.id,
+            r.server,
+            r.status(),
+            r.traceback()
+        );
+    }
+    assert_eq!(small.ret, Some(Value::from("small")));
+    assert_eq!(length.ret, Some(Value::from(LEN as i64)));
+    assert_eq!(echo.parameters.len(), 1);
+    assert_eq!(echo.parameters[0].value.as_ref(), Some(&large));
+    assert!(echo.ret == Some(large), "the return value differs");
+    let log = cluster.log();
+    for trouble in ["disconnected", "timed out", "not responding"] {
+        assert!(!log.contains(trouble), "the log says {trouble:?}:\n{log}");
+    }
+    assert_eq!(
+        c.status(None)
+            .unwrap()
+            .servers
+            .iter()
+            .filter(|s| s.online)
+            .count(),
+        2
+    );
+}
+
 #[test]
 fn rules_19_to_21_a_stopped_server_times_out_and_recovers() {
     let mut cluster = Cluster::start(2, &[]);

@@ -14,7 +14,13 @@
 //! application, and those ZeroMQ holds in its queues, never exceed the
 //! window per peer. The sender also bounds the bytes it has in flight per
 //! peer; when that budget runs low it flags its messages so the receiver
-//! returns credit as soon as they are consumed.
+//! returns credit as soon as they are consumed. A message that does not fit
+//! in what is left of the budget may follow messages that were not flagged
+//! (they left more than half of it free), whose credit the receiver would
+//! return only after half a window of messages: so a sender that has to
+//! wait for bytes also asks for credit (`R`), and the receiver then returns
+//! the credit of everything consumed so far, and of what is still in
+//! flight as it is consumed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::sync::{Arc, Mutex};
@@ -55,21 +61,66 @@ pub(crate) struct Link {
     pub(crate) messages: Arc<Semaphore>,
     /// Bytes we may still put in flight to the peer.
     pub(crate) bytes: Arc<Semaphore>,
+    /// Bytes small messages may put in flight when `bytes` has too few (see
+    /// [`Budget`]).
+    pub(crate) reserve: Arc<Semaphore>,
 }
 
 impl Link {
-    fn new(id: u64, max_in_flight_bytes: u32) -> Self {
+    fn new(id: u64, budget: Budget) -> Self {
         Link {
             id,
             messages: Arc::new(Semaphore::new(0)),
-            bytes: Arc::new(Semaphore::new(max_in_flight_bytes as usize)),
+            bytes: Arc::new(Semaphore::new(budget.bytes as usize)),
+            reserve: Arc::new(Semaphore::new(budget.reserve as usize)),
         }
     }
 
     fn close(&self) {
         self.messages.close();
         self.bytes.close();
+        self.reserve.close();
     }
+}
+
+/// The bytes a sender may have in flight to one peer.
+///
+/// A message takes its size from `bytes` (a message larger than all of it
+/// takes all of it, so it goes alone). Once a large message has taken most
+/// of `bytes`, the small ones behind it (pings, their answers, log records)
+/// would wait until the peer has received and consumed it, seconds for
+/// hundreds of MiB, and an event loop waiting in `send` misses its
+/// heartbeats; so a small message that does not fit in `bytes` may take its
+/// size from a `reserve` of a 64th as much instead.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Budget {
+    /// The byte budget proper.
+    pub(crate) bytes: u32,
+    /// The small messages' reserve.
+    pub(crate) reserve: u32,
+    /// The largest message the reserve takes: a 16th of it.
+    pub(crate) small: u32,
+}
+
+impl Budget {
+    pub(crate) fn new(max_in_flight_bytes: u32) -> Self {
+        let bytes = max_in_flight_bytes.max(1);
+        let reserve = bytes / 64;
+        Budget {
+            bytes,
+            reserve,
+            small: reserve / 16,
+        }
+    }
+}
+
+/// What one data message in flight took from the budget.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Charge {
+    /// Bytes taken.
+    pub(crate) bytes: u32,
+    /// Taken from the reserve rather than the budget proper.
+    pub(crate) reserved: bool,
 }
 
 /// Why an engine stopped.
@@ -90,9 +141,11 @@ pub(crate) enum Command {
         to: Rank,
         link: u64,
         body: Bytes,
-        charge: u32,
+        charge: Charge,
         credit_wanted: bool,
     },
+    /// The handle waits for bytes in flight to `to`: ask it for credit.
+    RequestCredit { to: Rank, link: u64 },
     /// The application took a message from `from` off the queue.
     Consumed {
         from: Rank,
@@ -170,9 +223,16 @@ struct Peer {
     link: Link,
     /// The byte charges of the data messages sent and not yet credited, in
     /// order.
-    charges: VecDeque<u32>,
+    charges: VecDeque<Charge>,
     /// Messages the application consumed since we last granted credit.
     consumed: u32,
+    /// Messages delivered to the application and not yet consumed (as far
+    /// as the engine knows: consumption is reported through a channel).
+    unconsumed: u32,
+    /// Messages whose credit goes back as soon as they are consumed, as if
+    /// they had been flagged: those still unconsumed when the peer asked
+    /// for credit.
+    hurried: u32,
     /// Data messages the peer may still send us.
     budget: u64,
     /// The peer acknowledged our goodbye.
@@ -265,6 +325,11 @@ impl Engine {
                     Some(Command::Send { to, link, body, charge, credit_wanted }) => {
                         self.send_data(to, link, body, charge, credit_wanted).await;
                     }
+                    Some(Command::RequestCredit { to, link }) => {
+                        if self.peers.get(&to).is_some_and(|p| p.link.id == link) {
+                            self.send_control(to, Header::CreditRequest).await;
+                        }
+                    }
                     Some(Command::Consumed { from, link, credit_wanted }) => {
                         self.consumed(from, link, credit_wanted).await;
                     }
@@ -315,7 +380,7 @@ impl Engine {
         }
     }
 
-    async fn send_data(&mut self, to: Rank, link: u64, body: Bytes, charge: u32, wanted: bool) {
+    async fn send_data(&mut self, to: Rank, link: u64, body: Bytes, charge: Charge, wanted: bool) {
         let Some(peer) = self.peers.get_mut(&to).filter(|p| p.link.id == link) else {
             debug!(rank = to, "dropping a message for a peer that is gone");
             return;
@@ -350,10 +415,29 @@ impl Engine {
             return;
         };
         peer.consumed += 1;
-        if wanted || peer.consumed >= threshold {
+        peer.unconsumed = peer.unconsumed.saturating_sub(1);
+        let hurried = peer.hurried > 0;
+        peer.hurried = peer.hurried.saturating_sub(1);
+        if wanted || hurried || peer.consumed >= threshold {
             let grant = std::mem::take(&mut peer.consumed);
             peer.budget += u64::from(grant);
             self.send_control(from, Header::Credit(grant)).await;
+        }
+    }
+
+    /// The peer waits for credit: return what is owed now, and the credit
+    /// of the messages still unconsumed as each is consumed. (Everything it
+    /// sent before asking has reached us: the request follows it on the
+    /// same connection.)
+    async fn on_credit_request(&mut self, rank: Rank) {
+        let Some(peer) = self.peers.get_mut(&rank) else {
+            return;
+        };
+        peer.hurried = peer.unconsumed;
+        if peer.consumed > 0 {
+            let grant = std::mem::take(&mut peer.consumed);
+            peer.budget += u64::from(grant);
+            self.send_control(rank, Header::Credit(grant)).await;
         }
     }
 
@@ -366,7 +450,7 @@ impl Engine {
     }
 
     fn add_peer(&mut self, rank: Rank, identity: Bytes) -> Link {
-        let link = Link::new(self.next_link, self.config.max_in_flight_bytes);
+        let link = Link::new(self.next_link, Budget::new(self.config.max_in_flight_bytes));
         self.next_link += 1;
         if self.socket.is_router() {
             self.by_identity.insert(identity.clone(), rank);
@@ -378,6 +462,8 @@ impl Engine {
                 link: link.clone(),
                 charges: VecDeque::new(),
                 consumed: 0,
+                unconsumed: 0,
+                hurried: 0,
                 budget: 0,
                 bye_acked: false,
             },
@@ -499,6 +585,7 @@ impl Engine {
                 self.on_data(rank, body, credit_wanted).await;
             }
             (Header::Credit(count), None) => self.on_credit(rank, count),
+            (Header::CreditRequest, None) => self.on_credit_request(rank).await,
             (Header::Bye, None) => {
                 self.send_control(rank, Header::ByeAck).await;
                 self.lose(rank, "it said goodbye");
@@ -526,6 +613,8 @@ impl Engine {
             // Nobody will read it; say goodbye rather than credit it.
             return;
         }
+        // Delivered, or credited at once below if it does not decode.
+        peer.unconsumed += 1;
         match self.framing.decode_body(body) {
             Ok(envelope) => self.deliver(
                 TransportEvent::Message {
@@ -552,6 +641,7 @@ impl Engine {
             return;
         }
         peer.budget -= 1;
+        peer.unconsumed += 1;
         let link = peer.link.id;
         self.consumed(rank, link, credit_wanted).await;
     }
@@ -573,8 +663,16 @@ impl Engine {
             return;
         }
         let settled = count.min(peer.charges.len());
-        let bytes: usize = peer.charges.drain(..settled).map(|c| c as usize).sum();
+        let (mut bytes, mut reserve) = (0, 0);
+        for charge in peer.charges.drain(..settled) {
+            if charge.reserved {
+                reserve += charge.bytes as usize;
+            } else {
+                bytes += charge.bytes as usize;
+            }
+        }
         peer.link.bytes.add_permits(bytes);
+        peer.link.reserve.add_permits(reserve);
         peer.link.messages.add_permits(count);
     }
 

@@ -25,6 +25,7 @@
 //! | `W`                      | yes      | `Welcome`, or a `ProtocolError` refusing the Hello    |
 //! | `D`, flags (1 byte)      | yes      | data; flag bit 0: the sender is short of credit       |
 //! | `C`, count (u32, BE)     | no       | credit: `count` more data messages may be sent        |
+//! | `R`                      | no       | credit request: the sender waits for bytes to return  |
 //! | `B`                      | no       | goodbye: the sender is shutting down                  |
 //! | `A`                      | no       | goodbye acknowledged                                  |
 //!
@@ -45,9 +46,18 @@
 //! bounds what is in flight itself, with credit: a receiver grants each
 //! sender [`ZmqConfig::window`] messages and grants more as its application
 //! consumes them; a sender also keeps at most
-//! [`ZmqConfig::max_in_flight_bytes`] unacknowledged per peer (a single
-//! larger message goes alone). [`Transport::send`] waits only when that peer's
-//! credit is used up, and never blocks sending to other peers. Credit comes
+//! [`ZmqConfig::max_in_flight_bytes`] unacknowledged per peer. A single
+//! larger message goes alone, once everything before it is consumed (up to
+//! [`ZmqConfig::max_frame`], 1 GiB by default); small messages (at most a
+//! 1024th of the budget, 64 KiB by default) may then still go past it on a
+//! reserve of a 64th of the budget, so that pings and log records are not
+//! held for the seconds a message of hundreds of MiB takes to arrive.
+//! [`Transport::send`] waits only when that peer's credit is used up, and
+//! never blocks sending to other peers. A receiver returns credit in
+//! batches of half a window, or at once for a message flagged as sent short
+//! of bytes; a sender that must wait for bytes sends `R`, and the receiver
+//! then returns the credit of every message consumed and, as they are
+//! consumed, of those still in flight. Credit comes
 //! back only as the peer's application takes messages with `recv`: two
 //! peers that both keep sending to each other without receiving wait
 //! forever once both windows are full, so an event loop should keep taking
@@ -90,11 +100,11 @@ use casa_node_protocol::{
     check_version,
 };
 use futures::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketEvent, SocketOptions, ZmqMessage};
 
-use engine::{Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
+use engine::{Budget, Charge, Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
 use wire::Header;
 
 /// Data messages a receiver lets each peer have in flight by default.
@@ -117,7 +127,9 @@ pub struct ZmqConfig {
     pub window: u32,
     /// Bytes we may have in flight to one peer before `send` waits for the
     /// peer to consume them (a larger message waits until nothing else is
-    /// in flight); at least 1.
+    /// in flight, then goes alone); at least 1. Messages of at most a
+    /// 1024th of it may exceed it by a 64th, so that they need not wait
+    /// behind a large message.
     pub max_in_flight_bytes: u32,
     /// How long a server node's `connect` waits for the connection and the
     /// `Welcome`.
@@ -174,7 +186,7 @@ pub struct ZmqTransport {
     rank: Rank,
     endpoint: String,
     framing: Framing,
-    max_in_flight_bytes: u32,
+    budget: Budget,
     shared: Arc<Mutex<Shared>>,
     commands: mpsc::UnboundedSender<Command>,
     events: mpsc::UnboundedReceiver<Delivery>,
@@ -331,7 +343,7 @@ impl ZmqTransport {
             rank,
             endpoint,
             framing: Framing::new(config.max_frame),
-            max_in_flight_bytes: config.max_in_flight_bytes,
+            budget: Budget::new(config.max_in_flight_bytes),
             shared: shared.clone(),
             commands: commands_tx,
             events: events_rx,
@@ -403,26 +415,54 @@ impl Transport for ZmqTransport {
         };
         let body = self.framing.encode_body(&envelope)?;
         drop(envelope);
-        let charge = u32::try_from(body.len())
+        let size = u32::try_from(body.len())
             .unwrap_or(u32::MAX)
-            .clamp(1, self.max_in_flight_bytes);
+            .clamp(1, self.budget.bytes);
+        let disconnected = |_| TransportError::Disconnected(to);
         // Both waits are cancel-safe: an unused permit goes back.
         let message = link
             .messages
             .clone()
             .acquire_owned()
             .await
-            .map_err(|_| TransportError::Disconnected(to))?;
-        let bytes = link
-            .bytes
-            .clone()
-            .acquire_many_owned(charge)
-            .await
-            .map_err(|_| TransportError::Disconnected(to))?;
+            .map_err(disconnected)?;
+        let taken = |pool: &Arc<Semaphore>| match pool.clone().try_acquire_many_owned(size) {
+            Ok(permit) => Ok(Some(permit)),
+            Err(TryAcquireError::NoPermits) => Ok(None),
+            Err(TryAcquireError::Closed) => Err(TransportError::Disconnected(to)),
+        };
+        let mut reserved = false;
+        let mut bytes = taken(&link.bytes)?;
+        if bytes.is_none() && size <= self.budget.small {
+            bytes = taken(&link.reserve)?;
+            reserved = bytes.is_some();
+        }
+        let bytes = match bytes {
+            Some(bytes) => bytes,
+            None => {
+                // What is in flight may not have asked for its credit back
+                // (it left over half the budget free): ask now, or a
+                // message larger than what is left would wait forever.
+                let _ = self
+                    .commands
+                    .send(Command::RequestCredit { to, link: link.id });
+                link.bytes
+                    .clone()
+                    .acquire_many_owned(size)
+                    .await
+                    .map_err(disconnected)?
+            }
+        };
         message.forget();
         bytes.forget();
+        // A message from the reserve went past a large one: its bytes are
+        // wanted back as soon as it is consumed.
         let credit_wanted =
-            link.bytes.available_permits() < (self.max_in_flight_bytes / 2) as usize;
+            reserved || link.bytes.available_permits() < (self.budget.bytes / 2) as usize;
+        let charge = Charge {
+            bytes: size,
+            reserved,
+        };
         self.commands
             .send(Command::Send {
                 to,

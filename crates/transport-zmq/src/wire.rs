@@ -11,6 +11,7 @@ const DATA: u8 = b'D';
 const CREDIT: u8 = b'C';
 const BYE: u8 = b'B';
 const BYE_ACK: u8 = b'A';
+const CREDIT_REQUEST: u8 = b'R';
 
 const FLAG_CREDIT_WANTED: u8 = 1;
 
@@ -21,6 +22,7 @@ pub(crate) enum Header {
     Welcome,
     Data { credit_wanted: bool },
     Credit(u32),
+    CreditRequest,
     Bye,
     ByeAck,
 }
@@ -42,6 +44,7 @@ impl Header {
                 buf.extend_from_slice(&count.to_be_bytes());
                 Bytes::from(buf)
             }
+            Header::CreditRequest => Bytes::from_static(&[CREDIT_REQUEST]),
             Header::Bye => Bytes::from_static(&[BYE]),
             Header::ByeAck => Bytes::from_static(&[BYE_ACK]),
         }
@@ -56,6 +59,7 @@ impl Header {
                 credit_wanted: flags & FLAG_CREDIT_WANTED != 0,
             }),
             [CREDIT, a, b, c, d] => Some(Header::Credit(u32::from_be_bytes([*a, *b, *c, *d]))),
+            [CREDIT_REQUEST] => Some(Header::CreditRequest),
             [BYE] => Some(Header::Bye),
             [BYE_ACK] => Some(Header::ByeAck),
             _ => None,
@@ -85,12 +89,13 @@ mod tests {
             },
             Header::Credit(0),
             Header::Credit(u32::MAX),
+            Header::CreditRequest,
             Header::Bye,
             Header::ByeAck,
         ] {
             assert_eq!(Header::decode(&header.encode()), Some(header));
         }
-        for junk in [&b""[..], b"X", b"D", b"C\0\0\0", b"HH", b"B\0"] {
+        for junk in [&b""[..], b"X", b"D", b"C\0\0\0", b"HH", b"B\0", b"R\0"] {
             assert_eq!(Header::decode(junk), None, "{junk:?}");
         }
     }

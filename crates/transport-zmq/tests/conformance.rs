@@ -69,6 +69,14 @@ async fn large_message_256_mib_each_way() {
     ok(checks::large_message(&mut client, &mut server, 256 << 20).await);
 }
 
+/// Larger than the default byte budget per peer (64 MiB), after a ping
+/// that leaves most of the budget free and asks for no credit back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_message_80_mib_after_a_small_one_each_way() {
+    let (mut client, mut server, _dir) = pair_ipc().await;
+    ok(checks::large_after_small(&mut client, &mut server, 80 << 20).await);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_peers_32_servers() {
     let (mut client, mut servers, _dir) = cluster_ipc(32).await;

@@ -372,6 +372,208 @@ async fn send_waits_while_too_many_bytes_are_in_flight() {
     .await;
 }
 
+/// Sends `first`, then `second`, which does not fit beside it in the byte
+/// budget; the receiver takes `first` before (`consumed_first`) or while
+/// `second` waits. `first` leaves over half the budget free, so it asks
+/// for no credit back: the waiting sender must ask for it.
+async fn second_waits_for_the_first(
+    sender: &mut ZmqTransport,
+    receiver: &mut ZmqTransport,
+    first: Envelope,
+    second: Envelope,
+    consumed_first: bool,
+) {
+    let to = receiver.rank();
+    let from = sender.rank();
+    sender
+        .send(to, first.clone())
+        .await
+        .expect("the first fits");
+    if consumed_first {
+        assert_eq!(
+            next_event(receiver).await,
+            TransportEvent::Message {
+                from,
+                envelope: first.clone()
+            }
+        );
+    }
+    {
+        let waiting = sender.send(to, second.clone());
+        tokio::pin!(waiting);
+        if !consumed_first {
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), &mut waiting)
+                    .await
+                    .is_err(),
+                "the second went beside the first beyond the byte budget"
+            );
+            assert_eq!(
+                next_event(receiver).await,
+                TransportEvent::Message {
+                    from,
+                    envelope: first
+                }
+            );
+        }
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("the bytes of the first never came back")
+            .expect("send");
+    }
+    assert_eq!(
+        next_event(receiver).await,
+        TransportEvent::Message {
+            from,
+            envelope: second
+        }
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
+    bounded(async {
+        let budget = ZmqConfig {
+            max_in_flight_bytes: 1_000,
+            ..ZmqConfig::default()
+        };
+        let (mut client, _dir) = client_with(budget.clone()).await;
+        let endpoint = client.endpoint().to_owned();
+        let mut server = ZmqTransport::connect_with(&endpoint, 0, budget)
+            .await
+            .expect("connect");
+        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        let sized = |seed: u64, len| checks::large_request(seed, checks::pattern(len, seed as u8));
+        for consumed_first in [true, false] {
+            // Larger than the whole budget, after a ping.
+            second_waits_for_the_first(
+                &mut client,
+                &mut server,
+                ping(1),
+                sized(2, 5_000),
+                consumed_first,
+            )
+            .await;
+            second_waits_for_the_first(
+                &mut server,
+                &mut client,
+                ping(3),
+                sized(4, 5_000),
+                consumed_first,
+            )
+            .await;
+            // Within the budget but not beside the first.
+            second_waits_for_the_first(
+                &mut client,
+                &mut server,
+                sized(5, 400),
+                sized(6, 700),
+                consumed_first,
+            )
+            .await;
+            second_waits_for_the_first(
+                &mut server,
+                &mut client,
+                sized(7, 400),
+                sized(8, 700),
+                consumed_first,
+            )
+            .await;
+        }
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn small_messages_go_past_a_large_one_on_a_reserve() {
+    bounded(async {
+        // A reserve of 1 KiB for messages of at most 64 bytes.
+        let budget = ZmqConfig {
+            max_in_flight_bytes: 64 << 10,
+            ..ZmqConfig::default()
+        };
+        let (mut client, _dir) = client_with(budget).await;
+        let endpoint = client.endpoint().to_owned();
+        let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
+        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        let large = checks::large_request(1, checks::pattern(100 << 10, 1));
+        client.send(1, large.clone()).await.expect("alone");
+        // Not consumed yet, and it took the whole budget; pings still go.
+        let quick = Duration::from_secs(2);
+        for sequence in 0..10 {
+            tokio::time::timeout(quick, client.send(1, ping(sequence)))
+                .await
+                .expect("a ping waited behind the large message")
+                .expect("send");
+        }
+        // A message above the reserve's limit waits.
+        let medium = checks::large_request(2, checks::pattern(200, 2));
+        {
+            let waiting = client.send(1, medium.clone());
+            tokio::pin!(waiting);
+            assert!(
+                tokio::time::timeout(Duration::from_millis(200), &mut waiting)
+                    .await
+                    .is_err(),
+                "a 200-byte message went past the large one"
+            );
+            assert_eq!(
+                next_event(&mut server).await,
+                TransportEvent::Message {
+                    from: 0,
+                    envelope: large
+                }
+            );
+            tokio::time::timeout(quick, waiting)
+                .await
+                .expect("the large message's bytes never came back")
+                .expect("send");
+        }
+        for sequence in 0..10 {
+            assert_eq!(
+                next_event(&mut server).await,
+                TransportEvent::Message {
+                    from: 0,
+                    envelope: ping(sequence)
+                }
+            );
+        }
+        assert_eq!(
+            next_event(&mut server).await,
+            TransportEvent::Message {
+                from: 0,
+                envelope: medium
+            }
+        );
+        // The reserve came back: as many pings go past the next large one.
+        let large = checks::large_request(3, checks::pattern(100 << 10, 3));
+        client.send(1, large.clone()).await.expect("alone");
+        for sequence in 10..20 {
+            tokio::time::timeout(quick, client.send(1, ping(sequence)))
+                .await
+                .expect("the reserve did not come back")
+                .expect("send");
+        }
+        assert_eq!(
+            next_event(&mut server).await,
+            TransportEvent::Message {
+                from: 0,
+                envelope: large
+            }
+        );
+        for sequence in 10..20 {
+            assert_eq!(
+                next_event(&mut server).await,
+                TransportEvent::Message {
+                    from: 0,
+                    envelope: ping(sequence)
+                }
+            );
+        }
+    })
+    .await;
+}
+
 // ---------------------------------------------------------------- bad input
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
