@@ -4,7 +4,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{self, BufWriter, Write};
 use std::path::Path;
-use std::time::{Duration, UNIX_EPOCH};
+use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use casa_node_protocol::pb::{LogLevel, LogRecord};
 
@@ -14,7 +14,14 @@ pub struct LogSink {
     file: Option<BufWriter<File>>,
     terminal: bool,
     min_level: LogLevel,
+    /// When the oldest line not yet flushed to the file was written.
+    unflushed_since: Option<Instant>,
 }
+
+/// How long a line may wait in the buffer before it reaches the file: a
+/// busy node writes many lines per flush, and an operator tailing the log
+/// still sees each line within a fraction of a second.
+pub const FLUSH_DELAY: Duration = Duration::from_millis(20);
 
 impl LogSink {
     /// A sink appending to `file` (if any) and echoing to standard error
@@ -30,6 +37,7 @@ impl LogSink {
             file,
             terminal,
             min_level,
+            unflushed_since: None,
         })
     }
 
@@ -41,14 +49,22 @@ impl LogSink {
         let text = format_record(record);
         if let Some(file) = &mut self.file {
             let _ = file.write_all(text.as_bytes());
+            self.unflushed_since.get_or_insert_with(Instant::now);
         }
         if self.terminal {
             let _ = io::stderr().write_all(text.as_bytes());
         }
     }
 
+    /// When the buffered lines are due in the file ([`FLUSH_DELAY`] after
+    /// the oldest of them), or `None` when nothing waits.
+    pub fn flush_due(&self) -> Option<Instant> {
+        self.unflushed_since.map(|since| since + FLUSH_DELAY)
+    }
+
     /// Pushes buffered lines to the file.
     pub fn flush(&mut self) {
+        self.unflushed_since = None;
         if let Some(file) = &mut self.file {
             let _ = file.flush();
         }
