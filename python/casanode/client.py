@@ -12,6 +12,7 @@ client node refuses raises SubmissionRejected; nothing was queued (rule 14).
 """
 
 import queue
+import struct
 import threading
 import time
 from concurrent import futures as _futures
@@ -19,7 +20,7 @@ from concurrent.futures import Future
 
 from . import values
 from ._pb.casa.node.v1 import driver_pb2, node_pb2
-from .connection import CasaNodeError, Connection, UnexpectedReply
+from .connection import CasaNodeError, Connection, UnexpectedReply, body_tag
 
 MODES = {
     node_pb2.COMMAND_MODE_UNSPECIFIED: "auto",
@@ -193,30 +194,41 @@ class Client:
 
         Returns a Future (or, for a list target, a list of Futures) resolving
         to the response dict; each Future's `id` is its request id."""
-        request = driver_pb2.SubmitRequest(command=command)
-        if mode is not None:
-            request.mode = _MODE_BY_NAME[mode]
-        request.parameters.extend(values.parameters_to_pb(parameters))
-        many = isinstance(target, (list, tuple, range))
-        if target is not None:
-            request.targets.extend([int(t) for t in target] if many else [int(target)])
-        if deadline is not None:
-            request.deadline_seconds = float(deadline)
-        reply = self._expect(self.connection.request(submit_request=request), "submit_reply")
+        many, buffers, size = _submit_request(command, target, parameters, deadline, mode)
+        reply = self.connection.request_buffers(_SUBMIT, buffers, size)
+        futures = [self._future(rid) for rid in self._accepted(reply, many)]
+        return futures if many else futures[0]
+
+    def _accepted(self, reply, many):
+        """The ids of an accepted submission, now known; raises
+        SubmissionRejected or UnexpectedReply."""
+        reply = self._expect(reply, "submit_reply")
         outcome = reply.WhichOneof("outcome")
         if outcome == "rejected":
             reason = driver_pb2.RejectReason.Name(reply.rejected.reason).replace("REJECT_REASON_", "")
             raise SubmissionRejected(reason, reply.rejected.message)
         if outcome != "accepted":
             raise UnexpectedReply("an empty SubmitReply")
+        ids = list(reply.accepted.ids)
         with self._lock:
-            self._known.update(reply.accepted.ids)
-        futures = [self._future(rid) for rid in reply.accepted.ids]
-        if many:
-            return futures
-        if len(futures) != 1:
-            raise UnexpectedReply(f"one request submitted, {len(futures)} ids given")
-        return futures[0]
+            self._known.update(ids)
+        if not many and len(ids) != 1:
+            raise UnexpectedReply(f"one request submitted, {len(ids)} ids given")
+        return ids
+
+    def _submit_ids(self, command, target=None, parameters=None):
+        """submit, returning the request ids (a list) instead of Futures."""
+        many, buffers, size = _submit_request(command, target, parameters, None, None)
+        return self._accepted(self.connection.request_buffers(_SUBMIT, buffers, size), many)
+
+    def _submit_waiting(self, command, target=None, parameters=None):
+        """Sends a submission; returns a _Submission whose wait() returns
+        once the submission is refused or all its responses arrived, with
+        one wake-up of the calling thread."""
+        many, buffers, size = _submit_request(command, target, parameters, None, None)
+        submission = _Submission(self, many)
+        self.connection.send_request(_SUBMIT, buffers, size, submission.on_reply)
+        return submission
 
     def _future(self, request_id):
         future = Future()
@@ -251,12 +263,10 @@ class Client:
         TimeoutError when `timeout` seconds pass first."""
         ids = sorted(set(_ids(items)))
         self.check_known(ids)
-        end = None if timeout is None else time.monotonic() + timeout
+        latch = _Latch(len(ids))
         for rid in ids:
-            left = None if end is None else max(0.0, end - time.monotonic())
-            future = Future()
-            self.connection.watch(rid, lambda r, e, f=future: f.set_exception(e) if e else f.set_result(r))
-            future.result(left)
+            self.connection.watch(rid, latch.arrived)
+        latch.wait(timeout)
         return [self.response(rid) for rid in ids]
 
     def map(self, command, parameter_sets, target=None, deadline=None, mode=None, timeout=None):
@@ -461,6 +471,141 @@ class LogStream:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_SUBMIT = body_tag("submit_request")
+
+
+def _submit_request(command, target, parameters, deadline, mode):
+    """(many, buffers, size): whether `target` is a list, and the serialized
+    SubmitRequest (the bytes protobuf makes), its large parameter values as
+    buffers of their own (see values.parameter_buffers)."""
+    if type(command) is str:
+        data = command.encode("utf-8")  # a lone surrogate raises as protobuf does
+        head = b"\x0a" + _varint(len(data)) + data if data else b""
+    else:  # protobuf converts or refuses it
+        head = driver_pb2.SubmitRequest(command=command).SerializeToString()
+    if mode is not None:
+        head += b"\x10" + _varint(_MODE_BY_NAME[mode])
+    buffers, size = [head], len(head)
+    if parameters:
+        for name, value in parameters.items():
+            parameter, length = values.parameter_buffers(name, value)
+            tag = b"\x1a" + _varint(length)
+            buffers.append(tag)
+            buffers += parameter
+            size += len(tag) + length
+    many = isinstance(target, (list, tuple, range))
+    tail = b""
+    if target is not None:
+        targets = [int(t) for t in target] if many else [int(target)]
+        if all(_I32_MIN <= t <= _I32_MAX for t in targets):
+            packed = b"".join([_varint(t & _U64) for t in targets])
+            if packed:
+                tail = b"\x22" + _varint(len(packed)) + packed
+        else:  # protobuf's error
+            driver_pb2.SubmitRequest(targets=targets)
+    if deadline is not None:
+        tail += b"\x29" + _DOUBLE.pack(float(deadline))
+    if tail:
+        buffers.append(tail)
+        size += len(tail)
+    return many, buffers, size
+
+
+_varint = values._varint
+_DOUBLE = struct.Struct("<d")
+_I32_MIN, _I32_MAX = -(1 << 31), (1 << 31) - 1
+_U64 = (1 << 64) - 1
+
+
+class _Latch:
+    """Counts arrivals (Connection.watch callbacks) down to zero; a thread
+    waits for the last."""
+
+    __slots__ = ("_done", "_count", "_left", "error")
+
+    def __init__(self, count):
+        self._done = threading.Lock()
+        self._count = threading.Lock()
+        self._left = count
+        self.error = None
+        if count:
+            self._done.acquire()
+
+    def arrived(self, response, error):
+        """Counts one arrival; True for the last."""
+        with self._count:
+            if error is not None and self.error is None:
+                self.error = error
+            self._left -= 1
+            last = self._left == 0
+        if last:
+            self._done.release()
+        return last
+
+    def wait(self, timeout=None):
+        """Returns once all arrived; raises the first error reported, or
+        TimeoutError after `timeout` seconds."""
+        if not self._done.acquire(True, -1 if timeout is None else max(timeout, 0)):
+            raise _futures.TimeoutError()
+        self._done.release()
+        if self.error is not None:
+            raise self.error
+
+
+class _Submission:
+    """A submission and the wait for its responses (Client._submit_waiting):
+    the reader thread handles the SubmitReply and watches the accepted ids,
+    so the waiting thread wakes once."""
+
+    __slots__ = ("_client", "_many", "_done", "_latch", "ids", "error")
+
+    def __init__(self, client, many):
+        self._client = client
+        self._many = many
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._latch = None
+        self.ids = None
+        self.error = None  # why the submission failed
+
+    def on_reply(self, kind, message, error):
+        try:
+            if error is not None:
+                raise error
+            ids = self._client._accepted((kind, message), self._many)
+        except BaseException as e:
+            self.error = e
+            self._done.release()
+            return
+        self.ids = ids
+        self._latch = _Latch(len(ids))
+        if not ids:
+            self._done.release()
+        watch = self._client.connection.watch
+        for rid in ids:
+            watch(rid, self._arrived)
+
+    def _arrived(self, response, error):
+        if self._latch.arrived(response, error):
+            self._done.release()
+
+    def wait(self):
+        """Waits for the reply, then for the first response to each accepted
+        id. Returns the ids; raises why the submission failed."""
+        self._done.acquire()
+        if self.error is not None:
+            raise self.error
+        return self.ids
+
+    def responses(self):
+        """After wait: the latest response dict of each id, in id order;
+        raises an error reported while waiting (ConnectionClosed)."""
+        if self._latch.error is not None:
+            raise self._latch.error
+        ids = sorted(set(self.ids))
+        return [self._client.response(rid) for rid in ids]
 
 
 def connect(endpoint=None, timeout=30.0):

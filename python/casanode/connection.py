@@ -6,15 +6,24 @@ ProtocolError. Afterwards a reader thread dispatches replies by envelope
 correlation, stores every ResponseDelivery by request id (a later delivery
 with replaces_timeout replaces the earlier record, rule 21), and hands
 LogRecords to subscribers.
+
+Large values are not copied through protobuf's Python classes: a request's
+large parameters go out from their own memory (values.parameter_buffers,
+sent with one sendmsg), and a large frame is read into a buffer of its own
+and a ResponseDelivery in it parsed around its large values
+(SplitResponse), which are decoded from the frame when asked for.
 """
 
 import os
 import socket
 import struct
+import sys
 import threading
+from concurrent import futures as _futures
 from concurrent.futures import Future
 
-from ._pb.casa.node.v1 import envelope_pb2
+from . import values
+from ._pb.casa.node.v1 import envelope_pb2, node_pb2
 
 PROTOCOL_VERSION = 1
 SOFTWARE = "casa-node-python 0.1.0"
@@ -98,7 +107,7 @@ def _recv_exact(sock, n):
         if k == 0:
             return None if got == 0 else _truncated()
         got += k
-    return bytes(buf)
+    return buf  # protobuf parses a bytearray as it does bytes
 
 
 def _truncated():
@@ -124,6 +133,243 @@ def encode_frame(envelope):
     if len(data) > MAX_FRAME:
         raise CasaNodeError(f"a frame of {len(data)} bytes exceeds the maximum of {MAX_FRAME}")
     return _LENGTH.pack(len(data)) + data
+
+
+_BODY_TAGS = {}
+_VERSION = b"\x08" + bytes([PROTOCOL_VERSION])  # Envelope.protocol_version
+
+
+def body_tag(name):
+    """The tag of the Envelope body field `name` (e.g. submit_request), as
+    bytes: it precedes the length and the serialized message."""
+    tag = _BODY_TAGS.get(name)
+    if tag is None:
+        field = envelope_pb2.Envelope.DESCRIPTOR.fields_by_name.get(name)
+        if field is None or field.containing_oneof is None:
+            raise AttributeError(f"an Envelope has no body {name!r}")
+        tag = _BODY_TAGS[name] = values._varint(field.number << 3 | 2)
+    return tag
+
+
+def frame_buffers(correlation, tag, buffers, size):
+    """The frame of an Envelope with `correlation` whose body field `tag`
+    holds the message serialized in `buffers` (`size` bytes in all), as a
+    list of buffers: small pieces joined, large ones (values.LARGE bytes or
+    more) as they are."""
+    varint = values._varint
+    head = _VERSION + (b"\x10" + varint(correlation) if correlation else b"") + tag + varint(size)
+    length = len(head) + size
+    if length > MAX_FRAME:
+        raise CasaNodeError(f"a frame of {length} bytes exceeds the maximum of {MAX_FRAME}")
+    if size < values.LARGE:
+        return [b"".join([_LENGTH.pack(length), head, *buffers])]
+    out, small = [], [_LENGTH.pack(length), head]
+    for buffer in buffers:
+        if len(buffer) < values.LARGE:
+            small.append(buffer)
+        else:
+            out.append(b"".join(small))
+            out.append(buffer)
+            small = []
+    if small:
+        out.append(b"".join(small))
+    return out
+
+
+_IOV_MAX = 512
+
+
+def _send_buffers(sock, buffers):
+    """Sends the buffers in order, as sendall would their concatenation."""
+    if len(buffers) == 1:
+        sock.sendall(buffers[0])
+        return
+    views = [memoryview(b).cast("B") for b in buffers if len(b)]
+    i = 0
+    while i < len(views):
+        sent = sock.sendmsg(views[i:i + _IOV_MAX])
+        while sent:
+            n = len(views[i])
+            if sent >= n:
+                sent -= n
+                i += 1
+            else:
+                views[i] = views[i][sent:]
+                sent = 0
+
+
+class _FrameReader:
+    """Reads frames from a socket through a buffer: a small frame usually
+    takes one recv with the frames around it; a large one is read into a
+    buffer of its own."""
+
+    SIZE = 1 << 16
+
+    def __init__(self, sock):
+        self._sock = sock
+        self._buf = bytearray(self.SIZE)
+        self._view = memoryview(self._buf)
+        self._start = self._end = 0
+
+    def _fill(self, n):
+        """Buffers at least n bytes (n <= SIZE); False at the end of the
+        stream before any byte."""
+        if self._start + n > self.SIZE:
+            held = self._end - self._start
+            self._view[:held] = self._buf[self._start:self._end]
+            self._start, self._end = 0, held
+        while self._end - self._start < n:
+            k = self._sock.recv_into(self._view[self._end:])
+            if k == 0:
+                if self._end == self._start:
+                    return False
+                _truncated()
+            self._end += k
+        return True
+
+    def next(self):
+        """(data, large) for the next frame's Envelope, or None at the end of
+        the stream: a small frame's bytes, or a large frame's memoryview."""
+        if not self._fill(4):
+            return None
+        (length,) = _LENGTH.unpack_from(self._buf, self._start)
+        if length > MAX_FRAME:
+            raise CasaNodeError(f"a frame of {length} bytes exceeds the maximum of {MAX_FRAME}")
+        if length + 4 <= self.SIZE:
+            self._fill(4 + length) or _truncated()
+            start = self._start + 4
+            data = self._buf[start:start + length]
+            self._start = start + length
+            if self._start == self._end:
+                self._start = self._end = 0
+            return data, False
+        view = _frame_buffer(length)
+        start = self._start + 4
+        got = self._end - start
+        view[:got] = self._view[start:self._end]
+        self._start = self._end = 0
+        while got < length:
+            k = self._sock.recv_into(view[got:])
+            if k == 0:
+                _truncated()
+            got += k
+        return view, True
+
+
+def _frame_buffer(n):
+    """A writable buffer of n bytes, as a memoryview; numpy's when numpy is
+    loaded (it allocates large buffers with huge pages, faulting far less)."""
+    np = sys.modules.get("numpy")
+    if np is not None:
+        try:
+            return memoryview(np.empty(n, np.uint8))
+        except Exception:  # a numpy that cannot
+            pass
+    return memoryview(bytearray(n))
+
+
+class _Parameter:
+    """A Parameter of a SplitResponse: its name, and its value for
+    values.from_value."""
+
+    __slots__ = ("name", "value")
+
+    def __init__(self, name, value):
+        self.name = name
+        self.value = value
+
+
+# The CommandResponse fields a SplitResponse holds as a message.
+_SMALL_FIELDS = frozenset(
+    f.name for f in node_pb2.CommandResponse.DESCRIPTOR.fields if f.name not in ("parameters", "ret")
+)
+
+
+class SplitResponse:
+    """A CommandResponse from a large frame, parsed around its large values:
+    `parameters` (objects with `name` and `value`) and `ret` hold
+    values.SplitValue (or Value) objects that values.from_value decodes, the
+    other fields read as the message's. `message()` is the whole message."""
+
+    __slots__ = ("_small", "parameters", "ret", "_raw", "_message")
+
+    def __init__(self, small, parameters, ret, raw):
+        self._small = small
+        self.parameters = parameters
+        self.ret = ret
+        self._raw = raw
+        self._message = None
+
+    def HasField(self, name):
+        if name == "ret":
+            return self.ret is not None
+        return self._small.HasField(name)
+
+    def message(self):
+        """The CommandResponse message, parsed whole (once)."""
+        if self._message is None:
+            self._message = node_pb2.CommandResponse.FromString(self._raw)
+        return self._message
+
+    def __getattr__(self, name):
+        if name in _SMALL_FIELDS:
+            return getattr(self._small, name)
+        if name.startswith("_"):
+            raise AttributeError(name)
+        return getattr(self.message(), name)
+
+
+def _parse_delivery(view):
+    """(correlation, SplitResponse) for a frame carrying a ResponseDelivery
+    in the plain encoding, parsed around its large values; None for any
+    other frame (protobuf parses it then)."""
+    fields = values.fields
+    correlation = 0
+    delivery = None
+    for n, w, v, _, _ in fields(view):
+        if n == 1 and w == 0:
+            continue
+        if n == 2 and w == 0:
+            correlation = v
+        elif n == 42 and w == 2 and delivery is None:
+            delivery = v
+        else:
+            return None
+    if delivery is None:
+        return None
+    response = None
+    for n, w, v, _, _ in fields(delivery):
+        if n == 1 and w == 2 and response is None:
+            response = v
+        elif not (n == 2 and w == 0):
+            return None
+    if response is None:
+        return None
+    small, parameters, ret = [], [], None
+    for n, w, v, start, end in fields(response):
+        if n == 4 and w == 2:
+            parameters.append(_parse_parameter(v))
+        elif n == 5 and w == 2 and ret is None:
+            ret = values.parse_value(v, 3)
+        elif n in (4, 5):
+            return None
+        else:
+            small.append(response[start:end])
+    message = node_pb2.CommandResponse.FromString(b"".join(small))
+    return correlation, SplitResponse(message, parameters, ret, response)
+
+
+def _parse_parameter(view):
+    name = value = None
+    for n, w, v, _, _ in values.fields(view):
+        if n == 1 or n == 2:
+            if w != 2 or (name if n == 1 else value) is not None:
+                raise values.Irregular("a repeated or mistyped parameter field")
+            if n == 1:
+                name = str(v, "utf-8")
+            else:
+                value = values.parse_value(v, 4)
+    return _Parameter(name or "", value if value is not None else values.Value())
 
 
 class Connection:
@@ -186,41 +432,73 @@ class Connection:
     # ------------------------------------------------------------ requests
 
     def send(self, envelope):
-        frame = encode_frame(envelope)
+        self.send_frame([encode_frame(envelope)])
+
+    def send_frame(self, buffers):
+        """Sends one frame given as buffers (see frame_buffers)."""
         with self._send_lock:
             if self._closed:
                 raise ConnectionClosed("the connection to the client node is closed")
             try:
-                self._sock.sendall(frame)
+                _send_buffers(self._sock, buffers)
             except OSError as e:
                 raise ConnectionClosed(f"the connection to the client node closed: {e}") from e
 
-    def request_async(self, **body):
-        """Sends an Envelope with one body field (e.g. submit_request=msg)
-        and a fresh correlation; returns a Future of the reply's
-        (body name, message). A ProtocolError reply sets Refused."""
-        (name, message), = body.items()
-        envelope = envelope_pb2.Envelope(protocol_version=PROTOCOL_VERSION)
-        getattr(envelope, name).CopyFrom(message)
-        future = Future()
+    def send_request(self, tag, buffers, size, on_reply):
+        """Sends an Envelope with a fresh correlation whose body field `tag`
+        (see body_tag) holds the message serialized in `buffers` (`size`
+        bytes in all; large buffers are sent as they are, not copied).
+        on_reply(kind, message, error) is called once, on the reader
+        thread: with the reply's body name and message, or with the error
+        (Refused for a ProtocolError reply, ConnectionClosed)."""
         with self._lock:
             if self._closed:
                 raise ConnectionClosed("the connection to the client node is closed")
             correlation = self._next_correlation
             self._next_correlation += 1
-            self._replies[correlation] = future
-        envelope.correlation = correlation
+            self._replies[correlation] = on_reply
         try:
-            self.send(envelope)
+            self.send_frame(frame_buffers(correlation, tag, buffers, size))
         except BaseException:
             with self._lock:
                 self._replies.pop(correlation, None)
             raise
+
+    def request_buffers(self, tag, buffers, size, timeout=None):
+        """send_request, waited for: the reply's (body name, message)."""
+        waiter = _Waiter()
+        self.send_request(tag, buffers, size, waiter)
+        return waiter.wait(timeout)
+
+    def _body(self, body):
+        (name, message), = body.items()
+        tag = body_tag(name)
+        expected = envelope_pb2.Envelope.DESCRIPTOR.fields_by_name[name].message_type
+        if getattr(message, "DESCRIPTOR", None) is not expected:
+            raise TypeError(f"{name} takes a {expected.full_name}, not {type(message).__name__}")
+        data = message.SerializeToString()
+        return tag, [data], len(data)
+
+    def request_async(self, **body):
+        """Sends an Envelope with one body field (e.g. submit_request=msg)
+        and a fresh correlation; returns a Future of the reply's
+        (body name, message). A ProtocolError reply sets Refused."""
+        future = Future()
+
+        def resolve(kind, message, error):
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result((kind, message))
+
+        self.send_request(*self._body(body), resolve)
         return future
 
     def request(self, timeout=None, **body):
         """request_async, waited for."""
-        return self.request_async(**body).result(timeout)
+        waiter = _Waiter()
+        self.send_request(*self._body(body), waiter)
+        return waiter.wait(timeout)
 
     # ----------------------------------------------------------- responses
 
@@ -240,7 +518,9 @@ class Connection:
             callback(None, ConnectionClosed("the connection to the client node closed"))
 
     def response(self, request_id):
-        """The latest response delivered for `request_id`, or None."""
+        """The latest response delivered for `request_id`, or None: a
+        CommandResponse, or for a large frame a SplitResponse that reads
+        the same (its message() is the CommandResponse)."""
         with self._lock:
             return self._responses.get(request_id)
 
@@ -268,30 +548,48 @@ class Connection:
     # -------------------------------------------------------------- reader
 
     def _read_loop(self):
+        reader = _FrameReader(self._sock)
         try:
             while True:
-                envelope = read_frame(self._sock)
-                if envelope is None:
+                frame = reader.next()
+                if frame is None:
                     break
-                self._dispatch(envelope)
+                data, large = frame
+                if large:
+                    self._dispatch_large(data)
+                else:
+                    self._dispatch(envelope_pb2.Envelope.FromString(data))
         except Exception:  # a closed socket, a malformed frame
             pass
         finally:
             self._shutdown()
 
+    def _dispatch_large(self, view):
+        try:
+            parsed = _parse_delivery(view)
+        except (values.Irregular, UnicodeDecodeError):
+            parsed = None
+        if parsed is None:
+            self._dispatch(envelope_pb2.Envelope.FromString(view))
+        else:
+            self._deliver(parsed[1])
+
+    def _deliver(self, response):
+        rid = response.id
+        with self._lock:
+            first = rid not in self._responses
+            # The latest record wins: a delivery with replaces_timeout
+            # replaces the timeout record sent before it (rule 21).
+            self._responses[rid] = response
+            watchers = self._watchers.pop(rid, None) if first else None
+        if watchers:
+            for watcher in watchers:
+                _call(watcher, response, None)
+
     def _dispatch(self, envelope):
         kind = envelope.WhichOneof("body")
         if kind == "response_delivery":
-            delivery = envelope.response_delivery
-            response = delivery.response
-            with self._lock:
-                first = response.id not in self._responses
-                # The latest record wins: a delivery with replaces_timeout
-                # replaces the timeout record sent before it (rule 21).
-                self._responses[response.id] = response
-                watchers = self._watchers.pop(response.id, []) if first else []
-            for watcher in watchers:
-                _call(watcher, response, None)
+            self._deliver(envelope.response_delivery.response)
         elif kind == "log_record":
             with self._lock:
                 subscribers = list(self._log_subscribers)
@@ -299,13 +597,14 @@ class Connection:
                 _call(subscriber, envelope.log_record)
         else:
             with self._lock:
-                future = self._replies.pop(envelope.correlation, None)
-            if future is None:
+                on_reply = self._replies.pop(envelope.correlation, None)
+            if on_reply is None:
                 return
             if kind == "error":
-                future.set_exception(Refused(f"the client node says: {envelope.error.message}", envelope.error.code))
+                error = Refused(f"the client node says: {envelope.error.message}", envelope.error.code)
+                _call(on_reply, kind, None, error)
             else:
-                future.set_result((kind, getattr(envelope, kind) if kind else None))
+                _call(on_reply, kind, getattr(envelope, kind) if kind else None, None)
 
     def _shutdown(self):
         with self._lock:
@@ -315,8 +614,8 @@ class Connection:
             subscribers, self._log_subscribers = self._log_subscribers, []
         for subscriber in subscribers:
             _call(subscriber, None)
-        for future in replies.values():
-            future.set_exception(ConnectionClosed("the connection to the client node closed"))
+        for on_reply in replies.values():
+            _call(on_reply, None, None, ConnectionClosed("the connection to the client node closed"))
         for callbacks in watchers.values():
             for callback in callbacks:
                 _call(callback, None, ConnectionClosed("the connection to the client node closed"))
@@ -339,6 +638,31 @@ class Connection:
 
     def __exit__(self, *exc):
         self.close()
+
+
+class _Waiter:
+    """A reply handler (see Connection.send_request) that a thread waits on."""
+
+    __slots__ = ("_done", "_reply", "_error")
+
+    def __init__(self):
+        self._done = threading.Lock()
+        self._done.acquire()
+        self._reply = self._error = None
+
+    def __call__(self, kind, message, error):
+        self._reply = (kind, message)
+        self._error = error
+        self._done.release()
+
+    def wait(self, timeout=None):
+        """The reply's (body name, message); raises its error, or
+        TimeoutError after `timeout` seconds."""
+        if not self._done.acquire(True, -1 if timeout is None else max(timeout, 0)):
+            raise _futures.TimeoutError()
+        if self._error is not None:
+            raise self._error
+        return self._reply
 
 
 def _call(fn, *args):

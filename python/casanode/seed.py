@@ -211,19 +211,19 @@ class MPICommandClient:
             target_server = list(target_server)
         client = _shared_client()
         try:
-            futures = client.submit(command, target=target_server, parameters=parameters)
+            if not block:
+                return client._submit_ids(command, target_server, parameters)
+            # The reader thread takes the submission's reply and watches
+            # its ids: this thread wakes once, when all responses are in.
+            submission = client._submit_waiting(command, target_server, parameters)
+            submission.wait()
         except SubmissionRejected as e:
             log.error("Command request %r rejected: %s", command, e.message or e.reason)
             return None
         except ConnectionClosed as e:
             log.error("Command request %r not pushed: %s", command, e)
             return None
-        if not isinstance(futures, list):
-            futures = [futures]
-        ids = [f.id for f in futures]
-        if not block:
-            return ids
-        return client.wait(ids)
+        return submission.responses()
 
     # ------------------------------------------------------------ responses
 

@@ -6,6 +6,10 @@ tuple, dict with any keys in insertion order, complex, numpy arrays and scalars
 
     to_value(obj) -> Value       from_value(value) -> obj
 
+For frames: value_buffers / parameter_buffers give the serialized bytes as
+buffers, large leaves uncopied, and parse_value reads a serialized Value
+around its large leaves (a SplitValue, which from_value decodes too).
+
 A numpy array arriving where numpy is not installed becomes an `NdArray`
 holder, and a pickle this process cannot load a `Pickled` holder; both convert
 back to the same Value.
@@ -240,6 +244,8 @@ def _fill_other(value, obj, depth):
 def from_value(value):
     """The Python object a Value carries. Raises ValueError for a Value with
     no kind, or a dict Python cannot hold (unhashable or equal keys)."""
+    if type(value) is SplitValue:
+        return _dec_split(value)
     kind = value.WhichOneof("kind")
     if kind is None:
         raise ValueError("a Value with no kind")
@@ -272,24 +278,31 @@ def _numpy():
 
 
 def _dec_ndarray(a):
+    # Each read of a bytes field copies it: read `data` once.
+    return _make_ndarray(a.dtype, a.shape, a.data, a.scalar)
+
+
+def _make_ndarray(dtype, shape, data, scalar):
+    """A writable array of its own (or an NdArray holder without numpy)
+    from the fields of an NdArray; `data` is any bytes-like object."""
     np = _numpy()
     if np is None:
-        return NdArray(a.dtype, a.shape, a.data, a.scalar)
-    dt = np.dtype(a.dtype)
-    shape = () if a.scalar else tuple(a.shape)
+        return NdArray(dtype, shape, data, scalar)
+    dt = np.dtype(dtype)
+    shape = () if scalar else tuple(shape)
     count = 1
     for n in shape:
         count *= n
-    if count * dt.itemsize != len(a.data):
+    if count * dt.itemsize != len(data):
         raise ValueError(
-            f"an array of dtype {a.dtype!r} and shape {shape} needs "
-            f"{count * dt.itemsize} bytes, not {len(a.data)}"
+            f"an array of dtype {dtype!r} and shape {shape} needs "
+            f"{count * dt.itemsize} bytes, not {len(data)}"
         )
     if count == 0 or dt.itemsize == 0:
         array = np.zeros(shape, dtype=dt)
     else:
-        array = np.frombuffer(a.data, dtype=dt).reshape(shape).copy()
-    return array[()] if a.scalar else array
+        array = np.frombuffer(data, dtype=dt).reshape(shape).copy()
+    return array[()] if scalar else array
 
 
 def _dec_pickle(data):
@@ -331,3 +344,359 @@ def parameters_to_pb(parameters):
 def parameters_from_pb(parameters):
     """Parameter messages as a dict of name -> Python value."""
     return {p.name: from_value(p.value) for p in parameters}
+
+
+def parameter_buffers(name, obj):
+    """The serialized Parameter message `name` = `obj`, as (buffers, size):
+    the bytes-like pieces that concatenated make the same bytes as
+    Parameter(name=name, value=to_value(obj)).SerializeToString(). Large
+    leaves (arrays' data, bytes, pickles of LARGE bytes or more) are pieces
+    of their own, not copied: a C-contiguous array's own memory is one."""
+    if not isinstance(name, str):
+        raise TypeError(f"parameter names must be str, not {type(name).__name__}: {name!r}")
+    split = _split_top(obj)
+    parameter = value_pb2.Parameter(name=name)
+    if split is None:
+        _fill_top(parameter.value, obj)
+        data = parameter.SerializeToString()
+        return [data], len(data)
+    head = parameter.SerializeToString()  # the name
+    buffers, size = split
+    head += b"\x12" + _varint(size)
+    return [head, *buffers], len(head) + size
+
+
+# ------------------------------------------------------------- large values
+#
+# A parameter or a return value may be an array of hundreds of megabytes.
+# Through protobuf's Python classes it would be copied several times on each
+# side (into the message, into the serialized bytes, out of each read of the
+# field); here large leaves travel as their own buffers and arrive as slices
+# of the received frame instead. The wire format is protobuf's, unchanged.
+
+# Leaves of at least this many bytes travel as buffers of their own.
+LARGE = 1 << 16
+# Containers longer than this are encoded by protobuf, whatever they hold.
+_SPLIT_ITEMS = 4096
+
+
+_VARINTS = [bytes([n]) for n in range(128)]
+
+
+def _varint(n):
+    if n < 128:
+        return _VARINTS[n]
+    out = bytearray()
+    while n > 0x7F:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
+
+
+def _fill_top(value, obj):
+    """Fills `value` with obj's Value as to_value does."""
+    try:
+        _fill(value, obj, 0)
+    except (_TooDeep, RecursionError):
+        value.Clear()
+        value.pickle_value = pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+
+
+def value_buffers(obj):
+    """The serialized to_value(obj), as (buffers, size) like parameter_buffers."""
+    split = _split_top(obj)
+    if split is None:
+        value = Value()
+        _fill_top(value, obj)
+        data = value.SerializeToString()
+        return [data], len(data)
+    return split
+
+
+def _split_top(obj):
+    try:
+        return _split(obj, 0)
+    except (_TooDeep, RecursionError):
+        return None  # to_value pickles it whole
+
+
+def _field(tag, buffers, size):
+    """A length-delimited field of `size` bytes in `buffers`, with its tag."""
+    head = tag + _varint(size)
+    buffers.insert(0, head)
+    return buffers, len(head) + size
+
+
+def _bytes_value(tag, data):
+    """A Value holding one bytes field (bytes_value, pickle_value)."""
+    return _field(tag, [data], len(data))
+
+
+def _ndarray_value(dtype, shape, data, size, scalar):
+    """A Value holding an NdArray whose data is the buffer `data` of `size`
+    bytes."""
+    head = value_pb2.NdArray(dtype=dtype, shape=shape).SerializeToString() + b"\x1a" + _varint(size)
+    buffers = [head, data]
+    size += len(head)
+    if scalar:
+        buffers.append(b"\x20\x01")
+        size += 2
+    return _field(b"\x62", buffers, size)
+
+
+def _array_buffer(np, obj):
+    """The array's bytes in C order, as a buffer: its own memory when it is
+    C-contiguous, else a copy."""
+    if obj.flags.c_contiguous:
+        return memoryview(obj.reshape(-1).view(np.uint8))
+    return obj.tobytes(order="C")
+
+
+def _small(obj, depth):
+    value = Value()
+    _fill(value, obj, depth)
+    data = value.SerializeToString()
+    return [data], len(data)
+
+
+def _split(obj, depth):
+    """obj's serialized Value as (buffers, size) with its large leaves as
+    buffers of their own, or None when it has none (protobuf encodes it
+    then). Raises _TooDeep as _fill does."""
+    if depth > MAX_DEPTH:
+        raise _TooDeep
+    t = type(obj)
+    if t is bytes:
+        return _bytes_value(b"\x3a", obj) if len(obj) >= LARGE else None
+    if t is list or t is tuple:
+        if not obj or len(obj) > _SPLIT_ITEMS:
+            return None
+        parts = [_split(item, depth + 2) for item in obj]
+        if not any(parts):
+            return None
+        buffers, size = [], 0
+        for item, part in zip(obj, parts):
+            item_buffers, item_size = part or _small(item, depth + 2)
+            item_buffers, item_size = _field(b"\x0a", item_buffers, item_size)
+            buffers += item_buffers
+            size += item_size
+        return _field(b"\x42" if t is list else b"\x4a", buffers, size)
+    if t is dict:
+        if not obj or len(obj) > _SPLIT_ITEMS:
+            return None
+        parts = [(_split(k, depth + 3), _split(v, depth + 3)) for k, v in obj.items()]
+        if not any(k or v for k, v in parts):
+            return None
+        buffers, size = [], 0
+        for (key, item), (key_part, item_part) in zip(obj.items(), parts):
+            key_buffers, key_size = _field(b"\x0a", *(key_part or _small(key, depth + 3)))
+            item_buffers, item_size = _field(b"\x12", *(item_part or _small(item, depth + 3)))
+            entry_buffers, entry_size = _field(b"\x0a", key_buffers + item_buffers, key_size + item_size)
+            buffers += entry_buffers
+            size += entry_size
+        return _field(b"\x52", buffers, size)
+    if t in _FILLERS:
+        if t is NdArray and len(obj.data) >= LARGE:
+            return _ndarray_value(obj.dtype, obj.shape, obj.data, len(obj.data), obj.scalar)
+        if t is Pickled and len(obj.data) >= LARGE:
+            return _bytes_value(b"\x6a", obj.data)
+        return None
+    np = sys.modules.get("numpy")
+    if np is not None:
+        if t is np.ndarray and _plain_dtype(obj.dtype):
+            if obj.nbytes < LARGE:
+                return None
+            return _ndarray_value(obj.dtype.str, obj.shape, _array_buffer(np, obj), obj.nbytes, False)
+        if isinstance(obj, np.generic) and _plain_dtype(obj.dtype):
+            return None
+    try:
+        data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
+    except Exception:  # protobuf's path says what is wrong, or sends a base type
+        return None
+    return _bytes_value(b"\x6a", data)
+
+
+class SplitValue:
+    """A Value parsed from a large frame: its small parts by protobuf, its
+    large leaves kept as slices of the frame (see parse_value). from_value
+    decodes it as it would the Value."""
+
+    __slots__ = ("kind", "data")
+
+    def __init__(self, kind, data):
+        self.kind = kind
+        self.data = data
+
+    def __repr__(self):
+        return f"SplitValue({self.kind})"
+
+
+def _dec_split(value):
+    kind, data = value.kind, value.data
+    if kind == "ndarray_value":
+        return _make_ndarray(*data)
+    if kind == "bytes_value":
+        return bytes(data)
+    if kind == "pickle_value":
+        return _dec_pickle(data)  # loads copies what it keeps
+    if kind == "big_int_value":
+        return int.from_bytes(data, "big", signed=True)
+    if kind == "list_value":
+        return [from_value(v) for v in data]
+    if kind == "tuple_value":
+        return tuple(from_value(v) for v in data)
+    # dict_value
+    pairs = [(from_value(k), from_value(v)) for k, v in data]
+    try:
+        result = dict(pairs)
+    except TypeError as e:
+        raise ValueError(f"a dict Python cannot hold as sent: {e}") from None
+    if len(result) != len(pairs):
+        raise ValueError(
+            "a dict Python cannot hold as sent: some keys are equal in Python (such as 1, 1.0 and True)"
+        )
+    return result
+
+
+class Irregular(Exception):
+    """Wire data parse_value leaves to protobuf: an encoding other than the
+    plain one (repeated singular fields, groups), or malformed data."""
+
+
+def read_varint(view, i):
+    """The varint at view[i:] and the index after it."""
+    n = shift = 0
+    while True:
+        try:
+            b = view[i]
+        except IndexError:
+            raise Irregular("truncated") from None
+        i += 1
+        n |= (b & 0x7F) << shift
+        if b < 0x80:
+            return n, i
+        shift += 7
+        if shift > 63:
+            raise Irregular("varint too long")
+
+
+def fields(view):
+    """(field number, wire type, value, start, end) for each field of the
+    message in `view` (a memoryview of bytes): value is the int of a varint
+    or fixed field, or the slice of a length-delimited one; view[start:end]
+    is the whole field, tag included."""
+    i, end = 0, len(view)
+    while i < end:
+        start = i
+        key, i = read_varint(view, i)
+        number, wire = key >> 3, key & 7
+        if number == 0:
+            raise Irregular("field number 0")
+        if wire == 0:
+            value, i = read_varint(view, i)
+        elif wire == 2:
+            length, i = read_varint(view, i)
+            if i + length > end:
+                raise Irregular("truncated")
+            value = view[i:i + length]
+            i += length
+        elif wire == 1 or wire == 5:
+            width = 8 if wire == 1 else 4
+            if i + width > end:
+                raise Irregular("truncated")
+            value = int.from_bytes(view[i:i + width], "little")
+            i += width
+        else:
+            raise Irregular("groups")
+        yield number, wire, value, start, i
+
+
+# Containers with more items than this are parsed by protobuf, whatever
+# they hold (walking them in Python would cost more than it saves).
+_WALK_ITEMS = 256
+# Value fields kept as slices: bytes fields that may be large.
+_SPLIT_BYTES = {4: "big_int_value", 7: "bytes_value", 13: "pickle_value"}
+_MAX_NESTING = 100  # protobuf's own limit
+
+
+def parse_value(view, depth=0):
+    """The Value serialized in `view` (a memoryview of bytes), for
+    from_value: a Value message when small, else a SplitValue whose large
+    leaves are slices of `view`. Raises protobuf's DecodeError for data
+    protobuf refuses."""
+    if len(view) < LARGE:
+        return Value.FromString(bytes(view))
+    try:
+        return _parse_split(view, depth)
+    except (Irregular, UnicodeDecodeError):
+        return Value.FromString(bytes(view))  # protobuf decides
+
+
+def _parse_split(view, depth):
+    if depth > _MAX_NESTING:
+        raise Irregular("too deep")
+    parsed = list(fields(view))
+    if len(parsed) != 1:
+        raise Irregular("not one field")
+    [(number, wire, data, _, _)] = parsed
+    if wire != 2:
+        raise Irregular("a scalar kind")
+    if number in _SPLIT_BYTES:
+        return SplitValue(_SPLIT_BYTES[number], data)
+    if number == 12:
+        dtype, shape, array, scalar = "", [], b"", False
+        for n, w, v, _, _ in fields(data):
+            if n == 1 and w == 2:
+                dtype = str(v, "utf-8")
+            elif n == 2 and w == 2:
+                j = 0
+                while j < len(v):
+                    x, j = read_varint(v, j)
+                    shape.append(x)
+            elif n == 2 and w == 0:
+                shape.append(v)
+            elif n == 3 and w == 2:
+                array = v
+            elif n == 4 and w == 0:
+                scalar = bool(v)
+            elif n in (1, 2, 3, 4):
+                raise Irregular("wire type")
+        return SplitValue("ndarray_value", (dtype, shape, array, scalar))
+    if number == 8 or number == 9:
+        items = [parse_value(v, depth + 2) for v in _large_items(data)]
+        return SplitValue("list_value" if number == 8 else "tuple_value", items)
+    if number == 10:
+        entries = [_parse_entry(v, depth + 3) for v in _large_items(data)]
+        return SplitValue("dict_value", entries)
+    raise Irregular("a small kind")
+
+
+def _large_items(view):
+    """The items (field 1) of a ValueList or Dict, when few enough to walk
+    and one at least is large; else Irregular, for protobuf to parse the
+    container whole."""
+    items = []
+    large = False
+    for n, w, v, _, _ in fields(view):
+        if n == 1:
+            if w != 2 or len(items) == _WALK_ITEMS:
+                raise Irregular("mistyped, or too many items to walk")
+            items.append(v)
+            large = large or len(v) >= LARGE
+    if not large:
+        raise Irregular("no large item")
+    return items
+
+
+def _parse_entry(view, depth):
+    key = item = None
+    for n, w, v, _, _ in fields(view):
+        if n == 1 or n == 2:
+            if w != 2 or (key if n == 1 else item) is not None:
+                raise Irregular("a repeated or mistyped entry field")
+            if n == 1:
+                key = parse_value(v, depth)
+            else:
+                item = parse_value(v, depth)
+    return (key if key is not None else Value(), item if item is not None else Value())
