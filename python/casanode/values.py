@@ -253,7 +253,11 @@ def from_value(value):
 
 
 def _dec_dict(d):
-    pairs = [(from_value(e.key), from_value(e.value)) for e in d.entries]
+    return _dict_from_pairs([(from_value(e.key), from_value(e.value)) for e in d.entries])
+
+
+def _dict_from_pairs(pairs):
+    """A dict of decoded (key, value) pairs, refusing keys Python merges."""
     try:
         result = dict(pairs)
     except TypeError as e:
@@ -547,16 +551,7 @@ def _dec_split(value):
     if kind == "tuple_value":
         return tuple(from_value(v) for v in data)
     # dict_value
-    pairs = [(from_value(k), from_value(v)) for k, v in data]
-    try:
-        result = dict(pairs)
-    except TypeError as e:
-        raise ValueError(f"a dict Python cannot hold as sent: {e}") from None
-    if len(result) != len(pairs):
-        raise ValueError(
-            "a dict Python cannot hold as sent: some keys are equal in Python (such as 1, 1.0 and True)"
-        )
-    return result
+    return _dict_from_pairs([(from_value(k), from_value(v)) for k, v in data])
 
 
 class Irregular(Exception):
