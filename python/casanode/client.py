@@ -20,7 +20,7 @@ from concurrent.futures import Future
 
 from . import values
 from ._pb.casa.node.v1 import driver_pb2, node_pb2
-from .connection import CasaNodeError, Connection, UnexpectedReply, body_tag
+from .connection import CasaNodeError, Connection, UnexpectedReply, _Waiter, body_tag
 
 MODES = {
     node_pb2.COMMAND_MODE_UNSPECIFIED: "auto",
@@ -257,6 +257,17 @@ class Client:
         if unknown:
             raise UnknownRequest(f"unknown request id {unknown[0]}")
 
+    def forget(self, items):
+        """Drops what this client holds for `items` (Futures or ids): their
+        responses and the ids themselves, which become unknown (rule 17).
+        A long-running driver calls it for responses it is done with, so
+        that its memory stays bounded. Forget ids whose final response has
+        arrived: one that arrives later is held again."""
+        ids = set(_ids(items))
+        with self._lock:
+            self._known.difference_update(ids)
+        self.connection.forget(ids)
+
     def wait(self, items, timeout=None):
         """Waits for the responses to `items` (Futures or ids, rule 16) and
         returns the latest record of each as a dict, in id order. Raises
@@ -274,14 +285,20 @@ class Client:
         (all at once, spread over the servers unless `target` names one),
         then yields the response dicts in the order of `parameter_sets`.
         `timeout` bounds the whole wait, as in Executor.map; TimeoutError
-        when it passes first. A rejected submission raises before anything
-        is yielded; those accepted before it still run."""
+        when it passes first. All submissions are sent before the first
+        reply is read; a rejected one raises before anything is yielded,
+        and those the cluster accepted still run."""
         if isinstance(target, (list, tuple, range)):
             raise ValueError("map takes one target rank or None, not a list")
-        submitted = [
-            self.submit(command, target=target, parameters=p, deadline=deadline, mode=mode)
-            for p in parameter_sets
-        ]
+        # Every submission goes out before the first reply is awaited: the
+        # client node answers them in order while they stream in.
+        replies = []
+        for p in parameter_sets:
+            _, buffers, size = _submit_request(command, target, p, deadline, mode)
+            waiter = _Waiter()
+            self.connection.send_request(_SUBMIT, buffers, size, waiter)
+            replies.append(waiter)
+        submitted = [self._future(self._accepted(reply.wait(), False)[0]) for reply in replies]
         end = None if timeout is None else time.monotonic() + timeout
 
         def results():

@@ -120,6 +120,27 @@ def test_map_yields_responses_in_the_order_of_its_inputs(client):
     assert ids == sorted(ids)
 
 
+def test_map_streams_thousands_of_submissions_without_waiting_for_each(client):
+    # All submissions go out before any reply is read: more frames than the
+    # socket buffers hold must not deadlock the driver and the client node.
+    sets = [{"n": i, "pad": "x" * 200} for i in range(5000)]
+    responses = list(client.map("n * 2", sets, timeout=120))
+    assert [r["ret"] for r in responses] == [2 * i for i in range(5000)]
+    ids = [r["id"] for r in responses]
+    assert ids == list(range(ids[0], ids[0] + 5000))
+
+
+def test_forget_drops_responses_and_ids(client):
+    futures = [client.submit("1+1") for _ in range(3)]
+    client.wait(futures, timeout=60)
+    client.forget(futures[:2])
+    assert client.connection.response(futures[0].id) is None
+    assert client.connection.response(futures[2].id) is not None
+    with pytest.raises(casanode.UnknownRequest):
+        client.wait([futures[1].id], timeout=60)
+    assert client.wait([futures[2]], timeout=60)[0]["ret"] == 2
+
+
 def test_map_rejects_before_yielding(client):
     with pytest.raises(casanode.SubmissionRejected):
         client.map("x", [{"x": 1}], target=9)
