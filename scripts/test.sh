@@ -44,6 +44,9 @@ CASA_NODE_TEST_TRANSPORTS=zmq,mpi python/run-tests.sh 2>&1 | tee -a "$log"
 step "bench: casa-node against its peers, quick (bench/compare.sh --quick; the full run is by hand)"
 bench/compare.sh --quick
 
+step "bench: load and soak, quick (bench/soak/soak.sh --quick; the full run is by hand)"
+CASA_NODE_BIN="${CARGO_TARGET_DIR:-target}/release/casa-node" bench/soak/soak.sh --quick
+
 # One closing line for the whole run: cargo's and pytest's own last lines
 # each cover only part of it.
 awk '/^test result:/ { passed += $4; failed += $6 }
