@@ -22,7 +22,7 @@ venv=${BENCH_VENV:-$target_dir/bench-venv}
 python=${PYTHON:-python3}
 
 echo "compare: building casa-node (--features mpi) and roundtrip-client in release mode" >&2
-(cd "$repo" && cargo build --release --quiet -p casa-node --features mpi \
+(cd "$repo" && cargo build --release --quiet -p casa-node --features mpi --bin casa-node \
     -p casa-node-bench --bin roundtrip-client)
 
 if [ ! -x "$venv/bin/python" ]; then
