@@ -227,7 +227,11 @@ pub async fn run<T: Transport>(
         let stopped = node.carry_out(&mut transport).await?;
         // Operators tail the log: lines reach the file within FLUSH_DELAY,
         // many of them in one write when the node is busy.
-        if node.log.flush_due().is_some_and(|due| due <= Instant::now()) {
+        if node
+            .log
+            .flush_due()
+            .is_some_and(|due| due <= Instant::now())
+        {
             node.log.flush();
         }
         if stopped {
