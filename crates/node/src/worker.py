@@ -30,8 +30,18 @@ bytes agree with the Rust side. Standard library only; Python 3.8 or newer.
 numpy is imported only when an array has to be built; without numpy an
 array travels as an NdArray holder that re-encodes to the same bytes.
 
+The codec keeps the bounds of crates/protocol: a frame is at most
+_MAX_FRAME bytes (DEFAULT_MAX_FRAME), and a value nests at most _MAX_DEPTH
+protobuf messages (MAX_VALUE_DEPTH). Decoding refuses anything else with a
+DecodeError, as it refuses malformed bytes; it raises no other exception
+(but UnicodeDecodeError, for a string that is not UTF-8), and makes at most
+a few dozen bytes of Python objects per byte of input. Encoding pickles a
+value nested deeper than the bound whole, so what the worker sends never
+breaks it.
+
 With CASA_NODE_WORKER_MODE=codec-echo the worker only echoes values over
-stdin/stdout (see _codec_echo), for the codec's tests.
+stdin/stdout (see _codec_echo), for the codec's tests. Loaded as a module
+(__name__ other than "__main__") it defines the codec and runs nothing.
 """
 
 import sys
@@ -80,6 +90,16 @@ _RESEND_MS = 20
 # Payloads at least this large are written without being copied into a
 # frame buffer first.
 _BIG = 1 << 16
+# The largest frame read: crates/protocol's DEFAULT_MAX_FRAME.
+_MAX_FRAME = 1 << 30
+# The deepest a value nests, in protobuf messages: crates/protocol's
+# MAX_VALUE_DEPTH. The Value itself is 1 level; None, complex and arrays add
+# 1 (Null, Complex, NdArray), a list or tuple 2 (ValueList, the items'
+# Values), a dict 3 (Dict, DictEntry, the keys' and values' Values). Protobuf
+# decoders (prost, Python's upb) refuse messages nested more than 100 deep,
+# and a value sits up to 3 levels down in an envelope.
+_MAX_DEPTH = 96
+_TOO_DEEP = "a value nests lists, tuples and dicts deeper than %d protobuf messages" % _MAX_DEPTH
 
 _pack_d = struct.Struct("<d").pack
 _unpack_d = struct.Struct("<d").unpack_from
@@ -163,25 +183,30 @@ class DictEntries(list):
 
 
 def _varint(buf, pos):
-    b = buf[pos]
-    if b < 0x80:
-        return b, pos + 1
-    result = b & 0x7F
-    shift = 7
-    pos += 1
-    while True:
+    try:
         b = buf[pos]
-        pos += 1
-        result |= (b & 0x7F) << shift
         if b < 0x80:
-            return result & _U64, pos
-        shift += 7
-        if shift > 63:
-            raise DecodeError("varint longer than 10 bytes")
+            return b, pos + 1
+        result = b & 0x7F
+        shift = 7
+        pos += 1
+        while True:
+            b = buf[pos]
+            pos += 1
+            result |= (b & 0x7F) << shift
+            if b < 0x80:
+                return result & _U64, pos
+            shift += 7
+            if shift > 63:
+                raise DecodeError("varint longer than 10 bytes")
+    except IndexError:
+        raise DecodeError("varint runs past the end of the frame") from None
 
 
 def _span(buf, pos, end):
     """The bounds of a length-delimited field whose length starts at pos."""
+    if pos >= end:
+        raise DecodeError("field runs past the end of its message")
     n = buf[pos]
     if n < 0x80:
         pos += 1
@@ -227,11 +252,20 @@ def _int32(n):
     return n - (1 << 32) if n & 0x80000000 else n
 
 
-def _dec_value(buf, mv, pos, end, raw):
+def _ended(pos, end):
+    """Checks that a message's last field ended at its end."""
+    if pos != end:
+        raise DecodeError("field runs past the end of its message")
+
+
+def _dec_value(buf, mv, pos, end, raw, level=1):
     """A Value's Python object. raw (codec-echo mode) keeps pickles and
     arrays as Pickled / NdArray holders and odd dicts as DictEntries;
     otherwise pickles are loaded, arrays built with numpy when it is
-    installed, and a dict Python cannot hold is an error."""
+    installed, and a dict Python cannot hold is an error. level is the
+    Value's depth in protobuf messages (see _MAX_DEPTH)."""
+    if level > _MAX_DEPTH:
+        raise DecodeError(_TOO_DEEP)
     value = None
     while pos < end:
         tag = buf[pos]
@@ -248,6 +282,8 @@ def _dec_value(buf, mv, pos, end, raw):
         elif tag == 0x29:  # double_value
             value, pos = _double(buf, pos, end)
         elif tag == 0x0A:  # null_value
+            if level >= _MAX_DEPTH:
+                raise DecodeError(_TOO_DEEP)
             _, pos = _span(buf, pos, end)
             value = None
         elif tag == 0x10:  # bool_value
@@ -261,17 +297,21 @@ def _dec_value(buf, mv, pos, end, raw):
             value = bytes(mv[a:pos])
         elif tag == 0x42:  # list_value
             a, pos = _span(buf, pos, end)
-            value = _dec_items(buf, mv, a, pos, raw)
+            value = _dec_items(buf, mv, a, pos, raw, level + 1)
         elif tag == 0x4A:  # tuple_value
             a, pos = _span(buf, pos, end)
-            value = tuple(_dec_items(buf, mv, a, pos, raw))
+            value = tuple(_dec_items(buf, mv, a, pos, raw, level + 1))
         elif tag == 0x52:  # dict_value
             a, pos = _span(buf, pos, end)
-            value = _dec_dict(buf, mv, a, pos, raw)
+            value = _dec_dict(buf, mv, a, pos, raw, level + 1)
         elif tag == 0x5A:  # complex_value
+            if level >= _MAX_DEPTH:
+                raise DecodeError(_TOO_DEEP)
             a, pos = _span(buf, pos, end)
             value = _dec_complex(buf, a, pos)
         elif tag == 0x62:  # ndarray_value
+            if level >= _MAX_DEPTH:
+                raise DecodeError(_TOO_DEEP)
             a, pos = _span(buf, pos, end)
             value = _dec_ndarray(buf, mv, a, pos, raw)
         elif tag == 0x6A:  # pickle_value
@@ -279,30 +319,37 @@ def _dec_value(buf, mv, pos, end, raw):
             value = Pickled(mv[a:pos]) if raw else pickle.loads(mv[a:pos])
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     return value
 
 
-def _dec_items(buf, mv, pos, end, raw):
+def _dec_items(buf, mv, pos, end, raw, level):
+    if level > _MAX_DEPTH:
+        raise DecodeError(_TOO_DEEP)
     items = []
     while pos < end:
         tag, pos = _tag(buf, pos)
         if tag == 0x0A:
             a, pos = _span(buf, pos, end)
-            items.append(_dec_value(buf, mv, a, pos, raw))
+            items.append(_dec_value(buf, mv, a, pos, raw, level + 1))
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     return items
 
 
-def _dec_dict(buf, mv, pos, end, raw):
+def _dec_dict(buf, mv, pos, end, raw, level):
+    if level > _MAX_DEPTH:
+        raise DecodeError(_TOO_DEEP)
     pairs = []
     while pos < end:
         tag, pos = _tag(buf, pos)
         if tag == 0x0A:
             a, pos = _span(buf, pos, end)
-            pairs.append(_dec_entry(buf, mv, a, pos, raw))
+            pairs.append(_dec_entry(buf, mv, a, pos, raw, level + 1))
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     result = {}
     try:
         for key, value in pairs:
@@ -318,18 +365,21 @@ def _dec_dict(buf, mv, pos, end, raw):
     raise ValueError("a dict Python cannot hold as sent: %s" % problem)
 
 
-def _dec_entry(buf, mv, pos, end, raw):
+def _dec_entry(buf, mv, pos, end, raw, level):
+    if level > _MAX_DEPTH:
+        raise DecodeError(_TOO_DEEP)
     key = value = None
     while pos < end:
         tag, pos = _tag(buf, pos)
         if tag == 0x0A:
             a, pos = _span(buf, pos, end)
-            key = _dec_value(buf, mv, a, pos, raw)
+            key = _dec_value(buf, mv, a, pos, raw, level + 1)
         elif tag == 0x12:
             a, pos = _span(buf, pos, end)
-            value = _dec_value(buf, mv, a, pos, raw)
+            value = _dec_value(buf, mv, a, pos, raw, level + 1)
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     return key, value
 
 
@@ -343,6 +393,7 @@ def _dec_complex(buf, pos, end):
             imag, pos = _double(buf, pos, end)
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     return complex(real, imag)
 
 
@@ -361,6 +412,7 @@ def _dec_ndarray(buf, mv, pos, end, raw):
             while a < pos:
                 n, a = _varint(buf, a)
                 shape.append(n)
+            _ended(a, pos)
         elif tag == 0x10:  # unpacked shape element
             n, pos = _varint(buf, pos)
             shape.append(n)
@@ -372,6 +424,7 @@ def _dec_ndarray(buf, mv, pos, end, raw):
             scalar = n != 0
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     if raw:
         return NdArray(dtype, shape, data, scalar)
     return _make_ndarray(dtype, shape, data, scalar)
@@ -442,6 +495,7 @@ def _dec_envelope(buf):
             field, b = tag >> 3, pos
         else:
             pos = _skip(buf, pos, wire, end)
+    _ended(pos, end)
     return version, correlation, field, a, b
 
 
@@ -470,6 +524,7 @@ def _dec_command(buf, mv, pos, end):
             params.append(_dec_parameter(buf, mv, a, pos))
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     return rid, command, mode, params
 
 
@@ -486,6 +541,7 @@ def _dec_parameter(buf, mv, pos, end):
             pos = value[1]
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     return name, value
 
 
@@ -503,6 +559,7 @@ def _fields(buf, pos, end):
             out.append((tag, n, None))
         else:
             pos = _skip(buf, pos, tag & 7, end)
+    _ended(pos, end)
     return out
 
 
@@ -533,6 +590,8 @@ def _enc_value(v, parts):
 
 
 def _enc_none(v, parts):
+    if _depth[0] + 2 > _MAX_DEPTH:  # Value, Null
+        raise _TooDeep()
     parts.append(b"\x0a\x00")
     return 2
 
@@ -581,11 +640,9 @@ def _enc_bytes_field(tag, data, parts):
     return len(b)
 
 
-# Protobuf decoders (prost, and Python's) refuse messages nested more than
-# 100 deep. A list or tuple level nests two messages (Value, ValueList), a
-# dict level three (Value, Dict, DictEntry), and the envelope around a
-# value a few more; a value that would nest deeper is pickled whole.
-_MAX_NESTING = 90
+# A value nested deeper than _MAX_DEPTH messages is pickled whole. While
+# a value is encoded, _depth[0] is the number of messages above it (0 for
+# the value itself, 2 for a list's items, 3 for a dict's keys and values).
 _depth = [0]
 
 
@@ -593,15 +650,12 @@ class _TooDeep(Exception):
     pass
 
 
-def _enter(levels):
-    _depth[0] += levels
-    if _depth[0] > _MAX_NESTING:
-        _depth[0] -= levels
-        raise _TooDeep()
-
-
 def _enc_items(tag, items, parts):
-    _enter(2)
+    d = _depth[0]
+    # Value and ValueList, and the items' Values below them.
+    if d + (3 if len(items) else 2) > _MAX_DEPTH:
+        raise _TooDeep()
+    _depth[0] = d + 2
     try:
         slot = len(parts)
         parts.append(None)
@@ -617,7 +671,7 @@ def _enc_items(tag, items, parts):
         parts[slot] = head
         return len(head) + n
     finally:
-        _depth[0] -= 2
+        _depth[0] = d
 
 
 def _enc_list(v, parts):
@@ -629,7 +683,11 @@ def _enc_tuple(v, parts):
 
 
 def _enc_pairs(pairs, parts):
-    _enter(3)
+    d = _depth[0]
+    # Value and Dict, and the DictEntries and their keys' and values' Values.
+    if d + (4 if len(pairs) else 2) > _MAX_DEPTH:
+        raise _TooDeep()
+    _depth[0] = d + 3
     try:
         slot = len(parts)
         parts.append(None)
@@ -655,7 +713,7 @@ def _enc_pairs(pairs, parts):
         parts[slot] = head
         return len(head) + n
     finally:
-        _depth[0] -= 3
+        _depth[0] = d
 
 
 def _enc_dict(v, parts):
@@ -663,11 +721,15 @@ def _enc_dict(v, parts):
 
 
 def _enc_complex(v, parts):
+    if _depth[0] + 2 > _MAX_DEPTH:  # Value, Complex
+        raise _TooDeep()
     parts.append(b"\x5a\x12\x09" + _pack_d(v.real) + b"\x11" + _pack_d(v.imag))
     return 20
 
 
 def _enc_ndarray(dtype, shape, data, scalar, parts):
+    if _depth[0] + 2 > _MAX_DEPTH:  # Value, NdArray
+        raise _TooDeep()
     slot = len(parts)
     parts.append(None)
     n = 0
@@ -848,6 +910,10 @@ def _ready_frame(error, rank):
 # Pipes
 
 
+def _too_large(n):
+    return DecodeError("a frame of %d bytes exceeds the maximum of %d bytes" % (n, _MAX_FRAME))
+
+
 class _FrameReader(object):
     """Reads frames from a blocking pipe. Small frames come out of one
     buffered read; a large one is read straight into its own buffer."""
@@ -862,6 +928,8 @@ class _FrameReader(object):
         while True:
             if len(buf) >= 4:
                 n = _unpack_len(buf)[0]
+                if n > _MAX_FRAME:
+                    raise _too_large(n)
                 total = n + 4
                 if len(buf) >= total:
                     body = buf[4:total]
@@ -879,7 +947,10 @@ class _FrameReader(object):
         buf = self.buf
         frames = []
         while len(buf) >= 4:
-            total = _unpack_len(buf)[0] + 4
+            n = _unpack_len(buf)[0]
+            if n > _MAX_FRAME:
+                raise _too_large(n)
+            total = n + 4
             if len(buf) < total:
                 break
             frames.append(buf[4:total])
@@ -1174,20 +1245,32 @@ class _Worker(object):
                 if not chunk:
                     os._exit(0)
                 reader.buf += chunk
-                for body in reader.complete():
+                try:
+                    frames = reader.complete()
+                except DecodeError as e:
+                    # The pipe is out of step: nothing more can be read.
+                    self.out.log(L_ERROR, "the control pipe is broken: %s" % e, "worker")
+                    os._exit(1)
+                for body in frames:
                     self._cancel(body)
 
     def _cancel(self, body):
-        _, _, field, a, b = _dec_envelope(body)
-        if field != 22:
+        try:
+            _, _, field, a, b = _dec_envelope(body)
+            if field != 22:
+                return
+            requests = []
+            for tag, start, end in _fields(body, a, b):
+                if tag == 0x22:  # ControlRequest.cancel
+                    rid = 0
+                    for t, n, _ in _fields(body, start, end):
+                        if t == 0x08:
+                            rid = n
+                    requests.append(rid)
+        except DecodeError as e:
+            self.out.log(L_ERROR, "a malformed control frame was dropped: %s" % e, "worker")
             return
-        for tag, start, end in _fields(body, a, b):
-            if tag != 0x22:  # ControlRequest.cancel
-                continue
-            rid = 0
-            for t, n, _ in _fields(body, start, end):
-                if t == 0x08:
-                    rid = n
+        for rid in requests:
             state = self.state
             with state.lock:
                 state.interrupt_id = rid
@@ -1384,7 +1467,9 @@ def _type_name(v):
 # answered on stdout by a CommandResponse with the same correlation and id
 # whose ret is either the first parameter's value, decoded (in raw mode)
 # and encoded again, or, when the command is not empty, the value of the
-# command as a Python expression, built with the helpers below.
+# command as a Python expression, built with the helpers below. Any other
+# frame, and one that cannot be decoded, is answered by a failed
+# CommandResponse whose traceback says why.
 
 
 def _echo_float(bits):
@@ -1430,12 +1515,13 @@ def _codec_echo(in_fd, out_fd):
         if body is None:
             return
         mv = memoryview(body)
-        _, correlation, field, a, b = _dec_envelope(body)
-        if field != 20:
-            continue
-        rid, command, _, params = _dec_command(body, mv, a, b)
+        correlation = rid = 0
         failure = None
         try:
+            _, correlation, field, a, b = _dec_envelope(body)
+            if field != 20:
+                raise DecodeError("not a CommandRequest")
+            rid, command, _, params = _dec_command(body, mv, a, b)
             if command:
                 value = eval(command, namespace)
             else:
@@ -1460,4 +1546,5 @@ def main():
     os._exit(0)
 
 
-main()
+if __name__ == "__main__":
+    main()

@@ -48,9 +48,42 @@ pub enum FrameError {
     /// Bytes follow the single frame that was expected.
     #[error("{0} unexpected bytes after the frame")]
     TrailingBytes(usize),
-    /// The frame's bytes are not a valid envelope.
+    /// The frame's bytes are not a valid envelope (found by prost).
     #[error("malformed envelope: {0}")]
     Malformed(#[from] prost::DecodeError),
+    /// The frame's bytes are not a valid envelope (found by the scan that
+    /// precedes decoding, for a reason prost would refuse it too).
+    #[error("malformed envelope: {reason} (byte {at})")]
+    Invalid {
+        /// Where the offending field starts, from the start of the body.
+        at: usize,
+        /// What is wrong there.
+        reason: &'static str,
+    },
+    /// A value nests deeper than
+    /// [`MAX_VALUE_DEPTH`](crate::MAX_VALUE_DEPTH) protobuf messages.
+    #[error(
+        "a value nests lists, tuples and dicts deeper than {max} protobuf messages; \
+         send it pickled or flatter"
+    )]
+    TooDeep {
+        /// The bound, [`MAX_VALUE_DEPTH`](crate::MAX_VALUE_DEPTH).
+        max: usize,
+    },
+    /// Decoding the frame could take more memory than
+    /// [`DECODE_EXPANSION`](crate::DECODE_EXPANSION) bytes per byte of it.
+    #[error(
+        "a frame of {len} bytes could take {needed} bytes of memory once decoded, \
+         more than the {allowed} allowed (many empty values or dict entries?)"
+    )]
+    TooExpansive {
+        /// The length of the frame, or of its content encoded compactly.
+        len: u64,
+        /// The bound on what decoding it allocates.
+        needed: u64,
+        /// The most allowed for `len` bytes.
+        allowed: u64,
+    },
     /// The envelope carries no message.
     #[error("envelope carries no message")]
     NoBody,

@@ -4,15 +4,33 @@
 //! The same framing is used on the front door, on the worker pipes and by
 //! the ZeroMQ transport's peers in other languages: it is what tokio-util's
 //! `LengthDelimitedCodec` speaks by default and what Python reads with
-//! `struct.unpack(">I", ...)`. Decoding never trusts the declared length
-//! beyond the configured maximum, never panics, and never reserves memory
-//! for bytes that have not arrived.
+//! `struct.unpack(">I", ...)`.
+//!
+//! What decoding guarantees, whatever the bytes:
+//!
+//! - it never panics, and never recurses deeper than prost's limit of 100
+//!   nested messages;
+//! - it never trusts a declared length beyond the configured maximum, and
+//!   never reserves memory for bytes that have not arrived;
+//! - before prost decodes a frame of `n` bytes, a scan of its wire
+//!   structure (`scan.rs`) bounds what prost will allocate, and the frame
+//!   is refused unless the bound is at most
+//!   [`DECODE_EXPANSION`](crate::DECODE_EXPANSION)` * n + `[`DECODE_SLACK`](crate::DECODE_SLACK) bytes (128 bytes per
+//!   byte, plus 16 KiB); the bound is also checked against the length of
+//!   the decoded content encoded compactly, so that what is accepted can
+//!   be forwarded;
+//! - a [`Value`] nested deeper than [`MAX_VALUE_DEPTH`](crate::MAX_VALUE_DEPTH) messages is
+//!   refused ([`FrameError::TooDeep`]).
+//!
+//! The encoders check the same bounds on what they write, so a peer never
+//! refuses what this side sent.
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 use crate::error::FrameError;
-use crate::pb::Envelope;
+use crate::pb::{Envelope, Value};
+use crate::scan::{self, DECODE_SLACK, Root};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -46,14 +64,20 @@ impl Framing {
         self.max_frame
     }
 
-    /// Appends one frame holding `envelope` to `dst`.
+    /// Appends one frame holding `envelope` to `dst`; on an error `dst`
+    /// is left as it was.
     pub fn encode(&self, envelope: &Envelope, dst: &mut BytesMut) -> Result<(), FrameError> {
         let len = self.check_encoded_len(envelope)?;
+        let start = dst.len();
         dst.reserve(LENGTH_PREFIX + len);
         dst.put_u32(len as u32);
         envelope
             .encode(dst)
             .expect("reserved exactly the encoded length");
+        if let Err(error) = check_bounds(Root::Envelope, &dst[start + LENGTH_PREFIX..]) {
+            dst.truncate(start);
+            return Err(error);
+        }
         Ok(())
     }
 
@@ -68,7 +92,9 @@ impl Framing {
     /// delimit messages themselves (MPI, ZeroMQ).
     pub fn encode_body(&self, envelope: &Envelope) -> Result<Vec<u8>, FrameError> {
         self.check_encoded_len(envelope)?;
-        Ok(envelope.encode_to_vec())
+        let body = envelope.encode_to_vec();
+        check_bounds(Root::Envelope, &body)?;
+        Ok(body)
     }
 
     fn check_encoded_len(&self, envelope: &Envelope) -> Result<usize, FrameError> {
@@ -135,18 +161,62 @@ impl Framing {
 
     /// Decodes an envelope's bytes without a length prefix. Byte fields of
     /// the result share `body`'s memory rather than copying it.
+    ///
+    /// Refuses, before decoding, a body longer than the maximum frame, one
+    /// whose values nest deeper than
+    /// [`MAX_VALUE_DEPTH`](crate::MAX_VALUE_DEPTH), and one that
+    /// could make prost allocate more than
+    /// [`DECODE_EXPANSION`](crate::DECODE_EXPANSION) bytes per
+    /// byte of it (plus [`DECODE_SLACK`]).
     pub fn decode_body(&self, body: Bytes) -> Result<Envelope, FrameError> {
-        if body.len() > self.max_frame {
-            return Err(FrameError::TooLarge {
-                len: body.len() as u64,
-                max: self.max_frame,
-            });
-        }
+        self.check_len(body.len())?;
+        let needed = within_budget(scan::scan(Root::Envelope, &body)?, body.len())?;
         let envelope = Envelope::decode(body)?;
         if envelope.body.is_none() {
             return Err(FrameError::NoBody);
         }
+        if needed > DECODE_SLACK {
+            // Measured against the content encoded compactly as well: what
+            // is accepted here is accepted again when forwarded.
+            within_budget(needed, envelope.encoded_len())?;
+        }
         Ok(envelope)
+    }
+
+    /// Decodes a bare [`Value`] (not in an envelope) under the same bounds
+    /// as [`decode_body`](Self::decode_body). A value with no kind is
+    /// returned as it is; [`Value::try_kind`] tells.
+    pub fn decode_value(&self, bytes: Bytes) -> Result<Value, FrameError> {
+        self.check_len(bytes.len())?;
+        let needed = within_budget(scan::scan(Root::Value, &bytes)?, bytes.len())?;
+        let value = Value::decode(bytes)?;
+        if needed > DECODE_SLACK {
+            within_budget(needed, value.encoded_len())?;
+        }
+        Ok(value)
+    }
+
+    /// What [`decode_body`](Self::decode_body) checks first: the most
+    /// bytes prost may allocate to decode `body` (an envelope without its
+    /// length prefix), or why the body is refused outright (malformed, or
+    /// values nested too deep). Allocates nothing.
+    pub fn scan_body(&self, body: &[u8]) -> Result<u64, FrameError> {
+        scan::scan(Root::Envelope, body)
+    }
+
+    /// [`scan_body`](Self::scan_body) for a bare [`Value`].
+    pub fn scan_value(&self, bytes: &[u8]) -> Result<u64, FrameError> {
+        scan::scan(Root::Value, bytes)
+    }
+
+    fn check_len(&self, len: usize) -> Result<(), FrameError> {
+        if len > self.max_frame {
+            return Err(FrameError::TooLarge {
+                len: len as u64,
+                max: self.max_frame,
+            });
+        }
+        Ok(())
     }
 
     /// The declared length of the frame at the front of `src`, checked
@@ -164,6 +234,24 @@ impl Framing {
         }
         Ok(Some(len))
     }
+}
+
+/// `needed` if a message of `len` bytes may allocate that much.
+fn within_budget(needed: u64, len: usize) -> Result<u64, FrameError> {
+    let allowed = scan::allowed(len);
+    if needed > allowed {
+        return Err(FrameError::TooExpansive {
+            len: len as u64,
+            needed,
+            allowed,
+        });
+    }
+    Ok(needed)
+}
+
+/// Checks what an encoder wrote against the decoders' bounds.
+fn check_bounds(root: Root, body: &[u8]) -> Result<(), FrameError> {
+    within_budget(scan::scan(root, body)?, body.len()).map(|_| ())
 }
 
 #[cfg(test)]
@@ -251,8 +339,14 @@ mod tests {
     #[test]
     fn malformed_and_empty_bodies_are_errors() {
         let framing = Framing::default();
+        // A key that is a varint running off the end: the scan refuses it.
         assert!(matches!(
             framing.decode_exact(&[0, 0, 0, 2, 0xff, 0xff]),
+            Err(FrameError::Invalid { at: 0, .. })
+        ));
+        // A string that is not UTF-8 (Hello.software): prost refuses it.
+        assert!(matches!(
+            framing.decode_exact(&[0, 0, 0, 5, 0x52, 0x03, 0x1a, 0x01, 0xff]),
             Err(FrameError::Malformed(_))
         ));
         assert!(matches!(

@@ -4,7 +4,9 @@
 //! The messages are generated from `proto/casa/node/v1/*.proto`, the source
 //! of truth for every language ([`pb`]). Around them this crate holds:
 //!
-//! - [`Framing`]: length-delimited frames under a size limit;
+//! - [`Framing`]: length-delimited frames under a size limit, decoded only
+//!   after a scan of their wire structure bounds the memory decoding takes
+//!   ([`DECODE_EXPANSION`]) and how deep values nest ([`MAX_VALUE_DEPTH`]);
 //! - conversions between [`pb::Value`] and Rust types, and a Python-style
 //!   `Display` for values;
 //! - [`Transport`]: what MPI and ZeroMQ transports provide;
@@ -21,6 +23,7 @@ mod clock;
 mod envelope;
 mod error;
 mod frame;
+mod scan;
 mod server;
 mod transport;
 mod value;
@@ -36,6 +39,7 @@ pub use clock::WallClock;
 pub use envelope::{PROTOCOL_VERSION, check_version};
 pub use error::{FrameError, TransportError, ValueError};
 pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX};
+pub use scan::{DECODE_EXPANSION, DECODE_SLACK, MAX_VALUE_DEPTH};
 pub use server::{ExecOutcome, Interruption, ServerAction, ServerConfig, ServerCore};
 pub use transport::{Transport, TransportEvent};
 

@@ -97,6 +97,48 @@ impl Value {
         }
     }
 
+    /// How deep this value nests, in protobuf messages as on the wire:
+    /// 1 for a scalar, 2 for `None`, a complex or a numpy value, plus 2 per
+    /// enclosing list or tuple and 3 per enclosing dict (see
+    /// [`MAX_VALUE_DEPTH`](crate::MAX_VALUE_DEPTH), which the framing
+    /// enforces). Walks the value without recursion, so any depth is safe.
+    pub fn depth(&self) -> usize {
+        let mut deepest = 0;
+        let mut pending = vec![(self, 1)];
+        while let Some((value, level)) = pending.pop() {
+            let here = match &value.kind {
+                None
+                | Some(Kind::BoolValue(_))
+                | Some(Kind::IntValue(_))
+                | Some(Kind::BigIntValue(_))
+                | Some(Kind::DoubleValue(_))
+                | Some(Kind::StringValue(_))
+                | Some(Kind::BytesValue(_))
+                | Some(Kind::PickleValue(_)) => level,
+                Some(Kind::NullValue(_))
+                | Some(Kind::ComplexValue(_))
+                | Some(Kind::NdarrayValue(_)) => level + 1,
+                Some(Kind::ListValue(list)) | Some(Kind::TupleValue(list)) => {
+                    pending.extend(list.items.iter().map(|item| (item, level + 2)));
+                    level + 1
+                }
+                Some(Kind::DictValue(dict)) => {
+                    for entry in &dict.entries {
+                        pending.extend(entry.key.iter().map(|key| (key, level + 3)));
+                        pending.extend(entry.value.iter().map(|value| (value, level + 3)));
+                    }
+                    if dict.entries.is_empty() {
+                        level + 1
+                    } else {
+                        level + 2
+                    }
+                }
+            };
+            deepest = deepest.max(here);
+        }
+        deepest
+    }
+
     /// The kind, or an error for a value that carries none.
     pub fn try_kind(&self) -> Result<&Kind, ValueError> {
         self.kind.as_ref().ok_or(ValueError::Empty)

@@ -369,9 +369,10 @@ fn nested_lists(depth: usize) -> Vec<u8> {
     value
 }
 
-/// Values nested deeper than the decoder's recursion limit are refused as
-/// malformed, not decoded on an ever-deeper stack; nesting within the limit
-/// decodes.
+/// Values nested deeper than the decoder's recursion limit are refused, not
+/// decoded on an ever-deeper stack: by prost alone (malformed), and by the
+/// framing's decoders as deeper than `MAX_VALUE_DEPTH` (tests/fuzz.rs checks
+/// that bound exactly); nesting within the limit decodes.
 #[test]
 fn values_nested_past_the_recursion_limit_are_refused() {
     assert!(Value::decode(nested_lists(10).as_slice()).is_ok());
@@ -388,9 +389,10 @@ fn values_nested_past_the_recursion_limit_are_refused() {
     let mut body = vec![0xa2, 0x01]; // field 20, length-delimited
     prost::encoding::encode_varint(request.len() as u64, &mut body);
     body.extend_from_slice(&request);
+    assert!(Envelope::decode(body.as_slice()).is_err());
     assert!(matches!(
         Framing::default().decode_body(Bytes::from(body)),
-        Err(FrameError::Malformed(_))
+        Err(FrameError::TooDeep { .. })
     ));
 }
 

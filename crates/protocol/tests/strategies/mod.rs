@@ -26,12 +26,13 @@ use casa_node_protocol::pb::{
     LogSubscription, NdArray, Null, Parameter, PingRequest, PingResponse, ProtocolError,
     ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery, Role, ServerStatus,
     StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest, TrackReply, TrackRequest,
-    Value, ValueList, Welcome, control_request, envelope::Body, submit_reply,
+    Value, ValueList, Welcome, control_request, envelope::Body, submit_reply, value::Kind,
 };
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
 use proptest::sample::Index;
+use prost::Message;
 
 /// The name ([`Body::name`]) of every `Envelope` body variant, in field
 /// number order. `arb_envelope_covers_every_body_variant` in `codec.rs`
@@ -813,4 +814,612 @@ pub fn arb_wire_input() -> impl Strategy<Value = Vec<u8>> {
         1 => exact_prefix,
         2 => mutated,
     ]
+}
+
+// ---------------------------------------------------------------------------
+// Hostile input, for the fuzz targets (`tests/fuzz.rs` here, and the Python
+// worker's in `crates/node/tests/bad_input.rs`): wire structures built field
+// by field (deep nesting, empty elements by the thousand, unknown fields and
+// groups, odd varints, invalid UTF-8, merged duplicates), and valid
+// encodings damaged (bits flipped, cut short, lengths set huge or short,
+// wire types changed, bytes inserted).
+
+/// `value` as a protobuf varint.
+pub fn varint(value: u64) -> Vec<u8> {
+    let mut out = Vec::new();
+    prost::encoding::encode_varint(value, &mut out);
+    out
+}
+
+/// The key of field `number` with wire type `wire`.
+pub fn key(number: u32, wire: u8) -> Vec<u8> {
+    varint(u64::from(number) << 3 | u64::from(wire))
+}
+
+/// `content` as length-delimited field `number`.
+pub fn ld(number: u32, content: &[u8]) -> Vec<u8> {
+    let mut out = key(number, 2);
+    out.extend(varint(content.len() as u64));
+    out.extend_from_slice(content);
+    out
+}
+
+/// Where a value sits in an envelope.
+#[derive(Debug, Clone, Copy)]
+pub enum Place {
+    /// `CommandRequest.parameters[0].value` (Envelope field 20).
+    CommandParameter,
+    /// `CommandResponse.ret` (field 21).
+    CommandRet,
+    /// `SubmitRequest.parameters[0].value` (field 40), command `v`.
+    SubmitParameter,
+    /// `ResponseDelivery.response.ret` (field 42): the deepest place.
+    DeliveredRet,
+}
+
+/// An envelope body holding the Value encoded as `value` at `place`.
+pub fn envelope_with_value(place: Place, value: &[u8]) -> Vec<u8> {
+    let mut body = vec![0x08, casa_node_protocol::PROTOCOL_VERSION as u8];
+    body.extend(match place {
+        Place::CommandParameter => ld(20, &ld(4, &[ld(1, b"v"), ld(2, value)].concat())),
+        Place::CommandRet => ld(21, &ld(5, value)),
+        Place::SubmitParameter => ld(
+            40,
+            &[ld(1, b"v"), ld(3, &[ld(1, b"v"), ld(2, value)].concat())].concat(),
+        ),
+        Place::DeliveredRet => ld(42, &ld(1, &ld(5, value))),
+    });
+    body
+}
+
+/// Any place.
+pub fn arb_place() -> impl Strategy<Value = Place> + Clone {
+    proptest::sample::select(vec![
+        Place::CommandParameter,
+        Place::CommandRet,
+        Place::SubmitParameter,
+        Place::DeliveredRet,
+    ])
+}
+
+/// How one level of a chain of containers nests its inner value.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Level {
+    /// `[inner]`: 2 messages.
+    List,
+    /// `(inner,)`: 2 messages.
+    Tuple,
+    /// `{inner: 1}`: 3 messages.
+    DictKey,
+    /// `{1: inner}`: 3 messages.
+    DictValue,
+}
+
+impl Level {
+    /// The protobuf messages this level adds to a value's depth.
+    pub fn cost(self) -> usize {
+        match self {
+            Level::List | Level::Tuple => 2,
+            Level::DictKey | Level::DictValue => 3,
+        }
+    }
+}
+
+/// Values for the bottom of a chain, each with its depth: scalars are 1
+/// message deep, `None`, complex numbers, arrays and empty containers 2.
+pub fn chain_leaves() -> Vec<(Value, usize)> {
+    vec![
+        (Value::from(7), 1),
+        (Value::from("leaf"), 1),
+        (Value::none(), 2),
+        (Value::complex(1.0, -0.0), 2),
+        (
+            Value::ndarray("<f8", vec![1], Bytes::from_static(&[0; 8]), false),
+            2,
+        ),
+        (Value::list([]), 2),
+        (Value::dict([]), 2),
+    ]
+}
+
+/// The encoding of `leaf` (a Value's bytes) inside `levels` (outermost
+/// first), built on the wire without a Value in memory, so that any depth
+/// can be made. Its depth is the sum of the levels' costs and the leaf's.
+pub fn chain(levels: &[Level], leaf: &[u8]) -> Vec<u8> {
+    let one = [0x18, 0x02]; // int 1
+    let mut value = leaf.to_vec();
+    for level in levels.iter().rev() {
+        value = match level {
+            Level::List => ld(8, &ld(1, &value)),
+            Level::Tuple => ld(9, &ld(1, &value)),
+            Level::DictKey => ld(10, &ld(1, &[ld(1, &value), ld(2, &one)].concat())),
+            Level::DictValue => ld(10, &ld(1, &[ld(1, &one), ld(2, &value)].concat())),
+        };
+    }
+    value
+}
+
+/// A chain of containers, 0 to 60 levels of any kind around any leaf
+/// (depths from 1 to 182, across `MAX_VALUE_DEPTH`), or one of the
+/// extremes (hundreds or thousands of levels), with its depth.
+pub fn arb_chain() -> impl Strategy<Value = (Vec<u8>, usize)> {
+    let level = proptest::sample::select(vec![
+        Level::List,
+        Level::Tuple,
+        Level::DictKey,
+        Level::DictValue,
+    ]);
+    let leaf = proptest::sample::select(chain_leaves());
+    let near = (vec(level.clone(), 0..60), leaf.clone()).prop_map(|(levels, (leaf, d))| {
+        let depth = levels.iter().map(|l| l.cost()).sum::<usize>() + d;
+        (chain(&levels, &leaf.encode_to_vec()), depth)
+    });
+    let extreme = (
+        proptest::sample::select(vec![100usize, 300, 1500]),
+        level,
+        leaf,
+    )
+        .prop_map(|(n, level, (leaf, d))| {
+            let levels = vec![level; n];
+            (chain(&levels, &leaf.encode_to_vec()), n * level.cost() + d)
+        });
+    prop_oneof![6 => near, 1 => extreme]
+}
+
+/// A field nobody knows: any wire type (groups included, nested, even
+/// ill-matched), with a field number above those of casa.node.v1.
+pub fn arb_unknown_field() -> impl Strategy<Value = Vec<u8>> + Clone {
+    (100u32..5000, 0u8..8, vec(any::<u8>(), 0..12), any::<u64>()).prop_map(
+        |(number, kind, bytes, n)| match kind {
+            0 => [key(number, 0), varint(n)].concat(),
+            1 => [key(number, 1), n.to_le_bytes().to_vec()].concat(),
+            2 => ld(number, &bytes),
+            3 => [key(number, 5), (n as u32).to_le_bytes().to_vec()].concat(),
+            4 => [
+                key(number, 3),
+                key(number + 1, 0),
+                varint(n),
+                key(number, 4),
+            ]
+            .concat(),
+            5 => [
+                key(number, 3),
+                key(number + 1, 3),
+                ld(9, &bytes),
+                key(number + 1, 4),
+                key(number, 4),
+            ]
+            .concat(),
+            // A group ended by another tag, or never ended.
+            6 => [key(number, 3), varint(n % 100), key(number + 1, 4)].concat(),
+            _ => [key(number, 3), key(number, 0), varint(n)].concat(),
+        },
+    )
+}
+
+/// The fields of a Value that is odd but small: no kind, two kinds, a bool
+/// of 2, varints of 10 and 11 bytes, a string that is not UTF-8, an empty
+/// big int, or unknown fields.
+fn arb_odd_value() -> impl Strategy<Value = Vec<u8>> + Clone {
+    prop_oneof![
+        Just(Vec::new()),
+        Just(vec![0x0a, 0x00, 0x18, 0x02]),
+        Just(vec![0x10, 0x02]),
+        Just(vec![
+            0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x01
+        ]),
+        Just(vec![
+            0x18, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0x02
+        ]),
+        Just(vec![
+            0x18, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x80, 0x00
+        ]),
+        Just(vec![0x32, 0x02, 0xff, 0xfe]),
+        Just(vec![0x32, 0x03, 0xed, 0xa0, 0x80]),
+        Just(vec![0x22, 0x00]),
+        Just(vec![0x5a, 0x09, 0x09, 1, 2, 3, 4, 5, 6, 7, 8]),
+        Just(vec![0x62, 0x04, 0x12, 0x02, 0x80, 0x01]),
+        Just(vec![0x62, 0x03, 0x12, 0x01, 0x80]),
+        arb_unknown_field(),
+    ]
+}
+
+/// A Value's encoding built field by field, with odd values, unknown
+/// fields, empty and incomplete dict entries and merged duplicates at any
+/// level, nested a few levels.
+pub fn arb_hostile_value() -> impl Strategy<Value = Vec<u8>> + Clone {
+    let leaf = prop_oneof![
+        3 => arb_leaf_value().prop_map(|v| v.encode_to_vec()),
+        2 => arb_odd_value(),
+    ];
+    leaf.prop_recursive(5, 48, 6, |inner| {
+        let entry = (
+            option::of(inner.clone()),
+            option::of(inner.clone()),
+            option::weighted(0.2, arb_unknown_field()),
+        )
+            .prop_map(|(k, v, junk)| {
+                let mut entry = Vec::new();
+                if let Some(k) = k {
+                    entry.extend(ld(1, &k));
+                }
+                if let Some(v) = v {
+                    entry.extend(ld(2, &v));
+                }
+                entry.extend(junk.unwrap_or_default());
+                ld(1, &entry)
+            });
+        prop_oneof![
+            (
+                proptest::sample::select(vec![8u32, 9]),
+                vec(inner.clone(), 0..6)
+            )
+                .prop_map(|(field, items)| {
+                    let items: Vec<u8> = items.iter().flat_map(|i| ld(1, i)).collect();
+                    ld(field, &items)
+                }),
+            vec(entry, 0..5).prop_map(|entries| ld(10, &entries.concat())),
+            // Two values' fields in one: a merge, or a kind replaced.
+            (inner.clone(), inner.clone()).prop_map(|(a, b)| [a, b].concat()),
+            (inner, arb_unknown_field()).prop_map(|(a, junk)| [a, junk].concat()),
+        ]
+    })
+}
+
+/// Envelope bodies whose decoded structs are large for their length:
+/// thousands of empty values, dict entries, parameters, server statuses,
+/// request states or packed ids, repeated boxed bodies and strings, and
+/// (for comparison) the largest well-formed structures (lists of `None`,
+/// of one-item lists, of one-entry dicts), sometimes padded with an
+/// unknown field that is not part of the content.
+pub fn arb_expansive_body() -> impl Strategy<Value = Vec<u8>> {
+    let version = vec![0x08, 0x01];
+    (
+        0usize..14,
+        0usize..3000,
+        option::weighted(0.3, 0usize..60_000),
+    )
+        .prop_map(move |(shape, n, padding)| {
+            let repeat = |item: &[u8]| -> Vec<u8> { item.repeat(n) };
+            let value_place = |value: Vec<u8>| envelope_with_value(Place::CommandParameter, &value);
+            let mut body = match shape {
+                0 => value_place(ld(8, &repeat(&[0x0a, 0x00]))), // [<no kind>] * n
+                1 => value_place(ld(10, &repeat(&[0x0a, 0x00]))), // {<empty entry>} * n
+                2 => value_place(ld(8, &repeat(&[0x0a, 0x02, 0x0a, 0x00]))), // [None] * n
+                3 => value_place(ld(8, &repeat(&ld(1, &ld(8, &ld(1, &[0x0a, 0x00])))))), // [[None]] * n
+                4 => value_place(ld(
+                    8,
+                    &repeat(&ld(
+                        1,
+                        &ld(
+                            10,
+                            &ld(1, &[ld(1, &[0x0a, 0x00]), ld(2, &[0x0a, 0x00])].concat()),
+                        ),
+                    )),
+                )), // [{None: None}] * n
+                5 => [version.clone(), ld(40, &repeat(&[0x1a, 0x00]))].concat(), // SubmitRequest, n empty parameters
+                6 => [version.clone(), ld(20, &repeat(&[0x22, 0x00]))].concat(), // CommandRequest, n empty parameters
+                7 => [version.clone(), ld(44, &repeat(&[0x0a, 0x00]))].concat(), // StatusReply, n empty ServerStatus
+                8 => [version.clone(), ld(51, &repeat(&[0x0a, 0x00]))].concat(), // TrackReply, n empty RequestState
+                9 => [version.clone(), ld(46, &ld(1, &vec![0; n]))].concat(), // CancelReply, n packed ids
+                10 => [version.clone(), repeat(&[0x5a, 0x00])].concat(),      // Welcome, n times
+                11 => [version.clone(), ld(10, &repeat(&[0x1a, 0x01, b'x']))].concat(), // Hello.software, n times
+                // Hello.software of 8n bytes, then again one byte longer:
+                // the string's buffer doubles while the old one is live.
+                12 => {
+                    let long = vec![b'x'; 8 * n];
+                    let longer = vec![b'y'; 8 * n + 1];
+                    [
+                        version.clone(),
+                        ld(10, &[ld(3, &long), ld(3, &longer)].concat()),
+                    ]
+                    .concat()
+                }
+                _ => [version.clone(), repeat(&[0x5a, 0x00, 0xe2, 0x02, 0x00])].concat(), // Welcome and StatusReply, alternating
+            };
+            if let Some(padding) = padding {
+                body.extend(ld(1000, &vec![0x55; padding]));
+            }
+            body
+        })
+}
+
+/// Where the length-delimited fields of an encoding are, as (key start,
+/// length start, contents start, contents end), found by a walk that
+/// takes a length-delimited field's contents for a message when they parse
+/// as one.
+pub fn length_fields(buf: &[u8]) -> Vec<(usize, usize, usize, usize)> {
+    fn read_varint(buf: &[u8], pos: &mut usize, end: usize) -> Option<u64> {
+        let mut value = 0u64;
+        for i in 0..10 {
+            let byte = *buf[..end].get(*pos)?;
+            *pos += 1;
+            value |= u64::from(byte & 0x7f) << (7 * i);
+            if byte < 0x80 {
+                return Some(value);
+            }
+        }
+        None
+    }
+    fn walk(
+        buf: &[u8],
+        start: usize,
+        end: usize,
+        out: &mut Vec<(usize, usize, usize, usize)>,
+    ) -> bool {
+        let mut pos = start;
+        let mark = out.len();
+        while pos < end {
+            let key_at = pos;
+            let Some(key) = read_varint(buf, &mut pos, end) else {
+                out.truncate(mark);
+                return false;
+            };
+            let ok = match key & 7 {
+                0 => read_varint(buf, &mut pos, end).is_some(),
+                1 => {
+                    pos += 8;
+                    pos <= end
+                }
+                5 => {
+                    pos += 4;
+                    pos <= end
+                }
+                2 => {
+                    let len_at = pos;
+                    match read_varint(buf, &mut pos, end) {
+                        Some(len) if len <= (end - pos) as u64 => {
+                            let (a, b) = (pos, pos + len as usize);
+                            out.push((key_at, len_at, a, b));
+                            walk(buf, a, b, out);
+                            pos = b;
+                            true
+                        }
+                        _ => false,
+                    }
+                }
+                _ => false,
+            };
+            if !ok || key >> 3 == 0 {
+                out.truncate(mark);
+                return false;
+            }
+        }
+        true
+    }
+    let mut out = Vec::new();
+    walk(buf, 0, buf.len(), &mut out);
+    out
+}
+
+/// One way to damage an encoding.
+#[derive(Debug, Clone)]
+pub enum Mutation {
+    /// XOR a byte with a mask.
+    Flip(Index, u8),
+    /// Cut the encoding short.
+    Truncate(Index),
+    /// Set a length field to a huge value (or one past the truth).
+    HugeLength(Index, u64),
+    /// Make a length field one byte short.
+    ShortLength(Index),
+    /// Repeat a length-delimited field right after itself.
+    Duplicate(Index),
+    /// Change a one-byte key's wire type.
+    WireType(Index, u8),
+    /// Make the first byte of a field's contents 0xff (not UTF-8).
+    NotUtf8(Index),
+    /// Insert bytes anywhere.
+    Insert(Index, Vec<u8>),
+    /// Append a field at the top level.
+    Append(Vec<u8>),
+}
+
+/// Any mutation.
+pub fn arb_mutation() -> impl Strategy<Value = Mutation> + Clone {
+    prop_oneof![
+        (any::<Index>(), 1u8..=255).prop_map(|(i, m)| Mutation::Flip(i, m)),
+        any::<Index>().prop_map(Mutation::Truncate),
+        (
+            any::<Index>(),
+            proptest::sample::select(vec![
+                u64::from(u32::MAX),
+                1 << 31,
+                u64::MAX >> 1,
+                u64::MAX,
+                1,
+                1000,
+            ])
+        )
+            .prop_map(|(i, n)| Mutation::HugeLength(i, n)),
+        any::<Index>().prop_map(Mutation::ShortLength),
+        any::<Index>().prop_map(Mutation::Duplicate),
+        (any::<Index>(), 0u8..8).prop_map(|(i, w)| Mutation::WireType(i, w)),
+        any::<Index>().prop_map(Mutation::NotUtf8),
+        (any::<Index>(), vec(any::<u8>(), 1..6)).prop_map(|(i, b)| Mutation::Insert(i, b)),
+        arb_unknown_field().prop_map(Mutation::Append),
+    ]
+}
+
+/// `buf` with `mutation` applied (unchanged when it does not apply).
+pub fn mutate(buf: &mut Vec<u8>, mutation: &Mutation) {
+    let fields = length_fields(buf);
+    let field = |i: &Index| (!fields.is_empty()).then(|| fields[i.index(fields.len())]);
+    match mutation {
+        Mutation::Flip(i, mask) if !buf.is_empty() => {
+            let at = i.index(buf.len());
+            buf[at] ^= mask;
+        }
+        Mutation::Truncate(i) => buf.truncate(i.index(buf.len() + 1)),
+        Mutation::HugeLength(i, n) => {
+            if let Some((_, len_at, a, b)) = field(i) {
+                let n = if *n == 1 || *n == 1000 {
+                    (b - a) as u64 + n
+                } else {
+                    *n
+                };
+                buf.splice(len_at..a, varint(n));
+            }
+        }
+        Mutation::ShortLength(i) => {
+            if let Some((_, len_at, a, b)) = field(i) {
+                if b > a {
+                    buf.splice(len_at..a, varint((b - a - 1) as u64));
+                }
+            }
+        }
+        Mutation::Duplicate(i) => {
+            if let Some((key_at, _, _, b)) = field(i) {
+                let copy = buf[key_at..b].to_vec();
+                buf.splice(b..b, copy);
+            }
+        }
+        Mutation::WireType(i, wire) => {
+            if let Some((key_at, len_at, _, _)) = field(i) {
+                if len_at == key_at + 1 {
+                    buf[key_at] = (buf[key_at] & !7) | wire;
+                }
+            }
+        }
+        Mutation::NotUtf8(i) => {
+            if let Some((_, _, a, b)) = field(i) {
+                if b > a {
+                    buf[a] = 0xff;
+                }
+            }
+        }
+        Mutation::Insert(i, bytes) => {
+            let at = i.index(buf.len() + 1);
+            buf.splice(at..at, bytes.iter().copied());
+        }
+        Mutation::Append(field) => buf.extend_from_slice(field),
+        Mutation::Flip(..) => {}
+    }
+}
+
+/// `base` with one to four mutations applied.
+pub fn arb_mutated(base: impl Strategy<Value = Vec<u8>>) -> impl Strategy<Value = Vec<u8>> {
+    (base, vec(arb_mutation(), 1..5)).prop_map(|(mut buf, mutations)| {
+        for mutation in &mutations {
+            mutate(&mut buf, mutation);
+        }
+        buf
+    })
+}
+
+/// Envelope bodies for the fuzz target: random bytes, valid envelopes,
+/// valid envelopes damaged, envelopes carrying hostile values and deep
+/// chains anywhere a value goes, large-for-their-length structures, and
+/// all of these damaged.
+pub fn arb_hostile_body() -> impl Strategy<Value = Vec<u8>> {
+    fn valid() -> impl Strategy<Value = Vec<u8>> {
+        arb_envelope().prop_map(|e| e.encode_to_vec())
+    }
+    fn hostile() -> impl Strategy<Value = Vec<u8>> {
+        (arb_place(), arb_hostile_value()).prop_map(|(p, v)| envelope_with_value(p, &v))
+    }
+    fn deep() -> impl Strategy<Value = Vec<u8>> {
+        (arb_place(), arb_chain()).prop_map(|(p, (v, _))| envelope_with_value(p, &v))
+    }
+    prop_oneof![
+        1 => vec(any::<u8>(), 0..256),
+        1 => vec(any::<u8>(), 0..4096),
+        2 => valid(),
+        4 => arb_mutated(valid()),
+        3 => hostile(),
+        2 => arb_mutated(hostile()),
+        2 => deep(),
+        1 => arb_mutated(deep()),
+        1 => arb_expansive_body(),
+        1 => arb_mutated(arb_expansive_body()),
+    ]
+}
+
+/// Values large for their length: up to 3000 values without a kind,
+/// empty dict entries, `None`s, one-item lists or one-entry dicts in a list.
+pub fn arb_expansive_value() -> impl Strategy<Value = Vec<u8>> {
+    (0usize..5, 0usize..3000).prop_map(|(shape, n)| {
+        let item: Vec<u8> = match shape {
+            0 | 1 => vec![0x0a, 0x00],
+            2 => vec![0x0a, 0x02, 0x0a, 0x00],
+            3 => ld(1, &ld(8, &ld(1, &[0x0a, 0x00]))),
+            _ => ld(
+                1,
+                &ld(
+                    10,
+                    &ld(1, &[ld(1, &[0x0a, 0x00]), ld(2, &[0x0a, 0x00])].concat()),
+                ),
+            ),
+        };
+        ld(if shape == 1 { 10 } else { 8 }, &item.repeat(n))
+    })
+}
+
+/// Bare Value encodings for the fuzz targets: random bytes, valid values,
+/// hostile values, deep chains, large-for-their-length values, and all of
+/// these damaged.
+pub fn arb_hostile_value_bytes() -> impl Strategy<Value = Vec<u8>> {
+    fn valid() -> impl Strategy<Value = Vec<u8>> {
+        arb_value().prop_map(|v| v.encode_to_vec())
+    }
+    fn deep() -> impl Strategy<Value = Vec<u8>> {
+        arb_chain().prop_map(|(v, _)| v)
+    }
+    prop_oneof![
+        1 => vec(any::<u8>(), 0..512),
+        2 => valid(),
+        3 => arb_mutated(valid()),
+        3 => arb_hostile_value(),
+        2 => arb_mutated(arb_hostile_value()),
+        2 => deep(),
+        1 => arb_mutated(deep()),
+        1 => arb_expansive_value(),
+        1 => arb_mutated(arb_expansive_value()),
+    ]
+}
+
+/// True when `value` is what a conforming encoder writes for some Python
+/// object: every value has a kind; every dict entry a key and a value;
+/// both parts of a complex are present; a big int is in shortest form and
+/// outside 64 bits.
+pub fn well_formed(value: &Value) -> bool {
+    let mut pending = vec![value];
+    while let Some(value) = pending.pop() {
+        match &value.kind {
+            None => return false,
+            Some(Kind::ComplexValue(c)) if c.real.is_none() || c.imag.is_none() => return false,
+            Some(Kind::BigIntValue(b)) => {
+                if Value::big_int(b) != *value {
+                    return false;
+                }
+            }
+            Some(Kind::ListValue(list)) | Some(Kind::TupleValue(list)) => {
+                pending.extend(&list.items);
+            }
+            Some(Kind::DictValue(dict)) => {
+                for entry in &dict.entries {
+                    match (&entry.key, &entry.value) {
+                        (Some(k), Some(v)) => pending.extend([k, v]),
+                        _ => return false,
+                    }
+                }
+            }
+            Some(_) => {}
+        }
+    }
+    true
+}
+
+/// The values an envelope carries (parameters and returned values).
+pub fn envelope_values(envelope: &Envelope) -> Vec<&Value> {
+    fn parameters(ps: &[Parameter]) -> Vec<&Value> {
+        ps.iter().filter_map(|p| p.value.as_ref()).collect()
+    }
+    match &envelope.body {
+        Some(Body::CommandRequest(r)) => parameters(&r.parameters),
+        Some(Body::SubmitRequest(r)) => parameters(&r.parameters),
+        Some(Body::CommandResponse(r)) => r.ret.iter().collect(),
+        Some(Body::ResponseDelivery(d)) => d.response.iter().flat_map(|r| r.ret.iter()).collect(),
+        _ => Vec::new(),
+    }
 }

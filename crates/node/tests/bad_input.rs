@@ -1,0 +1,897 @@
+//! Bad input (issue 7, part 2), outside the Rust decoders (which
+//! `crates/protocol/tests/fuzz.rs` fuzzes):
+//!
+//! - the Python worker's codec, fuzzed: a harness process loads the
+//!   worker's source as a module (its `main` does not run) and decodes
+//!   whatever frames it is sent with the worker's own functions, under
+//!   `tracemalloc`. Arbitrary and hostile values and envelopes (the
+//!   strategies of `crates/protocol/tests/strategies`) must give a value or
+//!   a clean `DecodeError` (or `UnicodeDecodeError`), never another
+//!   exception, a crash or a hang; allocate at most [`PY_EXPANSION`] bytes
+//!   per byte; refuse what prost's side refuses as too deep; read every
+//!   well-formed value prost reads, and write it back byte for byte; and
+//!   write nothing the Rust decoders refuse. The bound `MAX_VALUE_DEPTH` is
+//!   checked exactly in both directions, and an oversized frame is refused
+//!   before anything is allocated for it.
+//! - a real cluster's front door, fed garbage, a truncated frame, an
+//!   oversized length, wrong protocol versions, invalid UTF-8, values too
+//!   deep or too large for their length, unknown ranks and unknown request
+//!   ids: each gets a clear error (or reply) and is logged, while another
+//!   driver, connected all along, keeps getting `1+1` answered.
+//!
+//! The fuzz runs `CASA_NODE_FUZZ_CASES` values and as many envelopes when
+//! set (the long run: `CASA_NODE_FUZZ_CASES=1000000 cargo test --release -p
+//! casa-node --test bad_input the_worker_codec`, bound by the Python side at
+//! a few hundred inputs a second), a few thousand otherwise. Every process
+//! is stopped by PID.
+
+#[path = "../../protocol/tests/strategies/mod.rs"]
+mod strategies;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use casa_node::client::{BlockingClient, Submit};
+use casa_node::endpoint::FrontDoorEndpoint;
+use casa_node::executor::WORKER_SOURCE;
+use casa_node_conformance::process::{self, descendants, wait_gone};
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::value::Kind;
+use casa_node_protocol::pb::{
+    CancelRequest, Envelope, Hello, LogLevel, LogLevelRequest, ProtocolErrorCode, RejectReason,
+    Role, StatusRequest, SubmitRequest, TrackRequest, Value, submit_reply,
+};
+use casa_node_protocol::{
+    DEFAULT_MAX_FRAME, FrameError, Framing, MAX_VALUE_DEPTH, PROTOCOL_VERSION,
+};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use proptest::prelude::*;
+use proptest::test_runner::{Config, TestRunner};
+use prost::Message;
+use strategies::{
+    Level, Place, arb_hostile_body, arb_hostile_value_bytes, chain, chain_leaves,
+    envelope_with_value, ld, well_formed,
+};
+
+const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
+const WAIT: Duration = Duration::from_secs(60);
+
+fn python() -> PathBuf {
+    std::env::var_os("CASA_NODE_TEST_PYTHON")
+        .map_or_else(|| PathBuf::from("python3"), PathBuf::from)
+}
+
+/// Cases per property: `CASA_NODE_FUZZ_CASES`, or `default`.
+fn cases(default: u32) -> u32 {
+    std::env::var("CASA_NODE_FUZZ_CASES")
+        .ok()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(default)
+}
+
+// ---------------------------------------------------------------------------
+// The worker's codec
+
+/// Python objects the worker's decoder may make per byte of input, as
+/// `tracemalloc` counts them (the worst seen over 2 million inputs is 40:
+/// a dict of empty entries is a `(None, None)` tuple of 56 bytes for every
+/// 2 bytes).
+const PY_EXPANSION: u64 = 64;
+
+/// The constant part of that bound.
+const PY_SLACK: u64 = 64 * 1024;
+
+/// The harness: reads the worker's source from the first frame on stdin
+/// and runs it as a module, then answers each frame. The first byte of a
+/// frame says what the rest is: `V` a Value to decode (raw, as in
+/// codec-echo mode) and encode again; `E` an Envelope whose CommandRequest
+/// parameters are decoded; `X` a Python expression whose value is encoded.
+/// Each answer is a status byte (`O` done, `E` an exception, `F` a framing
+/// error, after which the harness exits), the peak of memory traced while
+/// decoding (8 bytes, little-endian), and the encoded value or
+/// `TypeName: message`.
+const HARNESS: &str = r#"
+import os, struct, sys, tracemalloc, types
+
+def read_exact(n):
+    data = b""
+    while len(data) < n:
+        chunk = os.read(0, n - len(data))
+        if not chunk:
+            sys.exit(0)
+        data += chunk
+    return data
+
+source = read_exact(struct.unpack(">I", read_exact(4))[0]).decode("utf-8")
+module = types.ModuleType("casa_node_worker")
+sys.modules["casa_node_worker"] = module  # so that its classes pickle
+worker = module.__dict__
+exec(compile(source, "worker.py", "exec"), worker)
+DecodeError = worker["DecodeError"]
+reader = worker["_FrameReader"](0)
+write_all = worker["_write_all"]
+
+def answer(status, peak, payload):
+    body = status + struct.pack("<Q", max(peak, 0)) + payload
+    write_all(1, struct.pack(">I", len(body)) + body)
+
+def failure(e):
+    return ("%s: %s" % (type(e).__name__, e)).encode("utf-8", "backslashreplace")
+
+def begin():
+    """The memory traced now, the peak reset (Python 3.8: tracing anew)."""
+    if hasattr(tracemalloc, "reset_peak"):
+        tracemalloc.reset_peak()
+    else:
+        tracemalloc.stop()
+        tracemalloc.start()
+    return tracemalloc.get_traced_memory()[0]
+
+tracemalloc.start()
+while True:
+    base = begin()
+    try:
+        body = reader.read()
+    except DecodeError as e:
+        answer(b"F", tracemalloc.get_traced_memory()[1] - base, failure(e))
+        sys.exit(0)
+    if body is None:
+        sys.exit(0)
+    mode, data = body[0], body[1:]
+    del body
+    base = begin()
+    try:
+        if mode == ord("V"):
+            value = worker["_dec_value"](data, memoryview(data), 0, len(data), True)
+        elif mode == ord("E"):
+            _, _, field, a, b = worker["_dec_envelope"](data)
+            value = None
+            if field == 20:
+                mv = memoryview(data)
+                params = worker["_dec_command"](data, mv, a, b)[3]
+                value = [
+                    worker["_dec_value"](data, mv, span[0], span[1], True)
+                    for _, span in params if span is not None
+                ]
+        else:
+            value = eval(data.decode("utf-8"), worker)
+        peak = tracemalloc.get_traced_memory()[1] - base
+    except Exception as e:
+        answer(b"E", tracemalloc.get_traced_memory()[1] - base, failure(e))
+        continue
+    try:
+        parts, n = worker["_encode_value"](value)
+    except Exception as e:
+        answer(b"E", peak, b"encoding: " + failure(e))
+        continue
+    del value
+    answer(b"O", peak, b"".join(parts) if mode != ord("E") else b"")
+"#;
+
+/// What the harness answered.
+#[derive(Debug)]
+struct Reply {
+    status: u8,
+    peak: u64,
+    payload: Vec<u8>,
+}
+
+impl Reply {
+    fn error(&self) -> String {
+        String::from_utf8_lossy(&self.payload).into_owned()
+    }
+}
+
+/// The harness process; killed (by PID) and reaped when dropped.
+struct Harness {
+    child: Child,
+    stdin: ChildStdin,
+    replies: mpsc::Receiver<Reply>,
+}
+
+impl Harness {
+    fn spawn() -> Harness {
+        let mut child = Command::new(python())
+            .args(["-c", HARNESS])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("start the harness");
+        let mut stdin = child.stdin.take().unwrap();
+        let mut stdout = child.stdout.take().unwrap();
+        let (tx, replies) = mpsc::channel();
+        std::thread::spawn(move || {
+            loop {
+                let mut prefix = [0u8; 4];
+                if stdout.read_exact(&mut prefix).is_err() {
+                    return;
+                }
+                let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+                if stdout.read_exact(&mut body).is_err() || body.len() < 9 {
+                    return;
+                }
+                let reply = Reply {
+                    status: body[0],
+                    peak: u64::from_le_bytes(body[1..9].try_into().unwrap()),
+                    payload: body[9..].to_vec(),
+                };
+                if tx.send(reply).is_err() {
+                    return;
+                }
+            }
+        });
+        let mut first = (WORKER_SOURCE.len() as u32).to_be_bytes().to_vec();
+        first.extend_from_slice(WORKER_SOURCE.as_bytes());
+        stdin.write_all(&first).expect("send the worker's source");
+        Harness {
+            child,
+            stdin,
+            replies,
+        }
+    }
+
+    /// Sends raw bytes and waits for one reply.
+    fn raw(&mut self, bytes: &[u8]) -> Reply {
+        self.stdin.write_all(bytes).expect("the harness reads");
+        self.replies
+            .recv_timeout(WAIT)
+            .expect("the harness answers in time, without dying")
+    }
+
+    /// Sends one frame: `mode`, then `data`.
+    fn ask(&mut self, mode: u8, data: &[u8]) -> Reply {
+        let mut frame = ((data.len() + 1) as u32).to_be_bytes().to_vec();
+        frame.push(mode);
+        frame.extend_from_slice(data);
+        self.raw(&frame)
+    }
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The exceptions the worker's decoder may raise.
+fn clean(reply: &Reply) -> bool {
+    let error = reply.error();
+    error.starts_with("DecodeError: ") || error.starts_with("UnicodeDecodeError: ")
+}
+
+/// The most bytes of Python objects per byte of input seen so far, for
+/// inputs of 1 KiB or more (below that the constant part dominates).
+static WORST: Mutex<f64> = Mutex::new(0.0);
+
+fn note_ratio(peak: u64, len: usize) {
+    if len >= 1024 {
+        let mut worst = WORST.lock().unwrap();
+        *worst = worst.max(peak as f64 / len as f64);
+    }
+}
+
+/// Checks the worker's decoder on one Value's bytes.
+fn check_worker_value(harness: &mut Harness, bytes: &[u8]) -> Result<(), TestCaseError> {
+    let reply = harness.ask(b'V', bytes);
+    note_ratio(reply.peak, bytes.len());
+    let framing = Framing::default();
+    let bound = PY_EXPANSION * bytes.len() as u64 + PY_SLACK;
+    prop_assert!(
+        reply.peak <= bound,
+        "decoding {} bytes took {} bytes of Python objects",
+        bytes.len(),
+        reply.peak
+    );
+    let rust = framing.decode_value(Bytes::copy_from_slice(bytes));
+    match reply.status {
+        b'O' => {
+            // What the worker writes, Rust reads.
+            let written = framing
+                .decode_value(Bytes::from(reply.payload.clone()))
+                .map_err(|e| {
+                    TestCaseError::fail(format!("the worker wrote what Rust refuses: {e}"))
+                })?;
+            prop_assert!(written.depth() <= MAX_VALUE_DEPTH);
+            prop_assert!(
+                !matches!(rust, Err(FrameError::TooDeep { .. })),
+                "the worker read a value deeper than the bound"
+            );
+        }
+        b'E' => prop_assert!(clean(&reply), "{}", reply.error()),
+        other => prop_assert!(false, "status {other}"),
+    }
+    // Every well-formed value prost reads, written compactly, the worker
+    // reads and writes back byte for byte.
+    if let Ok(value) = &rust {
+        if well_formed(value) && value.encode_to_vec() == bytes {
+            prop_assert_eq!(reply.status, b'O', "{}", reply.error());
+            prop_assert!(reply.payload == bytes, "written back differently");
+        }
+    }
+    Ok(())
+}
+
+/// Checks the worker's envelope and command decoders on one body.
+fn check_worker_envelope(harness: &mut Harness, body: &[u8]) -> Result<(), TestCaseError> {
+    let reply = harness.ask(b'E', body);
+    note_ratio(reply.peak, body.len());
+    let bound = PY_EXPANSION * body.len() as u64 + PY_SLACK;
+    prop_assert!(reply.peak <= bound, "{} bytes: {}", body.len(), reply.peak);
+    match reply.status {
+        b'O' => {}
+        b'E' => prop_assert!(clean(&reply), "{}", reply.error()),
+        other => prop_assert!(false, "status {other}"),
+    }
+    Ok(())
+}
+
+/// Hostile values and envelopes through the worker's decoders, and back
+/// through its encoder.
+#[test]
+fn the_worker_codec_survives_hostile_input() {
+    let harness = std::cell::RefCell::new(Harness::spawn());
+    let config = |n| Config {
+        cases: cases(n),
+        failure_persistence: None,
+        ..Config::default()
+    };
+    let started = Instant::now();
+    let mut runner = TestRunner::new(config(3000));
+    if let Err(error) = runner.run(&arb_hostile_value_bytes(), |bytes| {
+        check_worker_value(&mut harness.borrow_mut(), &bytes)
+    }) {
+        panic!("{error}");
+    }
+    let mut runner = TestRunner::new(config(1500));
+    if let Err(error) = runner.run(&arb_hostile_body(), |body| {
+        check_worker_envelope(&mut harness.borrow_mut(), &body)
+    }) {
+        panic!("{error}");
+    }
+    eprintln!(
+        "worker codec: {} values and {} envelopes in {:.1?}; at most {:.1} bytes of Python objects per byte",
+        cases(3000),
+        cases(1500),
+        started.elapsed(),
+        *WORST.lock().unwrap()
+    );
+}
+
+/// The Python source for a chain of `levels` around `leaf`.
+fn python_chain(levels: &[Level], leaf: &str) -> String {
+    let mut expression = leaf.to_owned();
+    for level in levels.iter().rev() {
+        expression = match level {
+            Level::List => format!("[{expression}]"),
+            Level::Tuple => format!("({expression},)"),
+            Level::DictKey => format!("DictEntries([({expression}, 1)])"),
+            Level::DictValue => format!("{{1: {expression}}}"),
+        };
+    }
+    expression
+}
+
+/// The leaves of `chain_leaves`, as Python builds them.
+const PYTHON_LEAVES: [&str; 7] = [
+    "7",
+    "'leaf'",
+    "None",
+    "complex(1.0, -0.0)",
+    "NdArray('<f8', [1], bytes(8))",
+    "[]",
+    "{}",
+];
+
+/// The worker reads values up to `MAX_VALUE_DEPTH` deep and refuses one
+/// level more; it writes values up to the bound natively (the bytes prost
+/// writes) and pickles deeper ones whole. For every kind of level and
+/// leaf; `_MAX_DEPTH` and `_MAX_FRAME` are the protocol crate's.
+#[test]
+fn the_worker_keeps_the_depth_bound_both_ways() {
+    let number = |name: &str| -> usize {
+        let line = WORKER_SOURCE
+            .lines()
+            .find(|l| l.starts_with(&format!("{name} = ")))
+            .unwrap_or_else(|| panic!("worker.py defines {name}"));
+        let value = line.split('=').nth(1).unwrap().trim();
+        match value.split_once("<<") {
+            Some((a, b)) => {
+                a.trim().parse::<usize>().unwrap() << b.trim().parse::<usize>().unwrap()
+            }
+            None => value.parse().unwrap(),
+        }
+    };
+    assert_eq!(number("_MAX_DEPTH"), MAX_VALUE_DEPTH);
+    assert_eq!(number("_MAX_FRAME"), DEFAULT_MAX_FRAME);
+
+    let mut harness = Harness::spawn();
+    let mut checked = 0;
+    for level in [Level::List, Level::Tuple, Level::DictKey, Level::DictValue] {
+        for ((leaf, leaf_depth), python_leaf) in chain_leaves().into_iter().zip(PYTHON_LEAVES) {
+            for depth in [MAX_VALUE_DEPTH - 1, MAX_VALUE_DEPTH, MAX_VALUE_DEPTH + 1] {
+                let Some(levels) = levels_for(depth, level, leaf_depth) else {
+                    continue;
+                };
+                let bytes = chain(&levels, &leaf.encode_to_vec());
+                assert_eq!(Value::decode(bytes.as_slice()).unwrap().depth(), depth);
+                let read = harness.ask(b'V', &bytes);
+                let written = harness.ask(b'X', python_chain(&levels, python_leaf).as_bytes());
+                assert_eq!(written.status, b'O', "{}", written.error());
+                if depth <= MAX_VALUE_DEPTH {
+                    assert_eq!(read.status, b'O', "{level:?} {leaf:?}: {}", read.error());
+                    assert_eq!(read.payload, bytes, "read and written back");
+                    assert_eq!(
+                        written.payload, bytes,
+                        "{level:?} {leaf:?}: written as prost does"
+                    );
+                } else {
+                    assert_eq!(read.status, b'E', "{level:?} {leaf:?}");
+                    assert!(
+                        read.error().starts_with("DecodeError: ")
+                            && read.error().contains("deeper than 96"),
+                        "{}",
+                        read.error()
+                    );
+                    let value = Value::decode(written.payload.as_slice()).unwrap();
+                    assert!(
+                        matches!(value.kind, Some(Kind::PickleValue(_))),
+                        "{level:?} {leaf:?}: pickled whole"
+                    );
+                }
+                checked += 1;
+            }
+        }
+    }
+    assert!(checked >= 60, "{checked} shapes");
+}
+
+/// Levels of `level` (with up to two lists to make up the difference)
+/// around a leaf `leaf_depth` deep that make a value `depth` deep.
+fn levels_for(depth: usize, level: Level, leaf_depth: usize) -> Option<Vec<Level>> {
+    let above = depth.checked_sub(leaf_depth)?;
+    let lists = (0..=2).find(|m| {
+        above
+            .checked_sub(2 * m)
+            .is_some_and(|rest| rest % level.cost() == 0)
+    })?;
+    let mut levels = vec![Level::List; lists];
+    levels.extend(std::iter::repeat_n(
+        level,
+        (above - 2 * lists) / level.cost(),
+    ));
+    Some(levels)
+}
+
+/// A frame longer than the limit is refused as soon as its length is in,
+/// before anything is allocated for it (the worker would otherwise make a
+/// 4 GiB buffer and wait for it to fill).
+#[test]
+fn the_worker_refuses_an_oversized_frame_at_once() {
+    let mut harness = Harness::spawn();
+    let reply = harness.ask(b'V', &[0x18, 0x02]);
+    assert_eq!(reply.status, b'O');
+    let reply = harness.raw(&[0xff, 0xff, 0xff, 0xf0, b'V']);
+    assert_eq!(reply.status, b'F', "{reply:?}");
+    assert!(
+        reply
+            .error()
+            .contains("a frame of 4294967280 bytes exceeds the maximum"),
+        "{}",
+        reply.error()
+    );
+    assert!(reply.peak < 1 << 20, "{} bytes", reply.peak);
+}
+
+// ---------------------------------------------------------------------------
+// A real cluster's front door
+
+/// A running `casa-node up` with one server, stopped by PID on drop.
+struct Cluster {
+    up: Child,
+    dir: PathBuf,
+    socket: PathBuf,
+    /// Processes below `up` (server nodes, workers), with start times.
+    started: Vec<(Pid, u64)>,
+    /// What `up` wrote to stderr (its warnings), as it arrives.
+    stderr: Arc<(Mutex<String>, Condvar)>,
+}
+
+impl Cluster {
+    fn start() -> Cluster {
+        let dir = std::env::temp_dir().join(format!("casa-node-bad-input-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("front.sock");
+        let over_mpi = std::env::var("CASA_NODE_TEST_TRANSPORT").is_ok_and(|t| t == "mpi");
+        let mut up = if over_mpi {
+            let mut command = process::mpirun(2).unwrap_or_else(|why| panic!("{why}"));
+            command.args([BIN, "--transport", "mpi", "up"]);
+            command
+        } else {
+            let mut command = Command::new(BIN);
+            command.args(["up", "--servers", "1"]);
+            command
+        };
+        let mut up = up
+            .args(["--endpoint", &format!("unix://{}", socket.display())])
+            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
+            .args(["--heartbeat", "0.2", "--timeout", "5"])
+            .env("XDG_RUNTIME_DIR", &dir)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("casa-node up starts");
+        let mut stdout = up.stdout.take().unwrap();
+        let stderr = Arc::new((Mutex::new(String::new()), Condvar::new()));
+        let lines = BufReader::new(up.stderr.take().unwrap());
+        let shared = stderr.clone();
+        std::thread::spawn(move || {
+            for line in lines.lines() {
+                let Ok(line) = line else { return };
+                eprintln!("up: {line}");
+                let (text, arrived) = &*shared;
+                let mut text = text.lock().unwrap();
+                text.push_str(&line);
+                text.push('\n');
+                arrived.notify_all();
+            }
+        });
+        let mut cluster = Cluster {
+            up,
+            dir,
+            socket,
+            started: Vec::new(),
+            stderr,
+        };
+        // "front door: ..." is printed once the door is open.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\n") {
+            match stdout.read(&mut byte) {
+                Ok(1) => line.push(byte[0]),
+                _ => panic!("casa-node up printed no front door"),
+            }
+        }
+        assert!(
+            line.starts_with(b"front door: "),
+            "{}",
+            String::from_utf8_lossy(&line)
+        );
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        // Once a command has run, the server and its worker are up.
+        still_serving(&cluster.client());
+        cluster.started = descendants(Pid::from_raw(cluster.up.id() as i32));
+        cluster
+    }
+
+    fn client(&self) -> BlockingClient {
+        BlockingClient::connect(&FrontDoorEndpoint::Unix(self.socket.clone()))
+            .expect("the front door accepts")
+    }
+
+    fn raw(&self) -> Raw {
+        let stream = UnixStream::connect(&self.socket).expect("the front door accepts");
+        stream.set_read_timeout(Some(WAIT)).unwrap();
+        Raw { stream }
+    }
+
+    /// Waits up to `WAIT` for `up` to log (to stderr) a warning with `text`.
+    fn logged(&self, text: &str) -> bool {
+        let (log, arrived) = &*self.stderr;
+        let log = log.lock().unwrap();
+        let (log, _) = arrived
+            .wait_timeout_while(log, WAIT, |log| {
+                !log.lines().any(|l| l.contains("WARN") && l.contains(text))
+            })
+            .unwrap();
+        log.lines().any(|l| l.contains("WARN") && l.contains(text))
+    }
+
+    /// Resident memory of the client node (`up`), in bytes.
+    fn rss(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.up.id())).unwrap();
+        let kib: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next())
+            .and_then(|v| v.parse().ok())
+            .expect("VmRSS");
+        kib * 1024
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        let up = Pid::from_raw(self.up.id() as i32);
+        if self.up.try_wait().ok().flatten().is_none() {
+            let _ = kill(up, Signal::SIGTERM);
+            let end = Instant::now() + Duration::from_secs(20);
+            while self.up.try_wait().ok().flatten().is_none() && Instant::now() < end {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = self.up.kill();
+            let _ = self.up.wait();
+        }
+        for &(pid, started) in &self.started {
+            if !wait_gone(pid, Duration::from_secs(10)) && process::alive(pid, started) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A driver connection spoken to byte by byte.
+struct Raw {
+    stream: UnixStream,
+}
+
+impl Raw {
+    fn send_bytes(&mut self, bytes: &[u8]) {
+        self.stream.write_all(bytes).expect("the front door reads");
+    }
+
+    /// Sends `body` (an envelope's bytes, however made) as one frame.
+    fn send_body(&mut self, body: &[u8]) {
+        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+        frame.extend_from_slice(body);
+        self.send_bytes(&frame);
+    }
+
+    fn send(&mut self, body: Body) {
+        self.send_body(&Envelope::correlated(7, body).encode_to_vec());
+    }
+
+    /// The next envelope, or `None` once the connection is closed.
+    fn read(&mut self) -> Option<Envelope> {
+        let mut prefix = [0u8; 4];
+        match self.stream.read_exact(&mut prefix) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
+            Err(e) => panic!("reading the front door: {e}"),
+        }
+        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
+        self.stream.read_exact(&mut body).expect("a whole frame");
+        Some(
+            Framing::default()
+                .decode_body(body.into())
+                .expect("the front door's frames decode"),
+        )
+    }
+
+    /// The next envelope other than a log record.
+    fn reply(&mut self) -> Body {
+        loop {
+            let envelope = self.read().expect("an answer before the connection closes");
+            match envelope.body {
+                Some(Body::LogRecord(_)) => continue,
+                Some(body) => return body,
+                None => unreachable!("decode_body refuses envelopes without a body"),
+            }
+        }
+    }
+
+    /// Expects a ProtocolError with `code`; returns its message.
+    fn error(&mut self, code: ProtocolErrorCode) -> String {
+        match self.reply() {
+            Body::Error(e) => {
+                assert_eq!(e.code(), code, "{}", e.message);
+                e.message
+            }
+            other => panic!("expected a ProtocolError, got {other:?}"),
+        }
+    }
+
+    fn greet(&mut self) {
+        self.send(Body::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Driver.into(),
+            software: "bad_input.rs".into(),
+            ..Hello::default()
+        }));
+        assert!(matches!(self.reply(), Body::Welcome(_)));
+    }
+
+    /// True once the client node has closed the connection (and sent
+    /// nothing more).
+    fn closed(&mut self) -> bool {
+        let mut rest = Vec::new();
+        matches!(self.stream.read_to_end(&mut rest), Ok(0))
+    }
+
+    /// A connection still in step: a status request is answered.
+    fn in_step(&mut self) {
+        self.send(Body::StatusRequest(StatusRequest::default()));
+        assert!(matches!(self.reply(), Body::StatusReply(_)));
+    }
+}
+
+/// The other driver, connected all along, still gets answers.
+fn still_serving(client: &BlockingClient) {
+    let ids = client.submit(Submit::new("1+1")).expect("accepted");
+    let mut responses = client.wait_timeout(&ids, WAIT).expect("answered");
+    let response = responses.remove(0);
+    assert!(response.successful, "{:?}", response.traceback);
+    assert_eq!(response.ret, Some(Value::from(2)));
+}
+
+/// Bad input of every kind at the front door of a real cluster: each gets
+/// a clear error or reply and is logged, and another driver is served all
+/// along.
+#[test]
+fn the_front_door_answers_bad_input_and_keeps_serving() {
+    let cluster = Cluster::start();
+    let other = cluster.client();
+
+    // Garbage after the handshake: an error, and the stream stays in step.
+    let mut raw = cluster.raw();
+    raw.greet();
+    raw.send_bytes(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]);
+    let message = raw.error(ProtocolErrorCode::Malformed);
+    assert!(message.contains("malformed envelope"), "{message}");
+    raw.in_step();
+    assert!(cluster.logged("dropped a malformed frame"));
+    still_serving(&other);
+
+    // Invalid UTF-8 in a string (the command): the same.
+    let mut submit = ld(1, &[0xff, 0xfe, b'1']);
+    submit.extend(ld(4, &[]));
+    raw.send_body(&[&[0x08, 0x01][..], &ld(40, &submit)].concat());
+    let message = raw.error(ProtocolErrorCode::Malformed);
+    assert!(message.contains("UTF-8"), "{message}");
+    raw.in_step();
+    still_serving(&other);
+
+    // A value one level deeper than the bound: refused, clearly; at the
+    // bound: run by the worker, and sent back whole.
+    let levels = vec![Level::List; (MAX_VALUE_DEPTH - 2) / 2];
+    let at_bound = chain(&levels, &Value::none().encode_to_vec());
+    let too_deep = chain(
+        &[&levels[..], &[Level::List]].concat(),
+        &Value::none().encode_to_vec(),
+    );
+    raw.send_body(&envelope_with_value(Place::SubmitParameter, &too_deep));
+    let message = raw.error(ProtocolErrorCode::Malformed);
+    assert!(message.contains("deeper than 96"), "{message}");
+    raw.send_body(&envelope_with_value(Place::SubmitParameter, &at_bound));
+    let Body::SubmitReply(reply) = raw.reply() else {
+        panic!("expected a SubmitReply")
+    };
+    assert!(
+        matches!(reply.outcome, Some(submit_reply::Outcome::Accepted(_))),
+        "{reply:?}"
+    );
+    let Body::ResponseDelivery(delivery) = raw.reply() else {
+        panic!("expected the response")
+    };
+    let response = delivery.response.unwrap();
+    assert!(response.successful, "{:?}", response.traceback);
+    assert_eq!(response.ret.unwrap().encode_to_vec(), at_bound);
+    // A result deeper than the bound comes back pickled.
+    let deeper = "(lambda f: f(f, 48))(lambda f, n: [f(f, n - 1)] if n else None)";
+    let ids = other.submit(Submit::new(deeper)).unwrap();
+    let response = other.wait_timeout(&ids, WAIT).unwrap().remove(0);
+    assert!(response.successful, "{:?}", response.traceback);
+    assert!(matches!(
+        response.ret.unwrap().kind,
+        Some(Kind::PickleValue(_))
+    ));
+    still_serving(&other);
+
+    // Thousands of values without a kind: refused before decoding.
+    let empties = ld(8, &[0x0a, 0x00].repeat(20_000));
+    let rss = cluster.rss();
+    raw.send_body(&envelope_with_value(Place::SubmitParameter, &empties));
+    let message = raw.error(ProtocolErrorCode::Malformed);
+    assert!(message.contains("could take"), "{message}");
+    raw.in_step();
+    still_serving(&other);
+
+    // An unknown rank as target, in a status request and a log level
+    // change: rejected, each in its own way.
+    raw.send(Body::SubmitRequest(Box::new(SubmitRequest {
+        command: "1".into(),
+        targets: vec![99],
+        ..SubmitRequest::default()
+    })));
+    match raw.reply() {
+        Body::SubmitReply(reply) => match reply.outcome {
+            Some(submit_reply::Outcome::Rejected(r)) => {
+                assert_eq!(r.reason(), RejectReason::UnknownTarget, "{}", r.message);
+                assert!(r.message.contains("99"), "{}", r.message);
+            }
+            other => panic!("expected a rejection, got {other:?}"),
+        },
+        other => panic!("expected a SubmitReply, got {other:?}"),
+    }
+    raw.send(Body::StatusRequest(StatusRequest { server: Some(99) }));
+    let message = raw.error(ProtocolErrorCode::UnknownRank);
+    assert!(message.contains("99"), "{message}");
+    raw.send(Body::LogLevelRequest(LogLevelRequest {
+        level: LogLevel::Debug.into(),
+        servers: vec![99],
+    }));
+    match raw.reply() {
+        Body::Ack(ack) => assert!(!ack.ok && ack.error.contains("99"), "{ack:?}"),
+        other => panic!("expected an Ack, got {other:?}"),
+    }
+    still_serving(&other);
+
+    // Unknown request ids: tracked as unknown, cancelled as not pending.
+    raw.send(Body::TrackRequest(TrackRequest { ids: vec![987_654] }));
+    match raw.reply() {
+        Body::TrackReply(reply) => {
+            assert_eq!(reply.states.len(), 1);
+            assert_eq!(reply.states[0].id, 987_654);
+            assert_eq!(reply.states[0].status, 0, "unspecified: never given out");
+        }
+        other => panic!("expected a TrackReply, got {other:?}"),
+    }
+    raw.send(Body::CancelRequest(CancelRequest { ids: vec![987_654] }));
+    match raw.reply() {
+        Body::CancelReply(reply) => {
+            assert_eq!(reply.not_pending, vec![987_654]);
+            assert!(reply.dequeued.is_empty() && reply.interrupting.is_empty());
+        }
+        other => panic!("expected a CancelReply, got {other:?}"),
+    }
+    raw.in_step();
+    still_serving(&other);
+
+    // A wrong protocol version after the handshake: refused, closed.
+    raw.send_body(
+        &Envelope {
+            protocol_version: 9,
+            ..Envelope::new(Body::StatusRequest(StatusRequest::default()))
+        }
+        .encode_to_vec(),
+    );
+    let message = raw.error(ProtocolErrorCode::IncompatibleVersion);
+    assert!(message.contains("version 9"), "{message}");
+    assert!(raw.closed());
+    // ... and in the handshake.
+    let mut raw = cluster.raw();
+    raw.send(Body::Hello(Hello {
+        protocol_version: 2,
+        role: Role::Driver.into(),
+        ..Hello::default()
+    }));
+    let message = raw.error(ProtocolErrorCode::IncompatibleVersion);
+    assert!(message.contains("version 2"), "{message}");
+    assert!(raw.closed());
+    still_serving(&other);
+
+    // A truncated frame (the connection ends inside it): an error, closed,
+    // logged.
+    let mut raw = cluster.raw();
+    raw.greet();
+    raw.send_bytes(&[0, 0, 0, 100, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
+    raw.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let message = raw.error(ProtocolErrorCode::Malformed);
+    assert!(message.contains("bytes remaining"), "{message}");
+    assert!(raw.closed());
+    assert!(cluster.logged("bytes remaining on stream"));
+    still_serving(&other);
+
+    // A length over the limit: refused as soon as it is read, without
+    // reserving it, and closed.
+    let mut raw = cluster.raw();
+    raw.greet();
+    raw.send_bytes(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3]);
+    let message = raw.error(ProtocolErrorCode::TooLarge);
+    assert!(message.contains("frame size too big"), "{message}");
+    assert!(raw.closed());
+    assert!(cluster.logged("frame size too big"));
+    still_serving(&other);
+    let grown = cluster.rss().saturating_sub(rss);
+    assert!(grown < 256 << 20, "the client node grew by {grown} bytes");
+}
