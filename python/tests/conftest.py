@@ -2,6 +2,7 @@ import pathlib
 
 import pytest
 
+import casanode
 import clusters
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
@@ -30,3 +31,11 @@ def seed_client(cluster):
     """The seed's MPICommandClient on the module's cluster."""
     with clusters.seed_session(cluster.endpoint) as client:
         yield client
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    """A modern casanode.Client on the module's cluster."""
+    client = casanode.connect(cluster.endpoint)
+    yield client
+    client.close()

@@ -8,13 +8,6 @@ import clusters
 from casanode.connection import resolve_endpoint
 
 
-@pytest.fixture(scope="module")
-def client(cluster):
-    client = casanode.connect(cluster.endpoint)
-    yield client
-    client.close()
-
-
 def test_the_handshake_describes_the_cluster(client):
     assert client.cluster["server_ranks"] == [1, 2]
     assert client.cluster["world_size"] == 3

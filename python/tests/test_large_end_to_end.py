@@ -13,13 +13,6 @@ ARRAY = np.random.default_rng(9).random(1 << 20)  # 8 MiB
 BLOB = bytes(range(256)) * 4096  # 1 MiB
 
 
-@pytest.fixture(scope="module")
-def client(cluster):
-    client = casanode.connect(cluster.endpoint)
-    yield client
-    client.close()
-
-
 def test_a_large_array_comes_back_equal_and_writable(client):
     parameters = {"x": ARRAY, "rest": [ARRAY[::2], {"blob": BLOB}], "n": 3}
     future = client.submit("(x, rest, n)", target=1, parameters=parameters)
