@@ -17,6 +17,7 @@ pub mod run;
 pub mod server_node;
 pub mod signals;
 pub mod syntax;
+pub mod tuning;
 
 /// This machine's host name, for logs and the cluster description.
 pub fn hostname() -> String {

@@ -245,6 +245,13 @@ fn main() -> ExitCode {
             return ExitCode::SUCCESS;
         }
     };
+    if matches!(
+        cli.command,
+        Command::Up(_) | Command::Run(_) | Command::Server(_)
+    ) {
+        // Before any thread or MPI starts: see `tuning`.
+        casa_node::tuning::restart_with_huge_pages();
+    }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
         .with_env_filter(

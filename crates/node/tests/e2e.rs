@@ -31,6 +31,11 @@ struct Cluster {
 
 impl Cluster {
     fn start(servers: usize, extra: &[&str]) -> Cluster {
+        Cluster::start_with_env(servers, extra, &[])
+    }
+
+    /// As `start`, with more environment variables for the cluster.
+    fn start_with_env(servers: usize, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "casa-node-e2e-{}-{}",
             std::process::id(),
@@ -49,6 +54,7 @@ impl Cluster {
             .args(["--heartbeat", "0.2", "--timeout", "3"])
             .args(extra)
             .env("XDG_RUNTIME_DIR", &dir)
+            .envs(env.iter().copied())
             .current_dir(&dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
@@ -547,6 +553,70 @@ fn a_parameter_larger_than_the_byte_budget_goes_there_and_back() {
             .count(),
         2
     );
+}
+
+/// What a worker reports after filling a 64 MiB `bytearray`: its
+/// `GLIBC_TUNABLES`, and how many KiB of its memory are huge pages.
+fn huge_pages_in_worker(cluster: &Cluster) -> (Option<String>, i64) {
+    let c = cluster.client();
+    let fill = one(
+        &c,
+        Submit::new(
+            "b = bytearray(64 << 20)\n\
+             b[::4096] = b'\\x01' * (len(b) // 4096)\n\
+             huge = [int(l.split()[1]) for l in open('/proc/self/smaps_rollup')\n\
+                     if l.startswith('AnonHugePages:')][0]\n\
+             tunables = os.environ.get('GLIBC_TUNABLES')",
+        ),
+    );
+    assert!(fill.successful, "{}", fill.traceback());
+    let answer = one(&c, Submit::new("[tunables, huge]")).ret.unwrap();
+    let items = Vec::<Value>::try_from(&answer).expect("a list");
+    let [tunables, huge] = &items[..] else {
+        panic!("not two items: {items:?}")
+    };
+    let tunables = String::try_from(tunables).ok();
+    let huge = i64::try_from(huge).expect("an int");
+    (tunables, huge)
+}
+
+/// Large buffers live in transparent huge pages (`casa_node::tuning`): the
+/// nodes start themselves with glibc's `glibc.malloc.hugetlb=1` (under
+/// mpirun too), workers inherit it, and a worker's 64 MiB buffer is then mostly huge pages
+/// when the kernel offers them on request. A tunable set by the user, here
+/// `glibc.malloc.hugetlb=0`, is kept, and the same buffer gets none.
+#[test]
+fn large_buffers_get_huge_pages_unless_turned_off() {
+    let on_request = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[madvise]") || mode.contains("[always]"));
+    let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
+        .is_ok_and(|mode| mode.contains("[always]"));
+    let cluster = Cluster::start(1, &[]);
+    let (tunables, huge) = huge_pages_in_worker(&cluster);
+    assert_eq!(tunables.as_deref(), Some("glibc.malloc.hugetlb=1"));
+    let server_node = std::fs::read(format!("/proc/{}/environ", cluster.server_pid(1).0)).unwrap();
+    assert!(
+        server_node
+            .split(|&b| b == 0)
+            .any(|var| var == b"GLIBC_TUNABLES=glibc.malloc.hugetlb=1"),
+        "the server node runs without the tunable"
+    );
+    if on_request {
+        assert!(huge >= 32 << 10, "only {huge} KiB of huge pages");
+    } else {
+        eprintln!("transparent huge pages are off on this machine: only the tunable is checked");
+    }
+    drop(cluster);
+
+    let cluster = Cluster::start_with_env(1, &[], &[("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")]);
+    let (tunables, huge) = huge_pages_in_worker(&cluster);
+    assert_eq!(tunables.as_deref(), Some("glibc.malloc.hugetlb=0"));
+    if on_request && !always {
+        assert!(
+            huge < 32 << 10,
+            "{huge} KiB of huge pages though turned off"
+        );
+    }
 }
 
 #[test]
