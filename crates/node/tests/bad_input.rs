@@ -18,6 +18,10 @@
 //!   deep or too large for their length, unknown ranks and unknown request
 //!   ids: each gets a clear error (or reply) and is logged, while another
 //!   driver, connected all along, keeps getting `1+1` answered.
+//! - a real server node's link, from a client node the test plays: a wrong
+//!   protocol version, messages meant for other roles, an empty control
+//!   request and an unknown request id are dropped (or answered with an
+//!   error) and logged, and the server keeps serving.
 //!
 //! The fuzz runs `CASA_NODE_FUZZ_CASES` values and as many envelopes when
 //! set (the long run: `CASA_NODE_FUZZ_CASES=1000000 cargo test --release -p
@@ -40,15 +44,19 @@ use casa_node::client::{BlockingClient, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node::executor::WORKER_SOURCE;
 use casa_node_conformance::process::{self, descendants, wait_gone};
+use casa_node_protocol::pb::control_request::{Action, Start};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{
-    CancelRequest, Envelope, Hello, LogLevel, LogLevelRequest, ProtocolErrorCode, RejectReason,
-    Role, StatusRequest, SubmitRequest, TrackRequest, Value, submit_reply,
+    CancelRequest, CommandRequest, ControlRequest, Envelope, Hello, LogLevel, LogLevelRequest,
+    ProtocolErrorCode, RejectReason, Role, StatusRequest, SubmitRequest, TrackRequest, Value,
+    submit_reply,
 };
 use casa_node_protocol::{
-    DEFAULT_MAX_FRAME, FrameError, Framing, MAX_VALUE_DEPTH, PROTOCOL_VERSION,
+    DEFAULT_MAX_FRAME, FrameError, Framing, MAX_VALUE_DEPTH, PROTOCOL_VERSION, Transport,
+    TransportEvent,
 };
+use casa_node_transport_zmq::ZmqTransport;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use proptest::prelude::*;
@@ -894,4 +902,221 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
     still_serving(&other);
     let grown = cluster.rss().saturating_sub(rss);
     assert!(grown < 256 << 20, "the client node grew by {grown} bytes");
+}
+
+// ---------------------------------------------------------------------------
+// A server node's link
+
+/// A `casa-node server` attached to a client node that the test plays,
+/// with the transport's own API, so that it can send what a real client
+/// node never would. Stopped by PID on drop, with its worker.
+struct LoneServer {
+    child: Child,
+    started: Vec<(Pid, u64)>,
+}
+
+impl Drop for LoneServer {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        for &(pid, started) in &self.started {
+            if !wait_gone(pid, Duration::from_secs(10)) && process::alive(pid, started) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+    }
+}
+
+/// The next message from the server other than a ping's answer.
+async fn next_from_server(client: &mut ZmqTransport) -> Body {
+    loop {
+        let event = tokio::time::timeout(WAIT, client.recv())
+            .await
+            .expect("the server answers in time")
+            .expect("the link works");
+        match event {
+            TransportEvent::Message { from: 1, envelope } => match envelope.body {
+                Some(Body::PingResponse(_)) => {}
+                Some(body) => return body,
+                None => panic!("an envelope without a body"),
+            },
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+/// The next message from the server other than a log record (kept in
+/// `log`) or a ping's answer.
+async fn from_server(client: &mut ZmqTransport, log: &mut Vec<String>) -> Body {
+    loop {
+        match next_from_server(client).await {
+            Body::LogRecord(record) => log.push(record.message),
+            body => return body,
+        }
+    }
+}
+
+/// Waits for a log record containing `text`, failing on any other message.
+async fn logged_by_server(client: &mut ZmqTransport, log: &mut Vec<String>, text: &str) {
+    while !log.iter().any(|m| m.contains(text)) {
+        match next_from_server(client).await {
+            Body::LogRecord(record) => log.push(record.message),
+            body => panic!("expected a log record with {text:?}, got {body:?}"),
+        }
+    }
+}
+
+async fn run_on_server(
+    client: &mut ZmqTransport,
+    log: &mut Vec<String>,
+    id: u64,
+    command: &str,
+) -> Value {
+    let request = CommandRequest {
+        id,
+        command: command.into(),
+        ..CommandRequest::default()
+    };
+    client
+        .send(1, Envelope::new(Body::CommandRequest(request)))
+        .await
+        .unwrap();
+    match from_server(client, log).await {
+        Body::CommandResponse(r) => {
+            assert_eq!(r.id, id);
+            assert!(r.successful, "{:?}", r.traceback);
+            r.ret.expect("a return value")
+        }
+        other => panic!("expected a CommandResponse, got {other:?}"),
+    }
+}
+
+/// Bad input on a server node's link, from its client node: a wrong
+/// protocol version, messages only drivers send, an empty control request
+/// and a cancel of an unknown request id are each dropped (or answered
+/// with an error) and logged back to the client node, and the server goes
+/// on serving. Garbage below the envelope (unknown headers, undecodable
+/// envelopes, messages beyond the credit) is the transport's, tested in
+/// `crates/transport-zmq/tests/zmq.rs`. ZeroMQ only: under MPI the link is
+/// the job's own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_server_node_drops_bad_input_and_keeps_serving() {
+    let dir = std::env::temp_dir().join(format!("casa-node-bad-link-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let endpoint = format!("ipc://{}", dir.join("nodes.sock").display());
+    let mut client = ZmqTransport::bind(&endpoint).await.expect("bind");
+    let mut server = LoneServer {
+        child: Command::new(BIN)
+            .args(["server", "--connect", &endpoint, "--timeout", "8"])
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("casa-node server starts"),
+        started: Vec::new(),
+    };
+    let joined = tokio::time::timeout(WAIT, client.recv())
+        .await
+        .expect("joins in time");
+    assert_eq!(joined.unwrap(), TransportEvent::PeerJoined(1));
+    let mut log = Vec::new();
+    let start = Start {
+        working_directory: dir.display().to_string(),
+        ..Start::default()
+    };
+    client
+        .send(
+            1,
+            Envelope::correlated(1, Body::ControlRequest(control(Action::Start(start)))),
+        )
+        .await
+        .unwrap();
+    assert!(matches!(from_server(&mut client, &mut log).await, Body::ControlResponse(r) if r.ok));
+    assert_eq!(
+        run_on_server(&mut client, &mut log, 1, "1+1").await,
+        Value::from(2)
+    );
+    server.started = descendants(Pid::from_raw(server.child.id() as i32));
+
+    // A wrong protocol version: dropped, not run.
+    let mut wrong = Envelope::new(Body::CommandRequest(CommandRequest {
+        id: 2,
+        command: "open('ran', 'w').write('x')".into(),
+        ..CommandRequest::default()
+    }));
+    wrong.protocol_version = PROTOCOL_VERSION + 1;
+    client.send(1, wrong).await.unwrap();
+    logged_by_server(&mut client, &mut log, "dropped a message").await;
+    assert!(log.iter().any(|m| m.contains("version")), "{log:?}");
+
+    // A driver's message, and an empty control request: dropped.
+    client
+        .send(
+            1,
+            Envelope::new(Body::StatusRequest(StatusRequest::default())),
+        )
+        .await
+        .unwrap();
+    logged_by_server(&mut client, &mut log, "StatusRequest").await;
+    client
+        .send(
+            1,
+            Envelope::correlated(5, Body::ControlRequest(ControlRequest { action: None })),
+        )
+        .await
+        .unwrap();
+    logged_by_server(&mut client, &mut log, "empty ControlRequest").await;
+
+    // Cancelling an id the server never had: an error in the reply.
+    client
+        .send(
+            1,
+            Envelope::correlated(
+                6,
+                Body::ControlRequest(control(Action::Cancel(
+                    casa_node_protocol::pb::control_request::Cancel { request_id: 999 },
+                ))),
+            ),
+        )
+        .await
+        .unwrap();
+    match from_server(&mut client, &mut log).await {
+        Body::ControlResponse(r) => {
+            assert!(!r.ok && r.error.contains("999"), "{r:?}");
+        }
+        other => panic!("expected a ControlResponse, got {other:?}"),
+    }
+
+    // Still serving, and the wrongly versioned command never ran.
+    assert_eq!(
+        run_on_server(&mut client, &mut log, 3, "2+2").await,
+        Value::from(4)
+    );
+    assert!(
+        !dir.join("ran").exists(),
+        "a command of the wrong version ran"
+    );
+    client.shutdown().await.unwrap();
+    let end = Instant::now() + WAIT;
+    while server.child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < end,
+            "the server did not leave with its client node"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for &(pid, _) in &server.started {
+        assert!(
+            wait_gone(pid, Duration::from_secs(15)),
+            "process {pid} was left behind"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn control(action: Action) -> ControlRequest {
+    ControlRequest {
+        action: Some(action),
+    }
 }
