@@ -87,7 +87,10 @@
 //! peer.
 
 mod engine;
+mod seal;
 mod wire;
+
+pub use seal::{KeyError, SigningKey};
 
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -102,9 +105,11 @@ use casa_node_protocol::{
 use futures::StreamExt;
 use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
 use tokio::time::Instant;
+use tracing::Instrument;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketEvent, SocketOptions, ZmqMessage};
 
 use engine::{Budget, Charge, Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
+use seal::{Direction, LinkId, LinkSeal, NO_NONCE, Nonce, Seal, Signer};
 use wire::Header;
 
 /// Data messages a receiver lets each peer have in flight by default.
@@ -136,6 +141,10 @@ pub struct ZmqConfig {
     pub handshake_timeout: Duration,
     /// How long `shutdown` waits for peers to acknowledge the goodbye.
     pub linger: Duration,
+    /// Sign every message of every link with this key, and accept only
+    /// messages signed with it (see [Signed links](crate#signed-links)).
+    /// Both ends must have the same key, or none.
+    pub signing: Option<SigningKey>,
 }
 
 impl Default for ZmqConfig {
@@ -146,6 +155,7 @@ impl Default for ZmqConfig {
             max_in_flight_bytes: DEFAULT_MAX_IN_FLIGHT_BYTES,
             handshake_timeout: Duration::from_secs(10),
             linger: Duration::from_secs(2),
+            signing: None,
         }
     }
 }
@@ -179,6 +189,11 @@ pub enum HandshakeError {
     /// The answer was not a `Welcome` this side can accept.
     #[error("unexpected answer to Hello: {0}")]
     Unexpected(String),
+    /// The client node could not verify this side's signature: one of the
+    /// two signs its links and the other does not, or their keys differ.
+    /// (The answer saying so cannot itself be signed.)
+    #[error("the client node refused this server node's signature: {0}")]
+    Unauthenticated(String),
 }
 
 /// A [`Transport`] over ZeroMQ; see the [crate] documentation.
@@ -224,14 +239,19 @@ impl ZmqTransport {
             .map_err(|e| io_error(format!("binding the client node's socket to {endpoint}"), e))?;
         let (send, recv) = socket.split();
         let (incoming, reader) = engine::spawn_reader(recv);
-        let (handle, engine, commands) =
-            Self::assemble(0, bound.to_string(), SendHalf::Router(send), config);
-        tokio::spawn(engine.run(Inputs {
-            commands,
-            incoming,
-            monitor,
-            reader,
-        }));
+        let bound = bound.to_string();
+        let span = tracing::info_span!("zmq", endpoint = %bound);
+        let (handle, engine, commands) = Self::assemble(0, bound, SendHalf::Router(send), config);
+        tokio::spawn(
+            engine
+                .run(Inputs {
+                    commands,
+                    incoming,
+                    monitor,
+                    reader,
+                })
+                .instrument(span),
+        );
         Ok(handle)
     }
 
@@ -285,8 +305,19 @@ impl ZmqTransport {
             }),
         );
         let hello = framing.encode_body(&hello)?;
-        let message = ZmqMessage::try_from(vec![Header::Hello.encode(), Bytes::from(hello)])
-            .expect("two parts");
+        let mut parts = vec![Header::Hello.encode(), Bytes::from(hello)];
+        // This connection's nonce: fresh, so that no earlier Welcome can
+        // pass for the answer to this Hello.
+        let nonce = seal::nonce();
+        let signer = config.signing.as_ref().map(Signer::new);
+        if let Some(signer) = &signer {
+            let link = LinkId {
+                dealer: nonce,
+                router: NO_NONCE,
+            };
+            parts.insert(0, signer.seal(Direction::ToRouter, &link, 0, &parts));
+        }
+        let message = ZmqMessage::try_from(parts).expect("two or three parts");
         zeromq::SocketSend::send(&mut send, message)
             .await
             .map_err(|e| io_error(context(), e))?;
@@ -295,7 +326,7 @@ impl ZmqTransport {
             tokio::select! {
                 received = incoming.recv() => match received {
                     Some(Ok(message)) => {
-                        if let Some(answer) = welcome_or_refusal(&framing, message) {
+                        if let Some(answer) = read_answer(&framing, signer.as_ref(), nonce, message) {
                             break answer;
                         }
                     }
@@ -311,22 +342,31 @@ impl ZmqTransport {
                 }
             }
         };
-        let rank = match answer {
-            Ok(rank) => rank,
+        let (rank, link) = match answer {
+            Ok(welcomed) => welcomed,
             Err(error) => {
                 reader.abort();
                 return Err(io_error(context(), error));
             }
         };
+        let span = tracing::info_span!("zmq", endpoint, rank);
         let (handle, mut engine, commands) =
             Self::assemble(rank, endpoint.to_owned(), SendHalf::Dealer(send), config);
-        engine.add_client_node().await;
-        tokio::spawn(engine.run(Inputs {
-            commands,
-            incoming,
-            monitor,
-            reader,
-        }));
+        async move {
+            engine.add_client_node(link).await;
+            tokio::spawn(
+                engine
+                    .run(Inputs {
+                        commands,
+                        incoming,
+                        monitor,
+                        reader,
+                    })
+                    .in_current_span(),
+            );
+        }
+        .instrument(span)
+        .await;
         Ok(handle)
     }
 
@@ -351,6 +391,14 @@ impl ZmqTransport {
         };
         let engine = Engine::new(socket, config, shared, events_tx);
         (handle, engine, commands_rx)
+    }
+
+    /// Messages dropped so far because they failed the signature check of
+    /// a signed link (each is also logged, up to a rate): missing or wrong
+    /// signatures, replays, and anything but a signed Hello from a
+    /// connection that has not joined. Always 0 on an unsigned transport.
+    pub fn rejected_messages(&self) -> u64 {
+        self.state().rejected
     }
 
     /// Where the client node listens (the resolved address: `tcp://…:0`
@@ -512,14 +560,54 @@ impl Transport for ZmqTransport {
     }
 }
 
-/// Reads the ROUTER's answer to Hello: `Some(Ok(rank))` for a Welcome,
-/// `Some(Err(_))` for a refusal or a bad answer, `None` for anything to
-/// skip.
+/// Reads the ROUTER's answer to Hello, sent with `nonce`:
+/// `Some(Ok((rank, link)))` for a Welcome (with the link's signing state if
+/// signed), `Some(Err(_))` for a refusal or a bad answer, `None` for
+/// anything to skip.
+fn read_answer(
+    framing: &Framing,
+    signer: Option<&Signer>,
+    nonce: Nonce,
+    message: ZmqMessage,
+) -> Option<Result<(Rank, Option<LinkSeal>), HandshakeError>> {
+    let mut parts = message.into_vecdeque();
+    let Some(signer) = signer else {
+        return welcome_or_refusal(framing, parts).map(|answer| answer.map(|rank| (rank, None)));
+    };
+    let first = parts.pop_front()?;
+    let Some(seal) = Seal::parse(&first).filter(|seal| seal.counter == 0) else {
+        parts.push_front(first);
+        // A client node that cannot verify our Hello cannot sign its
+        // answer either; a refusal is all it may say unsigned.
+        return match welcome_or_refusal(framing, parts)? {
+            Err(HandshakeError::Refused { message, .. }) => {
+                Some(Err(HandshakeError::Unauthenticated(message)))
+            }
+            Ok(_) | Err(_) => {
+                tracing::warn!("ignoring an unsigned answer to a signed Hello");
+                None
+            }
+        };
+    };
+    let link = LinkId {
+        dealer: nonce,
+        router: seal.nonce,
+    };
+    if !signer.verify(Direction::ToDealer, &link, &seal, parts.make_contiguous()) {
+        tracing::warn!("ignoring an answer to Hello whose signature does not verify");
+        return None;
+    }
+    welcome_or_refusal(framing, parts)
+        .map(|answer| answer.map(|rank| (rank, Some(LinkSeal::new(link)))))
+}
+
+/// Reads an answer to Hello without its seal: `Some(Ok(rank))` for a
+/// Welcome, `Some(Err(_))` for a refusal or a bad answer, `None` for
+/// anything to skip.
 fn welcome_or_refusal(
     framing: &Framing,
-    message: ZmqMessage,
+    mut parts: std::collections::VecDeque<Bytes>,
 ) -> Option<Result<Rank, HandshakeError>> {
-    let mut parts = message.into_vecdeque();
     let header = parts.front().and_then(|h| Header::decode(h));
     if header != Some(Header::Welcome) || parts.len() != 2 {
         tracing::warn!(?header, "ignoring a message before Welcome");
