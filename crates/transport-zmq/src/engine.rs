@@ -342,6 +342,9 @@ pub(crate) struct Engine {
     closing: bool,
     /// Set when links are signed.
     security: Option<Security>,
+    /// On a signed server node, told when the client node's first credit
+    /// arrives: it has admitted this node by then.
+    admitted: Option<oneshot::Sender<()>>,
 }
 
 /// What an engine waits on.
@@ -369,6 +372,7 @@ impl Engine {
             socket,
             framing: Framing::new(config.max_frame),
             security,
+            admitted: None,
             config,
             shared,
             events,
@@ -385,6 +389,11 @@ impl Engine {
     pub(crate) async fn add_client_node(&mut self, link: Option<LinkSeal>) {
         self.add_peer(0, Bytes::new(), link);
         self.grant_window(0).await;
+    }
+
+    /// Tells `admitted` when the client node's first credit arrives.
+    pub(crate) fn notify_admission(&mut self, admitted: oneshot::Sender<()>) {
+        self.admitted = Some(admitted);
     }
 
     /// Which way this side sends.
@@ -814,6 +823,9 @@ impl Engine {
         let Some(peer) = self.peers.get_mut(&rank) else {
             return;
         };
+        if let Some(admitted) = self.admitted.take() {
+            let _ = admitted.send(());
+        }
         let count = count as usize;
         // Credit available plus messages in flight is the peer's window,
         // which may not exceed MAX_WINDOW: more would let ZeroMQ's queue

@@ -350,8 +350,17 @@ impl ZmqTransport {
             }
         };
         let span = tracing::info_span!("zmq", endpoint, rank);
+        let signed = link.is_some();
         let (handle, mut engine, commands) =
             Self::assemble(rank, endpoint.to_owned(), SendHalf::Dealer(send), config);
+        // On a signed link the client node admits this node only when our
+        // first message (the credit below) proves the Hello fresh, and its
+        // own credit follows: wait for it, so that when `connect` returns
+        // the client node knows this node, as on an unsigned link.
+        let (admitted_tx, admitted) = oneshot::channel();
+        if signed {
+            engine.notify_admission(admitted_tx);
+        }
         async move {
             engine.add_client_node(link).await;
             tokio::spawn(
@@ -367,6 +376,18 @@ impl ZmqTransport {
         }
         .instrument(span)
         .await;
+        if signed {
+            tokio::select! {
+                result = admitted => {
+                    if result.is_err() {
+                        return Err(io_error(context(), HandshakeError::Closed));
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => {
+                    return Err(io_error(context(), HandshakeError::Timeout(timeout)));
+                }
+            }
+        }
         Ok(handle)
     }
 
