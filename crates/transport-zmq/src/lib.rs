@@ -349,7 +349,7 @@ impl ZmqTransport {
                 return Err(io_error(context(), error));
             }
         };
-        let span = tracing::info_span!("zmq", endpoint, rank);
+        let span = tracing::info_span!("zmq", endpoint = %endpoint, rank);
         let signed = link.is_some();
         let (handle, mut engine, commands) =
             Self::assemble(rank, endpoint.to_owned(), SendHalf::Dealer(send), config);
