@@ -322,26 +322,30 @@ impl ZmqTransport {
             .await
             .map_err(|e| io_error(context(), e))?;
 
-        let answer = loop {
-            tokio::select! {
-                received = incoming.recv() => match received {
-                    Some(Ok(message)) => {
-                        if let Some(answer) = read_answer(&framing, signer.as_ref(), nonce, message) {
-                            break answer;
+        let answer = async {
+            loop {
+                tokio::select! {
+                    received = incoming.recv() => match received {
+                        Some(Ok(message)) => {
+                            if let Some(answer) = read_answer(&framing, signer.as_ref(), nonce, message) {
+                                break answer;
+                            }
+                        }
+                        Some(Err(_)) | None => break Err(HandshakeError::Closed),
+                    },
+                    event = monitor.next() => {
+                        if let Some(SocketEvent::Disconnected(_)) | None = event {
+                            break Err(HandshakeError::Closed);
                         }
                     }
-                    Some(Err(_)) | None => break Err(HandshakeError::Closed),
-                },
-                event = monitor.next() => {
-                    if let Some(SocketEvent::Disconnected(_)) | None = event {
-                        break Err(HandshakeError::Closed);
+                    _ = tokio::time::sleep_until(deadline) => {
+                        break Err(HandshakeError::Timeout(timeout));
                     }
                 }
-                _ = tokio::time::sleep_until(deadline) => {
-                    break Err(HandshakeError::Timeout(timeout));
-                }
             }
-        };
+        }
+        .instrument(tracing::info_span!("zmq", endpoint = %endpoint))
+        .await;
         let (rank, link) = match answer {
             Ok(welcomed) => welcomed,
             Err(error) => {

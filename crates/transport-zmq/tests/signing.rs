@@ -660,6 +660,14 @@ async fn a_server_node_accepts_no_welcome_of_an_earlier_session() {
             handshake_error(error),
             HandshakeError::Timeout(config.handshake_timeout)
         );
+        // Refused as soon as it came, not merely never followed by credit.
+        let span = client_span(&endpoint);
+        await_logged(
+            &span,
+            &["an answer to Hello whose signature does not verify"],
+            1,
+        )
+        .await;
         answering.abort();
     })
     .await;
