@@ -32,7 +32,9 @@
 //! A server node connects and sends `H`; the client node answers `W` and,
 //! if it welcomed the peer, `C` with its window; the server node then sends
 //! its own `C`. Input that breaks these rules is logged (with `tracing`) and
-//! dropped.
+//! dropped. On a [signed link](#signed-links) every message has one more
+//! part in front, its seal, and the client node's `C` waits for the server
+//! node's.
 //!
 //! # Delivery
 //!
@@ -78,13 +80,82 @@
 //! hung, or behind a network partition or a crashed host with no FIN or RST):
 //! its connection stays open, and the protocol's pings are what notice it.
 //!
+//! # Signed links
+//!
+//! The zeromq crate has no CURVE, so links between machines are signed
+//! instead, as Jupyter signs its messages: with [`ZmqConfig::signing`] set
+//! to a [`SigningKey`] (32 bytes, from the connection file's `signing_key`,
+//! a file only its owner can read), every message of every link, control
+//! messages and the handshake included, starts with a seal, and only
+//! messages whose seal checks out reach the transport's logic. Both ends
+//! need the same key. Unsigned links (the default, for `ipc://` in a
+//! private directory) are unchanged and cost nothing more.
+//!
+//! A node enables it by reading the key and passing it in the
+//! configuration, the same on the client node and on each server node:
+//!
+//! ```no_run
+//! # async fn example(hex_from_connection_file: &str) -> Result<(), Box<dyn std::error::Error>> {
+//! use casa_node_transport_zmq::{SigningKey, ZmqConfig, ZmqTransport};
+//!
+//! let config = ZmqConfig {
+//!     signing: Some(SigningKey::from_hex(hex_from_connection_file)?),
+//!     ..ZmqConfig::default()
+//! };
+//! // The client node:
+//! let client = ZmqTransport::bind_with("tcp://0.0.0.0:5555", config.clone()).await?;
+//! // A server node (0: any rank):
+//! let server = ZmqTransport::connect_with("tcp://head-node:5555", 0, config).await?;
+//! # Ok(()) }
+//! ```
+//!
+//! A server node whose key differs (or that has none, or whose client node
+//! has none) cannot join: `connect_with` fails with
+//! [`HandshakeError::Unauthenticated`] (or, for a server node without a
+//! key, [`HandshakeError::Refused`]) and the client node logs why.
+//!
+//! The seal is one part of 56 bytes: the sender's nonce for the link (16
+//! bytes), a counter (8) and an HMAC-SHA256 tag (32) over a domain label,
+//! the direction, both nonces of the link, the counter, and each part of
+//! the message with its length; one pass of HMAC over the payload. A
+//! link is named by two random nonces, one the server node draws per
+//! `connect`, one the client node draws per Hello it accepts; so:
+//!
+//! - the Hello is sealed with counter 0 and the server node's nonce alone;
+//!   the Welcome (or refusal) with counter 0 and both nonces, so the server
+//!   node knows it answers this Hello and no earlier one;
+//! - every later message is sealed with both nonces and a counter that
+//!   grows by one per message each way, and the receiver accepts only
+//!   counters above the last it accepted on the link: a message replayed
+//!   in the same session is refused;
+//! - the client node admits a welcomed server node (`PeerJoined`, its
+//!   credit) only once a message sealed under the Welcome's fresh nonce
+//!   proves the Hello is not a replay, and remembers recent Hellos to
+//!   name a replayed one; `connect_with` returns once it is admitted;
+//! - a message of an earlier link, of this or an earlier process on either
+//!   side, carries other nonces and is refused: a restarted server node
+//!   joins again as a new link, and nothing of its former life replays
+//!   into it.
+//!
+//! A message that fails the check (no seal, a wrong tag: the wrong key or
+//! an altered message, another link's nonces, an old counter, anything but
+//! a Hello from a connection that has not joined) is dropped before it is
+//! decoded, counted ([`ZmqTransport::rejected_messages`]) and logged as a
+//! warning naming the peer's ZeroMQ identity and rank and the reason: the
+//! first ten, then one in a thousand, so that a flood cannot fill the
+//! disk. Nothing else changes for the other peers. Signing authenticates;
+//! it does not hide: messages cross the network in clear.
+//!
 //! # Limits
 //!
-//! No CURVE security (the crate has none) and no signing yet: use `ipc://`
-//! in a private directory, or `tcp://` on a trusted network only. The crate
-//! reads a whole ZeroMQ message into memory before this transport sees its
-//! size, so `max_frame` protects decoding, not memory, against a hostile
-//! peer.
+//! No CURVE (the crate has none): use `ipc://` in a private directory, or
+//! `tcp://` with signing. The crate reads a whole ZeroMQ message into
+//! memory before this transport sees its size, so `max_frame` protects
+//! decoding, not memory, against a hostile peer; that holds on signed
+//! links too, where the size is known before the signature is checked. The
+//! engine signs and checks in its own task: a message of hundreds of MiB
+//! holds the other peers' messages for the time its HMAC takes (about
+//! half a second per GiB with SHA-NI).
 
 mod engine;
 mod seal;

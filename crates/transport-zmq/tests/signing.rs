@@ -14,8 +14,8 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
 use bytes::Bytes;
-use casa_node_conformance::transport::ping;
-use casa_node_protocol::pb::ProtocolErrorCode;
+use casa_node_conformance::transport::{self as checks, ping};
+use casa_node_protocol::pb::{Envelope, ProtocolErrorCode};
 use casa_node_protocol::{Transport, TransportError, TransportEvent};
 use casa_node_transport_zmq::{HandshakeError, SigningKey, ZmqConfig, ZmqTransport};
 use tokio::sync::mpsc;
@@ -671,4 +671,57 @@ async fn a_server_node_accepts_no_welcome_of_an_earlier_session() {
         answering.abort();
     })
     .await;
+}
+
+// -------------------------------------------------------------- the cost
+
+/// Round trips of `envelope` from a client node to an echoing server node
+/// over `tcp://127.0.0.1`: the median and the fastest time.
+async fn round_trips(config: ZmqConfig, envelope: &Envelope, count: usize) -> (Duration, Duration) {
+    let mut client = ZmqTransport::bind_with("tcp://127.0.0.1:0", config.clone())
+        .await
+        .expect("bind");
+    let mut server = ZmqTransport::connect_with(client.endpoint(), 0, config)
+        .await
+        .expect("connect");
+    assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+    let echo = tokio::spawn(async move {
+        while let Ok(TransportEvent::Message { envelope, .. }) = server.recv().await {
+            server.send(0, envelope).await.expect("echo");
+        }
+    });
+    let mut times = Vec::with_capacity(count);
+    // The first round trips warm up the allocator and the connection.
+    for i in 0..count + 3 {
+        let start = Instant::now();
+        client.send(1, envelope.clone()).await.expect("send");
+        match next_event(&mut client).await {
+            TransportEvent::Message { envelope: back, .. } => assert!(back == *envelope),
+            other => panic!("expected the echo, got {other:?}"),
+        }
+        if i >= 3 {
+            times.push(start.elapsed());
+        }
+    }
+    client.shutdown().await.expect("shutdown");
+    echo.await.expect("echo task");
+    times.sort_unstable();
+    (times[times.len() / 2], times[0])
+}
+
+/// Not a check: what signing costs a round trip, printed. Run it built
+/// with optimisations:
+/// `cargo test --release -p casa-node-transport-zmq --test signing -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "a measurement, not a check: run it with --release"]
+async fn signing_cost_of_a_round_trip() {
+    let small = ping(7);
+    let large = checks::large_request(1, checks::pattern(32 << 20, 1));
+    println!("round trip over tcp://127.0.0.1, median (fastest):");
+    for (name, envelope, count) in [("ping", &small, 2_000), ("32 MiB", &large, 15)] {
+        for (mode, config) in [("unsigned", ZmqConfig::default()), ("signed", signed(KEY))] {
+            let (median, fastest) = round_trips(config, envelope, count).await;
+            println!("  {name:>7} {mode:>8}: {median:>10.1?} ({fastest:.1?})");
+        }
+    }
 }
