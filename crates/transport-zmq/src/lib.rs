@@ -151,11 +151,11 @@
 //! No CURVE (the crate has none): use `ipc://` in a private directory, or
 //! `tcp://` with signing. The crate reads a whole ZeroMQ message into
 //! memory before this transport sees its size, so `max_frame` protects
-//! decoding, not memory, against a hostile peer; that holds on signed
-//! links too, where the size is known before the signature is checked. The
-//! engine signs and checks in its own task: a message of hundreds of MiB
-//! holds the other peers' messages for the time its HMAC takes (about
-//! half a second per GiB with SHA-NI).
+//! decoding, not memory, against a hostile peer, on signed links too: the
+//! signature is checked once the message has arrived. The engine signs
+//! and checks in its own task, so a message of hundreds of MiB holds the
+//! other peers' messages for as long as its HMAC takes (in the order of a
+//! second per GiB on a busy machine with SHA-NI).
 
 mod engine;
 mod seal;
