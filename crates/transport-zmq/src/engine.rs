@@ -22,7 +22,7 @@
 //! the credit of everything consumed so far, and of what is still in
 //! flight as it is consumed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -265,7 +265,12 @@ struct Security {
     pending: HashMap<Bytes, Pending>,
     /// On the client node: the nonces of recent Hellos, oldest first.
     seen: VecDeque<Nonce>,
-    seen_set: std::collections::HashSet<Nonce>,
+    seen_set: HashSet<Nonce>,
+    /// On the client node: connections told that their Hello did not
+    /// verify. Each is told once: a peer that floods Hellos and reads
+    /// nothing would otherwise fill the socket's queue for it, and then
+    /// the engine would wait on it.
+    refused: HashSet<Bytes>,
 }
 
 /// A welcomed connection that has yet to prove it holds the key.
@@ -366,7 +371,8 @@ impl Engine {
             signer: Signer::new(key),
             pending: HashMap::new(),
             seen: VecDeque::new(),
-            seen_set: Default::default(),
+            seen_set: HashSet::new(),
+            refused: HashSet::new(),
         });
         Engine {
             socket,
@@ -666,6 +672,9 @@ impl Engine {
         match rank {
             Some(rank) => self.lose(rank, "connection closed"),
             None => {
+                if let Some(security) = self.security.as_mut() {
+                    security.refused.remove(&identity);
+                }
                 let pending = self
                     .security
                     .as_mut()
@@ -1209,8 +1218,14 @@ impl Engine {
         if !self.socket.is_router() || self.rank_of(identity).is_some() {
             return;
         }
+        let Some(security) = self.security.as_mut() else {
+            return;
+        };
+        if security.refused.len() >= SEEN_HELLOS {
+            security.refused.clear();
+        }
         // What is left once the seal, if any, is taken off: `[H, hello]`.
-        if parts.len() == 2 && &parts[0][..] == b"H" {
+        if parts.len() == 2 && &parts[0][..] == b"H" && security.refused.insert(identity.clone()) {
             let reply = Envelope::error(
                 0,
                 ProtocolErrorCode::UnexpectedMessage,

@@ -353,6 +353,28 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
         ping_through(&mut good, &mut client, 2).await;
         assert_eq!(good.rejected_messages(), 0);
 
+        // A connection that keeps sending unsigned Hellos is told once, so
+        // that one that never reads cannot fill the socket's queue.
+        let mut raw = DealerSocket::new();
+        raw.connect(&endpoint).await.expect("connect");
+        for _ in 0..5 {
+            let hello = vec![Bytes::from_static(b"H"), Bytes::from_static(b"hello")];
+            raw.send(ZmqMessage::try_from(hello).expect("parts"))
+                .await
+                .expect("send");
+        }
+        await_rejected(&client, 7).await;
+        let refusal = raw.recv().await.expect("a refusal").into_vec();
+        assert_eq!(&refusal[0][..], b"W", "{refusal:?}");
+        // The engine answered all five before it took this ping.
+        ping_through(&mut good, &mut client, 3).await;
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), raw.recv())
+                .await
+                .is_err(),
+            "a second refusal to the same connection"
+        );
+
         // The other way round: a server node with a key, a client node
         // without.
         let dir = tempfile::tempdir().expect("temporary directory");
