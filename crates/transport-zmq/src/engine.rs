@@ -22,7 +22,7 @@
 //! the credit of everything consumed so far, and of what is still in
 //! flight as it is consumed.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -38,8 +38,21 @@ use zeromq::{
     DealerSendHalf, RouterSendHalf, SocketEvent, SocketSend, ZmqError, ZmqMessage, ZmqResult,
 };
 
+use crate::seal::{self, Direction, LinkId, LinkSeal, NO_NONCE, Nonce, Seal, Signer};
 use crate::wire::Header;
 use crate::{MAX_WINDOW, ZmqConfig};
+
+/// Messages refused by the signature check that are each logged; after
+/// them, one in [`LOG_EVERY`], so that a flood cannot fill the disk.
+const LOG_FIRST: u64 = 10;
+const LOG_EVERY: u64 = 1000;
+
+/// Connections welcomed and not yet proven fresh that a client node keeps;
+/// beyond it, Hellos are refused until some expire.
+const MAX_PENDING: usize = 1024;
+
+/// Hello nonces a client node remembers, to name a replayed Hello at once.
+const SEEN_HELLOS: usize = 4096;
 
 /// State the handle reads and the engine writes.
 #[derive(Default)]
@@ -50,6 +63,8 @@ pub(crate) struct Shared {
     pub(crate) lost: BTreeSet<Rank>,
     /// Why the engine stopped, once it has.
     pub(crate) terminal: Option<Terminal>,
+    /// Messages dropped because their signature did not check out.
+    pub(crate) rejected: u64,
 }
 
 /// What the handle needs to send to one connected peer.
@@ -237,6 +252,84 @@ struct Peer {
     budget: u64,
     /// The peer acknowledged our goodbye.
     bye_acked: bool,
+    /// On a signed link, its nonces and counters.
+    seal: Option<LinkSeal>,
+}
+
+/// What a signing engine keeps besides each peer's [`LinkSeal`].
+struct Security {
+    signer: Signer,
+    /// On the client node: connections that sent a valid Hello and were
+    /// welcomed, and have not yet sent a message under the nonce of the
+    /// Welcome, which proves the Hello was not a replay.
+    pending: HashMap<Bytes, Pending>,
+    /// On the client node: the nonces of recent Hellos, oldest first.
+    seen: VecDeque<Nonce>,
+    seen_set: HashSet<Nonce>,
+    /// On the client node: connections told that their Hello did not
+    /// verify. Each is told once: a peer that floods Hellos and reads
+    /// nothing would otherwise fill the socket's queue for it, and then
+    /// the engine would wait on it.
+    refused: HashSet<Bytes>,
+}
+
+/// A welcomed connection that has yet to prove it holds the key.
+struct Pending {
+    rank: Rank,
+    link: LinkId,
+    since: Instant,
+    requested: Rank,
+    host: String,
+    pid: u32,
+    software: String,
+}
+
+/// Why a message failed the signature check.
+#[derive(Debug, Clone, Copy)]
+enum Rejection {
+    /// No seal in front.
+    Unsigned,
+    /// Sealed by a sender on another link: one that ended, or another
+    /// session of the peers (a replay or a stale message).
+    OtherLink,
+    /// The tag does not match: a wrong key, or the message was altered.
+    BadTag,
+    /// A counter not above the last one accepted: a replay.
+    Replayed { counter: u64, last: u64 },
+    /// A Hello seen before.
+    ReplayedHello,
+    /// Something else than a Hello from a connection that has not joined.
+    Stranger,
+}
+
+impl std::fmt::Display for Rejection {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Rejection::Unsigned => f.write_str("not signed"),
+            Rejection::OtherLink => f.write_str("signed for another link or session (replayed?)"),
+            Rejection::BadTag => {
+                f.write_str("the signature does not match (wrong key, or altered)")
+            }
+            Rejection::Replayed { counter, last } => {
+                write!(f, "replayed: counter {counter}, not above {last}")
+            }
+            Rejection::ReplayedHello => f.write_str("a replayed Hello"),
+            Rejection::Stranger => {
+                f.write_str("not a Hello, from a connection that has not joined")
+            }
+        }
+    }
+}
+
+/// What the signature check made of a message.
+enum Unsealed {
+    /// From the peer of an established link.
+    Link,
+    /// A valid Hello from a new connection, with the sender's nonce.
+    Hello(Nonce),
+    /// The first message of a welcomed connection, with its counter: it
+    /// joins.
+    Joined(Pending, u64),
 }
 
 /// An engine and what it listens to.
@@ -252,6 +345,11 @@ pub(crate) struct Engine {
     /// A DEALER that lost the ROUTER has nothing left to do.
     finished: bool,
     closing: bool,
+    /// Set when links are signed.
+    security: Option<Security>,
+    /// On a signed server node, told when the client node's first credit
+    /// arrives: it has admitted this node by then.
+    admitted: Option<oneshot::Sender<()>>,
 }
 
 /// What an engine waits on.
@@ -269,9 +367,18 @@ impl Engine {
         shared: Arc<Mutex<Shared>>,
         events: mpsc::UnboundedSender<Delivery>,
     ) -> Self {
+        let security = config.signing.as_ref().map(|key| Security {
+            signer: Signer::new(key),
+            pending: HashMap::new(),
+            seen: VecDeque::new(),
+            seen_set: HashSet::new(),
+            refused: HashSet::new(),
+        });
         Engine {
             socket,
             framing: Framing::new(config.max_frame),
+            security,
+            admitted: None,
             config,
             shared,
             events,
@@ -283,11 +390,58 @@ impl Engine {
         }
     }
 
-    /// Registers the ROUTER as rank 0 of a DEALER that was just welcomed,
-    /// and grants it its window.
-    pub(crate) async fn add_client_node(&mut self) {
-        self.add_peer(0, Bytes::new());
+    /// Registers the ROUTER as rank 0 of a DEALER that was just welcomed
+    /// (on `link`, if signed), and grants it its window.
+    pub(crate) async fn add_client_node(&mut self, link: Option<LinkSeal>) {
+        self.add_peer(0, Bytes::new(), link);
         self.grant_window(0).await;
+    }
+
+    /// Tells `admitted` when the client node's first credit arrives.
+    pub(crate) fn notify_admission(&mut self, admitted: oneshot::Sender<()>) {
+        self.admitted = Some(admitted);
+    }
+
+    /// Which way this side sends.
+    fn outgoing(&self) -> Direction {
+        if self.socket.is_router() {
+            Direction::ToDealer
+        } else {
+            Direction::ToRouter
+        }
+    }
+
+    /// Sends `parts` to `rank`, sealed if the link is signed.
+    async fn transmit(&mut self, rank: Rank, mut parts: Vec<Bytes>) {
+        let direction = self.outgoing();
+        let Some(peer) = self.peers.get_mut(&rank) else {
+            return;
+        };
+        if let (Some(security), Some(link)) = (&self.security, &mut peer.seal) {
+            link.sent += 1;
+            let seal = security.signer.seal(direction, &link.id, link.sent, &parts);
+            parts.insert(0, seal);
+        }
+        let identity = peer.identity.clone();
+        if let Err(error) = self.socket.send(&identity, parts).await {
+            self.lose(rank, &format!("sending failed: {error}"));
+        }
+    }
+
+    /// Sends `parts` to a connection that has no link yet: sealed with
+    /// counter 0 on `link` if given (the answer to a Hello that verified),
+    /// else as it is.
+    async fn transmit_first(
+        &mut self,
+        identity: &Bytes,
+        link: Option<LinkId>,
+        mut parts: Vec<Bytes>,
+    ) -> ZmqResult<()> {
+        if let (Some(security), Some(link)) = (&self.security, link) {
+            let seal = security.signer.seal(self.outgoing(), &link, 0, &parts);
+            parts.insert(0, seal);
+        }
+        self.socket.send(identity, parts).await
     }
 
     /// Runs until shut down, dropped, or (on a DEALER) the client node is
@@ -386,27 +540,14 @@ impl Engine {
             return;
         };
         peer.charges.push_back(charge);
-        let identity = peer.identity.clone();
         let header = Header::Data {
             credit_wanted: wanted,
         };
-        if let Err(error) = self
-            .socket
-            .send(&identity, vec![header.encode(), body])
-            .await
-        {
-            self.lose(to, &format!("sending failed: {error}"));
-        }
+        self.transmit(to, vec![header.encode(), body]).await;
     }
 
     async fn send_control(&mut self, to: Rank, header: Header) {
-        let Some(peer) = self.peers.get(&to) else {
-            return;
-        };
-        let identity = peer.identity.clone();
-        if let Err(error) = self.socket.send(&identity, vec![header.encode()]).await {
-            self.lose(to, &format!("sending failed: {error}"));
-        }
+        self.transmit(to, vec![header.encode()]).await;
     }
 
     async fn consumed(&mut self, from: Rank, link: u64, wanted: bool) {
@@ -449,7 +590,7 @@ impl Engine {
         }
     }
 
-    fn add_peer(&mut self, rank: Rank, identity: Bytes) -> Link {
+    fn add_peer(&mut self, rank: Rank, identity: Bytes, seal: Option<LinkSeal>) -> Link {
         let link = Link::new(self.next_link, Budget::new(self.config.max_in_flight_bytes));
         self.next_link += 1;
         if self.socket.is_router() {
@@ -466,6 +607,7 @@ impl Engine {
                 hurried: 0,
                 budget: 0,
                 bye_acked: false,
+                seal,
             },
         );
         let mut shared = self.shared.lock().expect("transport state poisoned");
@@ -529,7 +671,25 @@ impl Engine {
         };
         match rank {
             Some(rank) => self.lose(rank, "connection closed"),
-            None => debug!("a connection that never joined closed"),
+            None => {
+                if let Some(security) = self.security.as_mut() {
+                    security.refused.remove(&identity);
+                }
+                let pending = self
+                    .security
+                    .as_mut()
+                    .and_then(|security| security.pending.remove(&identity));
+                match pending {
+                    Some(pending) => warn!(
+                        peer = %hex(&identity),
+                        host = pending.host,
+                        pid = pending.pid,
+                        "a welcomed connection closed without a signed message under the \
+                         Welcome's nonce (a replayed Hello?)"
+                    ),
+                    None => debug!("a connection that never joined closed"),
+                }
+            }
         }
     }
 
@@ -543,19 +703,41 @@ impl Engine {
         } else {
             Bytes::new()
         };
+        let mut hello_nonce = None;
+        if self.security.is_some() {
+            match self.unseal(&identity, &mut parts) {
+                Ok(Unsealed::Link) => {}
+                Ok(Unsealed::Hello(nonce)) => hello_nonce = Some(nonce),
+                Ok(Unsealed::Joined(pending, counter)) => {
+                    self.join(identity.clone(), pending, counter).await;
+                }
+                Err(why) => {
+                    self.reject(&identity, why);
+                    if matches!(why, Rejection::Unsigned | Rejection::BadTag) {
+                        self.refuse_unverified_hello(&identity, &parts).await;
+                    }
+                    return;
+                }
+            }
+        }
         let Some(header) = parts.front().and_then(|h| Header::decode(h)) else {
             warn!(
                 parts = parts.len(),
                 "dropping a message without a valid transport header"
             );
+            if self.is_signed_hello(&identity, &parts) {
+                let reply = Envelope::error(
+                    0,
+                    ProtocolErrorCode::UnexpectedMessage,
+                    "this client node's links are not signed: give it the signing key too, \
+                     or none to this server node",
+                );
+                self.answer_stranger(&identity, &reply, None).await;
+            }
             return;
         };
         parts.pop_front();
-        let rank = if self.socket.is_router() {
-            self.by_identity.get(&identity).copied()
-        } else {
-            self.peers.contains_key(&0).then_some(0)
-        };
+        let rank = self.rank_of(&identity);
         let expected_parts = usize::from(header.carries_envelope());
         if parts.len() != expected_parts {
             warn!(
@@ -572,7 +754,7 @@ impl Engine {
         let body = parts.pop_front();
         let Some(rank) = rank else {
             match (header, body) {
-                (Header::Hello, Some(body)) => self.on_hello(identity, body).await,
+                (Header::Hello, Some(body)) => self.on_hello(identity, body, hello_nonce).await,
                 _ => debug!(
                     ?header,
                     "dropping a message from a peer that has not joined"
@@ -650,6 +832,9 @@ impl Engine {
         let Some(peer) = self.peers.get_mut(&rank) else {
             return;
         };
+        if let Some(admitted) = self.admitted.take() {
+            let _ = admitted.send(());
+        }
         let count = count as usize;
         // Credit available plus messages in flight is the peer's window,
         // which may not exceed MAX_WINDOW: more would let ZeroMQ's queue
@@ -676,13 +861,20 @@ impl Engine {
         peer.link.messages.add_permits(count);
     }
 
-    async fn on_hello(&mut self, identity: Bytes, body: Bytes) {
+    /// A Hello from a new connection; `nonce` is the sender's, on a signed
+    /// link (where the Hello's seal has been checked).
+    async fn on_hello(&mut self, identity: Bytes, body: Bytes, nonce: Option<Nonce>) {
+        // Answers to a signed Hello are sealed under a fresh nonce of ours.
+        let link = nonce.map(|dealer| LinkId {
+            dealer,
+            router: seal::nonce(),
+        });
         let hello_envelope = match self.framing.decode_body(body) {
             Ok(envelope) => envelope,
             Err(error) => {
                 warn!(%error, "refusing a peer whose Hello cannot be decoded");
                 let reply = Envelope::error(0, ProtocolErrorCode::Malformed, error.to_string());
-                self.answer_stranger(&identity, &reply).await;
+                self.answer_stranger(&identity, &reply, link).await;
                 return;
             }
         };
@@ -700,7 +892,7 @@ impl Engine {
                     ProtocolErrorCode::UnexpectedMessage,
                     format!("expected Hello, got {kind}"),
                 );
-                self.answer_stranger(&identity, &reply).await;
+                self.answer_stranger(&identity, &reply, link).await;
                 return;
             }
         };
@@ -713,7 +905,7 @@ impl Engine {
                 pid = hello.pid,
                 "refusing a server node with an incompatible protocol version"
             );
-            self.answer_stranger(&identity, &reply).await;
+            self.answer_stranger(&identity, &reply, link).await;
             return;
         }
         let refusal = if hello.role() != Role::ServerNode {
@@ -729,6 +921,15 @@ impl Engine {
                 ProtocolErrorCode::UnexpectedMessage,
                 "the client node is shutting down".to_owned(),
             ))
+        } else if self
+            .security
+            .as_ref()
+            .is_some_and(|security| security.pending.len() >= MAX_PENDING)
+        {
+            Some((
+                ProtocolErrorCode::UnexpectedMessage,
+                "too many server nodes are joining at once: try again".to_owned(),
+            ))
         } else {
             None
         };
@@ -739,12 +940,18 @@ impl Engine {
                 message,
                 "refusing a peer"
             );
-            self.answer_stranger(&identity, &Envelope::error(correlation, code, message))
-                .await;
+            self.answer_stranger(
+                &identity,
+                &Envelope::error(correlation, code, message),
+                link,
+            )
+            .await;
             return;
         }
         let rank = self.pick_rank(hello.rank);
-        self.add_peer(rank, identity.clone());
+        if link.is_none() {
+            self.add_peer(rank, identity.clone(), None);
+        }
         let welcome = Envelope::correlated(
             correlation,
             Body::Welcome(
@@ -758,25 +965,45 @@ impl Engine {
                 .into(),
             ),
         );
-        match self.framing.encode_body(&welcome) {
-            Ok(bytes) => {
-                if let Err(error) = self
-                    .socket
-                    .send(
-                        &identity,
-                        vec![Header::Welcome.encode(), Bytes::from(bytes)],
-                    )
-                    .await
-                {
-                    self.lose(rank, &format!("welcoming it failed: {error}"));
-                    return;
-                }
-            }
+        let sent = match self.framing.encode_body(&welcome) {
+            Ok(bytes) => self
+                .transmit_first(
+                    &identity,
+                    link,
+                    vec![Header::Welcome.encode(), Bytes::from(bytes)],
+                )
+                .await
+                .map_err(|error| format!("welcoming it failed: {error}")),
             Err(error) => {
                 warn!(%error, "cannot encode Welcome");
-                self.lose(rank, "cannot encode Welcome");
-                return;
+                Err("cannot encode Welcome".to_owned())
             }
+        };
+        if let Err(why) = sent {
+            self.lose(rank, &why);
+            return;
+        }
+        if let (Some(link), Some(security)) = (link, self.security.as_mut()) {
+            // It joins once it proves the Hello fresh: see `unseal`.
+            debug!(
+                rank,
+                host = hello.host,
+                pid = hello.pid,
+                "server node welcomed"
+            );
+            security.pending.insert(
+                identity,
+                Pending {
+                    rank,
+                    link,
+                    since: Instant::now(),
+                    requested: hello.rank,
+                    host: hello.host,
+                    pid: hello.pid,
+                    software: hello.software,
+                },
+            );
+            return;
         }
         self.grant_window(rank).await;
         if !self.peers.contains_key(&rank) {
@@ -793,31 +1020,236 @@ impl Engine {
         self.deliver(TransportEvent::PeerJoined(rank), 0, false);
     }
 
-    /// The requested rank if it is free, else the lowest free rank >= 1.
+    /// The requested rank if it is free, else the lowest free rank >= 1
+    /// (ranks of welcomed connections yet to join are not free).
     fn pick_rank(&self, requested: Rank) -> Rank {
-        if requested >= 1 && !self.peers.contains_key(&requested) {
+        let taken = |rank: Rank| {
+            self.peers.contains_key(&rank)
+                || self
+                    .security
+                    .as_ref()
+                    .is_some_and(|s| s.pending.values().any(|p| p.rank == rank))
+        };
+        if requested >= 1 && !taken(requested) {
             return requested;
         }
         let mut rank = 1;
-        while self.peers.contains_key(&rank) {
+        while taken(rank) {
             rank += 1;
         }
         rank
     }
 
-    /// Sends a refusal to a connection that has not joined.
-    async fn answer_stranger(&mut self, identity: &Bytes, reply: &Envelope) {
+    /// Sends a refusal to a connection that has not joined, sealed on
+    /// `link` if its Hello verified.
+    async fn answer_stranger(&mut self, identity: &Bytes, reply: &Envelope, link: Option<LinkId>) {
         let Ok(bytes) = self.framing.encode_body(reply) else {
             return;
         };
-        if let Err(error) = self
-            .socket
-            .send(identity, vec![Header::Welcome.encode(), Bytes::from(bytes)])
-            .await
-        {
+        let parts = vec![Header::Welcome.encode(), Bytes::from(bytes)];
+        if let Err(error) = self.transmit_first(identity, link, parts).await {
             debug!(%error, "could not answer a peer that has not joined");
         }
     }
+
+    /// The rank of the peer on this connection, if it joined.
+    fn rank_of(&self, identity: &Bytes) -> Option<Rank> {
+        if self.socket.is_router() {
+            self.by_identity.get(identity).copied()
+        } else {
+            self.peers.contains_key(&0).then_some(0)
+        }
+    }
+
+    /// Checks and removes the seal in front of `parts`, from the peer on
+    /// `identity`'s connection: the message must be sealed with the key,
+    /// for this link (the nonces of both sides), with a counter above the
+    /// last one accepted. A connection that has not joined may only send a
+    /// Hello, sealed with counter 0 and no nonce of ours.
+    fn unseal(
+        &mut self,
+        identity: &Bytes,
+        parts: &mut VecDeque<Bytes>,
+    ) -> Result<Unsealed, Rejection> {
+        let incoming = match self.outgoing() {
+            Direction::ToDealer => Direction::ToRouter,
+            Direction::ToRouter => Direction::ToDealer,
+        };
+        let rank = self.rank_of(identity);
+        let security = self.security.as_mut().expect("a signed link");
+        let first = parts.pop_front().ok_or(Rejection::Unsigned)?;
+        let Some(seal) = Seal::parse(&first) else {
+            parts.push_front(first);
+            return Err(Rejection::Unsigned);
+        };
+        let rest = &*parts.make_contiguous();
+        let senders = |link: &LinkId| match incoming {
+            Direction::ToRouter => link.dealer,
+            Direction::ToDealer => link.router,
+        };
+        if let Some(rank) = rank {
+            let link = self
+                .peers
+                .get_mut(&rank)
+                .and_then(|peer| peer.seal.as_mut())
+                .expect("every link of a signed transport is signed");
+            if seal.nonce != senders(&link.id) {
+                return Err(Rejection::OtherLink);
+            }
+            if !security.signer.verify(incoming, &link.id, &seal, rest) {
+                return Err(Rejection::BadTag);
+            }
+            if seal.counter <= link.received {
+                return Err(Rejection::Replayed {
+                    counter: seal.counter,
+                    last: link.received,
+                });
+            }
+            link.received = seal.counter;
+            return Ok(Unsealed::Link);
+        }
+        if let Some(pending) = security.pending.get(identity) {
+            if seal.nonce != pending.link.dealer {
+                return Err(Rejection::OtherLink);
+            }
+            if !security.signer.verify(incoming, &pending.link, &seal, rest) {
+                return Err(Rejection::BadTag);
+            }
+            if seal.counter == 0 {
+                // Only the Hello has counter 0: this is it again.
+                return Err(Rejection::ReplayedHello);
+            }
+            let pending = security.pending.remove(identity).expect("just found");
+            return Ok(Unsealed::Joined(pending, seal.counter));
+        }
+        if !self.socket.is_router() || seal.counter != 0 {
+            return Err(Rejection::Stranger);
+        }
+        let link = LinkId {
+            dealer: seal.nonce,
+            router: NO_NONCE,
+        };
+        if !security.signer.verify(incoming, &link, &seal, rest) {
+            return Err(Rejection::BadTag);
+        }
+        if rest.first().and_then(|h| Header::decode(h)) != Some(Header::Hello) {
+            return Err(Rejection::Stranger);
+        }
+        if !security.seen_set.insert(seal.nonce) {
+            return Err(Rejection::ReplayedHello);
+        }
+        security.seen.push_back(seal.nonce);
+        if security.seen.len() > SEEN_HELLOS {
+            let oldest = security.seen.pop_front().expect("not empty");
+            security.seen_set.remove(&oldest);
+        }
+        // Welcomed connections that never answered make room.
+        let timeout = self.config.handshake_timeout;
+        security.pending.retain(|identity, pending| {
+            let alive = pending.since.elapsed() < timeout;
+            if !alive {
+                warn!(
+                    peer = %hex(identity),
+                    host = pending.host,
+                    pid = pending.pid,
+                    "a welcomed connection sent no signed message under the Welcome's nonce \
+                     in time (a replayed Hello?)"
+                );
+            }
+            alive
+        });
+        Ok(Unsealed::Hello(seal.nonce))
+    }
+
+    /// A welcomed connection sent its first message on the link (counter
+    /// `counter`): the server node joins.
+    async fn join(&mut self, identity: Bytes, pending: Pending, counter: u64) {
+        let rank = pending.rank;
+        let mut link = LinkSeal::new(pending.link);
+        link.received = counter;
+        self.add_peer(rank, identity, Some(link));
+        self.grant_window(rank).await;
+        if !self.peers.contains_key(&rank) {
+            return;
+        }
+        info!(
+            rank,
+            requested = pending.requested,
+            host = pending.host,
+            pid = pending.pid,
+            software = pending.software,
+            "server node joined, signed"
+        );
+        self.deliver(TransportEvent::PeerJoined(rank), 0, false);
+    }
+
+    /// Counts and logs a message that failed the signature check; the
+    /// first [`LOG_FIRST`], then one in [`LOG_EVERY`].
+    fn reject(&mut self, identity: &Bytes, why: Rejection) {
+        let count = {
+            let mut shared = self.shared.lock().expect("transport state poisoned");
+            shared.rejected += 1;
+            shared.rejected
+        };
+        if count <= LOG_FIRST || count % LOG_EVERY == 0 {
+            let rank = self.rank_of(identity);
+            let peer = if self.socket.is_router() {
+                hex(identity)
+            } else {
+                "the client node".to_owned()
+            };
+            warn!(
+                %peer,
+                rank,
+                reason = %why,
+                rejected = count,
+                "dropping a message that fails the link's signature check"
+            );
+            if count == LOG_FIRST {
+                warn!("from now on, one message in {LOG_EVERY} that fails the check is logged");
+            }
+        }
+    }
+
+    /// Answers a Hello whose seal is missing or does not verify with an
+    /// unsealed refusal, so that a server node with no key or the wrong one
+    /// learns why it cannot join.
+    async fn refuse_unverified_hello(&mut self, identity: &Bytes, parts: &VecDeque<Bytes>) {
+        if !self.socket.is_router() || self.rank_of(identity).is_some() {
+            return;
+        }
+        let Some(security) = self.security.as_mut() else {
+            return;
+        };
+        if security.refused.len() >= SEEN_HELLOS {
+            security.refused.clear();
+        }
+        // What is left once the seal, if any, is taken off: `[H, hello]`.
+        if parts.len() == 2 && &parts[0][..] == b"H" && security.refused.insert(identity.clone()) {
+            let reply = Envelope::error(
+                0,
+                ProtocolErrorCode::UnexpectedMessage,
+                "the client node could not verify this server node's signature: \
+                 its links are signed, with another key than this server node's, or it has none",
+            );
+            self.answer_stranger(identity, &reply, None).await;
+        }
+    }
+
+    /// Whether an unsigned client node got a signed Hello.
+    fn is_signed_hello(&self, identity: &Bytes, parts: &VecDeque<Bytes>) -> bool {
+        self.security.is_none()
+            && self.socket.is_router()
+            && parts.len() == 3
+            && parts[0].len() == seal::SEAL_LEN
+            && &parts[1][..] == b"H"
+            && self.rank_of(identity).is_none()
+    }
+}
+
+/// A ZeroMQ routing identity, for logs.
+fn hex(identity: &[u8]) -> String {
+    identity.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 async fn sleep_until(deadline: Option<Instant>) {

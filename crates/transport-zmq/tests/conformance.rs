@@ -123,3 +123,110 @@ async fn closed_after_shutdown_on_both_sides() {
     ok(checks::closed_after_shutdown(&mut server).await);
     ok(checks::closed_after_shutdown(&mut client).await);
 }
+
+// ------------------------------------------------------------ signed links
+
+/// The same checks on signed links (`ZmqConfig::signing`), over
+/// `tcp://127.0.0.1:0`, where a real deployment signs.
+mod signed {
+    use super::*;
+    use casa_node_transport_zmq::{SigningKey, ZmqConfig};
+
+    fn signed() -> ZmqConfig {
+        ZmqConfig {
+            signing: Some(SigningKey::from_bytes([0x5a; SigningKey::LEN])),
+            ..ZmqConfig::default()
+        }
+    }
+
+    async fn cluster_tcp(n: usize) -> (ZmqTransport, Vec<ZmqTransport>) {
+        let client = ZmqTransport::bind_with("tcp://127.0.0.1:0", signed())
+            .await
+            .expect("bind");
+        let endpoint = client.endpoint().to_owned();
+        let servers = futures::future::try_join_all(
+            (0..n).map(|_| ZmqTransport::connect_with(&endpoint, 0, signed())),
+        )
+        .await
+        .expect("connect");
+        (client, servers)
+    }
+
+    async fn pair_tcp() -> (ZmqTransport, ZmqTransport) {
+        let (client, mut servers) = cluster_tcp(1).await;
+        (client, servers.pop().expect("one server"))
+    }
+
+    /// Every message really went through the check, and none failed it.
+    fn none_rejected(transports: &[&ZmqTransport]) {
+        for transport in transports {
+            assert_eq!(
+                transport.rejected_messages(),
+                0,
+                "rank {}",
+                transport.rank()
+            );
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn ordering_10_000_each_way() {
+        let (mut client, mut server) = pair_tcp().await;
+        ok(checks::ordering(&mut client, &mut server, 10_000).await);
+        none_rejected(&[&client, &server]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_in_flight_20_000_each_way() {
+        let (mut client, mut server) = pair_tcp().await;
+        ok(checks::many_in_flight(&mut client, &mut server, 20_000).await);
+        none_rejected(&[&client, &server]);
+    }
+
+    /// Beyond the default byte budget (64 MiB).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn large_message_80_mib_after_a_small_one_each_way() {
+        let (mut client, mut server) = pair_tcp().await;
+        ok(checks::large_after_small(&mut client, &mut server, 80 << 20).await);
+        none_rejected(&[&client, &server]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn many_peers_8_servers() {
+        let (mut client, mut servers) = cluster_tcp(8).await;
+        ok(checks::many_peers(&mut client, &mut servers, 200).await);
+        none_rejected(&[&client]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn recv_is_cancel_safe() {
+        let (mut client, mut server) = pair_tcp().await;
+        ok(checks::cancel_safe_recv(&mut client, &mut server, 5_000).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_shutdown_is_noticed() {
+        let (mut client, server) = pair_tcp().await;
+        ok(checks::server_departure(&mut client, server, Departure::Shutdown).await);
+        none_rejected(&[&client]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn server_drop_is_noticed() {
+        let (mut client, server) = pair_tcp().await;
+        ok(checks::server_departure(&mut client, server, Departure::Drop).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_shutdown_is_noticed() {
+        let (client, mut server) = pair_tcp().await;
+        ok(checks::client_departure(client, &mut server, Departure::Shutdown).await);
+        none_rejected(&[&server]);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn client_drop_is_noticed() {
+        let (client, mut server) = pair_tcp().await;
+        ok(checks::client_departure(client, &mut server, Departure::Drop).await);
+    }
+}
