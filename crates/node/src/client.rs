@@ -376,9 +376,12 @@ impl Client {
                     continue;
                 };
                 if writer.send(Bytes::from(bytes)).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            // Over TLS this says goodbye (close_notify) before the socket
+            // closes.
+            let _ = SinkExt::<Bytes>::close(&mut writer).await;
         });
         let reader = tokio::spawn(read_loop(reader, framing, shared.clone()));
         Ok(Client {

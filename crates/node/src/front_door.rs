@@ -533,6 +533,13 @@ async fn connection<R, W>(
                     }
                 }
             },
+            Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                // A TLS peer that closed without close_notify, as Python's
+                // ssl does: every frame carries its length, so this is an
+                // end of stream like any other.
+                tracing::debug!("{driver}: closed without TLS close_notify");
+                break;
+            }
             Some(Err(e)) => {
                 // An oversized frame or a broken stream: the stream is out
                 // of step, so say why and close.
