@@ -334,30 +334,37 @@ fn no_token_is_refused_and_logged() {
         }),
         Body::StatusRequest(Default::default()),
     ] {
-        let (reply, closed) = runtime.block_on(tls_exchange(&cluster.address(), &file, first));
+        let (reply, framed) = runtime.block_on(tls_exchange(&cluster.address(), &file, first));
         match reply.body {
             Some(Body::Error(e)) => assert!(e.message.contains("token required"), "{e:?}"),
             other => panic!("expected a refusal, got {other:?}"),
         }
-        assert!(closed, "the connection stays open after the refusal");
+        assert!(
+            runtime.block_on(closes(framed)),
+            "the connection stays open after the refusal"
+        );
         cluster.logged(&["front door: refused 127.0.0.1:", "token required"]);
     }
     still_serving(&served);
     still_serving(&cluster.client());
 }
 
+type TlsFramed = tokio_util::codec::Framed<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    tokio_util::codec::LengthDelimitedCodec,
+>;
+
 /// Over TLS trusting `file`'s certificate, sends `first` as the first
-/// message; the answer, and whether the connection closed after it.
-async fn tls_exchange(address: &str, file: &ConnectionFile, first: Body) -> (Envelope, bool) {
+/// message; the answer, and the connection.
+async fn tls_exchange(address: &str, file: &ConnectionFile, first: Body) -> (Envelope, TlsFramed) {
     use futures::{SinkExt, StreamExt};
-    use tokio_util::codec::Framed;
 
     let framing = Framing::default();
     let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
     let connector = tokio_rustls::TlsConnector::from(file.client_config().unwrap());
     let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
     let tls = connector.connect(name, tcp).await.expect("TLS completes");
-    let mut framed = Framed::new(tls, casa_node::front_door::codec(framing));
+    let mut framed = tokio_util::codec::Framed::new(tls, casa_node::front_door::codec(framing));
     let frame = framing
         .encode_body(&Envelope::correlated(1, first))
         .unwrap();
@@ -367,11 +374,16 @@ async fn tls_exchange(address: &str, file: &ConnectionFile, first: Body) -> (Env
         .expect("an answer in time")
         .expect("a frame")
         .expect("a readable frame");
-    let reply = framing.decode_body(reply.freeze()).unwrap();
+    (framing.decode_body(reply.freeze()).unwrap(), framed)
+}
+
+/// True once the node closes `framed` with nothing more sent.
+async fn closes(mut framed: TlsFramed) -> bool {
+    use futures::StreamExt;
     let end = tokio::time::timeout(WAIT, framed.next())
         .await
         .expect("the end in time");
-    (reply, end.is_none_or(|r| r.is_err()))
+    end.is_none_or(|r| r.is_err())
 }
 
 /// Plain TCP (a Hello frame, no TLS) fails the TLS handshake: the peer is
