@@ -25,9 +25,9 @@ Examples:
   casa-node submit --no-wait 'flagdata()' --param vis=\"'uid___A002.ms'\"
   casa-node status
   casa-node stop
-  casa-node up --endpoint tcp://HOST:7000 --connection-file ~/.casa-node/cluster.json
-                                                drivers elsewhere: a copy of the file, and
-  casa-node status --connection-file cluster.json
+  casa-node up --endpoint tcp://HOST:7000 --connection-file cluster.json
+                                                a front door for other machines (TLS + token)
+  casa-node status --connection-file cluster.json   from another machine, with a copy of the file
   mpirun -n 5 casa-node --transport mpi run pipeline.py   (4 servers; build with --features mpi)";
 
 /// Run Python commands in parallel on a cluster of server processes, the
