@@ -180,7 +180,9 @@ impl FrontDoor {
         framing: Framing,
     ) -> Result<FrontDoor, FrontDoorError> {
         let (connection, created) = ConnectionFile::read_or_generate(file, endpoint)?;
-        let acceptor = TlsAcceptor::from(connection.server_config()?);
+        // A certificate and key that do not go together fail here, before
+        // anything listens.
+        connection.server_config()?;
         let io_err = |source| FrontDoorError::Io {
             path: PathBuf::from(endpoint.to_string()),
             source,
@@ -202,6 +204,9 @@ impl FrontDoor {
         } else {
             connection
         };
+        // From the file as it now is: another `up` may have created it
+        // first.
+        let acceptor = TlsAcceptor::from(connection.server_config()?);
         Ok(FrontDoor {
             door: Door::Tls {
                 listener,
