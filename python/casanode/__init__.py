@@ -22,6 +22,7 @@ from .connection import (
     Refused,
     Unreachable,
     UnexpectedReply,
+    read_connection_file,
     resolve_endpoint,
 )
 from .seed import (
@@ -57,6 +58,7 @@ __all__ = [
     "connect",
     "from_value",
     "log_dict",
+    "read_connection_file",
     "resolve_endpoint",
     "response_dict",
     "to_value",

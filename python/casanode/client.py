@@ -625,8 +625,11 @@ class _Submission:
         return [self._client.response(rid) for rid in ids]
 
 
-def connect(endpoint=None, timeout=30.0):
-    """Connects to a cluster's front door: `endpoint` (unix://PATH), else
-    $CASA_NODE_ENDPOINT, else the cluster `casa-node up` recorded."""
-    return Client(Connection(endpoint, timeout=timeout))
+def connect(endpoint=None, timeout=30.0, connection_file=None):
+    """Connects to a cluster's front door: `endpoint` (unix://PATH or
+    tcp://HOST:PORT), else $CASA_NODE_ENDPOINT, else the endpoint of
+    `connection_file`, else the cluster `casa-node up` recorded. A tcp://
+    front door needs its connection file: `connection_file`, else
+    $CASA_NODE_CONNECTION_FILE, else the one `up` recorded."""
+    return Client(Connection(endpoint, timeout=timeout, connection_file=connection_file))
 

@@ -2,7 +2,10 @@
 
 Frames are a 4-byte big-endian length followed by one casa.node.v1.Envelope.
 The connecting side sends Hello (role DRIVER) and reads Welcome or
-ProtocolError. Afterwards a reader thread dispatches replies by envelope
+ProtocolError. A unix:// front door admits this user's processes; a tcp://
+one takes TLS, trusting only the certificate of its connection file (a JSON
+file only its owner may read, see read_connection_file), and the file's
+token in the Hello. Afterwards a reader thread dispatches replies by envelope
 correlation, stores every ResponseDelivery by request id (a later delivery
 with replaces_timeout replaces the earlier record, rule 21), and hands
 LogRecords to subscribers.
@@ -14,8 +17,11 @@ and a ResponseDelivery in it parsed around its large values
 (SplitResponse), which are decoded from the frame when asked for.
 """
 
+import json
 import os
 import socket
+import ssl
+import stat
 import struct
 import sys
 import threading
@@ -28,6 +34,7 @@ from ._pb.casa.node.v1 import envelope_pb2, node_pb2
 PROTOCOL_VERSION = 1
 SOFTWARE = "casa-node-python 0.1.0"
 ENDPOINT_VAR = "CASA_NODE_ENDPOINT"
+CONNECTION_FILE_VAR = "CASA_NODE_CONNECTION_FILE"
 MAX_FRAME = 1 << 30
 _LENGTH = struct.Struct(">I")
 
@@ -69,33 +76,134 @@ def runtime_dir():
     return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"casa-node-{os.getuid()}")
 
 
-def resolve_endpoint(endpoint=None):
-    """The socket path of the front door: `endpoint` (unix://PATH or a
-    path), else $CASA_NODE_ENDPOINT, else the record left by `casa-node up`."""
-    if not endpoint:
-        endpoint = os.environ.get(ENDPOINT_VAR)
-    if not endpoint:
-        record = os.path.join(runtime_dir(), "endpoint")
-        try:
-            with open(record, encoding="utf-8") as f:
-                endpoint = f.read().strip()
-        except FileNotFoundError:
-            raise NoCluster(
-                "no casa-node cluster found: start one with `casa-node up`, "
-                f"or pass an endpoint or set {ENDPOINT_VAR}"
-            ) from None
+def _recorded():
+    """(endpoint, connection file or None) that `casa-node up` recorded,
+    or None."""
+    record = os.path.join(runtime_dir(), "endpoint")
+    try:
+        with open(record, encoding="utf-8") as f:
+            lines = [line.strip() for line in f if line.strip()]
+    except FileNotFoundError:
+        return None
+    if not lines:
+        return None
+    return lines[0], (lines[1] if len(lines) > 1 else None)
+
+
+def read_connection_file(path):
+    """The connection file of a tcp:// front door, as a dict with
+    "endpoint", "token" and "cert" (and, in the node's copy, "key" and
+    "signing_key"). Refused unless it is this user's and closed to group
+    and others, since it holds secrets."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            st = os.fstat(f.fileno())
+            if st.st_uid != os.getuid():
+                raise CasaNodeError(
+                    f"connection file {path}: belongs to uid {st.st_uid}, not to this user "
+                    f"(uid {os.getuid()}); a connection file holds secrets and must be its user's own"
+                )
+            mode = stat.S_IMODE(st.st_mode)
+            if mode & 0o077:
+                raise CasaNodeError(
+                    f"connection file {path}: group or others may access it (mode {mode:03o}); "
+                    f"it holds secrets: make it 0600 (`chmod 600 {path}`)"
+                )
+            data = json.loads(f.read().decode("utf-8"))
+    except OSError as e:
+        raise CasaNodeError(f"connection file {path}: {e.strerror or e}") from e
+    except ValueError as e:
+        raise CasaNodeError(f"connection file {path}: not valid JSON: {e}") from e
+    if not isinstance(data, dict):
+        raise CasaNodeError(f"connection file {path}: not a JSON object")
+    for field in ("endpoint", "token", "cert"):
+        if not isinstance(data.get(field), str) or not data[field]:
+            raise CasaNodeError(f"connection file {path}: no {field!r}")
+    if not data["endpoint"].startswith("tcp://"):
+        raise CasaNodeError(f"connection file {path}: {data['endpoint']!r} is not tcp://HOST:PORT")
+    return data
+
+
+def _split_endpoint(endpoint):
+    """("unix", PATH) or ("tcp", (HOST, PORT)) for an endpoint string."""
     endpoint = os.fspath(endpoint)
     if endpoint.startswith("unix://"):
         path = endpoint[len("unix://"):]
+        if path:
+            return "unix", path
     elif endpoint.startswith("tcp://"):
-        raise CasaNodeError(f"{endpoint}: only unix:// front doors are supported by this version")
+        host, _, port = endpoint[len("tcp://"):].rpartition(":")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        if host and port.isdigit() and int(port) < 65536:
+            return "tcp", (host, int(port))
     elif "://" not in endpoint and endpoint:
-        path = endpoint
-    else:
-        raise CasaNodeError(f"invalid endpoint {endpoint!r}: expected unix://PATH")
-    if not path:
-        raise CasaNodeError(f"invalid endpoint {endpoint!r}: expected unix://PATH")
-    return path
+        return "unix", endpoint
+    raise CasaNodeError(f"invalid endpoint {endpoint!r}: expected unix://PATH or tcp://HOST:PORT")
+
+
+def resolve(endpoint=None, connection_file=None):
+    """(endpoint, connection file dict or None) of the front door to use.
+
+    The endpoint: `endpoint`, else $CASA_NODE_ENDPOINT, else the connection
+    file's, else the one `casa-node up` recorded. A tcp:// front door's
+    connection file: `connection_file`, else $CASA_NODE_CONNECTION_FILE,
+    else the one `up` recorded with that endpoint."""
+    if not connection_file:
+        connection_file = os.environ.get(CONNECTION_FILE_VAR) or None
+    if not endpoint:
+        endpoint = os.environ.get(ENDPOINT_VAR)
+    conf = None
+    if not endpoint and connection_file:
+        conf = read_connection_file(connection_file)
+        endpoint = conf["endpoint"]
+    recorded_file = None
+    if not endpoint:
+        record = _recorded()
+        if record is None:
+            raise NoCluster(
+                "no casa-node cluster found: start one with `casa-node up`, "
+                f"or pass an endpoint or set {ENDPOINT_VAR}"
+            )
+        endpoint, recorded_file = record
+    endpoint = os.fspath(endpoint)
+    kind, _ = _split_endpoint(endpoint)
+    if kind == "unix":
+        return endpoint, None
+    if conf is None:
+        if not connection_file:
+            record = _recorded()
+            if record is not None and record[0] == endpoint:
+                recorded_file = record[1]
+            connection_file = recorded_file
+        if not connection_file:
+            raise CasaNodeError(
+                f"{endpoint}: a tcp:// front door needs its connection file: "
+                f"pass connection_file or set {CONNECTION_FILE_VAR}"
+            )
+        conf = read_connection_file(connection_file)
+    return endpoint, conf
+
+
+def resolve_endpoint(endpoint=None):
+    """The front door to use: `endpoint` (unix://PATH, a path, or
+    tcp://HOST:PORT), else $CASA_NODE_ENDPOINT, else the record left by
+    `casa-node up`. Returns a unix:// front door's socket path, or a
+    tcp:// endpoint as it is."""
+    if not endpoint:
+        endpoint = os.environ.get(ENDPOINT_VAR)
+    if not endpoint:
+        record = _recorded()
+        if record is None:
+            raise NoCluster(
+                "no casa-node cluster found: start one with `casa-node up`, "
+                f"or pass an endpoint or set {ENDPOINT_VAR}"
+            )
+        endpoint = record[0]
+    endpoint = os.fspath(endpoint)
+    kind, address = _split_endpoint(endpoint)
+    return address if kind == "unix" else endpoint
 
 
 def _recv_exact(sock, n):
@@ -183,6 +291,11 @@ def _send_buffers(sock, buffers):
     """Sends the buffers in order, as sendall would their concatenation."""
     if len(buffers) == 1:
         sock.sendall(buffers[0])
+        return
+    if isinstance(sock, ssl.SSLSocket):
+        # TLS has no sendmsg: each buffer is encrypted on its own anyway.
+        for buffer in buffers:
+            sock.sendall(buffer)
         return
     views = [memoryview(b).cast("B") for b in buffers if len(b)]
     i = 0
@@ -375,20 +488,31 @@ def _parse_parameter(view):
 class Connection:
     """One front door connection, shared by any number of threads."""
 
-    def __init__(self, endpoint=None, timeout=30.0):
-        self.path = resolve_endpoint(endpoint)
-        self.endpoint = f"unix://{self.path}"
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    def __init__(self, endpoint=None, timeout=30.0, connection_file=None):
+        endpoint, conf = resolve(endpoint, connection_file)
+        kind, address = _split_endpoint(endpoint)
+        if kind == "unix":
+            self.path = address
+            self.endpoint = f"unix://{self.path}"
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        else:
+            self.path = None
+            self.endpoint = endpoint
+            sock = None
         try:
-            sock.settimeout(timeout)
-            try:
-                sock.connect(self.path)
-            except OSError as e:
-                raise Unreachable(f"cannot reach the casa-node front door at {self.endpoint}: {e}") from e
-            self.welcome = self._handshake(sock)
+            if sock is None:
+                sock = self._connect_tls(endpoint, address, conf["cert"], timeout)
+            else:
+                sock.settimeout(timeout)
+                try:
+                    sock.connect(self.path)
+                except OSError as e:
+                    raise Unreachable(f"cannot reach the casa-node front door at {self.endpoint}: {e}") from e
+            self.welcome = self._handshake(sock, conf["token"] if conf else "")
             sock.settimeout(None)
         except BaseException:
-            sock.close()
+            if sock is not None:
+                sock.close()
             raise
         self.cluster = self.welcome.cluster
         self._sock = sock
@@ -404,13 +528,36 @@ class Connection:
         self._reader.start()
 
     @staticmethod
-    def _handshake(sock):
+    def _connect_tls(endpoint, address, cert, timeout):
+        """A TLS connection to a tcp:// front door that trusts only `cert`
+        (the connection file's) and checks it names the endpoint's host."""
+        try:
+            context = ssl.create_default_context(cadata=cert)
+        except (ssl.SSLError, ValueError) as e:
+            raise CasaNodeError(f"the connection file's certificate is unusable: {e}") from e
+        try:
+            raw = socket.create_connection(address, timeout=timeout)
+        except OSError as e:
+            raise Unreachable(f"cannot reach the casa-node front door at {endpoint}: {e}") from e
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            return context.wrap_socket(raw, server_hostname=address[0])
+        except (ssl.SSLError, ssl.CertificateError) as e:
+            raw.close()
+            raise Unreachable(f"TLS with the casa-node front door at {endpoint} failed: {e}") from e
+        except BaseException:
+            raw.close()
+            raise
+
+    @staticmethod
+    def _handshake(sock, token=""):
         hello = envelope_pb2.Envelope(protocol_version=PROTOCOL_VERSION, correlation=1)
         hello.hello.protocol_version = PROTOCOL_VERSION
         hello.hello.role = envelope_pb2.ROLE_DRIVER
         hello.hello.software = SOFTWARE
         hello.hello.host = socket.gethostname()
         hello.hello.pid = os.getpid()
+        hello.hello.token = token
         sock.sendall(encode_frame(hello))
         try:
             reply = read_frame(sock)

@@ -50,6 +50,7 @@ _LEVELS = {
 _lock = threading.RLock()
 _client = None          # the one casanode Client, made on first use
 _endpoint = None        # set by _reset (tests); else env / record
+_connection_file = None  # likewise, for a tcp:// front door
 
 
 def _shared_client():
@@ -57,17 +58,19 @@ def _shared_client():
     global _client
     with _lock:
         if _client is None or _client.connection.closed:
-            _client = connect(_endpoint)
+            _client = connect(_endpoint, connection_file=_connection_file)
         return _client
 
 
-def _reset(endpoint=None):
+def _reset(endpoint=None, connection_file=None):
     """For tests only: closes the shared connection, forgets the
-    MPICommandClient singleton and points later connections at `endpoint`."""
-    global _client, _endpoint
+    MPICommandClient singleton and points later connections at `endpoint`
+    (with `connection_file` for a tcp:// one)."""
+    global _client, _endpoint, _connection_file
     with _lock:
         client, _client = _client, None
         _endpoint = endpoint
+        _connection_file = connection_file
         MPICommandClient._instance = None
         MPIMonitorClient._instance = None
     if client is not None:

@@ -185,3 +185,21 @@ pub fn collect(rx: mpsc::Receiver<String>) -> String {
     rx.recv_timeout(Duration::from_secs(10))
         .unwrap_or_else(|_| "(output not closed)\n".to_owned())
 }
+
+/// Waits up to `limit` for `child` to exit; its status, or `None` if it
+/// still runs.
+pub fn wait_exit(
+    child: &mut std::process::Child,
+    limit: Duration,
+) -> Option<std::process::ExitStatus> {
+    let end = Instant::now() + limit;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        if Instant::now() >= end {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

@@ -17,12 +17,92 @@ use casa_node_protocol::pb::{
 use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
 use futures::{SinkExt, StreamExt};
 use thiserror::Error;
-use tokio::net::UnixStream;
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpStream, UnixStream};
 use tokio::sync::{Notify, mpsc, oneshot};
-use tokio_util::codec::{FramedRead, FramedWrite};
+use tokio_rustls::TlsConnector;
+use tokio_rustls::rustls::pki_types::ServerName;
+use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
-use crate::endpoint::FrontDoorEndpoint;
+use crate::connection_file::{CONNECTION_FILE_VAR, ConnectionFile, ConnectionFileError, tcp_host};
+use crate::endpoint::{self, ENDPOINT_VAR, EndpointError, FrontDoorEndpoint};
 use crate::front_door::codec;
+
+/// Where a driver connects: the front door, and for a `tcp://` one its
+/// connection file.
+#[derive(Debug, Clone)]
+pub struct Target {
+    /// The front door.
+    pub endpoint: FrontDoorEndpoint,
+    /// The connection file of a `tcp://` front door; `None` to find it
+    /// when connecting (see [`Client::connect`]).
+    pub connection_file: Option<ConnectionFile>,
+}
+
+impl Target {
+    /// The target of the CLI's driver commands: the endpoint flag, else
+    /// `$CASA_NODE_ENDPOINT`, else the connection file's endpoint, else the
+    /// cluster `up` recorded; the connection file is read (and checked)
+    /// now.
+    pub fn resolve(
+        endpoint: Option<&str>,
+        connection_file: Option<&std::path::Path>,
+    ) -> Result<Target, ClientError> {
+        let connection_file = connection_file.map(ConnectionFile::read).transpose()?;
+        let named =
+            endpoint.is_some() || std::env::var_os(ENDPOINT_VAR).is_some_and(|v| !v.is_empty());
+        let endpoint = match &connection_file {
+            Some(file) if !named => file.endpoint(),
+            _ => endpoint::resolve(endpoint)?,
+        };
+        Ok(Target {
+            endpoint,
+            connection_file,
+        })
+    }
+}
+
+impl From<&FrontDoorEndpoint> for Target {
+    fn from(endpoint: &FrontDoorEndpoint) -> Target {
+        Target {
+            endpoint: endpoint.clone(),
+            connection_file: None,
+        }
+    }
+}
+
+impl From<FrontDoorEndpoint> for Target {
+    fn from(endpoint: FrontDoorEndpoint) -> Target {
+        Target {
+            endpoint,
+            connection_file: None,
+        }
+    }
+}
+
+impl From<ConnectionFile> for Target {
+    fn from(file: ConnectionFile) -> Target {
+        Target {
+            endpoint: file.endpoint(),
+            connection_file: Some(file),
+        }
+    }
+}
+
+/// The connection file for a `tcp://` front door given without one:
+/// `$CASA_NODE_CONNECTION_FILE`, else the file `up` recorded with it.
+fn find_connection_file(endpoint: &FrontDoorEndpoint) -> Result<ConnectionFile, ClientError> {
+    if let Some(path) = std::env::var_os(CONNECTION_FILE_VAR).filter(|p| !p.is_empty()) {
+        return Ok(ConnectionFile::read(std::path::Path::new(&path))?);
+    }
+    match endpoint::recorded()? {
+        Some(endpoint::Record {
+            endpoint: recorded,
+            connection_file: Some(path),
+        }) if recorded == *endpoint => Ok(ConnectionFile::read(&path)?),
+        _ => Err(ClientError::NoConnectionFile(endpoint.to_string())),
+    }
+}
 
 /// What can go wrong for a driver.
 #[derive(Debug, Error)]
@@ -36,9 +116,27 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// This endpoint kind is not supported by the client.
-    #[error("{0}: only unix:// front doors are supported by this version")]
-    Unsupported(String),
+    /// No endpoint, or an unusable one.
+    #[error(transparent)]
+    Endpoint(#[from] EndpointError),
+    /// The connection file is unusable.
+    #[error(transparent)]
+    ConnectionFile(#[from] ConnectionFileError),
+    /// A `tcp://` front door, and no connection file for it.
+    #[error(
+        "{0}: a tcp:// front door needs its connection file: give --connection-file FILE or set {CONNECTION_FILE_VAR}"
+    )]
+    NoConnectionFile(String),
+    /// TLS failed: the front door's certificate is not the connection
+    /// file's, or the peer does not speak TLS.
+    #[error("TLS with the casa-node front door at {endpoint} failed: {source}")]
+    Tls {
+        /// Where the front door is.
+        endpoint: String,
+        /// Why TLS failed.
+        #[source]
+        source: std::io::Error,
+    },
     /// The client node refused the submission; nothing was queued.
     #[error("rejected: {message}")]
     Rejected {
@@ -168,23 +266,66 @@ impl Drop for Client {
 }
 
 impl Client {
-    /// Connects to the front door at `endpoint` and shakes hands.
+    /// Connects to the front door at `endpoint` and shakes hands; see
+    /// [`connect_to`](Self::connect_to) for a `tcp://` one.
     pub async fn connect(endpoint: &FrontDoorEndpoint) -> Result<Client, ClientError> {
-        let path = match endpoint {
-            FrontDoorEndpoint::Unix(path) => path,
-            FrontDoorEndpoint::Tcp(_) => {
-                return Err(ClientError::Unsupported(endpoint.to_string()));
-            }
+        Self::connect_to(&Target::from(endpoint)).await
+    }
+
+    /// Connects to the front door of `target` and shakes hands. A `tcp://`
+    /// front door is reached over TLS, trusting only the certificate of its
+    /// connection file, and is shown the file's token; without a connection
+    /// file in the target, the file is `$CASA_NODE_CONNECTION_FILE`, else
+    /// the one `up` recorded with this endpoint.
+    pub async fn connect_to(target: &Target) -> Result<Client, ClientError> {
+        let endpoint = target.endpoint.to_string();
+        let unreachable = |source| ClientError::Unreachable {
+            endpoint: endpoint.clone(),
+            source,
         };
-        let stream =
-            UnixStream::connect(path)
-                .await
-                .map_err(|source| ClientError::Unreachable {
-                    endpoint: endpoint.to_string(),
+        match &target.endpoint {
+            FrontDoorEndpoint::Unix(path) => {
+                let stream = UnixStream::connect(path).await.map_err(unreachable)?;
+                let (read_half, write_half) = stream.into_split();
+                Self::start(read_half, write_half, String::new()).await
+            }
+            FrontDoorEndpoint::Tcp(addr) => {
+                let file = match &target.connection_file {
+                    Some(file) => file.clone(),
+                    None => find_connection_file(&target.endpoint)?,
+                };
+                let tls = |source| ClientError::Tls {
+                    endpoint: endpoint.clone(),
                     source,
-                })?;
+                };
+                // The endpoint parsed, so it has a host and a port.
+                let host = tcp_host(&target.endpoint).unwrap_or_default();
+                let port = addr
+                    .rsplit_once(':')
+                    .and_then(|(_, p)| p.parse::<u16>().ok())
+                    .unwrap_or_default();
+                let name = ServerName::try_from(host.clone())
+                    .map_err(|e| tls(std::io::Error::other(e)))?;
+                let connector = TlsConnector::from(file.client_config()?);
+                let stream = TcpStream::connect((host.as_str(), port))
+                    .await
+                    .map_err(unreachable)?;
+                let _ = stream.set_nodelay(true);
+                let stream = connector.connect(name, stream).await.map_err(tls)?;
+                let (read_half, write_half) = tokio::io::split(stream);
+                Self::start(read_half, write_half, file.token().to_owned()).await
+            }
+        }
+    }
+
+    /// The handshake on a connected stream, then the reader and writer
+    /// tasks.
+    async fn start<R, W>(read_half: R, write_half: W, token: String) -> Result<Client, ClientError>
+    where
+        R: AsyncRead + Unpin + Send + 'static,
+        W: AsyncWrite + Unpin + Send + 'static,
+    {
         let framing = Framing::default();
-        let (read_half, write_half) = stream.into_split();
         let mut reader = FramedRead::new(read_half, codec(framing));
         let mut writer = FramedWrite::new(write_half, codec(framing));
         let hello = Envelope::correlated(
@@ -196,6 +337,7 @@ impl Client {
                 host: crate::hostname(),
                 pid: std::process::id(),
                 rank: 0,
+                token,
             }),
         );
         let hello = framing
@@ -234,9 +376,12 @@ impl Client {
                     continue;
                 };
                 if writer.send(Bytes::from(bytes)).await.is_err() {
-                    break;
+                    return;
                 }
             }
+            // Over TLS this says goodbye (close_notify) before the socket
+            // closes.
+            let _ = SinkExt::<Bytes>::close(&mut writer).await;
         });
         let reader = tokio::spawn(read_loop(reader, framing, shared.clone()));
         Ok(Client {
@@ -445,11 +590,8 @@ fn unexpected(body: Body) -> ClientError {
     ClientError::Protocol(format!("unexpected {}", body.name()))
 }
 
-async fn read_loop(
-    mut reader: FramedRead<
-        tokio::net::unix::OwnedReadHalf,
-        tokio_util::codec::LengthDelimitedCodec,
-    >,
+async fn read_loop<R: AsyncRead + Unpin>(
+    mut reader: FramedRead<R, LengthDelimitedCodec>,
     framing: Framing,
     shared: Arc<Shared>,
 ) {
@@ -498,17 +640,22 @@ pub struct BlockingClient {
 }
 
 impl BlockingClient {
-    /// Connects to the front door at `endpoint`.
+    /// Connects to the front door at `endpoint`; see [`Client::connect`].
     pub fn connect(endpoint: &FrontDoorEndpoint) -> Result<BlockingClient, ClientError> {
+        Self::connect_to(&Target::from(endpoint))
+    }
+
+    /// Connects to the front door of `target`; see [`Client::connect_to`].
+    pub fn connect_to(target: &Target) -> Result<BlockingClient, ClientError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(1)
             .enable_all()
             .build()
             .map_err(|source| ClientError::Unreachable {
-                endpoint: endpoint.to_string(),
+                endpoint: target.endpoint.to_string(),
                 source,
             })?;
-        let inner = runtime.block_on(Client::connect(endpoint))?;
+        let inner = runtime.block_on(Client::connect_to(target))?;
         Ok(BlockingClient { runtime, inner })
     }
 

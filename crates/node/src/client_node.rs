@@ -437,6 +437,7 @@ impl Node<'_> {
             DriverEvent::Disconnected { driver } => {
                 self.drivers.remove(&driver);
             }
+            DriverEvent::Refused { message } => self.warn(&message),
             DriverEvent::Request { driver, envelope } => {
                 let correlation = envelope.correlation;
                 let Some((reply, close)) = self.answer(driver, envelope) else {

@@ -26,6 +26,9 @@ pub struct UpOptions {
     pub servers: usize,
     /// The front door; `None` for a socket in the private runtime directory.
     pub endpoint: Option<FrontDoorEndpoint>,
+    /// The connection file of a `tcp://` front door (created if missing):
+    /// its certificate and key, and the token drivers present.
+    pub connection_file: Option<PathBuf>,
     /// Where server nodes connect (`ipc://` or `tcp://`); `None` for a
     /// socket in the private runtime directory.
     pub nodes: Option<String>,
@@ -195,7 +198,10 @@ pub async fn serve<T: Transport + 'static>(
         .clone()
         .unwrap_or_else(|| FrontDoorEndpoint::Unix(run_dir.join("front-door.sock")));
     let framing = Framing::default();
-    let door = FrontDoor::bind(&front, framing).await?;
+    let door = FrontDoor::bind(&front, options.connection_file.as_deref(), framing).await?;
+    // With tcp://HOST:0, the port the system chose.
+    let front = door.endpoint().clone();
+    let connection_file = door.connection_file().map(ToOwned::to_owned);
     let mut log = LogSink::open(
         Some(&options.log_file),
         options.log_terminal,
@@ -208,10 +214,14 @@ pub async fn serve<T: Transport + 'static>(
         origin: format!("{host}:client"),
         rank: transport.rank(),
         message: format!(
-            "casa-node {} client node with rank 0 at {host} (PID {}), {}, front door at {front}, {} servers",
+            "casa-node {} client node with rank 0 at {host} (PID {}), {}, front door at {front}{}, {} servers",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             links.description,
+            connection_file.as_ref().map_or(String::new(), |file| format!(
+                " (TLS, connection file {})",
+                file.display()
+            )),
             links.servers
         ),
     });
@@ -236,7 +246,7 @@ pub async fn serve<T: Transport + 'static>(
         ready = ready_rx => {
             if ready.is_ok() {
                 on_ready(&front, &links.nodes);
-                endpoint::record(&front)?;
+                endpoint::record(&front, connection_file.as_deref())?;
             }
             node.await
         }

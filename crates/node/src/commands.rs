@@ -6,8 +6,7 @@ use casa_node_protocol::Rank;
 use casa_node_protocol::pb::{ServerStatus, StatusReply};
 use std::io::Write;
 
-use crate::client::{Client, ClientError, Submit};
-use crate::endpoint::FrontDoorEndpoint;
+use crate::client::{Client, ClientError, Submit, Target};
 use crate::json;
 use crate::log::format_time;
 
@@ -23,11 +22,11 @@ pub enum Outcome {
 /// `casa-node submit`: pushes `submit`, then prints each response record
 /// as one JSON line in id order, or with `no_wait` the ids, one per line.
 pub async fn submit(
-    endpoint: &FrontDoorEndpoint,
+    target: &Target,
     submit: Submit,
     no_wait: bool,
 ) -> Result<Outcome, ClientError> {
-    let client = Client::connect(endpoint).await?;
+    let client = Client::connect_to(target).await?;
     let ids = client.submit(submit).await?;
     let mut out = std::io::stdout().lock();
     if no_wait {
@@ -51,11 +50,11 @@ pub async fn submit(
 
 /// `casa-node status`: the server table (rule 23), as text or JSON.
 pub async fn status(
-    endpoint: &FrontDoorEndpoint,
+    target: &Target,
     server: Option<Rank>,
     as_json: bool,
 ) -> Result<Outcome, ClientError> {
-    let client = Client::connect(endpoint).await?;
+    let client = Client::connect_to(target).await?;
     let reply = client.status(server).await?;
     let text = if as_json {
         status_json(&reply).to_string() + "\n"
@@ -68,8 +67,8 @@ pub async fn status(
 
 /// `casa-node stop`: stops services and waits until the client node has
 /// gone (running commands finish first unless `force`).
-pub async fn stop(endpoint: &FrontDoorEndpoint, force: bool) -> Result<Outcome, ClientError> {
-    let client = Client::connect(endpoint).await?;
+pub async fn stop(target: &Target, force: bool) -> Result<Outcome, ClientError> {
+    let client = Client::connect_to(target).await?;
     client.stop(force).await?;
     client.closed().await;
     Ok(Outcome::Success)

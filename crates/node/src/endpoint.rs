@@ -136,22 +136,57 @@ fn record_path() -> Result<PathBuf, EndpointError> {
     Ok(runtime_dir()?.join("endpoint"))
 }
 
-/// Records `endpoint` for commands run without `--endpoint`.
-pub fn record(endpoint: &FrontDoorEndpoint) -> Result<(), EndpointError> {
+/// What `up` recorded of the cluster it started last.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Record {
+    /// Its front door.
+    pub endpoint: FrontDoorEndpoint,
+    /// The connection file of a `tcp://` front door.
+    pub connection_file: Option<PathBuf>,
+}
+
+/// Records `endpoint` (and the connection file of a `tcp://` one) for
+/// commands run without `--endpoint`: the endpoint on the first line, the
+/// connection file's absolute path on the second.
+pub fn record(
+    endpoint: &FrontDoorEndpoint,
+    connection_file: Option<&Path>,
+) -> Result<(), EndpointError> {
     let path = record_path()?;
     let tmp = path.with_extension(format!("tmp{}", std::process::id()));
     let io_err = |source| EndpointError::Io {
         path: path.clone(),
         source,
     };
-    fs::write(&tmp, format!("{endpoint}\n")).map_err(io_err)?;
+    let mut text = format!("{endpoint}\n");
+    if let Some(file) = connection_file {
+        let file = std::path::absolute(file).map_err(io_err)?;
+        text.push_str(&format!("{}\n", file.display()));
+    }
+    fs::write(&tmp, text).map_err(io_err)?;
     fs::rename(&tmp, &path).map_err(io_err)
+}
+
+/// The record left by `up`, if any.
+pub fn recorded() -> Result<Option<Record>, EndpointError> {
+    let path = record_path()?;
+    let text = match fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+        Err(source) => return Err(EndpointError::Io { path, source }),
+    };
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let endpoint = lines.next().unwrap_or_default().parse()?;
+    Ok(Some(Record {
+        endpoint,
+        connection_file: lines.next().map(PathBuf::from),
+    }))
 }
 
 /// Removes the record if it still names `endpoint`.
 pub fn forget(endpoint: &FrontDoorEndpoint) {
-    if let Ok(path) = record_path() {
-        if fs::read_to_string(&path).is_ok_and(|s| s.trim() == endpoint.to_string()) {
+    if recorded().is_ok_and(|r| r.is_some_and(|r| r.endpoint == *endpoint)) {
+        if let Ok(path) = record_path() {
             let _ = fs::remove_file(path);
         }
     }
@@ -168,13 +203,9 @@ pub fn resolve(flag: Option<&str>) -> Result<FrontDoorEndpoint, EndpointError> {
             return endpoint.parse();
         }
     }
-    match fs::read_to_string(record_path()?) {
-        Ok(s) => s.trim().parse(),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(EndpointError::NoneRecorded),
-        Err(source) => Err(EndpointError::Io {
-            path: record_path()?,
-            source,
-        }),
+    match recorded()? {
+        Some(record) => Ok(record.endpoint),
+        None => Err(EndpointError::NoneRecorded),
     }
 }
 

@@ -1,5 +1,6 @@
-//! The front door: the stream socket drivers connect to. Each connection
-//! is one driver; frames are length-delimited protobuf `Envelope`s (tokio
+//! The front door: the stream socket drivers connect to, `unix://` (this
+//! user's processes only) or `tcp://` (TLS, and the token of the connection
+//! file in the driver's `Hello`). Each connection is one driver; frames are length-delimited protobuf `Envelope`s (tokio
 //! util's `LengthDelimitedCodec`: a 4-byte big-endian length, then the
 //! bytes). The connection tasks only move frames: every decision is the
 //! client node's.
@@ -7,16 +8,24 @@
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
 
 use bytes::Bytes;
+use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode};
 use casa_node_protocol::{DriverId, Framing};
 use futures::{SinkExt, StreamExt};
+use subtle::ConstantTimeEq;
 use thiserror::Error;
-use tokio::net::{UnixListener, UnixStream};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
 use tokio_util::codec::{FramedRead, FramedWrite, LengthDelimitedCodec};
 
+use crate::connection_file::{CONNECTION_FILE_VAR, ConnectionFile, ConnectionFileError};
 use crate::endpoint::FrontDoorEndpoint;
 
 /// What the connection tasks report to the client node.
@@ -42,6 +51,13 @@ pub enum DriverEvent {
         /// The driver.
         driver: DriverId,
     },
+    /// A peer was refused before it became a driver (another user, no TLS,
+    /// a wrong or missing token): the message says who and why, for the
+    /// log.
+    Refused {
+        /// Who was refused and why.
+        message: String,
+    },
 }
 
 /// The front door could not be opened.
@@ -49,16 +65,19 @@ pub enum DriverEvent {
 pub enum FrontDoorError {
     /// Plain TCP would expose the cluster to anyone who can reach the port.
     #[error(
-        "a tcp:// front door needs TLS and a token, which this version does not provide; use unix://PATH"
+        "{0}: a tcp:// front door needs TLS and a token: give --connection-file FILE (created if missing) or set {CONNECTION_FILE_VAR}"
     )]
-    TcpWithoutTls,
+    TcpWithoutTls(FrontDoorEndpoint),
+    /// The connection file is unusable.
+    #[error(transparent)]
+    ConnectionFile(#[from] ConnectionFileError),
     /// Another cluster is listening there.
     #[error("{0}: a casa-node front door is already listening there")]
     InUse(PathBuf),
     /// The socket could not be created.
     #[error("{path}: {source}")]
     Io {
-        /// The socket path.
+        /// The socket path or address.
         path: PathBuf,
         /// The cause.
         #[source]
@@ -66,24 +85,68 @@ pub enum FrontDoorError {
     },
 }
 
+/// How long a `tcp://` peer has for the TLS handshake and its `Hello` with
+/// the token: a silent peer must not hold a connection open.
+pub const ADMISSION_DEADLINE: Duration = Duration::from_secs(5);
+
+/// The largest first frame of a `tcp://` peer not yet admitted: a `Hello`
+/// is small, and an unknown peer must not make the node buffer much.
+const HELLO_MAX_FRAME: usize = 64 * 1024;
+
 /// A bound front door, ready to accept drivers.
 #[derive(Debug)]
 pub struct FrontDoor {
-    listener: UnixListener,
-    path: PathBuf,
+    door: Door,
+    endpoint: FrontDoorEndpoint,
     framing: Framing,
+}
+
+enum Door {
+    /// Admits peers of this user (`SO_PEERCRED`).
+    Unix {
+        listener: UnixListener,
+        path: PathBuf,
+    },
+    /// Admits peers that complete TLS and present the token.
+    Tls {
+        listener: TcpListener,
+        acceptor: TlsAcceptor,
+        token: Arc<str>,
+        connection_file: PathBuf,
+    },
+}
+
+impl std::fmt::Debug for Door {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Door::Unix { path, .. } => f.debug_struct("Unix").field("path", path).finish(),
+            Door::Tls {
+                connection_file, ..
+            } => f
+                .debug_struct("Tls")
+                .field("connection_file", connection_file)
+                .finish_non_exhaustive(),
+        }
+    }
 }
 
 impl FrontDoor {
     /// Binds the front door at `endpoint`. A stale socket left by a dead
-    /// cluster is replaced; a live one is an error.
+    /// cluster is replaced; a live one is an error. A `tcp://` front door
+    /// needs `connection_file`: read if it exists, else created with a
+    /// fresh certificate, token and signing key once the port is bound.
     pub async fn bind(
         endpoint: &FrontDoorEndpoint,
+        connection_file: Option<&Path>,
         framing: Framing,
     ) -> Result<FrontDoor, FrontDoorError> {
         let path = match endpoint {
             FrontDoorEndpoint::Unix(path) => path.clone(),
-            FrontDoorEndpoint::Tcp(_) => return Err(FrontDoorError::TcpWithoutTls),
+            FrontDoorEndpoint::Tcp(addr) => {
+                let file = connection_file
+                    .ok_or_else(|| FrontDoorError::TcpWithoutTls(endpoint.clone()))?;
+                return Self::bind_tls(endpoint, addr, file, framing).await;
+            }
         };
         let io_err = |source| FrontDoorError::Io {
             path: path.clone(),
@@ -104,55 +167,99 @@ impl FrontDoor {
         let listener = UnixListener::bind(&path).map_err(io_err)?;
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600)).map_err(io_err)?;
         Ok(FrontDoor {
-            listener,
-            path,
+            door: Door::Unix { listener, path },
+            endpoint: endpoint.clone(),
             framing,
         })
     }
 
-    /// The socket's path.
-    pub fn path(&self) -> &Path {
-        &self.path
+    async fn bind_tls(
+        endpoint: &FrontDoorEndpoint,
+        addr: &str,
+        file: &Path,
+        framing: Framing,
+    ) -> Result<FrontDoor, FrontDoorError> {
+        let (connection, created) = ConnectionFile::read_or_generate(file, endpoint)?;
+        // A certificate and key that do not go together fail here, before
+        // anything listens.
+        connection.server_config()?;
+        let io_err = |source| FrontDoorError::Io {
+            path: PathBuf::from(endpoint.to_string()),
+            source,
+        };
+        // The endpoint parsed, so HOST:PORT is there.
+        let (host, port) = addr.rsplit_once(':').unwrap_or((addr, "0"));
+        let bare = crate::connection_file::tcp_host(endpoint).unwrap_or_default();
+        let port = port.parse::<u16>().unwrap_or_default();
+        let listener = TcpListener::bind((bare.as_str(), port))
+            .await
+            .map_err(io_err)?;
+        // With port 0 the system chose one: drivers need to know which.
+        let port = listener.local_addr().map_err(io_err)?.port();
+        let bound = FrontDoorEndpoint::Tcp(format!("{host}:{port}"));
+        let connection = if created {
+            connection.write_new(&bound)?
+        } else if connection.endpoint() != bound {
+            connection.update_endpoint(&bound)?
+        } else {
+            connection
+        };
+        // From the file as it now is: another `up` may have created it
+        // first.
+        let acceptor = TlsAcceptor::from(connection.server_config()?);
+        Ok(FrontDoor {
+            door: Door::Tls {
+                listener,
+                acceptor,
+                token: Arc::from(connection.token()),
+                connection_file: connection.path().to_owned(),
+            },
+            endpoint: bound,
+            framing,
+        })
+    }
+
+    /// Where the front door listens (for `tcp://HOST:0`, with the port the
+    /// system chose).
+    pub fn endpoint(&self) -> &FrontDoorEndpoint {
+        &self.endpoint
+    }
+
+    /// The socket's path, for a `unix://` front door.
+    pub fn path(&self) -> Option<&Path> {
+        match &self.door {
+            Door::Unix { path, .. } => Some(path),
+            Door::Tls { .. } => None,
+        }
+    }
+
+    /// The connection file, for a `tcp://` front door.
+    pub fn connection_file(&self) -> Option<&Path> {
+        match &self.door {
+            Door::Unix { .. } => None,
+            Door::Tls {
+                connection_file, ..
+            } => Some(connection_file),
+        }
     }
 
     /// Accepts drivers until the returned task is aborted, reporting to
-    /// `events`. Connections from another user are refused (the peer's
-    /// uid, from `SO_PEERCRED`, must be ours).
+    /// `events`. On `unix://`, connections from another user are refused
+    /// (the peer's uid, from `SO_PEERCRED`, must be ours); on `tcp://`,
+    /// a peer must complete TLS and send a `Hello` with the token within
+    /// [`ADMISSION_DEADLINE`]. Every refusal is reported as
+    /// [`DriverEvent::Refused`]; other drivers are not affected.
     pub fn serve(self, events: mpsc::UnboundedSender<DriverEvent>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let uid = nix::unistd::getuid().as_raw();
-            let mut next = 1;
-            loop {
-                let stream = match self.listener.accept().await {
-                    Ok((stream, _)) => stream,
-                    Err(e) => {
-                        // Out of file descriptors, say: back off rather
-                        // than spin.
-                        tracing::warn!("front door: accept failed: {e}");
-                        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-                        continue;
-                    }
-                };
-                match stream.peer_cred() {
-                    Ok(cred) if cred.uid() == uid => {}
-                    Ok(cred) => {
-                        tracing::warn!(
-                            "front door: refused a connection from uid {} (pid {:?})",
-                            cred.uid(),
-                            cred.pid()
-                        );
-                        continue;
-                    }
-                    Err(e) => {
-                        tracing::warn!(
-                            "front door: refused a connection whose peer is unknown: {e}"
-                        );
-                        continue;
-                    }
-                }
-                let driver = DriverId(next);
-                next += 1;
-                tokio::spawn(connection(stream, driver, self.framing, events.clone()));
+            let framing = self.framing;
+            match &self.door {
+                Door::Unix { listener, .. } => serve_unix(listener, framing, events).await,
+                Door::Tls {
+                    listener,
+                    acceptor,
+                    token,
+                    ..
+                } => serve_tls(listener, acceptor, token, framing, events).await,
             }
         })
     }
@@ -160,8 +267,186 @@ impl FrontDoor {
 
 impl Drop for FrontDoor {
     fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
+        if let Door::Unix { path, .. } = &self.door {
+            let _ = std::fs::remove_file(path);
+        }
     }
+}
+
+/// Reports a refused peer to the client node, which logs it.
+fn refuse(events: &mpsc::UnboundedSender<DriverEvent>, message: String) {
+    if let Err(unsent) = events.send(DriverEvent::Refused { message }) {
+        if let DriverEvent::Refused { message } = unsent.0 {
+            tracing::warn!("{message}");
+        }
+    }
+}
+
+/// Waits after a failed accept (out of file descriptors, say), rather than
+/// spin.
+async fn accept_failed(e: io::Error) {
+    tracing::warn!("front door: accept failed: {e}");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+}
+
+async fn serve_unix(
+    listener: &UnixListener,
+    framing: Framing,
+    events: mpsc::UnboundedSender<DriverEvent>,
+) {
+    let uid = nix::unistd::getuid().as_raw();
+    let mut next = 1;
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                accept_failed(e).await;
+                continue;
+            }
+        };
+        match stream.peer_cred() {
+            Ok(cred) if cred.uid() == uid => {}
+            Ok(cred) => {
+                let pid = cred.pid().map_or("unknown".to_owned(), |p| p.to_string());
+                refuse(
+                    &events,
+                    format!(
+                        "front door: refused a connection from uid {} (pid {pid}): only uid {uid} may connect",
+                        cred.uid()
+                    ),
+                );
+                continue;
+            }
+            Err(e) => {
+                refuse(
+                    &events,
+                    format!("front door: refused a connection whose peer is unknown: {e}"),
+                );
+                continue;
+            }
+        }
+        let driver = DriverId(next);
+        next += 1;
+        let (read_half, write_half) = stream.into_split();
+        let reader = FramedRead::new(read_half, codec(framing));
+        let writer = FramedWrite::new(write_half, codec(framing));
+        tokio::spawn(connection(
+            reader,
+            writer,
+            driver,
+            framing,
+            events.clone(),
+            None,
+        ));
+    }
+}
+
+async fn serve_tls(
+    listener: &TcpListener,
+    acceptor: &TlsAcceptor,
+    token: &Arc<str>,
+    framing: Framing,
+    events: mpsc::UnboundedSender<DriverEvent>,
+) {
+    let mut next = 1;
+    loop {
+        let (stream, peer) = match listener.accept().await {
+            Ok(accepted) => accepted,
+            Err(e) => {
+                accept_failed(e).await;
+                continue;
+            }
+        };
+        let _ = stream.set_nodelay(true);
+        let driver = DriverId(next);
+        next += 1;
+        let acceptor = acceptor.clone();
+        let token = token.clone();
+        let events = events.clone();
+        // Each peer is admitted on a task of its own: a slow one holds up
+        // no other.
+        tokio::spawn(async move {
+            let admitted = tokio::time::timeout(
+                ADMISSION_DEADLINE,
+                admit(stream, &acceptor, &token, framing),
+            )
+            .await;
+            match admitted {
+                Ok(Ok((reader, writer, hello))) => {
+                    connection(reader, writer, driver, framing, events, Some(hello)).await;
+                }
+                Ok(Err(why)) => refuse(&events, format!("front door: refused {peer}: {why}")),
+                Err(_) => refuse(
+                    &events,
+                    format!(
+                        "front door: refused {peer}: no TLS handshake and Hello with the token within {ADMISSION_DEADLINE:?}"
+                    ),
+                ),
+            }
+        });
+    }
+}
+
+type TlsReader = FramedRead<ReadHalf<TlsStream<TcpStream>>, LengthDelimitedCodec>;
+type TlsWriter = FramedWrite<WriteHalf<TlsStream<TcpStream>>, LengthDelimitedCodec>;
+
+/// The TLS handshake, then the first frame, which must be a `Hello` with
+/// the token. A peer with a wrong or no token is told so before the
+/// connection closes. Returns the connection and the `Hello` (without its
+/// token) for the client node.
+async fn admit(
+    stream: TcpStream,
+    acceptor: &TlsAcceptor,
+    token: &str,
+    framing: Framing,
+) -> Result<(TlsReader, TlsWriter, Envelope), String> {
+    let tls = acceptor
+        .accept(stream)
+        .await
+        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+    let (read_half, write_half) = tokio::io::split(tls);
+    let mut hello_codec = codec(framing);
+    hello_codec.set_max_frame_length(HELLO_MAX_FRAME.min(framing.max_frame()));
+    let mut reader = FramedRead::new(read_half, hello_codec);
+    let mut writer = FramedWrite::new(write_half, codec(framing));
+    let first = match reader.next().await {
+        None => return Err("closed the connection before its Hello".into()),
+        Some(Err(e)) => return Err(format!("a bad first frame: {e}")),
+        Some(Ok(frame)) => framing
+            .decode_body(frame.freeze())
+            .map_err(|e| format!("a malformed first frame: {e}"))?,
+    };
+    let mut hello = first;
+    let refusal = match &mut hello.body {
+        Some(Body::Hello(h)) if h.token.is_empty() => Some(
+            "token required: a tcp:// front door takes the token of its connection file in Hello",
+        ),
+        Some(Body::Hello(h)) if !bool::from(h.token.as_bytes().ct_eq(token.as_bytes())) => {
+            Some("wrong token: it is not the token of this front door's connection file")
+        }
+        Some(Body::Hello(h)) => {
+            // The client node has no use for the secret.
+            h.token.clear();
+            None
+        }
+        _ => Some("token required: the first message must be a Hello with the token"),
+    };
+    if let Some(refusal) = refusal {
+        let reply = Envelope::error(
+            hello.correlation,
+            ProtocolErrorCode::RoleRefused,
+            refusal.to_owned(),
+        );
+        if let Ok(bytes) = framing.encode_body(&reply) {
+            let _ = writer.send(Bytes::from(bytes)).await;
+        }
+        let _ = SinkExt::<Bytes>::close(&mut writer).await;
+        return Err(refusal.to_owned());
+    }
+    reader
+        .decoder_mut()
+        .set_max_frame_length(framing.max_frame());
+    Ok((reader, writer, hello))
 }
 
 /// The codec both ends of the front door use.
@@ -173,15 +458,20 @@ pub fn codec(framing: Framing) -> LengthDelimitedCodec {
         .new_codec()
 }
 
-async fn connection(
-    stream: UnixStream,
+/// One admitted driver: reports its frames to the client node and writes
+/// what the client node queues for it. `first` is a frame already read
+/// (the `Hello` a `tcp://` peer was admitted with).
+async fn connection<R, W>(
+    mut reader: FramedRead<R, LengthDelimitedCodec>,
+    mut writer: FramedWrite<W, LengthDelimitedCodec>,
     driver: DriverId,
     framing: Framing,
     events: mpsc::UnboundedSender<DriverEvent>,
-) {
-    let (read_half, write_half) = stream.into_split();
-    let mut reader = FramedRead::new(read_half, codec(framing));
-    let mut writer = FramedWrite::new(write_half, codec(framing));
+    first: Option<Envelope>,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
     let (outbox, mut queue) = mpsc::unbounded_channel::<Envelope>();
     // The client node holds the only strong sender: when it drops it, the
     // writer ends and the connection closes. This side only reports bad
@@ -192,6 +482,14 @@ async fn connection(
         .is_err()
     {
         return;
+    }
+    if let Some(envelope) = first {
+        if events
+            .send(DriverEvent::Request { driver, envelope })
+            .is_err()
+        {
+            return;
+        }
     }
     // Everything queued for the driver goes out in as few writes as the
     // codec's buffer allows: under load, one system call and one wake-up
@@ -214,6 +512,8 @@ async fn connection(
                 return;
             }
         }
+        // Over TLS this says goodbye (close_notify) before the socket closes.
+        let _ = SinkExt::<Bytes>::close(&mut writer).await;
     });
     loop {
         match reader.next().await {
@@ -238,6 +538,13 @@ async fn connection(
                     }
                 }
             },
+            Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                // A TLS peer that closed without close_notify, as Python's
+                // ssl does: every frame carries its length, so this is an
+                // end of stream like any other.
+                tracing::debug!("{driver}: closed without TLS close_notify");
+                break;
+            }
             Some(Err(e)) => {
                 // An oversized frame or a broken stream: the stream is out
                 // of step, so say why and close.

@@ -4,10 +4,12 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use casa_node::client::Submit;
+use casa_node::client::{Submit, Target};
 use casa_node::cluster::{self, UpOptions};
 use casa_node::commands::{self, Outcome};
-use casa_node::endpoint::{self, FrontDoorEndpoint};
+use casa_node::connection_file::ConnectionFile;
+use casa_node::endpoint::FrontDoorEndpoint;
+use casa_node::front_door::FrontDoorError;
 use casa_node::literal;
 use casa_node::server_node::{self, ServerNodeConfig};
 use casa_node_protocol::Rank;
@@ -23,6 +25,9 @@ Examples:
   casa-node submit --no-wait 'flagdata()' --param vis=\"'uid___A002.ms'\"
   casa-node status
   casa-node stop
+  casa-node up --endpoint tcp://HOST:7000 --connection-file cluster.json
+                                                a front door for other machines (TLS + token)
+  casa-node status --connection-file cluster.json   from another machine, with a copy of the file
   mpirun -n 5 casa-node --transport mpi run pipeline.py   (4 servers; build with --features mpi)";
 
 /// Run Python commands in parallel on a cluster of server processes, the
@@ -111,9 +116,16 @@ struct UpArgs {
     #[arg(long, env = "CASA_NODE_SERVERS", default_value_t = 2)]
     servers: usize,
     /// Where drivers connect: unix://PATH (default: a socket in a private
-    /// runtime directory).
+    /// runtime directory; this user's processes only), or tcp://HOST:PORT
+    /// for drivers on other machines, which needs --connection-file.
     #[arg(long, env = "CASA_NODE_FRONT_DOOR")]
     endpoint: Option<String>,
+    /// The connection file of a tcp:// front door: its TLS certificate and
+    /// key and the token drivers must present. Created (mode 0600) with a
+    /// fresh self-signed certificate if missing; drivers on other machines
+    /// need a copy. Without --endpoint, an existing file's endpoint is used.
+    #[arg(long, env = "CASA_NODE_CONNECTION_FILE", value_name = "FILE")]
+    connection_file: Option<PathBuf>,
     /// Where more server nodes can connect with `casa-node server
     /// --connect`: ipc://PATH, or tcp://HOST:PORT to take servers from
     /// other machines (default: a socket in the private runtime directory).
@@ -153,10 +165,14 @@ struct UpArgs {
 
 #[derive(clap::Args)]
 struct EndpointArg {
-    /// The front door (default: $CASA_NODE_ENDPOINT, else the cluster
-    /// `casa-node up` started last).
+    /// The front door (default: $CASA_NODE_ENDPOINT, else the connection
+    /// file's, else the cluster `casa-node up` started last).
     #[arg(long)]
     endpoint: Option<String>,
+    /// The connection file of a tcp:// front door (default: the one `up`
+    /// recorded with the endpoint).
+    #[arg(long, env = "CASA_NODE_CONNECTION_FILE", value_name = "FILE")]
+    connection_file: Option<PathBuf>,
 }
 
 #[derive(clap::Args)]
@@ -281,8 +297,8 @@ fn exit(outcome: Outcome) -> ExitCode {
     }
 }
 
-fn front_door(arg: &EndpointArg) -> Result<FrontDoorEndpoint, ExitCode> {
-    endpoint::resolve(arg.endpoint.as_deref()).map_err(fail)
+fn front_door(arg: &EndpointArg) -> Result<Target, ExitCode> {
+    Target::resolve(arg.endpoint.as_deref(), arg.connection_file.as_deref()).map_err(fail)
 }
 
 async fn dispatch(transport: TransportKind, command: Command) -> ExitCode {
@@ -387,10 +403,28 @@ fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitC
             "this casa-node was built without MPI support: build it with `cargo build --release --features mpi`",
         ));
     }
-    let endpoint = match args.endpoint.as_deref().map(str::parse).transpose() {
+    let mut endpoint = match args.endpoint.as_deref().map(str::parse).transpose() {
         Ok(endpoint) => endpoint,
         Err(e) => return Err(fail(e)),
     };
+    // A connection file only concerns a tcp:// front door.
+    let mut connection_file = None;
+    match (&endpoint, args.connection_file) {
+        (Some(FrontDoorEndpoint::Tcp(_)), None) => {
+            return Err(fail(FrontDoorError::TcpWithoutTls(
+                endpoint.expect("matched"),
+            )));
+        }
+        (Some(FrontDoorEndpoint::Tcp(_)), file) => connection_file = file,
+        (None, Some(file)) if file.exists() => match ConnectionFile::read(&file) {
+            Ok(read) => {
+                endpoint = Some(read.endpoint());
+                connection_file = Some(file);
+            }
+            Err(e) => return Err(fail(e)),
+        },
+        _ => {}
+    }
     if args.servers == 0 {
         return Err(fail("--servers must be at least 1"));
     }
@@ -402,6 +436,7 @@ fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitC
     Ok(UpOptions {
         servers: args.servers,
         endpoint,
+        connection_file,
         nodes: args.nodes,
         python: args.python,
         init: args.init,

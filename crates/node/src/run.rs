@@ -1,7 +1,8 @@
 //! `casa-node run`: a cluster as `up` starts it, for the length of one
 //! Python script. The script runs under the cluster's Python with the
 //! `casanode` package importable (it ships inside this binary) and the front
-//! door in `CASA_NODE_ENDPOINT`; when it ends, services stop and `run`
+//! door in `CASA_NODE_ENDPOINT` (and a `tcp://` one's connection file in
+//! `CASA_NODE_CONNECTION_FILE`); when it ends, services stop and `run`
 //! exits with the script's status.
 
 use std::path::{Path, PathBuf};
@@ -14,6 +15,7 @@ use tokio::sync::watch;
 use casa_node_protocol::Transport;
 
 use crate::cluster::{self, Servers, UpError, UpOptions};
+use crate::connection_file::CONNECTION_FILE_VAR;
 use crate::endpoint::{self, ENDPOINT_VAR};
 
 /// The `casanode` package, as files under a `PYTHONPATH` entry.
@@ -132,6 +134,15 @@ pub async fn run<T: Transport + 'static>(
     let python = options.python.clone();
     let path_entry = package.clone();
     let record = status.clone();
+    let connection_file = options
+        .connection_file
+        .as_deref()
+        .map(std::path::absolute)
+        .transpose()
+        .map_err(|source| RunError::Io {
+            context: "the connection file's path".into(),
+            source,
+        })?;
     let on_ready = move |front: &endpoint::FrontDoorEndpoint, _nodes: &str| {
         let mut command = Command::new(&python);
         command
@@ -139,6 +150,9 @@ pub async fn run<T: Transport + 'static>(
             .args(&args)
             .env(ENDPOINT_VAR, front.to_string())
             .env("PYTHONPATH", python_path(&path_entry));
+        if let (endpoint::FrontDoorEndpoint::Tcp(_), Some(file)) = (front, &connection_file) {
+            command.env(CONNECTION_FILE_VAR, file);
+        }
         tokio::spawn(async move {
             let result = match command.spawn() {
                 Ok(mut child) => child.wait().await,

@@ -373,6 +373,7 @@ impl ZmqTransport {
                 host: host_name(),
                 pid: std::process::id(),
                 rank: requested_rank,
+                token: String::new(),
             }),
         );
         let hello = framing.encode_body(&hello)?;

@@ -60,6 +60,7 @@ fn hello_bytes(envelope_version: u32, hello_version: u32, role: Role) -> Bytes {
             host: "localhost".to_owned(),
             pid: std::process::id(),
             rank: 0,
+            token: String::new(),
         })),
     }
     .encode_to_vec()

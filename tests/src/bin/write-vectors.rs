@@ -274,6 +274,7 @@ fn vectors() -> Vec<Vector> {
                 host: CLIENT_HOST.into(),
                 pid: 31337,
                 rank: 0,
+                token: String::new(),
             }),
         ),
         vector(
@@ -287,6 +288,7 @@ fn vectors() -> Vec<Vector> {
                 host: "nmpost051".into(),
                 pid: SERVER_2_PID,
                 rank: 2,
+                token: String::new(),
             }),
         ),
         vector(

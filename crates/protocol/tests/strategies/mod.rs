@@ -655,15 +655,17 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
         arb_string(),
         any::<u32>(),
         any::<i32>(),
+        arb_string(),
     )
         .prop_map(
-            |(protocol_version, role, software, host, pid, rank)| Hello {
+            |(protocol_version, role, software, host, pid, rank, token)| Hello {
                 protocol_version,
                 role,
                 software,
                 host,
                 pid,
                 rank,
+                token,
             },
         )
 }

@@ -1,0 +1,625 @@
+//! The front door's defences, end to end on real `casa-node up` processes
+//! over loopback: a `tcp://` front door admits only TLS peers that trust
+//! its certificate and present the token of its connection file; a
+//! `unix://` one only this user's processes. Every refusal is checked to
+//! be logged in the cluster's log file, and a legitimate driver to be
+//! served afterwards. Every process a test starts is stopped by PID when
+//! the test ends, passed or failed.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use casa_node::client::{BlockingClient, ClientError, Submit, Target};
+use casa_node::connection_file::ConnectionFile;
+use casa_node::endpoint::FrontDoorEndpoint;
+use casa_node::front_door::ADMISSION_DEADLINE;
+use casa_node_conformance::process::{descendants, wait_exit, wait_gone};
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{Envelope, Hello, Role, Value};
+use casa_node_protocol::{Framing, PROTOCOL_VERSION};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+
+const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
+const WAIT: Duration = Duration::from_secs(60);
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A fresh directory for one test, removed by [`Cluster`]'s drop or by
+/// the test.
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "casa-node-security-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// A running `casa-node up` with one server, stopped by PID on drop.
+struct Cluster {
+    up: Child,
+    dir: PathBuf,
+    endpoint: FrontDoorEndpoint,
+    /// The connection file of a `tcp://` front door.
+    connection_file: Option<PathBuf>,
+    /// Processes below `up` (server node, worker), with start times.
+    started: Vec<(Pid, u64)>,
+}
+
+impl Cluster {
+    /// A cluster whose front door is `tcp://127.0.0.1:PORT` (a port the
+    /// system picks), with a connection file `up` creates.
+    fn tcp() -> Cluster {
+        let dir = scratch();
+        let file = dir.join("secrets").join("cluster.json");
+        let args = [
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+            "--connection-file",
+            file.to_str().unwrap(),
+        ];
+        Self::start(dir.clone(), &args, Some(file.clone()))
+    }
+
+    /// A cluster whose front door is the unix socket `socket`.
+    fn unix(dir: PathBuf, socket: &Path) -> Cluster {
+        let endpoint = format!("unix://{}", socket.display());
+        Self::start(dir, &["--endpoint", &endpoint], None)
+    }
+
+    fn start(dir: PathBuf, args: &[&str], connection_file: Option<PathBuf>) -> Cluster {
+        let runtime = dir.join("runtime");
+        let mut up = Command::new(BIN)
+            .args(["up", "--servers", "1"])
+            .args(args)
+            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
+            .args(["--heartbeat", "0.2", "--timeout", "5"])
+            .env("XDG_RUNTIME_DIR", &runtime)
+            .env_remove("CASA_NODE_CONNECTION_FILE")
+            .env_remove("CASA_NODE_ENDPOINT")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("casa-node up starts");
+        let mut stdout = BufReader::new(up.stdout.take().unwrap());
+        let mut cluster = Cluster {
+            up,
+            dir,
+            endpoint: FrontDoorEndpoint::Unix(PathBuf::new()),
+            connection_file,
+            started: Vec::new(),
+        };
+        // "front door: ..." is printed once every server has started.
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        let endpoint = line
+            .trim()
+            .strip_prefix("front door: ")
+            .unwrap_or_else(|| panic!("casa-node up printed {line:?}"));
+        cluster.endpoint = endpoint.parse().expect("an endpoint");
+        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
+        still_serving(&cluster.client());
+        cluster.started = descendants(Pid::from_raw(cluster.up.id() as i32));
+        cluster
+    }
+
+    /// A legitimate driver: for `tcp://`, with the connection file.
+    fn client(&self) -> BlockingClient {
+        let connection_file = self
+            .connection_file
+            .as_deref()
+            .map(|file| ConnectionFile::read(file).expect("the connection file reads"));
+        BlockingClient::connect_to(&Target {
+            endpoint: self.endpoint.clone(),
+            connection_file,
+        })
+        .expect("the front door admits a legitimate driver")
+    }
+
+    /// The `host:port` of a `tcp://` front door.
+    fn address(&self) -> String {
+        match &self.endpoint {
+            FrontDoorEndpoint::Tcp(addr) => addr.clone(),
+            other => panic!("{other} is not tcp://"),
+        }
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("casa-node.log")).unwrap_or_default()
+    }
+
+    /// Waits up to `WAIT` for a WARNING line of the log holding every one
+    /// of `parts`; the line.
+    fn logged(&self, parts: &[&str]) -> String {
+        let end = Instant::now() + WAIT;
+        loop {
+            let log = self.log();
+            if let Some(line) = log
+                .lines()
+                .find(|l| l.contains("WARNING") && parts.iter().all(|p| l.contains(p)))
+            {
+                return line.to_owned();
+            }
+            assert!(
+                Instant::now() < end,
+                "no warning with {parts:?} in the log:\n{log}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Runs the CLI against this cluster's runtime directory.
+    fn cli(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
+        let mut command = Command::new(BIN);
+        command
+            .args(args)
+            .env("XDG_RUNTIME_DIR", self.dir.join("runtime"))
+            .env_remove("CASA_NODE_CONNECTION_FILE")
+            .env_remove("CASA_NODE_ENDPOINT")
+            .stdin(Stdio::null());
+        for (name, value) in env {
+            command.env(name, value);
+        }
+        command.output().expect("the CLI runs")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if self.up.try_wait().ok().flatten().is_none() {
+            let _ = kill(Pid::from_raw(self.up.id() as i32), Signal::SIGTERM);
+            if wait_exit(&mut self.up, Duration::from_secs(20)).is_none() {
+                let _ = self.up.kill();
+                let _ = self.up.wait();
+            }
+        }
+        for &(pid, _) in &self.started {
+            if !wait_gone(pid, Duration::from_secs(10)) {
+                let _ = kill(pid, Signal::SIGKILL);
+            }
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// `1+1` gives 2: the cluster serves.
+fn still_serving(client: &BlockingClient) {
+    let ids = client.submit(Submit::new("1+1")).expect("accepted");
+    let mut responses = client.wait_timeout(&ids, WAIT).expect("answered");
+    let response = responses.remove(0);
+    assert!(response.successful, "{:?}", response.traceback);
+    assert_eq!(response.ret, Some(Value::from(2)));
+}
+
+/// A driver's Hello frame (length and envelope) with `token`.
+fn hello_frame(token: &str) -> Vec<u8> {
+    let hello = Envelope::correlated(
+        1,
+        Body::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Driver.into(),
+            software: "security.rs".into(),
+            token: token.into(),
+            ..Hello::default()
+        }),
+    );
+    let body = Framing::default().encode_body(&hello).unwrap();
+    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
+    frame.extend_from_slice(&body);
+    frame
+}
+
+/// A copy of `file` (mode 0600) with its token replaced.
+fn with_token(file: &Path, token: &str, copy: &Path) {
+    let mut json: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
+    json["token"] = token.into();
+    std::fs::write(copy, json.to_string()).unwrap();
+    std::fs::set_permissions(copy, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// The right token over TLS is admitted: the Rust client, and the CLI with
+/// `--connection-file` and with nothing (the file `up` recorded). The file
+/// `up` made is private and its certificate names the loopback host.
+#[test]
+fn a_tcp_front_door_serves_tls_drivers_with_the_token() {
+    let cluster = Cluster::tcp();
+    let file = cluster.connection_file.clone().unwrap();
+    let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode(&file), 0o600);
+    assert_eq!(mode(file.parent().unwrap()), 0o700);
+    let read = ConnectionFile::read(&file).unwrap();
+    assert_eq!(read.endpoint(), cluster.endpoint, "the file names the port");
+    assert!(
+        cluster
+            .log()
+            .contains(&format!("front door at {} (TLS", cluster.endpoint)),
+        "{}",
+        cluster.log()
+    );
+    still_serving(&cluster.client());
+
+    let flagged = cluster.cli(
+        &[
+            "submit",
+            "--connection-file",
+            file.to_str().unwrap(),
+            "--param",
+            "a=1",
+            "a+1",
+        ],
+        &[],
+    );
+    assert!(flagged.status.success(), "{flagged:?}");
+    let line: serde_json::Value =
+        serde_json::from_slice(flagged.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(line["ret"], 2);
+
+    let recorded = cluster.cli(&["submit", "1+1"], &[]);
+    assert!(recorded.status.success(), "{recorded:?}");
+    let line: serde_json::Value =
+        serde_json::from_slice(recorded.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
+    assert_eq!(line["ret"], 2);
+}
+
+/// A wrong token: a clear refusal for the driver, a warning with its
+/// address in the log, and the cluster keeps serving.
+#[test]
+fn a_wrong_token_is_refused_and_logged() {
+    let cluster = Cluster::tcp();
+    let served = cluster.client();
+    let wrong = cluster.dir.join("wrong.json");
+    with_token(
+        cluster.connection_file.as_deref().unwrap(),
+        &"0".repeat(64),
+        &wrong,
+    );
+    let target = Target {
+        endpoint: cluster.endpoint.clone(),
+        connection_file: Some(ConnectionFile::read(&wrong).unwrap()),
+    };
+    match BlockingClient::connect_to(&target) {
+        Err(ClientError::Refused(message)) => {
+            assert!(message.contains("wrong token"), "{message}");
+        }
+        Err(other) => panic!("expected a refusal, got {other}"),
+        Ok(_) => panic!("a wrong token was admitted"),
+    }
+    let line = cluster.logged(&["front door: refused 127.0.0.1:", "wrong token"]);
+    assert!(
+        !line.contains(&"0".repeat(64)),
+        "the token is logged: {line}"
+    );
+
+    // The CLI says so on one line and exits 2.
+    let cli = cluster.cli(
+        &["status", "--connection-file", wrong.to_str().unwrap()],
+        &[],
+    );
+    assert_eq!(cli.status.code(), Some(2), "{cli:?}");
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(stderr.contains("wrong token"), "{stderr}");
+
+    still_serving(&served);
+    still_serving(&cluster.client());
+}
+
+/// TLS with the right certificate but a Hello without a token, and a first
+/// message that is no Hello: "token required", logged, and the cluster
+/// keeps serving.
+#[test]
+fn no_token_is_refused_and_logged() {
+    let cluster = Cluster::tcp();
+    let served = cluster.client();
+    let file = ConnectionFile::read(cluster.connection_file.as_deref().unwrap()).unwrap();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    for first in [
+        Body::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Driver.into(),
+            ..Hello::default()
+        }),
+        Body::StatusRequest(Default::default()),
+    ] {
+        let (reply, framed) = runtime.block_on(tls_exchange(&cluster.address(), &file, first));
+        match reply.body {
+            Some(Body::Error(e)) => assert!(e.message.contains("token required"), "{e:?}"),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+        assert!(
+            runtime.block_on(closes(framed)),
+            "the connection stays open after the refusal"
+        );
+        cluster.logged(&["front door: refused 127.0.0.1:", "token required"]);
+    }
+    still_serving(&served);
+    still_serving(&cluster.client());
+}
+
+type TlsFramed = tokio_util::codec::Framed<
+    tokio_rustls::client::TlsStream<tokio::net::TcpStream>,
+    tokio_util::codec::LengthDelimitedCodec,
+>;
+
+/// Over TLS trusting `file`'s certificate, sends `first` as the first
+/// message; the answer, and the connection.
+async fn tls_exchange(address: &str, file: &ConnectionFile, first: Body) -> (Envelope, TlsFramed) {
+    use futures::{SinkExt, StreamExt};
+
+    let framing = Framing::default();
+    let tcp = tokio::net::TcpStream::connect(address).await.unwrap();
+    let connector = tokio_rustls::TlsConnector::from(file.client_config().unwrap());
+    let name = tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let tls = connector.connect(name, tcp).await.expect("TLS completes");
+    let mut framed = tokio_util::codec::Framed::new(tls, casa_node::front_door::codec(framing));
+    let frame = framing
+        .encode_body(&Envelope::correlated(1, first))
+        .unwrap();
+    framed.send(bytes::Bytes::from(frame)).await.unwrap();
+    let reply = tokio::time::timeout(WAIT, framed.next())
+        .await
+        .expect("an answer in time")
+        .expect("a frame")
+        .expect("a readable frame");
+    (framing.decode_body(reply.freeze()).unwrap(), framed)
+}
+
+/// True once the node closes `framed` with nothing more sent.
+async fn closes(mut framed: TlsFramed) -> bool {
+    use futures::StreamExt;
+    let end = tokio::time::timeout(WAIT, framed.next())
+        .await
+        .expect("the end in time");
+    end.is_none_or(|r| r.is_err())
+}
+
+/// Plain TCP (a Hello frame, no TLS) fails the TLS handshake: the peer is
+/// sent no Welcome, the failure is logged, and the cluster keeps serving.
+#[test]
+fn plain_tcp_without_tls_is_refused_and_logged() {
+    let cluster = Cluster::tcp();
+    let served = cluster.client();
+    let token = ConnectionFile::read(cluster.connection_file.as_deref().unwrap())
+        .unwrap()
+        .token()
+        .to_owned();
+    let mut raw = std::net::TcpStream::connect(cluster.address()).unwrap();
+    raw.set_read_timeout(Some(WAIT)).unwrap();
+    // Even with the right token: in the clear it is refused.
+    raw.write_all(&hello_frame(&token)).unwrap();
+    let mut answer = Vec::new();
+    let _ = raw.read_to_end(&mut answer);
+    // At most a TLS alert (content type 21), never a frame.
+    assert!(
+        answer.is_empty() || answer[0] == 21,
+        "plain TCP got {answer:?}"
+    );
+    cluster.logged(&["front door: refused 127.0.0.1:", "TLS handshake failed"]);
+    still_serving(&served);
+    still_serving(&cluster.client());
+}
+
+/// A peer that connects and says nothing is dropped after the admission
+/// deadline, logged, while others are served meanwhile.
+#[test]
+fn a_silent_peer_is_dropped_after_the_deadline() {
+    let cluster = Cluster::tcp();
+    let mut silent = std::net::TcpStream::connect(cluster.address()).unwrap();
+    silent.set_read_timeout(Some(WAIT)).unwrap();
+    let since = Instant::now();
+    still_serving(&cluster.client());
+    let mut answer = Vec::new();
+    let _ = silent.read_to_end(&mut answer);
+    let held = since.elapsed();
+    assert!(answer.is_empty(), "{answer:?}");
+    assert!(
+        held >= ADMISSION_DEADLINE - Duration::from_millis(500) && held < WAIT,
+        "closed after {held:?}"
+    );
+    cluster.logged(&["front door: refused 127.0.0.1:", "within"]);
+    still_serving(&cluster.client());
+}
+
+/// A driver whose connection file holds another certificate refuses the
+/// node (it could be an impostor); the node logs the failed handshake and
+/// keeps serving.
+#[test]
+fn a_client_that_trusts_another_certificate_refuses_the_node() {
+    let cluster = Cluster::tcp();
+    let other = cluster.dir.join("other.json");
+    let (fresh, _) = ConnectionFile::read_or_generate(&other, &cluster.endpoint).unwrap();
+    let other = fresh.write_new(&cluster.endpoint).unwrap();
+    let target = Target {
+        endpoint: cluster.endpoint.clone(),
+        connection_file: Some(other),
+    };
+    match BlockingClient::connect_to(&target) {
+        Err(e @ ClientError::Tls { .. }) => {
+            assert!(e.to_string().contains("certificate"), "{e}");
+        }
+        Err(other) => panic!("expected a TLS failure, got {other}"),
+        Ok(_) => panic!("a client trusted a certificate it was not given"),
+    }
+    cluster.logged(&["front door: refused 127.0.0.1:", "TLS handshake failed"]);
+    still_serving(&cluster.client());
+}
+
+/// `up` with a tcp:// endpoint and no connection file refuses on one line,
+/// exit 2, before anything listens or is written.
+#[test]
+fn up_refuses_tcp_without_a_connection_file() {
+    let dir = scratch();
+    let port = {
+        let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        probe.local_addr().unwrap().port()
+    };
+    let mut up = Command::new(BIN)
+        .args(["up", "--servers", "1"])
+        .args(["--endpoint", &format!("tcp://127.0.0.1:{port}")])
+        .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
+        .env("XDG_RUNTIME_DIR", dir.join("runtime"))
+        .env_remove("CASA_NODE_CONNECTION_FILE")
+        .current_dir(&dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("casa-node up starts");
+    let status = wait_exit(&mut up, WAIT);
+    if status.is_none() {
+        let _ = up.kill();
+        let _ = up.wait();
+    }
+    let mut stderr = String::new();
+    up.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("--connection-file"), "{stderr}");
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_err(),
+        "something listens on {port}"
+    );
+    assert!(!dir.join("casa-node.log").exists(), "a cluster started");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// A connection file group or others can read is refused by `up` (naming
+/// it, before anything listens) and by the CLI's driver commands, while a
+/// cluster with a private file keeps serving.
+#[test]
+fn a_connection_file_others_can_read_is_refused() {
+    let cluster = Cluster::tcp();
+    let open = cluster.dir.join("open.json");
+    std::fs::copy(cluster.connection_file.as_deref().unwrap(), &open).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    let mut up = Command::new(BIN)
+        .args(["up", "--servers", "1"])
+        .args(["--endpoint", "tcp://127.0.0.1:0"])
+        .args(["--connection-file", open.to_str().unwrap()])
+        .args([
+            "--log-file",
+            cluster.dir.join("second.log").to_str().unwrap(),
+        ])
+        .env("XDG_RUNTIME_DIR", cluster.dir.join("runtime-2"))
+        .current_dir(&cluster.dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("casa-node up starts");
+    let status = wait_exit(&mut up, WAIT);
+    if status.is_none() {
+        let _ = up.kill();
+        let _ = up.wait();
+    }
+    let mut stderr = String::new();
+    up.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut stderr)
+        .unwrap();
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert!(stderr.contains(open.to_str().unwrap()), "{stderr}");
+    assert!(stderr.contains("mode 644"), "{stderr}");
+    assert!(
+        !cluster.dir.join("second.log").exists(),
+        "a cluster started"
+    );
+
+    let cli = cluster.cli(
+        &["submit", "--connection-file", open.to_str().unwrap(), "1+1"],
+        &[],
+    );
+    assert_eq!(cli.status.code(), Some(2), "{cli:?}");
+    let stderr = String::from_utf8_lossy(&cli.stderr);
+    assert!(stderr.contains("mode 644"), "{stderr}");
+
+    still_serving(&cluster.client());
+}
+
+/// SO_PEERCRED: a process of another user that reaches the unix socket is
+/// refused and logged, and the cluster keeps serving. Needs root (to run a
+/// process as another uid); otherwise it says why it cannot check.
+#[test]
+fn a_unix_peer_of_another_uid_is_refused_and_logged() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!(
+            "not root: cannot start a process of another uid, so SO_PEERCRED is not checked here"
+        );
+        return;
+    }
+    const NOBODY: u32 = 65534;
+    let dir = scratch();
+    // A directory the other uid can enter; the socket is opened to it
+    // below, so that only SO_PEERCRED stands in the way.
+    let open = dir.join("open");
+    std::fs::create_dir(&open).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let socket = open.join("front.sock");
+    let cluster = Cluster::unix(dir, &socket);
+    let served = cluster.client();
+    std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
+
+    let script = "\
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.settimeout(60)
+s.connect(sys.argv[1])
+try:
+    s.sendall(bytes.fromhex(sys.argv[2]))
+    data = s.recv(1 << 16)
+except OSError as e:
+    print('error', e)
+else:
+    print('closed' if not data else 'answered ' + data.hex())
+";
+    let hex: String = hello_frame("").iter().map(|b| format!("{b:02x}")).collect();
+    let mut other = Command::new("python3")
+        .args(["-c", script, socket.to_str().unwrap(), &hex])
+        .uid(NOBODY)
+        .gid(NOBODY)
+        .current_dir("/")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python3 starts as another uid");
+    let status = wait_exit(&mut other, WAIT);
+    if status.is_none() {
+        let _ = other.kill();
+        let _ = other.wait();
+    }
+    let output = other.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{stdout} {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.starts_with("closed") || stdout.starts_with("error"),
+        "uid {NOBODY} got {stdout}"
+    );
+    cluster.logged(&["front door: refused a connection from uid 65534"]);
+    still_serving(&served);
+    still_serving(&cluster.client());
+}
