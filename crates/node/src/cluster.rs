@@ -9,12 +9,13 @@ use std::time::Duration;
 use casa_node_protocol::pb::control_request::Start;
 use casa_node_protocol::pb::{EnvironmentVariable, LogLevel, LogRecord};
 use casa_node_protocol::{ClientConfig, Framing, Transport, TransportError, WallClock};
-use casa_node_transport_zmq::ZmqTransport;
+use casa_node_transport_zmq::{SigningKey, ZmqConfig, ZmqTransport};
 use thiserror::Error;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
 use crate::client_node::{self, ClientNodeConfig, ClientNodeError};
+use crate::connection_file::{ConnectionFile, ConnectionFileError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
 use crate::front_door::{FrontDoor, FrontDoorError};
 use crate::log::LogSink;
@@ -76,6 +77,14 @@ pub enum UpError {
         #[source]
         source: std::io::Error,
     },
+    /// Node links over tcp:// without a key to sign them.
+    #[error(
+        "node links over {0} cross machines and are signed with the key of a connection file: give --connection-file FILE with a tcp:// front door (--endpoint tcp://HOST:PORT creates the file)"
+    )]
+    UnsignedLinks(String),
+    /// The connection file is unusable.
+    #[error(transparent)]
+    ConnectionFile(#[from] ConnectionFileError),
     /// Not every server started in time.
     #[error("the servers did not all start within {0:?}; see the log for why")]
     StartTimeout(Duration),
@@ -139,7 +148,8 @@ async fn run(
         .nodes
         .clone()
         .unwrap_or_else(|| format!("ipc://{}", run_dir.join("nodes.sock").display()));
-    let transport = ZmqTransport::bind(&nodes).await?;
+    let config = link_config(&nodes, link_key(options)?.as_ref());
+    let transport = ZmqTransport::bind_with(&nodes, config).await?;
     // With tcp://HOST:0 the port is chosen now.
     let nodes = transport.endpoint().to_owned();
     let links = Links {
@@ -280,6 +290,47 @@ fn start_settings(log_level: LogLevel) -> Start {
     }
 }
 
+/// Whether a node link crosses machines, and so must be signed: `tcp://`.
+/// `ipc://` links stay in the private runtime directory, which only this
+/// user can enter.
+pub fn link_is_signed(nodes: &str) -> bool {
+    nodes.starts_with("tcp://")
+}
+
+/// The transport's settings for a link to `nodes`: signed with `key`
+/// (the connection file's `signing_key`) when the link is `tcp://`.
+pub fn link_config(nodes: &str, key: Option<&ConnectionFile>) -> ZmqConfig {
+    ZmqConfig {
+        signing: key
+            .filter(|_| link_is_signed(nodes))
+            .map(|file| SigningKey::from_bytes(*file.signing_key())),
+        ..ZmqConfig::default()
+    }
+}
+
+/// The connection file whose key signs `tcp://` node links. A missing file
+/// is made now, for the tcp front door it goes with, so that the links and
+/// the front door share it; the front door then finds it there.
+fn link_key(options: &UpOptions) -> Result<Option<ConnectionFile>, UpError> {
+    let Some(nodes) = options.nodes.as_deref().filter(|n| link_is_signed(n)) else {
+        return Ok(None);
+    };
+    let unsigned = || UpError::UnsignedLinks(nodes.to_owned());
+    let path = options.connection_file.as_deref().ok_or_else(unsigned)?;
+    let file = match &options.endpoint {
+        Some(front @ FrontDoorEndpoint::Tcp(_)) => {
+            let (file, created) = ConnectionFile::read_or_generate(path, front)?;
+            if created {
+                file.write_new(front)?
+            } else {
+                file
+            }
+        }
+        _ => ConnectionFile::read(path)?,
+    };
+    Ok(Some(file))
+}
+
 fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, UpError> {
     let exe = std::env::current_exe().map_err(io_error("finding the casa-node executable"))?;
     let mut command = Command::new(exe);
@@ -295,6 +346,13 @@ fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, 
         .arg(options.timeout.as_secs_f64().to_string());
     if let Some(init) = &options.init {
         command.arg("--init").arg(init);
+    }
+    if let Some(file) = options
+        .connection_file
+        .as_ref()
+        .filter(|_| link_is_signed(nodes))
+    {
+        command.arg("--connection-file").arg(file);
     }
     // Its own process group: a Ctrl-C in the terminal reaches `up`, which
     // stops the servers in order, rather than killing them mid-command.

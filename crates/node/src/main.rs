@@ -128,7 +128,9 @@ struct UpArgs {
     connection_file: Option<PathBuf>,
     /// Where more server nodes can connect with `casa-node server
     /// --connect`: ipc://PATH, or tcp://HOST:PORT to take servers from
-    /// other machines (default: a socket in the private runtime directory).
+    /// other machines, whose links are signed with the key of the
+    /// connection file, so --connection-file is needed (default: a socket
+    /// in the private runtime directory).
     #[arg(long, env = "CASA_NODE_NODES")]
     nodes: Option<String>,
     /// The Python interpreter of the workers, e.g. a CASA installation's.
@@ -237,6 +239,9 @@ struct ServerArgs {
     /// Seconds an interrupted command may take before its worker is killed.
     #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
     kill_grace: f64,
+    /// The cluster's connection file: its key signs a tcp:// link.
+    #[arg(long, env = "CASA_NODE_CONNECTION_FILE")]
+    connection_file: Option<PathBuf>,
 }
 
 fn positive_seconds(text: &str) -> Result<f64, String> {
@@ -478,7 +483,22 @@ async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
 }
 
 async fn server(args: ServerArgs) -> ExitCode {
-    let transport = match ZmqTransport::connect(&args.connect, args.rank).await {
+    let key = if cluster::link_is_signed(&args.connect) {
+        let Some(path) = &args.connection_file else {
+            return fail(format!(
+                "a link over {} crosses machines and is signed with the key of the cluster's connection file: give --connection-file FILE",
+                args.connect
+            ));
+        };
+        match ConnectionFile::read(path) {
+            Ok(file) => Some(file),
+            Err(e) => return fail(e),
+        }
+    } else {
+        None
+    };
+    let config = cluster::link_config(&args.connect, key.as_ref());
+    let transport = match ZmqTransport::connect_with(&args.connect, args.rank, config).await {
         Ok(t) => t,
         Err(e) => return fail(format!("cannot join {}: {e}", args.connect)),
     };

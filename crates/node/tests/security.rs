@@ -52,6 +52,8 @@ struct Cluster {
     connection_file: Option<PathBuf>,
     /// Processes below `up` (server node, worker), with start times.
     started: Vec<(Pid, u64)>,
+    /// Where more server nodes connect (`up`'s "nodes:" line).
+    nodes: String,
 }
 
 impl Cluster {
@@ -98,6 +100,7 @@ impl Cluster {
             endpoint: FrontDoorEndpoint::Unix(PathBuf::new()),
             connection_file,
             started: Vec::new(),
+            nodes: String::new(),
         };
         // "front door: ..." is printed once every server has started.
         let mut line = String::new();
@@ -107,6 +110,12 @@ impl Cluster {
             .strip_prefix("front door: ")
             .unwrap_or_else(|| panic!("casa-node up printed {line:?}"));
         cluster.endpoint = endpoint.parse().expect("an endpoint");
+        let mut line = String::new();
+        let _ = stdout.read_line(&mut line);
+        line.trim()
+            .strip_prefix("nodes: ")
+            .unwrap_or_else(|| panic!("casa-node up printed {line:?}"))
+            .clone_into(&mut cluster.nodes);
         std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         still_serving(&cluster.client());
         cluster.started = descendants(Pid::from_raw(cluster.up.id() as i32));
@@ -221,11 +230,47 @@ fn hello_frame(token: &str) -> Vec<u8> {
 
 /// A copy of `file` (mode 0600) with its token replaced.
 fn with_token(file: &Path, token: &str, copy: &Path) {
+    with_field(file, "token", token, copy);
+}
+
+/// A copy of `file` (mode 0600) with the string `field` set to `value`.
+fn with_field(file: &Path, field: &str, value: &str, copy: &Path) {
     let mut json: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(file).unwrap()).unwrap();
-    json["token"] = token.into();
+    json[field] = value.into();
     std::fs::write(copy, json.to_string()).unwrap();
     std::fs::set_permissions(copy, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+/// A `casa-node server --connect NODES` with `args`, killed by PID if the
+/// test ends first; its exit status and what it wrote to stderr.
+fn attach_server(nodes: &str, args: &[&str]) -> (Option<std::process::ExitStatus>, String) {
+    struct Guard(Child);
+    impl Drop for Guard {
+        fn drop(&mut self) {
+            if self.0.try_wait().ok().flatten().is_none() {
+                let _ = self.0.kill();
+                let _ = self.0.wait();
+            }
+        }
+    }
+    let mut server = Guard(
+        Command::new(BIN)
+            .args(["server", "--connect", nodes, "--timeout", "5"])
+            .args(args)
+            .env_remove("CASA_NODE_CONNECTION_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("casa-node server starts"),
+    );
+    let status = wait_exit(&mut server.0, WAIT);
+    let mut stderr = String::new();
+    if status.is_some() {
+        let _ = server.0.stderr.take().unwrap().read_to_string(&mut stderr);
+    }
+    (status, stderr)
 }
 
 /// The right token over TLS is admitted: the Rust client, and the CLI with
@@ -622,4 +667,95 @@ else:
     cluster.logged(&["front door: refused a connection from uid 65534"]);
     still_serving(&served);
     still_serving(&cluster.client());
+}
+
+/// Node links over `tcp://` are signed with the connection file's key
+/// (the ZeroMQ transport's signing, tested link by link in
+/// `crates/transport-zmq/tests/signing.rs`): `up`'s own server joins over
+/// a signed link and serves; a server with the key of another connection
+/// file cannot join and says why, one with none is refused before it
+/// connects, and `up` will not open tcp:// node links without a connection
+/// file. The cluster serves on throughout.
+#[test]
+fn tcp_node_links_are_signed_with_the_connection_files_key() {
+    let dir = scratch();
+    let file = dir.join("secrets").join("cluster.json");
+    let cluster = Cluster::start(
+        dir.clone(),
+        &[
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+            "--connection-file",
+            file.to_str().unwrap(),
+            "--nodes",
+            "tcp://127.0.0.1:0",
+        ],
+        Some(file.clone()),
+    );
+    let nodes = cluster.nodes.clone();
+    assert!(nodes.starts_with("tcp://127.0.0.1:"), "{nodes}");
+
+    let other = dir.join("other.json");
+    with_field(&file, "signing_key", &"5a".repeat(32), &other);
+    let (status, stderr) = attach_server(&nodes, &["--connection-file", other.to_str().unwrap()]);
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert!(stderr.contains("cannot join"), "{stderr}");
+    still_serving(&cluster.client());
+
+    let (status, stderr) = attach_server(&nodes, &[]);
+    assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
+    assert!(stderr.contains("--connection-file"), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+
+    // The right key: a second server joins and serves.
+    let mut joined = Command::new(BIN)
+        .args(["server", "--connect", &nodes, "--timeout", "5"])
+        .args(["--connection-file", file.to_str().unwrap()])
+        .env_remove("CASA_NODE_CONNECTION_FILE")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("casa-node server starts");
+    let client = cluster.client();
+    let end = Instant::now() + WAIT;
+    while client.status(None).unwrap().servers.len() < 2 {
+        assert!(Instant::now() < end, "the keyed server never joined");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let ids = client
+        .submit(Submit::new("1+1").targets([2]))
+        .expect("accepted");
+    let response = client.wait_timeout(&ids, WAIT).expect("answered").remove(0);
+    assert_eq!(
+        response.ret,
+        Some(Value::from(2)),
+        "{:?}",
+        response.traceback
+    );
+    drop(client);
+    drop(cluster);
+    if wait_exit(&mut joined, Duration::from_secs(20)).is_none() {
+        let _ = joined.kill();
+        let _ = joined.wait();
+        panic!("the attached server outlived its cluster");
+    }
+
+    // No connection file: `up` refuses tcp:// node links, and says how.
+    let runtime = scratch();
+    let output = Command::new(BIN)
+        .args(["up", "--servers", "1", "--nodes", "tcp://127.0.0.1:0"])
+        .env("XDG_RUNTIME_DIR", &runtime)
+        .env_remove("CASA_NODE_CONNECTION_FILE")
+        .env_remove("CASA_NODE_ENDPOINT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("casa-node up runs");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert_eq!(output.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--connection-file"), "{stderr}");
+    assert!(
+        output.stdout.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    let _ = std::fs::remove_dir_all(&runtime);
 }
