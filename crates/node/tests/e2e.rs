@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use casa_node::client::{BlockingClient, ClientError, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
-use casa_node_conformance::process::{self, children, wait_gone};
+use casa_node_conformance::process::{self, children, wait_exit, wait_gone};
 use casa_node_protocol::pb::{CommandMode, CommandStatus, LogLevel, RejectReason, Value};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -125,7 +125,7 @@ impl Cluster {
     /// Waits for `casa-node up` to exit, then checks no server or worker
     /// it started is left.
     fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let status = wait_child(&mut self.up, WAIT).expect("casa-node up exits");
+        let status = wait_exit(&mut self.up, WAIT).expect("casa-node up exits");
         for &pid in &self.seen {
             assert!(
                 wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(15)),
@@ -164,7 +164,7 @@ impl Drop for Cluster {
         }
         if self.up.try_wait().ok().flatten().is_none() {
             let _ = kill(Pid::from_raw(self.up.id() as i32), Signal::SIGTERM);
-            if wait_child(&mut self.up, Duration::from_secs(20)).is_none() {
+            if wait_exit(&mut self.up, Duration::from_secs(20)).is_none() {
                 let _ = self.up.kill();
                 let _ = self.up.wait();
             }
@@ -175,19 +175,6 @@ impl Drop for Cluster {
             }
         }
         let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-fn wait_child(child: &mut Child, limit: Duration) -> Option<std::process::ExitStatus> {
-    let end = Instant::now() + limit;
-    loop {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
-        }
-        if Instant::now() >= end {
-            return None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
@@ -677,7 +664,7 @@ fn stop_services_ends_the_cluster_while_a_server_hangs() {
     assert!(one(&c, Submit::new("1+1").targets([1])).successful);
     c.stop(false).unwrap();
     let stopped = Instant::now();
-    let status = wait_child(&mut cluster.up, Duration::from_secs(90));
+    let status = wait_exit(&mut cluster.up, Duration::from_secs(90));
     assert!(status.is_some(), "the cluster hangs on a hung server");
     eprintln!("ended {:?} after stop services", stopped.elapsed());
     for &pid in &cluster.seen {
@@ -801,7 +788,7 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
             .find(|p| !cluster.seen.contains(&(p.as_raw() as u32)))
             .expect("rank 0 among mpirun's children");
         kill(rank0, Signal::SIGKILL).unwrap();
-        assert!(wait_child(&mut cluster.up, WAIT).is_some(), "mpirun ends");
+        assert!(wait_exit(&mut cluster.up, WAIT).is_some(), "mpirun ends");
     } else {
         cluster.up.kill().unwrap();
         cluster.up.wait().unwrap();
@@ -916,7 +903,7 @@ fn a_server_attached_with_connect_joins_and_serves() {
     assert!(r.successful && r.server == 2);
     c.stop(false).unwrap();
     assert!(cluster.wait_exit().success());
-    assert!(wait_child(&mut extra, WAIT).is_some_and(|s| s.success()));
+    assert!(wait_exit(&mut extra, WAIT).is_some_and(|s| s.success()));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -242,35 +242,34 @@ fn with_field(file: &Path, field: &str, value: &str, copy: &Path) {
     std::fs::set_permissions(copy, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// A `casa-node server --connect NODES` with `args`, killed by PID if the
-/// test ends first; its exit status and what it wrote to stderr.
-fn attach_server(nodes: &str, args: &[&str]) -> (Option<std::process::ExitStatus>, String) {
-    struct Guard(Child);
-    impl Drop for Guard {
-        fn drop(&mut self) {
-            if self.0.try_wait().ok().flatten().is_none() {
-                let _ = self.0.kill();
-                let _ = self.0.wait();
-            }
-        }
+/// Runs `command` (stdin closed, stderr captured) to its end, killed by
+/// PID after `WAIT`: its exit status (`None` if it had to be killed) and
+/// what it wrote to stderr.
+fn exit_and_stderr(command: &mut Command) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = command
+        .stdin(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("casa-node starts");
+    let status = wait_exit(&mut child, WAIT);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
     }
-    let mut server = Guard(
+    let mut stderr = String::new();
+    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+    (status, stderr)
+}
+
+/// A `casa-node server --connect NODES` with `args`, to its end.
+fn attach_server(nodes: &str, args: &[&str]) -> (Option<std::process::ExitStatus>, String) {
+    exit_and_stderr(
         Command::new(BIN)
             .args(["server", "--connect", nodes, "--timeout", "5"])
             .args(args)
             .env_remove("CASA_NODE_CONNECTION_FILE")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("casa-node server starts"),
-    );
-    let status = wait_exit(&mut server.0, WAIT);
-    let mut stderr = String::new();
-    if status.is_some() {
-        let _ = server.0.stderr.take().unwrap().read_to_string(&mut stderr);
-    }
-    (status, stderr)
+            .stdout(Stdio::null()),
+    )
 }
 
 /// The right token over TLS is admitted: the Rust client, and the CLI with
@@ -511,29 +510,16 @@ fn up_refuses_tcp_without_a_connection_file() {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
     };
-    let mut up = Command::new(BIN)
-        .args(["up", "--servers", "1"])
-        .args(["--endpoint", &format!("tcp://127.0.0.1:{port}")])
-        .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-        .env("XDG_RUNTIME_DIR", dir.join("runtime"))
-        .env_remove("CASA_NODE_CONNECTION_FILE")
-        .current_dir(&dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("casa-node up starts");
-    let status = wait_exit(&mut up, WAIT);
-    if status.is_none() {
-        let _ = up.kill();
-        let _ = up.wait();
-    }
-    let mut stderr = String::new();
-    up.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = exit_and_stderr(
+        Command::new(BIN)
+            .args(["up", "--servers", "1"])
+            .args(["--endpoint", &format!("tcp://127.0.0.1:{port}")])
+            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
+            .env("XDG_RUNTIME_DIR", dir.join("runtime"))
+            .env_remove("CASA_NODE_CONNECTION_FILE")
+            .current_dir(&dir)
+            .stdout(Stdio::null()),
+    );
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(stderr.contains("--connection-file"), "{stderr}");
@@ -555,32 +541,19 @@ fn a_connection_file_others_can_read_is_refused() {
     std::fs::copy(cluster.connection_file.as_deref().unwrap(), &open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
 
-    let mut up = Command::new(BIN)
-        .args(["up", "--servers", "1"])
-        .args(["--endpoint", "tcp://127.0.0.1:0"])
-        .args(["--connection-file", open.to_str().unwrap()])
-        .args([
-            "--log-file",
-            cluster.dir.join("second.log").to_str().unwrap(),
-        ])
-        .env("XDG_RUNTIME_DIR", cluster.dir.join("runtime-2"))
-        .current_dir(&cluster.dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("casa-node up starts");
-    let status = wait_exit(&mut up, WAIT);
-    if status.is_none() {
-        let _ = up.kill();
-        let _ = up.wait();
-    }
-    let mut stderr = String::new();
-    up.stderr
-        .take()
-        .unwrap()
-        .read_to_string(&mut stderr)
-        .unwrap();
+    let (status, stderr) = exit_and_stderr(
+        Command::new(BIN)
+            .args(["up", "--servers", "1"])
+            .args(["--endpoint", "tcp://127.0.0.1:0"])
+            .args(["--connection-file", open.to_str().unwrap()])
+            .args([
+                "--log-file",
+                cluster.dir.join("second.log").to_str().unwrap(),
+            ])
+            .env("XDG_RUNTIME_DIR", cluster.dir.join("runtime-2"))
+            .current_dir(&cluster.dir)
+            .stdout(Stdio::null()),
+    );
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
     assert!(stderr.contains(open.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("mode 644"), "{stderr}");
