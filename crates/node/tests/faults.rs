@@ -626,6 +626,21 @@ struct Ledger {
     bad_commands: usize,
 }
 
+impl Ledger {
+    /// Adds `other`'s counts (for the summary; the requests stay apart).
+    fn add(&mut self, other: &Ledger) {
+        self.submitted += other.submitted;
+        self.rejected += other.rejected;
+        self.bad_commands += other.bad_commands;
+        for (&id, &expect) in &other.accepted {
+            assert!(
+                self.accepted.insert(id, expect).is_none(),
+                "id {id} was given to two drivers (rule 11)"
+            );
+        }
+    }
+}
+
 fn request(
     command: impl Into<String>,
     parameters: Vec<(&str, Value)>,
@@ -661,10 +676,10 @@ struct Stream<'a> {
 const MAX_PENDING: usize = 16;
 
 impl<'a> Stream<'a> {
-    fn new(driver: &'a Driver, seed: u64, ranks: Vec<Rank>) -> Self {
+    fn new(driver: &'a Driver, seed: u64, number: u8, ranks: Vec<Rank>) -> Self {
         Stream {
             driver,
-            rng: rng(seed, 1),
+            rng: rng(seed, number),
             ranks,
             ledger: Ledger::default(),
             pending: VecDeque::new(),
@@ -723,7 +738,22 @@ impl<'a> Stream<'a> {
         self.ledger.bad_commands += 1;
         let targets = self.targets();
         let deadline = self.rng.random_range(200..1000) as f64 / 1000.0;
-        match self.rng.random_range(0..6) {
+        match self.rng.random_range(0..7) {
+            6 => {
+                // A child process that outlives the command, as tasks that
+                // run external programs leave: it must not outlive the
+                // cluster.
+                self.submit(
+                    request(
+                        "import subprocess; subprocess.Popen(['sleep', '600'])",
+                        vec![],
+                        targets,
+                        None,
+                    ),
+                    Expect::Nothing,
+                    false,
+                );
+            }
             0 => {
                 self.submit(
                     request("import ctypes; ctypes.string_at(0)", vec![], targets, None),
@@ -882,6 +912,17 @@ struct Outcomes {
     replaced: usize,
     /// Requests left unanswered because the client node died.
     lost: usize,
+}
+
+impl Outcomes {
+    fn add(&mut self, other: &Outcomes) {
+        self.success += other.success;
+        self.failure += other.failure;
+        self.timeout += other.timeout;
+        self.cancelled += other.cancelled;
+        self.replaced += other.replaced;
+        self.lost += other.lost;
+    }
 }
 
 /// Checks rule 11 on everything `driver` received: each accepted request
@@ -1047,7 +1088,7 @@ impl Injector {
         let stop = Arc::new(AtomicBool::new(false));
         let flag = stop.clone();
         let handle = std::thread::spawn(move || {
-            let mut rng = rng(seed, 2);
+            let mut rng = rng(seed, 100);
             let mut injected = 0;
             while pause(millis(&mut rng, gap.clone()), &flag) {
                 injected += fault(&mut rng, &flag);
@@ -1117,8 +1158,12 @@ impl Target {
     }
 }
 
+/// Drivers that run commands side by side in each scenario.
+const DRIVERS: usize = 2;
+
 /// A scenario whose faults come from `fault`, on a cluster of `servers`,
-/// with `count` commands a share `bad_share` of which are bad ones.
+/// with `count` commands (a share `bad_share` of them bad ones) split
+/// between [`DRIVERS`] drivers running side by side.
 fn scenario(
     name: &str,
     servers: usize,
@@ -1129,7 +1174,7 @@ fn scenario(
 ) {
     let (seed, started) = begin(name);
     let mut cluster = Cluster::start(servers);
-    let driver = cluster.driver();
+    let drivers: Vec<Driver> = (0..DRIVERS).map(|_| cluster.driver()).collect();
     let target = Target::of(&cluster);
     let mut fault = fault;
     let injector = {
@@ -1139,25 +1184,49 @@ fn scenario(
             fault(rng, stop, &target)
         })
     };
-    let mut stream = Stream::new(&driver, seed, cluster.ranks());
-    stream.run(count, bad_share, || cluster.note_tree());
+    let streams: Vec<(Ledger, bool)> = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let running: Vec<_> = drivers
+            .iter()
+            .enumerate()
+            .map(|(i, driver)| {
+                scope.spawn(move || {
+                    let mut stream = Stream::new(driver, seed, 1 + i as u8, cluster.ranks());
+                    stream.run(count / DRIVERS, bad_share, || cluster.note_tree());
+                    stream.finish();
+                    (std::mem::take(&mut stream.ledger), stream.open)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|stream| {
+                stream
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            })
+            .collect()
+    });
     let faults = injector.finish();
     // Every fault has ended: nothing is stopped any more.
     cluster.note_tree();
     cluster.procs.signal_all(Signal::SIGCONT);
-    stream.finish();
-    assert!(
-        stream.open,
-        "the client node went away\n{}",
-        cluster.diagnostics()
-    );
-    let faults = faults + stream.ledger.bad_commands;
-    let mut ledger = std::mem::take(&mut stream.ledger);
-    check_serves(&driver, &mut ledger);
-    cluster.stop(&driver);
-    assert!(driver.wait_closed(HANG), "the front door stayed open");
-    let outcomes = check_responses(&ledger, &driver, false);
-    summary(name, seed, &ledger, faults, &outcomes, started);
+    let mut ledgers = Vec::new();
+    for (ledger, open) in streams {
+        assert!(open, "the client node went away\n{}", cluster.diagnostics());
+        ledgers.push(ledger);
+    }
+    check_serves(&drivers[0], &mut ledgers[0]);
+    cluster.stop(&drivers[0]);
+    let mut total = Ledger::default();
+    let mut outcomes = Outcomes::default();
+    for (driver, ledger) in drivers.iter().zip(&ledgers) {
+        assert!(driver.wait_closed(HANG), "the front door stayed open");
+        outcomes.add(&check_responses(ledger, driver, false));
+        total.add(ledger);
+    }
+    let faults = faults + total.bad_commands;
+    summary(name, seed, &total, faults, &outcomes, started);
 }
 
 // ---------------------------------------------------------------------
@@ -1179,7 +1248,7 @@ fn server_nodes_killed() {
         "server_nodes_killed",
         4,
         240,
-        0.0,
+        0.05,
         600..2500,
         move |rng, _, target| {
             // Keep two servers alive.
@@ -1330,7 +1399,7 @@ fn drivers_killed_mid_wait() {
             1
         }
     });
-    let mut stream = Stream::new(&driver, seed, cluster.ranks());
+    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks());
     stream.run(240, 0.0, || cluster.note_tree());
     let faults = injector.finish();
     stream.finish();
@@ -1400,7 +1469,7 @@ fn the_client_node_killed() {
             1
         })
     };
-    let mut stream = Stream::new(&driver, seed, cluster.ranks());
+    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks());
     // Until the connection closes; the kill comes within seconds.
     stream.run(5000, 0.05, || cluster.note_tree());
     let faults = injector.finish();
