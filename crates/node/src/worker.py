@@ -1568,10 +1568,12 @@ def main():
     fds = [int(fd) for fd in env.pop("CASA_NODE_WORKER_FDS", "0,1,-1").split(",")]
     if env.pop("CASA_NODE_WORKER_MODE", "") == "codec-echo":
         _codec_echo(fds[0], fds[1])
-    else:
-        _Worker(fds, env).serve()
-    # Threads that user code left running must not hold the worker.
-    os._exit(0)
+        os._exit(0)
+    _Worker(fds, env).serve()
+    # The commands pipe closed: the server node is gone or done with this
+    # worker. Threads that user code left running must not hold it, nor
+    # may processes it started outlive it.
+    _leave()
 
 
 if __name__ == "__main__":
