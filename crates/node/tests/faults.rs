@@ -871,6 +871,23 @@ impl<'a> Stream<'a> {
         Some(ids)
     }
 
+    /// Has every server's worker start a program that outlives the
+    /// command (`sleep 600`), as tasks that drive other tools do: it must
+    /// not outlive the cluster, whatever happens to its worker or server.
+    fn start_programs(&mut self) {
+        let ranks = self.ranks.clone();
+        self.submit(
+            request(
+                "import subprocess; subprocess.Popen(['sleep', '600'])",
+                vec![],
+                ranks,
+                None,
+            ),
+            Expect::Nothing,
+            true,
+        );
+    }
+
     /// Runs `count` commands, a share `bad_share` of them bad ones, calling
     /// `between` every 20 commands.
     fn run(&mut self, count: usize, bad_share: f64, mut between: impl FnMut()) {
@@ -1192,6 +1209,9 @@ fn scenario(
             .map(|(i, driver)| {
                 scope.spawn(move || {
                     let mut stream = Stream::new(driver, seed, 1 + i as u8, cluster.ranks());
+                    if i == 0 {
+                        stream.start_programs();
+                    }
                     stream.run(count / DRIVERS, bad_share, || cluster.note_tree());
                     stream.finish();
                     (std::mem::take(&mut stream.ledger), stream.open)
@@ -1400,6 +1420,7 @@ fn drivers_killed_mid_wait() {
         }
     });
     let mut stream = Stream::new(&driver, seed, 0, cluster.ranks());
+    stream.start_programs();
     stream.run(240, 0.0, || cluster.note_tree());
     let faults = injector.finish();
     stream.finish();
@@ -1470,6 +1491,7 @@ fn the_client_node_killed() {
         })
     };
     let mut stream = Stream::new(&driver, seed, 0, cluster.ranks());
+    stream.start_programs();
     // Until the connection closes; the kill comes within seconds.
     stream.run(5000, 0.05, || cluster.note_tree());
     let faults = injector.finish();
