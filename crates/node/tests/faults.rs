@@ -659,12 +659,30 @@ fn request(
     }
 }
 
+/// What a stream is made of.
+#[derive(Debug, Clone, Copy)]
+struct Mix {
+    /// The share of bad commands (see [`Stream::bad`]).
+    bad: f64,
+    /// The share of ordinary commands given a deadline (1.5 s).
+    deadlines: f64,
+}
+
+impl Mix {
+    /// Ordinary commands only, a tenth of them with a deadline.
+    const ORDINARY: Mix = Mix {
+        bad: 0.0,
+        deadlines: 0.1,
+    };
+}
+
 /// Runs commands through one driver.
 struct Stream<'a> {
     driver: &'a Driver,
     rng: TestRng,
     ranks: Vec<Rank>,
     ledger: Ledger,
+    mix: Mix,
     /// Non-blocking requests not yet waited for, oldest first.
     pending: VecDeque<RequestId>,
     /// False once the connection closed (the client node is gone).
@@ -676,12 +694,13 @@ struct Stream<'a> {
 const MAX_PENDING: usize = 16;
 
 impl<'a> Stream<'a> {
-    fn new(driver: &'a Driver, seed: u64, number: u8, ranks: Vec<Rank>) -> Self {
+    fn new(driver: &'a Driver, seed: u64, number: u8, ranks: Vec<Rank>, mix: Mix) -> Self {
         Stream {
             driver,
             rng: rng(seed, number),
             ranks,
             ledger: Ledger::default(),
+            mix,
             pending: VecDeque::new(),
             open: true,
         }
@@ -708,21 +727,18 @@ impl<'a> Stream<'a> {
     fn ordinary(&mut self) {
         let x: i64 = self.rng.random_range(0..1_000_000);
         let seconds = self.rng.random_range(20..300) as f64 / 1000.0;
-        let (command, expect, deadline) = match self.rng.random_range(0..20) {
-            0..8 => ("x + 1".to_owned(), Expect::Ret(x + 1), None),
-            8..13 => (
+        let (command, expect) = match self.rng.random_range(0..20) {
+            0..8 => ("x + 1".to_owned(), Expect::Ret(x + 1)),
+            8..15 => (
                 format!("(time.sleep({seconds}), x + 1)[1]"),
                 Expect::Ret(x + 1),
-                None,
             ),
-            13..15 => (
-                format!("(time.sleep({seconds}), x + 1)[1]"),
-                Expect::Ret(x + 1),
-                Some(1.5),
-            ),
-            15..18 => ("y = x + 1".to_owned(), Expect::Nothing, None),
-            _ => ("x // 0".to_owned(), Expect::Raises, None),
+            15..18 => ("y = x + 1".to_owned(), Expect::Nothing),
+            _ => ("x // 0".to_owned(), Expect::Raises),
         };
+        // Far more time than the command needs, unless its worker or
+        // server is stopped.
+        let deadline = self.rng.random_bool(self.mix.deadlines).then_some(1.5);
         let targets = self.targets();
         let blocking = self.rng.random_bool(0.5);
         self.submit(
@@ -888,9 +904,8 @@ impl<'a> Stream<'a> {
         );
     }
 
-    /// Runs `count` commands, a share `bad_share` of them bad ones, calling
-    /// `between` every 20 commands.
-    fn run(&mut self, count: usize, bad_share: f64, mut between: impl FnMut()) {
+    /// Runs `count` commands, calling `between` every 20 commands.
+    fn run(&mut self, count: usize, mut between: impl FnMut()) {
         for i in 0..count {
             if !self.open {
                 break;
@@ -898,7 +913,7 @@ impl<'a> Stream<'a> {
             if i % 20 == 0 {
                 between();
             }
-            if self.rng.random_bool(bad_share) {
+            if self.rng.random_bool(self.mix.bad) {
                 self.bad();
             } else {
                 self.ordinary();
@@ -1179,13 +1194,13 @@ impl Target {
 const DRIVERS: usize = 2;
 
 /// A scenario whose faults come from `fault`, on a cluster of `servers`,
-/// with `count` commands (a share `bad_share` of them bad ones) split
-/// between [`DRIVERS`] drivers running side by side.
+/// with `count` commands made as `mix` says, split between [`DRIVERS`]
+/// drivers running side by side.
 fn scenario(
     name: &str,
     servers: usize,
     count: usize,
-    bad_share: f64,
+    mix: Mix,
     gap: std::ops::Range<u64>,
     fault: impl FnMut(&mut TestRng, &AtomicBool, &Target) -> usize + Send + 'static,
 ) {
@@ -1208,11 +1223,11 @@ fn scenario(
             .enumerate()
             .map(|(i, driver)| {
                 scope.spawn(move || {
-                    let mut stream = Stream::new(driver, seed, 1 + i as u8, cluster.ranks());
+                    let mut stream = Stream::new(driver, seed, 1 + i as u8, cluster.ranks(), mix);
                     if i == 0 {
                         stream.start_programs();
                     }
-                    stream.run(count / DRIVERS, bad_share, || cluster.note_tree());
+                    stream.run(count / DRIVERS, || cluster.note_tree());
                     stream.finish();
                     (std::mem::take(&mut stream.ledger), stream.open)
                 })
@@ -1268,7 +1283,10 @@ fn server_nodes_killed() {
         "server_nodes_killed",
         4,
         240,
-        0.05,
+        Mix {
+            bad: 0.05,
+            ..Mix::ORDINARY
+        },
         600..2500,
         move |rng, _, target| {
             // Keep two servers alive.
@@ -1293,7 +1311,7 @@ fn server_nodes_stopped_and_continued() {
         "server_nodes_stopped_and_continued",
         3,
         240,
-        0.0,
+        Mix::ORDINARY,
         300..1500,
         |rng, stop, target| {
             let pid = target.any_server(rng);
@@ -1307,44 +1325,58 @@ fn server_nodes_stopped_and_continued() {
 /// command running fails saying so, and a fresh worker serves.
 #[test]
 fn workers_killed() {
-    scenario("workers_killed", 3, 240, 0.0, 200..900, |rng, _, target| {
-        let server = target.any_server(rng);
-        let Some(worker) = worker_of(server) else {
-            return 0;
-        };
-        if kill(worker, Signal::SIGKILL).is_err() {
-            return 0;
-        }
-        if !rng.random_bool(0.4) {
-            return 1;
-        }
-        // Its replacement, as soon as it appears.
-        let end = Instant::now() + Duration::from_secs(5);
-        while Instant::now() < end {
-            if let Some(fresh) = worker_of(server).filter(|&p| p != worker) {
-                target.procs.note(fresh);
-                return 1 + usize::from(kill(fresh, Signal::SIGKILL).is_ok());
+    scenario(
+        "workers_killed",
+        3,
+        240,
+        Mix::ORDINARY,
+        200..900,
+        |rng, _, target| {
+            let server = target.any_server(rng);
+            let Some(worker) = worker_of(server) else {
+                return 0;
+            };
+            if kill(worker, Signal::SIGKILL).is_err() {
+                return 0;
             }
-            std::thread::sleep(Duration::from_millis(2));
-        }
-        1
-    });
+            if !rng.random_bool(0.4) {
+                return 1;
+            }
+            // Its replacement, as soon as it appears.
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                if let Some(fresh) = worker_of(server).filter(|&p| p != worker) {
+                    target.procs.note(fresh);
+                    return 1 + usize::from(kill(fresh, Signal::SIGKILL).is_ok());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            1
+        },
+    );
 }
 
 /// Rules 11, 24: Python workers stopped (SIGSTOP) and continued: the
-/// server keeps answering pings; a command with a deadline whose worker
-/// is stopped cannot be interrupted, so the worker is killed after the
-/// grace period.
+/// server keeps answering pings, so nothing times out but what has a
+/// deadline; a command whose deadline passes while its worker is stopped
+/// is interrupted once the worker continues, or, stopped for longer than
+/// the grace period (8 s at times here), its worker is killed.
 #[test]
 fn workers_stopped_and_continued() {
     scenario(
         "workers_stopped_and_continued",
         3,
         240,
-        0.0,
+        Mix {
+            deadlines: 0.5,
+            ..Mix::ORDINARY
+        },
         200..1200,
         |rng, stop, target| match worker_of(target.any_server(rng)) {
-            Some(worker) => stop_for_a_while(worker, rng, 3000, stop),
+            Some(worker) => {
+                let longest = if rng.random_bool(0.25) { 8000 } else { 3000 };
+                stop_for_a_while(worker, rng, longest, stop)
+            }
             None => 0,
         },
     );
@@ -1360,7 +1392,10 @@ fn commands_that_crash_exhaust_memory_or_block() {
         "commands_that_crash_exhaust_memory_or_block",
         3,
         240,
-        0.12,
+        Mix {
+            bad: 0.12,
+            ..Mix::ORDINARY
+        },
         1000..2000,
         |_, _, _| 0,
     );
@@ -1419,9 +1454,9 @@ fn drivers_killed_mid_wait() {
             1
         }
     });
-    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks());
+    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks(), Mix::ORDINARY);
     stream.start_programs();
-    stream.run(240, 0.0, || cluster.note_tree());
+    stream.run(240, || cluster.note_tree());
     let faults = injector.finish();
     stream.finish();
     assert!(
@@ -1490,10 +1525,19 @@ fn the_client_node_killed() {
             1
         })
     };
-    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks());
+    let mut stream = Stream::new(
+        &driver,
+        seed,
+        0,
+        cluster.ranks(),
+        Mix {
+            bad: 0.05,
+            ..Mix::ORDINARY
+        },
+    );
     stream.start_programs();
     // Until the connection closes; the kill comes within seconds.
-    stream.run(5000, 0.05, || cluster.note_tree());
+    stream.run(5000, || cluster.note_tree());
     let faults = injector.finish();
     assert!(
         !stream.open,
@@ -1529,14 +1573,20 @@ fn mixed_faults() {
         "mixed_faults",
         3,
         240,
-        0.08,
+        Mix {
+            bad: 0.08,
+            deadlines: 0.2,
+        },
         150..900,
         move |rng, stop, target| {
             let server = target.any_server(rng);
             match rng.random_range(0..10) {
                 0..3 => stop_for_a_while(server, rng, 4500, stop),
                 3..6 => match worker_of(server) {
-                    Some(worker) => stop_for_a_while(worker, rng, 3000, stop),
+                    Some(worker) => {
+                        let longest = if rng.random_bool(0.25) { 8000 } else { 3000 };
+                        stop_for_a_while(worker, rng, longest, stop)
+                    }
                     None => 0,
                 },
                 6..9 => match worker_of(server) {
