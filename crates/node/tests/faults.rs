@@ -1076,12 +1076,21 @@ fn check_serves(driver: &Driver, ledger: &mut Ledger) {
     }
 }
 
-/// One scenario's line: requests, faults, outcomes, time, seed.
-fn summary(name: &str, seed: u64, ledger: &Ledger, faults: usize, o: &Outcomes, started: Instant) {
-    let line = format!(
+/// One scenario's line: requests, faults, outcomes, time, seed, and
+/// `note` if there is one.
+fn summary(
+    name: &str,
+    seed: u64,
+    ledger: &Ledger,
+    faults: usize,
+    o: &Outcomes,
+    started: Instant,
+    note: &str,
+) {
+    report(&format!(
         "fault scenario {name} over {}: {} submissions, {} requests accepted, {} rejected; \
          {faults} faults injected; back: {} success, {} failure, {} timeout ({} replaced), \
-         {} cancelled, {} lost with the client node; {:.1} s; CASA_NODE_FAULT_SEED={seed}\n",
+         {} cancelled, {} lost with the client node; {:.1} s{note}; CASA_NODE_FAULT_SEED={seed}",
         transport_name(),
         ledger.submitted,
         ledger.accepted.len(),
@@ -1093,10 +1102,13 @@ fn summary(name: &str, seed: u64, ledger: &Ledger, faults: usize, o: &Outcomes, 
         o.cancelled,
         o.lost,
         started.elapsed().as_secs_f64(),
-    );
-    // Straight to the process's standard error, past the test harness's
-    // capture: the line is part of the suite's report.
-    let _ = std::io::stderr().write_all(line.as_bytes());
+    ));
+}
+
+/// Writes `line` straight to the process's standard error, past the test
+/// harness's capture: it is part of the suite's report.
+fn report(line: &str) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
 }
 
 // ---------------------------------------------------------------------
@@ -1261,7 +1273,7 @@ fn scenario(
         total.add(ledger);
     }
     let faults = faults + total.bad_commands;
-    summary(name, seed, &total, faults, &outcomes, started);
+    summary(name, seed, &total, faults, &outcomes, started, "");
 }
 
 // ---------------------------------------------------------------------
@@ -1275,7 +1287,10 @@ fn scenario(
 #[test]
 fn server_nodes_killed() {
     if over_mpi() {
-        eprintln!("MPI: killing a server rank ends the mpirun job; not a fault a cluster survives");
+        report(
+            "fault scenario server_nodes_killed over mpi: skipped, killing a server rank \
+             ends the whole mpirun job, which is not a fault an MPI cluster survives",
+        );
         return;
     }
     let mut killed = BTreeSet::new();
@@ -1496,7 +1511,7 @@ fn drivers_killed_mid_wait() {
     cluster.stop(&driver);
     assert!(driver.wait_closed(HANG), "the front door stayed open");
     let outcomes = check_responses(&ledger, &driver, false);
-    summary(name, seed, &ledger, faults, &outcomes, started);
+    summary(name, seed, &ledger, faults, &outcomes, started, "");
 }
 
 /// Rules 11, 30: the client node SIGKILLed while commands run (over MPI,
@@ -1553,13 +1568,18 @@ fn the_client_node_killed() {
     cluster.check_nothing_left();
     let ended = killed_at.elapsed();
     let outcomes = check_responses(&stream.ledger, &driver, true);
-    summary(name, seed, &stream.ledger, faults, &outcomes, started);
-    let _ = std::io::stderr().write_all(
-        format!(
-            "fault scenario {name}: every process gone {:.1} s after the kill\n",
-            ended.as_secs_f64()
-        )
-        .as_bytes(),
+    let note = format!(
+        " (every process gone {:.1} s after the kill)",
+        ended.as_secs_f64()
+    );
+    summary(
+        name,
+        seed,
+        &stream.ledger,
+        faults,
+        &outcomes,
+        started,
+        &note,
     );
 }
 
