@@ -39,8 +39,9 @@ use bytes::Bytes;
 use casa_node_conformance::process::{self, ChildGuard, ProcessSet, children};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    CancelReply, CancelRequest, CommandStatus, Envelope, Hello, Parameter, Role, StatusReply,
-    StatusRequest, StopRequest, SubmitRequest, TrackReply, TrackRequest, Value, submit_reply,
+    CancelReply, CancelRequest, CommandStatus, Envelope, Hello, Parameter, RejectReason, Role,
+    StatusReply, StatusRequest, StopRequest, SubmitRequest, TrackReply, TrackRequest, Value,
+    submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
 use nix::sys::signal::{Signal, kill};
@@ -478,12 +479,15 @@ impl Driver {
         }
     }
 
-    /// Submits; the accepted ids, or the rejection's message.
-    fn submit(&self, request: SubmitRequest) -> Result<Result<Vec<RequestId>, String>, WaitError> {
+    /// Submits; the accepted ids, or the rejection's reason.
+    fn submit(
+        &self,
+        request: SubmitRequest,
+    ) -> Result<Result<Vec<RequestId>, RejectReason>, WaitError> {
         match self.call(Body::SubmitRequest(Box::new(request)))? {
             Body::SubmitReply(reply) => Ok(match reply.outcome {
                 Some(submit_reply::Outcome::Accepted(a)) => Ok(a.ids),
-                Some(submit_reply::Outcome::Rejected(r)) => Err(r.message),
+                Some(submit_reply::Outcome::Rejected(r)) => Err(r.reason()),
                 None => panic!("an empty SubmitReply"),
             }),
             other => panic!("expected SubmitReply, got {}", other.name()),
@@ -687,6 +691,8 @@ struct Stream<'a> {
     pending: VecDeque<RequestId>,
     /// False once the connection closed (the client node is gone).
     open: bool,
+    /// True once a submission was refused because services are stopped.
+    stopped: bool,
 }
 
 /// Non-blocking requests allowed in flight before the oldest are waited
@@ -703,6 +709,7 @@ impl<'a> Stream<'a> {
             mix,
             pending: VecDeque::new(),
             open: true,
+            stopped: false,
         }
     }
 
@@ -855,8 +862,10 @@ impl<'a> Stream<'a> {
         self.ledger.submitted += 1;
         let ids = match self.driver.submit(request) {
             Ok(Ok(ids)) => ids,
-            Ok(Err(_rejected)) => {
+            Ok(Err(reason)) => {
                 self.ledger.rejected += 1;
+                // Services stopped (rule 27): nothing more will be accepted.
+                self.stopped |= reason == RejectReason::Stopped;
                 return None;
             }
             Err(WaitError::Closed) => {
@@ -907,7 +916,7 @@ impl<'a> Stream<'a> {
     /// Runs `count` commands, calling `between` every 20 commands.
     fn run(&mut self, count: usize, mut between: impl FnMut()) {
         for i in 0..count {
-            if !self.open {
+            if !self.open || self.stopped {
                 break;
             }
             if i % 20 == 0 {
@@ -1621,4 +1630,96 @@ fn mixed_faults() {
             }
         },
     );
+}
+
+/// Rules 11, 20, 27: services stopped (by a third driver, gracefully or
+/// forced, at times while a server node is stopped with SIGSTOP) while two
+/// drivers stream commands amid crashing and blocking ones: requests not yet sent end as cancelled, running ones finish (or,
+/// forced, are interrupted), later submissions are refused, and every
+/// accepted request has its one final response before the front door
+/// closes; then the whole cluster exits.
+#[test]
+fn services_stopped_mid_stream() {
+    let name = "services_stopped_mid_stream";
+    let (seed, started) = begin(name);
+    let mut cluster = Cluster::start(3);
+    let drivers: Vec<Driver> = (0..DRIVERS).map(|_| cluster.driver()).collect();
+    let stopper = cluster.driver();
+    let stopped = Arc::new(AtomicBool::new(false));
+    let injector = {
+        let stopped = stopped.clone();
+        let target = Target::of(&cluster);
+        Injector::start(seed, 1000..4000, move |rng, stop| {
+            if stopped.swap(true, Ordering::Relaxed) {
+                return 0;
+            }
+            target.procs.note_tree(target.root);
+            // At times with a server stopped (SIGSTOP) around the moment
+            // services stop, past the timeout at times.
+            let frozen = rng
+                .random_bool(0.5)
+                .then(|| target.any_server(rng))
+                .filter(|&server| kill(server, Signal::SIGSTOP).is_ok());
+            if frozen.is_some() {
+                pause(millis(rng, 0..500), stop);
+            }
+            let force = rng.random_bool(0.5);
+            let acked = stopper.call(Body::StopRequest(StopRequest { force }));
+            if let Some(server) = frozen {
+                pause(millis(rng, 0..4500), stop);
+                let _ = kill(server, Signal::SIGCONT);
+            }
+            match acked {
+                Ok(Body::Ack(ack)) if ack.ok => 1 + usize::from(frozen.is_some()),
+                other => panic!("stop services was refused: {other:?}"),
+            }
+        })
+    };
+    let mix = Mix {
+        bad: 0.05,
+        ..Mix::ORDINARY
+    };
+    let ledgers: Vec<Ledger> = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let running: Vec<_> = drivers
+            .iter()
+            .enumerate()
+            .map(|(i, driver)| {
+                scope.spawn(move || {
+                    let mut stream = Stream::new(driver, seed, 1 + i as u8, cluster.ranks(), mix);
+                    // Until services stop; what was accepted until then
+                    // is all answered, and then the connection closes.
+                    stream.run(5000, || cluster.note_tree());
+                    stream.finish();
+                    assert!(stream.stopped || !stream.open, "services never stopped");
+                    std::mem::take(&mut stream.ledger)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|stream| {
+                stream
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            })
+            .collect()
+    });
+    let faults = injector.finish();
+    assert!(
+        cluster.up.wait_timeout(HANG).is_some(),
+        "the cluster did not end within {HANG:?} of stop services\n{}",
+        cluster.diagnostics()
+    );
+    cluster.check_nothing_left();
+    let mut total = Ledger::default();
+    let mut outcomes = Outcomes::default();
+    for (driver, ledger) in drivers.iter().zip(&ledgers) {
+        assert!(driver.wait_closed(HANG), "the front door stayed open");
+        // Stopped, not killed: nothing may be left unanswered.
+        outcomes.add(&check_responses(ledger, driver, false));
+        total.add(ledger);
+    }
+    let faults = faults + total.bad_commands;
+    summary(name, seed, &total, faults, &outcomes, started, "");
 }
