@@ -203,3 +203,114 @@ pub fn wait_exit(
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Every process seen below some roots, by PID and start time, so that a
+/// test can tell which of them are still running after it has stopped
+/// them, and stop by PID whatever is left, without ever touching a later
+/// process that was given one of the same PIDs.
+#[derive(Debug, Default)]
+pub struct ProcessSet {
+    seen: std::sync::Mutex<std::collections::BTreeMap<i32, u64>>,
+}
+
+impl ProcessSet {
+    /// An empty set.
+    pub fn new() -> Self {
+        ProcessSet::default()
+    }
+
+    /// Adds `pid` as it is now; false if it is already gone.
+    pub fn note(&self, pid: Pid) -> bool {
+        match stat(pid) {
+            Some(s) if s.state != 'Z' => {
+                self.seen
+                    .lock()
+                    .expect("process set")
+                    .insert(pid.as_raw(), s.started);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Adds `root` and every process below it as they are now.
+    pub fn note_tree(&self, root: Pid) {
+        self.note(root);
+        let found = descendants(root);
+        let mut seen = self.seen.lock().expect("process set");
+        for (pid, started) in found {
+            seen.insert(pid.as_raw(), started);
+        }
+    }
+
+    /// The processes seen so far, with their start times.
+    pub fn seen(&self) -> Vec<(Pid, u64)> {
+        self.seen
+            .lock()
+            .expect("process set")
+            .iter()
+            .map(|(&pid, &started)| (Pid::from_raw(pid), started))
+            .collect()
+    }
+
+    /// The processes seen that are still running after waiting up to
+    /// `limit` for all of them to end.
+    pub fn survivors(&self, limit: Duration) -> Vec<Pid> {
+        let end = Instant::now() + limit;
+        loop {
+            let left: Vec<Pid> = self
+                .seen()
+                .into_iter()
+                .filter(|&(pid, started)| alive(pid, started))
+                .map(|(pid, _)| pid)
+                .collect();
+            if left.is_empty() || Instant::now() >= end {
+                return left;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Sends `signal` to every process seen that still runs.
+    pub fn signal_all(&self, signal: nix::sys::signal::Signal) {
+        for (pid, started) in self.seen() {
+            if alive(pid, started) {
+                let _ = nix::sys::signal::kill(pid, signal);
+            }
+        }
+    }
+
+    /// Stops what is left: SIGCONT (a stopped process cannot act on what
+    /// follows), then SIGKILL to each that still runs.
+    pub fn kill_all(&self) {
+        self.signal_all(nix::sys::signal::Signal::SIGCONT);
+        self.signal_all(nix::sys::signal::Signal::SIGKILL);
+    }
+}
+
+/// A child process that is killed (SIGCONT then SIGKILL, by PID) and
+/// reaped when dropped, unless it has ended by then.
+#[derive(Debug)]
+pub struct ChildGuard(pub std::process::Child);
+
+impl ChildGuard {
+    /// Waits up to `limit` for the child to end; its status if it did.
+    pub fn wait_timeout(&mut self, limit: Duration) -> Option<std::process::ExitStatus> {
+        wait_exit(&mut self.0, limit)
+    }
+
+    /// The child's PID.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.0.id() as i32)
+    }
+}
+
+impl Drop for ChildGuard {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = nix::sys::signal::kill(self.pid(), nix::sys::signal::Signal::SIGCONT);
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}

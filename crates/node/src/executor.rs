@@ -69,6 +69,12 @@ const WORKER_FDS: [i32; 3] = [3, 4, 5];
 /// worker is gone (a process that escaped its group may hold a pipe open).
 const STRAGGLER_WAIT: Duration = Duration::from_secs(1);
 
+/// Workers in a row that may be killed by a signal before they are ready
+/// and be replaced. A signal from outside (the out-of-memory killer, an
+/// operator) is no reason to leave the server without a worker for good;
+/// an interpreter that crashes every time it starts is, after a few tries.
+const STARTUP_KILLS: u32 = 5;
+
 /// How long `shutdown` waits for the worker to exit before killing it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 
@@ -192,6 +198,9 @@ pub struct Executor {
     no_worker: Option<String>,
     /// Set when the first worker fails before it is ready.
     start_failure: Option<ExecutorError>,
+    /// Workers killed by a signal before they were ready since the last
+    /// one that was (see [`STARTUP_KILLS`]).
+    startup_kills: u32,
     page_size: u64,
 }
 
@@ -291,6 +300,7 @@ impl Executor {
             tail: VecDeque::new(),
             no_worker: None,
             start_failure: None,
+            startup_kills: 0,
             page_size,
         };
         executor.spawn()?;
@@ -652,6 +662,7 @@ impl Executor {
                 };
                 w.ready = true;
                 w.init_error = (!ready.ok).then_some(ready.error);
+                self.startup_kills = 0;
                 tracing::debug!(pid = w.pid, "the Python worker is ready");
                 let init_error = w.init_error.clone();
                 if let Some(restart) = self.restart.take() {
@@ -746,6 +757,20 @@ impl Executor {
             .map(|(_, line)| line.clone())
             .collect();
         if !dead.ready {
+            let killed = dead.killed_because.is_none() && dead.exit_signal.is_some();
+            if killed && self.startup_kills < STARTUP_KILLS {
+                self.startup_kills += 1;
+                let note = format!("A worker {what} before it was ready; starting another.");
+                tracing::warn!(pid = dead.pid, "{note}");
+                let spawned = self.spawn();
+                if let Some(restart) = &mut self.restart {
+                    restart.reason = format!("{}\n{note}", restart.reason);
+                }
+                match spawned {
+                    Ok(()) => return,
+                    Err(error) => what = format!("{what}, and no other could be started: {error}"),
+                }
+            }
             match self.restart.take() {
                 None => {
                     self.start_failure = Some(ExecutorError::StartupExit {

@@ -1041,10 +1041,38 @@ class _Out(object):
                 _write_all(self.fd, small)
         except OSError:
             # The executor is gone: nobody is left to serve.
-            os._exit(0)
+            _leave()
 
     def log(self, level, message, origin, when=None):
         self.send(_log_frame(level, message, origin, time.time() if when is None else when))
+
+
+def _leave():
+    """Ends the worker because its server node is gone, with whatever it
+    started: the server node made the worker the leader of a process group
+    of its own, and a server node that was killed cannot take that group
+    down itself (rule 30). The others in the group get SIGKILL, as the
+    server node would send them; the worker itself exits with status 0."""
+    me = os.getpid()
+    if os.getpgid(0) == me:
+        try:
+            pids = [int(name) for name in os.listdir("/proc") if name.isdigit()]
+        except OSError:
+            pids = None
+        if pids is None:
+            # No /proc to find them by: the group is told to end.
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
+            try:
+                os.killpg(0, signal.SIGTERM)
+            except OSError:
+                pass
+        for pid in pids or ():
+            try:
+                if pid != me and os.getpgid(pid) == me:
+                    os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+    os._exit(0)
 
 
 def _write_all(fd, data):
@@ -1240,10 +1268,10 @@ class _Worker(object):
                         signal.pthread_kill(self.main_ident, signal.SIGINT)
             for fd, _ in events:
                 if fd == self.commands_fd:
-                    os._exit(0)
+                    _leave()
                 chunk = os.read(self.control_fd, _BIG)
                 if not chunk:
-                    os._exit(0)
+                    _leave()
                 reader.buf += chunk
                 try:
                     frames = reader.complete()
@@ -1540,10 +1568,12 @@ def main():
     fds = [int(fd) for fd in env.pop("CASA_NODE_WORKER_FDS", "0,1,-1").split(",")]
     if env.pop("CASA_NODE_WORKER_MODE", "") == "codec-echo":
         _codec_echo(fds[0], fds[1])
-    else:
-        _Worker(fds, env).serve()
-    # Threads that user code left running must not hold the worker.
-    os._exit(0)
+        os._exit(0)
+    _Worker(fds, env).serve()
+    # The commands pipe closed: the server node is gone or done with this
+    # worker. Threads that user code left running must not hold it, nor
+    # may processes it started outlive it.
+    _leave()
 
 
 if __name__ == "__main__":

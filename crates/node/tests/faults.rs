@@ -1,0 +1,1725 @@
+//! Fault injection: real clusters (`casa-node up` over ZeroMQ, or an
+//! `mpirun` job when CASA_NODE_TEST_TRANSPORT=mpi) with real Python
+//! workers run a stream of a few hundred commands (short and slightly
+//! longer, targeted and not, blocking and not) while faults strike at
+//! random moments: server nodes and workers killed or stopped and
+//! continued, commands that crash their worker, exhaust a memory limit or
+//! block forever, drivers killed mid-wait, the client node killed.
+//!
+//! After every scenario the suite checks that
+//!
+//! - every accepted request got exactly one final response (success,
+//!   failure, timeout or cancelled), counted per id as the front door
+//!   delivered them, plus at most one replacement of a timeout record
+//!   (rules 11, 21); a successful response carries the value its own
+//!   command computes;
+//! - nothing hangs: every wait has a deadline, and a request still
+//!   unanswered then fails the scenario, naming it;
+//! - the cluster still serves a `1+1` where a server survives;
+//! - no process is left behind: every process ever seen in the cluster's
+//!   tree (client node, server nodes, workers, including workers started
+//!   after a fault) is gone once the cluster has stopped (rule 30).
+//!
+//! Each scenario prints one summary line (on standard error, captured or
+//! not): requests, faults injected, what came back, elapsed time, and the
+//! seed; CASA_NODE_FAULT_SEED=SEED replays a scenario's schedule. Every
+//! process a scenario starts is stopped by PID when it ends, passed or
+//! failed.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::io::{BufRead, BufReader, Read, Write};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use casa_node_conformance::process::{self, ChildGuard, ProcessSet, children};
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{
+    CancelReply, CancelRequest, CommandStatus, Envelope, Hello, Parameter, RejectReason, Role,
+    StatusReply, StatusRequest, StopRequest, SubmitRequest, TrackReply, TrackRequest, Value,
+    submit_reply,
+};
+use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use proptest::prelude::Rng;
+use proptest::test_runner::{RngAlgorithm, TestRng};
+
+const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
+
+/// The longest any one wait may take before the suite calls it a hang.
+const HANG: Duration = Duration::from_secs(60);
+
+/// How long the processes of a cluster may take to end once it has
+/// stopped, or once its client node is gone: the servers' silence limit
+/// (3 s here) and a second of last chance, with room for a loaded machine.
+const EXIT_BOUND: Duration = Duration::from_secs(20);
+
+/// True when the suite runs over MPI (CASA_NODE_TEST_TRANSPORT=mpi).
+fn over_mpi() -> bool {
+    std::env::var("CASA_NODE_TEST_TRANSPORT").is_ok_and(|t| t == "mpi")
+}
+
+fn transport_name() -> &'static str {
+    if over_mpi() { "mpi" } else { "zmq" }
+}
+
+/// The seed of a scenario's schedule: CASA_NODE_FAULT_SEED, else a fresh
+/// one.
+fn seed() -> u64 {
+    if let Ok(text) = std::env::var("CASA_NODE_FAULT_SEED") {
+        return text
+            .trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("CASA_NODE_FAULT_SEED={text:?} is not a number"));
+    }
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    let mixed = (now.as_nanos() as u64) ^ (u64::from(std::process::id()) << 32);
+    mixed ^ NEXT.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed)
+}
+
+static NEXT: AtomicU64 = AtomicU64::new(0);
+
+/// Starts scenario `name`: its seed, said at once so that a failing run
+/// can be replayed, and its start time.
+fn begin(name: &str) -> (u64, Instant) {
+    let seed = seed();
+    eprintln!(
+        "fault scenario {name} over {}: CASA_NODE_FAULT_SEED={seed} replays its schedule",
+        transport_name()
+    );
+    (seed, Instant::now())
+}
+
+/// A reproducible generator for `seed`, one per thread of a scenario.
+fn rng(seed: u64, stream: u8) -> TestRng {
+    let mut bytes = [0u8; 32];
+    bytes[..8].copy_from_slice(&seed.to_le_bytes());
+    bytes[8] = stream;
+    TestRng::from_seed(RngAlgorithm::ChaCha, &bytes)
+}
+
+/// Sleeps `total` in short steps, returning early (false) once `stop` is
+/// set. This is the fault schedule's pause, not a synchronisation.
+fn pause(total: Duration, stop: &AtomicBool) -> bool {
+    let end = Instant::now() + total;
+    while Instant::now() < end {
+        if stop.load(Ordering::Relaxed) {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(10).min(end - Instant::now()));
+    }
+    !stop.load(Ordering::Relaxed)
+}
+
+fn millis(rng: &mut TestRng, range: std::ops::Range<u64>) -> Duration {
+    Duration::from_millis(rng.random_range(range))
+}
+
+// ---------------------------------------------------------------------
+// The cluster
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// A running cluster, stopped on drop: every process seen in its tree is
+/// stopped by PID.
+struct Cluster {
+    up: ChildGuard,
+    dir: PathBuf,
+    socket: PathBuf,
+    /// Every process seen in the cluster's tree.
+    procs: Arc<ProcessSet>,
+    /// Server ranks and their server nodes' PIDs.
+    servers: Vec<(Rank, Pid)>,
+    /// The client node: `up` itself, or rank 0 of the MPI job.
+    client_node: Pid,
+}
+
+impl Cluster {
+    /// `servers` server nodes with a heartbeat of 0.2 s and a timeout of
+    /// 3 s, as the end-to-end tests use.
+    fn start(servers: usize) -> Cluster {
+        let dir = std::env::temp_dir().join(format!(
+            "casa-node-faults-{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let socket = dir.join("front.sock");
+        let mut command = if over_mpi() {
+            let mut command = process::mpirun(servers + 1).unwrap_or_else(|why| panic!("{why}"));
+            command.args([BIN, "--transport", "mpi", "up"]);
+            // A session directory of the job's own: Open MPI 4 creates
+            // the shared one (/tmp/ompi.HOST.UID) racily, and two jobs
+            // starting at once (this suite runs scenarios in parallel)
+            // can fail with "mkdir: File exists".
+            command.env("OMPI_MCA_orte_tmpdir_base", &dir);
+            command
+        } else {
+            let mut command = Command::new(BIN);
+            command.args(["up", "--servers", &servers.to_string()]);
+            command
+        };
+        let stderr = std::fs::File::create(dir.join("up.stderr")).unwrap();
+        let mut child = command
+            .args(["--endpoint", &format!("unix://{}", socket.display())])
+            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
+            .args(["--heartbeat", "0.2", "--timeout", "3"])
+            .env("XDG_RUNTIME_DIR", &dir)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("casa-node up starts");
+        let stdout = child.stdout.take().unwrap();
+        let up = ChildGuard(child);
+        let procs = Arc::new(ProcessSet::new());
+        procs.note(up.pid());
+        let (lines_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut cluster = Cluster {
+            up,
+            dir,
+            socket,
+            procs,
+            servers: Vec::new(),
+            client_node: Pid::from_raw(0),
+        };
+        match lines.recv_timeout(HANG) {
+            Ok(line) if line.starts_with("front door: ") => {}
+            other => panic!(
+                "casa-node up did not open its front door: {other:?}\n{}",
+                cluster.diagnostics()
+            ),
+        }
+        let driver = cluster.driver();
+        let status = driver.status();
+        cluster.servers = status
+            .servers
+            .iter()
+            .map(|s| (s.rank, Pid::from_raw(s.pid as i32)))
+            .collect();
+        assert_eq!(cluster.servers.len(), servers, "{status:?}");
+        cluster.note_tree();
+        cluster.client_node = if over_mpi() {
+            let server_pids: Vec<Pid> = cluster.servers.iter().map(|&(_, p)| p).collect();
+            children(cluster.up.pid())
+                .into_iter()
+                .find(|p| !server_pids.contains(p))
+                .expect("rank 0 among mpirun's children")
+        } else {
+            cluster.up.pid()
+        };
+        cluster
+    }
+
+    fn driver(&self) -> Driver {
+        Driver::connect(&self.socket)
+    }
+
+    fn note_tree(&self) {
+        self.procs.note_tree(self.up.pid());
+    }
+
+    fn ranks(&self) -> Vec<Rank> {
+        self.servers.iter().map(|&(r, _)| r).collect()
+    }
+
+    /// The tail of the unified log and `up`'s standard error, for failure
+    /// messages.
+    fn diagnostics(&self) -> String {
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- casa-node.log (tail):\n{}\n--- up's stderr (tail):\n{}",
+            tail("casa-node.log"),
+            tail("up.stderr")
+        )
+    }
+
+    /// Stops services through `driver` and checks that the cluster ends
+    /// and leaves no process behind (rules 27, 30).
+    fn stop(&mut self, driver: &Driver) {
+        self.note_tree();
+        // Nothing may stay stopped: a stopped process cannot exit.
+        self.procs.signal_all(Signal::SIGCONT);
+        driver.stop();
+        if self.up.wait_timeout(HANG).is_none() {
+            panic!(
+                "the cluster did not end within {HANG:?} of stop services\n{}",
+                self.diagnostics()
+            );
+        }
+        self.check_nothing_left();
+    }
+
+    /// Every process seen in the cluster's tree is gone within
+    /// [`EXIT_BOUND`].
+    fn check_nothing_left(&self) {
+        let left = self.procs.survivors(EXIT_BOUND);
+        let described: Vec<String> = left
+            .iter()
+            .map(|pid| {
+                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+                format!("{pid} ({})", cmdline.chars().take(80).collect::<String>())
+            })
+            .collect();
+        assert!(
+            left.is_empty(),
+            "processes left behind {EXIT_BOUND:?} after the cluster ended: {described:?}\n{}",
+            self.diagnostics()
+        );
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.note_tree();
+        self.procs.signal_all(Signal::SIGCONT);
+        if self.up.wait_timeout(Duration::ZERO).is_none() {
+            let _ = kill(self.up.pid(), Signal::SIGTERM);
+            if self.up.wait_timeout(Duration::from_secs(20)).is_none() {
+                let _ = self.up.0.kill();
+                let _ = self.up.0.wait();
+            }
+        }
+        if !self.procs.survivors(Duration::from_secs(10)).is_empty() {
+            self.procs.kill_all();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+// ---------------------------------------------------------------------
+// A driver that counts what the front door delivers
+
+/// One `ResponseDelivery`, as it arrived.
+#[derive(Debug, Clone)]
+struct Delivery {
+    status: CommandStatus,
+    successful: bool,
+    replaces_timeout: bool,
+    ret: Option<Value>,
+    traceback: String,
+    worker_restarted: bool,
+    server: Rank,
+}
+
+#[derive(Default)]
+struct DriverState {
+    replies: HashMap<u64, Body>,
+    /// Every delivery, per request id, in arrival order: duplicates are
+    /// kept, to be counted.
+    deliveries: BTreeMap<RequestId, Vec<Delivery>>,
+    closed: bool,
+}
+
+struct DriverShared {
+    state: Mutex<DriverState>,
+    changed: Condvar,
+}
+
+/// The driver's state, also after a failed check panicked while holding
+/// it: the reader thread goes on, and the failure stays the one reported.
+fn lock(shared: &DriverShared) -> std::sync::MutexGuard<'_, DriverState> {
+    shared
+        .state
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A driver speaking the driver plane itself over the front door's Unix
+/// socket, so that every response the client node sends is seen and
+/// counted (the Rust client keeps one record per id, which would hide a
+/// duplicate).
+struct Driver {
+    writer: Mutex<UnixStream>,
+    shared: Arc<DriverShared>,
+    correlation: AtomicU64,
+    reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Why a wait for responses ended without them.
+#[derive(Debug)]
+enum WaitError {
+    /// The connection closed (the client node is gone).
+    Closed,
+}
+
+fn write_frame(stream: &mut UnixStream, envelope: &Envelope) -> std::io::Result<()> {
+    let frame = Framing::default()
+        .encode_to_bytes(envelope)
+        .expect("the suite's messages frame");
+    stream.write_all(&frame)
+}
+
+fn read_frame(stream: &mut UnixStream) -> std::io::Result<Envelope> {
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len)?;
+    let mut body = vec![0; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut body)?;
+    Framing::default()
+        .decode_body(Bytes::from(body))
+        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
+}
+
+impl Driver {
+    fn connect(socket: &Path) -> Driver {
+        let mut stream = UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("the front door {} accepts: {e}", socket.display()));
+        stream.set_read_timeout(Some(HANG)).unwrap();
+        let hello = Body::Hello(Hello {
+            protocol_version: PROTOCOL_VERSION,
+            role: Role::Driver.into(),
+            software: "casa-node fault suite".into(),
+            host: "localhost".into(),
+            pid: std::process::id(),
+            rank: 0,
+        });
+        write_frame(&mut stream, &Envelope::correlated(1, hello)).expect("Hello is sent");
+        match read_frame(&mut stream)
+            .expect("the client node answers Hello")
+            .body
+        {
+            Some(Body::Welcome(_)) => {}
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+        stream.set_read_timeout(None).unwrap();
+        let shared = Arc::new(DriverShared {
+            state: Mutex::new(DriverState::default()),
+            changed: Condvar::new(),
+        });
+        let mut reading = stream.try_clone().unwrap();
+        let reader_shared = shared.clone();
+        let reader = std::thread::spawn(move || {
+            while let Ok(envelope) = read_frame(&mut reading) {
+                let mut state = lock(&reader_shared);
+                match envelope.body {
+                    Some(Body::ResponseDelivery(delivery)) => {
+                        let response = delivery.response.expect("a delivery has a response");
+                        state
+                            .deliveries
+                            .entry(response.id)
+                            .or_default()
+                            .push(Delivery {
+                                status: response.status(),
+                                successful: response.successful,
+                                replaces_timeout: delivery.replaces_timeout,
+                                ret: response.ret.clone(),
+                                traceback: response.traceback().to_owned(),
+                                worker_restarted: response.worker_restarted,
+                                server: response.server,
+                            });
+                    }
+                    Some(Body::LogRecord(_)) | None => continue,
+                    Some(body) => {
+                        state.replies.insert(envelope.correlation, body);
+                    }
+                }
+                drop(state);
+                reader_shared.changed.notify_all();
+            }
+            lock(&reader_shared).closed = true;
+            reader_shared.changed.notify_all();
+        });
+        Driver {
+            writer: Mutex::new(stream),
+            shared,
+            correlation: AtomicU64::new(2),
+            reader: Some(reader),
+        }
+    }
+
+    /// Sends `body` and waits for its reply; a reply that does not come
+    /// within [`HANG`] fails the scenario.
+    fn call(&self, body: Body) -> Result<Body, WaitError> {
+        let correlation = self.correlation.fetch_add(1, Ordering::Relaxed);
+        let what = body.name();
+        {
+            let mut writer = self.writer.lock().unwrap();
+            if write_frame(&mut writer, &Envelope::correlated(correlation, body)).is_err() {
+                return Err(WaitError::Closed);
+            }
+        }
+        let end = Instant::now() + HANG;
+        let mut state = lock(&self.shared);
+        loop {
+            if let Some(reply) = state.replies.remove(&correlation) {
+                return Ok(reply);
+            }
+            if state.closed {
+                return Err(WaitError::Closed);
+            }
+            let now = Instant::now();
+            assert!(now < end, "hang: no reply to {what} within {HANG:?}");
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, end - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Submits; the accepted ids, or the rejection's reason.
+    fn submit(
+        &self,
+        request: SubmitRequest,
+    ) -> Result<Result<Vec<RequestId>, RejectReason>, WaitError> {
+        match self.call(Body::SubmitRequest(Box::new(request)))? {
+            Body::SubmitReply(reply) => Ok(match reply.outcome {
+                Some(submit_reply::Outcome::Accepted(a)) => Ok(a.ids),
+                Some(submit_reply::Outcome::Rejected(r)) => Err(r.reason()),
+                None => panic!("an empty SubmitReply"),
+            }),
+            other => panic!("expected SubmitReply, got {}", other.name()),
+        }
+    }
+
+    fn cancel(&self, ids: &[RequestId]) -> Result<CancelReply, WaitError> {
+        match self.call(Body::CancelRequest(CancelRequest { ids: ids.to_vec() }))? {
+            Body::CancelReply(reply) => Ok(reply),
+            other => panic!("expected CancelReply, got {}", other.name()),
+        }
+    }
+
+    fn status(&self) -> StatusReply {
+        match self.call(Body::StatusRequest(StatusRequest { server: None })) {
+            Ok(Body::StatusReply(reply)) => *reply,
+            other => panic!("expected StatusReply, got {other:?}"),
+        }
+    }
+
+    fn track(&self, ids: &[RequestId]) -> TrackReply {
+        match self.call(Body::TrackRequest(TrackRequest { ids: ids.to_vec() })) {
+            Ok(Body::TrackReply(reply)) => reply,
+            other => panic!("expected TrackReply, got {other:?}"),
+        }
+    }
+
+    fn stop(&self) {
+        match self.call(Body::StopRequest(StopRequest { force: false })) {
+            Ok(Body::Ack(ack)) if ack.ok => {}
+            other => panic!("stop services was refused: {other:?}"),
+        }
+    }
+
+    /// Waits until each of `ids` has had its final response; the ones
+    /// still unanswered after `limit` fail the scenario as a hang.
+    fn wait(&self, ids: &[RequestId], limit: Duration) -> Result<(), WaitError> {
+        let end = Instant::now() + limit;
+        let mut state = lock(&self.shared);
+        loop {
+            let missing: Vec<RequestId> = ids
+                .iter()
+                .copied()
+                .filter(|id| {
+                    !state
+                        .deliveries
+                        .get(id)
+                        .is_some_and(|d| d.iter().any(|d| !d.replaces_timeout))
+                })
+                .collect();
+            if missing.is_empty() {
+                return Ok(());
+            }
+            if state.closed {
+                return Err(WaitError::Closed);
+            }
+            let now = Instant::now();
+            assert!(
+                now < end,
+                "hang: requests {missing:?} got no final response within {limit:?}"
+            );
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, end - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// Waits up to `limit` for the connection to close; true if it did.
+    fn wait_closed(&self, limit: Duration) -> bool {
+        let end = Instant::now() + limit;
+        let mut state = lock(&self.shared);
+        while !state.closed {
+            let now = Instant::now();
+            if now >= end {
+                return false;
+            }
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, end - now)
+                .unwrap()
+                .0;
+        }
+        true
+    }
+
+    /// The final delivery of `id`, if it came.
+    fn final_of(&self, id: RequestId) -> Option<Delivery> {
+        let state = lock(&self.shared);
+        state
+            .deliveries
+            .get(&id)
+            .and_then(|d| d.iter().find(|d| !d.replaces_timeout).cloned())
+    }
+
+    fn deliveries(&self) -> BTreeMap<RequestId, Vec<Delivery>> {
+        lock(&self.shared).deliveries.clone()
+    }
+}
+
+impl Drop for Driver {
+    fn drop(&mut self) {
+        if let Ok(writer) = self.writer.lock() {
+            let _ = writer.shutdown(std::net::Shutdown::Both);
+        }
+        if let Some(reader) = self.reader.take() {
+            let _ = reader.join();
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// The stream of commands and what each should come back as
+
+/// What a request's response may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Expect {
+    /// If successful, `ret` is this integer.
+    Ret(i64),
+    /// Statements: if successful, `ret` is None.
+    Nothing,
+    /// Raises ZeroDivisionError: never successful.
+    Raises,
+    /// Kills its worker or exhausts its memory: never successful.
+    Crashes,
+    /// Blocks forever, ended by its deadline or a cancel: never
+    /// successful.
+    Blocks,
+}
+
+/// The requests a scenario submitted, and its counts.
+#[derive(Default)]
+struct Ledger {
+    accepted: BTreeMap<RequestId, Expect>,
+    submitted: usize,
+    rejected: usize,
+    bad_commands: usize,
+}
+
+impl Ledger {
+    /// Adds `other`'s counts (for the summary; the requests stay apart).
+    fn add(&mut self, other: &Ledger) {
+        self.submitted += other.submitted;
+        self.rejected += other.rejected;
+        self.bad_commands += other.bad_commands;
+        for (&id, &expect) in &other.accepted {
+            assert!(
+                self.accepted.insert(id, expect).is_none(),
+                "id {id} was given to two drivers (rule 11)"
+            );
+        }
+    }
+}
+
+fn request(
+    command: impl Into<String>,
+    parameters: Vec<(&str, Value)>,
+    targets: Vec<Rank>,
+    deadline: Option<f64>,
+) -> SubmitRequest {
+    SubmitRequest {
+        command: command.into(),
+        parameters: parameters
+            .into_iter()
+            .map(|(n, v)| Parameter::new(n, v))
+            .collect(),
+        targets,
+        deadline_seconds: deadline,
+        ..SubmitRequest::default()
+    }
+}
+
+/// What a stream is made of.
+#[derive(Debug, Clone, Copy)]
+struct Mix {
+    /// The share of bad commands (see [`Stream::bad`]).
+    bad: f64,
+    /// The share of ordinary commands given a deadline (1.5 s).
+    deadlines: f64,
+}
+
+impl Mix {
+    /// Ordinary commands only, a tenth of them with a deadline.
+    const ORDINARY: Mix = Mix {
+        bad: 0.0,
+        deadlines: 0.1,
+    };
+}
+
+/// Runs commands through one driver.
+struct Stream<'a> {
+    driver: &'a Driver,
+    rng: TestRng,
+    ranks: Vec<Rank>,
+    ledger: Ledger,
+    mix: Mix,
+    /// Non-blocking requests not yet waited for, oldest first.
+    pending: VecDeque<RequestId>,
+    /// False once the connection closed (the client node is gone).
+    open: bool,
+    /// True once a submission was refused because services are stopped.
+    stopped: bool,
+}
+
+/// Non-blocking requests allowed in flight before the oldest are waited
+/// for, so that a scenario's work stays bounded.
+const MAX_PENDING: usize = 16;
+
+impl<'a> Stream<'a> {
+    fn new(driver: &'a Driver, seed: u64, number: u8, ranks: Vec<Rank>, mix: Mix) -> Self {
+        Stream {
+            driver,
+            rng: rng(seed, number),
+            ranks,
+            ledger: Ledger::default(),
+            mix,
+            pending: VecDeque::new(),
+            open: true,
+            stopped: false,
+        }
+    }
+
+    /// Some targets (rule 13), or none (rule 12).
+    fn targets(&mut self) -> Vec<Rank> {
+        match self.rng.random_range(0..10) {
+            0..7 => Vec::new(),
+            7..9 => vec![self.ranks[self.rng.random_range(0..self.ranks.len())]],
+            _ => {
+                let mut ranks = self.ranks.clone();
+                let first = ranks.swap_remove(self.rng.random_range(0..ranks.len()));
+                match ranks.is_empty() {
+                    true => vec![first],
+                    false => vec![first, ranks[self.rng.random_range(0..ranks.len())]],
+                }
+            }
+        }
+    }
+
+    /// Submits one ordinary command: an expression, a slightly longer
+    /// one, statements, or one that raises; blocking or not.
+    fn ordinary(&mut self) {
+        let x: i64 = self.rng.random_range(0..1_000_000);
+        let seconds = self.rng.random_range(20..300) as f64 / 1000.0;
+        let (command, expect) = match self.rng.random_range(0..20) {
+            0..8 => ("x + 1".to_owned(), Expect::Ret(x + 1)),
+            8..15 => (
+                format!("(time.sleep({seconds}), x + 1)[1]"),
+                Expect::Ret(x + 1),
+            ),
+            15..18 => ("y = x + 1".to_owned(), Expect::Nothing),
+            _ => ("x // 0".to_owned(), Expect::Raises),
+        };
+        // Far more time than the command needs, unless its worker or
+        // server is stopped.
+        let deadline = self.rng.random_bool(self.mix.deadlines).then_some(1.5);
+        let targets = self.targets();
+        let blocking = self.rng.random_bool(0.5);
+        self.submit(
+            request(command, vec![("x", Value::from(x))], targets, deadline),
+            expect,
+            blocking,
+        );
+    }
+
+    /// Submits one command that ends its worker, exhausts a memory limit
+    /// or blocks forever (rules 24, 25).
+    fn bad(&mut self) {
+        self.ledger.bad_commands += 1;
+        let targets = self.targets();
+        let deadline = self.rng.random_range(200..1000) as f64 / 1000.0;
+        match self.rng.random_range(0..7) {
+            6 => {
+                // A child process that outlives the command, as tasks that
+                // run external programs leave: it must not outlive the
+                // cluster.
+                self.submit(
+                    request(
+                        "import subprocess; subprocess.Popen(['sleep', '600'])",
+                        vec![],
+                        targets,
+                        None,
+                    ),
+                    Expect::Nothing,
+                    false,
+                );
+            }
+            0 => {
+                self.submit(
+                    request("import ctypes; ctypes.string_at(0)", vec![], targets, None),
+                    Expect::Crashes,
+                    false,
+                );
+            }
+            1 => {
+                self.submit(
+                    request("os._exit(3)", vec![], targets, None),
+                    Expect::Crashes,
+                    false,
+                );
+            }
+            2 => {
+                // A soft address-space limit 256 MiB above what the worker
+                // maps now, then 1 GiB asked for: MemoryError, and the
+                // worker goes on under the limit.
+                let command = "import resource\n\
+                     _soft, _hard = resource.getrlimit(resource.RLIMIT_AS)\n\
+                     _mapped = int(open('/proc/self/statm').read().split()[0]) * resource.getpagesize()\n\
+                     resource.setrlimit(resource.RLIMIT_AS, (_mapped + (256 << 20), _hard))\n\
+                     bytearray(1 << 30)";
+                self.submit(
+                    request(command, vec![], targets, None),
+                    Expect::Crashes,
+                    false,
+                );
+            }
+            3 => {
+                self.submit(
+                    request("time.sleep(1e6)", vec![], targets, Some(deadline)),
+                    Expect::Blocks,
+                    false,
+                );
+            }
+            4 => {
+                self.submit(
+                // Deaf to the interrupt: killed after the grace period.
+                request(
+                    "import signal; signal.signal(signal.SIGINT, signal.SIG_IGN); time.sleep(1e6)",
+                    vec![],
+                    targets,
+                    Some(deadline),
+                ),
+                Expect::Blocks,
+                false,
+                );
+            }
+            _ => {
+                // No deadline: cancelled by the driver after a while.
+                let ids = self.submit(
+                    request(
+                        "import threading; threading.Event().wait()",
+                        vec![],
+                        targets,
+                        None,
+                    ),
+                    Expect::Blocks,
+                    false,
+                );
+                if let Some(ids) = ids {
+                    std::thread::sleep(millis(&mut self.rng, 20..500));
+                    if self.driver.cancel(&ids).is_err() {
+                        self.open = false;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Submits `request`; waits for it at once if `blocking`. The accepted
+    /// ids, if any.
+    fn submit(
+        &mut self,
+        request: SubmitRequest,
+        expect: Expect,
+        blocking: bool,
+    ) -> Option<Vec<RequestId>> {
+        if !self.open {
+            return None;
+        }
+        self.ledger.submitted += 1;
+        let ids = match self.driver.submit(request) {
+            Ok(Ok(ids)) => ids,
+            Ok(Err(reason)) => {
+                self.ledger.rejected += 1;
+                // Services stopped (rule 27): nothing more will be accepted.
+                self.stopped |= reason == RejectReason::Stopped;
+                return None;
+            }
+            Err(WaitError::Closed) => {
+                self.open = false;
+                return None;
+            }
+        };
+        for &id in &ids {
+            assert!(
+                self.ledger.accepted.insert(id, expect).is_none(),
+                "id {id} was given out twice (rule 11)"
+            );
+        }
+        if blocking {
+            if self.driver.wait(&ids, HANG).is_err() {
+                self.open = false;
+            }
+        } else {
+            self.pending.extend(&ids);
+            while self.pending.len() > MAX_PENDING {
+                let oldest = self.pending.pop_front().expect("not empty");
+                if self.driver.wait(&[oldest], HANG).is_err() {
+                    self.open = false;
+                    break;
+                }
+            }
+        }
+        Some(ids)
+    }
+
+    /// Has every server's worker start a program that outlives the
+    /// command (`sleep 600`), as tasks that drive other tools do: it must
+    /// not outlive the cluster, whatever happens to its worker or server.
+    fn start_programs(&mut self) {
+        let ranks = self.ranks.clone();
+        self.submit(
+            request(
+                "import subprocess; subprocess.Popen(['sleep', '600'])",
+                vec![],
+                ranks,
+                None,
+            ),
+            Expect::Nothing,
+            true,
+        );
+    }
+
+    /// Runs `count` commands, calling `between` every 20 commands.
+    fn run(&mut self, count: usize, mut between: impl FnMut()) {
+        for i in 0..count {
+            if !self.open || self.stopped {
+                break;
+            }
+            if i % 20 == 0 {
+                between();
+            }
+            if self.rng.random_bool(self.mix.bad) {
+                self.bad();
+            } else {
+                self.ordinary();
+            }
+        }
+    }
+
+    /// Waits for every request still pending.
+    fn finish(&mut self) {
+        let pending: Vec<RequestId> = self.pending.drain(..).collect();
+        if self.open && self.driver.wait(&pending, HANG).is_err() {
+            self.open = false;
+        }
+    }
+}
+
+// ---------------------------------------------------------------------
+// The invariant
+
+/// What came back, per outcome.
+#[derive(Debug, Default)]
+struct Outcomes {
+    success: usize,
+    failure: usize,
+    timeout: usize,
+    cancelled: usize,
+    /// Timeout records replaced by the real response (rule 21).
+    replaced: usize,
+    /// Requests left unanswered because the client node died.
+    lost: usize,
+}
+
+impl Outcomes {
+    fn add(&mut self, other: &Outcomes) {
+        self.success += other.success;
+        self.failure += other.failure;
+        self.timeout += other.timeout;
+        self.cancelled += other.cancelled;
+        self.replaced += other.replaced;
+        self.lost += other.lost;
+    }
+}
+
+/// Checks rule 11 on everything `driver` received: each accepted request
+/// got exactly one final response, and at most one later record replacing
+/// a timeout; nothing came for an id this driver was not given; each
+/// response is one its command can give. With `client_node_died`, a
+/// request may instead have no response at all (the connection closed).
+fn check_responses(ledger: &Ledger, driver: &Driver, client_node_died: bool) -> Outcomes {
+    let deliveries = driver.deliveries();
+    for id in deliveries.keys() {
+        assert!(
+            ledger.accepted.contains_key(id),
+            "a response for request {id}, which this driver was never given"
+        );
+    }
+    let mut outcomes = Outcomes::default();
+    for (&id, &expect) in &ledger.accepted {
+        let list = deliveries.get(&id).map(Vec::as_slice).unwrap_or_default();
+        let finals: Vec<&Delivery> = list.iter().filter(|d| !d.replaces_timeout).collect();
+        let replacements: Vec<&Delivery> = list.iter().filter(|d| d.replaces_timeout).collect();
+        if finals.is_empty() && client_node_died {
+            assert!(list.is_empty(), "request {id}: {list:?}");
+            outcomes.lost += 1;
+            continue;
+        }
+        assert_eq!(
+            finals.len(),
+            1,
+            "request {id} got {} final responses (rule 11): {list:?}",
+            finals.len()
+        );
+        let first = finals[0];
+        assert!(
+            replacements.len() <= 1,
+            "request {id}: its timeout record was replaced more than once: {list:?}"
+        );
+        if !replacements.is_empty() {
+            assert!(
+                first.status == CommandStatus::Timeout && !list[0].replaces_timeout,
+                "request {id}: a replacement for a record that was not a timeout (rule 21): {list:?}"
+            );
+            outcomes.replaced += 1;
+        }
+        let effective = replacements.first().copied().unwrap_or(first);
+        check_expected(id, expect, effective);
+        match first.status {
+            CommandStatus::Timeout => outcomes.timeout += 1,
+            CommandStatus::Cancelled => outcomes.cancelled += 1,
+            CommandStatus::ResponseReceived if first.successful => outcomes.success += 1,
+            CommandStatus::ResponseReceived => outcomes.failure += 1,
+            other => panic!("request {id}: a final response with status {other:?}: {list:?}"),
+        }
+    }
+    outcomes
+}
+
+/// Checks that `response` is one that request `id`'s command can give.
+fn check_expected(id: RequestId, expect: Expect, response: &Delivery) {
+    if response.successful {
+        assert_eq!(
+            response.status,
+            CommandStatus::ResponseReceived,
+            "request {id}: successful with status {:?}",
+            response.status
+        );
+        let ret = response.ret.as_ref();
+        match expect {
+            Expect::Ret(value) => assert_eq!(
+                ret.map(i64::try_from),
+                Some(Ok(value)),
+                "request {id} returned another command's value (server n# {}): {ret:?}",
+                response.server
+            ),
+            Expect::Nothing => assert_eq!(ret, Some(&Value::none()), "request {id}"),
+            Expect::Raises | Expect::Crashes | Expect::Blocks => {
+                panic!("request {id} ({expect:?}) succeeded: {response:?}")
+            }
+        }
+        return;
+    }
+    // A failure of a command that does not fail by itself must say what
+    // failed around it: its worker died, its server timed out, or it was
+    // cancelled or ran out of time.
+    if response.status == CommandStatus::ResponseReceived {
+        let tb = &response.traceback;
+        let explained = match expect {
+            Expect::Raises => tb.contains("ZeroDivisionError"),
+            Expect::Crashes => true,
+            Expect::Blocks | Expect::Ret(_) | Expect::Nothing => false,
+        };
+        assert!(
+            explained || response.worker_restarted || tb.contains("casa-node"),
+            "request {id} ({expect:?}) failed without a cause of its own: {response:?}"
+        );
+    }
+}
+
+/// The cluster still serves: a `1+1` comes back successful (where a
+/// server survives). A timeout of a server on this loaded machine is an
+/// answer too (rule 20), so it is tried again, within [`HANG`].
+fn check_serves(driver: &Driver, ledger: &mut Ledger) {
+    let end = Instant::now() + HANG;
+    loop {
+        let ids = driver
+            .submit(request("1+1", vec![], vec![], None))
+            .expect("the client node is up")
+            .expect("1+1 is accepted");
+        ledger.accepted.insert(ids[0], Expect::Ret(2));
+        ledger.submitted += 1;
+        driver.wait(&ids, HANG).expect("the client node is up");
+        let response = driver.final_of(ids[0]).expect("waited for");
+        if response.successful {
+            return;
+        }
+        assert!(
+            response.status == CommandStatus::Timeout && Instant::now() < end,
+            "the cluster no longer serves 1+1: {response:?}"
+        );
+    }
+}
+
+/// One scenario's line: requests, faults, outcomes, time, seed, and
+/// `note` if there is one.
+fn summary(
+    name: &str,
+    seed: u64,
+    ledger: &Ledger,
+    faults: usize,
+    o: &Outcomes,
+    started: Instant,
+    note: &str,
+) {
+    report(&format!(
+        "fault scenario {name} over {}: {} submissions, {} requests accepted, {} rejected; \
+         {faults} faults injected; back: {} success, {} failure, {} timeout ({} replaced), \
+         {} cancelled, {} lost with the client node; {:.1} s{note}; CASA_NODE_FAULT_SEED={seed}",
+        transport_name(),
+        ledger.submitted,
+        ledger.accepted.len(),
+        ledger.rejected,
+        o.success,
+        o.failure,
+        o.timeout,
+        o.replaced,
+        o.cancelled,
+        o.lost,
+        started.elapsed().as_secs_f64(),
+    ));
+}
+
+/// Writes `line` straight to the process's standard error, past the test
+/// harness's capture: it is part of the suite's report.
+fn report(line: &str) {
+    let _ = std::io::stderr().write_all(format!("{line}\n").as_bytes());
+}
+
+// ---------------------------------------------------------------------
+// Faults
+
+/// Injects faults on a thread of its own until stopped; counts them.
+struct Injector {
+    stop: Arc<AtomicBool>,
+    handle: Option<std::thread::JoinHandle<usize>>,
+}
+
+impl Injector {
+    /// Calls `fault` at random moments, `gap` apart; it returns how many
+    /// faults it injected, and should return early once the flag it is
+    /// given is set.
+    fn start(
+        seed: u64,
+        gap: std::ops::Range<u64>,
+        mut fault: impl FnMut(&mut TestRng, &AtomicBool) -> usize + Send + 'static,
+    ) -> Injector {
+        let stop = Arc::new(AtomicBool::new(false));
+        let flag = stop.clone();
+        let handle = std::thread::spawn(move || {
+            let mut rng = rng(seed, 100);
+            let mut injected = 0;
+            while pause(millis(&mut rng, gap.clone()), &flag) {
+                injected += fault(&mut rng, &flag);
+            }
+            injected
+        });
+        Injector {
+            stop,
+            handle: Some(handle),
+        }
+    }
+
+    /// Stops injecting; the number of faults injected.
+    fn finish(mut self) -> usize {
+        self.stop.store(true, Ordering::Relaxed);
+        match self.handle.take().expect("finished once").join() {
+            Ok(n) => n,
+            Err(panic) => std::panic::resume_unwind(panic),
+        }
+    }
+}
+
+impl Drop for Injector {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(handle) = self.handle.take() {
+            let _ = handle.join();
+        }
+    }
+}
+
+/// Stops `pid` for a random while (up to `longest`, past the cluster's
+/// 3 s timeout at times), then continues it.
+fn stop_for_a_while(pid: Pid, rng: &mut TestRng, longest: u64, stop: &AtomicBool) -> usize {
+    if kill(pid, Signal::SIGSTOP).is_err() {
+        return 0;
+    }
+    pause(millis(rng, 100..longest), stop);
+    let _ = kill(pid, Signal::SIGCONT);
+    1
+}
+
+/// The worker of the server node `server`: its child process.
+fn worker_of(server: Pid) -> Option<Pid> {
+    children(server).into_iter().next()
+}
+
+/// Everything a fault needs to know about the cluster.
+#[derive(Clone)]
+struct Target {
+    servers: Vec<(Rank, Pid)>,
+    procs: Arc<ProcessSet>,
+    root: Pid,
+}
+
+impl Target {
+    fn of(cluster: &Cluster) -> Target {
+        Target {
+            servers: cluster.servers.clone(),
+            procs: cluster.procs.clone(),
+            root: cluster.up.pid(),
+        }
+    }
+
+    fn any_server(&self, rng: &mut TestRng) -> Pid {
+        self.servers[rng.random_range(0..self.servers.len())].1
+    }
+}
+
+/// Drivers that run commands side by side in each scenario.
+const DRIVERS: usize = 2;
+
+/// A scenario whose faults come from `fault`, on a cluster of `servers`,
+/// with `count` commands made as `mix` says, split between [`DRIVERS`]
+/// drivers running side by side.
+fn scenario(
+    name: &str,
+    servers: usize,
+    count: usize,
+    mix: Mix,
+    gap: std::ops::Range<u64>,
+    fault: impl FnMut(&mut TestRng, &AtomicBool, &Target) -> usize + Send + 'static,
+) {
+    let (seed, started) = begin(name);
+    let mut cluster = Cluster::start(servers);
+    let drivers: Vec<Driver> = (0..DRIVERS).map(|_| cluster.driver()).collect();
+    let target = Target::of(&cluster);
+    let mut fault = fault;
+    let injector = {
+        let target = target.clone();
+        Injector::start(seed, gap, move |rng, stop| {
+            target.procs.note_tree(target.root);
+            fault(rng, stop, &target)
+        })
+    };
+    let streams: Vec<(Ledger, bool)> = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let running: Vec<_> = drivers
+            .iter()
+            .enumerate()
+            .map(|(i, driver)| {
+                scope.spawn(move || {
+                    let mut stream = Stream::new(driver, seed, 1 + i as u8, cluster.ranks(), mix);
+                    if i == 0 {
+                        stream.start_programs();
+                    }
+                    stream.run(count / DRIVERS, || cluster.note_tree());
+                    stream.finish();
+                    (std::mem::take(&mut stream.ledger), stream.open)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|stream| {
+                stream
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            })
+            .collect()
+    });
+    let faults = injector.finish();
+    // Every fault has ended: nothing is stopped any more.
+    cluster.note_tree();
+    cluster.procs.signal_all(Signal::SIGCONT);
+    let mut ledgers = Vec::new();
+    for (ledger, open) in streams {
+        assert!(open, "the client node went away\n{}", cluster.diagnostics());
+        ledgers.push(ledger);
+    }
+    check_serves(&drivers[0], &mut ledgers[0]);
+    cluster.stop(&drivers[0]);
+    let mut total = Ledger::default();
+    let mut outcomes = Outcomes::default();
+    for (driver, ledger) in drivers.iter().zip(&ledgers) {
+        assert!(driver.wait_closed(HANG), "the front door stayed open");
+        outcomes.add(&check_responses(ledger, driver, false));
+        total.add(ledger);
+    }
+    let faults = faults + total.bad_commands;
+    summary(name, seed, &total, faults, &outcomes, started, "");
+}
+
+// ---------------------------------------------------------------------
+// The scenarios
+
+/// Rules 11, 20, 30: server nodes SIGKILLed while commands run. Their
+/// running and queued requests end with status timeout, their workers do
+/// not outlive them, and the surviving servers go on serving. Over MPI
+/// killing a rank ends the whole job (mpirun aborts it), so there the
+/// scenario does not apply.
+#[test]
+fn server_nodes_killed() {
+    if over_mpi() {
+        report(
+            "fault scenario server_nodes_killed over mpi: skipped, killing a server rank \
+             ends the whole mpirun job, which is not a fault an MPI cluster survives",
+        );
+        return;
+    }
+    let mut killed = BTreeSet::new();
+    scenario(
+        "server_nodes_killed",
+        4,
+        240,
+        Mix {
+            bad: 0.05,
+            ..Mix::ORDINARY
+        },
+        600..2500,
+        move |rng, _, target| {
+            // Keep two servers alive.
+            if killed.len() + 2 >= target.servers.len() {
+                return 0;
+            }
+            let (rank, pid) = target.servers[rng.random_range(0..target.servers.len())];
+            if !killed.insert(rank) {
+                return 0;
+            }
+            usize::from(kill(pid, Signal::SIGKILL).is_ok())
+        },
+    );
+}
+
+/// Rules 11, 19-21: server nodes stopped (SIGSTOP) for up to 5 s, past
+/// the 3 s timeout at times, then continued: their requests time out and
+/// their real responses replace the timeout records when they come back.
+#[test]
+fn server_nodes_stopped_and_continued() {
+    scenario(
+        "server_nodes_stopped_and_continued",
+        3,
+        240,
+        Mix::ORDINARY,
+        300..1500,
+        |rng, stop, target| {
+            let pid = target.any_server(rng);
+            stop_for_a_while(pid, rng, 5000, stop)
+        },
+    );
+}
+
+/// Rules 11, 25: Python workers SIGKILLed at random moments, busy or
+/// idle, and at times the fresh worker too, before it is ready: the
+/// command running fails saying so, and a fresh worker serves.
+#[test]
+fn workers_killed() {
+    scenario(
+        "workers_killed",
+        3,
+        240,
+        Mix::ORDINARY,
+        200..900,
+        |rng, _, target| {
+            let server = target.any_server(rng);
+            let Some(worker) = worker_of(server) else {
+                return 0;
+            };
+            if kill(worker, Signal::SIGKILL).is_err() {
+                return 0;
+            }
+            if !rng.random_bool(0.4) {
+                return 1;
+            }
+            // Its replacement, as soon as it appears.
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end {
+                if let Some(fresh) = worker_of(server).filter(|&p| p != worker) {
+                    target.procs.note(fresh);
+                    return 1 + usize::from(kill(fresh, Signal::SIGKILL).is_ok());
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            1
+        },
+    );
+}
+
+/// Rules 11, 24: Python workers stopped (SIGSTOP) and continued: the
+/// server keeps answering pings, so nothing times out but what has a
+/// deadline; a command whose deadline passes while its worker is stopped
+/// is interrupted once the worker continues, or, stopped for longer than
+/// the grace period (8 s at times here), its worker is killed.
+#[test]
+fn workers_stopped_and_continued() {
+    scenario(
+        "workers_stopped_and_continued",
+        3,
+        240,
+        Mix {
+            deadlines: 0.5,
+            ..Mix::ORDINARY
+        },
+        200..1200,
+        |rng, stop, target| match worker_of(target.any_server(rng)) {
+            Some(worker) => {
+                let longest = if rng.random_bool(0.25) { 8000 } else { 3000 };
+                stop_for_a_while(worker, rng, longest, stop)
+            }
+            None => 0,
+        },
+    );
+}
+
+/// Rules 11, 24, 25: commands that segfault, call os._exit, exceed a
+/// memory limit (resource.setrlimit), or block forever (ended by their
+/// deadline, deaf to the interrupt so killed after the grace period, or
+/// cancelled), amid ordinary ones.
+#[test]
+fn commands_that_crash_exhaust_memory_or_block() {
+    scenario(
+        "commands_that_crash_exhaust_memory_or_block",
+        3,
+        240,
+        Mix {
+            bad: 0.12,
+            ..Mix::ORDINARY
+        },
+        1000..2000,
+        |_, _, _| 0,
+    );
+}
+
+/// Rules 11, 17: drivers that go away mid-wait, killed (SIGKILL of a
+/// `casa-node submit` waiting for its command) or disconnecting with
+/// requests outstanding, while another driver keeps working. Their
+/// requests still run to their end (none stays queued or running for a
+/// driver that is gone), and the other driver gets all its responses.
+#[test]
+fn drivers_killed_mid_wait() {
+    let name = "drivers_killed_mid_wait";
+    let (seed, started) = begin(name);
+    let mut cluster = Cluster::start(2);
+    let driver = cluster.driver();
+    let socket = cluster.socket.clone();
+    let dir = cluster.dir.clone();
+    let ranks = cluster.ranks();
+    let injector = Injector::start(seed, 200..800, move |rng, stop| {
+        let seconds = rng.random_range(50..1500) as f64 / 1000.0;
+        let command = format!("(time.sleep({seconds}), 1)[1]");
+        if rng.random_bool(0.7) {
+            let mut cli = Command::new(BIN);
+            cli.arg("submit");
+            if rng.random_bool(0.3) {
+                cli.args([
+                    "--target",
+                    &ranks[rng.random_range(0..ranks.len())].to_string(),
+                ]);
+            }
+            let mut cli = ChildGuard(
+                cli.arg(command)
+                    .env("CASA_NODE_ENDPOINT", format!("unix://{}", socket.display()))
+                    .env("XDG_RUNTIME_DIR", &dir)
+                    .stdin(Stdio::null())
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::null())
+                    .spawn()
+                    .expect("casa-node submit starts"),
+            );
+            pause(millis(rng, 50..1200), stop);
+            if cli.wait_timeout(Duration::ZERO).is_some() {
+                return 0;
+            }
+            let _ = kill(cli.pid(), Signal::SIGKILL);
+            cli.wait_timeout(HANG).expect("a killed driver ends");
+            1
+        } else {
+            let gone = Driver::connect(&socket);
+            for _ in 0..rng.random_range(1..4) {
+                let _ = gone.submit(request(command.as_str(), vec![], vec![], None));
+            }
+            pause(millis(rng, 0..300), stop);
+            drop(gone);
+            1
+        }
+    });
+    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks(), Mix::ORDINARY);
+    stream.start_programs();
+    stream.run(240, || cluster.note_tree());
+    let faults = injector.finish();
+    stream.finish();
+    assert!(
+        stream.open,
+        "the client node went away\n{}",
+        cluster.diagnostics()
+    );
+    let mut ledger = std::mem::take(&mut stream.ledger);
+    check_serves(&driver, &mut ledger);
+    // Every request up to the last one, the gone drivers' too, ends.
+    let last = *ledger.accepted.keys().next_back().expect("requests ran");
+    let all: Vec<RequestId> = (1..=last).collect();
+    let end = Instant::now() + HANG;
+    loop {
+        let pending: Vec<RequestId> = driver
+            .track(&all)
+            .states
+            .iter()
+            .filter(|s| {
+                matches!(
+                    s.status(),
+                    CommandStatus::HoldingQueue | CommandStatus::RequestSent
+                )
+            })
+            .map(|s| s.id)
+            .collect();
+        if pending.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "hang: requests {pending:?} of drivers that went away never ended\n{}",
+            cluster.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cluster.stop(&driver);
+    assert!(driver.wait_closed(HANG), "the front door stayed open");
+    let outcomes = check_responses(&ledger, &driver, false);
+    summary(name, seed, &ledger, faults, &outcomes, started, "");
+}
+
+/// Rules 11, 30: the client node SIGKILLed while commands run (over MPI,
+/// rank 0 of the job). The driver's waits end at once with the connection
+/// closed (no response comes twice before that), and every server node
+/// and worker exits within the bound.
+#[test]
+fn the_client_node_killed() {
+    let name = "the_client_node_killed";
+    let (seed, started) = begin(name);
+    let mut cluster = Cluster::start(3);
+    let driver = cluster.driver();
+    let client_node = cluster.client_node;
+    let killed_at = Arc::new(Mutex::new(None));
+    let injector = {
+        let killed_at = killed_at.clone();
+        let target = Target::of(&cluster);
+        Injector::start(seed, 2000..6000, move |_, _| {
+            let mut killed_at = killed_at.lock().unwrap();
+            if killed_at.is_some() {
+                return 0;
+            }
+            target.procs.note_tree(target.root);
+            kill(client_node, Signal::SIGKILL).expect("the client node is there to kill");
+            *killed_at = Some(Instant::now());
+            1
+        })
+    };
+    let mut stream = Stream::new(
+        &driver,
+        seed,
+        0,
+        cluster.ranks(),
+        Mix {
+            bad: 0.05,
+            ..Mix::ORDINARY
+        },
+    );
+    stream.start_programs();
+    // Until the connection closes; the kill comes within seconds.
+    stream.run(5000, || cluster.note_tree());
+    let faults = injector.finish();
+    assert!(
+        !stream.open,
+        "the stream ended before the client node was killed"
+    );
+    let killed_at = killed_at.lock().unwrap().expect("killed");
+    assert!(driver.wait_closed(EXIT_BOUND), "the front door stayed open");
+    assert!(
+        cluster.up.wait_timeout(EXIT_BOUND).is_some(),
+        "the cluster's launcher outlived its client node by {EXIT_BOUND:?}\n{}",
+        cluster.diagnostics()
+    );
+    cluster.check_nothing_left();
+    let ended = killed_at.elapsed();
+    let outcomes = check_responses(&stream.ledger, &driver, true);
+    let note = format!(
+        " (every process gone {:.1} s after the kill)",
+        ended.as_secs_f64()
+    );
+    summary(
+        name,
+        seed,
+        &stream.ledger,
+        faults,
+        &outcomes,
+        started,
+        &note,
+    );
+}
+
+/// Rules 11, 19-25: everything at once, on one cluster: server nodes and
+/// workers stopped and continued, workers killed (over ZeroMQ, one server
+/// node killed too), amid commands that crash, exhaust memory or block.
+#[test]
+fn mixed_faults() {
+    let mut server_killed = over_mpi();
+    scenario(
+        "mixed_faults",
+        3,
+        240,
+        Mix {
+            bad: 0.08,
+            deadlines: 0.2,
+        },
+        150..900,
+        move |rng, stop, target| {
+            let server = target.any_server(rng);
+            match rng.random_range(0..10) {
+                0..3 => stop_for_a_while(server, rng, 4500, stop),
+                3..6 => match worker_of(server) {
+                    Some(worker) => {
+                        let longest = if rng.random_bool(0.25) { 8000 } else { 3000 };
+                        stop_for_a_while(worker, rng, longest, stop)
+                    }
+                    None => 0,
+                },
+                6..9 => match worker_of(server) {
+                    Some(worker) => usize::from(kill(worker, Signal::SIGKILL).is_ok()),
+                    None => 0,
+                },
+                _ if !server_killed => {
+                    server_killed = true;
+                    usize::from(kill(server, Signal::SIGKILL).is_ok())
+                }
+                _ => 0,
+            }
+        },
+    );
+}
+
+/// Rules 11, 20, 27: services stopped (by a third driver, gracefully or
+/// forced, at times while a server node is stopped with SIGSTOP) while two
+/// drivers stream commands amid crashing and blocking ones: requests not yet sent end as cancelled, running ones finish (or,
+/// forced, are interrupted), later submissions are refused, and every
+/// accepted request has its one final response before the front door
+/// closes; then the whole cluster exits.
+#[test]
+fn services_stopped_mid_stream() {
+    let name = "services_stopped_mid_stream";
+    let (seed, started) = begin(name);
+    let mut cluster = Cluster::start(3);
+    let drivers: Vec<Driver> = (0..DRIVERS).map(|_| cluster.driver()).collect();
+    let stopper = cluster.driver();
+    let stopped = Arc::new(AtomicBool::new(false));
+    let injector = {
+        let stopped = stopped.clone();
+        let target = Target::of(&cluster);
+        Injector::start(seed, 1000..4000, move |rng, stop| {
+            if stopped.swap(true, Ordering::Relaxed) {
+                return 0;
+            }
+            target.procs.note_tree(target.root);
+            // At times with a server stopped (SIGSTOP) around the moment
+            // services stop, past the timeout at times.
+            let frozen = rng
+                .random_bool(0.5)
+                .then(|| target.any_server(rng))
+                .filter(|&server| kill(server, Signal::SIGSTOP).is_ok());
+            if frozen.is_some() {
+                pause(millis(rng, 0..500), stop);
+            }
+            let force = rng.random_bool(0.5);
+            let acked = stopper.call(Body::StopRequest(StopRequest { force }));
+            if let Some(server) = frozen {
+                pause(millis(rng, 0..4500), stop);
+                let _ = kill(server, Signal::SIGCONT);
+            }
+            match acked {
+                Ok(Body::Ack(ack)) if ack.ok => 1 + usize::from(frozen.is_some()),
+                other => panic!("stop services was refused: {other:?}"),
+            }
+        })
+    };
+    let mix = Mix {
+        bad: 0.05,
+        ..Mix::ORDINARY
+    };
+    let ledgers: Vec<Ledger> = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let running: Vec<_> = drivers
+            .iter()
+            .enumerate()
+            .map(|(i, driver)| {
+                scope.spawn(move || {
+                    let mut stream = Stream::new(driver, seed, 1 + i as u8, cluster.ranks(), mix);
+                    // Until services stop; what was accepted until then
+                    // is all answered, and then the connection closes.
+                    stream.run(5000, || cluster.note_tree());
+                    stream.finish();
+                    assert!(stream.stopped || !stream.open, "services never stopped");
+                    std::mem::take(&mut stream.ledger)
+                })
+            })
+            .collect();
+        running
+            .into_iter()
+            .map(|stream| {
+                stream
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            })
+            .collect()
+    });
+    let faults = injector.finish();
+    assert!(
+        cluster.up.wait_timeout(HANG).is_some(),
+        "the cluster did not end within {HANG:?} of stop services\n{}",
+        cluster.diagnostics()
+    );
+    cluster.check_nothing_left();
+    let mut total = Ledger::default();
+    let mut outcomes = Outcomes::default();
+    for (driver, ledger) in drivers.iter().zip(&ledgers) {
+        assert!(driver.wait_closed(HANG), "the front door stayed open");
+        // Stopped, not killed: nothing may be left unanswered.
+        outcomes.add(&check_responses(ledger, driver, false));
+        total.add(ledger);
+    }
+    let faults = faults + total.bad_commands;
+    summary(name, seed, &total, faults, &outcomes, started, "");
+}
