@@ -393,6 +393,7 @@ impl Driver {
             host: "localhost".into(),
             pid: std::process::id(),
             rank: 0,
+            token: String::new(),
         });
         write_frame(&mut stream, &Envelope::correlated(1, hello)).expect("Hello is sent");
         match read_frame(&mut stream)
