@@ -2,8 +2,9 @@
 # The project's one test command: installs Open MPI and libclang when
 # missing, then formatting, lints, every test of the workspace (unit,
 # property, simulated cluster, conformance vectors, the transport checks over
-# ZeroMQ and under mpirun, end-to-end with real processes and Python workers
-# over both transports, the quick run of the benchmarks), then the Python
+# ZeroMQ and under mpirun, end-to-end and fault injection with real
+# processes and Python workers over both transports, bad input, security,
+# the quick runs of the benchmarks and the soak test), then the Python
 # client's tests over both transports, in a virtual environment that
 # python/run-tests.sh creates and fills from PyPI.
 set -euo pipefail
