@@ -77,6 +77,17 @@ pub fn mpirun(ranks: usize) -> Result<Command, String> {
     Ok(command)
 }
 
+/// [`mpirun`] for a job that may start while others do. Open MPI 4 makes
+/// its shared session directory (`/tmp/ompi.HOST.UID`) racily: two jobs
+/// starting at once can fail with "mkdir: File exists". The job keeps its
+/// session under `dir` instead, a directory of the caller's, which the
+/// caller removes.
+pub fn mpirun_in(ranks: usize, dir: &Path) -> Result<Command, String> {
+    let mut command = mpirun(ranks)?;
+    command.env("OMPI_MCA_orte_tmpdir_base", dir);
+    Ok(command)
+}
+
 /// A process as `/proc/PID/stat` shows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ProcStat {

@@ -519,7 +519,7 @@ impl Cluster {
         let socket = dir.join("front.sock");
         let over_mpi = std::env::var("CASA_NODE_TEST_TRANSPORT").is_ok_and(|t| t == "mpi");
         let mut up = if over_mpi {
-            let mut command = process::mpirun(2).unwrap_or_else(|why| panic!("{why}"));
+            let mut command = process::mpirun_in(2, &dir).unwrap_or_else(|why| panic!("{why}"));
             command.args([BIN, "--transport", "mpi", "up"]);
             command
         } else {

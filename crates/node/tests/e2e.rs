@@ -43,7 +43,7 @@ impl Cluster {
         ));
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("front.sock");
-        let mut up = launcher(servers);
+        let mut up = launcher(servers, &dir);
         up.arg("up");
         if !over_mpi() {
             up.args(["--servers", &servers.to_string()]);
@@ -145,12 +145,12 @@ fn over_mpi() -> bool {
 /// The start of a command line that runs a cluster of `servers` servers:
 /// `casa-node` (with `--servers` after the subcommand), or
 /// `mpirun -n N+1 casa-node --transport mpi` (shared memory and loopback
-/// only).
-fn launcher(servers: usize) -> Command {
+/// only, its session kept in `dir`).
+fn launcher(servers: usize, dir: &std::path::Path) -> Command {
     if !over_mpi() {
         return Command::new(BIN);
     }
-    let mut command = process::mpirun(servers + 1).unwrap_or_else(|why| panic!("{why}"));
+    let mut command = process::mpirun_in(servers + 1, dir).unwrap_or_else(|why| panic!("{why}"));
     command.args([BIN, "--transport", "mpi"]);
     command
 }

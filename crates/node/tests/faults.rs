@@ -153,13 +153,10 @@ impl Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("front.sock");
         let mut command = if over_mpi() {
-            let mut command = process::mpirun(servers + 1).unwrap_or_else(|why| panic!("{why}"));
+            // Scenarios run in parallel: each job keeps its own session.
+            let mut command =
+                process::mpirun_in(servers + 1, &dir).unwrap_or_else(|why| panic!("{why}"));
             command.args([BIN, "--transport", "mpi", "up"]);
-            // A session directory of the job's own: Open MPI 4 creates
-            // the shared one (/tmp/ompi.HOST.UID) racily, and two jobs
-            // starting at once (this suite runs scenarios in parallel)
-            // can fail with "mkdir: File exists".
-            command.env("OMPI_MCA_orte_tmpdir_base", &dir);
             command
         } else {
             let mut command = Command::new(BIN);
