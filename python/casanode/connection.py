@@ -76,6 +76,17 @@ def runtime_dir():
     return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"casa-node-{os.getuid()}")
 
 
+def _recorded_or_fail():
+    """What `_recorded` returns, or NoCluster saying how to start one."""
+    record = _recorded()
+    if record is None:
+        raise NoCluster(
+            "no casa-node cluster found: start one with `casa-node up`, "
+            f"or pass an endpoint or set {ENDPOINT_VAR}"
+        )
+    return record
+
+
 def _recorded():
     """(endpoint, connection file or None) that `casa-node up` recorded,
     or None."""
@@ -160,13 +171,7 @@ def resolve(endpoint=None, connection_file=None):
         endpoint = conf["endpoint"]
     recorded_file = None
     if not endpoint:
-        record = _recorded()
-        if record is None:
-            raise NoCluster(
-                "no casa-node cluster found: start one with `casa-node up`, "
-                f"or pass an endpoint or set {ENDPOINT_VAR}"
-            )
-        endpoint, recorded_file = record
+        endpoint, recorded_file = _recorded_or_fail()
     endpoint = os.fspath(endpoint)
     kind, _ = _split_endpoint(endpoint)
     if kind == "unix":
@@ -194,13 +199,7 @@ def resolve_endpoint(endpoint=None):
     if not endpoint:
         endpoint = os.environ.get(ENDPOINT_VAR)
     if not endpoint:
-        record = _recorded()
-        if record is None:
-            raise NoCluster(
-                "no casa-node cluster found: start one with `casa-node up`, "
-                f"or pass an endpoint or set {ENDPOINT_VAR}"
-            )
-        endpoint = record[0]
+        endpoint = _recorded_or_fail()[0]
     endpoint = os.fspath(endpoint)
     kind, address = _split_endpoint(endpoint)
     return address if kind == "unix" else endpoint
