@@ -913,6 +913,8 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
 struct LoneServer {
     child: Child,
     started: Vec<(Pid, u64)>,
+    /// The test's directory, removed at the end.
+    dir: PathBuf,
 }
 
 impl Drop for LoneServer {
@@ -926,6 +928,7 @@ impl Drop for LoneServer {
                 let _ = kill(pid, Signal::SIGKILL);
             }
         }
+        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -1015,6 +1018,7 @@ async fn a_server_node_drops_bad_input_and_keeps_serving() {
             .spawn()
             .expect("casa-node server starts"),
         started: Vec::new(),
+        dir: dir.clone(),
     };
     let joined = tokio::time::timeout(WAIT, client.recv())
         .await
@@ -1112,7 +1116,6 @@ async fn a_server_node_drops_bad_input_and_keeps_serving() {
             "process {pid} was left behind"
         );
     }
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 fn control(action: Action) -> ControlRequest {

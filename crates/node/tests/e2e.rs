@@ -347,9 +347,16 @@ fn mpi_outside_a_launcher_says_how_to_start_in_one_line() {
 
 #[test]
 fn rules_2_to_7_commands_parameters_and_globals() {
-    let init = std::env::temp_dir().join(format!("casa-node-init-{}.py", std::process::id()));
-    std::fs::write(&init, "def hello():\n    return 'hi from init'\n").unwrap();
-    let cluster = Cluster::start(1, &["--init", init.to_str().unwrap()]);
+    /// Removes the start-up script when the test ends, passed or failed.
+    struct Init(PathBuf);
+    impl Drop for Init {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let init = Init(std::env::temp_dir().join(format!("casa-node-init-{}.py", std::process::id())));
+    std::fs::write(&init.0, "def hello():\n    return 'hi from init'\n").unwrap();
+    let cluster = Cluster::start(1, &["--init", init.0.to_str().unwrap()]);
     let c = cluster.client();
     // Rule 5: the start-up script ran in the worker's namespace.
     assert_eq!(
