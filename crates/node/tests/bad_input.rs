@@ -64,7 +64,7 @@ use proptest::test_runner::{Config, TestRunner};
 use prost::Message;
 use strategies::{
     Level, Place, arb_hostile_body, arb_hostile_value_bytes, chain, chain_leaves,
-    envelope_with_value, ld, well_formed,
+    envelope_with_value, ld, levels_for, well_formed,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
@@ -459,23 +459,6 @@ fn the_worker_keeps_the_depth_bound_both_ways() {
         }
     }
     assert!(checked >= 60, "{checked} shapes");
-}
-
-/// Levels of `level` (with up to two lists to make up the difference)
-/// around a leaf `leaf_depth` deep that make a value `depth` deep.
-fn levels_for(depth: usize, level: Level, leaf_depth: usize) -> Option<Vec<Level>> {
-    let above = depth.checked_sub(leaf_depth)?;
-    let lists = (0..=2).find(|m| {
-        above
-            .checked_sub(2 * m)
-            .is_some_and(|rest| rest % level.cost() == 0)
-    })?;
-    let mut levels = vec![Level::List; lists];
-    levels.extend(std::iter::repeat_n(
-        level,
-        (above - 2 * lists) / level.cost(),
-    ));
-    Some(levels)
 }
 
 /// A frame longer than the limit is refused as soon as its length is in,

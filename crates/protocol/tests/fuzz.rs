@@ -324,15 +324,7 @@ proptest! {
 /// few lists as needed to make up the difference, that make a value
 /// exactly `depth` deep; `None` when no such chain exists.
 fn exactly(depth: usize, level: Level, leaf: &Value, leaf_depth: usize) -> Option<Vec<u8>> {
-    let above = depth.checked_sub(leaf_depth)?;
-    let lists = (0..=2).find(|m| {
-        above
-            .checked_sub(2 * m)
-            .is_some_and(|rest| rest % level.cost() == 0)
-    })?;
-    let n = (above - 2 * lists) / level.cost();
-    let mut levels = vec![Level::List; lists];
-    levels.extend(std::iter::repeat_n(level, n));
+    let levels = levels_for(depth, level, leaf_depth)?;
     Some(chain(&levels, &leaf.encode_to_vec()))
 }
 

@@ -1005,17 +1005,26 @@ impl Engine {
             );
             return;
         }
+        let who = (
+            hello.rank,
+            hello.host.as_str(),
+            hello.pid,
+            hello.software.as_str(),
+        );
+        self.announce_join(rank, who, false).await;
+    }
+
+    /// Grants a server node that joins its window and reports it; `who`
+    /// is what its Hello said: the rank it asked for, host, pid, software.
+    async fn announce_join(&mut self, rank: Rank, who: (Rank, &str, u32, &str), signed: bool) {
+        let (requested, host, pid, software) = who;
         self.grant_window(rank).await;
         if !self.peers.contains_key(&rank) {
             return;
         }
         info!(
             rank,
-            requested = hello.rank,
-            host = hello.host,
-            pid = hello.pid,
-            software = hello.software,
-            "server node joined"
+            requested, host, pid, software, signed, "server node joined"
         );
         self.deliver(TransportEvent::PeerJoined(rank), 0, false);
     }
@@ -1168,19 +1177,13 @@ impl Engine {
         let mut link = LinkSeal::new(pending.link);
         link.received = counter;
         self.add_peer(rank, identity, Some(link));
-        self.grant_window(rank).await;
-        if !self.peers.contains_key(&rank) {
-            return;
-        }
-        info!(
-            rank,
-            requested = pending.requested,
-            host = pending.host,
-            pid = pending.pid,
-            software = pending.software,
-            "server node joined, signed"
+        let who = (
+            pending.requested,
+            pending.host.as_str(),
+            pending.pid,
+            pending.software.as_str(),
         );
-        self.deliver(TransportEvent::PeerJoined(rank), 0, false);
+        self.announce_join(rank, who, true).await;
     }
 
     /// Counts and logs a message that failed the signature check; the

@@ -924,6 +924,23 @@ pub fn chain_leaves() -> Vec<(Value, usize)> {
     ]
 }
 
+/// Levels of `level` (with up to two lists to make up the difference)
+/// around a leaf `leaf_depth` deep that make a value `depth` deep.
+pub fn levels_for(depth: usize, level: Level, leaf_depth: usize) -> Option<Vec<Level>> {
+    let above = depth.checked_sub(leaf_depth)?;
+    let lists = (0..=2).find(|m| {
+        above
+            .checked_sub(2 * m)
+            .is_some_and(|rest| rest % level.cost() == 0)
+    })?;
+    let mut levels = vec![Level::List; lists];
+    levels.extend(std::iter::repeat_n(
+        level,
+        (above - 2 * lists) / level.cost(),
+    ));
+    Some(levels)
+}
+
 /// The encoding of `leaf` (a Value's bytes) inside `levels` (outermost
 /// first), built on the wire without a Value in memory, so that any depth
 /// can be made. Its depth is the sum of the levels' costs and the leaf's.
