@@ -90,6 +90,12 @@ def _server_rank():
 # ------------------------------------------------------------ environment
 
 
+def _whole(seconds):
+    """The seed's heartbeat and timeout are ints: so are casa-node's when
+    they are whole seconds (`range(timeout + 5)` works)."""
+    return int(seconds) if float(seconds).is_integer() else seconds
+
+
 class _EnvironmentMeta(type):
     """Class-level attributes of MPIEnvironment, read from the Welcome's
     ClusterInfo on first use."""
@@ -118,12 +124,11 @@ class _EnvironmentMeta(type):
 
     @property
     def mpi_monitor_status_service_heartbeat(cls):
-        return cls._cluster.heartbeat_seconds
+        return _whole(cls._cluster.heartbeat_seconds)
 
     @property
     def mpi_monitor_status_service_timeout(cls):
-        return cls._cluster.timeout_seconds
-
+        return _whole(cls._cluster.timeout_seconds)
 
     @property
     def is_mpi_client(cls):

@@ -14,6 +14,7 @@ use thiserror::Error;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
+use crate::casa::{self, Casa};
 use crate::client_node::{self, ClientNodeConfig, ClientNodeError};
 use crate::connection_file::{ConnectionFile, ConnectionFileError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
@@ -51,6 +52,8 @@ pub struct UpOptions {
     pub log_terminal: bool,
     /// How long the servers may take to start.
     pub start_timeout: Duration,
+    /// `--casa`: CASA's parallel tasks run unmodified (see [`crate::casa`]).
+    pub casa: Option<Casa>,
 }
 
 /// `up` could not start or run the cluster.
@@ -243,7 +246,7 @@ pub async fn serve<T: Transport + 'static>(
             heartbeat: options.heartbeat,
             timeout: options.timeout,
             default_deadline: options.command_timeout,
-            start: start_settings(options.log_level),
+            start: start_settings(options.log_level, options.casa.as_ref()),
         },
         log,
         expected_servers: links.servers,
@@ -278,14 +281,22 @@ pub async fn serve<T: Transport + 'static>(
     }
 }
 
-/// What START carries to every server (rule 26): this working directory.
-fn start_settings(log_level: LogLevel) -> Start {
+/// What START carries to every server (rule 26): this working directory,
+/// and under `--casa` the CASA log file the workers share.
+fn start_settings(log_level: LogLevel, casa: Option<&Casa>) -> Start {
     let cwd = std::env::current_dir()
         .map(|d| d.display().to_string())
         .unwrap_or_default();
+    let environment = casa
+        .map(|casa| EnvironmentVariable {
+            name: casa::LOG_FILE_VAR.into(),
+            value: casa.log_file.display().to_string(),
+        })
+        .into_iter()
+        .collect();
     Start {
         working_directory: cwd,
-        environment: Vec::<EnvironmentVariable>::new(),
+        environment,
         log_level: log_level.into(),
     }
 }
@@ -346,6 +357,9 @@ fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, 
         .arg(options.timeout.as_secs_f64().to_string());
     if let Some(init) = &options.init {
         command.arg("--init").arg(init);
+    }
+    if options.casa.is_some() {
+        command.arg("--casa");
     }
     if let Some(file) = options
         .connection_file

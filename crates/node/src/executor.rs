@@ -99,6 +99,11 @@ pub struct ExecutorConfig {
     pub environment: Vec<(String, String)>,
     /// The server's rank, given to the worker as `CASA_NODE_RANK`.
     pub rank: Rank,
+    /// `--casa`: the directory holding casa-node's `casampi`. The worker
+    /// puts it first on `PYTHONPATH` and starts with the namespace casampi's
+    /// servers have (`casalog`, `from casatasks import *`) before the init
+    /// script.
+    pub casa: Option<PathBuf>,
 }
 
 /// Something the executor reports; see [`Executor::next_event`].
@@ -150,7 +155,7 @@ pub enum ExecutorError {
         stderr: Vec<String>,
     },
     /// The init script raised an exception (rule 5).
-    #[error("the init script {} raised an exception:\n{traceback}", path.display())]
+    #[error("{} raised an exception:\n{traceback}", start_up(path))]
     Init {
         /// The script.
         path: PathBuf,
@@ -622,6 +627,7 @@ impl Executor {
         if level == LogLevel::Warning {
             self.remember_stderr(generation, &message);
         }
+        let level = casa_line_level(&message).unwrap_or(level);
         self.events.push_back(ExecutorEvent::Log { level, message });
     }
 
@@ -868,6 +874,17 @@ impl Executor {
         if let Some(init) = &config.init {
             command.env("CASA_NODE_WORKER_INIT", init);
         }
+        if let Some(casa) = &config.casa {
+            command
+                .env("CASA_NODE_WORKER_CASA", "1")
+                .env("PYTHONPATH", crate::packages::python_path(casa));
+            // casatools tags each line of the CASA log with the server's
+            // rank, as casampi's are tagged, from Open MPI's variable; under
+            // mpirun the worker has it from its server already.
+            if std::env::var_os("OMPI_COMM_WORLD_RANK").is_none() {
+                command.env("OMPI_COMM_WORLD_RANK", config.rank.to_string());
+            }
+        }
         if let Some(directory) = &config.working_directory {
             command.current_dir(directory);
         }
@@ -1045,6 +1062,43 @@ fn describe_exit(status: ExitStatus) -> String {
     text
 }
 
+/// What ran before the first command: the init script, or without one
+/// CASA's namespace (`--casa`).
+fn start_up(init: &Path) -> String {
+    if init.as_os_str().is_empty() {
+        "taking CASA's namespace (--casa)".into()
+    } else {
+        format!("the init script {}", init.display())
+    }
+}
+
+/// The level of a line in the format of CASA's log on the console
+/// (`2026-12-04 23:01:07<TAB>WARN<TAB>origin<TAB>message`), which the workers
+/// of `--casa` write on stderr: its priority, not stderr's WARNING.
+fn casa_line_level(line: &str) -> Option<LogLevel> {
+    let mut fields = line.splitn(3, '\t');
+    let stamp = fields.next()?.as_bytes();
+    let priority = fields.next()?;
+    fields.next()?;
+    let shaped = stamp.len() == 19
+        && stamp.iter().enumerate().all(|(i, b)| match i {
+            4 | 7 => *b == b'-',
+            10 => *b == b' ',
+            13 | 16 => *b == b':',
+            _ => b.is_ascii_digit(),
+        });
+    if !shaped {
+        return None;
+    }
+    match priority.trim_end_matches(|c: char| c.is_ascii_digit()) {
+        "DEBUG" | "DEBUGGING" => Some(LogLevel::Debug),
+        "INFO" | "NORMAL" => Some(LogLevel::Info),
+        "WARN" => Some(LogLevel::Warning),
+        "SEVERE" => Some(LogLevel::Error),
+        _ => None,
+    }
+}
+
 fn epoch_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1058,9 +1112,31 @@ impl ExecutorConfig {
         ExecutorConfig {
             python: python.as_ref().to_path_buf(),
             init: None,
+            casa: None,
             working_directory: None,
             environment: Vec::new(),
             rank,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// CASA's console lines keep their priority in the unified log; other
+    /// lines keep their stream's level.
+    #[test]
+    fn casa_console_lines_keep_their_priority() {
+        let line = |p: &str| format!("2026-12-04 23:01:07\t{p}\tflagdata::::MPIServer-2\tdone");
+        assert_eq!(casa_line_level(&line("INFO")), Some(LogLevel::Info));
+        assert_eq!(casa_line_level(&line("INFO3")), Some(LogLevel::Info));
+        assert_eq!(casa_line_level(&line("DEBUG1")), Some(LogLevel::Debug));
+        assert_eq!(casa_line_level(&line("WARN")), Some(LogLevel::Warning));
+        assert_eq!(casa_line_level(&line("SEVERE")), Some(LogLevel::Error));
+        assert_eq!(casa_line_level(&line("LOUD")), None);
+        assert_eq!(casa_line_level("Traceback (most recent call last):"), None);
+        assert_eq!(casa_line_level("2026-12-04 23:01:07 INFO not tabs"), None);
+        assert_eq!(casa_line_level("2026-12-04T23:01:07\tINFO\tx\ty"), None);
     }
 }

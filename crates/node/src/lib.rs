@@ -1,6 +1,7 @@
 //! The casa-node runtime: the client node, server nodes and their Python
 //! workers, the front door drivers connect to, and a Rust client for it.
 
+pub mod casa;
 pub mod client;
 pub mod client_node;
 pub mod cluster;
@@ -14,6 +15,7 @@ pub mod literal;
 pub mod log;
 #[cfg(feature = "mpi")]
 pub mod mpi;
+pub mod packages;
 pub mod run;
 pub mod server_node;
 pub mod signals;

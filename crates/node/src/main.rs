@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
+use casa_node::casa::{self, Casa};
 use casa_node::client::{Submit, Target};
 use casa_node::cluster::{self, UpOptions};
 use casa_node::commands::{self, Outcome};
@@ -11,6 +12,7 @@ use casa_node::connection_file::ConnectionFile;
 use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node::front_door::FrontDoorError;
 use casa_node::literal;
+use casa_node::packages::{self, Unpacked};
 use casa_node::server_node::{self, ServerNodeConfig};
 use casa_node_protocol::Rank;
 use casa_node_protocol::pb::LogLevel;
@@ -139,6 +141,12 @@ struct UpArgs {
     /// A script each worker runs at start, e.g. `from casatasks import *`.
     #[arg(long, env = "CASA_NODE_INIT")]
     init: Option<PathBuf>,
+    /// Run CASA's own parallel tasks unmodified: casa-node's casampi comes
+    /// first on the path of the driver (`run`) and of every worker, workers
+    /// start with casampi's namespace (`casalog`, `from casatasks import *`)
+    /// before --init, and all write one CASA log file.
+    #[arg(long)]
+    casa: bool,
     /// Seconds between pings of every server.
     #[arg(long, env = "CASA_NODE_HEARTBEAT", default_value_t = 1.0, value_parser = positive_seconds)]
     heartbeat: f64,
@@ -233,6 +241,10 @@ struct ServerArgs {
     /// A script the worker runs at start.
     #[arg(long, env = "CASA_NODE_INIT")]
     init: Option<PathBuf>,
+    /// Run CASA's tasks: the worker imports casa-node's casampi and starts
+    /// with casampi's namespace (`casalog`, `from casatasks import *`).
+    #[arg(long)]
+    casa: bool,
     /// Exit after this many seconds without a message from the client node.
     #[arg(long, env = "CASA_NODE_TIMEOUT", default_value_t = 5.0, value_parser = positive_seconds)]
     timeout: f64,
@@ -352,7 +364,7 @@ async fn dispatch(transport: TransportKind, command: Command) -> ExitCode {
 async fn run(transport: TransportKind, args: RunArgs) -> ExitCode {
     #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     let idle_sleep = Duration::from_micros(args.up.mpi_idle_sleep);
-    let options = match up_options(transport, args.up) {
+    let options = match up_options(transport, args.up).await {
         Ok(options) => options,
         Err(code) => return code,
     };
@@ -402,7 +414,7 @@ async fn mpi(
     }
 }
 
-fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitCode> {
+async fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitCode> {
     if matches!(transport, TransportKind::Mpi) && !cfg!(feature = "mpi") {
         return Err(fail(
             "this casa-node was built without MPI support: build it with `cargo build --release --features mpi`",
@@ -438,6 +450,13 @@ fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitC
             return Err(fail(format!("--init {}: {e}", init.display())));
         }
     }
+    if args.casa {
+        casa::check_python(&args.python).await.map_err(fail)?;
+    }
+    let casa = match args.casa.then(std::env::current_dir).transpose() {
+        Ok(dir) => dir.map(|dir| Casa::starting_in(&dir, std::time::SystemTime::now())),
+        Err(e) => return Err(fail(format!("the working directory: {e}"))),
+    };
     Ok(UpOptions {
         servers: args.servers,
         endpoint,
@@ -452,13 +471,14 @@ fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions, ExitC
         log_level: args.log_level.into(),
         log_terminal: args.log_terminal,
         start_timeout: Duration::from_secs(120),
+        casa,
     })
 }
 
 async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
     #[cfg_attr(not(feature = "mpi"), allow(unused_variables))]
     let idle_sleep = Duration::from_micros(args.mpi_idle_sleep);
-    let options = match up_options(transport, args) {
+    let options = match up_options(transport, args).await {
         Ok(options) => options,
         Err(code) => return code,
     };
@@ -483,6 +503,19 @@ async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
 }
 
 async fn server(args: ServerArgs) -> ExitCode {
+    if args.casa {
+        if let Err(e) = casa::check_python(&args.python).await {
+            return fail(e);
+        }
+    }
+    let casampi = match args
+        .casa
+        .then(|| Unpacked::new("casampi", &[packages::CASAMPI]))
+    {
+        Some(Err(e)) => return fail(e),
+        Some(Ok(unpacked)) => Some(unpacked),
+        None => None,
+    };
     let key = if cluster::link_is_signed(&args.connect) {
         let Some(path) = &args.connection_file else {
             return fail(format!(
@@ -505,6 +538,7 @@ async fn server(args: ServerArgs) -> ExitCode {
     let config = ServerNodeConfig {
         python: args.python,
         init: args.init,
+        casa: casampi.as_ref().map(|u| u.dir().to_owned()),
         kill_grace: Duration::from_secs_f64(args.kill_grace),
         client_timeout: Duration::from_secs_f64(args.timeout),
     };

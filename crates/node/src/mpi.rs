@@ -12,6 +12,7 @@ use tokio::sync::watch;
 
 use crate::cluster::{self, Links, Servers, UpError, UpOptions};
 use crate::endpoint::FrontDoorEndpoint;
+use crate::packages::{self, UnpackError, Unpacked};
 use crate::run::{self, RunError};
 use crate::server_node::{self, ServerNodeConfig, ServerNodeError};
 
@@ -33,6 +34,9 @@ pub enum MpiNodeError {
     /// A server rank failed.
     #[error(transparent)]
     Server(#[from] ServerNodeError),
+    /// casa-node's casampi could not be unpacked.
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
 }
 
 /// What this process turned out to be.
@@ -82,9 +86,15 @@ pub async fn launch(
     on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
 ) -> Result<Outcome, MpiNodeError> {
     if transport.rank() != 0 {
+        let casampi = options
+            .casa
+            .as_ref()
+            .map(|_| Unpacked::new("casampi", &[packages::CASAMPI]))
+            .transpose()?;
         let config = ServerNodeConfig {
             python: options.python,
             init: options.init,
+            casa: casampi.as_ref().map(|u| u.dir().to_owned()),
             kill_grace: KILL_GRACE,
             client_timeout: options.timeout,
         };

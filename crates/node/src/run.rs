@@ -14,65 +14,11 @@ use tokio::sync::watch;
 
 use casa_node_protocol::Transport;
 
+use crate::casa;
 use crate::cluster::{self, Servers, UpError, UpOptions};
 use crate::connection_file::CONNECTION_FILE_VAR;
 use crate::endpoint::{self, ENDPOINT_VAR};
-
-/// The `casanode` package, as files under a `PYTHONPATH` entry.
-const PACKAGE: &[(&str, &str)] = &[
-    (
-        "casanode/__init__.py",
-        include_str!("../../../python/casanode/__init__.py"),
-    ),
-    (
-        "casanode/client.py",
-        include_str!("../../../python/casanode/client.py"),
-    ),
-    (
-        "casanode/connection.py",
-        include_str!("../../../python/casanode/connection.py"),
-    ),
-    (
-        "casanode/seed.py",
-        include_str!("../../../python/casanode/seed.py"),
-    ),
-    (
-        "casanode/values.py",
-        include_str!("../../../python/casanode/values.py"),
-    ),
-    (
-        "casanode/_pb/__init__.py",
-        include_str!("../../../python/casanode/_pb/__init__.py"),
-    ),
-    (
-        "casanode/_pb/casa/__init__.py",
-        include_str!("../../../python/casanode/_pb/casa/__init__.py"),
-    ),
-    (
-        "casanode/_pb/casa/node/__init__.py",
-        include_str!("../../../python/casanode/_pb/casa/node/__init__.py"),
-    ),
-    (
-        "casanode/_pb/casa/node/v1/__init__.py",
-        include_str!("../../../python/casanode/_pb/casa/node/v1/__init__.py"),
-    ),
-    (
-        "casanode/_pb/casa/node/v1/driver_pb2.py",
-        include_str!("../../../python/casanode/_pb/casa/node/v1/driver_pb2.py"),
-    ),
-    (
-        "casanode/_pb/casa/node/v1/envelope_pb2.py",
-        include_str!("../../../python/casanode/_pb/casa/node/v1/envelope_pb2.py"),
-    ),
-    (
-        "casanode/_pb/casa/node/v1/node_pb2.py",
-        include_str!("../../../python/casanode/_pb/casa/node/v1/node_pb2.py"),
-    ),
-    (
-        "casanode/_pb/casa/node/v1/value_pb2.py",
-        include_str!("../../../python/casanode/_pb/casa/node/v1/value_pb2.py"),
-    ),
-];
+use crate::packages::{self, UnpackError, Unpacked};
 
 /// What the Python driver needs besides the standard library.
 const PROTOBUF_REQUIREMENT: &str = "protobuf>=6.31.1,<7";
@@ -91,6 +37,9 @@ pub enum RunError {
         /// The interpreter.
         python: String,
     },
+    /// The packages could not be unpacked.
+    #[error(transparent)]
+    Unpack(#[from] UnpackError),
     /// A file or process could not be made.
     #[error("{context}: {source}")]
     Io {
@@ -112,13 +61,22 @@ pub async fn run<T: Transport + 'static>(
     signals: watch::Receiver<u32>,
 ) -> Result<ExitStatus, RunError> {
     check_protobuf(&options.python).await?;
-    let package = endpoint::runtime_dir()
-        .map_err(UpError::from)?
-        .join(format!("python-{}", std::process::id()));
-    write_package(&package).map_err(|source| RunError::Io {
-        context: format!("writing the casanode package to {}", package.display()),
-        source,
-    })?;
+    // With --casa, casa-node's casampi comes first, and CASA's site
+    // configuration names the log file the workers share.
+    let package = if options.casa.is_some() {
+        Unpacked::new("python", &[packages::CASANODE, packages::CASAMPI])?
+    } else {
+        Unpacked::new("python", &[packages::CASANODE])?
+    };
+    let site_config = options
+        .casa
+        .as_ref()
+        .map(|casa| casa::write_site_config(package.dir(), casa))
+        .transpose()
+        .map_err(|source| RunError::Io {
+            context: "writing CASA's site configuration".into(),
+            source,
+        })?;
     // The cluster stops when the script ends or on the signals `run` gets.
     let (stop_tx, stop_rx) = watch::channel(0u32);
     let forward = stop_tx.clone();
@@ -132,7 +90,8 @@ pub async fn run<T: Transport + 'static>(
     let status: Arc<Mutex<Option<std::io::Result<ExitStatus>>>> = Arc::default();
     let (done_tx, done_rx) = tokio::sync::oneshot::channel();
     let python = options.python.clone();
-    let path_entry = package.clone();
+    let path_entry = package.dir().to_owned();
+    let casa_log = options.casa.as_ref().map(|casa| casa.log_file.clone());
     let record = status.clone();
     let connection_file = options
         .connection_file
@@ -149,7 +108,12 @@ pub async fn run<T: Transport + 'static>(
             .arg(&script)
             .args(&args)
             .env(ENDPOINT_VAR, front.to_string())
-            .env("PYTHONPATH", python_path(&path_entry));
+            .env("PYTHONPATH", packages::python_path(&path_entry));
+        if let (Some(log), Some(site)) = (&casa_log, &site_config) {
+            command
+                .env(casa::LOG_FILE_VAR, log)
+                .env("CASASITECONFIG", site);
+        }
         if let (endpoint::FrontDoorEndpoint::Tcp(_), Some(file)) = (front, &connection_file) {
             command.env(CONNECTION_FILE_VAR, file);
         }
@@ -165,7 +129,7 @@ pub async fn run<T: Transport + 'static>(
     };
     let result = cluster::start(how, options, stop_rx, on_ready).await;
     let _ = done_rx.await;
-    let _ = std::fs::remove_dir_all(&package);
+    drop(package);
     result?;
     let outcome = status.lock().expect("status").take();
     match outcome {
@@ -199,54 +163,5 @@ async fn check_protobuf(python: &Path) -> Result<(), RunError> {
         Err(RunError::NoProtobuf {
             python: python.display().to_string(),
         })
-    }
-}
-
-fn write_package(root: &Path) -> std::io::Result<()> {
-    for (path, text) in PACKAGE {
-        let file = root.join(path);
-        if let Some(dir) = file.parent() {
-            std::fs::create_dir_all(dir)?;
-        }
-        std::fs::write(file, text)?;
-    }
-    Ok(())
-}
-
-/// `PYTHONPATH` with the package first, keeping what the user had.
-fn python_path(package: &Path) -> std::ffi::OsString {
-    let mut value = package.as_os_str().to_owned();
-    if let Some(existing) = std::env::var_os("PYTHONPATH").filter(|v| !v.is_empty()) {
-        value.push(":");
-        value.push(existing);
-    }
-    value
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// Every module of the package ships, so `run` scripts can import all
-    /// of casanode.
-    #[test]
-    fn every_file_of_the_package_is_embedded() {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../python");
-        let mut on_disk = Vec::new();
-        let mut dirs = vec![root.join("casanode")];
-        while let Some(dir) = dirs.pop() {
-            for entry in std::fs::read_dir(&dir).unwrap() {
-                let path = entry.unwrap().path();
-                if path.is_dir() {
-                    dirs.push(path);
-                } else if path.extension().is_some_and(|e| e == "py") {
-                    on_disk.push(path.strip_prefix(&root).unwrap().display().to_string());
-                }
-            }
-        }
-        on_disk.sort();
-        let mut embedded: Vec<String> = PACKAGE.iter().map(|(p, _)| p.to_string()).collect();
-        embedded.sort();
-        assert_eq!(embedded, on_disk);
     }
 }

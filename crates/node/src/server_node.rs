@@ -26,6 +26,9 @@ pub struct ServerNodeConfig {
     pub python: PathBuf,
     /// A start-up script run in each worker's namespace (rule 5).
     pub init: Option<PathBuf>,
+    /// `--casa`: the directory holding casa-node's `casampi`, which each
+    /// worker puts first on its path before it takes CASA's namespace.
+    pub casa: Option<PathBuf>,
     /// How long an interrupted command may take before its worker is
     /// killed (rule 24).
     pub kill_grace: Duration,
@@ -220,6 +223,7 @@ impl Node {
                     let config = ExecutorConfig {
                         python: self.config.python.clone(),
                         init: self.config.init.clone(),
+                        casa: self.config.casa.clone(),
                         working_directory: (!start.working_directory.is_empty())
                             .then(|| PathBuf::from(&start.working_directory)),
                         environment: start

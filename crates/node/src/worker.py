@@ -1177,6 +1177,35 @@ def _log_level(levelno):
 # ---------------------------------------------------------------------------
 # Running commands
 
+def _casa_namespace(g):
+    """--casa: the namespace casampi's servers have, `casalog`, every CASA
+    task and MPIEnvironment, logging to the CASA log file the cluster shares (named by
+    CASA_NODE_CASA_LOG) and, through stderr, to the unified log; casampi's
+    filters apply (server_run in casampi 0.6)."""
+    log_file = os.environ.get("CASA_NODE_CASA_LOG")
+    if log_file:
+        # casatasks opens its log where casaconfig says, when imported.
+        from casaconfig import config
+
+        config.logfile = log_file
+    exec(
+        "from casatools import logsink\n"
+        "casalog = logsink()\n"
+        "from casatasks import *\n"
+        "from casampi.MPIEnvironment import MPIEnvironment\n",
+        g,
+    )
+    # casatasks made its casalog the global sink; the console (stderr, so
+    # the unified log) takes effect only after a first post, and setglobal
+    # again before one crashes casatools 6.7.
+    casalog = g["casalog"]
+    casalog.post(g["MPIEnvironment"].mpi_info_msg, "INFO", "casa-node")
+    casalog.showconsole(True)
+    casalog.filter("NORMAL1")
+    casalog.filterMsg("MSSelectionNullSelection")
+    casalog.filterMsg("non-existent spw")
+
+
 _WORKER_GLOBALS = globals()
 _MISSING = object()
 
@@ -1197,6 +1226,7 @@ class _Worker(object):
             os.set_inheritable(fd, False)
         self.rank = int(env.get("CASA_NODE_RANK", "0") or 0)
         self.init = env.pop("CASA_NODE_WORKER_INIT", "")
+        self.casa = env.pop("CASA_NODE_WORKER_CASA", "") == "1"
         level = int(env.pop("CASA_NODE_WORKER_LOG_LEVEL", "0") or 0)
         self.state = _State()
         self.out = _Out(results_fd, self.state)
@@ -1310,11 +1340,14 @@ class _Worker(object):
 
     def serve(self):
         error = ""
-        if self.init:
+        if self.casa or self.init:
             try:
-                with open(self.init, "rb") as f:
-                    source = f.read()
-                exec(compile(source, self.init, "exec", dont_inherit=True), self.g)
+                if self.casa:
+                    _casa_namespace(self.g)
+                if self.init:
+                    with open(self.init, "rb") as f:
+                        source = f.read()
+                    exec(compile(source, self.init, "exec", dont_inherit=True), self.g)
             except BaseException as e:
                 error = _format_exc(e)
             self._flush()
