@@ -483,12 +483,26 @@ async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
         Err(code) => return code,
     };
     let signals = casa_node::signals::watch();
+    // With --casa, drivers started by hand need casa-node's casampi first
+    // on their path: `up` unpacks it for its lifetime and says where.
+    let python_path = match options
+        .casa
+        .as_ref()
+        .map(|_| Unpacked::new("python", &[packages::CASANODE, packages::CASAMPI]))
+        .transpose()
+    {
+        Ok(unpacked) => unpacked,
+        Err(e) => return fail(e),
+    };
     let on_ready = |front: &FrontDoorEndpoint, nodes: &str| {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "front door: {front}");
         if !nodes.is_empty() {
             let _ = writeln!(out, "nodes: {nodes}");
+        }
+        if let Some(unpacked) = &python_path {
+            let _ = writeln!(out, "python path: {}", unpacked.dir().display());
         }
         let _ = out.flush();
     };

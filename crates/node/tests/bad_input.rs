@@ -1106,3 +1106,62 @@ fn control(action: Action) -> ControlRequest {
         action: Some(action),
     }
 }
+
+/// `--casa` with a workers' Python that lacks CASA (issue 13) is one line
+/// at start-up naming the interpreter, exit 2, before any server starts:
+/// for `run`, `up` and `server` alike.
+#[test]
+fn casa_without_casatasks_is_one_line_at_start_up() {
+    let python = "python3";
+    let probe = Command::new(python)
+        .args([
+            "-c",
+            "import importlib.util as u; print(u.find_spec('casatasks'))",
+        ])
+        .output()
+        .expect("python3 runs");
+    assert_eq!(
+        String::from_utf8_lossy(&probe.stdout).trim(),
+        "None",
+        "this test needs a python3 without casatasks"
+    );
+    let dir = std::env::temp_dir().join(format!("casa-node-nocasa-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let script = dir.join("script.py");
+    std::fs::write(&script, "open('ran', 'w').close()\n").unwrap();
+    let script = script.to_str().unwrap();
+    let nodes = format!("ipc://{}", dir.join("nodes.sock").display());
+    let runs: [&[&str]; 3] = [
+        &["run", "--casa", "--python", python, script],
+        &["up", "--casa", "--python", python],
+        &["server", "--casa", "--python", python, "--connect", &nodes],
+    ];
+    for args in runs {
+        let mut child = Command::new(BIN)
+            .args(args)
+            .current_dir(&dir)
+            .env("XDG_RUNTIME_DIR", dir.join("runtime"))
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("casa-node starts");
+        let status = process::wait_exit(&mut child, WAIT);
+        if status.is_none() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        let mut stderr = String::new();
+        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        assert_eq!(status.and_then(|s| s.code()), Some(2), "{args:?}: {stderr}");
+        assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
+        assert!(
+            stderr.contains("--casa") && stderr.contains(python) && stderr.contains("casatasks"),
+            "{args:?}: {stderr}"
+        );
+    }
+    assert!(!dir.join("ran").exists(), "the script ran");
+    assert!(!dir.join("casa-node.log").exists(), "a cluster started");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
