@@ -3,7 +3,9 @@
 //! `casanode` package importable (it ships inside this binary) and the front
 //! door in `CASA_NODE_ENDPOINT` (and a `tcp://` one's connection file in
 //! `CASA_NODE_CONNECTION_FILE`); when it ends, services stop and `run`
-//! exits with the script's status.
+//! exits with the script's status. With `--casa` the script also imports
+//! casa-node's `casampi` first, and CASA's site configuration names the
+//! log file the workers write (see [`crate::casa`]).
 
 use std::path::{Path, PathBuf};
 use std::process::ExitStatus;
