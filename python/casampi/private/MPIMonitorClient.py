@@ -69,9 +69,14 @@ class _MonitorClient:
 
     def get_server_status(self, server=None):
         """{rank: status} for every server, or one server's status dict."""
+        from casanode.connection import Refused
+
         if server is None:
             return self._table()
-        table = self._table(server) if isinstance(server, int) else {}
+        try:
+            table = self._table(server) if isinstance(server, int) else {}
+        except Refused:  # no such rank
+            table = {}
         if server not in table:
             post("Server n# %s is out of range" % server, "WARN", "MPIMonitorClient::get_server_status")
             return None
