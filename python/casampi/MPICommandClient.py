@@ -11,7 +11,7 @@ client node, not in threads of this process.
 import threading
 
 from casampi.MPIEnvironment import MPIEnvironment
-from casampi.private import casalog, post
+from casampi.private import Singleton, casalog, post
 
 log_levels = ['DEBUG', 'DEBUG1', 'DEBUG2', 'NORMAL', 'NORMAL1', 'NORMAL2', 'NORMAL3', 'NORMAL4', 'NORMAL5',
               'INFO', 'INFO1', 'INFO2', 'INFO3', 'INFO4', 'INFO5']
@@ -51,26 +51,18 @@ def _mode(command):
     return None
 
 
-class MPICommandClient:
+class MPICommandClient(Singleton):
     """A handle on the one command client (casampi's singleton)."""
-
-    __instance = None
-    __lock = threading.Lock()
 
     def __init__(self, start_services=False):
         _require_client("MPICommandClient", "MPICommandClient::__init__")
-        with MPICommandClient.__lock:
-            if MPICommandClient.__instance is None:
-                MPICommandClient.__instance = _CommandClient()
-        self.__dict__["_MPICommandClient__instance"] = MPICommandClient.__instance
+        Singleton.__init__(self)
         if start_services:
             self.start_services()
 
-    def __getattr__(self, attr):
-        return getattr(self.__instance, attr)
-
-    def __setattr__(self, attr, value):
-        return setattr(self.__instance, attr, value)
+    @staticmethod
+    def _make():
+        return _CommandClient()
 
 
 class _CommandClient:

@@ -9,33 +9,24 @@ drives with pgc, odo, execute, push, pull and check_job.
     CL.check_job(ids)                        # True when done; raises on errors
 """
 
-import threading
 import time
 
 from casampi.MPICommandClient import MPICommandClient, _require_client
 from casampi.MPIEnvironment import MPIEnvironment
-from casampi.private import post
+from casampi.private import Singleton, post
 from casampi.private.MPIMonitorClient import MPIMonitorClient
 
 
-class MPIInterfaceCore:
+class MPIInterfaceCore(Singleton):
     """A handle on the one cluster core (casampi's singleton)."""
-
-    __instance = None
-    __lock = threading.Lock()
 
     def __init__(self):
         _require_client("MPIInterfaceCore", "MPIInterfaceCore::__init__")
-        with MPIInterfaceCore.__lock:
-            if MPIInterfaceCore.__instance is None:
-                MPIInterfaceCore.__instance = _Core()
-        self.__dict__["_MPIInterfaceCore__instance"] = MPIInterfaceCore.__instance
+        Singleton.__init__(self)
 
-    def __getattr__(self, attr):
-        return getattr(self.__instance, attr)
-
-    def __setattr__(self, attr, value):
-        return setattr(self.__instance, attr, value)
+    @staticmethod
+    def _make():
+        return _Core()
 
 
 class _Core:
@@ -129,28 +120,20 @@ class _Core:
         return self._command_client.get_command_response_list()
 
 
-class MPIInterface:
+class MPIInterface(Singleton):
     """A handle on the one cluster (casampi's singleton); `_cluster` is its
     MPIInterfaceCore."""
-
-    __instance = None
-    __lock = threading.Lock()
 
     # Static, so that getCluster can read it.
     _log_mode = "unified"
 
     def __init__(self):
         _require_client("MPIInterface", "MPIInterface::__init__")
-        with MPIInterface.__lock:
-            if MPIInterface.__instance is None:
-                MPIInterface.__instance = _Interface()
-        self.__dict__["_MPIInterface__instance"] = MPIInterface.__instance
+        Singleton.__init__(self)
 
-    def __getattr__(self, attr):
-        return getattr(self.__instance, attr)
-
-    def __setattr__(self, attr, value):
-        return setattr(self.__instance, attr, value)
+    @staticmethod
+    def _make():
+        return _Interface()
 
     @staticmethod
     def set_log_mode(logmode):
@@ -159,10 +142,10 @@ class MPIInterface:
     @staticmethod
     def getCluster():
         """The cluster, its services started."""
-        if MPIInterface.__instance is None:
+        if MPIInterface.__dict__.get("_impl") is None:
             cluster = MPIInterface()
         else:
-            cluster = MPIInterface.__instance
+            cluster = MPIInterface._impl
             if not cluster.isClusterRunning():
                 cluster.init_cluster()
         cluster.start_cluster()

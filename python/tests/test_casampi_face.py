@@ -29,7 +29,7 @@ CASAMPI_STATUS_KEYS = {"rank", "processor", "pid", "busy", "command", "command_s
 def _forget():
     """Forgets casampi's singletons and the shared connection."""
     for cls in (MPICommandClient, MPIMonitorClient, MPIInterfaceCore, MPIInterface):
-        setattr(cls, "_%s__instance" % cls.__name__, None)
+        cls._impl = None
     seed._reset()
 
 

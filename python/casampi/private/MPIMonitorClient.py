@@ -7,10 +7,8 @@ command, command_start_time, pong_pending, ping_time, pong_time, timeout)
 and casa-node's (worker_pid, online, last_ping, rss, command_id).
 """
 
-import threading
-
 from casampi.MPIEnvironment import MPIEnvironment
-from casampi.private import post
+from casampi.private import Singleton, post
 
 
 def _casampi_status(status):
@@ -21,26 +19,18 @@ def _casampi_status(status):
     return status
 
 
-class MPIMonitorClient:
+class MPIMonitorClient(Singleton):
     """A handle on the one monitor client (casampi's singleton)."""
-
-    __instance = None
-    __lock = threading.Lock()
 
     def __init__(self, start_services=True):
         from casampi.MPICommandClient import _require_client
 
         _require_client("MPIMonitorClient", "MPIMonitorClient::__init__")
-        with MPIMonitorClient.__lock:
-            if MPIMonitorClient.__instance is None:
-                MPIMonitorClient.__instance = _MonitorClient()
-        self.__dict__["_MPIMonitorClient__instance"] = MPIMonitorClient.__instance
+        Singleton.__init__(self)
 
-    def __getattr__(self, attr):
-        return getattr(self.__instance, attr)
-
-    def __setattr__(self, attr, value):
-        return setattr(self.__instance, attr, value)
+    @staticmethod
+    def _make():
+        return _MonitorClient()
 
 
 class _MonitorClient:

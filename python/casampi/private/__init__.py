@@ -2,6 +2,7 @@
 the cluster, and CASA's log."""
 
 import os
+import threading
 
 
 def server_rank():
@@ -47,3 +48,24 @@ def post(message, priority="INFO", origin="casampi"):
 
     levels = {"SEVERE": logging.ERROR, "WARN": logging.WARNING, "DEBUG": logging.DEBUG}
     logging.getLogger("casampi").log(levels.get(priority, logging.INFO), "%s: %s", origin, message)
+
+
+class Singleton:
+    """casampi's singletons: every instance of a subclass is a handle on one
+    object, which the subclass's `_make` builds on first use."""
+
+    # Reentrant: one singleton's object makes others (the command client
+    # its monitor).
+    _lock = threading.RLock()
+
+    def __init__(self):
+        cls = type(self)
+        with Singleton._lock:
+            if cls.__dict__.get("_impl") is None:
+                cls._impl = cls._make()
+
+    def __getattr__(self, attr):
+        return getattr(type(self)._impl, attr)
+
+    def __setattr__(self, attr, value):
+        setattr(type(self)._impl, attr, value)
