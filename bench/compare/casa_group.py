@@ -154,8 +154,9 @@ def driver_args(settings):
 
 
 def run_job(kind, settings):
-    """Runs the driver one way (`casampi`, `mpi`, `zmq`) in a fresh
-    directory; returns its result with `job_s`, the job's wall time."""
+    """Runs the driver one way (`casampi`, `mpi`, `zmq`, or `serial`:
+    plain `python`, no MPI) in a fresh directory; returns its result with
+    `job_s`, the job's wall time."""
     directory = tempfile.mkdtemp(prefix="job-", dir=ENV.directory)
     try:
         if kind == "zmq":
@@ -163,6 +164,9 @@ def run_job(kind, settings):
             env["XDG_RUNTIME_DIR"] = directory
             argv = [harness.CASA_NODE, "run", "--casa", "--servers", SERVERS, "--python", ENV.python,
                     "--log-file", os.path.join(directory, "casa-node.log"), *driver_args(settings)]
+        elif kind == "serial":
+            env = job_env(directory)
+            argv = [ENV.python, *driver_args(settings)]
         else:
             launcher, mpi_env = harness.mpirun(SERVERS + 1, session=directory)
             env = job_env(directory, mpi_env)
@@ -187,10 +191,18 @@ def check(kind, result):
     """The job ran the tasks on SERVERS MPI servers and its flag counts
     are the run's: equal to the first job's, the clip flagged some but
     not all, and the unflag restored the counts from before."""
-    if result.get("parallel") is not True or result.get("servers") != SERVERS:
+    if kind == "serial":
+        if result.get("parallel") is not False:
+            raise Failed("group C, serial: ParallelTaskHelper saw MPI enabled outside MPI")
+    elif result.get("parallel") is not True or result.get("servers") != SERVERS:
         raise Failed(f"group C, {kind}: ParallelTaskHelper saw MPI enabled = {result.get('parallel')!r} "
                      f"with {result.get('servers')!r} servers, not {SERVERS}: the tasks did not run "
                      "on the servers")
+    # casampi's side must run the venv's casampi, casa-node's its own.
+    casampi = result.get("casampi") or ""
+    in_venv = os.path.realpath(casampi).startswith(os.path.realpath(venv_dir()) + os.sep)
+    if kind in ("casampi", "serial") and not in_venv or kind in ("mpi", "zmq") and in_venv:
+        raise Failed(f"group C, {kind}: casatasks imported the casampi of {casampi or 'nowhere'}")
     counts = result["counts"]
     flagged, total = counts["clipped"]["all"]
     if not 0 < flagged < total:
@@ -245,3 +257,13 @@ def peer_casampi(settings, figures, record_it):
         for suffix in ("", "z"):
             record(figures, suffix, r, "peer")
         figures["C1"].note("casampi: seconds for the whole job (start-up, tasks, exit)", r["job_s"])
+
+
+def serial_context(settings, figures, record_it):
+    """For context: the same driver under plain `python`, no MPI, so that
+    ParallelTaskHelper runs the sub-MSs one after the other in the driver."""
+    setup(settings)
+    r = run_job("serial", settings)
+    if record_it:
+        for n, task in enumerate(TASKS, 1):
+            figures[f"C{n}"].note("serial, no MPI (context): seconds", r["seconds"][task])

@@ -346,7 +346,8 @@ PLAN = {
     "F": (("F1",), measure_failure, None),
     "S": (("S1", "S1w"), measure_start, peer_start),
     "M": (("M1s", "M1c"), measure_memory, None),
-    "C": (("C1", "C1z", "C2", "C2z", "C3", "C3z"), casa_group.measure_casa_tasks, casa_group.peer_casampi),
+    "C": (("C1", "C1z", "C2", "C2z", "C3", "C3z"), casa_group.measure_casa_tasks,
+          [casa_group.peer_casampi, casa_group.serial_context]),
 }
 
 

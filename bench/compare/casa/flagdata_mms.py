@@ -63,6 +63,8 @@ def main(mms, clipmin, clipmax):
         # in this process, one after the other.
         "parallel": ParallelTaskHelper.isMPIEnabled(),
         "servers": ParallelTaskHelper("flagdata", {}).getNumberOfServers(),
+        # Which casampi casatasks imported: the venv's, or casa-node's.
+        "casampi": getattr(sys.modules.get("casampi"), "__file__", None),
     }), flush=True)
 
 
