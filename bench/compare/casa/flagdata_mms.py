@@ -16,13 +16,18 @@ Prints one JSON line.
 
     flagdata_mms.py MMS CLIPMIN CLIPMAX"""
 
-import json
-import sys
 import time
 
-import casatasks
-from casatasks import flagdata
-from casatasks.private.parallel.parallel_task_helper import ParallelTaskHelper
+STARTED = time.time()  # before `import casatasks`, which starts casampi's servers
+
+import json  # noqa: E402
+import sys  # noqa: E402
+
+import casatasks  # noqa: E402
+from casatasks import flagdata  # noqa: E402
+from casatasks.private.parallel.parallel_task_helper import ParallelTaskHelper  # noqa: E402
+
+IMPORTED = time.time()
 
 
 def counts(summary):
@@ -56,6 +61,9 @@ def main(mms, clipmin, clipmax):
             raise SystemExit(f"flagdata summary ({name}) returned {s!r}, not a summary")
     print(json.dumps({
         "seconds": {"summary": summary_s, "clip": clip_s, "unflag": unflag_s},
+        # Wall clock (time.time()) at the script's start, after the
+        # imports, and at this line: the harness splits the job's time.
+        "clock": {"started": STARTED, "imported": IMPORTED, "done": time.time()},
         "counts": {name: counts(s) for name, s in results},
         "casatasks": casatasks.version_string(),
         # Whether the tasks went to MPI servers, and to how many, as
