@@ -205,8 +205,8 @@ def check(kind, result):
             raise Failed("group C, serial: ParallelTaskHelper saw MPI enabled outside MPI")
     elif result.get("parallel") is not True or result.get("servers") != SERVERS:
         raise Failed(f"group C, {kind}: ParallelTaskHelper saw MPI enabled = {result.get('parallel')!r} "
-                     f"with {result.get('servers')!r} servers, not {SERVERS}: the tasks did not run "
-                     "on the servers")
+                     f"and {result.get('servers')!r} servers (want True and {SERVERS}): the tasks did "
+                     "not run on the servers")
     # casampi's side must run the venv's casampi, casa-node's its own.
     casampi = result.get("casampi") or ""
     in_venv = os.path.realpath(casampi).startswith(os.path.realpath(venv_dir()) + os.sep)
