@@ -5,13 +5,16 @@
 # (numpy, mpi4py, pyzmq, dask[distributed]), then measures every figure for
 # casa-node and its peer in the same run and prints one table.
 #
-#   bench/compare.sh            # the full run, by hand (about 10 min on 2 cores)
+#   bench/compare.sh            # the full run, by hand (about 15 min on 2 cores)
 #   bench/compare.sh --quick    # tiny counts, to check the harness (under a minute)
+#   bench/compare.sh --only C   # CASA's flagdata on a Multi-MS against casampi
 #
-# Other arguments go to bench/compare/compare.py (--reps N, --only L,Z,T,B,F,S,M).
+# Other arguments go to bench/compare/compare.py (--reps N, --only L,Z,T,B,F,S,M,C).
+# Group C (not in --quick unless --only names it) makes its own CASA venv,
+# target/bench-casa-venv (CASA_BENCH_VENV), the first time it runs.
 # Needs Rust, Python 3 with venv, and Open MPI with its headers
 # (scripts/install-deps.sh). Exits non-zero when a measurement fails, not
-# when a goal is missed. PYTHON picks the interpreter the venv is made from
+# when a goal is missed. PYTHON picks the interpreter the venvs are made from
 # (default python3); BENCH_VENV the venv's directory.
 set -euo pipefail
 

@@ -6,6 +6,9 @@ max. Prints one Markdown table: figure, casa-node, peer, ratio, goal, met.
 
     compare.py [--quick] [--reps N] [--only L,T,...]
 
+Group C (CASA's flagdata on a Multi-MS, casa-node against casampi) is in
+the full run; --quick leaves it out unless --only names it.
+
 Run it through bench/compare.sh, which builds casa-node (with MPI) and the
 Rust round-trip client in release mode and makes the virtual environment
 with the peers. Exits non-zero when a measurement fails, never because a
@@ -23,6 +26,7 @@ import sys
 import tempfile
 import time
 
+import casa_group
 import harness
 from harness import PEERS, PYTHON, Cluster, Failed
 
@@ -36,6 +40,8 @@ FULL = dict(
     heartbeat=1.0, timeout=5.0, sleep=1,        # F1
     start_servers=4, start_pythons=5,           # S1
     memory_servers=64, memory_reps=3,           # M1 (no warm-up: a state, not a speed)
+    casa_subms=4, clip_min=0.0, clip_max=70.0,  # C1, C2, C3
+    casa_timeout=600,
 )
 QUICK = dict(
     warmup_reps=0, reps=2,
@@ -45,9 +51,14 @@ QUICK = dict(
     heartbeat=0.2, timeout=1.0, sleep=1,
     start_servers=4, start_pythons=5,
     memory_servers=4, memory_reps=1,
+    casa_subms=4, clip_min=0.0, clip_max=70.0,
+    casa_timeout=300,
 )
 
-GROUPS = ("L", "Z", "T", "B", "F", "S", "M")
+GROUPS = ("L", "Z", "T", "B", "F", "S", "M", "C")
+# What --quick runs without --only: group C needs CASA (a venv of about a
+# GiB, made once) and a casampi job takes about 30 s, mostly its own exit.
+QUICK_GROUPS = ("L", "Z", "T", "B", "F", "S", "M")
 
 
 # ------------------------------------------------------------------ figures
@@ -56,7 +67,7 @@ GROUPS = ("L", "Z", "T", "B", "F", "S", "M")
 class Figure:
     """A row of the table. `better` is "lower" (times, memory) or "higher"
     (rates); `goal` is the ratio (or, without a peer, the absolute value in
-    `unit`) the figure should reach."""
+    `unit`) the figure should reach, None for a comparison without a goal."""
 
     def __init__(self, key, name, unit, better, goal, goal_text, peer_name=None):
         self.key, self.name, self.unit, self.better = key, name, unit, better
@@ -100,6 +111,14 @@ def make_figures(s):
         Figure("M1c", f"M1 RSS of the client node with {s['memory_servers']} servers (MiB)", "MiB",
                "lower", 30, "≤ 30 MiB"),
     ]
+    # Group C: one task call each, timed inside the driver script.
+    for n, (task, what) in enumerate((("summary", "mode='summary'"),
+                                      ("clip", f"mode='clip', clipminmax=[{s['clip_min']:g}, {s['clip_max']:g}]"),
+                                      ("unflag", "mode='unflag'")), 1):
+        figures.append(Figure(f"C{n}", f"C{n} flagdata {what} of an MMS, 2 servers, MPI (s)", "s",
+                              "lower", None, "—", "casampi 0.6.0, `mpirun -n 3`"))
+        figures.append(Figure(f"C{n}z", f"C{n} over ZeroMQ (s)", "s",
+                              "lower", None, "—", "casampi 0.6.0, `mpirun -n 3`"))
     figures = {f.key: f for f in figures}
     figures["F1"].bound = t + h
     return figures
@@ -327,6 +346,8 @@ PLAN = {
     "F": (("F1",), measure_failure, None),
     "S": (("S1", "S1w"), measure_start, peer_start),
     "M": (("M1s", "M1c"), measure_memory, None),
+    "C": (("C1", "C1z", "C2", "C2z", "C3", "C3z"), casa_group.measure_casa_tasks,
+          [casa_group.peer_casampi, casa_group.serial_context]),
 }
 
 
@@ -367,6 +388,8 @@ def verdict(f):
     if not f.peer:
         return cell(f.casa), "error", "—", "error"
     ratio = casa / statistics.median(f.peer)
+    if f.goal is None:
+        return cell(f.casa), cell(f.peer), f"{ratio:.2f}×", "—"
     met = ratio <= f.goal if f.better == "lower" else ratio >= f.goal
     return cell(f.casa), cell(f.peer), f"{ratio:.2f}×", "yes" if met else "no"
 
@@ -391,6 +414,9 @@ def print_table(figures, settings, elapsed):
     print(f"{settings['reps']} measured repetition(s) after {settings['warmup_reps']} of warm-up "
           f"(M1: {settings['memory_reps']}); {elapsed:.0f} s in all; {platform.node()}, "
           f"{os.cpu_count()} cores, Python {platform.python_version()}")
+    if casa_group.ENV.versions:
+        print(f"C: {casa_group.ENV.versions}; an MMS of {len(casa_group.ENV.subms)} sub-MSs "
+              f"(NGC5921, partition numsubms={settings['casa_subms']})")
 
 
 # ------------------------------------------------------------------ main
@@ -398,15 +424,20 @@ def print_table(figures, settings, elapsed):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="tiny counts, to check the harness (about 30 s)")
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny counts, to check the harness (about 30 s); without group C")
     parser.add_argument("--reps", type=int, help="measured repetitions (default 5, quick 2)")
     parser.add_argument("--only", help=f"comma-separated groups of {','.join(GROUPS)} "
-                        "(L: L1+L2, Z: L3, T: T1+T2, B: B1, F: F1, S: S1, M: M1)")
+                        "(L: L1+L2, Z: L3, T: T1+T2, B: B1, F: F1, S: S1, M: M1, "
+                        "C: C1+C2+C3, CASA's flagdata on a Multi-MS against casampi)")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
     if args.reps:
         settings["reps"] = args.reps
-    groups = GROUPS if not args.only else [g.strip().upper() for g in args.only.split(",")]
+    if args.only:
+        groups = [g.strip().upper() for g in args.only.split(",")]
+    else:
+        groups = QUICK_GROUPS if args.quick else GROUPS
     for g in groups:
         if g not in PLAN:
             parser.error(f"unknown group {g!r}")
@@ -414,7 +445,25 @@ def main():
     wanted = {k for g in groups for k in PLAN[g][0]}
     figures = {k: f for k, f in figures.items() if k in wanted}
     started = time.perf_counter()
+    try:
+        return run(groups, settings, figures, started)
+    finally:
+        casa_group.cleanup()
+
+
+def run(groups, settings, figures, started):
     failed = set()
+    if "C" in groups:
+        # The CASA venv (once) and the MMS (once per run), outside the timed sides.
+        t0 = time.perf_counter()
+        try:
+            casa_group.setup(settings)
+            print(f"compare: C: set up in {time.perf_counter() - t0:.1f} s", file=sys.stderr, flush=True)
+        except (Failed, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
+            print(f"compare: C setup failed: {e}", file=sys.stderr, flush=True)
+            for k in PLAN["C"][0]:
+                figures[k].errors.append(str(e))
+            failed.add("C")
     total = settings["warmup_reps"] + settings["reps"]
     for rep in range(total):
         record = rep >= settings["warmup_reps"]

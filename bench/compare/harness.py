@@ -113,11 +113,14 @@ def stop_tree(proc, below=()):
     return clean
 
 
-def mpirun(ranks):
+def mpirun(ranks, session=None):
     """(argv, env) of `mpirun -n RANKS` kept on this machine, as
     tests/src/process.rs sets it up for Open MPI: shared memory between the
     ranks, loopback for the runtime, no binding, oversubscription allowed,
-    --allow-run-as-root as root."""
+    --allow-run-as-root as root. With `session`, a directory of the
+    caller's (which the caller removes), Open MPI keeps the job's session
+    there rather than in the shared /tmp/ompi.HOST.UID, which two jobs
+    starting at once can race on."""
     launcher = shutil.which("mpirun") or shutil.which("mpiexec")
     if launcher is None:
         raise Failed("neither mpirun nor mpiexec is on PATH: install Open MPI (openmpi-bin)")
@@ -135,6 +138,8 @@ def mpirun(ranks):
             OMPI_MCA_oob_tcp_if_include="lo",
             OMPI_MCA_hwloc_base_binding_policy="none",
         )
+        if session is not None:
+            env["OMPI_MCA_orte_tmpdir_base"] = str(session)
     argv += ["-n", str(ranks)]
     return argv, env
 
