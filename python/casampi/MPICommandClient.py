@@ -276,22 +276,24 @@ class _CommandClient:
         MPIEnvironment.command_handling_log_level = log_level
         self._client.set_log_level(_LEVELS[log_level])
 
+    # The settings go as casampi writes them (casatools takes an int where
+    # it wants one: setMemoryFraction(50), not 50.0).
     def _on_servers(self, command, target_server):
         if not self._ready("MPICommandClient"):
             return None
         return self.push_command_request(command, True, target_server)
 
     def set_omp_num_threads(self, omp_max_threads, target_server):
-        self._on_servers("casalog.ompSetNumThreads(%s)" % int(omp_max_threads), target_server)
+        self._on_servers("casalog.ompSetNumThreads(%s)" % str(omp_max_threads), target_server)
 
     def setMemoryTotal(self, memory, target_server):
-        self._on_servers("casalog.setMemoryTotal(%s)" % int(memory), target_server)
+        self._on_servers("casalog.setMemoryTotal(%s)" % str(memory), target_server)
 
     def setMemoryFraction(self, memfrac, target_server):
-        self._on_servers("casalog.setMemoryFraction(%s)" % float(memfrac), target_server)
+        self._on_servers("casalog.setMemoryFraction(%s)" % str(memfrac), target_server)
 
     def setNumCPUs(self, numCPUs, target_server):
-        self._on_servers("casalog.setNumCPUs(%s)" % int(numCPUs), target_server)
+        self._on_servers("casalog.setNumCPUs(%s)" % str(numCPUs), target_server)
 
     def _ret(self, command, target_server):
         res = self._on_servers(command, target_server)
@@ -302,7 +304,7 @@ class _CommandClient:
         return [r["ret"] for r in res]
 
     def getMemoryTotal(self, use_aipsrc, target_server):
-        return self._ret("casalog.getMemoryTotal(%s)" % bool(use_aipsrc), target_server)
+        return self._ret("casalog.getMemoryTotal(%s)" % str(use_aipsrc), target_server)
 
     def getNumCPUs(self, use_aipsrc, target_server):
-        return self._ret("casalog.getNumCPUs(%s)" % bool(use_aipsrc), target_server)
+        return self._ret("casalog.getNumCPUs(%s)" % str(use_aipsrc), target_server)
