@@ -22,6 +22,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 
 import pytest
 
@@ -54,7 +55,61 @@ SERVER_ORIGIN = re.compile(r"MPIServer-(\d+)")
 
 
 def pytest_configure(config):
-    config.addinivalue_line("markers", "casa: needs CASA and casa-node run --casa")
+    config.addinivalue_line(
+        "markers",
+        "background(name): the test's `casa-node run` starts in the background as soon as the "
+        "tests are collected (see pytest_collection_finish), and the test runs last")
+
+
+# Background runs: tests marked `background` spend most of their time
+# waiting (casampi's own tests sleep and wait for timeouts), so their
+# `casa-node run` starts when collection ends and goes on while the other
+# tests run; the test itself, put last, collects it. {(name, transport):
+# Started}, and the directories to remove at the end.
+BACKGROUND = {}
+BACKGROUND_DIRS = []
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_collection_modifyitems(session, config, items):
+    items.sort(key=lambda item: item.get_closest_marker("background") is not None)
+
+
+def pytest_collection_finish(session):
+    if session.config.option.collectonly:
+        return
+    for item in session.items:
+        marker = item.get_closest_marker("background")
+        if marker is None:
+            continue
+        transport = item.callspec.params["transport"]
+        start = marker.kwargs["start"]
+        directory = pathlib.Path(tempfile.mkdtemp(prefix=f"casa-bg-{transport}-",
+                                                  dir=os.environ.get("CASA_NODE_CASA_DATA")))
+        BACKGROUND_DIRS.append(directory)
+        try:
+            BACKGROUND[(marker.args[0], transport)] = start(directory, transport)
+        except (Exception, pytest.fail.Exception) as failure:
+            # Reported by the test.
+            BACKGROUND[(marker.args[0], transport)] = failure
+
+
+def pytest_sessionfinish(session):
+    for started in BACKGROUND.values():
+        if isinstance(started, Started):
+            started.stop()
+    for directory in BACKGROUND_DIRS:
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def background_run(name, transport, **finish):
+    """The Run of the background run `name` over `transport`, finished."""
+    started = BACKGROUND.get((name, transport))
+    if started is None:
+        pytest.fail(f"the background run {name} over {transport} was not started")
+    if not isinstance(started, Started):
+        pytest.fail(f"the background run {name} over {transport} could not start: {started}")
+    return started.finish(**finish)
 
 
 @pytest.fixture(scope="session", params=TRANSPORTS)
@@ -118,32 +173,102 @@ def _mpirun():
     return [mpirun, *flags]
 
 
-def _stop(proc):
-    """Stops a run by its PID, then whatever is left of its process group
-    (it was started in a session of its own): SIGTERM, SIGKILL if it
-    lingers."""
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.communicate(timeout=30)
-        except subprocess.TimeoutExpired:
-            pass
+def _wait_unreaped(pid):
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped meanwhile, by _stop
         pass
-    if proc.poll() is None:
-        proc.kill()
-    proc.communicate()
 
 
-def casa_node_run(script, args, directory, transport, *, servers=SERVERS, options=(),
-                  result="result.pickle", timeout=RUN_TIMEOUT, check=True):
-    """Runs `casa-node run --casa SCRIPT ARGS OUT` in `directory` (a
+def _exited(proc, timeout):
+    """Waits up to `timeout` seconds for `proc` to exit without reaping it:
+    while it is a zombie its PID, which is also its process group's id,
+    cannot be given to another process."""
+    if proc.returncode is not None:
+        return True
+    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+        return True
+    if timeout <= 0:
+        return False
+    waiter = threading.Thread(target=_wait_unreaped, args=(proc.pid,), daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    return not waiter.is_alive()
+
+
+def _stop(proc):
+    """Stops a run started in a session of its own: SIGTERM to its PID if
+    it is still going, SIGKILL if it lingers, then SIGKILL to whatever is
+    left of its process group (sent before it is reaped, so the group's id
+    is still its own), and reaps it."""
+    if proc.returncode is None:
+        if not _exited(proc, 0):
+            proc.send_signal(signal.SIGTERM)
+            if not _exited(proc, 30):
+                proc.kill()
+                _exited(proc, 30)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+class Started:
+    """A `casa-node run --casa` under way (start_casa_node_run); finish()
+    waits for it, or stops it."""
+
+    def __init__(self, proc, argv, directory, runtime, out, script):
+        self.proc = proc
+        self.argv = argv
+        self.directory = directory
+        self.runtime = runtime
+        self.out = out
+        self.script = script
+
+    def stop(self):
+        """Stops the run if it is still going (by its PID and its process
+        group) and removes its runtime directory."""
+        try:
+            _stop(self.proc)
+        finally:
+            shutil.rmtree(self.runtime, ignore_errors=True)
+
+    def finish(self, timeout=RUN_TIMEOUT, check=True):
+        """Waits for the run (stopping it after `timeout` seconds) and
+        returns a Run. With `check`, the run must exit 0 and write its
+        pickle."""
+        try:
+            exited = _exited(self.proc, timeout)
+        finally:
+            # A clean exit leaves nothing of its process group; a failed or
+            # timed out one might.
+            self.stop()
+        if not exited:
+            raise AssertionError(f"casa-node run --casa {self.script} took over {timeout} s: stopped")
+        stdout, stderr = (
+            (self.directory / name).read_text(errors="replace") for name in ("stdout.txt", "stderr.txt"))
+        completed = subprocess.CompletedProcess(self.argv, self.proc.returncode, stdout, stderr)
+        loaded = None
+        if self.out is not None and self.out.exists():
+            with open(self.out, "rb") as f:
+                loaded = pickle.load(f)
+        run = Run(completed, self.directory, loaded)
+        if not check:
+            return run
+        assert completed.returncode == 0, f"casa-node run --casa {self.script} failed: {run.describe()}"
+        if self.out is not None:
+            assert loaded is not None, f"{self.script} wrote no result: {run.describe()}"
+        return run
+
+
+def start_casa_node_run(script, args, directory, transport, *, servers=SERVERS, options=(),
+                        result="result.pickle"):
+    """Starts `casa-node run --casa SCRIPT ARGS OUT` in `directory` (a
     cluster of `servers` servers over `transport`, the workers on this
-    Python) and returns a Run; the script's last argument is the path of the
-    pickle it writes (None: the script writes none). With `check`, the run
-    must exit 0 and write its pickle."""
+    Python; stdout.txt and stderr.txt there) and returns it Started; the
+    script's last argument is the path of the pickle it writes (result None:
+    the script writes none)."""
     if not BINARY.exists():
         pytest.fail(f"{BINARY} is missing: build casa-node (cargo build -p casa-node --features mpi)")
     directory = pathlib.Path(directory)
@@ -170,38 +295,30 @@ def casa_node_run(script, args, directory, transport, *, servers=SERVERS, option
         line = [*_mpirun(), "-n", str(servers + 1), str(BINARY), "--transport", "mpi",
                 "run", "--casa", *options]
     else:
+        shutil.rmtree(runtime)
         raise ValueError(f"unknown transport {transport!r}")
     out = directory / result if result else None
     argv = [*line, str(SCRIPTS / script), *map(str, args), *([str(out)] if out else [])]
     try:
-        proc = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                start_new_session=True)
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except BaseException:
-            _stop(proc)
-            raise
-        finally:
-            # A clean exit leaves nothing of the group; a failed one might.
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    finally:
+        with open(directory / "stdout.txt", "wb") as stdout, open(directory / "stderr.txt", "wb") as stderr:
+            proc = subprocess.Popen(argv, cwd=directory, env=env, stdin=subprocess.DEVNULL,
+                                    stdout=stdout, stderr=stderr, start_new_session=True)
+    except BaseException:
         shutil.rmtree(runtime, ignore_errors=True)
-    completed = subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
-    loaded = None
-    if out is not None and out.exists():
-        with open(out, "rb") as f:
-            loaded = pickle.load(f)
-    run = Run(completed, directory, loaded)
-    if not check:
-        return run
-    assert proc.returncode == 0, f"casa-node run --casa {script} failed: {run.describe()}"
-    if out is not None:
-        assert loaded is not None, f"{script} wrote no result: {run.describe()}"
-    return run
+        raise
+    return Started(proc, argv, directory, runtime, out, script)
+
+
+def casa_node_run(script, args, directory, transport, *, servers=SERVERS, options=(),
+                  result="result.pickle", timeout=RUN_TIMEOUT, check=True):
+    """start_casa_node_run(), then finish(): the finished Run."""
+    started = start_casa_node_run(script, args, directory, transport, servers=servers,
+                                  options=options, result=result)
+    try:
+        return started.finish(timeout=timeout, check=check)
+    except BaseException:
+        started.stop()
+        raise
 
 
 def serial_run(script, args, directory, result="result.pickle"):
