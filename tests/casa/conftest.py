@@ -158,9 +158,11 @@ class Run:
         return path.read_text(errors="replace") if path.exists() else ""
 
     def describe(self):
+        casa_logs = sorted(self.directory.glob("casa-*.log"))
+        casa_log = casa_logs[-1].read_text(errors="replace")[-3000:] if casa_logs else ""
         return (f"exit {self.proc.returncode}\n--- stdout\n{self.proc.stdout[-4000:]}"
                 f"\n--- stderr\n{self.proc.stderr[-6000:]}\n--- casa-node.log (end)\n"
-                f"{self.node_log()[-4000:]}")
+                f"{self.node_log()[-4000:]}\n--- CASA log (end)\n{casa_log}")
 
 
 def _mpirun():
@@ -244,8 +246,6 @@ class Started:
             # A clean exit leaves nothing of its process group; a failed or
             # timed out one might.
             self.stop()
-        if not exited:
-            raise AssertionError(f"casa-node run --casa {self.script} took over {timeout} s: stopped")
         stdout, stderr = (
             (self.directory / name).read_text(errors="replace") for name in ("stdout.txt", "stderr.txt"))
         completed = subprocess.CompletedProcess(self.argv, self.proc.returncode, stdout, stderr)
@@ -254,6 +254,9 @@ class Started:
             with open(self.out, "rb") as f:
                 loaded = pickle.load(f)
         run = Run(completed, self.directory, loaded)
+        if not exited:
+            raise AssertionError(
+                f"casa-node run --casa {self.script} took over {timeout} s, stopped: {run.describe()}")
         if not check:
             return run
         assert completed.returncode == 0, f"casa-node run --casa {self.script} failed: {run.describe()}"
