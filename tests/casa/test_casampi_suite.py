@@ -1,5 +1,7 @@
-"""casampi 0.6.0's own tests of MPICommandClient and MPICommandServer
-(test_0_MPICommandClient, test_MPICommandServer; env.sh takes
+"""casampi 0.6.0's own tests of MPICommandClient, MPIInterface and
+MPICommandServer (test_0_MPICommandClient, test_0_MPIInterface,
+test_mpi_runtime_settings, test_MPICommandServer: the classes that need no
+data; env.sh takes
 test_casampi.py out of the wheel) under `casa-node run --casa --heartbeat 5
 --timeout 15`, with the real casampi installed in the environment as well:
 casa-node's face must be the one found. scripts/casampi_tests.py lists the
