@@ -40,7 +40,8 @@ casampi_dir=$target_dir/casampi-0.6.0
 stamp=$venv/.casa-node-stamp
 wanted=$(printf '%s\n' "${requirements[@]}" "$casampi")
 
-if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ]; then
+if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$wanted" ] \
+    || [ ! -f "$casampi_dir/tests/test_casampi.py" ]; then
     if [ ! -x "$venv/bin/python" ]; then
         echo "creating the CASA virtual environment in $venv (a one-off of a few minutes)" >&2
         "$python" -m venv "$venv"
