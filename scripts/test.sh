@@ -6,7 +6,9 @@
 # processes and Python workers over both transports, bad input, security,
 # the quick runs of the benchmarks and the soak test), then the Python
 # client's tests over both transports, in a virtual environment that
-# python/run-tests.sh creates and fills from PyPI.
+# python/run-tests.sh creates and fills from PyPI, then real CASA's parallel
+# tasks and casampi's own tests through `casa-node run --casa`
+# (tests/casa/run.sh, CASA's wheels in another virtual environment).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -44,6 +46,9 @@ CASA_NODE_TEST_TRANSPORT=mpi cargo test -p casa-node --features mpi --locked --t
 
 step "python tests over ZeroMQ and MPI (python/run-tests.sh: a virtual environment with protobuf and pytest)"
 CASA_NODE_TEST_TRANSPORTS=zmq,mpi python/run-tests.sh 2>&1 | tee -a "$log"
+
+step "real CASA through casa-node run --casa over ZeroMQ and MPI (tests/casa/run.sh: CASA 6.7's wheels in a virtual environment, made once)"
+CASA_NODE_TEST_TRANSPORTS=zmq,mpi tests/casa/run.sh 2>&1 | tee -a "$log"
 
 step "bench: casa-node against its peers, quick (bench/compare.sh --quick; the full run is by hand)"
 bench/compare.sh --quick
