@@ -38,6 +38,8 @@ echo "preparing the data (NGC 5921: an MS, a Multi-MS of 4 sub-MSs, a gain table
 }
 export CASA_NODE_CASA_DATA=$data
 
-cd "$here"
-# Temporary directories of pytest in the data directory, so they go too.
-"$python" -m pytest -q -p no:cacheprovider --basetemp="$data/pytest" "$@"
+# From the data directory: what CASA writes in the working directory of
+# the tests' own process (its log, the serial runs' files) goes with it, as
+# do pytest's temporary directories.
+cd "$data"
+"$python" -m pytest -q -p no:cacheprovider --rootdir="$here" --basetemp="$data/pytest" "$@" "$here"
