@@ -123,10 +123,12 @@ class _CommandClient:
             return
         servers = MPIEnvironment.mpi_server_rank_list()
         if servers:
+            # Not waited for: a server busy with another driver's command
+            # moves when it is done (its queue keeps this driver's order).
             self._client.push_command_request(
                 "import casampi.private.MPICommandServer as _casampi_server; "
                 "_casampi_server.set_log_file(casampi_log_file); del _casampi_server",
-                True, servers, {"casampi_log_file": mine})
+                False, servers, {"casampi_log_file": mine})
 
     def stop_services(self, force_command_request_interruption=False):
         origin = "MPICommandClient::stop_services"
