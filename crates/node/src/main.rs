@@ -525,10 +525,10 @@ async fn server(args: ServerArgs) -> ExitCode {
     let casampi = match args
         .casa
         .then(|| Unpacked::new("casampi", &[packages::CASAMPI]))
+        .transpose()
     {
-        Some(Err(e)) => return fail(e),
-        Some(Ok(unpacked)) => Some(unpacked),
-        None => None,
+        Ok(unpacked) => unpacked,
+        Err(e) => return fail(e),
     };
     let key = if cluster::link_is_signed(&args.connect) {
         let Some(path) = &args.connection_file else {
