@@ -30,7 +30,9 @@ Examples:
   casa-node up --endpoint tcp://HOST:7000 --connection-file cluster.json
                                                 a front door for other machines (TLS + token)
   casa-node status --connection-file cluster.json   from another machine, with a copy of the file
-  mpirun -n 5 casa-node --transport mpi run pipeline.py   (4 servers; build with --features mpi)";
+  mpirun -n 5 casa-node --transport mpi run pipeline.py   (4 servers; build with --features mpi)
+  casa-node run --casa --servers 4 --python /opt/casa/bin/python3 script.py
+                                                a script written for casampi, unchanged";
 
 /// Run Python commands in parallel on a cluster of server processes, the
 /// way CASA's mpi4casa does.
