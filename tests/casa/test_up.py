@@ -33,15 +33,17 @@ def test_a_driver_of_up_moves_the_workers_to_its_casa_log(tmp_path):
     env = dict(os.environ, XDG_RUNTIME_DIR=runtime)
     for name in ("CASA_NODE_ENDPOINT", "CASA_NODE_FRONT_DOOR", "CASA_NODE_CONNECTION_FILE"):
         env.pop(name, None)
+    # Unbuffered: select() then sees every line that is not read yet (a
+    # buffered reader would hold the later lines of one write).
     up = subprocess.Popen(
         [str(BINARY), "up", "--casa", "--servers", "1", "--python", sys.executable],
         cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL, text=True, start_new_session=True)
+        stderr=subprocess.DEVNULL, bufsize=0, start_new_session=True)
     try:
         lines = {}
         while "python path" not in lines:
             ready, _, _ = select.select([up.stdout], [], [], 120)
-            line = up.stdout.readline() if ready else ""
+            line = up.stdout.readline().decode() if ready else ""
             if not line:
                 pytest.fail(f"casa-node up --casa said {lines} and then nothing")
             key, _, value = line.partition(": ")
