@@ -8,7 +8,9 @@ unlike casampi, the queue, the scheduler and the monitor run in casa-node's
 client node, not in threads of this process.
 """
 
+import os
 import threading
+import time
 
 from casampi.MPIEnvironment import MPIEnvironment
 from casampi.private import Singleton, casalog, post
@@ -113,8 +115,6 @@ class _CommandClient:
         servers share the client's): `casa-node run --casa` starts them on
         it; a driver with another one (its ~/.casa/config.py names it, or a
         driver of `casa-node up --casa`) moves them to its own."""
-        import os
-
         log = casalog()
         if log is None:
             return
@@ -209,8 +209,6 @@ class _CommandClient:
 
     def wait_for_command_request_sent(self, command_request_id_list):
         """Waits until each request has been sent to its server."""
-        import time
-
         if not self._ready("MPICommandClient::wait_for_command_request_sent"):
             return
         pending = list(command_request_id_list)
@@ -230,13 +228,15 @@ class _CommandClient:
         from casanode.client import STATUSES
 
         with self._lock:
-            requests = self._requests
-            pending = [rid for rid in requests if self._client_response(rid) is None]
-        for rid in requests:
+            requests = dict(self._requests)
+        pending = []
+        for rid, request in requests.items():
             response = self._client_response(rid)
-            if response is not None:
-                requests[rid]["status"] = response["status"]
-                requests[rid]["server"] = response["server"]
+            if response is None:
+                pending.append(rid)
+            else:
+                request["status"] = response["status"]
+                request["server"] = response["server"]
         if pending:
             kind, reply = self._seed._shared_client().connection.request(
                 track_request=driver_pb2.TrackRequest(ids=pending))

@@ -132,7 +132,6 @@ else:
     class MPIEnvironment(_Common, metaclass=_DriverMeta):
         """The driver of a casa-node cluster (rank 0, the client)."""
 
-        mpi_processor_rank = 0
         log_to_console = True
 
         @staticmethod

@@ -486,16 +486,10 @@ async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
     };
     let signals = casa_node::signals::watch();
     // With --casa, drivers started by hand need casa-node's casampi first
-    // on their path: `up` unpacks it for its lifetime and says where.
-    let python_path = match options
-        .casa
-        .as_ref()
-        .map(|_| Unpacked::new("python", &[packages::CASANODE, packages::CASAMPI]))
-        .transpose()
-    {
-        Ok(unpacked) => unpacked,
-        Err(e) => return fail(e),
-    };
+    // on their path: `up` unpacks it once ready (on rank 0 only, under MPI)
+    // for its lifetime, and says where.
+    let casa = options.casa.is_some();
+    let mut python_path = None;
     let on_ready = |front: &FrontDoorEndpoint, nodes: &str| {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
@@ -503,8 +497,14 @@ async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
         if !nodes.is_empty() {
             let _ = writeln!(out, "nodes: {nodes}");
         }
-        if let Some(unpacked) = &python_path {
-            let _ = writeln!(out, "python path: {}", unpacked.dir().display());
+        if casa {
+            match packages::for_driver(true) {
+                Ok(unpacked) => {
+                    let _ = writeln!(out, "python path: {}", unpacked.dir().display());
+                    python_path = Some(unpacked);
+                }
+                Err(e) => eprintln!("casa-node: casampi for drivers: {e}"),
+            }
         }
         let _ = out.flush();
     };

@@ -46,6 +46,16 @@ pub const CASAMPI: Files = files!(
     "casampi/private/MPICommandServer.py",
 );
 
+/// What a driver imports: `casanode`, and with `--casa` casampi too,
+/// unpacked for this process's lifetime.
+pub fn for_driver(casa: bool) -> Result<Unpacked, UnpackError> {
+    if casa {
+        Unpacked::new("python", &[CASANODE, CASAMPI])
+    } else {
+        Unpacked::new("python", &[CASANODE])
+    }
+}
+
 /// Packages unpacked into a directory of their own, removed on drop.
 #[derive(Debug)]
 pub struct Unpacked {

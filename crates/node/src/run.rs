@@ -20,7 +20,7 @@ use crate::casa;
 use crate::cluster::{self, Servers, UpError, UpOptions};
 use crate::connection_file::CONNECTION_FILE_VAR;
 use crate::endpoint::{self, ENDPOINT_VAR};
-use crate::packages::{self, UnpackError, Unpacked};
+use crate::packages::{self, UnpackError};
 
 /// What the Python driver needs besides the standard library.
 const PROTOBUF_REQUIREMENT: &str = "protobuf>=6.31.1,<7";
@@ -65,11 +65,7 @@ pub async fn run<T: Transport + 'static>(
     check_protobuf(&options.python).await?;
     // With --casa, casa-node's casampi comes first, and CASA's site
     // configuration names the log file the workers share.
-    let package = if options.casa.is_some() {
-        Unpacked::new("python", &[packages::CASANODE, packages::CASAMPI])?
-    } else {
-        Unpacked::new("python", &[packages::CASANODE])?
-    };
+    let package = packages::for_driver(options.casa.is_some())?;
     let site_config = options
         .casa
         .as_ref()

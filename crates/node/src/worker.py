@@ -1179,9 +1179,9 @@ def _log_level(levelno):
 
 def _casa_namespace(g):
     """--casa: the namespace casampi's servers have, `casalog`, every CASA
-    task and MPIEnvironment, logging to the CASA log file the cluster shares (named by
-    CASA_NODE_CASA_LOG) and, through stderr, to the unified log; casampi's
-    filters apply (server_run in casampi 0.6)."""
+    task and MPIEnvironment, logging to the CASA log file the cluster
+    shares (named by CASA_NODE_CASA_LOG) and, through stderr, to the
+    unified log; casampi's filters apply (server_run in casampi 0.6)."""
     log_file = os.environ.get("CASA_NODE_CASA_LOG")
     if log_file:
         # casatasks opens its log where casaconfig says, when imported.
