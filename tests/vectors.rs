@@ -37,7 +37,7 @@ struct Entry {
 /// `envelope.proto` by `body_field_list_matches_the_specification`, so a
 /// variant added to the specification fails the tests until it is listed
 /// here and given a vector.
-const BODY_FIELDS: [&str; 24] = [
+const BODY_FIELDS: [&str; 26] = [
     "hello",
     "welcome",
     "error",
@@ -62,6 +62,8 @@ const BODY_FIELDS: [&str; 24] = [
     "track_reply",
     "log_level_request",
     "ack",
+    "id_lease_request",
+    "id_lease",
 ];
 
 /// The oneof field name of a body variant.
@@ -91,6 +93,8 @@ fn body_field(body: &Body) -> &'static str {
         Body::TrackReply(_) => "track_reply",
         Body::LogLevelRequest(_) => "log_level_request",
         Body::Ack(_) => "ack",
+        Body::IdLeaseRequest(_) => "id_lease_request",
+        Body::IdLease(_) => "id_lease",
     }
 }
 

@@ -12,8 +12,8 @@ use casa_node_protocol::pb::{
     ProtocolErrorCode, RejectReason, Role, SubmitReply, SubmitRequest, Welcome, submit_reply,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Transport, TransportError,
-    TransportEvent, WallClock, check_version,
+    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Rejection, SubmitError,
+    Transport, TransportError, TransportEvent, WallClock, check_version,
 };
 use futures::FutureExt;
 use prost::Message;
@@ -27,14 +27,18 @@ use crate::syntax::SyntaxChecker;
 struct Pending {
     driver: DriverId,
     correlation: u64,
-    request: SubmitRequest,
+    /// `None` marks the driver's disconnection: its leases die once the
+    /// submissions it sent before have reached the core.
+    request: Option<SubmitRequest>,
 }
 
-/// A submission after the check: ready for the core, or rejected.
+/// A submission after the check: ready for the core, or rejected; or the
+/// driver's disconnection.
 struct Checked {
     driver: DriverId,
     correlation: u64,
-    result: Result<SubmitRequest, String>,
+    /// The request, and the syntax error that rejects it, if any.
+    result: Option<(SubmitRequest, Option<String>)>,
 }
 
 /// Checks submissions one after another, so each driver's submissions
@@ -57,16 +61,29 @@ async fn check_submissions(
     while let Some(Pending {
         driver,
         correlation,
-        mut request,
+        request,
     }) = pending.recv().await
     {
+        let Some(mut request) = request else {
+            if checked
+                .send(Checked {
+                    driver,
+                    correlation,
+                    result: None,
+                })
+                .is_err()
+            {
+                break;
+            }
+            continue;
+        };
         let auto = matches!(request.mode(), CommandMode::Unspecified | CommandMode::Auto);
-        let mut result = Ok(());
+        let mut error = None;
         if auto && request.command != "push" {
             if let Some(c) = checker.as_mut() {
                 match c.check(&request.command).await {
                     Ok(Ok(mode)) => request.mode = mode.into(),
-                    Ok(Err(error)) => result = Err(error),
+                    Ok(Err(e)) => error = Some(e),
                     Err(e) => {
                         tracing::warn!(
                             "the syntax checker failed ({e}); workers will check commands"
@@ -76,7 +93,7 @@ async fn check_submissions(
                 }
             }
         }
-        let result = result.map(|()| request);
+        let result = Some((request, error));
         if checked
             .send(Checked {
                 driver,
@@ -436,6 +453,11 @@ impl Node<'_> {
             }
             DriverEvent::Disconnected { driver } => {
                 self.drivers.remove(&driver);
+                let _ = self.pending.send(Pending {
+                    driver,
+                    correlation: 0,
+                    request: None,
+                });
             }
             DriverEvent::Refused { message } => self.warn(&message),
             DriverEvent::Request { driver, envelope } => {
@@ -474,10 +496,14 @@ impl Node<'_> {
                 let _ = self.pending.send(Pending {
                     driver,
                     correlation,
-                    request: *request,
+                    request: Some(*request),
                 });
                 return None;
             }
+            Body::IdLeaseRequest(request) => match self.core.lease(driver, request.count) {
+                Ok(lease) => Body::IdLease(lease),
+                Err(e) => error_body(ProtocolErrorCode::UnexpectedMessage, e.to_string()),
+            },
             Body::StatusRequest(request) => match self.core.status(request.server) {
                 Ok(reply) => Body::StatusReply(Box::new(reply)),
                 Err(e) => error_body(ProtocolErrorCode::UnknownRank, e.to_string()),
@@ -513,25 +539,46 @@ impl Node<'_> {
         Some((reply, false))
     }
 
-    /// Submits a checked request, or rejects it, and answers the driver.
+    /// Submits a checked request, or rejects it, and answers the driver:
+    /// with a SubmitReply, or for a pipelined submission only with a
+    /// ProtocolError when its ids break the lease rules (the core delivers
+    /// its rejection as failure records).
     fn on_checked(&mut self, checked: Checked) {
-        let outcome = match checked.result {
-            Ok(request) => match self.core.submit(checked.driver, request) {
-                Ok(ids) => submit_reply::Outcome::Accepted(submit_reply::Accepted { ids }),
-                Err(rejection) => submit_reply::Outcome::Rejected(submit_reply::Rejected {
+        let Some(result) = checked.result else {
+            self.core.driver_gone(checked.driver);
+            return;
+        };
+        let (request, error) = result;
+        let pipelined = request.pipelined;
+        let result = match error {
+            None => self.core.submit(checked.driver, request),
+            Some(error) => {
+                let rejection = Rejection {
+                    reason: RejectReason::InvalidCommand,
+                    message: format!(
+                        "the command is neither an expression nor statements: {error}"
+                    ),
+                };
+                Err(self.core.refuse(checked.driver, request, rejection))
+            }
+        };
+        let reply = match result {
+            Ok(_) if pipelined => return,
+            Err(SubmitError::Rejected(_)) if pipelined => return,
+            Ok(ids) => Body::SubmitReply(SubmitReply {
+                outcome: Some(submit_reply::Outcome::Accepted(submit_reply::Accepted {
+                    ids,
+                })),
+            }),
+            Err(SubmitError::Rejected(rejection)) => Body::SubmitReply(SubmitReply {
+                outcome: Some(submit_reply::Outcome::Rejected(submit_reply::Rejected {
                     reason: rejection.reason.into(),
                     message: rejection.message,
-                }),
-            },
-            Err(error) => submit_reply::Outcome::Rejected(submit_reply::Rejected {
-                reason: RejectReason::InvalidCommand.into(),
-                message: format!("the command is neither an expression nor statements: {error}"),
+                })),
             }),
+            Err(SubmitError::Lease(e)) => error_body(ProtocolErrorCode::IdNotLeased, e.to_string()),
         };
         if let Some(d) = self.drivers.get(&checked.driver) {
-            let reply = Body::SubmitReply(SubmitReply {
-                outcome: Some(outcome),
-            });
             let _ = d
                 .outbox
                 .send(Envelope::correlated(checked.correlation, reply));

@@ -5,10 +5,11 @@
 //! The node feeds it driver submissions, envelopes from servers and the
 //! passing of time, and carries out the [`Action`]s it hands back.
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
+use rustc_hash::FxHashMap;
 use thiserror::Error;
 
 use crate::clock::WallClock;
@@ -17,15 +18,22 @@ use crate::pb::control_request::{self, Cancel, SetLogLevel, Start, Stop};
 use crate::pb::envelope::Body;
 use crate::pb::{
     CancelReply, ClusterInfo, CommandMode, CommandRequest, CommandResponse, CommandStatus,
-    ControlRequest, ControlResponse, Envelope, LogLevel, LogRecord, Parameter, PingRequest,
-    PingResponse, RejectReason, RequestState, ResponseDelivery, ServerStatus, StatusReply,
-    SubmitRequest, TrackReply, Value,
+    ControlRequest, ControlResponse, Envelope, IdLease, LogLevel, LogRecord, Parameter,
+    PingRequest, PingResponse, RejectReason, RequestState, ResponseDelivery, ServerStatus,
+    StatusReply, SubmitRequest, TrackReply, Value, submit_reply,
 };
 use crate::{DriverId, Rank, RequestId};
 
 /// Ranks above this are refused, so a bogus rank cannot make the server
 /// table grow without bound.
 const MAX_RANK: Rank = 1 << 24;
+
+/// The most ids one lease gives (rule 11).
+pub const MAX_LEASE: u32 = 1 << 16;
+
+/// Leases a driver may hold with ids left unused; asking for more is
+/// refused, so one driver cannot make the client node's memory grow.
+pub const MAX_LEASES: usize = 16;
 
 /// Settings of a client node.
 #[derive(Debug, Clone)]
@@ -273,6 +281,59 @@ impl Rejection {
             message: message.into(),
         }
     }
+
+    /// The traceback of the failure record a pipelined submission's
+    /// rejection is delivered as: "rejected (REASON): MESSAGE".
+    pub fn traceback(&self) -> String {
+        let reason = self.reason.as_str_name();
+        let reason = reason.strip_prefix("REJECT_REASON_").unwrap_or(reason);
+        format!("rejected ({reason}): {}", self.message)
+    }
+}
+
+/// A submission whose ids break the lease rules (rule 11): a protocol error
+/// of its driver. Its ids are answered with failure records; none of them
+/// is queued.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum LeaseError {
+    /// The id is not leased to this driver, or was already used.
+    #[error("request id {0} is not leased to this connection, or was already used")]
+    NotLeased(RequestId),
+    /// The submission carries a number of ids other than its requests'.
+    #[error("the submission carries {given} ids for {needed} requests")]
+    WrongCount {
+        /// Ids given.
+        given: usize,
+        /// Requests it makes: one per target, or one.
+        needed: usize,
+    },
+    /// The submission's ids are not strictly increasing.
+    #[error("the submission's ids are not increasing: {later} follows {earlier}")]
+    NotIncreasing {
+        /// The id before.
+        earlier: RequestId,
+        /// The id after it.
+        later: RequestId,
+    },
+    /// A pipelined submission came without ids.
+    #[error("a pipelined submission must carry its ids")]
+    NoIds,
+    /// The driver already holds [`MAX_LEASES`] leases with ids unused.
+    #[error("this connection already holds {MAX_LEASES} leases with unused ids")]
+    TooManyLeases,
+}
+
+/// Why [`ClientCore::submit`] queued nothing.
+#[derive(Debug, Clone, PartialEq, Eq, Error)]
+pub enum SubmitError {
+    /// The submission was refused (rule 14). A pipelined one's ids have
+    /// been answered with failure records carrying the rejection.
+    #[error(transparent)]
+    Rejected(#[from] Rejection),
+    /// Its ids broke the lease rules; each id has been answered with a
+    /// failure record.
+    #[error(transparent)]
+    Lease(#[from] LeaseError),
 }
 
 /// Something a server sent that the client core cannot take.
@@ -338,9 +399,9 @@ struct Server {
     /// server is timed out, so a recovered server's real answer can replace
     /// the timeout record (rule 21).
     running: Option<RequestId>,
-    /// Requests targeted at it, waiting (rule 13). Ids that are no longer
-    /// queued are skipped when met.
-    queue: VecDeque<RequestId>,
+    /// Requests targeted at it, waiting (rule 13), with their arrival
+    /// numbers. Ids that are no longer queued are skipped when met.
+    queue: VecDeque<(u64, RequestId)>,
     last_seen: Instant,
     last_ping_epoch: f64,
     host: String,
@@ -410,12 +471,19 @@ pub struct ClientCore {
     server_ranks: BTreeSet<Rank>,
     /// Free servers with nothing queued for them, lowest rank first.
     idle: BTreeSet<Rank>,
-    /// Requests with no target, oldest first; ids no longer queued are
-    /// skipped when met.
-    queue: VecDeque<RequestId>,
+    /// Requests with no target, oldest first, with their arrival numbers;
+    /// ids no longer queued are skipped when met.
+    queue: VecDeque<(u64, RequestId)>,
     queued: usize,
     requests: RequestTable,
     next_id: RequestId,
+    /// Arrival number of the next queued request: "oldest first" (rules
+    /// 12-13) goes by it, since leased ids need not arrive in id order.
+    next_arrival: u64,
+    /// Each driver's leases that still have unused ids.
+    leases: HashMap<DriverId, Vec<Lease>>,
+    /// Every id a submission used, given or leased (rule 17's tracking).
+    used: IdSet,
     next_correlation: u64,
     controls: HashMap<u64, ControlKind>,
     awaiting_start: usize,
@@ -442,6 +510,9 @@ impl ClientCore {
             queued: 0,
             requests: RequestTable::default(),
             next_id: 1,
+            next_arrival: 0,
+            leases: HashMap::new(),
+            used: IdSet::default(),
             next_correlation: 1,
             controls: HashMap::new(),
             awaiting_start: 0,
@@ -573,35 +644,45 @@ impl ClientCore {
         self.check_stopped();
     }
 
+    /// Leases `count` ids (at least 1, at most [`MAX_LEASE`]) to `driver`
+    /// for its submissions (rule 11). They come from the one counter that
+    /// gives every id, so no other driver ever gets them, and a later lease
+    /// has higher ids.
+    pub fn lease(&mut self, driver: DriverId, count: u32) -> Result<IdLease, LeaseError> {
+        let count = count.clamp(1, MAX_LEASE);
+        let leases = self.leases.entry(driver).or_default();
+        if leases.len() >= MAX_LEASES {
+            return Err(LeaseError::TooManyLeases);
+        }
+        let first = self.next_id;
+        self.next_id += RequestId::from(count);
+        leases.push(Lease {
+            first,
+            end: self.next_id,
+            left: RequestId::from(count),
+        });
+        Ok(IdLease { first, count })
+    }
+
+    /// The driver's connection closed: the ids it leased and left unused
+    /// are never used by anyone. Its requests still run (rule 17).
+    pub fn driver_gone(&mut self, driver: DriverId) {
+        self.leases.remove(&driver);
+    }
+
     /// Accepts or rejects a driver's submission (rules 2, 12-14). Accepted
-    /// requests get consecutive ids, in target order.
+    /// requests get the submission's leased ids, or else consecutive new
+    /// ids, in target order. A pipelined submission that is rejected, or
+    /// whose ids break the lease rules, is answered with one failure record
+    /// per id.
     pub fn submit(
         &mut self,
         driver: DriverId,
-        request: SubmitRequest,
-    ) -> Result<Vec<RequestId>, Rejection> {
-        if matches!(self.phase, Phase::Stopping | Phase::Stopped) {
-            return Err(Rejection::new(
-                RejectReason::Stopped,
-                "services are stopped; no more commands are accepted",
-            ));
-        }
-        if self.server_ranks.is_empty() {
-            return Err(Rejection::new(
-                RejectReason::NoServers,
-                "the cluster has no servers",
-            ));
-        }
-        if let Some(d) = request.deadline_seconds {
-            if !(d.is_finite() && d > 0.0) {
-                return Err(Rejection::new(
-                    RejectReason::InvalidDeadline,
-                    format!("deadline must be a positive number of seconds, not {d}"),
-                ));
-            }
-        }
-        for &target in &request.targets {
-            self.check_target(target)?;
+        mut request: SubmitRequest,
+    ) -> Result<Vec<RequestId>, SubmitError> {
+        let leased = self.take_ids(driver, &mut request)?;
+        if let Err(rejection) = self.check_submission(&request) {
+            return Err(self.rejected(driver, &request, &leased, rejection));
         }
         let mode = if request.command == "push" {
             CommandMode::Push
@@ -628,13 +709,20 @@ impl ClientCore {
             deadline_seconds,
             phase: RequestPhase::Queued,
         };
+        let mut leased = leased.into_iter();
         if targets.is_empty() {
-            let id = self.allocate_id();
+            let id = match leased.next() {
+                Some(id) => id,
+                None => self.allocate_id(),
+            };
             self.requests.insert(id, new_request(command, parameters));
             self.queued += 1;
             match self.idle.pop_first() {
                 Some(rank) => self.send_request(id, rank),
-                None => self.queue.push_back(id),
+                None => {
+                    let arrival = self.arrival();
+                    self.queue.push_back((arrival, id));
+                }
             }
             return Ok(vec![id]);
         }
@@ -642,7 +730,10 @@ impl ClientCore {
         let last = targets.len() - 1;
         let (mut command, mut parameters) = (Some(command), Some(parameters));
         for (i, &rank) in targets.iter().enumerate() {
-            let id = self.allocate_id();
+            let id = match leased.next() {
+                Some(id) => id,
+                None => self.allocate_id(),
+            };
             let request = if i == last {
                 new_request(
                     command.take().unwrap_or_default(),
@@ -660,14 +751,196 @@ impl ClientCore {
             if server.free() && server.queue.is_empty() {
                 self.send_request(id, rank);
             } else {
+                let arrival = self.arrival();
                 self.server_mut(rank)
                     .expect("target checked above")
                     .queue
-                    .push_back(id);
+                    .push_back((arrival, id));
             }
             ids.push(id);
         }
         Ok(ids)
+    }
+
+    /// Rejects a submission for a reason found outside the core (the
+    /// syntax check of rule 2) as [`submit`](Self::submit) rejects: its
+    /// leased ids are used up, and a pipelined one's are answered with
+    /// failure records carrying the rejection.
+    pub fn refuse(
+        &mut self,
+        driver: DriverId,
+        mut request: SubmitRequest,
+        rejection: Rejection,
+    ) -> SubmitError {
+        match self.take_ids(driver, &mut request) {
+            Ok(leased) => self.rejected(driver, &request, &leased, rejection),
+            Err(e) => e.into(),
+        }
+    }
+
+    /// Why the submission is refused (rule 14), if it is.
+    fn check_submission(&self, request: &SubmitRequest) -> Result<(), Rejection> {
+        if matches!(self.phase, Phase::Stopping | Phase::Stopped) {
+            return Err(Rejection::new(
+                RejectReason::Stopped,
+                "services are stopped; no more commands are accepted",
+            ));
+        }
+        if self.server_ranks.is_empty() {
+            return Err(Rejection::new(
+                RejectReason::NoServers,
+                "the cluster has no servers",
+            ));
+        }
+        if let Some(d) = request.deadline_seconds {
+            if !(d.is_finite() && d > 0.0) {
+                return Err(Rejection::new(
+                    RejectReason::InvalidDeadline,
+                    format!("deadline must be a positive number of seconds, not {d}"),
+                ));
+            }
+        }
+        for &target in &request.targets {
+            self.check_target(target)?;
+        }
+        Ok(())
+    }
+
+    /// A rejection of a submission whose leased ids are `leased`: a
+    /// pipelined one gets a failure record per id, carrying it.
+    fn rejected(
+        &mut self,
+        driver: DriverId,
+        request: &SubmitRequest,
+        leased: &[RequestId],
+        rejection: Rejection,
+    ) -> SubmitError {
+        if request.pipelined {
+            let traceback = rejection.traceback();
+            let rejected = submit_reply::Rejected {
+                reason: rejection.reason.into(),
+                message: rejection.message.clone(),
+            };
+            for &id in leased {
+                self.refusal(
+                    driver,
+                    id,
+                    request,
+                    traceback.clone(),
+                    Some(rejected.clone()),
+                );
+            }
+        }
+        SubmitError::Rejected(rejection)
+    }
+
+    /// Takes the submission's ids out of it and uses them up: the ids it
+    /// carries, once checked against the driver's leases (empty when it
+    /// carries none). On a violation, the ids leased to the driver are used
+    /// up all the same, and every id is answered with a failure record.
+    fn take_ids(
+        &mut self,
+        driver: DriverId,
+        request: &mut SubmitRequest,
+    ) -> Result<Vec<RequestId>, LeaseError> {
+        let ids = std::mem::take(&mut request.ids);
+        if ids.is_empty() {
+            return if request.pipelined {
+                Err(LeaseError::NoIds)
+            } else {
+                Ok(ids)
+            };
+        }
+        let needed = request.targets.len().max(1);
+        let error = if ids.len() != needed {
+            Some(LeaseError::WrongCount {
+                given: ids.len(),
+                needed,
+            })
+        } else if let Some(w) = ids.windows(2).find(|w| w[0] >= w[1]) {
+            Some(LeaseError::NotIncreasing {
+                earlier: w[0],
+                later: w[1],
+            })
+        } else {
+            ids.iter()
+                .find(|&&id| !self.leased_to(driver, id))
+                .map(|&id| LeaseError::NotLeased(id))
+        };
+        for &id in &ids {
+            if self.leased_to(driver, id) {
+                self.use_leased(driver, id);
+            }
+        }
+        match error {
+            None => Ok(ids),
+            Some(error) => {
+                let traceback = format!("casa-node: protocol error: {error}");
+                for &id in &ids {
+                    self.refusal(driver, id, request, traceback.clone(), None);
+                }
+                Err(error)
+            }
+        }
+    }
+
+    /// True when `id` is in one of the driver's leases and unused.
+    fn leased_to(&self, driver: DriverId, id: RequestId) -> bool {
+        self.leases
+            .get(&driver)
+            .is_some_and(|leases| leases.iter().any(|l| l.first <= id && id < l.end))
+            && !self.used.contains(id)
+    }
+
+    /// Marks a leased id used; a lease with no id left is dropped.
+    fn use_leased(&mut self, driver: DriverId, id: RequestId) {
+        self.used.insert(id);
+        if let Some(leases) = self.leases.get_mut(&driver) {
+            if let Some(i) = leases.iter().position(|l| l.first <= id && id < l.end) {
+                leases[i].left -= 1;
+                if leases[i].left == 0 {
+                    leases.swap_remove(i);
+                }
+            }
+        }
+    }
+
+    /// Answers `id` of a refused submission with a failure record.
+    fn refusal(
+        &mut self,
+        driver: DriverId,
+        id: RequestId,
+        request: &SubmitRequest,
+        traceback: String,
+        rejected: Option<submit_reply::Rejected>,
+    ) {
+        let mode = match request.mode() {
+            CommandMode::Unspecified if request.command == "push" => CommandMode::Push,
+            CommandMode::Unspecified => CommandMode::Auto,
+            mode => mode,
+        };
+        let record = CommandResponse {
+            id,
+            command: request.command.clone(),
+            mode: mode.into(),
+            parameters: request.parameters.clone(),
+            ret: Some(Value::none()),
+            server: 0,
+            status: CommandStatus::ResponseReceived.into(),
+            successful: false,
+            traceback: Some(traceback),
+            command_start_time: 0.0,
+            command_stop_time: 0.0,
+            worker_restarted: false,
+        };
+        self.actions.push_back(Action::Deliver {
+            driver,
+            delivery: Box::new(ResponseDelivery {
+                response: Some(record),
+                replaces_timeout: false,
+                rejected,
+            }),
+        });
     }
 
     /// Takes an envelope a server sent.
@@ -738,7 +1011,7 @@ impl ClientCore {
         }
         server.phase = ServerPhase::Lost;
         let running = server.running.take();
-        let queued: Vec<RequestId> = server.queue.drain(..).collect();
+        let queued: Vec<RequestId> = server.queue.drain(..).map(|(_, id)| id).collect();
         self.idle.remove(&rank);
         self.event(Event::ServerLost { rank });
         if let Some(id) = running {
@@ -928,7 +1201,7 @@ impl ClientCore {
                     Some(RequestPhase::TimedOut { server, .. }) => {
                         (CommandStatus::Timeout, *server)
                     }
-                    None if id > 0 && id < self.next_id => (CommandStatus::ResponseReceived, 0),
+                    None if self.used.contains(id) => (CommandStatus::ResponseReceived, 0),
                     None => (CommandStatus::Unspecified, 0),
                 };
                 RequestState {
@@ -1008,7 +1281,14 @@ impl ClientCore {
     fn allocate_id(&mut self) -> RequestId {
         let id = self.next_id;
         self.next_id += 1;
+        self.used.insert(id);
         id
+    }
+
+    fn arrival(&mut self) -> u64 {
+        let arrival = self.next_arrival;
+        self.next_arrival += 1;
+        arrival
     }
 
     fn event(&mut self, event: Event) {
@@ -1092,25 +1372,25 @@ impl ClientCore {
             return;
         }
         let requests = &self.requests;
-        let still_queued = |id: &RequestId| {
+        let still_queued = |&(_, id): &(u64, RequestId)| {
             requests
-                .get(id)
+                .get(&id)
                 .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
         };
-        while server.queue.front().is_some_and(|id| !still_queued(id)) {
+        while server.queue.front().is_some_and(|e| !still_queued(e)) {
             server.queue.pop_front();
         }
-        while self.queue.front().is_some_and(|id| !still_queued(id)) {
+        while self.queue.front().is_some_and(|e| !still_queued(e)) {
             self.queue.pop_front();
         }
         let next = match (server.queue.front(), self.queue.front()) {
-            (Some(&own), Some(&shared)) if shared < own => self.queue.pop_front(),
+            (Some(&(own, _)), Some(&(shared, _))) if shared < own => self.queue.pop_front(),
             (Some(_), _) => server.queue.pop_front(),
             (None, Some(_)) => self.queue.pop_front(),
             (None, None) => None,
         };
         match next {
-            Some(id) => self.send_request(id, rank),
+            Some((_, id)) => self.send_request(id, rank),
             None => {
                 self.idle.insert(rank);
             }
@@ -1202,6 +1482,7 @@ impl ClientCore {
             delivery: Box::new(ResponseDelivery {
                 response: Some(record),
                 replaces_timeout,
+                rejected: None,
             }),
         });
         Ok(())
@@ -1278,7 +1559,7 @@ impl ClientCore {
         let server = self.servers[rank as usize].as_mut().expect("registered");
         server.timed_out = true;
         let running = server.running;
-        let queued: Vec<RequestId> = server.queue.drain(..).collect();
+        let queued: Vec<RequestId> = server.queue.drain(..).map(|(_, id)| id).collect();
         self.idle.remove(&rank);
         self.event(Event::ServerTimedOut { rank, silent_for });
         if let Some(id) = running {
@@ -1311,6 +1592,7 @@ impl ClientCore {
                         delivery: Box::new(ResponseDelivery {
                             response: Some(record),
                             replaces_timeout: false,
+                            rejected: None,
                         }),
                     });
                     self.event(Event::RequestTimedOut { id, server: rank });
@@ -1366,6 +1648,7 @@ impl ClientCore {
             delivery: Box::new(ResponseDelivery {
                 response: Some(record),
                 replaces_timeout: false,
+                rejected: None,
             }),
         });
     }
@@ -1385,83 +1668,84 @@ impl ClientCore {
     }
 }
 
-/// Requests by id. Ids are handed out in increasing order and most
-/// requests finish roughly in that order, so recent ones live in a ring
-/// indexed by `id - base`: no hashing, and neighbouring ids share cache
-/// lines. A request still pending when the ring would pass [`RING`] slots
-/// (a CASA task running for hours amid many short commands) moves to a
-/// map, so memory stays bounded by what is pending.
+/// Requests by id. Ids are unique but not dense: leased ids arrive from
+/// many drivers' blocks at once, with gaps where a lease went unused. A hash
+/// map with a multiplicative hasher (one multiply per lookup) holds them,
+/// so memory stays bounded by what is pending whatever the ids.
 #[derive(Debug, Default)]
 struct RequestTable {
-    base: RequestId,
-    slots: VecDeque<Option<Request>>,
-    old: HashMap<RequestId, Request>,
+    requests: FxHashMap<RequestId, Request>,
 }
 
-/// Slots of the ring before old pending requests move to the map.
-const RING: usize = 1 << 16;
-
 impl RequestTable {
-    fn index(&self, id: RequestId) -> Option<usize> {
-        let offset = id.checked_sub(self.base)?;
-        usize::try_from(offset)
-            .ok()
-            .filter(|&i| i < self.slots.len())
-    }
-
     fn insert(&mut self, id: RequestId, request: Request) {
-        if self.slots.is_empty() {
-            self.base = id;
-        }
-        let index = usize::try_from(id - self.base).expect("ids increase");
-        assert_eq!(index, self.slots.len(), "ids are inserted in order");
-        self.slots.push_back(Some(request));
-        while self.slots.len() > RING {
-            if let Some(Some(request)) = self.slots.pop_front() {
-                self.old.insert(self.base, request);
-            }
-            self.base += 1;
-        }
+        let previous = self.requests.insert(id, request);
+        debug_assert!(previous.is_none(), "request ids are never reused");
     }
 
     fn get(&self, id: &RequestId) -> Option<&Request> {
-        match self.index(*id) {
-            Some(i) => self.slots[i].as_ref(),
-            None => self.old.get(id),
-        }
+        self.requests.get(id)
     }
 
     fn get_mut(&mut self, id: &RequestId) -> Option<&mut Request> {
-        match self.index(*id) {
-            Some(i) => self.slots[i].as_mut(),
-            None => self.old.get_mut(id),
-        }
+        self.requests.get_mut(id)
     }
 
     fn remove(&mut self, id: &RequestId) -> Option<Request> {
-        let Some(index) = self.index(*id) else {
-            return self.old.remove(id);
-        };
-        let request = self.slots[index].take()?;
-        while matches!(self.slots.front(), Some(None)) {
-            self.slots.pop_front();
-            self.base += 1;
+        let request = self.requests.remove(id);
+        // A burst of requests leaves a large table behind: give the memory
+        // back once most of it is empty.
+        if self.requests.capacity() > 1024 && self.requests.len() < self.requests.capacity() / 8 {
+            self.requests.shrink_to(self.requests.len() * 2);
         }
-        Some(request)
+        request
     }
 
     fn iter(&self) -> impl Iterator<Item = (RequestId, &Request)> {
-        let base = self.base;
-        let recent = self
-            .slots
-            .iter()
-            .enumerate()
-            .filter_map(move |(i, r)| r.as_ref().map(|r| (base + i as RequestId, r)));
-        self.old.iter().map(|(id, r)| (*id, r)).chain(recent)
+        self.requests.iter().map(|(id, r)| (*id, r))
     }
 
     fn values(&self) -> impl Iterator<Item = &Request> {
-        self.old.values().chain(self.slots.iter().flatten())
+        self.requests.values()
+    }
+}
+
+/// Ids leased to a driver: `first..end`, `left` of them unused.
+#[derive(Debug)]
+struct Lease {
+    first: RequestId,
+    end: RequestId,
+    left: RequestId,
+}
+
+/// A set of ids as disjoint ranges (start -> end, exclusive). Ids are used
+/// in increasing order within each lease, so the set holds about one range
+/// per lease whatever the number of ids.
+#[derive(Debug, Default)]
+struct IdSet {
+    ranges: BTreeMap<RequestId, RequestId>,
+}
+
+impl IdSet {
+    fn contains(&self, id: RequestId) -> bool {
+        self.ranges
+            .range(..=id)
+            .next_back()
+            .is_some_and(|(_, &end)| id < end)
+    }
+
+    fn insert(&mut self, id: RequestId) {
+        if self.contains(id) {
+            return;
+        }
+        let mut start = id;
+        if let Some((&s, &e)) = self.ranges.range(..id).next_back() {
+            if e == id {
+                start = s;
+            }
+        }
+        let end = self.ranges.remove(&(id + 1)).unwrap_or(id + 1);
+        self.ranges.insert(start, end);
     }
 }
 
@@ -1481,5 +1765,82 @@ fn describe_ranks(ranks: &BTreeSet<Rank>) -> String {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn id_set_merges_neighbours_and_keeps_gaps() {
+        let mut set = IdSet::default();
+        for id in [1, 2, 3, 7, 5, 6] {
+            set.insert(id);
+        }
+        assert_eq!(set.ranges.iter().collect::<Vec<_>>(), [(&1, &4), (&5, &8)]);
+        assert!(set.contains(3) && set.contains(5) && set.contains(7));
+        assert!(!set.contains(0) && !set.contains(4) && !set.contains(8));
+        set.insert(4);
+        set.insert(4);
+        assert_eq!(set.ranges.iter().collect::<Vec<_>>(), [(&1, &8)]);
+    }
+
+    #[test]
+    fn id_set_of_sequentially_used_leases_holds_one_range_per_lease() {
+        let mut set = IdSet::default();
+        // Two drivers' leases used in turns, each leaving its tail unused.
+        for i in 0..1000 {
+            set.insert(1 + i);
+            set.insert(5000 + i);
+        }
+        assert_eq!(set.ranges.len(), 2);
+    }
+
+    fn request(command: &str) -> Request {
+        Request {
+            driver: DriverId(1),
+            command: command.into(),
+            mode: CommandMode::Eval,
+            parameters: Vec::new(),
+            deadline_seconds: None,
+            phase: RequestPhase::Queued,
+        }
+    }
+
+    #[test]
+    fn request_table_takes_sparse_ids_in_any_order() {
+        let mut table = RequestTable::default();
+        let ids = [70_000, 3, 1 << 40, 65_537, 4];
+        for id in ids {
+            table.insert(id, request(&id.to_string()));
+        }
+        for id in ids {
+            assert_eq!(table.get(&id).unwrap().command, id.to_string());
+        }
+        assert!(table.get(&5).is_none());
+        assert_eq!(table.remove(&3).unwrap().command, "3");
+        assert!(table.remove(&3).is_none());
+        let mut left: Vec<_> = table.iter().map(|(id, _)| id).collect();
+        left.sort_unstable();
+        assert_eq!(left, [4, 65_537, 70_000, 1 << 40]);
+    }
+
+    #[test]
+    fn request_table_gives_memory_back_after_a_burst() {
+        let mut table = RequestTable::default();
+        for id in 1..=100_000 {
+            table.insert(id, request(""));
+        }
+        let full = table.requests.capacity();
+        for id in 1..=99_990 {
+            table.remove(&id);
+        }
+        assert!(
+            table.requests.capacity() < full / 100,
+            "{full} -> {}",
+            table.requests.capacity()
+        );
+        assert!(table.get(&100_000).is_some());
     }
 }

@@ -76,6 +76,8 @@ impl Body {
             Body::TrackReply(_) => "TrackReply",
             Body::LogLevelRequest(_) => "LogLevelRequest",
             Body::Ack(_) => "Ack",
+            Body::IdLeaseRequest(_) => "IdLeaseRequest",
+            Body::IdLease(_) => "IdLease",
         }
     }
 }

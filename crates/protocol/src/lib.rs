@@ -34,7 +34,10 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/casa.node.v1.rs"));
 }
 
-pub use client::{Action, ClientConfig, ClientCore, CoreError, Event, Rejection};
+pub use client::{
+    Action, ClientConfig, ClientCore, CoreError, Event, LeaseError, MAX_LEASE, MAX_LEASES,
+    Rejection, SubmitError,
+};
 pub use clock::WallClock;
 pub use envelope::{PROTOCOL_VERSION, check_version};
 pub use error::{FrameError, TransportError, ValueError};
@@ -46,7 +49,8 @@ pub use transport::{Transport, TransportEvent};
 /// A process's place in the cluster: 0 for the client node, 1.. for servers.
 pub type Rank = i32;
 
-/// A request's id, unique and increasing per client node (rule 11).
+/// A request's id: unique per client node, never reused, increasing
+/// within one driver connection's submissions (rule 11).
 pub type RequestId = u64;
 
 /// Which driver connection a request came from; chosen by the node.

@@ -226,6 +226,7 @@ fn check_value(bytes: &[u8]) -> Result<(), TestCaseError> {
                     ..CommandResponse::default()
                 }),
                 replaces_timeout: false,
+                rejected: None,
             })));
             let body = framing
                 .encode_body(&delivery)

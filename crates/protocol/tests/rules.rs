@@ -12,8 +12,9 @@ use casa_node_protocol::pb::{
     RejectReason, ResponseDelivery, SubmitRequest, Value,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, Rank, RequestId,
-    ServerAction, ServerConfig, ServerCore, WallClock,
+    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, LeaseError,
+    MAX_LEASE, MAX_LEASES, Rank, Rejection, RequestId, ServerAction, ServerConfig, ServerCore,
+    SubmitError, WallClock,
 };
 
 const EPOCH: f64 = 1_700_000_000.0;
@@ -86,7 +87,10 @@ impl Cluster {
     }
 
     fn submit_request(&mut self, request: SubmitRequest) -> Result<Vec<RequestId>, RejectReason> {
-        let result = self.client.submit(DRIVER, request).map_err(|r| r.reason);
+        let result = self.client.submit(DRIVER, request).map_err(|e| match e {
+            SubmitError::Rejected(r) => r.reason,
+            SubmitError::Lease(e) => panic!("no leased ids were given: {e}"),
+        });
         self.pump();
         result
     }
@@ -389,6 +393,9 @@ fn rule_14_a_bad_target_rejects_the_whole_push() {
             },
         )
         .unwrap_err();
+    let SubmitError::Rejected(rejection) = rejection else {
+        panic!("a rejection, not {rejection:?}");
+    };
     assert!(rejection.message.contains("9"), "{}", rejection.message);
     assert!(rejection.message.contains("1-2"), "{}", rejection.message);
     // The next accepted push takes the next id: rejections use none.
@@ -918,4 +925,302 @@ fn a_request_pending_while_many_others_pass_is_still_found() {
     c.finish(1, Value::none());
     assert_eq!(c.response(long).command, "tclean()");
     assert_eq!(c.client.pending(), 0);
+}
+
+/// A pipelined submission of `command` to `targets` with leased `ids`.
+fn pipelined(command: &str, targets: &[Rank], ids: &[RequestId]) -> SubmitRequest {
+    SubmitRequest {
+        command: command.into(),
+        targets: targets.to_vec(),
+        ids: ids.to_vec(),
+        pipelined: true,
+        ..SubmitRequest::default()
+    }
+}
+
+impl Cluster {
+    fn lease(&mut self, driver: DriverId, count: u32) -> std::ops::Range<RequestId> {
+        let lease = self.client.lease(driver, count).expect("leased");
+        lease.first..lease.first + RequestId::from(lease.count)
+    }
+
+    fn submit_as(
+        &mut self,
+        driver: DriverId,
+        request: SubmitRequest,
+    ) -> Result<Vec<RequestId>, SubmitError> {
+        let result = self.client.submit(driver, request);
+        self.pump();
+        result
+    }
+
+    fn delivered_to(&self, driver: DriverId) -> Vec<&ResponseDelivery> {
+        self.deliveries
+            .iter()
+            .filter(|(d, _)| *d == driver)
+            .map(|(_, delivery)| delivery)
+            .collect()
+    }
+}
+
+const OTHER: DriverId = DriverId(8);
+
+#[test]
+fn rule_11_leases_are_disjoint_across_drivers_and_later_ones_are_higher() {
+    let mut c = Cluster::new(2);
+    let given = c.submit("1", &[]).unwrap()[0];
+    let a = c.lease(DRIVER, 10);
+    let b = c.lease(OTHER, 10);
+    let a2 = c.lease(DRIVER, 10);
+    assert!(given < a.start, "{given} then {a:?}");
+    assert!(a.end <= b.start && b.end <= a2.start, "{a:?} {b:?} {a2:?}");
+    // Ids the node gives itself come after every lease.
+    let after = c.submit("1", &[]).unwrap()[0];
+    assert!(after >= a2.end, "{after} after {a2:?}");
+    // Each driver's leased ids are accepted in its pushes, as given.
+    let ids = c
+        .submit_as(DRIVER, pipelined("1", &[1, 2], &[a.start, a.start + 1]))
+        .unwrap();
+    assert_eq!(ids, vec![a.start, a.start + 1]);
+    let ids = c.submit_as(OTHER, pipelined("1", &[], &[b.start])).unwrap();
+    assert_eq!(ids, vec![b.start]);
+    // A lease gives at least one id and at most MAX_LEASE.
+    assert_eq!(c.lease(DRIVER, 0).count(), 1);
+    assert_eq!(c.lease(OTHER, u32::MAX).count(), MAX_LEASE as usize);
+}
+
+#[test]
+fn rule_11_foreign_used_and_unleased_ids_are_protocol_errors_answered_as_failures() {
+    let mut c = Cluster::new(2);
+    let mine = c.lease(DRIVER, 4);
+    let theirs = c.lease(OTHER, 4);
+    c.submit_as(DRIVER, pipelined("1", &[], &[mine.start]))
+        .unwrap();
+    let sent = c.sent.len();
+    let pending = c.client.pending();
+    let cases: Vec<(SubmitRequest, LeaseError)> = vec![
+        // Another driver's id.
+        (
+            pipelined("2", &[], &[theirs.start]),
+            LeaseError::NotLeased(theirs.start),
+        ),
+        // An id already used.
+        (
+            pipelined("2", &[], &[mine.start]),
+            LeaseError::NotLeased(mine.start),
+        ),
+        // An id never leased.
+        (pipelined("2", &[], &[1000]), LeaseError::NotLeased(1000)),
+        // Two ids for one request.
+        (
+            pipelined("2", &[], &[mine.start + 1, mine.start + 2]),
+            LeaseError::WrongCount {
+                given: 2,
+                needed: 1,
+            },
+        ),
+        // Ids out of order.
+        (
+            pipelined("2", &[1, 2], &[mine.start + 3, mine.start + 2]),
+            LeaseError::NotIncreasing {
+                earlier: mine.start + 3,
+                later: mine.start + 2,
+            },
+        ),
+    ];
+    for (request, expected) in cases {
+        let ids = request.ids.clone();
+        let before = c.delivered_to(DRIVER).len();
+        assert_eq!(
+            c.submit_as(DRIVER, request),
+            Err(SubmitError::Lease(expected))
+        );
+        // Each id is answered with a failure record, to this driver only.
+        let delivered = &c.delivered_to(DRIVER)[before..];
+        let answered: Vec<_> = delivered
+            .iter()
+            .map(|d| d.response.as_ref().unwrap().id)
+            .collect();
+        assert_eq!(answered, ids);
+        for d in delivered {
+            let r = d.response.as_ref().unwrap();
+            assert!(!r.successful && r.status() == CommandStatus::ResponseReceived);
+            assert!(
+                r.traceback().starts_with("casa-node: protocol error:"),
+                "{:?}",
+                r.traceback
+            );
+            assert!(d.rejected.is_none());
+        }
+    }
+    assert!(
+        c.delivered_to(OTHER).is_empty(),
+        "the other driver saw nothing"
+    );
+    assert_eq!(c.sent.len(), sent, "no violation sent anything");
+    assert_eq!(c.client.pending(), pending, "no violation queued anything");
+    // A pipelined push without ids is refused too.
+    assert_eq!(
+        c.submit_as(DRIVER, pipelined("2", &[], &[])),
+        Err(SubmitError::Lease(LeaseError::NoIds))
+    );
+    // The other driver's id was not touched: it can still use it.
+    assert_eq!(
+        c.submit_as(OTHER, pipelined("3", &[], &[theirs.start])),
+        Ok(vec![theirs.start])
+    );
+    // The ids of the out-of-order push were leased to the driver: they are
+    // used up, never to be accepted.
+    assert_eq!(
+        c.submit_as(DRIVER, pipelined("4", &[], &[mine.start + 3])),
+        Err(SubmitError::Lease(LeaseError::NotLeased(mine.start + 3)))
+    );
+}
+
+#[test]
+fn rule_14_a_rejected_pipelined_push_ends_as_a_failure_response_per_id() {
+    let mut c = Cluster::new(2);
+    let lease = c.lease(DRIVER, 8);
+    let ids = [lease.start, lease.start + 1];
+    let sent = c.sent.len();
+    let result = c.submit_as(DRIVER, pipelined("x", &[1, 9], &ids));
+    let Err(SubmitError::Rejected(rejection)) = result else {
+        panic!("rejected, not {result:?}");
+    };
+    assert_eq!(rejection.reason, RejectReason::UnknownTarget);
+    assert_eq!(c.sent.len(), sent, "nothing was sent");
+    assert_eq!(c.client.pending(), 0, "nothing was queued");
+    let delivered = c.delivered_to(DRIVER);
+    assert_eq!(delivered.len(), 2);
+    for (d, &id) in delivered.iter().zip(&ids) {
+        let r = d.response.as_ref().unwrap();
+        assert_eq!(r.id, id);
+        assert_eq!(r.command, "x");
+        assert_eq!(r.status(), CommandStatus::ResponseReceived);
+        assert!(!r.successful);
+        assert_eq!(
+            r.traceback(),
+            "rejected (UNKNOWN_TARGET): target 9 is not a server rank (server ranks: 1-2)"
+        );
+        let rejected = d.rejected.as_ref().expect("the rejection travels along");
+        assert_eq!(rejected.reason(), RejectReason::UnknownTarget);
+        assert_eq!(rejected.message, rejection.message);
+    }
+    // The ids are used: their tracking says answered, and they cannot be
+    // used again.
+    for state in c.client.track(&ids).states {
+        assert_eq!(state.status(), CommandStatus::ResponseReceived);
+    }
+    assert_eq!(
+        c.submit_as(DRIVER, pipelined("1", &[], &[ids[1]])),
+        Err(SubmitError::Lease(LeaseError::NotLeased(ids[1])))
+    );
+    // A rejection decided outside the core (rule 2's syntax check) is
+    // delivered the same way.
+    let id = lease.start + 2;
+    let before = c.delivered_to(DRIVER).len();
+    let refused = c.client.refuse(
+        DRIVER,
+        pipelined("1 +* 2", &[], &[id]),
+        Rejection {
+            reason: RejectReason::InvalidCommand,
+            message: "SyntaxError".into(),
+        },
+    );
+    c.pump();
+    assert!(matches!(refused, SubmitError::Rejected(_)), "{refused:?}");
+    let delivered = &c.delivered_to(DRIVER)[before..];
+    assert_eq!(delivered.len(), 1);
+    assert_eq!(delivered[0].response.as_ref().unwrap().id, id);
+    assert_eq!(
+        delivered[0].response.as_ref().unwrap().traceback(),
+        "rejected (INVALID_COMMAND): SyntaxError"
+    );
+    // Not pipelined: the rejection goes back as a SubmitReply, so nothing
+    // is delivered.
+    let before = c.delivered_to(DRIVER).len();
+    let mut request = pipelined("x", &[9], &[lease.start + 3]);
+    request.pipelined = false;
+    assert!(matches!(
+        c.submit_as(DRIVER, request),
+        Err(SubmitError::Rejected(_))
+    ));
+    assert_eq!(c.delivered_to(DRIVER).len(), before);
+}
+
+#[test]
+fn rule_17_leased_ids_left_unused_are_unknown_to_tracking_and_die_with_the_driver() {
+    let mut c = Cluster::new(1);
+    let lease = c.lease(DRIVER, 4);
+    // The first id is skipped: gaps are allowed.
+    let used = lease.start + 1;
+    c.submit_as(DRIVER, pipelined("1", &[], &[used])).unwrap();
+    let view = |c: &Cluster| -> Vec<CommandStatus> {
+        c.client
+            .track(&[lease.start, used, lease.start + 2])
+            .states
+            .iter()
+            .map(|s| s.status())
+            .collect()
+    };
+    assert_eq!(
+        view(&c),
+        [
+            CommandStatus::Unspecified,
+            CommandStatus::RequestSent,
+            CommandStatus::Unspecified
+        ]
+    );
+    c.finish(1, Value::none());
+    c.client.driver_gone(DRIVER);
+    assert_eq!(
+        view(&c),
+        [
+            CommandStatus::Unspecified,
+            CommandStatus::ResponseReceived,
+            CommandStatus::Unspecified
+        ]
+    );
+    // The unused ids died with the connection.
+    assert_eq!(
+        c.submit_as(DRIVER, pipelined("1", &[], &[lease.start + 2])),
+        Err(SubmitError::Lease(LeaseError::NotLeased(lease.start + 2)))
+    );
+}
+
+#[test]
+fn rule_11_a_driver_holds_a_bounded_number_of_leases() {
+    let mut c = Cluster::new(1);
+    for _ in 0..MAX_LEASES {
+        c.lease(DRIVER, 1);
+    }
+    assert_eq!(c.client.lease(DRIVER, 1), Err(LeaseError::TooManyLeases));
+    // Using a lease up frees its place.
+    let lease = c.lease(OTHER, 1);
+    c.submit_as(OTHER, pipelined("1", &[], &[lease.start]))
+        .unwrap();
+    for _ in 0..MAX_LEASES {
+        c.lease(OTHER, 1);
+    }
+}
+
+#[test]
+fn rule_12_oldest_first_goes_by_arrival_not_by_id() {
+    let mut c = Cluster::new(1);
+    let low = c.lease(DRIVER, 4);
+    let high = c.lease(OTHER, 4);
+    c.submit("busy", &[1]).unwrap();
+    // The higher id arrives first, then a lower one, shared and targeted.
+    c.submit_as(OTHER, pipelined("first", &[], &[high.start]))
+        .unwrap();
+    c.submit_as(DRIVER, pipelined("second", &[1], &[low.start]))
+        .unwrap();
+    c.submit_as(DRIVER, pipelined("third", &[], &[low.start + 1]))
+        .unwrap();
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.last(), Some(&(1, high.start)));
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.last(), Some(&(1, low.start)));
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.last(), Some(&(1, low.start + 1)));
 }

@@ -376,6 +376,7 @@ impl Sim {
                     parameters: vec![Parameter::new("ms", work_ms as i64)],
                     targets: targets.clone(),
                     deadline_seconds: None,
+                    ..SubmitRequest::default()
                 };
                 let before = (
                     self.client.pending(),

@@ -19,10 +19,11 @@ use bytes::Bytes;
 use casa_node_protocol::pb::{
     Ack, CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandRequest, CommandResponse,
     CommandStatus, ControlRequest, ControlResponse, DebuggingModeRequest, Envelope,
-    EnvironmentVariable, Hello, LogLevel, LogLevelRequest, LogRecord, LogSubscription, Parameter,
-    PingRequest, PingResponse, ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery,
-    Role, ServerStatus, StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest,
-    TrackReply, TrackRequest, Value, Welcome, control_request, envelope::Body, submit_reply,
+    EnvironmentVariable, Hello, IdLease, IdLeaseRequest, LogLevel, LogLevelRequest, LogRecord,
+    LogSubscription, Parameter, PingRequest, PingResponse, ProtocolErrorCode, RejectReason,
+    RequestState, ResponseDelivery, Role, ServerStatus, StatusReply, StatusRequest, StopRequest,
+    SubmitReply, SubmitRequest, TrackReply, TrackRequest, Value, Welcome, control_request,
+    envelope::Body, submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION};
 use protox::prost_reflect::{self, DescriptorPool, DynamicMessage, Kind, ReflectMessage};
@@ -544,6 +545,7 @@ fn vectors() -> Vec<Vector> {
                 parameters: flagdata_parameters(),
                 targets: vec![1, 2],
                 deadline_seconds: Some(3600.0),
+                ..SubmitRequest::default()
             })),
         ),
         vector(
@@ -568,12 +570,65 @@ fn vectors() -> Vec<Vector> {
             }),
         ),
         vector(
+            "id_lease_request",
+            "A driver asks for a block of 4096 request ids",
+            9,
+            Body::IdLeaseRequest(IdLeaseRequest { count: 4096 }),
+        ),
+        vector(
+            "id_lease",
+            "The client node leases ids 4097 to 8192 to the driver that asked",
+            9,
+            Body::IdLease(IdLease {
+                first: 4097,
+                count: 4096,
+            }),
+        ),
+        vector(
+            "submit_request_pipelined",
+            "A driver pushes 1/x to rank 9 with leased id 4097 and wants no SubmitReply",
+            0,
+            Body::SubmitRequest(Box::new(SubmitRequest {
+                command: "1/x".into(),
+                targets: vec![9],
+                ids: vec![4097],
+                pipelined: true,
+                ..SubmitRequest::default()
+            })),
+        ),
+        vector(
+            "response_delivery_rejected",
+            "The client node refuses pipelined request 4097, which targeted rank 9, with a failure response carrying the rejection",
+            0,
+            Body::ResponseDelivery(Box::new(ResponseDelivery {
+                response: Some(CommandResponse {
+                    id: 4097,
+                    command: "1/x".into(),
+                    mode: CommandMode::Auto.into(),
+                    ret: Some(Value::none()),
+                    status: CommandStatus::ResponseReceived.into(),
+                    successful: false,
+                    traceback: Some(
+                        "rejected (UNKNOWN_TARGET): target 9 is not a server rank (server ranks: 1, 2)"
+                            .into(),
+                    ),
+                    ..CommandResponse::default()
+                }),
+                rejected: Some(submit_reply::Rejected {
+                    reason: RejectReason::UnknownTarget.into(),
+                    message: "target 9 is not a server rank (server ranks: 1, 2)".into(),
+                }),
+                ..ResponseDelivery::default()
+            })),
+        ),
+        vector(
             "response_delivery_a_plus_b",
             "The client node delivers request 2's final response (a+b returned 3) to the driver that submitted it",
             0,
             Body::ResponseDelivery(Box::new(ResponseDelivery {
                 response: Some(a_plus_b_response()),
                 replaces_timeout: false,
+                ..ResponseDelivery::default()
             })),
         ),
         vector(
@@ -596,6 +651,7 @@ fn vectors() -> Vec<Vector> {
                     worker_restarted: false,
                 }),
                 replaces_timeout: true,
+                ..ResponseDelivery::default()
             })),
         ),
         vector(

@@ -22,11 +22,12 @@ use casa_node_protocol::Framing;
 use casa_node_protocol::pb::{
     self, Ack, CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandRequest,
     CommandResponse, CommandStatus, Complex, ControlRequest, ControlResponse, DebuggingModeRequest,
-    Dict, DictEntry, Envelope, EnvironmentVariable, Hello, LogLevel, LogLevelRequest, LogRecord,
-    LogSubscription, NdArray, Null, Parameter, PingRequest, PingResponse, ProtocolError,
-    ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery, Role, ServerStatus,
-    StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest, TrackReply, TrackRequest,
-    Value, ValueList, Welcome, control_request, envelope::Body, submit_reply, value::Kind,
+    Dict, DictEntry, Envelope, EnvironmentVariable, Hello, IdLease, IdLeaseRequest, LogLevel,
+    LogLevelRequest, LogRecord, LogSubscription, NdArray, Null, Parameter, PingRequest,
+    PingResponse, ProtocolError, ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery,
+    Role, ServerStatus, StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest,
+    TrackReply, TrackRequest, Value, ValueList, Welcome, control_request, envelope::Body,
+    submit_reply, value::Kind,
 };
 use proptest::collection::vec;
 use proptest::option;
@@ -37,7 +38,7 @@ use prost::Message;
 /// The name ([`Body::name`]) of every `Envelope` body variant, in field
 /// number order. `arb_envelope_covers_every_body_variant` in `codec.rs`
 /// checks that [`arb_envelope`] produces each of them.
-pub const BODY_NAMES: [&str; 24] = [
+pub const BODY_NAMES: [&str; 26] = [
     "Hello",
     "Welcome",
     "ProtocolError",
@@ -62,6 +63,8 @@ pub const BODY_NAMES: [&str; 24] = [
     "TrackReply",
     "LogLevelRequest",
     "Ack",
+    "IdLeaseRequest",
+    "IdLease",
 ];
 
 // ---------------------------------------------------------------------------
@@ -458,14 +461,20 @@ pub fn arb_submit_request() -> impl Strategy<Value = SubmitRequest> {
         arb_parameters(),
         arb_ranks(),
         option::of(arb_f64()),
+        arb_ids(),
+        any::<bool>(),
     )
         .prop_map(
-            |(command, mode, parameters, targets, deadline_seconds)| SubmitRequest {
-                command,
-                mode,
-                parameters,
-                targets,
-                deadline_seconds,
+            |(command, mode, parameters, targets, deadline_seconds, ids, pipelined)| {
+                SubmitRequest {
+                    command,
+                    mode,
+                    parameters,
+                    targets,
+                    deadline_seconds,
+                    ids,
+                    pipelined,
+                }
             },
         )
 }
@@ -493,12 +502,16 @@ pub fn arb_submit_reply() -> impl Strategy<Value = SubmitReply> {
 
 /// `ResponseDelivery`.
 pub fn arb_response_delivery() -> impl Strategy<Value = ResponseDelivery> {
-    (sometimes(arb_command_response()), any::<bool>()).prop_map(|(response, replaces_timeout)| {
-        ResponseDelivery {
+    (
+        sometimes(arb_command_response()),
+        any::<bool>(),
+        sometimes(arb_submit_rejected()),
+    )
+        .prop_map(|(response, replaces_timeout, rejected)| ResponseDelivery {
             response,
             replaces_timeout,
-        }
-    })
+            rejected,
+        })
 }
 
 /// `TrackRequest`.
@@ -741,6 +754,12 @@ pub fn arb_body() -> impl Strategy<Value = Body> {
             .prop_map(Body::LogLevelRequest)
             .boxed(),
         arb_ack().prop_map(Body::Ack).boxed(),
+        any::<u32>()
+            .prop_map(|count| Body::IdLeaseRequest(IdLeaseRequest { count }))
+            .boxed(),
+        (any::<u64>(), any::<u32>())
+            .prop_map(|(first, count)| Body::IdLease(IdLease { first, count }))
+            .boxed(),
     ])
 }
 

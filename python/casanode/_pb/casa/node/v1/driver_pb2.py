@@ -26,51 +26,55 @@ from . import node_pb2 as casa_dot_node_dot_v1_dot_node__pb2
 from . import value_pb2 as casa_dot_node_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61sa/node/v1/driver.proto\x12\x0c\x63\x61sa.node.v1\x1a\x17\x63\x61sa/node/v1/node.proto\x1a\x18\x63\x61sa/node/v1/value.proto\"\xbb\x01\n\rSubmitRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.casa.node.v1.CommandMode\x12+\n\nparameters\x18\x03 \x03(\x0b\x32\x17.casa.node.v1.Parameter\x12\x0f\n\x07targets\x18\x04 \x03(\x05\x12\x1d\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_deadline_seconds\"\xea\x01\n\x0bSubmitReply\x12\x36\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\".casa.node.v1.SubmitReply.AcceptedH\x00\x12\x36\n\x08rejected\x18\x02 \x01(\x0b\x32\".casa.node.v1.SubmitReply.RejectedH\x00\x1a\x17\n\x08\x41\x63\x63\x65pted\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x1aG\n\x08Rejected\x12*\n\x06reason\x18\x01 \x01(\x0e\x32\x1a.casa.node.v1.RejectReason\x12\x0f\n\x07message\x18\x02 \x01(\tB\t\n\x07outcome\"]\n\x10ResponseDelivery\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.casa.node.v1.CommandResponse\x12\x18\n\x10replaces_timeout\x18\x02 \x01(\x08\"\x1b\n\x0cTrackRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"8\n\nTrackReply\x12*\n\x06states\x18\x01 \x03(\x0b\x32\x1a.casa.node.v1.RequestState\"W\n\x0cRequestState\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.casa.node.v1.CommandStatus\x12\x0e\n\x06server\x18\x03 \x01(\x05\"/\n\rStatusRequest\x12\x13\n\x06server\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\t\n\x07_server\"v\n\x0bStatusReply\x12+\n\x07servers\x18\x01 \x03(\x0b\x32\x1a.casa.node.v1.ServerStatus\x12*\n\x07\x63luster\x18\x02 \x01(\x0b\x32\x19.casa.node.v1.ClusterInfo\x12\x0e\n\x06queued\x18\x03 \x01(\x04\"\xe0\x01\n\x0cServerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tprocessor\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x12\n\nworker_pid\x18\x04 \x01(\r\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x08\x12\x0f\n\x07\x63ommand\x18\x06 \x01(\t\x12\x12\n\ncommand_id\x18\x07 \x01(\x04\x12\x1a\n\x12\x63ommand_start_time\x18\x08 \x01(\x01\x12\x0f\n\x07timeout\x18\t \x01(\x08\x12\x0e\n\x06online\x18\n \x01(\x08\x12\x11\n\tlast_ping\x18\x0b \x01(\x01\x12\x0b\n\x03rss\x18\x0c \x01(\x04\"\x1c\n\rCancelRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"J\n\x0b\x43\x61ncelReply\x12\x10\n\x08\x64\x65queued\x18\x01 \x03(\x04\x12\x14\n\x0cinterrupting\x18\x02 \x03(\x04\x12\x13\n\x0bnot_pending\x18\x03 \x03(\x04\"M\n\x0fLogSubscription\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12)\n\tmin_level\x18\x02 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\"\x1c\n\x0bStopRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\"\'\n\x14\x44\x65\x62uggingModeRequest\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\"I\n\x0fLogLevelRequest\x12%\n\x05level\x18\x01 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x12\x0f\n\x07servers\x18\x02 \x03(\x05\" \n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xb4\x01\n\x0b\x43lusterInfo\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x14\n\x0cserver_ranks\x18\x05 \x03(\x05\x12\x19\n\x11heartbeat_seconds\x18\x06 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x07 \x01(\x01\x12\x11\n\tdebugging\x18\x08 \x01(\x08*\xf3\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cREJECT_REASON_UNKNOWN_TARGET\x10\x01\x12\"\n\x1eREJECT_REASON_TARGET_TIMED_OUT\x10\x02\x12!\n\x1dREJECT_REASON_INVALID_COMMAND\x10\x03\x12\x19\n\x15REJECT_REASON_STOPPED\x10\x04\x12\x1c\n\x18REJECT_REASON_NO_SERVERS\x10\x05\x12\"\n\x1eREJECT_REASON_INVALID_DEADLINE\x10\x06\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19\x63\x61sa/node/v1/driver.proto\x12\x0c\x63\x61sa.node.v1\x1a\x17\x63\x61sa/node/v1/node.proto\x1a\x18\x63\x61sa/node/v1/value.proto\"\xdb\x01\n\rSubmitRequest\x12\x0f\n\x07\x63ommand\x18\x01 \x01(\t\x12\'\n\x04mode\x18\x02 \x01(\x0e\x32\x19.casa.node.v1.CommandMode\x12+\n\nparameters\x18\x03 \x03(\x0b\x32\x17.casa.node.v1.Parameter\x12\x0f\n\x07targets\x18\x04 \x03(\x05\x12\x1d\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01H\x00\x88\x01\x01\x12\x0b\n\x03ids\x18\x06 \x03(\x04\x12\x11\n\tpipelined\x18\x07 \x01(\x08\x42\x13\n\x11_deadline_seconds\"\x1f\n\x0eIdLeaseRequest\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"\'\n\x07IdLease\x12\r\n\x05\x66irst\x18\x01 \x01(\x04\x12\r\n\x05\x63ount\x18\x02 \x01(\r\"\xea\x01\n\x0bSubmitReply\x12\x36\n\x08\x61\x63\x63\x65pted\x18\x01 \x01(\x0b\x32\".casa.node.v1.SubmitReply.AcceptedH\x00\x12\x36\n\x08rejected\x18\x02 \x01(\x0b\x32\".casa.node.v1.SubmitReply.RejectedH\x00\x1a\x17\n\x08\x41\x63\x63\x65pted\x12\x0b\n\x03ids\x18\x01 \x03(\x04\x1aG\n\x08Rejected\x12*\n\x06reason\x18\x01 \x01(\x0e\x32\x1a.casa.node.v1.RejectReason\x12\x0f\n\x07message\x18\x02 \x01(\tB\t\n\x07outcome\"\x93\x01\n\x10ResponseDelivery\x12/\n\x08response\x18\x01 \x01(\x0b\x32\x1d.casa.node.v1.CommandResponse\x12\x18\n\x10replaces_timeout\x18\x02 \x01(\x08\x12\x34\n\x08rejected\x18\x03 \x01(\x0b\x32\".casa.node.v1.SubmitReply.Rejected\"\x1b\n\x0cTrackRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"8\n\nTrackReply\x12*\n\x06states\x18\x01 \x03(\x0b\x32\x1a.casa.node.v1.RequestState\"W\n\x0cRequestState\x12\n\n\x02id\x18\x01 \x01(\x04\x12+\n\x06status\x18\x02 \x01(\x0e\x32\x1b.casa.node.v1.CommandStatus\x12\x0e\n\x06server\x18\x03 \x01(\x05\"/\n\rStatusRequest\x12\x13\n\x06server\x18\x01 \x01(\x05H\x00\x88\x01\x01\x42\t\n\x07_server\"v\n\x0bStatusReply\x12+\n\x07servers\x18\x01 \x03(\x0b\x32\x1a.casa.node.v1.ServerStatus\x12*\n\x07\x63luster\x18\x02 \x01(\x0b\x32\x19.casa.node.v1.ClusterInfo\x12\x0e\n\x06queued\x18\x03 \x01(\x04\"\xe0\x01\n\x0cServerStatus\x12\x0c\n\x04rank\x18\x01 \x01(\x05\x12\x11\n\tprocessor\x18\x02 \x01(\t\x12\x0b\n\x03pid\x18\x03 \x01(\r\x12\x12\n\nworker_pid\x18\x04 \x01(\r\x12\x0c\n\x04\x62usy\x18\x05 \x01(\x08\x12\x0f\n\x07\x63ommand\x18\x06 \x01(\t\x12\x12\n\ncommand_id\x18\x07 \x01(\x04\x12\x1a\n\x12\x63ommand_start_time\x18\x08 \x01(\x01\x12\x0f\n\x07timeout\x18\t \x01(\x08\x12\x0e\n\x06online\x18\n \x01(\x08\x12\x11\n\tlast_ping\x18\x0b \x01(\x01\x12\x0b\n\x03rss\x18\x0c \x01(\x04\"\x1c\n\rCancelRequest\x12\x0b\n\x03ids\x18\x01 \x03(\x04\"J\n\x0b\x43\x61ncelReply\x12\x10\n\x08\x64\x65queued\x18\x01 \x03(\x04\x12\x14\n\x0cinterrupting\x18\x02 \x03(\x04\x12\x13\n\x0bnot_pending\x18\x03 \x03(\x04\"M\n\x0fLogSubscription\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\x12)\n\tmin_level\x18\x02 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\"\x1c\n\x0bStopRequest\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\"\'\n\x14\x44\x65\x62uggingModeRequest\x12\x0f\n\x07\x65nabled\x18\x01 \x01(\x08\"I\n\x0fLogLevelRequest\x12%\n\x05level\x18\x01 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x12\x0f\n\x07servers\x18\x02 \x03(\x05\" \n\x03\x41\x63k\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\"\xb4\x01\n\x0b\x43lusterInfo\x12\x11\n\ttransport\x18\x01 \x01(\t\x12\x0c\n\x04host\x18\x02 \x01(\t\x12\x13\n\x0b\x63lient_rank\x18\x03 \x01(\x05\x12\x12\n\nworld_size\x18\x04 \x01(\x05\x12\x14\n\x0cserver_ranks\x18\x05 \x03(\x05\x12\x19\n\x11heartbeat_seconds\x18\x06 \x01(\x01\x12\x17\n\x0ftimeout_seconds\x18\x07 \x01(\x01\x12\x11\n\tdebugging\x18\x08 \x01(\x08*\xf3\x01\n\x0cRejectReason\x12\x1d\n\x19REJECT_REASON_UNSPECIFIED\x10\x00\x12 \n\x1cREJECT_REASON_UNKNOWN_TARGET\x10\x01\x12\"\n\x1eREJECT_REASON_TARGET_TIMED_OUT\x10\x02\x12!\n\x1dREJECT_REASON_INVALID_COMMAND\x10\x03\x12\x19\n\x15REJECT_REASON_STOPPED\x10\x04\x12\x1c\n\x18REJECT_REASON_NO_SERVERS\x10\x05\x12\"\n\x1eREJECT_REASON_INVALID_DEADLINE\x10\x06\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'casa.node.v1.driver_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_REJECTREASON']._serialized_start=1737
-  _globals['_REJECTREASON']._serialized_end=1980
+  _globals['_REJECTREASON']._serialized_start=1898
+  _globals['_REJECTREASON']._serialized_end=2141
   _globals['_SUBMITREQUEST']._serialized_start=95
-  _globals['_SUBMITREQUEST']._serialized_end=282
-  _globals['_SUBMITREPLY']._serialized_start=285
-  _globals['_SUBMITREPLY']._serialized_end=519
-  _globals['_SUBMITREPLY_ACCEPTED']._serialized_start=412
-  _globals['_SUBMITREPLY_ACCEPTED']._serialized_end=435
-  _globals['_SUBMITREPLY_REJECTED']._serialized_start=437
-  _globals['_SUBMITREPLY_REJECTED']._serialized_end=508
-  _globals['_RESPONSEDELIVERY']._serialized_start=521
-  _globals['_RESPONSEDELIVERY']._serialized_end=614
-  _globals['_TRACKREQUEST']._serialized_start=616
-  _globals['_TRACKREQUEST']._serialized_end=643
-  _globals['_TRACKREPLY']._serialized_start=645
-  _globals['_TRACKREPLY']._serialized_end=701
-  _globals['_REQUESTSTATE']._serialized_start=703
-  _globals['_REQUESTSTATE']._serialized_end=790
-  _globals['_STATUSREQUEST']._serialized_start=792
-  _globals['_STATUSREQUEST']._serialized_end=839
-  _globals['_STATUSREPLY']._serialized_start=841
-  _globals['_STATUSREPLY']._serialized_end=959
-  _globals['_SERVERSTATUS']._serialized_start=962
-  _globals['_SERVERSTATUS']._serialized_end=1186
-  _globals['_CANCELREQUEST']._serialized_start=1188
-  _globals['_CANCELREQUEST']._serialized_end=1216
-  _globals['_CANCELREPLY']._serialized_start=1218
-  _globals['_CANCELREPLY']._serialized_end=1292
-  _globals['_LOGSUBSCRIPTION']._serialized_start=1294
-  _globals['_LOGSUBSCRIPTION']._serialized_end=1371
-  _globals['_STOPREQUEST']._serialized_start=1373
-  _globals['_STOPREQUEST']._serialized_end=1401
-  _globals['_DEBUGGINGMODEREQUEST']._serialized_start=1403
-  _globals['_DEBUGGINGMODEREQUEST']._serialized_end=1442
-  _globals['_LOGLEVELREQUEST']._serialized_start=1444
-  _globals['_LOGLEVELREQUEST']._serialized_end=1517
-  _globals['_ACK']._serialized_start=1519
-  _globals['_ACK']._serialized_end=1551
-  _globals['_CLUSTERINFO']._serialized_start=1554
-  _globals['_CLUSTERINFO']._serialized_end=1734
+  _globals['_SUBMITREQUEST']._serialized_end=314
+  _globals['_IDLEASEREQUEST']._serialized_start=316
+  _globals['_IDLEASEREQUEST']._serialized_end=347
+  _globals['_IDLEASE']._serialized_start=349
+  _globals['_IDLEASE']._serialized_end=388
+  _globals['_SUBMITREPLY']._serialized_start=391
+  _globals['_SUBMITREPLY']._serialized_end=625
+  _globals['_SUBMITREPLY_ACCEPTED']._serialized_start=518
+  _globals['_SUBMITREPLY_ACCEPTED']._serialized_end=541
+  _globals['_SUBMITREPLY_REJECTED']._serialized_start=543
+  _globals['_SUBMITREPLY_REJECTED']._serialized_end=614
+  _globals['_RESPONSEDELIVERY']._serialized_start=628
+  _globals['_RESPONSEDELIVERY']._serialized_end=775
+  _globals['_TRACKREQUEST']._serialized_start=777
+  _globals['_TRACKREQUEST']._serialized_end=804
+  _globals['_TRACKREPLY']._serialized_start=806
+  _globals['_TRACKREPLY']._serialized_end=862
+  _globals['_REQUESTSTATE']._serialized_start=864
+  _globals['_REQUESTSTATE']._serialized_end=951
+  _globals['_STATUSREQUEST']._serialized_start=953
+  _globals['_STATUSREQUEST']._serialized_end=1000
+  _globals['_STATUSREPLY']._serialized_start=1002
+  _globals['_STATUSREPLY']._serialized_end=1120
+  _globals['_SERVERSTATUS']._serialized_start=1123
+  _globals['_SERVERSTATUS']._serialized_end=1347
+  _globals['_CANCELREQUEST']._serialized_start=1349
+  _globals['_CANCELREQUEST']._serialized_end=1377
+  _globals['_CANCELREPLY']._serialized_start=1379
+  _globals['_CANCELREPLY']._serialized_end=1453
+  _globals['_LOGSUBSCRIPTION']._serialized_start=1455
+  _globals['_LOGSUBSCRIPTION']._serialized_end=1532
+  _globals['_STOPREQUEST']._serialized_start=1534
+  _globals['_STOPREQUEST']._serialized_end=1562
+  _globals['_DEBUGGINGMODEREQUEST']._serialized_start=1564
+  _globals['_DEBUGGINGMODEREQUEST']._serialized_end=1603
+  _globals['_LOGLEVELREQUEST']._serialized_start=1605
+  _globals['_LOGLEVELREQUEST']._serialized_end=1678
+  _globals['_ACK']._serialized_start=1680
+  _globals['_ACK']._serialized_end=1712
+  _globals['_CLUSTERINFO']._serialized_start=1715
+  _globals['_CLUSTERINFO']._serialized_end=1895
 # @@protoc_insertion_point(module_scope)
