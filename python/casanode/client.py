@@ -8,7 +8,9 @@
 
 A Future resolves to the response dict whatever the command did: check its
 `successful`, `status` and `traceback` (rules 7, 9, 10). A submission the
-client node refuses raises SubmissionRejected; nothing was queued (rule 14).
+client node refuses sets SubmissionRejected on its Futures; nothing of it
+was queued (rule 14). Submitting waits for no reply: the ids come from the
+connection's leases.
 """
 
 import queue
@@ -20,7 +22,13 @@ from concurrent.futures import Future
 
 from . import values
 from ._pb.casa.node.v1 import driver_pb2, node_pb2
-from .connection import CasaNodeError, Connection, UnexpectedReply, _Waiter, body_tag
+from .connection import (
+    CasaNodeError,
+    Connection,
+    LeasesUnsupported,
+    UnexpectedReply,
+    body_tag,
+)
 
 MODES = {
     node_pb2.COMMAND_MODE_UNSPECIFIED: "auto",
@@ -193,11 +201,35 @@ class Client:
         "push" or None to let the server decide (rule 2).
 
         Returns a Future (or, for a list target, a list of Futures) resolving
-        to the response dict; each Future's `id` is its request id."""
+        to the response dict; each Future's `id` is its request id. It
+        returns at once, without waiting for the client node: a refused
+        submission (rule 14) sets SubmissionRejected on its Futures."""
         many, buffers, size = _submit_request(command, target, parameters, deadline, mode)
-        reply = self.connection.request_buffers(_SUBMIT, buffers, size)
-        futures = [self._future(rid) for rid in self._accepted(reply, many)]
+        futures = [self._future(rid) for rid in self._push(many, target, buffers, size)]
         return futures if many else futures[0]
+
+    def _push(self, many, target, buffers, size):
+        """Sends a serialized submission and returns its ids, now known:
+        pipelined, with leased ids; with a client node that leases none,
+        waiting for its SubmitReply (then a rejection raises
+        SubmissionRejected)."""
+        count = max(1, len(target)) if many else 1
+        try:
+            ids = self.connection.submit_pipelined(count, _SUBMIT, buffers, size)
+        except LeasesUnsupported:
+            return self._accepted(self.connection.request_buffers(_SUBMIT, buffers, size), many)
+        with self._lock:
+            self._known.update(ids)
+        return ids
+
+    def rejection(self, request_id):
+        """SubmissionRejected if `request_id`'s submission was refused
+        (its response is then a failure record saying why), else None."""
+        rejected = self.connection.rejection(request_id)
+        if rejected is None:
+            return None
+        reason = driver_pb2.RejectReason.Name(rejected.reason).replace("REJECT_REASON_", "")
+        return SubmissionRejected(reason, rejected.message)
 
     def _accepted(self, reply, many):
         """The ids of an accepted submission, now known; raises
@@ -219,16 +251,13 @@ class Client:
     def _submit_ids(self, command, target=None, parameters=None):
         """submit, returning the request ids (a list) instead of Futures."""
         many, buffers, size = _submit_request(command, target, parameters, None, None)
-        return self._accepted(self.connection.request_buffers(_SUBMIT, buffers, size), many)
+        return self._push(many, target, buffers, size)
 
     def _submit_waiting(self, command, target=None, parameters=None):
         """Sends a submission; returns a _Submission whose wait() returns
-        once the submission is refused or all its responses arrived, with
-        one wake-up of the calling thread."""
-        many, buffers, size = _submit_request(command, target, parameters, None, None)
-        submission = _Submission(self, many)
-        self.connection.send_request(_SUBMIT, buffers, size, submission.on_reply)
-        return submission
+        once all its responses arrived, with one wake-up of the calling
+        thread, and raises SubmissionRejected if it was refused."""
+        return _Submission(self, self._submit_ids(command, target, parameters))
 
     def _future(self, request_id):
         future = Future()
@@ -238,6 +267,8 @@ class Client:
         future.set_running_or_notify_cancel()
 
         def resolve(response, error):
+            if error is None:
+                error = self.rejection(request_id)
             if error is not None:
                 future.set_exception(error)
                 return
@@ -285,20 +316,16 @@ class Client:
         (all at once, spread over the servers unless `target` names one),
         then yields the response dicts in the order of `parameter_sets`.
         `timeout` bounds the whole wait, as in Executor.map; TimeoutError
-        when it passes first. All submissions are sent before the first
-        reply is read; a rejected one raises before anything is yielded,
-        and those the cluster accepted still run."""
+        when it passes first. All submissions are sent before anything is
+        yielded, without waiting for any reply; a rejected one raises
+        SubmissionRejected when its result is reached, and the others
+        still run."""
         if isinstance(target, (list, tuple, range)):
             raise ValueError("map takes one target rank or None, not a list")
-        # Every submission goes out before the first reply is awaited: the
-        # client node answers them in order while they stream in.
-        replies = []
+        submitted = []
         for p in parameter_sets:
             _, buffers, size = _submit_request(command, target, p, deadline, mode)
-            waiter = _Waiter()
-            self.connection.send_request(_SUBMIT, buffers, size, waiter)
-            replies.append(waiter)
-        submitted = [self._future(self._accepted(reply.wait(), False)[0]) for reply in replies]
+            submitted.append(self._future(self._push(False, target, buffers, size)[0]))
         end = None if timeout is None else time.monotonic() + timeout
 
         def results():
@@ -572,55 +599,31 @@ class _Latch:
 
 
 class _Submission:
-    """A submission and the wait for its responses (Client._submit_waiting):
-    the reader thread handles the SubmitReply and watches the accepted ids,
-    so the waiting thread wakes once."""
+    """A submission's wait for its responses (Client._submit_waiting): the
+    reader thread watches its ids, so the waiting thread wakes once."""
 
-    __slots__ = ("_client", "_many", "_done", "_latch", "ids", "error")
+    __slots__ = ("_client", "_latch", "ids")
 
-    def __init__(self, client, many):
+    def __init__(self, client, ids):
         self._client = client
-        self._many = many
-        self._done = threading.Lock()
-        self._done.acquire()
-        self._latch = None
-        self.ids = None
-        self.error = None  # why the submission failed
-
-    def on_reply(self, kind, message, error):
-        try:
-            if error is not None:
-                raise error
-            ids = self._client._accepted((kind, message), self._many)
-        except BaseException as e:
-            self.error = e
-            self._done.release()
-            return
         self.ids = ids
         self._latch = _Latch(len(ids))
-        if not ids:
-            self._done.release()
-        watch = self._client.connection.watch
+        watch = client.connection.watch
         for rid in ids:
-            watch(rid, self._arrived)
-
-    def _arrived(self, response, error):
-        if self._latch.arrived(response, error):
-            self._done.release()
+            watch(rid, self._latch.arrived)
 
     def wait(self):
-        """Waits for the reply, then for the first response to each accepted
-        id. Returns the ids; raises why the submission failed."""
-        self._done.acquire()
-        if self.error is not None:
-            raise self.error
+        """Waits for the first response to each id. Returns the ids; raises
+        SubmissionRejected if the submission was refused, or an error
+        reported while waiting (ConnectionClosed)."""
+        self._latch.wait()
+        rejection = self._client.rejection(self.ids[0]) if self.ids else None
+        if rejection is not None:
+            raise rejection
         return self.ids
 
     def responses(self):
-        """After wait: the latest response dict of each id, in id order;
-        raises an error reported while waiting (ConnectionClosed)."""
-        if self._latch.error is not None:
-            raise self._latch.error
+        """After wait: the latest response dict of each id, in id order."""
         ids = sorted(set(self.ids))
         return [self._client.response(rid) for rid in ids]
 

@@ -10,6 +10,12 @@ correlation, stores every ResponseDelivery by request id (a later delivery
 with replaces_timeout replaces the earlier record, rule 21), and hands
 LogRecords to subscribers.
 
+Submissions are pipelined: the connection leases blocks of request ids from
+the client node (IdLeaseRequest -> IdLease, read by the reader thread) and
+sends each SubmitRequest with its ids and the `pipelined` flag, so a push
+returns its ids without waiting for any reply (submit_pipelined). The next
+block is asked for, without waiting, once half of the current one is used.
+
 Large values are not copied through protobuf's Python classes: a request's
 large parameters go out from their own memory (values.parameter_buffers,
 sent with one sendmsg), and a large frame is read into a buffer of its own
@@ -17,6 +23,7 @@ and a ResponseDelivery in it parsed around its large values
 (SplitResponse), which are decoded from the frame when asked for.
 """
 
+import collections
 import json
 import os
 import socket
@@ -29,13 +36,16 @@ from concurrent import futures as _futures
 from concurrent.futures import Future
 
 from . import values
-from ._pb.casa.node.v1 import envelope_pb2, node_pb2
+from ._pb.casa.node.v1 import driver_pb2, envelope_pb2, node_pb2
 
 PROTOCOL_VERSION = 1
 SOFTWARE = "casa-node-python 0.1.0"
 ENDPOINT_VAR = "CASA_NODE_ENDPOINT"
 CONNECTION_FILE_VAR = "CASA_NODE_CONNECTION_FILE"
 MAX_FRAME = 1 << 30
+LEASE_BLOCK_VAR = "CASA_NODE_LEASE_BLOCK"
+DEFAULT_LEASE_BLOCK = 4096
+MAX_LEASE_BLOCK = 1 << 16
 _LENGTH = struct.Struct(">I")
 
 
@@ -65,6 +75,10 @@ class ConnectionClosed(CasaNodeError):
 
 class UnexpectedReply(CasaNodeError):
     """The client node answered with a message this client did not expect."""
+
+
+class LeasesUnsupported(CasaNodeError):
+    """The client node gives no id leases: submissions wait for a SubmitReply."""
 
 
 def runtime_dir():
@@ -487,7 +501,15 @@ def _parse_parameter(view):
 class Connection:
     """One front door connection, shared by any number of threads."""
 
-    def __init__(self, endpoint=None, timeout=30.0, connection_file=None):
+    def __init__(self, endpoint=None, timeout=30.0, connection_file=None, lease_block=None):
+        if lease_block is None:
+            lease_block = os.environ.get(LEASE_BLOCK_VAR) or DEFAULT_LEASE_BLOCK
+        try:
+            lease_block = int(lease_block)
+        except ValueError:
+            raise CasaNodeError(f"{LEASE_BLOCK_VAR}={lease_block!r} is not a whole number") from None
+        if not 1 <= lease_block <= MAX_LEASE_BLOCK:
+            raise CasaNodeError(f"an id lease block must hold 1 to {MAX_LEASE_BLOCK} ids, not {lease_block}")
         endpoint, conf = resolve(endpoint, connection_file)
         kind, address = _split_endpoint(endpoint)
         if kind == "unix":
@@ -523,6 +545,15 @@ class Connection:
         self._watchers = {}
         self._log_subscribers = []
         self._closed = False
+        # Leased ids: [next, end) blocks, oldest first (guarded by
+        # _lease_cond; taken under _send_lock, so ids go out in order).
+        self.lease_block = lease_block
+        self._lease_cond = threading.Condition(threading.Lock())
+        self._leases = collections.deque()
+        self._leased = 0  # ids left in _leases
+        self._lease_asked = False  # an IdLeaseRequest is unanswered
+        self._lease_error = None  # why no lease will come
+        self._rejected = {}  # request id -> SubmitReply.Rejected
         self._reader = threading.Thread(target=self._read_loop, name="casanode-reader", daemon=True)
         self._reader.start()
 
@@ -610,6 +641,103 @@ class Connection:
                 self._replies.pop(correlation, None)
             raise
 
+    def submit_pipelined(self, count, tag, buffers, size):
+        """Sends a SubmitRequest (serialized in `buffers`, `size` bytes, as
+        for send_request) for `count` requests with `count` leased ids and
+        the pipelined flag, and returns the ids at once: the client node
+        answers only with the responses (a rejection comes as a failure
+        response for each id, see rejection). Waits only when no leased id
+        is left. Raises LeasesUnsupported if the client node gives no
+        leases, ConnectionClosed."""
+        while True:
+            refill = False
+            with self._send_lock:
+                if self._closed:
+                    raise ConnectionClosed("the connection to the client node is closed")
+                with self._lease_cond:
+                    ids = self._take_ids(count)
+                    if ids is not None and not self._lease_asked and self._leased < self.lease_block // 2:
+                        refill = self._lease_asked = True
+                if ids is not None:
+                    packed = b"".join([values._varint(i) for i in ids])
+                    tail = b"\x32" + values._varint(len(packed)) + packed + b"\x38\x01"
+                    frame = frame_buffers(0, tag, [*buffers, tail], size + len(tail))
+                    try:
+                        _send_buffers(self._sock, frame)
+                    except OSError as e:
+                        raise ConnectionClosed(f"the connection to the client node closed: {e}") from e
+            if refill:
+                try:
+                    self._ask_lease()
+                except CasaNodeError:
+                    pass  # recorded: the next wait for a lease raises it
+            if ids is not None:
+                return ids
+            self._await_lease(count)
+
+    def _take_ids(self, count):
+        """`count` leased ids, in increasing order, or None if fewer are
+        left (holding _lease_cond)."""
+        if self._leased < count:
+            return None
+        ids = []
+        leases = self._leases
+        while len(ids) < count:
+            block = leases[0]
+            take = min(count - len(ids), block[1] - block[0])
+            ids.extend(range(block[0], block[0] + take))
+            block[0] += take
+            if block[0] == block[1]:
+                leases.popleft()
+        self._leased -= count
+        return ids
+
+    def _await_lease(self, count):
+        """Waits until `count` leased ids are at hand, asking for blocks."""
+        while True:
+            with self._lease_cond:
+                while self._lease_asked and self._leased < count and self._lease_error is None:
+                    self._lease_cond.wait()
+                if self._lease_error is not None:
+                    raise self._lease_error
+                if self._leased >= count:
+                    return
+                self._lease_asked = True
+            self._ask_lease()
+
+    def _ask_lease(self):
+        """Sends an IdLeaseRequest; the reader thread takes the IdLease."""
+        data = driver_pb2.IdLeaseRequest(count=self.lease_block).SerializeToString()
+        try:
+            self.send_request(_LEASE_TAG, [data], len(data), self._on_lease)
+        except BaseException as e:
+            with self._lease_cond:
+                self._lease_asked = False
+                if isinstance(e, CasaNodeError):
+                    self._lease_error = e
+                self._lease_cond.notify_all()
+            raise
+
+    def _on_lease(self, kind, message, error):
+        with self._lease_cond:
+            self._lease_asked = False
+            if isinstance(error, Refused):
+                self._lease_error = LeasesUnsupported(str(error))
+            elif error is not None:
+                self._lease_error = error
+            elif kind == "id_lease" and message.count > 0:
+                self._leases.append([message.first, message.first + message.count])
+                self._leased += message.count
+            else:
+                self._lease_error = UnexpectedReply(f"expected IdLease, got {kind or 'nothing'}")
+            self._lease_cond.notify_all()
+
+    def rejection(self, request_id):
+        """The SubmitReply.Rejected that `request_id`'s failure response
+        carried (a pipelined submission's rejection, rule 14), or None."""
+        with self._lock:
+            return self._rejected.get(request_id)
+
     def request_buffers(self, tag, buffers, size, timeout=None):
         """send_request, waited for: the reply's (body name, message)."""
         waiter = _Waiter()
@@ -675,6 +803,7 @@ class Connection:
         with self._lock:
             for rid in request_ids:
                 self._responses.pop(rid, None)
+                self._rejected.pop(rid, None)
 
     # ---------------------------------------------------------------- logs
 
@@ -735,7 +864,11 @@ class Connection:
     def _dispatch(self, envelope):
         kind = envelope.WhichOneof("body")
         if kind == "response_delivery":
-            self._deliver(envelope.response_delivery.response)
+            delivery = envelope.response_delivery
+            if delivery.HasField("rejected"):
+                with self._lock:
+                    self._rejected[delivery.response.id] = delivery.rejected
+            self._deliver(delivery.response)
         elif kind == "log_record":
             with self._lock:
                 subscribers = list(self._log_subscribers)
@@ -784,6 +917,9 @@ class Connection:
 
     def __exit__(self, *exc):
         self.close()
+
+
+_LEASE_TAG = body_tag("id_lease_request")
 
 
 class _Waiter:

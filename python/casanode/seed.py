@@ -45,6 +45,18 @@ _LEVELS = {
     "CRITICAL": node_pb2.LOG_LEVEL_CRITICAL,
 }
 
+def _log_rejection(client, command):
+    """A Connection.watch callback that logs the rejection of a
+    non-blocking push when its first failure response arrives (rule 14)."""
+
+    def logged(response, error):
+        rejection = None if error is not None else client.rejection(response.id)
+        if rejection is not None:
+            log.error("Command request %r rejected: %s", command, rejection.message or rejection.reason)
+
+    return logged
+
+
 # ------------------------------------------------------------ shared state
 
 _lock = threading.RLock()
@@ -209,9 +221,10 @@ class MPICommandClient:
     # ------------------------------------------------------------ push
 
     def push_command_request(self, command, block=False, target_server=None, parameters=None):
-        """Pushes `command`. Non-blocking: the list of request ids. Blocking:
-        the response dicts in id order (rule 16). A rejected push logs why
-        and returns None (rule 14)."""
+        """Pushes `command`. Non-blocking: the list of request ids, at once
+        (rule 16). Blocking: the response dicts in id order. A rejected
+        blocking push logs why and returns None; a rejected non-blocking
+        push logs why when its failure responses arrive (rule 14)."""
         if self._stopped:
             log.error("Services are stopped: not pushing command request %r", command)
             return None
@@ -220,7 +233,10 @@ class MPICommandClient:
         client = _shared_client()
         try:
             if not block:
-                return client._submit_ids(command, target_server, parameters)
+                ids = client._submit_ids(command, target_server, parameters)
+                if ids:
+                    client.connection.watch(ids[0], _log_rejection(client, command))
+                return ids
             # The reader thread takes the submission's reply and watches
             # its ids: this thread wakes once, when all responses are in.
             submission = client._submit_waiting(command, target_server, parameters)

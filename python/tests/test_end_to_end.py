@@ -71,13 +71,23 @@ def test_threads_share_one_client(client):
     assert len(set(ids)) == len(ids)
 
 
-def test_rejected_submissions_raise(client):
+def test_rejected_submissions_set_the_rejection_on_their_futures(client):
+    # Rule 14: the submission returns its Futures at once; the rejection
+    # arrives as each id's failure response and is the Futures' exception.
+    futures = client.submit("1+1", target=[1, 7])
+    for future in futures:
+        with pytest.raises(casanode.SubmissionRejected) as e:
+            future.result(60)
+        assert e.value.reason == "UNKNOWN_TARGET"
+        assert "7" in str(e.value)
+    records = client.wait(futures, timeout=60)
+    assert [r["id"] for r in records] == [f.id for f in futures]
+    for record in records:
+        assert record["status"] == "response received" and not record["successful"]
+        assert record["traceback"].startswith("rejected (UNKNOWN_TARGET): target 7 ")
+        assert record["server"] == 0
     with pytest.raises(casanode.SubmissionRejected) as e:
-        client.submit("1+1", target=[7])
-    assert e.value.reason == "UNKNOWN_TARGET"
-    assert "7" in str(e.value)
-    with pytest.raises(casanode.SubmissionRejected) as e:
-        client.submit("1 +")
+        client.submit("1 +").result(60)
     assert e.value.reason == "INVALID_COMMAND"
 
 
@@ -120,7 +130,8 @@ def test_map_streams_thousands_of_submissions_without_waiting_for_each(client):
     responses = list(client.map("n * 2", sets, timeout=120))
     assert [r["ret"] for r in responses] == [2 * i for i in range(5000)]
     ids = [r["id"] for r in responses]
-    assert ids == list(range(ids[0], ids[0] + 5000))
+    # Rule 11: unique, and increasing within one connection's pushes.
+    assert ids == sorted(set(ids))
 
 
 def test_forget_drops_responses_and_ids(client):
@@ -134,13 +145,17 @@ def test_forget_drops_responses_and_ids(client):
     assert client.wait([futures[2]], timeout=60)[0]["ret"] == 2
 
 
-def test_map_rejects_before_yielding(client):
-    with pytest.raises(casanode.SubmissionRejected):
-        client.map("x", [{"x": 1}], target=9)
-    before = client.submit("1").id
+def test_map_raises_a_rejection_when_its_result_is_reached(client):
+    results = client.map("x", [{"x": 1}], target=9)
+    with pytest.raises(casanode.SubmissionRejected) as e:
+        next(results)
+    assert e.value.reason == "UNKNOWN_TARGET"
+    # Its lease reply, if one was asked, arrives before its response.
+    client.submit("1").result(60)
+    left = client.connection._leased
     with pytest.raises(ValueError):
         client.map("x", [{"x": 1}], target=[1, 2])
-    assert client.submit("1").id == before + 1  # nothing was submitted
+    assert client.connection._leased == left  # no id taken: nothing was submitted
 
 
 def test_broadcast_runs_once_on_every_server(client):
@@ -216,6 +231,6 @@ def test_stop_refuses_later_submissions_and_ends_the_cluster(request, transport)
     client.stop()
     assert running.result(60)["ret"] == "done"
     with pytest.raises((casanode.SubmissionRejected, casanode.ConnectionClosed)):
-        client.submit("1")
+        client.submit("1").result(60)
     assert cluster.proc.wait(30) == 0
     client.close()

@@ -27,19 +27,24 @@ use crate::syntax::SyntaxChecker;
 struct Pending {
     driver: DriverId,
     correlation: u64,
-    /// `None` marks the driver's disconnection: its leases die once the
-    /// submissions it sent before have reached the core.
-    request: Option<SubmitRequest>,
+    item: Item,
 }
 
-/// A submission after the check: ready for the core, or rejected; or the
-/// driver's disconnection.
-struct Checked {
-    driver: DriverId,
-    correlation: u64,
-    /// The request, and the syntax error that rejects it, if any.
-    result: Option<(SubmitRequest, Option<String>)>,
+/// What waits in a driver's line behind its submissions.
+enum Item {
+    /// A submission, and once checked the syntax error that rejects it.
+    Submit(SubmitRequest, Option<String>),
+    /// Another request of a driver whose submissions are still being
+    /// checked: answered after them, so that it sees them (a cancel, a
+    /// track or a stop after pipelined pushes).
+    Deferred(Body),
+    /// The driver disconnected: its leases die once the submissions it
+    /// sent before have reached the core.
+    Gone,
 }
+
+/// An item after the check, in arrival order.
+type Checked = Pending;
 
 /// Checks submissions one after another, so each driver's submissions
 /// keep their order (and their ids increase in that order).
@@ -61,21 +66,22 @@ async fn check_submissions(
     while let Some(Pending {
         driver,
         correlation,
-        request,
+        item,
     }) = pending.recv().await
     {
-        let Some(mut request) = request else {
-            if checked
-                .send(Checked {
+        let mut request = match item {
+            Item::Submit(request, _) => request,
+            item => {
+                let passed = Pending {
                     driver,
                     correlation,
-                    result: None,
-                })
-                .is_err()
-            {
-                break;
+                    item,
+                };
+                if checked.send(passed).is_err() {
+                    break;
+                }
+                continue;
             }
-            continue;
         };
         let auto = matches!(request.mode(), CommandMode::Unspecified | CommandMode::Auto);
         let mut error = None;
@@ -93,12 +99,11 @@ async fn check_submissions(
                 }
             }
         }
-        let result = Some((request, error));
         if checked
             .send(Checked {
                 driver,
                 correlation,
-                result,
+                item: Item::Submit(request, error),
             })
             .is_err()
         {
@@ -173,6 +178,7 @@ pub async fn run<T: Transport>(
         started: 0,
         expected_servers: config.expected_servers,
         pending: pending_tx,
+        checking: HashMap::new(),
         max_frame: config.max_frame,
     };
     let now = Instant::now();
@@ -274,6 +280,8 @@ struct Node<'a> {
     started: usize,
     expected_servers: usize,
     pending: mpsc::UnboundedSender<Pending>,
+    /// Items each driver has in the syntax check's line.
+    checking: HashMap<DriverId, usize>,
     max_frame: usize,
 }
 
@@ -453,28 +461,37 @@ impl Node<'_> {
             }
             DriverEvent::Disconnected { driver } => {
                 self.drivers.remove(&driver);
-                let _ = self.pending.send(Pending {
-                    driver,
-                    correlation: 0,
-                    request: None,
-                });
+                self.in_line(driver, 0, Item::Gone);
             }
             DriverEvent::Refused { message } => self.warn(&message),
             DriverEvent::Request { driver, envelope } => {
                 let correlation = envelope.correlation;
-                let Some((reply, close)) = self.answer(driver, envelope) else {
-                    return;
-                };
-                if let Some(d) = self.drivers.get(&driver) {
-                    let _ = d.outbox.send(Envelope::correlated(correlation, reply));
-                }
-                if close {
-                    // Dropping the outbox closes the connection once the
-                    // refusal is written.
-                    self.drivers.remove(&driver);
+                if let Some((reply, close)) = self.answer(driver, envelope) {
+                    self.reply(driver, correlation, reply, close);
                 }
             }
         }
+    }
+
+    fn reply(&mut self, driver: DriverId, correlation: u64, reply: Body, close: bool) {
+        if let Some(d) = self.drivers.get(&driver) {
+            let _ = d.outbox.send(Envelope::correlated(correlation, reply));
+        }
+        if close {
+            // Dropping the outbox closes the connection once the
+            // refusal is written.
+            self.drivers.remove(&driver);
+        }
+    }
+
+    /// Puts an item in the driver's line through the syntax check.
+    fn in_line(&mut self, driver: DriverId, correlation: u64, item: Item) {
+        *self.checking.entry(driver).or_default() += 1;
+        let _ = self.pending.send(Pending {
+            driver,
+            correlation,
+            item,
+        });
     }
 
     /// The reply to one driver request, and whether to close the
@@ -489,17 +506,25 @@ impl Node<'_> {
         if let Err(error) = check_version(envelope.protocol_version, 0) {
             return Some((error.body?, true));
         }
-        let now = Instant::now();
-        let reply = match body {
+        match body {
             Body::SubmitRequest(request) => {
                 // Answered once checked (rule 2), in on_checked.
-                let _ = self.pending.send(Pending {
-                    driver,
-                    correlation,
-                    request: Some(*request),
-                });
-                return None;
+                self.in_line(driver, correlation, Item::Submit(*request, None));
+                None
             }
+            Body::IdLeaseRequest(_) => Some((self.serve(driver, body), false)),
+            body if self.checking.contains_key(&driver) => {
+                self.in_line(driver, correlation, Item::Deferred(body));
+                None
+            }
+            body => Some((self.serve(driver, body), false)),
+        }
+    }
+
+    /// The reply to a greeted driver's request other than a submission.
+    fn serve(&mut self, driver: DriverId, body: Body) -> Body {
+        let now = Instant::now();
+        match body {
             Body::IdLeaseRequest(request) => match self.core.lease(driver, request.count) {
                 Ok(lease) => Body::IdLease(lease),
                 Err(e) => error_body(ProtocolErrorCode::UnexpectedMessage, e.to_string()),
@@ -535,8 +560,7 @@ impl Node<'_> {
                 ProtocolErrorCode::UnexpectedMessage,
                 format!("a driver may not send {}", other.name()),
             ),
-        };
-        Some((reply, false))
+        }
     }
 
     /// Submits a checked request, or rejects it, and answers the driver:
@@ -544,11 +568,25 @@ impl Node<'_> {
     /// ProtocolError when its ids break the lease rules (the core delivers
     /// its rejection as failure records).
     fn on_checked(&mut self, checked: Checked) {
-        let Some(result) = checked.result else {
-            self.core.driver_gone(checked.driver);
-            return;
+        let driver = checked.driver;
+        if let Some(n) = self.checking.get_mut(&driver) {
+            *n -= 1;
+            if *n == 0 {
+                self.checking.remove(&driver);
+            }
+        }
+        let (request, error) = match checked.item {
+            Item::Submit(request, error) => (request, error),
+            Item::Deferred(body) => {
+                let reply = self.serve(driver, body);
+                self.reply(driver, checked.correlation, reply, false);
+                return;
+            }
+            Item::Gone => {
+                self.core.driver_gone(driver);
+                return;
+            }
         };
-        let (request, error) = result;
         let pipelined = request.pipelined;
         let result = match error {
             None => self.core.submit(checked.driver, request),
