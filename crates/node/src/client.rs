@@ -1,7 +1,7 @@
 //! The Rust client: a driver that talks to a cluster's front door. Async,
 //! with [`BlockingClient`] for programs without a runtime.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,9 +10,9 @@ use bytes::Bytes;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandResponse, DebuggingModeRequest,
-    Envelope, Hello, LogLevel, LogLevelRequest, LogRecord, LogSubscription, Parameter,
-    ProtocolError, RejectReason, Role, StatusReply, StatusRequest, StopRequest, SubmitRequest,
-    TrackReply, TrackRequest, submit_reply,
+    Envelope, Hello, IdLeaseRequest, LogLevel, LogLevelRequest, LogRecord, LogSubscription,
+    Parameter, ProtocolError, RejectReason, Role, StatusReply, StatusRequest, StopRequest,
+    SubmitRequest, TrackReply, TrackRequest, submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
 use futures::{SinkExt, StreamExt};
@@ -215,6 +215,9 @@ impl From<SubmitRequest> for Submit {
     }
 }
 
+/// Ids a client leases at a time for its submissions (rule 11).
+const LEASE_BLOCK: u32 = 4096;
+
 #[derive(Default)]
 struct State {
     replies: HashMap<u64, oneshot::Sender<Body>>,
@@ -222,9 +225,45 @@ struct State {
     known: HashSet<RequestId>,
     logs: Option<mpsc::UnboundedSender<LogRecord>>,
     closed: bool,
+    /// Leased ids not yet used: `[next, end)` blocks, oldest first.
+    leases: VecDeque<[RequestId; 2]>,
+    leased: u64,
+    /// The client node gives no leases: submissions wait for a SubmitReply.
+    no_leases: bool,
+    /// The rejections that pipelined submissions' ids were answered with.
+    rejected: HashMap<RequestId, submit_reply::Rejected>,
 }
 
 impl State {
+    /// `count` leased ids, in increasing order, if that many are left.
+    fn take_ids(&mut self, count: u64) -> Option<Vec<RequestId>> {
+        if self.leased < count {
+            return None;
+        }
+        let mut ids = Vec::with_capacity(usize::try_from(count).unwrap_or(0));
+        while (ids.len() as u64) < count {
+            let block = self.leases.front_mut()?;
+            let take = (count - ids.len() as u64).min(block[1] - block[0]);
+            ids.extend(block[0]..block[0] + take);
+            block[0] += take;
+            if block[0] == block[1] {
+                self.leases.pop_front();
+            }
+        }
+        self.leased -= count;
+        Some(ids)
+    }
+
+    /// The rejection of a submission among `ids`, if one was refused.
+    fn rejection(&self, ids: &[RequestId]) -> Option<ClientError> {
+        ids.iter()
+            .find_map(|id| self.rejected.get(id))
+            .map(|r| ClientError::Rejected {
+                reason: r.reason(),
+                message: r.message.clone(),
+            })
+    }
+
     /// The responses to `ids` received so far, in id order; an error for
     /// an id this client was never given.
     fn received(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
@@ -417,9 +456,62 @@ impl Client {
         }
     }
 
-    /// Pushes a command; returns the ids of the accepted requests, or the
-    /// rejection (rule 14).
+    /// Pushes a command and returns its ids at once, without waiting for
+    /// the client node: they come from the connection's leases (rule 11),
+    /// asked for when none is left. A refusal (rule 14) comes as each id's
+    /// failure response, and [`wait`](Self::wait) returns it as
+    /// [`ClientError::Rejected`].
     pub async fn submit(&self, submit: impl Into<Submit>) -> Result<Vec<RequestId>, ClientError> {
+        let mut request = submit.into().request;
+        let count = request.targets.len().max(1) as u64;
+        loop {
+            {
+                let mut state = self.shared.state.lock().expect("client state");
+                if state.closed {
+                    return Err(ClientError::Disconnected);
+                }
+                if state.no_leases {
+                    break;
+                }
+                if let Some(ids) = state.take_ids(count) {
+                    state.known.extend(ids.iter().copied());
+                    request.ids.clone_from(&ids);
+                    request.pipelined = true;
+                    // Sent under the lock: one connection's ids go out in
+                    // increasing order.
+                    self.outbox
+                        .send(Envelope::new(Body::SubmitRequest(Box::new(request))))
+                        .map_err(|_| ClientError::Disconnected)?;
+                    return Ok(ids);
+                }
+            }
+            let asked = u32::try_from(count).unwrap_or(u32::MAX).max(LEASE_BLOCK);
+            match self
+                .request(Body::IdLeaseRequest(IdLeaseRequest { count: asked }))
+                .await
+            {
+                Ok(Body::IdLease(lease)) if lease.count > 0 => {
+                    let mut state = self.shared.state.lock().expect("client state");
+                    let end = lease.first + u64::from(lease.count);
+                    state.leases.push_back([lease.first, end]);
+                    state.leased += u64::from(lease.count);
+                }
+                Err(ClientError::Refused(_)) => {
+                    self.shared.state.lock().expect("client state").no_leases = true;
+                }
+                Ok(other) => return Err(unexpected(other)),
+                Err(e) => return Err(e),
+            }
+        }
+        self.submit_confirmed(Submit { request }).await
+    }
+
+    /// Pushes a command and waits for the client node's answer: the ids of
+    /// the accepted requests, or the rejection (rule 14).
+    pub async fn submit_confirmed(
+        &self,
+        submit: impl Into<Submit>,
+    ) -> Result<Vec<RequestId>, ClientError> {
         let body = Body::SubmitRequest(Box::new(submit.into().request));
         match self.request(body).await? {
             Body::SubmitReply(reply) => match reply.outcome {
@@ -440,7 +532,8 @@ impl Client {
 
     /// Waits for the responses to `ids` and returns them in id order
     /// (rule 16). A request whose server timed out comes back with status
-    /// timeout (rule 17).
+    /// timeout (rule 17). If a submission among them was refused, returns
+    /// its rejection (rule 14).
     pub async fn wait(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
         loop {
             let arrived = self.shared.arrived.notified();
@@ -450,7 +543,10 @@ impl Client {
                 let state = self.shared.state.lock().expect("client state");
                 let received = state.received(ids)?;
                 if received.len() == count_distinct(ids) {
-                    return Ok(received);
+                    return match state.rejection(ids) {
+                        Some(rejection) => Err(rejection),
+                        None => Ok(received),
+                    };
                 }
                 if state.closed {
                     return Err(ClientError::Disconnected);
@@ -501,6 +597,7 @@ impl Client {
         let mut state = self.shared.state.lock().expect("client state");
         for id in ids {
             state.responses.remove(id);
+            state.rejected.remove(id);
         }
     }
 
@@ -606,6 +703,9 @@ async fn read_loop<R: AsyncRead + Unpin>(
         match body {
             Body::ResponseDelivery(delivery) => {
                 if let Some(response) = delivery.response {
+                    if let Some(rejected) = delivery.rejected {
+                        state.rejected.insert(response.id, rejected);
+                    }
                     state.responses.insert(response.id, response);
                     drop(state);
                     shared.arrived.notify_waiters();
@@ -667,6 +767,14 @@ impl BlockingClient {
     /// See [`Client::submit`].
     pub fn submit(&self, submit: impl Into<Submit>) -> Result<Vec<RequestId>, ClientError> {
         self.runtime.block_on(self.inner.submit(submit))
+    }
+
+    /// See [`Client::submit_confirmed`].
+    pub fn submit_confirmed(
+        &self,
+        submit: impl Into<Submit>,
+    ) -> Result<Vec<RequestId>, ClientError> {
+        self.runtime.block_on(self.inner.submit_confirmed(submit))
     }
 
     /// See [`Client::wait`].

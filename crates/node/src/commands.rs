@@ -27,7 +27,13 @@ pub async fn submit(
     no_wait: bool,
 ) -> Result<Outcome, ClientError> {
     let client = Client::connect_to(target).await?;
-    let ids = client.submit(submit).await?;
+    // Without the wait, the refusal must still be reported (exit 2) before
+    // exiting: ask for the client node's answer.
+    let ids = if no_wait {
+        client.submit_confirmed(submit).await?
+    } else {
+        client.submit(submit).await?
+    };
     let mut out = std::io::stdout().lock();
     if no_wait {
         for id in &ids {
