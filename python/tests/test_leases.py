@@ -91,7 +91,8 @@ def test_an_unknown_target_in_a_non_blocking_push_answers_each_id_with_a_failure
     with caplog.at_level(logging.ERROR, logger="casanode"):
         ids = seed_client.push_command_request("1+1", False, [1, 7])
         assert len(ids) == 2
-        records = seed_client.get_command_response(ids, True)
+        assert seed_client.get_command_response_event(ids).wait(60), "no failure responses"
+        records = seed_client.get_command_response(ids, False)
     assert [r["id"] for r in records] == ids
     for record in records:
         assert record["status"] == "response received"
@@ -145,6 +146,14 @@ def test_pushes_beyond_one_lease_ask_for_more_without_waiting(cluster, monkeypat
             on_lease(kind, message, error)
 
         client.connection._on_lease = counted
+        left_when_asked = []
+        ask = client.connection._ask_lease
+
+        def asking():
+            left_when_asked.append(client.connection._leased)
+            ask()
+
+        client.connection._ask_lease = asking
         responses = list(client.map("n * 3", [{"n": n} for n in range(50)], timeout=120))
         assert [r["ret"] for r in responses] == [3 * n for n in range(50)]
         ids = [r["id"] for r in responses]
@@ -154,6 +163,9 @@ def test_pushes_beyond_one_lease_ask_for_more_without_waiting(cluster, monkeypat
         assert len(leases) >= 13
         firsts = [first for _, first in leases]
         assert firsts == sorted(firsts)
+        # Each block after the first was asked for before the ids ran out.
+        assert left_when_asked[0] == 0
+        assert all(left > 0 for left in left_when_asked[1:]), left_when_asked
 
 
 def test_a_bad_lease_block_is_a_clear_error(cluster, monkeypatch):
