@@ -2,7 +2,7 @@
 //! the front door and `ClientCore`, keeps the clock, and writes the
 //! unified log. Every decision is the core's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::front_door::{DriverEvent, FrontDoor};
 use crate::log::LogSink;
+use crate::shm;
 use crate::syntax::SyntaxChecker;
 
 /// A submission on its way through the syntax check, in arrival order.
@@ -108,6 +109,20 @@ pub struct ClientNodeConfig {
     /// larger than this is delivered without its return value and
     /// parameters, as failed, saying why.
     pub max_frame: usize,
+    /// The cluster's shared-memory directory, when shared memory is on.
+    pub shared: Option<SharedConfig>,
+}
+
+/// The cluster's shared-memory directory as the client node uses it.
+#[derive(Debug, Clone)]
+pub struct SharedConfig {
+    /// The directory.
+    pub directory: PathBuf,
+    /// The tag its file `tag` holds.
+    pub tag: String,
+    /// Whether drivers are told of it (only on unix:// front doors: a tcp
+    /// driver may be on another host).
+    pub drivers: bool,
 }
 
 /// At most this many events already queued are taken before a timer tick.
@@ -125,6 +140,11 @@ struct Driver {
     outbox: mpsc::UnboundedSender<Envelope>,
     greeted: bool,
     logs: Option<LogLevel>,
+    /// The driver reads shared-memory references (its Hello said so, and
+    /// it was told of the directory).
+    shared: bool,
+    /// Its process id, from its Hello.
+    pid: u32,
 }
 
 /// Runs the client node until services are stopped: by a driver, or when
@@ -157,6 +177,9 @@ pub async fn run<T: Transport>(
         expected_servers: config.expected_servers,
         pending: pending_tx,
         max_frame: config.max_frame,
+        shared: config.shared.take(),
+        shared_ranks: HashSet::new(),
+        request_files: HashMap::new(),
     };
     let now = Instant::now();
     for rank in transport.peers() {
@@ -258,6 +281,14 @@ struct Node<'a> {
     expected_servers: usize,
     pending: mpsc::UnboundedSender<Pending>,
     max_frame: usize,
+    shared: Option<SharedConfig>,
+    /// The servers whose START answer said they can use the directory.
+    shared_ranks: HashSet<Rank>,
+    /// The shared-memory files each pending request's parameters
+    /// reference: unlinked when its response is delivered (the worker has
+    /// unlinked them already when it decoded them; when it never did, they
+    /// would be left behind).
+    request_files: HashMap<u64, Vec<String>>,
 }
 
 impl Node<'_> {
@@ -269,6 +300,11 @@ impl Node<'_> {
         let now = Instant::now();
         match event? {
             TransportEvent::Message { from, envelope } => {
+                if let Some(Body::ControlResponse(response)) = &envelope.body {
+                    if response.shared_memory && self.shared.is_some() {
+                        self.shared_ranks.insert(from);
+                    }
+                }
                 if let Err(e) = self.core.handle(from, envelope, now) {
                     self.warn(&format!("dropped a message: {e}"));
                 }
@@ -278,7 +314,10 @@ impl Node<'_> {
                     self.warn(&e.to_string());
                 }
             }
-            TransportEvent::PeerLost(rank) => self.core.server_lost(rank),
+            TransportEvent::PeerLost(rank) => {
+                self.shared_ranks.remove(&rank);
+                self.core.server_lost(rank);
+            }
         }
         Ok(())
     }
@@ -291,11 +330,17 @@ impl Node<'_> {
         let mut stopped = false;
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Send { to, envelope } => {
+                Action::Send { to, mut envelope } => {
                     let request = match &envelope.body {
                         Some(Body::CommandRequest(r)) => Some(r.id),
                         _ => None,
                     };
+                    if let Err(e) = self.inline_for(to, &mut envelope) {
+                        if let Some(id) = request {
+                            self.unsendable(to, id, &e.to_string());
+                        }
+                        continue;
+                    }
                     match transport.send(to, envelope).await {
                         Ok(()) => {}
                         Err(
@@ -312,7 +357,11 @@ impl Node<'_> {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Action::Deliver { driver, delivery } => {
+                Action::Deliver {
+                    driver,
+                    mut delivery,
+                } => {
+                    self.release_files(&mut delivery, driver);
                     if self.drivers.contains_key(&driver) {
                         let envelope = Envelope::new(Body::ResponseDelivery(delivery));
                         let envelope = self.deliverable(envelope);
@@ -347,6 +396,70 @@ impl Node<'_> {
             }
         }
         Ok(stopped)
+    }
+
+    /// Puts inline the shared-memory references of a request for server
+    /// `to` when `to` cannot read the directory.
+    fn inline_for(&self, to: Rank, envelope: &mut Envelope) -> Result<(), shm::ShmError> {
+        let (Some(shared), Some(Body::CommandRequest(request))) =
+            (&self.shared, &mut envelope.body)
+        else {
+            return Ok(());
+        };
+        if self.shared_ranks.contains(&to) {
+            return Ok(());
+        }
+        for value in request
+            .parameters
+            .iter_mut()
+            .filter_map(|p| p.value.as_mut())
+        {
+            shm::inline(&shared.directory, value)?;
+        }
+        Ok(())
+    }
+
+    /// Before a response goes to `driver`: unlinks the files its request's
+    /// parameters referenced (gone already when the worker read them), and
+    /// the files of its return value when the driver is gone; puts the
+    /// return value inline for a driver that does not read references.
+    fn release_files(
+        &mut self,
+        delivery: &mut casa_node_protocol::pb::ResponseDelivery,
+        driver: DriverId,
+    ) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Some(response) = delivery.response.as_mut() else {
+            return;
+        };
+        for name in self.request_files.remove(&response.id).unwrap_or_default() {
+            shm::unlink(&shared.directory, &name);
+        }
+        let Some(ret) = response.ret.as_mut() else {
+            return;
+        };
+        match self.drivers.get(&driver) {
+            Some(d) if d.shared => {}
+            Some(_) => {
+                if let Err(e) = shm::inline(&shared.directory, ret) {
+                    let why = format!("casa-node: the return value could not be read: {e}");
+                    let mut names = Vec::new();
+                    shm::for_each_shared(ret, &mut |s| names.push(s.name.clone()));
+                    for name in names {
+                        shm::unlink(&shared.directory, &name);
+                    }
+                    response.ret = Some(casa_node_protocol::pb::Value::none());
+                    response.successful = false;
+                    response.traceback = Some(match response.traceback.take() {
+                        Some(traceback) => format!("{why}\n{traceback}"),
+                        None => why,
+                    });
+                }
+            }
+            None => shm::for_each_shared(ret, &mut |s| shm::unlink(&shared.directory, &s.name)),
+        }
     }
 
     /// Answers request `id`, which could not be sent to server `to`, as
@@ -431,11 +544,18 @@ impl Node<'_> {
                         outbox,
                         greeted: false,
                         logs: None,
+                        shared: false,
+                        pid: 0,
                     },
                 );
             }
             DriverEvent::Disconnected { driver } => {
-                self.drivers.remove(&driver);
+                if let Some(d) = self.drivers.remove(&driver) {
+                    // Values it was writing when it went.
+                    if let (true, Some(shared)) = (d.shared, &self.shared) {
+                        shm::sweep_tmp(&shared.directory, d.pid);
+                    }
+                }
             }
             DriverEvent::Refused { message } => self.warn(&message),
             DriverEvent::Request { driver, envelope } => {
@@ -515,9 +635,20 @@ impl Node<'_> {
 
     /// Submits a checked request, or rejects it, and answers the driver.
     fn on_checked(&mut self, checked: Checked) {
+        let files = match (&checked.result, &self.shared) {
+            (Ok(request), Some(_)) => shm::parameter_names(&request.parameters),
+            _ => Vec::new(),
+        };
         let outcome = match checked.result {
             Ok(request) => match self.core.submit(checked.driver, request) {
-                Ok(ids) => submit_reply::Outcome::Accepted(submit_reply::Accepted { ids }),
+                Ok(ids) => {
+                    if !files.is_empty() {
+                        for &id in &ids {
+                            self.request_files.insert(id, files.clone());
+                        }
+                    }
+                    submit_reply::Outcome::Accepted(submit_reply::Accepted { ids })
+                }
                 Err(rejection) => submit_reply::Outcome::Rejected(submit_reply::Rejected {
                     reason: rejection.reason.into(),
                     message: rejection.message,
@@ -528,6 +659,11 @@ impl Node<'_> {
                 message: format!("the command is neither an expression nor statements: {error}"),
             }),
         };
+        if let (submit_reply::Outcome::Rejected(_), Some(shared)) = (&outcome, &self.shared) {
+            for name in &files {
+                shm::unlink(&shared.directory, name);
+            }
+        }
         if let Some(d) = self.drivers.get(&checked.driver) {
             let reply = Body::SubmitReply(SubmitReply {
                 outcome: Some(outcome),
@@ -542,6 +678,8 @@ impl Node<'_> {
     /// `Hello` of this protocol version; anything else is refused and the
     /// connection closed.
     fn greet(&mut self, driver: DriverId, body: Body) -> (Body, bool) {
+        let told = self.shared.as_ref().filter(|s| s.drivers);
+        let mut reads_shared = (false, 0);
         let refusal = match body {
             Body::Hello(hello) => match check_version(hello.protocol_version, 0) {
                 Err(error) => error.body,
@@ -549,7 +687,10 @@ impl Node<'_> {
                     ProtocolErrorCode::RoleRefused,
                     "only drivers may connect to the front door".to_owned(),
                 )),
-                Ok(()) => None,
+                Ok(()) => {
+                    reads_shared = (hello.shared_memory && told.is_some(), hello.pid);
+                    None
+                }
             },
             other => Some(error_body(
                 ProtocolErrorCode::UnexpectedMessage,
@@ -561,6 +702,7 @@ impl Node<'_> {
         }
         if let Some(d) = self.drivers.get_mut(&driver) {
             d.greeted = true;
+            (d.shared, d.pid) = reads_shared;
         }
         let welcome = Body::Welcome(Box::new(Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -568,6 +710,10 @@ impl Node<'_> {
             software: format!("casa-node {}", env!("CARGO_PKG_VERSION")),
             rank: 0,
             cluster: Some(self.core.cluster_info()),
+            shared_memory_directory: told
+                .map(|s| s.directory.display().to_string())
+                .unwrap_or_default(),
+            shared_memory_tag: told.map(|s| s.tag.clone()).unwrap_or_default(),
         }));
         (welcome, false)
     }

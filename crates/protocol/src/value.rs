@@ -69,6 +69,7 @@ impl Value {
             shape,
             data,
             scalar,
+            shared: None,
         })
         .into()
     }

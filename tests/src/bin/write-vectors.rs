@@ -275,6 +275,7 @@ fn vectors() -> Vec<Vector> {
                 pid: 31337,
                 rank: 0,
                 token: String::new(),
+                shared_memory: false,
             }),
         ),
         vector(
@@ -289,6 +290,7 @@ fn vectors() -> Vec<Vector> {
                 pid: SERVER_2_PID,
                 rank: 2,
                 token: String::new(),
+                shared_memory: false,
             }),
         ),
         vector(
@@ -301,6 +303,8 @@ fn vectors() -> Vec<Vector> {
                 software: SOFTWARE.into(),
                 rank: 2,
                 cluster: Some(cluster()),
+                shared_memory_directory: String::new(),
+                shared_memory_tag: String::new(),
             })),
         ),
         vector(
