@@ -790,10 +790,12 @@ class Connection:
 
     def _shutdown(self):
         with self._lock:
+            mapped, self._mapped = self._mapped, {}
             self._closed = True
             replies, self._replies = self._replies, {}
             watchers, self._watchers = self._watchers, {}
             subscribers, self._log_subscribers = self._log_subscribers, []
+        values.release_shared([name for names in mapped.values() for name in names])
         for subscriber in subscribers:
             _call(subscriber, None)
         for on_reply in replies.values():

@@ -120,6 +120,12 @@ class SharedDir:
         """The first `length` bytes of file `name`, mapped copy-on-write (a
         writable buffer); the file is unlinked. Raises SharedError saying
         what is wrong with a bad reference."""
+        return self.claim(name, length).map()
+
+    def claim(self, name, length):
+        """A Claimed file: `name`, checked, opened and unlinked, whose
+        map() gives a fresh copy-on-write mapping each time. Raises
+        SharedError saying what is wrong with a bad reference."""
         if not valid_name(name):
             raise SharedError(f"invalid shared-memory file name {name!r}")
         try:
@@ -136,14 +142,11 @@ class SharedDir:
                 raise SharedError(
                     f"shared-memory file {name!r}: {st.st_size} bytes, shorter than the {length} of the value"
                 )
-            if length:
-                memory = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
-            else:
-                memory = bytearray()
-        finally:
+        except BaseException:
             os.close(fd)
+            raise
         self.unlink(name)
-        return memory
+        return Claimed(fd, length)
 
     def unlink(self, name):
         """Removes file `name`; a missing one is fine."""
@@ -152,4 +155,33 @@ class SharedDir:
         try:
             os.unlink(name, dir_fd=self.fd)
         except FileNotFoundError:
+            pass
+
+
+class Claimed:
+    """An unlinked shared-memory file held open: each map() is a private
+    copy-on-write mapping of its first `length` bytes (writable; writes
+    change neither the file nor other mappings). The memory goes when the
+    file is closed and the last mapping is gone."""
+
+    __slots__ = ("fd", "length")
+
+    def __init__(self, fd, length):
+        self.fd = fd
+        self.length = length
+
+    def map(self):
+        if not self.length:
+            return bytearray()
+        return mmap.mmap(self.fd, self.length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+
+    def close(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
             pass

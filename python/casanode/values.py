@@ -301,8 +301,8 @@ class SharedRef:
         self.length = length
 
 
-# Shared-memory files this process mapped (see claim_shared), by name: the
-# mapping, or the SharedError that says why the reference is bad.
+# Shared-memory files this process claimed (see claim_shared), by name: the
+# shm.Claimed file, or the SharedError that says why the reference is bad.
 _MAPPED = {}
 # Arrays this process sent through shared memory, by file name: what a
 # response's parameters (as submitted) decode to, the file being gone.
@@ -318,18 +318,23 @@ def _shared_memory(ref):
         raise SharedError(str(memory))
     if memory is None and sent is None:
         raise SharedError(f"shared-memory file {ref.name!r} is not mapped in this process")
+    if memory is not None:
+        if memory.length != ref.length:
+            raise SharedError(f"shared-memory file {ref.name!r} is referenced with two lengths")
+        memory = memory.map()  # each decode a mapping of its own
     return memory, sent
 
 
 def claim_shared(value, directory):
-    """Maps (and unlinks) the shared-memory files `value` references (a
-    Value or a SplitValue), with `directory` a shm.SharedDir; returns their
-    names, for release_shared. A bad reference is recorded: decoding the
-    value then raises SharedError saying why."""
+    """Claims (opens and unlinks) the shared-memory files `value`
+    references (a Value or a SplitValue), with `directory` a shm.SharedDir;
+    returns their names, for release_shared. Each decode of the value maps
+    them afresh (copy-on-write, no copy). A bad reference is recorded:
+    decoding the value then raises SharedError saying why."""
     names = []
     for ref in _shared_refs(value):
         try:
-            memory = directory.map(ref.name, ref.length)
+            memory = directory.claim(ref.name, ref.length)
         except SharedError as e:
             memory = e
         with _shared_lock:
@@ -339,7 +344,7 @@ def claim_shared(value, directory):
 
 
 def release_shared(names):
-    """Forgets the mappings claim_shared made (arrays made over them keep
+    """Forgets the files claim_shared claimed (arrays made over them keep
     their memory until they go)."""
     with _shared_lock:
         for name in names:
