@@ -509,7 +509,7 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None):
         head += b"\x10" + _varint(_MODE_BY_NAME[mode])
     buffers, size = [head], len(head)
     many = isinstance(target, (list, tuple, range))
-    if many:
+    if many and len(target) != 1:
         shared = None  # one file cannot serve several requests
     if parameters:
         for name, value in parameters.items():

@@ -98,7 +98,7 @@ def test_every_dtype_goes_both_ways_through_shared_memory(client, dtype):
     assert only_tag(client, 0) == ["tag"]
 
 
-@pytest.fixture(scope="module", autouse=True)
+@pytest.fixture(autouse=True)
 def define_mapped(client):
     """`mapped` in every worker's namespace."""
     source = textwrap.dedent('''
@@ -350,3 +350,14 @@ def test_a_driver_without_shared_memory_gets_values_inline(cluster, client):
         assert only_tag(client, 0) == ["tag"]
     finally:
         plain.close()
+
+
+def test_several_targets_get_the_value_inline_and_one_target_in_a_list_does_not(client):
+    x = big("<f8")
+    one = client.submit("(x, mapped(x))", target=[2], parameters={"x": x})[0].result(60)
+    assert one["ret"][1], "one request: the file is its own"
+    for r in [f.result(60) for f in client.submit("(x, mapped(x))", target=[1, 2], parameters={"x": x})]:
+        assert r["successful"], r["traceback"]
+        back, worker_mapped = r["ret"]
+        assert np.array_equal(back, x) and not worker_mapped, "one file cannot serve two requests"
+    assert only_tag(client, 0) == ["tag"]

@@ -114,12 +114,12 @@ pub struct ClientNodeConfig {
 }
 
 /// The cluster's shared-memory directory as the client node uses it.
-#[derive(Debug, Clone)]
+#[derive(Debug)]
 pub struct SharedConfig {
-    /// The directory.
+    /// The directory, removed when the client node's loop ends.
+    pub dir: shm::SharedDir,
+    /// Its path.
     pub directory: PathBuf,
-    /// The tag its file `tag` holds.
-    pub tag: String,
     /// Whether drivers are told of it (only on unix:// front doors: a tcp
     /// driver may be on another host).
     pub drivers: bool,
@@ -265,6 +265,9 @@ pub async fn run<T: Transport>(
         task.abort();
     }
     drop(node.pending);
+    // The directory goes with everything in it, before the transport's
+    // shutdown (which under MPI may be cut short).
+    drop(node.shared.take());
     let _ = checker.await;
     node.log.flush();
     let _ = transport.shutdown().await;
@@ -713,7 +716,7 @@ impl Node<'_> {
             shared_memory_directory: told
                 .map(|s| s.directory.display().to_string())
                 .unwrap_or_default(),
-            shared_memory_tag: told.map(|s| s.tag.clone()).unwrap_or_default(),
+            shared_memory_tag: told.map(|s| s.dir.tag().to_owned()).unwrap_or_default(),
         }));
         (welcome, false)
     }

@@ -239,7 +239,7 @@ pub async fn serve<T: Transport + 'static>(
             links.servers
         ),
     });
-    // Removed, with everything in it, when this function returns.
+    // Removed, with everything in it, when the client node's loop ends.
     let shared_dir = shm::enabled()
         .then(|| match shm::SharedDir::create() {
             Ok(dir) => Some(dir),
@@ -260,9 +260,9 @@ pub async fn serve<T: Transport + 'static>(
             value: dir.tag().to_owned(),
         });
     }
-    let shared = shared_dir.as_ref().map(|dir| SharedConfig {
+    let shared = shared_dir.map(|dir| SharedConfig {
         directory: dir.path().to_owned(),
-        tag: dir.tag().to_owned(),
+        dir,
         drivers: matches!(front, FrontDoorEndpoint::Unix(_)),
     });
     let mut children = spawn(&links)?;
