@@ -473,6 +473,7 @@ fn vectors() -> Vec<Vector> {
                 rank: 1,
                 host: CLIENT_HOST.into(),
                 pid: SERVER_1_PID,
+                shared_memory: false,
             }),
         ),
         vector(
@@ -485,6 +486,7 @@ fn vectors() -> Vec<Vector> {
                 rank: 2,
                 host: "nmpost051".into(),
                 pid: SERVER_2_PID,
+                shared_memory: false,
             }),
         ),
         vector(

@@ -393,6 +393,7 @@ pub fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
             rank,
             host,
             pid,
+            shared_memory: false,
         })
 }
 
