@@ -88,11 +88,12 @@ def test_every_dtype_goes_both_ways_through_shared_memory(client, dtype):
     x = big(dtype)
     # The worker says whether its parameter was mapped; the driver checks
     # its return value.
-    command = "(x, mapped(x))"
+    command = "(x, mapped(x), sorted(os.listdir(os.environ['CASA_NODE_SHM_DIR'])))"
     response = client.submit(command, target=1, parameters={"x": x}).result(60)
     assert response["successful"], response["traceback"]
-    back, worker_mapped = response["ret"]
+    back, worker_mapped, listing = response["ret"]
     assert worker_mapped, "the worker's parameter is a mapping of the driver's file"
+    assert listing == ["tag"], "the worker unlinked the file once mapped"
     assert back.dtype == x.dtype and back.shape == x.shape and np.array_equal(back, x)
     assert mapped(back), "the driver's return value is a mapping of the worker's file"
     assert only_tag(client, 0) == ["tag"]
