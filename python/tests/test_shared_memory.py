@@ -5,6 +5,7 @@ or a driver dies; bad references are refused with a clear error."""
 
 import mmap
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -278,7 +279,25 @@ def test_a_bad_reference_in_a_response_is_a_clear_error(client):
         values.release_shared(names)
 
 
+def test_a_shared_array_next_to_large_inline_leaves(client):
+    x = big("<f8")
+    blob = bytes(range(256)) * 1024  # 256 KiB of bytes: inline, a large leaf
+    response = client.submit("(x, blob, [x[:4]])", target=2, parameters={"x": x, "blob": blob}).result(60)
+    assert response["successful"], response["traceback"]
+    back, blob_back, [head] = response["ret"]
+    assert np.array_equal(back, x) and mapped(back) and blob_back == blob
+    assert np.array_equal(head, x[:4])
+    assert np.array_equal(response["parameters"]["x"], x) and response["parameters"]["blob"] == blob
+    assert only_tag(client, 0) == ["tag"]
+
+
 def test_the_directory_goes_with_the_cluster(transport):
+    # One left by a client node that died: removed at the next start.
+    dead = subprocess.Popen([sys.executable, "-c", ""])
+    dead.wait()
+    stale = f"/dev/shm/casa-node-{os.getuid()}-{dead.pid}-0123456789abcdef"
+    os.mkdir(stale, 0o700)
+    open(os.path.join(stale, "v-left"), "wb").close()
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CASA_NODE_SHM_THRESHOLD", str(THRESHOLD))
         cluster = clusters.start(1, transport)
@@ -289,8 +308,10 @@ def test_the_directory_goes_with_the_cluster(transport):
             x = big("<f8")
             assert np.array_equal(client.submit("x", parameters={"x": x}).result(60)["ret"], x)
             client.close()
+            assert not os.path.exists(stale)
         finally:
             clusters.stop(cluster)
+            shutil.rmtree(stale, ignore_errors=True)
     assert not os.path.exists(d)
 
 
