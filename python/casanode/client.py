@@ -11,6 +11,7 @@ A Future resolves to the response dict whatever the command did: check its
 client node refuses raises SubmissionRejected; nothing was queued (rule 14).
 """
 
+import contextlib
 import queue
 import struct
 import threading
@@ -512,12 +513,13 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None):
     if many and len(target) != 1:
         shared = None  # one file cannot serve several requests
     if parameters:
-        for name, value in parameters.items():
-            parameter, length = values.parameter_buffers(name, value, shared or None)
-            tag = b"\x1a" + _varint(length)
-            buffers.append(tag)
-            buffers += parameter
-            size += len(tag) + length
+        with shared.removing_on_error() if shared else contextlib.nullcontext():
+            for name, value in parameters.items():
+                parameter, length = values.parameter_buffers(name, value, shared or None)
+                tag = b"\x1a" + _varint(length)
+                buffers.append(tag)
+                buffers += parameter
+                size += len(tag) + length
     tail = b""
     if target is not None:
         targets = [int(t) for t in target] if many else [int(target)]

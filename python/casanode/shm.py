@@ -12,11 +12,13 @@ copy-on-write (the array is writable; the file never changes) and unlinks
 it: the memory lives as long as the array.
 """
 
+import contextlib
 import mmap
 import os
 import re
 import secrets
 import stat
+import threading
 
 THRESHOLD_VAR = "CASA_NODE_SHM_THRESHOLD"
 DEFAULT_THRESHOLD = 1 << 20
@@ -72,6 +74,22 @@ class SharedDir:
             os.close(fd)
             raise
         self.fd = fd
+        self._local = threading.local()
+
+    @contextlib.contextmanager
+    def removing_on_error(self):
+        """Files this thread writes inside the block are removed if the
+        block raises (a value that fails to encode after an array was
+        written, say)."""
+        written = self._local.written = []
+        try:
+            yield
+        except BaseException:
+            for name in written:
+                self.unlink(name)
+            raise
+        finally:
+            self._local.written = None
 
     def close(self):
         if self.fd is not None:
@@ -107,6 +125,9 @@ class SharedDir:
                     del target
             name = f"v-{secrets.token_hex(12)}"
             os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            written = getattr(self._local, "written", None)
+            if written is not None:
+                written.append(name)
             return name
         except BaseException:
             self.unlink(tmp)

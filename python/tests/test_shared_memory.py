@@ -383,3 +383,13 @@ def test_several_targets_get_the_value_inline_and_one_target_in_a_list_does_not(
         back, worker_mapped = r["ret"]
         assert np.array_equal(back, x) and not worker_mapped, "one file cannot serve two requests"
     assert only_tag(client, 0) == ["tag"]
+
+
+def test_a_submission_that_fails_to_encode_leaves_no_file(client):
+    class Unsendable:
+        def __reduce__(self):
+            raise TypeError("not today")
+
+    with pytest.raises(TypeError, match="not today"):
+        client.submit("x", target=1, parameters={"x": big("<f8"), "y": Unsendable()})
+    assert only_tag(client, 0) == ["tag"]
