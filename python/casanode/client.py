@@ -13,6 +13,7 @@ was queued (rule 14). Submitting waits for no reply: the ids come from the
 connection's leases.
 """
 
+import contextlib
 import queue
 import struct
 import threading
@@ -204,7 +205,9 @@ class Client:
         to the response dict; each Future's `id` is its request id. It
         returns at once, without waiting for the client node: a refused
         submission (rule 14) sets SubmissionRejected on its Futures."""
-        many, buffers, size = _submit_request(command, target, parameters, deadline, mode)
+        many, buffers, size = _submit_request(
+            command, target, parameters, deadline, mode, self.connection.shared
+        )
         futures = [self._future(rid) for rid in self._push(many, target, buffers, size)]
         return futures if many else futures[0]
 
@@ -250,7 +253,7 @@ class Client:
 
     def _submit_ids(self, command, target=None, parameters=None):
         """submit, returning the request ids (a list) instead of Futures."""
-        many, buffers, size = _submit_request(command, target, parameters, None, None)
+        many, buffers, size = _submit_request(command, target, parameters, None, None, self.connection.shared)
         return self._push(many, target, buffers, size)
 
     def _submit_waiting(self, command, target=None, parameters=None):
@@ -324,7 +327,7 @@ class Client:
             raise ValueError("map takes one target rank or None, not a list")
         submitted = []
         for p in parameter_sets:
-            _, buffers, size = _submit_request(command, target, p, deadline, mode)
+            _, buffers, size = _submit_request(command, target, p, deadline, mode, self.connection.shared)
             submitted.append(self._future(self._push(False, target, buffers, size)[0]))
         end = None if timeout is None else time.monotonic() + timeout
 
@@ -520,10 +523,11 @@ class LogStream:
 _SUBMIT = body_tag("submit_request")
 
 
-def _submit_request(command, target, parameters, deadline, mode):
+def _submit_request(command, target, parameters, deadline, mode, shared=None):
     """(many, buffers, size): whether `target` is a list, and the serialized
     SubmitRequest (the bytes protobuf makes), its large parameter values as
-    buffers of their own (see values.parameter_buffers)."""
+    buffers of their own (see values.parameter_buffers), or, with `shared`
+    (a shm.SharedDir) and one request, as shared-memory references."""
     if type(command) is str:
         data = command.encode("utf-8")  # a lone surrogate raises as protobuf does
         head = b"\x0a" + _varint(len(data)) + data if data else b""
@@ -532,14 +536,17 @@ def _submit_request(command, target, parameters, deadline, mode):
     if mode is not None:
         head += b"\x10" + _varint(_MODE_BY_NAME[mode])
     buffers, size = [head], len(head)
-    if parameters:
-        for name, value in parameters.items():
-            parameter, length = values.parameter_buffers(name, value)
-            tag = b"\x1a" + _varint(length)
-            buffers.append(tag)
-            buffers += parameter
-            size += len(tag) + length
     many = isinstance(target, (list, tuple, range))
+    if many and len(target) != 1:
+        shared = None  # one file cannot serve several requests
+    if parameters:
+        with shared.removing_on_error() if shared else contextlib.nullcontext():
+            for name, value in parameters.items():
+                parameter, length = values.parameter_buffers(name, value, shared or None)
+                tag = b"\x1a" + _varint(length)
+                buffers.append(tag)
+                buffers += parameter
+                size += len(tag) + length
     tail = b""
     if target is not None:
         targets = [int(t) for t in target] if many else [int(target)]

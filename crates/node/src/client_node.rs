@@ -2,7 +2,7 @@
 //! the front door and `ClientCore`, keeps the clock, and writes the
 //! unified log. Every decision is the core's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::front_door::{DriverEvent, FrontDoor};
 use crate::log::LogSink;
+use crate::shm;
 use crate::syntax::SyntaxChecker;
 
 /// A submission on its way through the syntax check, in arrival order.
@@ -130,6 +131,20 @@ pub struct ClientNodeConfig {
     /// larger than this is delivered without its return value and
     /// parameters, as failed, saying why.
     pub max_frame: usize,
+    /// The cluster's shared-memory directory, when shared memory is on.
+    pub shared: Option<SharedConfig>,
+}
+
+/// The cluster's shared-memory directory as the client node uses it.
+#[derive(Debug)]
+pub struct SharedConfig {
+    /// The directory, removed when the client node's loop ends.
+    pub dir: shm::SharedDir,
+    /// Its path.
+    pub directory: PathBuf,
+    /// Whether drivers are told of it (only on unix:// front doors: a tcp
+    /// driver may be on another host).
+    pub drivers: bool,
 }
 
 /// At most this many events already queued are taken before a timer tick.
@@ -147,6 +162,11 @@ struct Driver {
     outbox: mpsc::UnboundedSender<Envelope>,
     greeted: bool,
     logs: Option<LogLevel>,
+    /// The driver reads shared-memory references (its Hello said so, and
+    /// it was told of the directory).
+    shared: bool,
+    /// Its process id, from its Hello.
+    pid: u32,
 }
 
 /// Runs the client node until services are stopped: by a driver, or when
@@ -180,6 +200,9 @@ pub async fn run<T: Transport>(
         pending: pending_tx,
         checking: HashMap::new(),
         max_frame: config.max_frame,
+        shared: config.shared.take(),
+        shared_ranks: HashSet::new(),
+        request_files: HashMap::new(),
     };
     let now = Instant::now();
     for rank in transport.peers() {
@@ -265,6 +288,9 @@ pub async fn run<T: Transport>(
         task.abort();
     }
     drop(node.pending);
+    // The directory goes with everything in it, before the transport's
+    // shutdown (which under MPI may be cut short).
+    drop(node.shared.take());
     let _ = checker.await;
     node.log.flush();
     let _ = transport.shutdown().await;
@@ -283,6 +309,14 @@ struct Node<'a> {
     /// Items each driver has in the syntax check's line.
     checking: HashMap<DriverId, usize>,
     max_frame: usize,
+    shared: Option<SharedConfig>,
+    /// The servers whose START answer said they can use the directory.
+    shared_ranks: HashSet<Rank>,
+    /// The shared-memory files each pending request's parameters
+    /// reference: unlinked when its response is delivered (the worker has
+    /// unlinked them already when it decoded them; when it never did, they
+    /// would be left behind).
+    request_files: HashMap<u64, Vec<String>>,
 }
 
 impl Node<'_> {
@@ -294,6 +328,11 @@ impl Node<'_> {
         let now = Instant::now();
         match event? {
             TransportEvent::Message { from, envelope } => {
+                if let Some(Body::ControlResponse(response)) = &envelope.body {
+                    if response.shared_memory && self.shared.is_some() {
+                        self.shared_ranks.insert(from);
+                    }
+                }
                 if let Err(e) = self.core.handle(from, envelope, now) {
                     self.warn(&format!("dropped a message: {e}"));
                 }
@@ -303,7 +342,10 @@ impl Node<'_> {
                     self.warn(&e.to_string());
                 }
             }
-            TransportEvent::PeerLost(rank) => self.core.server_lost(rank),
+            TransportEvent::PeerLost(rank) => {
+                self.shared_ranks.remove(&rank);
+                self.core.server_lost(rank);
+            }
         }
         Ok(())
     }
@@ -316,11 +358,17 @@ impl Node<'_> {
         let mut stopped = false;
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Send { to, envelope } => {
+                Action::Send { to, mut envelope } => {
                     let request = match &envelope.body {
                         Some(Body::CommandRequest(r)) => Some(r.id),
                         _ => None,
                     };
+                    if let Err(e) = self.inline_for(to, &mut envelope) {
+                        if let Some(id) = request {
+                            self.unsendable(to, id, &e.to_string());
+                        }
+                        continue;
+                    }
                     match transport.send(to, envelope).await {
                         Ok(()) => {}
                         Err(
@@ -337,7 +385,11 @@ impl Node<'_> {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Action::Deliver { driver, delivery } => {
+                Action::Deliver {
+                    driver,
+                    mut delivery,
+                } => {
+                    self.release_files(&mut delivery, driver);
                     if self.drivers.contains_key(&driver) {
                         let envelope = Envelope::new(Body::ResponseDelivery(delivery));
                         let envelope = self.deliverable(envelope);
@@ -372,6 +424,70 @@ impl Node<'_> {
             }
         }
         Ok(stopped)
+    }
+
+    /// Puts inline the shared-memory references of a request for server
+    /// `to` when `to` cannot read the directory.
+    fn inline_for(&self, to: Rank, envelope: &mut Envelope) -> Result<(), shm::ShmError> {
+        let (Some(shared), Some(Body::CommandRequest(request))) =
+            (&self.shared, &mut envelope.body)
+        else {
+            return Ok(());
+        };
+        if self.shared_ranks.contains(&to) {
+            return Ok(());
+        }
+        for value in request
+            .parameters
+            .iter_mut()
+            .filter_map(|p| p.value.as_mut())
+        {
+            shm::inline(&shared.directory, value)?;
+        }
+        Ok(())
+    }
+
+    /// Before a response goes to `driver`: unlinks the files its request's
+    /// parameters referenced (gone already when the worker read them), and
+    /// the files of its return value when the driver is gone; puts the
+    /// return value inline for a driver that does not read references.
+    fn release_files(
+        &mut self,
+        delivery: &mut casa_node_protocol::pb::ResponseDelivery,
+        driver: DriverId,
+    ) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Some(response) = delivery.response.as_mut() else {
+            return;
+        };
+        for name in self.request_files.remove(&response.id).unwrap_or_default() {
+            shm::unlink(&shared.directory, &name);
+        }
+        let Some(ret) = response.ret.as_mut() else {
+            return;
+        };
+        match self.drivers.get(&driver) {
+            Some(d) if d.shared => {}
+            Some(_) => {
+                if let Err(e) = shm::inline(&shared.directory, ret) {
+                    let why = format!("casa-node: the return value could not be read: {e}");
+                    let mut names = Vec::new();
+                    shm::for_each_shared(ret, &mut |s| names.push(s.name.clone()));
+                    for name in names {
+                        shm::unlink(&shared.directory, &name);
+                    }
+                    response.ret = Some(casa_node_protocol::pb::Value::none());
+                    response.successful = false;
+                    response.traceback = Some(match response.traceback.take() {
+                        Some(traceback) => format!("{why}\n{traceback}"),
+                        None => why,
+                    });
+                }
+            }
+            None => shm::for_each_shared(ret, &mut |s| shm::unlink(&shared.directory, &s.name)),
+        }
     }
 
     /// Answers request `id`, which could not be sent to server `to`, as
@@ -456,11 +572,18 @@ impl Node<'_> {
                         outbox,
                         greeted: false,
                         logs: None,
+                        shared: false,
+                        pid: 0,
                     },
                 );
             }
             DriverEvent::Disconnected { driver } => {
-                self.drivers.remove(&driver);
+                if let Some(d) = self.drivers.remove(&driver) {
+                    // Values it was writing when it went.
+                    if let (true, Some(shared)) = (d.shared, &self.shared) {
+                        shm::sweep_tmp(&shared.directory, d.pid);
+                    }
+                }
                 self.in_line(driver, 0, Item::Gone);
             }
             DriverEvent::Refused { message } => self.warn(&message),
@@ -587,9 +710,13 @@ impl Node<'_> {
                 return;
             }
         };
+        let files = match &self.shared {
+            Some(_) => shm::parameter_names(&request.parameters),
+            None => Vec::new(),
+        };
         let pipelined = request.pipelined;
         let result = match error {
-            None => self.core.submit(checked.driver, request),
+            None => self.core.submit(driver, request),
             Some(error) => {
                 let rejection = Rejection {
                     reason: RejectReason::InvalidCommand,
@@ -597,9 +724,22 @@ impl Node<'_> {
                         "the command is neither an expression nor statements: {error}"
                     ),
                 };
-                Err(self.core.refuse(checked.driver, request, rejection))
+                Err(self.core.refuse(driver, request, rejection))
             }
         };
+        match (&result, &self.shared) {
+            (Ok(ids), _) if !files.is_empty() => {
+                for &id in ids {
+                    self.request_files.insert(id, files.clone());
+                }
+            }
+            (Err(_), Some(shared)) => {
+                for name in &files {
+                    shm::unlink(&shared.directory, name);
+                }
+            }
+            _ => {}
+        }
         let reply = match result {
             Ok(_) if pipelined => return,
             Err(SubmitError::Rejected(_)) if pipelined => return,
@@ -616,17 +756,15 @@ impl Node<'_> {
             }),
             Err(SubmitError::Lease(e)) => error_body(ProtocolErrorCode::IdNotLeased, e.to_string()),
         };
-        if let Some(d) = self.drivers.get(&checked.driver) {
-            let _ = d
-                .outbox
-                .send(Envelope::correlated(checked.correlation, reply));
-        }
+        self.reply(driver, checked.correlation, reply, false);
     }
 
     /// Answers the first message of a connection: it must be a driver's
     /// `Hello` of this protocol version; anything else is refused and the
     /// connection closed.
     fn greet(&mut self, driver: DriverId, body: Body) -> (Body, bool) {
+        let told = self.shared.as_ref().filter(|s| s.drivers);
+        let mut reads_shared = (false, 0);
         let refusal = match body {
             Body::Hello(hello) => match check_version(hello.protocol_version, 0) {
                 Err(error) => error.body,
@@ -634,7 +772,10 @@ impl Node<'_> {
                     ProtocolErrorCode::RoleRefused,
                     "only drivers may connect to the front door".to_owned(),
                 )),
-                Ok(()) => None,
+                Ok(()) => {
+                    reads_shared = (hello.shared_memory && told.is_some(), hello.pid);
+                    None
+                }
             },
             other => Some(error_body(
                 ProtocolErrorCode::UnexpectedMessage,
@@ -646,6 +787,7 @@ impl Node<'_> {
         }
         if let Some(d) = self.drivers.get_mut(&driver) {
             d.greeted = true;
+            (d.shared, d.pid) = reads_shared;
         }
         let welcome = Body::Welcome(Box::new(Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -653,6 +795,10 @@ impl Node<'_> {
             software: format!("casa-node {}", env!("CARGO_PKG_VERSION")),
             rank: 0,
             cluster: Some(self.core.cluster_info()),
+            shared_memory_directory: told
+                .map(|s| s.directory.display().to_string())
+                .unwrap_or_default(),
+            shared_memory_tag: told.map(|s| s.dir.tag().to_owned()).unwrap_or_default(),
         }));
         (welcome, false)
     }

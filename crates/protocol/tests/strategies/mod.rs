@@ -173,6 +173,7 @@ pub fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
                 .map(|i| (seed.rotate_left(i as u32 % 64) as u8) ^ i as u8)
                 .collect();
             NdArray {
+                shared: None,
                 dtype: dtype.to_owned(),
                 shape,
                 data: Bytes::from(data),
@@ -186,6 +187,7 @@ pub fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
         any::<bool>(),
     )
         .prop_map(|(dtype, shape, data, scalar)| NdArray {
+            shared: None,
             dtype,
             shape,
             data: Bytes::from(data),
@@ -394,6 +396,7 @@ pub fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
             rank,
             host,
             pid,
+            shared_memory: false,
         })
 }
 
@@ -679,6 +682,7 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
                 pid,
                 rank,
                 token,
+                shared_memory: false,
             },
         )
 }
@@ -699,6 +703,8 @@ pub fn arb_welcome() -> impl Strategy<Value = Welcome> {
                 software,
                 rank,
                 cluster,
+                shared_memory_directory: String::new(),
+                shared_memory_tag: String::new(),
             },
         )
 }
