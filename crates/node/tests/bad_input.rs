@@ -48,9 +48,9 @@ use casa_node_protocol::pb::control_request::{Action, Start};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{
-    CancelRequest, CommandRequest, ControlRequest, Envelope, Hello, LogLevel, LogLevelRequest,
-    ProtocolErrorCode, RejectReason, Role, StatusRequest, SubmitRequest, TrackRequest, Value,
-    submit_reply,
+    CancelRequest, CommandRequest, ControlRequest, Envelope, Hello, IdLeaseRequest, LogLevel,
+    LogLevelRequest, ProtocolErrorCode, RejectReason, Role, StatusRequest, SubmitRequest,
+    TrackRequest, Value, submit_reply,
 };
 use casa_node_protocol::{
     DEFAULT_MAX_FRAME, FrameError, Framing, MAX_VALUE_DEPTH, PROTOCOL_VERSION, Transport,
@@ -835,6 +835,76 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
         }
         other => panic!("expected a CancelReply, got {other:?}"),
     }
+    raw.in_step();
+    still_serving(&other);
+
+    // Pipelined pushes whose ids are not this connection's to use (rule
+    // 11): another connection's, one used twice, one never leased, or
+    // none: a ProtocolError, and a failure response for each id.
+    let pipelined = |ids: Vec<u64>| {
+        Body::SubmitRequest(Box::new(SubmitRequest {
+            command: "6 * 7".into(),
+            ids,
+            pipelined: true,
+            ..SubmitRequest::default()
+        }))
+    };
+    let mut owner = cluster.raw();
+    owner.greet();
+    owner.send(Body::IdLeaseRequest(IdLeaseRequest { count: u32::MAX }));
+    let Body::IdLease(theirs) = owner.reply() else {
+        panic!("expected an IdLease")
+    };
+    assert_eq!(theirs.count, 65_536, "a lease is capped");
+    raw.send(Body::IdLeaseRequest(IdLeaseRequest { count: 2 }));
+    let Body::IdLease(mine) = raw.reply() else {
+        panic!("expected an IdLease")
+    };
+    assert!(
+        mine.first >= theirs.first + 65_536,
+        "{mine:?} after {theirs:?}"
+    );
+    let refused = |raw: &mut Raw, id: u64| {
+        let Body::ResponseDelivery(delivery) = raw.reply() else {
+            panic!("expected the failure response of {id}")
+        };
+        let response = delivery.response.unwrap();
+        assert_eq!(response.id, id);
+        assert!(!response.successful);
+        assert!(
+            response
+                .traceback()
+                .starts_with("casa-node: protocol error:"),
+            "{:?}",
+            response.traceback
+        );
+    };
+    raw.send(pipelined(vec![theirs.first]));
+    let message = raw.error(ProtocolErrorCode::IdNotLeased);
+    assert!(message.contains(&theirs.first.to_string()), "{message}");
+    refused(&mut raw, theirs.first);
+    raw.send(pipelined(vec![mine.first]));
+    let Body::ResponseDelivery(delivery) = raw.reply() else {
+        panic!("expected the response, and no SubmitReply before it")
+    };
+    assert_eq!(delivery.response.unwrap().ret, Some(Value::from(42)));
+    raw.send(pipelined(vec![mine.first]));
+    raw.error(ProtocolErrorCode::IdNotLeased);
+    refused(&mut raw, mine.first);
+    raw.send(pipelined(vec![u64::MAX]));
+    raw.error(ProtocolErrorCode::IdNotLeased);
+    refused(&mut raw, u64::MAX);
+    raw.send(pipelined(vec![]));
+    let message = raw.error(ProtocolErrorCode::IdNotLeased);
+    assert!(message.contains("must carry its ids"), "{message}");
+    // The other connection's id was not touched: it can still use it.
+    owner.send(pipelined(vec![theirs.first]));
+    let Body::ResponseDelivery(delivery) = owner.reply() else {
+        panic!("expected the response")
+    };
+    let response = delivery.response.unwrap();
+    assert_eq!(response.id, theirs.first);
+    assert!(response.successful, "{:?}", response.traceback);
     raw.in_step();
     still_serving(&other);
 
