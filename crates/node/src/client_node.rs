@@ -8,11 +8,11 @@ use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    Ack, CommandMode, CommandResponse, CommandStatus, Envelope, LogLevel, LogRecord,
-    ProtocolErrorCode, RejectReason, Role, SubmitReply, SubmitRequest, Welcome, submit_reply,
+    Ack, CommandMode, Envelope, LogLevel, LogRecord, ProtocolErrorCode, RejectReason, Role,
+    SubmitReply, SubmitRequest, Welcome, submit_reply,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Transport, TransportError,
+    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Transport, TransportError,
     TransportEvent, WallClock, check_version,
 };
 use futures::FutureExt;
@@ -306,7 +306,7 @@ impl Node<'_> {
                         // Too large to send: the request fails, the
                         // cluster goes on.
                         Err(TransportError::Frame(e)) => match request {
-                            Some(id) => self.unsendable(to, id, &e.to_string()),
+                            Some(id) => self.core.send_failed(id, &e.to_string()),
                             None => self.warn(&format!("could not send to server n# {to}: {e}")),
                         },
                         Err(e) => return Err(e.into()),
@@ -347,25 +347,6 @@ impl Node<'_> {
             }
         }
         Ok(stopped)
-    }
-
-    /// Answers request `id`, which could not be sent to server `to`, as
-    /// failed there: the server never saw it and stays free.
-    fn unsendable(&mut self, to: Rank, id: u64, why: &str) {
-        let response = CommandResponse {
-            id,
-            server: to,
-            status: CommandStatus::ResponseReceived.into(),
-            successful: false,
-            traceback: Some(format!(
-                "casa-node: the request could not be sent to server n# {to}: {why}"
-            )),
-            ..CommandResponse::default()
-        };
-        let envelope = Envelope::new(Body::CommandResponse(Box::new(response)));
-        if let Err(e) = self.core.handle(to, envelope, Instant::now()) {
-            self.warn(&format!("request {id} could not be sent nor failed: {e}"));
-        }
     }
 
     /// `envelope`, or, for a response record too large for the front door,

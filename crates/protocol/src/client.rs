@@ -727,6 +727,46 @@ impl ClientCore {
         result
     }
 
+    /// Request `id` could not be sent to its server (too large for the
+    /// transport, or it could not be encoded): it is answered as failed,
+    /// saying `reason`, and the server, which never saw it, is free again.
+    /// Unlike a message from the server, this says nothing of the server's
+    /// liveness: its silence is still counted, and a timed-out server stays
+    /// timed out.
+    pub fn send_failed(&mut self, id: RequestId, reason: &str) {
+        let Some(request) = self.requests.get(&id) else {
+            return;
+        };
+        let (rank, answered) = match request.phase {
+            RequestPhase::Sent { server, .. } => (server, false),
+            RequestPhase::TimedOut { server, .. } => (server, true),
+            RequestPhase::Queued => return,
+        };
+        let request = self.requests.remove(&id).expect("just seen");
+        if let Some(server) = self.server_mut(rank) {
+            if server.running == Some(id) {
+                server.running = None;
+            }
+        }
+        if !answered {
+            let traceback =
+                format!("casa-node: the request could not be sent to server n# {rank}: {reason}");
+            self.event(Event::RequestFailed {
+                id,
+                server: rank,
+                traceback: traceback.clone(),
+            });
+            self.deliver_failure(
+                id,
+                request,
+                rank,
+                CommandStatus::ResponseReceived,
+                traceback,
+            );
+        }
+        self.dispatch(rank);
+    }
+
     /// A server's link closed for good: its requests are answered with
     /// status timeout and it gets no more work.
     pub fn server_lost(&mut self, rank: Rank) {

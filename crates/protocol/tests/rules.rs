@@ -31,6 +31,8 @@ struct Cluster {
     /// Servers that read nothing (SIGSTOP), and what waits for them.
     stalled: HashSet<Rank>,
     held: HashMap<Rank, Vec<Envelope>>,
+    /// Servers commands cannot be sent to (too large for the transport).
+    unsendable: HashSet<Rank>,
     deliveries: Vec<(DriverId, ResponseDelivery)>,
     events: Vec<Event>,
     sent: Vec<(Rank, Envelope)>,
@@ -66,6 +68,7 @@ impl Cluster {
             running: HashMap::new(),
             stalled: HashSet::new(),
             held: HashMap::new(),
+            unsendable: HashSet::new(),
             deliveries: Vec::new(),
             events: Vec::new(),
             sent: Vec::new(),
@@ -100,6 +103,12 @@ impl Cluster {
                 match action {
                     Action::Send { to, envelope } => {
                         self.sent.push((to, envelope.clone()));
+                        if let Some(Body::CommandRequest(request)) = &envelope.body {
+                            if self.unsendable.contains(&to) {
+                                self.client.send_failed(request.id, "frame too large");
+                                continue;
+                            }
+                        }
                         if self.stalled.contains(&to) {
                             self.held.entry(to).or_default().push(envelope);
                         } else {
@@ -918,4 +927,35 @@ fn a_request_pending_while_many_others_pass_is_still_found() {
     c.finish(1, Value::none());
     assert_eq!(c.response(long).command, "tclean()");
     assert_eq!(c.client.pending(), 0);
+}
+
+#[test]
+fn an_unsendable_request_fails_without_vouching_for_its_server() {
+    let mut c = Cluster::new(1);
+    c.stall(1);
+    c.unsendable.insert(1);
+    c.advance(Duration::from_millis(4800));
+    let unsent = c.submit("f(huge)", &[1]).unwrap()[0];
+    let r = c.response(unsent);
+    assert_eq!(
+        (r.status(), r.successful),
+        (CommandStatus::ResponseReceived, false)
+    );
+    assert!(
+        r.traceback()
+            .contains("could not be sent to server n# 1: frame too large")
+    );
+    // The failure is no sign of life: the silent server still times out.
+    c.unsendable.clear();
+    let held = c.submit("g()", &[1]).unwrap()[0];
+    c.advance(Duration::from_millis(300));
+    assert_eq!(c.response(held).status(), CommandStatus::Timeout);
+    // A send failure to a timed-out server does not recover it.
+    c.client.send_failed(held, "frame too large");
+    c.pump();
+    let lines = c.log_lines();
+    assert!(!lines.iter().any(|l| l.contains("recovered")), "{lines:#?}");
+    let status = c.client.status(Some(1)).unwrap().servers.remove(0);
+    assert!(status.timeout && !status.online);
+    assert_eq!(c.response(held).status(), CommandStatus::Timeout);
 }
