@@ -363,20 +363,15 @@ impl Node<'_> {
         let Some(response) = delivery.response.as_mut() else {
             return envelope;
         };
-        let ret = response.ret.take().map_or(0, |v| v.encoded_len());
-        let parameters: usize = response.parameters.drain(..).map(|p| p.encoded_len()).sum();
+        let ret = response.ret.as_ref().map_or(0, |v| v.encoded_len());
+        let parameters: usize = response.parameters.iter().map(|p| p.encoded_len()).sum();
         let why = format!(
             "casa-node: the response to request {} ({size} bytes: {ret} of return value, \
              {parameters} of parameters) exceeds the largest frame a driver is sent \
              ({} bytes), so neither its return value nor its parameters are delivered",
             response.id, self.max_frame
         );
-        response.traceback = Some(match response.traceback.take() {
-            Some(traceback) if !response.successful => format!("{why}\n{traceback}"),
-            _ => why.clone(),
-        });
-        response.successful = false;
-        response.ret = Some(casa_node_protocol::pb::Value::none());
+        *response = response.too_large(&why);
         self.warn(&why);
         envelope
     }

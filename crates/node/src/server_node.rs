@@ -11,7 +11,7 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
-use casa_node_protocol::pb::{CommandRequest, CommandResponse, Envelope, LogLevel, Value};
+use casa_node_protocol::pb::{CommandRequest, Envelope, LogLevel};
 use casa_node_protocol::{
     ExecOutcome, ServerAction, ServerConfig, ServerCore, Transport, TransportError, TransportEvent,
     WallClock,
@@ -137,24 +137,6 @@ pub async fn run<T: Transport>(
     }
 }
 
-/// `response` without its return value (None instead), for when it is too
-/// large to send.
-fn without_ret(response: &CommandResponse) -> CommandResponse {
-    CommandResponse {
-        id: response.id,
-        mode: response.mode,
-        ret: Some(Value::none()),
-        server: response.server,
-        status: response.status,
-        successful: response.successful,
-        traceback: response.traceback.clone(),
-        command_start_time: response.command_start_time,
-        command_stop_time: response.command_stop_time,
-        worker_restarted: response.worker_restarted,
-        ..CommandResponse::default()
-    }
-}
-
 async fn next_event(executor: &mut Option<Executor>) -> ExecutorEvent {
     match executor {
         Some(executor) => executor.next_event().await,
@@ -194,7 +176,7 @@ impl Node {
             match action {
                 ServerAction::Send(envelope) => {
                     let failed = match &envelope.body {
-                        Some(Body::CommandResponse(response)) => Some(without_ret(response)),
+                        Some(Body::CommandResponse(response)) => Some(response.without_payload()),
                         _ => None,
                     };
                     match transport.send(0, envelope).await {
@@ -206,13 +188,9 @@ impl Node {
                             let why = format!("casa-node: the response could not be sent: {e}");
                             self.core
                                 .log(LogLevel::Warning, why.clone(), Instant::now());
-                            if let Some(mut response) = failed {
-                                response.traceback = Some(match response.traceback.take() {
-                                    Some(traceback) => format!("{why}\n{traceback}"),
-                                    None => why,
-                                });
-                                response.successful = false;
-                                let body = Body::CommandResponse(Box::new(response));
+                            if let Some(response) = failed {
+                                let body =
+                                    Body::CommandResponse(Box::new(response.too_large(&why)));
                                 transport.send(0, Envelope::new(body)).await?;
                             }
                         }

@@ -1,7 +1,7 @@
 //! Building envelopes and checking the peer's protocol version.
 
 use crate::pb::envelope::Body;
-use crate::pb::{Envelope, ProtocolError, ProtocolErrorCode};
+use crate::pb::{CommandResponse, Envelope, ProtocolError, ProtocolErrorCode, Value};
 
 /// The protocol's major version. Peers with different major versions
 /// refuse each other at the handshake.
@@ -80,6 +80,43 @@ impl Body {
     }
 }
 
+impl CommandResponse {
+    /// This response without its return value (None instead) and
+    /// parameters: the part of a response that fits any frame.
+    pub fn without_payload(&self) -> CommandResponse {
+        CommandResponse {
+            id: self.id,
+            command: self.command.clone(),
+            mode: self.mode,
+            parameters: Vec::new(),
+            ret: Some(Value::none()),
+            server: self.server,
+            status: self.status,
+            successful: self.successful,
+            traceback: self.traceback.clone(),
+            command_start_time: self.command_start_time,
+            command_stop_time: self.command_stop_time,
+            worker_restarted: self.worker_restarted,
+        }
+    }
+
+    /// What is sent instead of a response too large for a frame: this
+    /// response [without its payload](Self::without_payload), failed, its
+    /// traceback starting with `why`, so the peer waiting for it learns why
+    /// rather than waiting for ever.
+    pub fn too_large(&self, why: &str) -> CommandResponse {
+        let mut response = self.without_payload();
+        response.traceback = Some(match response.traceback.take() {
+            Some(traceback) if !response.successful && !traceback.is_empty() => {
+                format!("{why}\n{traceback}")
+            }
+            _ => why.to_owned(),
+        });
+        response.successful = false;
+        response
+    }
+}
+
 /// Checks a peer's protocol version (from its `Hello`, `Welcome` or any
 /// envelope). On a mismatch, returns the [`ProtocolError`] envelope to send
 /// back before closing, so the peer gets a clear error rather than a hang.
@@ -114,6 +151,54 @@ mod tests {
             }
             other => panic!("expected an error, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn a_response_too_large_is_sent_failed_without_payload_saying_why() {
+        use crate::pb::Parameter;
+        use prost::Message;
+        let big = Value::bytes(vec![7u8; 1 << 20]);
+        let response = CommandResponse {
+            id: 9,
+            command: "f(x)".into(),
+            parameters: vec![Parameter {
+                name: "x".into(),
+                value: Some(big.clone()),
+            }],
+            ret: Some(big),
+            server: 2,
+            successful: true,
+            traceback: None,
+            command_start_time: 1.5,
+            ..CommandResponse::default()
+        };
+        let small = response.too_large("too large");
+        assert!(small.encoded_len() < 100, "{}", small.encoded_len());
+        assert_eq!(
+            (
+                small.id,
+                small.server,
+                small.command.as_str(),
+                small.command_start_time
+            ),
+            (9, 2, "f(x)", 1.5)
+        );
+        assert!(!small.successful && small.parameters.is_empty());
+        assert_eq!(small.ret, Some(Value::none()));
+        assert_eq!(small.traceback.as_deref(), Some("too large"));
+        let failed = CommandResponse {
+            successful: false,
+            traceback: Some("Traceback: boom".into()),
+            ..response
+        };
+        assert_eq!(
+            failed
+                .without_payload()
+                .too_large("too large")
+                .traceback
+                .as_deref(),
+            Some("too large\nTraceback: boom")
+        );
     }
 
     #[test]
