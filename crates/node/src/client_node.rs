@@ -99,8 +99,6 @@ pub struct ClientNodeConfig {
     pub core: ClientConfig,
     /// Where the unified log goes.
     pub log: LogSink,
-    /// Servers to wait for before the front door opens.
-    pub expected_servers: usize,
     /// The Python that checks commands at submission (rule 2); `None`
     /// leaves it to the workers.
     pub python: Option<PathBuf>,
@@ -153,8 +151,7 @@ pub async fn run<T: Transport>(
         origin,
         drivers: HashMap::new(),
         log: &mut config.log,
-        started: 0,
-        expected_servers: config.expected_servers,
+        ready: false,
         pending: pending_tx,
         max_frame: config.max_frame,
     };
@@ -172,7 +169,7 @@ pub async fn run<T: Transport>(
     let mut ready = Some(ready);
     let mut serving = None;
     let result = loop {
-        if ready.is_some() && node.started >= config.expected_servers {
+        if ready.is_some() && node.ready {
             if let Some(door) = front_door.take() {
                 serving = Some(door.serve(driver_tx.clone()));
             }
@@ -254,8 +251,8 @@ struct Node<'a> {
     origin: String,
     drivers: HashMap<DriverId, Driver>,
     log: &'a mut LogSink,
-    started: usize,
-    expected_servers: usize,
+    /// The core said the cluster is ready: the front door opens.
+    ready: bool,
     pending: mpsc::UnboundedSender<Pending>,
     max_frame: usize,
 }
@@ -323,16 +320,8 @@ impl Node<'_> {
                 }
                 Action::Forward(record) => self.record(record),
                 Action::Event(event) => {
-                    match event {
-                        casa_node_protocol::Event::ServerStarted { .. } => self.started += 1,
-                        // Servers joining one by one make "all" premature
-                        // until the expected number has started.
-                        casa_node_protocol::Event::AllServersStarted
-                            if self.started < self.expected_servers =>
-                        {
-                            continue;
-                        }
-                        _ => {}
+                    if event == casa_node_protocol::Event::AllServersStarted {
+                        self.ready = true;
                     }
                     let record = LogRecord {
                         time: self.clock.epoch(Instant::now()),

@@ -247,9 +247,9 @@ pub async fn serve<T: Transport + 'static>(
             timeout: options.timeout,
             default_deadline: options.command_timeout,
             start: start_settings(options.log_level, options.casa.as_ref()),
+            expected_servers: links.servers,
         },
         log,
-        expected_servers: links.servers,
         python: Some(options.python.clone()),
         max_frame: framing.max_frame(),
     };

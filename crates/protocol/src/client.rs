@@ -42,6 +42,9 @@ pub struct ClientConfig {
     pub default_deadline: Option<Duration>,
     /// Settings sent to every server with START (rule 26).
     pub start: Start,
+    /// How many servers must join before the cluster can be ready
+    /// ([`Event::AllServersStarted`]).
+    pub expected_servers: usize,
 }
 
 impl Default for ClientConfig {
@@ -53,6 +56,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(5),
             default_deadline: None,
             start: Start::default(),
+            expected_servers: 0,
         }
     }
 }
@@ -102,7 +106,8 @@ pub enum Event {
         /// Its reason.
         error: String,
     },
-    /// Every server registered at start has acknowledged START.
+    /// The cluster is ready: the expected number of servers joined, and
+    /// every one still there acknowledged START. Emitted once.
     AllServersStarted,
     /// A request went to a server (rule 32).
     RequestSent {
@@ -418,7 +423,8 @@ pub struct ClientCore {
     next_id: RequestId,
     next_correlation: u64,
     controls: HashMap<u64, ControlKind>,
-    awaiting_start: usize,
+    /// Whether [`Event::AllServersStarted`] was emitted.
+    ready: bool,
     ping_round: u64,
     next_round: Option<Instant>,
     /// When the next server could time out at the earliest; `None` before
@@ -444,7 +450,7 @@ impl ClientCore {
             next_id: 1,
             next_correlation: 1,
             controls: HashMap::new(),
-            awaiting_start: 0,
+            ready: false,
             ping_round: 0,
             next_round: None,
             next_expiry: None,
@@ -532,6 +538,12 @@ impl ClientCore {
         }
         self.next_round = Some(now);
         self.next_expiry = Some(now);
+        self.check_ready();
+    }
+
+    /// True once the cluster is ready (see [`Event::AllServersStarted`]).
+    pub fn is_ready(&self) -> bool {
+        self.ready
     }
 
     /// Stops services (rule 27): later submissions are refused, requests
@@ -803,6 +815,7 @@ impl ClientCore {
                 format!("Timeout: server n# {rank} disconnected before the command was sent"),
             );
         }
+        self.check_ready();
         self.check_stopped();
     }
 
@@ -1071,7 +1084,6 @@ impl ClientCore {
     }
 
     fn send_start(&mut self, rank: Rank) {
-        self.awaiting_start += 1;
         let start = self.config.start.clone();
         self.send_control(
             rank,
@@ -1253,7 +1265,6 @@ impl ClientCore {
         };
         match kind {
             ControlKind::Start => {
-                self.awaiting_start = self.awaiting_start.saturating_sub(1);
                 let server = self.servers[from as usize]
                     .as_mut()
                     .expect("checked by handle");
@@ -1275,9 +1286,7 @@ impl ClientCore {
                         error: response.error,
                     });
                 }
-                if self.awaiting_start == 0 {
-                    self.event(Event::AllServersStarted);
-                }
+                self.check_ready();
             }
             ControlKind::Stop => {
                 let server = self.servers[from as usize]
@@ -1408,6 +1417,26 @@ impl ClientCore {
                 replaces_timeout: false,
             }),
         });
+    }
+
+    /// Emits [`Event::AllServersStarted`] once the expected servers have
+    /// joined and none still there waits for its START acknowledgement: a
+    /// server lost, or refusing START, before answering does not hold the
+    /// cluster back.
+    fn check_ready(&mut self) {
+        if self.ready || self.phase != Phase::Running {
+            return;
+        }
+        let joined = self.server_ranks.len() >= self.config.expected_servers;
+        let starting = self.server_ranks.iter().any(|&rank| {
+            self.servers[rank as usize]
+                .as_ref()
+                .is_some_and(|s| s.phase == ServerPhase::Starting)
+        });
+        if joined && !starting {
+            self.ready = true;
+            self.event(Event::AllServersStarted);
+        }
     }
 
     fn check_stopped(&mut self) {

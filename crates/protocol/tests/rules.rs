@@ -8,8 +8,8 @@ use std::time::{Duration, Instant};
 use casa_node_protocol::pb::control_request::{self, Start};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    CommandMode, CommandRequest, CommandResponse, CommandStatus, Envelope, LogLevel, Parameter,
-    RejectReason, ResponseDelivery, SubmitRequest, Value,
+    CommandMode, CommandRequest, CommandResponse, CommandStatus, ControlRequest, ControlResponse,
+    Envelope, LogLevel, Parameter, RejectReason, ResponseDelivery, SubmitRequest, Value,
 };
 use casa_node_protocol::{
     Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, Rank, RequestId,
@@ -958,4 +958,94 @@ fn an_unsendable_request_fails_without_vouching_for_its_server() {
     let status = c.client.status(Some(1)).unwrap().servers.remove(0);
     assert!(status.timeout && !status.online);
     assert_eq!(c.response(held).status(), CommandStatus::Timeout);
+}
+
+/// A client core expecting `expected` servers, with those of `ranks`
+/// joined and services started; START requests are left in its actions.
+fn starting_client(expected: usize, ranks: &[Rank]) -> (ClientCore, Instant) {
+    let t0 = Instant::now();
+    let config = ClientConfig {
+        expected_servers: expected,
+        ..ClientConfig::default()
+    };
+    let mut client = ClientCore::new(config, WallClock::new(t0, EPOCH));
+    for &rank in ranks {
+        client.add_server(rank, t0).unwrap();
+    }
+    client.start(t0);
+    (client, t0)
+}
+
+/// Answers every START among the client's actions from the servers in
+/// `answering`; returns the events the client emitted meanwhile.
+fn answer_starts(client: &mut ClientCore, answering: &[Rank], now: Instant) -> Vec<Event> {
+    let mut actions = Vec::new();
+    client.drain_actions(&mut actions);
+    let mut events = Vec::new();
+    for action in actions {
+        match action {
+            Action::Send { to, envelope } if answering.contains(&to) => {
+                if let Some(Body::ControlRequest(ControlRequest {
+                    action: Some(control_request::Action::Start(_)),
+                })) = envelope.body
+                {
+                    let reply = Envelope::correlated(
+                        envelope.correlation,
+                        Body::ControlResponse(ControlResponse {
+                            ok: true,
+                            rank: to,
+                            ..ControlResponse::default()
+                        }),
+                    );
+                    client.handle(to, reply, now).unwrap();
+                }
+            }
+            Action::Event(event) => events.push(event),
+            _ => {}
+        }
+    }
+    while let Some(action) = client.poll_action() {
+        if let Action::Event(event) = action {
+            events.push(event);
+        }
+    }
+    events
+}
+
+fn readiness(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| **e == Event::AllServersStarted)
+        .count()
+}
+
+#[test]
+fn rule_26_the_cluster_is_ready_once_the_expected_servers_joined_and_started() {
+    let (mut client, t0) = starting_client(2, &[1]);
+    let events = answer_starts(&mut client, &[1], t0);
+    assert_eq!(readiness(&events), 0, "one of two servers: {events:?}");
+    assert!(!client.is_ready());
+    client.add_server(2, t0).unwrap();
+    let events = answer_starts(&mut client, &[2], t0);
+    assert_eq!(readiness(&events), 1, "{events:?}");
+    assert!(client.is_ready());
+    // A server joining later starts, but readiness is not announced again.
+    client.add_server(3, t0).unwrap();
+    let events = answer_starts(&mut client, &[3], t0);
+    assert_eq!(readiness(&events), 0, "{events:?}");
+}
+
+#[test]
+fn rule_26_a_server_lost_before_starting_does_not_block_readiness() {
+    let (mut client, t0) = starting_client(2, &[1, 2]);
+    let events = answer_starts(&mut client, &[1], t0);
+    assert_eq!(
+        readiness(&events),
+        0,
+        "server 2 has not answered: {events:?}"
+    );
+    client.server_lost(2);
+    let events = answer_starts(&mut client, &[], t0);
+    assert_eq!(readiness(&events), 1, "{events:?}");
+    assert!(client.is_ready());
 }
