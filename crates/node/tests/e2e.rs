@@ -727,6 +727,30 @@ fn rule_24_deadline_and_cancel_interrupt_the_worker() {
 }
 
 #[test]
+fn rule_24_a_deadline_counts_from_the_start_of_the_command_not_during_the_init_script() {
+    /// Removes the start-up script when the test ends, passed or failed.
+    struct Init(PathBuf);
+    impl Drop for Init {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let init =
+        Init(std::env::temp_dir().join(format!("casa-node-slow-init-{}.py", std::process::id())));
+    std::fs::write(&init.0, "import time\ntime.sleep(3)\ninit_done = True\n").unwrap();
+    // The front door opens once the servers have started, while their
+    // workers still run the init script.
+    let cluster = Cluster::start(1, &["--init", init.0.to_str().unwrap()]);
+    let c = cluster.client();
+    let r = one(
+        &c,
+        Submit::new("(time.sleep(0.5), init_done)[1]").deadline(Duration::from_secs(2)),
+    );
+    assert!(r.successful, "{:?}: {}", r.status(), r.traceback());
+    assert_eq!(r.ret, Some(Value::from(true)));
+}
+
+#[test]
 fn rule_25_a_dead_worker_fails_its_command_and_a_fresh_one_serves() {
     let cluster = Cluster::start(1, &[]);
     let c = cluster.client();

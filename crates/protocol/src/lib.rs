@@ -40,7 +40,7 @@ pub use envelope::{PROTOCOL_VERSION, check_version};
 pub use error::{FrameError, TransportError, ValueError};
 pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX};
 pub use scan::{DECODE_EXPANSION, DECODE_SLACK, MAX_VALUE_DEPTH};
-pub use server::{ExecOutcome, Interruption, ServerAction, ServerConfig, ServerCore};
+pub use server::{ExecOutcome, Interruption, LAST_CHANCE, ServerAction, ServerConfig, ServerCore};
 pub use transport::{Transport, TransportEvent};
 
 /// A process's place in the cluster: 0 for the client node, 1.. for servers.

@@ -12,8 +12,8 @@ use casa_node_protocol::pb::{
     Envelope, LogLevel, Parameter, RejectReason, ResponseDelivery, SubmitRequest, Value,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, Rank, RequestId,
-    ServerAction, ServerConfig, ServerCore, WallClock,
+    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, LAST_CHANCE,
+    Rank, RequestId, ServerAction, ServerConfig, ServerCore, WallClock,
 };
 
 const EPOCH: f64 = 1_700_000_000.0;
@@ -57,6 +57,7 @@ impl Cluster {
                 host: format!("node{rank}"),
                 pid: 100 + rank as u32,
                 kill_grace: GRACE,
+                client_timeout: None,
             };
             servers.insert(rank, ServerCore::new(config, clock, t0));
         }
@@ -142,6 +143,13 @@ impl Cluster {
                         ServerAction::Execute(request) => {
                             self.executed.push((rank, request.id));
                             self.running.insert(rank, request);
+                        }
+                        ServerAction::Configure(start) => {
+                            // The worker is ready at once.
+                            let now = self.now;
+                            self.servers.get_mut(&rank).unwrap().worker_ready(now);
+                            self.server_actions
+                                .push((rank, ServerAction::Configure(start)));
                         }
                         other => self.server_actions.push((rank, other)),
                     }
@@ -822,6 +830,7 @@ fn rule_31_server_logs_carry_their_origin_and_obey_the_log_level() {
         host: "almahpc02".into(),
         pid: 1,
         kill_grace: GRACE,
+        client_timeout: None,
     };
     let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
     let start = control_request::Action::Start(Start {
@@ -1048,4 +1057,131 @@ fn rule_26_a_server_lost_before_starting_does_not_block_readiness() {
     let events = answer_starts(&mut client, &[], t0);
     assert_eq!(readiness(&events), 1, "{events:?}");
     assert!(client.is_ready());
+}
+
+/// A lone server core, started at `t0` (START taken, its answer drained).
+fn started_server(client_timeout: Option<Duration>) -> (ServerCore, Instant) {
+    let t0 = Instant::now();
+    let config = ServerConfig {
+        rank: 1,
+        host: "node1".into(),
+        pid: 101,
+        kill_grace: GRACE,
+        client_timeout,
+    };
+    let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
+    let start = Envelope::correlated(
+        1,
+        Body::ControlRequest(ControlRequest {
+            action: Some(control_request::Action::Start(Start::default())),
+        }),
+    );
+    server.handle(0, start, t0).unwrap();
+    while server.poll_action().is_some() {}
+    (server, t0)
+}
+
+fn server_actions(server: &mut ServerCore) -> Vec<ServerAction> {
+    std::iter::from_fn(|| server.poll_action()).collect()
+}
+
+#[test]
+fn rule_24_a_deadline_counts_from_when_the_worker_takes_the_command_not_during_its_init() {
+    let (mut server, t0) = started_server(None);
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let request = CommandRequest {
+        id: 1,
+        command: "time.sleep(0.5)".into(),
+        deadline_seconds: Some(1.0),
+        ..CommandRequest::default()
+    };
+    server
+        .handle(0, Envelope::new(Body::CommandRequest(request)), t0)
+        .unwrap();
+    // The init script runs for 2 s: the command waits, its deadline not
+    // counting, and pings say the server holds it.
+    for ms in (100..2000).step_by(100) {
+        server.tick(at(ms));
+    }
+    let ping = Envelope::new(Body::PingRequest(casa_node_protocol::pb::PingRequest {
+        sequence: 1,
+    }));
+    server.handle(0, ping, at(1900)).unwrap();
+    let actions = server_actions(&mut server);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, ServerAction::Execute(_) | ServerAction::Interrupt { .. })),
+        "{actions:?}"
+    );
+    match actions.as_slice() {
+        [
+            ServerAction::Send(Envelope {
+                body: Some(Body::PingResponse(pong)),
+                ..
+            }),
+        ] => assert!(pong.busy && pong.command_id == 1, "{pong:?}"),
+        other => panic!("expected a ping answer, got {other:?}"),
+    }
+    server.worker_ready(at(2000));
+    let actions = server_actions(&mut server);
+    assert!(
+        matches!(actions.as_slice(), [ServerAction::Execute(r)] if r.id == 1),
+        "{actions:?}"
+    );
+    // It runs 0.5 s of its 1 s.
+    for ms in (2100..=2500).step_by(100) {
+        server.tick(at(ms));
+    }
+    let outcome = ExecOutcome {
+        id: 1,
+        successful: true,
+        ..ExecOutcome::default()
+    };
+    server.finished(outcome, at(2500)).unwrap();
+    let actions = server_actions(&mut server);
+    match actions.as_slice() {
+        [
+            ServerAction::Send(Envelope {
+                body: Some(Body::CommandResponse(response)),
+                ..
+            }),
+        ] => assert_eq!(
+            (response.status(), response.successful),
+            (CommandStatus::ResponseReceived, true)
+        ),
+        other => panic!("expected only the response, got {other:?}"),
+    }
+}
+
+#[test]
+fn rule_30_a_server_gives_up_on_a_silent_client_node_after_its_timeout_and_a_last_chance() {
+    let limit = Duration::from_secs(5);
+    let (mut server, t0) = started_server(Some(limit));
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    assert_eq!(server.poll_timeout(), Some(t0 + limit));
+    server.tick(at(4900));
+    server.tick(at(5000));
+    assert!(server_actions(&mut server).is_empty());
+    // A message during the last chance keeps the server.
+    assert_eq!(server.poll_timeout(), Some(at(5000) + LAST_CHANCE));
+    let ping = Envelope::new(Body::PingRequest(casa_node_protocol::pb::PingRequest {
+        sequence: 1,
+    }));
+    server.handle(0, ping, at(5500)).unwrap();
+    server_actions(&mut server);
+    server.tick(at(6500));
+    assert!(server_actions(&mut server).is_empty());
+    // Silence for the limit and the last chance: the server gives up, once.
+    server.tick(at(10_500));
+    assert!(server_actions(&mut server).is_empty());
+    server.tick(at(11_500));
+    server.tick(at(12_000));
+    assert_eq!(
+        server_actions(&mut server),
+        vec![ServerAction::ClientGone {
+            silent_for: Duration::from_secs(6)
+        }]
+    );
+    assert_eq!(server.poll_timeout(), None);
 }
