@@ -13,7 +13,7 @@ use casa_node_protocol::pb::{
 };
 use casa_node_protocol::{
     Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Transport, TransportError,
-    TransportEvent, WallClock, check_version,
+    TransportEvent, WallClock, check_hello, check_version,
 };
 use futures::FutureExt;
 use prost::Message;
@@ -424,11 +424,11 @@ impl Node<'_> {
     /// connection after it.
     fn answer(&mut self, driver: DriverId, envelope: Envelope) -> Option<(Body, bool)> {
         let greeted = self.drivers.get(&driver)?.greeted;
+        if !greeted {
+            return Some(self.greet(driver, envelope));
+        }
         let correlation = envelope.correlation;
         let body = envelope.body?;
-        if !greeted {
-            return Some(self.greet(driver, body));
-        }
         if let Err(error) = check_version(envelope.protocol_version, 0) {
             return Some((error.body?, true));
         }
@@ -506,22 +506,11 @@ impl Node<'_> {
     /// Answers the first message of a connection: it must be a driver's
     /// `Hello` of this protocol version; anything else is refused and the
     /// connection closed.
-    fn greet(&mut self, driver: DriverId, body: Body) -> (Body, bool) {
-        let refusal = match body {
-            Body::Hello(hello) => match check_version(hello.protocol_version, 0) {
-                Err(error) => error.body,
-                Ok(()) if hello.role() != Role::Driver => Some(error_body(
-                    ProtocolErrorCode::RoleRefused,
-                    "only drivers may connect to the front door".to_owned(),
-                )),
-                Ok(()) => None,
-            },
-            other => Some(error_body(
-                ProtocolErrorCode::UnexpectedMessage,
-                format!("expected Hello, got {}", other.name()),
-            )),
-        };
-        if let Some(refusal) = refusal {
+    fn greet(&mut self, driver: DriverId, envelope: Envelope) -> (Body, bool) {
+        if let Err(refusal) = check_hello(envelope, Role::Driver, "the front door") {
+            let refusal = refusal
+                .body
+                .unwrap_or_else(|| error_body(ProtocolErrorCode::Malformed, "refused".to_owned()));
             return (refusal, true);
         }
         if let Some(d) = self.drivers.get_mut(&driver) {

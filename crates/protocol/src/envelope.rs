@@ -1,7 +1,7 @@
 //! Building envelopes and checking the peer's protocol version.
 
 use crate::pb::envelope::Body;
-use crate::pb::{CommandResponse, Envelope, ProtocolError, ProtocolErrorCode, Value};
+use crate::pb::{CommandResponse, Envelope, Hello, ProtocolError, ProtocolErrorCode, Role, Value};
 
 /// The protocol's major version. Peers with different major versions
 /// refuse each other at the handshake.
@@ -133,6 +133,49 @@ pub fn check_version(peer_version: u32, correlation: u64) -> Result<(), Box<Enve
     )))
 }
 
+/// Checks the first message of a connection: a `Hello`, of this protocol
+/// version (the envelope's and the Hello's), from a peer of role
+/// `expected`; `place` names what it connects to, for the refusal
+/// ("the front door"). On a refusal, returns the error envelope to send
+/// back before closing.
+pub fn check_hello(
+    envelope: Envelope,
+    expected: Role,
+    place: &str,
+) -> Result<Hello, Box<Envelope>> {
+    let correlation = envelope.correlation;
+    let hello = match envelope.body {
+        Some(Body::Hello(hello)) => hello,
+        other => {
+            let kind = other.as_ref().map_or("nothing", Body::name);
+            return Err(Box::new(Envelope::error(
+                correlation,
+                ProtocolErrorCode::UnexpectedMessage,
+                format!("expected Hello, got {kind}"),
+            )));
+        }
+    };
+    check_version(hello.protocol_version, correlation)?;
+    check_version(envelope.protocol_version, correlation)?;
+    if hello.role() != expected {
+        let who = match expected {
+            Role::Driver => "drivers",
+            Role::ServerNode => "server nodes",
+            Role::ClientNode => "client nodes",
+            Role::Unspecified => "peers of a role",
+        };
+        return Err(Box::new(Envelope::error(
+            correlation,
+            ProtocolErrorCode::RoleRefused,
+            format!(
+                "only {who} may connect to {place}, not {}",
+                hello.role().as_str_name()
+            ),
+        )));
+    }
+    Ok(hello)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -198,6 +241,48 @@ mod tests {
                 .traceback
                 .as_deref(),
             Some("too large\nTraceback: boom")
+        );
+    }
+
+    #[test]
+    fn a_hello_is_checked_for_kind_versions_and_role() {
+        let hello = |version: u32, role: Role| Hello {
+            protocol_version: version,
+            role: role.into(),
+            ..Hello::default()
+        };
+        let refusal = |envelope: Envelope| {
+            let reply = check_hello(envelope, Role::Driver, "the front door").unwrap_err();
+            assert_eq!(reply.correlation, 5);
+            match reply.body {
+                Some(Body::Error(e)) => (e.code(), e.message),
+                other => panic!("expected an error, got {other:?}"),
+            }
+        };
+        let ok = Envelope::correlated(5, Body::Hello(hello(PROTOCOL_VERSION, Role::Driver)));
+        let checked = check_hello(ok, Role::Driver, "the front door").unwrap();
+        assert_eq!(checked.role(), Role::Driver);
+        let (code, message) = refusal(Envelope::correlated(
+            5,
+            Body::PingRequest(Default::default()),
+        ));
+        assert_eq!(code, ProtocolErrorCode::UnexpectedMessage);
+        assert_eq!(message, "expected Hello, got PingRequest");
+        let (code, _) = refusal(Envelope::correlated(5, Body::Hello(hello(9, Role::Driver))));
+        assert_eq!(code, ProtocolErrorCode::IncompatibleVersion);
+        let mut old = Envelope::correlated(5, Body::Hello(hello(PROTOCOL_VERSION, Role::Driver)));
+        old.protocol_version = 9;
+        let (code, message) = refusal(old);
+        assert_eq!(code, ProtocolErrorCode::IncompatibleVersion);
+        assert!(message.contains("version 9"), "{message}");
+        let (code, message) = refusal(Envelope::correlated(
+            5,
+            Body::Hello(hello(PROTOCOL_VERSION, Role::ServerNode)),
+        ));
+        assert_eq!(code, ProtocolErrorCode::RoleRefused);
+        assert_eq!(
+            message,
+            "only drivers may connect to the front door, not ROLE_SERVER_NODE"
         );
     }
 

@@ -28,7 +28,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode, Role, Welcome};
-use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, TransportEvent, check_version};
+use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, TransportEvent, check_hello};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -879,44 +879,17 @@ impl Engine {
             }
         };
         let correlation = hello_envelope.correlation;
-        let hello = match hello_envelope.body {
-            Some(Body::Hello(hello)) => hello,
-            other => {
-                let kind = other.as_ref().map_or("nothing", Body::name);
-                warn!(
-                    kind,
-                    "refusing a peer that opened with something else than Hello"
-                );
-                let reply = Envelope::error(
-                    correlation,
-                    ProtocolErrorCode::UnexpectedMessage,
-                    format!("expected Hello, got {kind}"),
-                );
+        let hello = match check_hello(hello_envelope, Role::ServerNode, "a client node") {
+            Ok(hello) => hello,
+            Err(reply) => {
+                if let Some(Body::Error(error)) = &reply.body {
+                    warn!(reason = error.message, "refusing a peer");
+                }
                 self.answer_stranger(&identity, &reply, link).await;
                 return;
             }
         };
-        let checked = check_version(hello.protocol_version, correlation)
-            .and_then(|()| check_version(hello_envelope.protocol_version, correlation));
-        if let Err(reply) = checked {
-            warn!(
-                version = hello.protocol_version,
-                host = hello.host,
-                pid = hello.pid,
-                "refusing a server node with an incompatible protocol version"
-            );
-            self.answer_stranger(&identity, &reply, link).await;
-            return;
-        }
-        let refusal = if hello.role() != Role::ServerNode {
-            Some((
-                ProtocolErrorCode::RoleRefused,
-                format!(
-                    "only server nodes may join a client node, not {}",
-                    hello.role().as_str_name()
-                ),
-            ))
-        } else if self.closing {
+        let refusal = if self.closing {
             Some((
                 ProtocolErrorCode::UnexpectedMessage,
                 "the client node is shutting down".to_owned(),
