@@ -45,7 +45,7 @@ use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CommandMode, CommandRequest, CommandResponse, ControlRequest, Envelope, LogLevel, LogRecord,
 };
-use casa_node_protocol::{ExecOutcome, FrameError, Framing, Rank, RequestId};
+use casa_node_protocol::{ExecOutcome, FrameError, Framing, OFFLOAD_THRESHOLD, Rank, RequestId};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
@@ -54,6 +54,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::net::unix::pipe;
 use tokio::process::Child;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 /// The worker's source, passed to the interpreter with `-c`.
@@ -217,6 +218,10 @@ struct Worker {
     commands: pipe::Sender,
     /// Bytes for the commands pipe not written yet.
     out: BytesMut,
+    /// A large command being encoded on a blocking thread; until it is
+    /// appended to `out`, later messages wait in `held`.
+    encoding: Option<JoinHandle<Result<BytesMut, FrameError>>>,
+    held: BytesMut,
     control: File,
     results: pipe::Receiver,
     inbox: BytesMut,
@@ -268,6 +273,8 @@ enum Io {
     Results(io::Result<usize>),
     Exited(io::Result<ExitStatus>),
     Writable(io::Result<()>),
+    /// A large command was encoded.
+    Encoded(Result<Result<BytesMut, FrameError>, JoinError>),
     /// A dead worker's output had its time, or a live worker closed its
     /// results pipe a while ago.
     Due,
@@ -350,8 +357,18 @@ impl Executor {
             start_time: epoch_now(),
         };
         let envelope = Envelope::new(Body::CommandRequest(request));
-        self.framing.encode(&envelope, &mut worker.out)?;
-        worker.flush_out();
+        let len = self.framing.encoded_len(&envelope)?;
+        if len >= OFFLOAD_THRESHOLD && worker.encoding.is_none() {
+            // Copying hundreds of MiB into fresh memory takes long enough
+            // to delay pings: done on a blocking thread.
+            let framing = self.framing;
+            worker.encoding = Some(tokio::task::spawn_blocking(move || {
+                let mut frame = BytesMut::new();
+                framing.encode(&envelope, &mut frame).map(|()| frame)
+            }));
+        } else {
+            worker.write(&self.framing, &envelope)?;
+        }
         self.running = Some(running);
         self.tail.clear();
         Ok(())
@@ -439,10 +456,9 @@ impl Executor {
             return;
         };
         let envelope = Envelope::new(Body::ControlRequest(request));
-        if let Err(error) = self.framing.encode(&envelope, &mut worker.out) {
+        if let Err(error) = worker.write(&self.framing, &envelope) {
             tracing::warn!(%error, "cannot send settings to the Python worker");
         }
-        worker.flush_out();
     }
 
     /// The next thing to report. Cancel-safe: a call dropped before it
@@ -537,6 +553,7 @@ impl Executor {
             r = w.results.read_buf(&mut w.inbox), if !w.results_closed => Io::Results(r),
             s = w.child.wait(), if w.exit.is_none() => Io::Exited(s),
             r = w.commands.writable(), if !w.out.is_empty() => Io::Writable(r),
+            r = encoded(&mut w.encoding), if w.encoding.is_some() => Io::Encoded(r),
             () = sleep_until(due) => Io::Due,
         }
     }
@@ -582,6 +599,46 @@ impl Executor {
                 w.died_at = Some(Instant::now());
                 // Leave nothing it started behind, and let its pipes close.
                 kill_group(w.pid);
+            }
+            Io::Encoded(result) => {
+                let Some(w) = self.worker.as_mut() else {
+                    return;
+                };
+                w.encoding = None;
+                let frame = match result {
+                    Ok(Ok(frame)) => Ok(frame),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match frame {
+                    Ok(frame) => {
+                        if w.out.is_empty() {
+                            w.out = frame;
+                        } else {
+                            w.out.extend_from_slice(&frame);
+                        }
+                        let held = w.held.split();
+                        w.out.extend_from_slice(&held);
+                        w.flush_out();
+                    }
+                    Err(why) => {
+                        let held = w.held.split();
+                        w.out.extend_from_slice(&held);
+                        w.flush_out();
+                        if let Some(running) = self.running.take() {
+                            self.events.push_back(ExecutorEvent::Finished(ExecOutcome {
+                                id: running.id,
+                                mode: running.mode,
+                                traceback: Some(format!(
+                                    "the command could not be sent to the Python worker: {why}"
+                                )),
+                                start_time: running.start_time,
+                                stop_time: epoch_now(),
+                                ..ExecOutcome::default()
+                            }));
+                        }
+                    }
+                }
             }
             Io::Writable(result) => {
                 if let Some(w) = self.worker.as_mut() {
@@ -936,6 +993,8 @@ impl Executor {
             pid,
             commands: pipe::Sender::from_owned_fd(commands_write).map_err(ExecutorError::Pipe)?,
             out: BytesMut::new(),
+            encoding: None,
+            held: BytesMut::new(),
             control: File::from(control_write),
             results: pipe::Receiver::from_owned_fd(results_read).map_err(ExecutorError::Pipe)?,
             inbox: BytesMut::with_capacity(64 * 1024),
@@ -962,7 +1021,28 @@ impl Drop for Executor {
     }
 }
 
+/// The outcome of a large command's encoding; pending while there is none.
+async fn encoded(
+    encoding: &mut Option<JoinHandle<Result<BytesMut, FrameError>>>,
+) -> Result<Result<BytesMut, FrameError>, JoinError> {
+    match encoding {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Worker {
+    /// Queues `envelope` for the commands pipe, after a large command
+    /// still being encoded, and writes what the pipe takes now.
+    fn write(&mut self, framing: &Framing, envelope: &Envelope) -> Result<(), FrameError> {
+        if self.encoding.is_some() {
+            return framing.encode(envelope, &mut self.held);
+        }
+        framing.encode(envelope, &mut self.out)?;
+        self.flush_out();
+        Ok(())
+    }
+
     /// Writes what the commands pipe takes now; the rest waits for it to
     /// be writable.
     fn flush_out(&mut self) {

@@ -38,7 +38,7 @@ pub use client::{Action, ClientConfig, ClientCore, CoreError, Event, Rejection};
 pub use clock::WallClock;
 pub use envelope::{PROTOCOL_VERSION, check_hello, check_version};
 pub use error::{FrameError, TransportError, ValueError};
-pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX};
+pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX, OFFLOAD_THRESHOLD};
 pub use scan::{DECODE_EXPANSION, DECODE_SLACK, MAX_VALUE_DEPTH};
 pub use server::{ExecOutcome, Interruption, LAST_CHANCE, ServerAction, ServerConfig, ServerCore};
 pub use transport::{Transport, TransportEvent};

@@ -23,12 +23,15 @@
 //! flight as it is consumed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode, Role, Welcome};
-use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, TransportEvent, check_hello};
+use casa_node_protocol::{
+    Framing, OFFLOAD_THRESHOLD, PROTOCOL_VERSION, Rank, TransportEvent, check_hello,
+};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -332,6 +335,108 @@ enum Unsealed {
     Joined(Pending, u64),
 }
 
+/// What a peer's [`Decoder`] passes on, in order.
+enum Inbound {
+    /// A data message's body, to decode and deliver.
+    Data {
+        body: Bytes,
+        link: u64,
+        credit_wanted: bool,
+    },
+    /// An event to deliver once the messages before it are.
+    Event(TransportEvent),
+}
+
+/// Decodes one peer's messages in order, large ones on a blocking thread,
+/// and delivers them. While it holds any, everything else for that peer
+/// goes through it too, so nothing overtakes a message being decoded.
+struct Decoder {
+    link: u64,
+    inbox: mpsc::UnboundedSender<Inbound>,
+    /// Items given to it and not yet delivered.
+    pending: Arc<AtomicUsize>,
+}
+
+/// A data message that did not decode, to credit as if consumed.
+type Undecodable = (Rank, u64, bool);
+
+impl Decoder {
+    fn spawn(
+        rank: Rank,
+        link: u64,
+        framing: Framing,
+        events: mpsc::UnboundedSender<Delivery>,
+        undecodable: mpsc::UnboundedSender<Undecodable>,
+    ) -> Decoder {
+        let (inbox, mut queue) = mpsc::unbounded_channel::<Inbound>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(async move {
+            while let Some(item) = queue.recv().await {
+                let delivery = match item {
+                    Inbound::Data {
+                        body,
+                        link,
+                        credit_wanted,
+                    } => {
+                        let decoded = if body.len() >= OFFLOAD_THRESHOLD {
+                            tokio::task::spawn_blocking(move || framing.decode_body(body))
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and_then(|r| r.map_err(|e| e.to_string()))
+                        } else {
+                            framing.decode_body(body).map_err(|e| e.to_string())
+                        };
+                        match decoded {
+                            Ok(envelope) => Some(Delivery {
+                                event: TransportEvent::Message {
+                                    from: rank,
+                                    envelope,
+                                },
+                                link,
+                                credit_wanted,
+                            }),
+                            Err(error) => {
+                                warn!(rank, %error, "dropping a malformed envelope");
+                                let _ = undecodable.send((rank, link, credit_wanted));
+                                None
+                            }
+                        }
+                    }
+                    Inbound::Event(event) => Some(Delivery {
+                        event,
+                        link: 0,
+                        credit_wanted: false,
+                    }),
+                };
+                if let Some(delivery) = delivery {
+                    let _ = events.send(delivery);
+                }
+                // Only once it is delivered may later items skip this queue.
+                left.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        Decoder {
+            link,
+            inbox,
+            pending,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    fn push(&self, item: Inbound) -> bool {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.inbox.send(item).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
 /// An engine and what it listens to.
 pub(crate) struct Engine {
     socket: SendHalf,
@@ -350,6 +455,10 @@ pub(crate) struct Engine {
     /// On a signed server node, told when the client node's first credit
     /// arrives: it has admitted this node by then.
     admitted: Option<oneshot::Sender<()>>,
+    /// Per peer, what decodes its large messages off this thread.
+    decoders: HashMap<Rank, Decoder>,
+    undecodable_tx: mpsc::UnboundedSender<Undecodable>,
+    undecodable_rx: Option<mpsc::UnboundedReceiver<Undecodable>>,
 }
 
 /// What an engine waits on.
@@ -374,6 +483,7 @@ impl Engine {
             seen_set: HashSet::new(),
             refused: HashSet::new(),
         });
+        let (undecodable_tx, undecodable_rx) = mpsc::unbounded_channel();
         Engine {
             socket,
             framing: Framing::new(config.max_frame),
@@ -387,6 +497,9 @@ impl Engine {
             next_link: 1,
             finished: false,
             closing: false,
+            decoders: HashMap::new(),
+            undecodable_tx,
+            undecodable_rx: Some(undecodable_rx),
         }
     }
 
@@ -450,6 +563,7 @@ impl Engine {
         let mut done: Vec<oneshot::Sender<()>> = Vec::new();
         let mut deadline: Option<Instant> = None;
         let mut monitor_open = true;
+        let mut undecodable = self.undecodable_rx.take().expect("an engine runs once");
         loop {
             if self.finished || (self.closing && self.peers.values().all(|p| p.bye_acked)) {
                 break;
@@ -475,6 +589,9 @@ impl Engine {
                     Some(other) => debug!(event = ?other, "socket event"),
                     None => monitor_open = false,
                 },
+                Some((rank, link, credit_wanted)) = undecodable.recv() => {
+                    self.consumed(rank, link, credit_wanted).await;
+                }
                 command = inputs.commands.recv(), if !self.closing => match command {
                     Some(Command::Send { to, link, body, charge, credit_wanted }) => {
                         self.send_data(to, link, body, charge, credit_wanted).await;
@@ -631,11 +748,18 @@ impl Engine {
                 shared.terminal = Some(Terminal::Lost(rank));
             }
         }
+        let decoder = self.decoders.remove(&rank);
         if self.closing {
             debug!(rank, why, "peer gone while shutting down");
         } else {
             info!(rank, why, "peer lost");
-            self.deliver(TransportEvent::PeerLost(rank), 0, false);
+            // After the messages it sent, still being decoded.
+            let queued = decoder.is_some_and(|d| {
+                d.busy() && d.push(Inbound::Event(TransportEvent::PeerLost(rank)))
+            });
+            if !queued {
+                self.deliver(TransportEvent::PeerLost(rank), 0, false);
+            }
         }
         if !self.socket.is_router() {
             self.finished = true;
@@ -797,6 +921,24 @@ impl Engine {
         }
         // Delivered, or credited at once below if it does not decode.
         peer.unconsumed += 1;
+        if self.decoders.get(&rank).is_some_and(|d| d.link != link) {
+            self.decoders.remove(&rank);
+        }
+        let busy = self.decoders.get(&rank).is_some_and(Decoder::busy);
+        if body.len() >= OFFLOAD_THRESHOLD || busy {
+            let (framing, events) = (self.framing, self.events.clone());
+            let undecodable = self.undecodable_tx.clone();
+            let decoder = self
+                .decoders
+                .entry(rank)
+                .or_insert_with(|| Decoder::spawn(rank, link, framing, events, undecodable));
+            decoder.push(Inbound::Data {
+                body,
+                link,
+                credit_wanted,
+            });
+            return;
+        }
         match self.framing.decode_body(body) {
             Ok(envelope) => self.deliver(
                 TransportEvent::Message {
