@@ -181,7 +181,6 @@ pub async fn run<T: Transport>(
             .core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let flush_due = node.log.flush_due();
         tokio::select! {
             event = transport.recv() => {
                 if let Err(e) = node.on_transport(event) {
@@ -211,7 +210,6 @@ pub async fn run<T: Transport>(
                 }
                 node.core.tick(Instant::now());
             }
-            _ = tokio::time::sleep_until(flush_due.unwrap_or(deadline).into()), if flush_due.is_some() => {}
             changed = stop.changed() => {
                 let signals = if changed.is_ok() { *stop.borrow_and_update() } else { 2 };
                 if signals >= 2 {
@@ -222,15 +220,6 @@ pub async fn run<T: Transport>(
             }
         }
         let stopped = node.carry_out(&mut transport).await?;
-        // Operators tail the log: lines reach the file within FLUSH_DELAY,
-        // many of them in one write when the node is busy.
-        if node
-            .log
-            .flush_due()
-            .is_some_and(|due| due <= Instant::now())
-        {
-            node.log.flush();
-        }
         if stopped {
             break Ok(());
         }
@@ -240,7 +229,6 @@ pub async fn run<T: Transport>(
     }
     drop(node.pending);
     let _ = checker.await;
-    node.log.flush();
     let _ = transport.shutdown().await;
     result
 }
