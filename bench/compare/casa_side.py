@@ -1,8 +1,9 @@
 """The casa-node side of the comparison: a driver script, run as its own
 process against a cluster that compare.py started, with the cluster's
 front door in $CASA_NODE_ENDPOINT, as a user's script would be. It uses the
-seed's face (`from casanode import MPICommandClient`), checks every answer,
-and prints one JSON line.
+seed's face (`from casanode import MPICommandClient`; `map` uses the modern
+face, `casanode.connect()`), checks every answer, and prints one JSON
+line.
 
 Around the timed part it prints `ready` before and the result after, and
 each time waits for a line on stdin (none when stdin is not a pipe), so
@@ -12,7 +13,9 @@ exits.
 
     casa_side.py latency    REQUESTS WARMUP     blocking 1+1 to server 1
     casa_side.py throughput TASKS WARMUP        non-blocking untargeted 1+1, then wait for all
+    casa_side.py map        TASKS WARMUP        the same through the modern face's Client.map
     casa_side.py bandwidth  MIB                 a MIB MiB array there and back
+    casa_side.py broadcast  MIB SERVERS         a MIB MiB array to every server, each answers its last item
     casa_side.py failure    SLEEP               SIGSTOP server 1 during a command; time to 'timeout'
 """
 
@@ -83,6 +86,49 @@ def throughput(client, tasks, warmup):
     }
 
 
+def map_throughput(client, tasks, warmup):
+    for r in client.map("x + 1", [{"x": 1}] * warmup):
+        check(r)
+    sync("ready")
+    began = time.perf_counter()
+    results = client.map("x + 1", [{"x": 1}] * tasks)
+    pushed = time.perf_counter()
+    servers = {}
+    count = 0
+    for r in results:
+        check(r)
+        servers[r["server"]] = servers.get(r["server"], 0) + 1
+        count += 1
+    done = time.perf_counter()
+    if count != tasks:
+        raise SystemExit(f"{count} responses to {tasks} requests")
+    return {
+        "tasks_per_s": tasks / (done - began),
+        "push_s": pushed - began,
+        "total_s": done - began,
+        "per_server": servers,
+    }
+
+
+def broadcast(client, mib, servers):
+    import numpy as np
+
+    ranks = list(range(1, servers + 1))
+    small = np.arange(1 << 17, dtype=np.float64)  # warm-up: imports numpy on every server
+    for r in client.push_command_request("float(x[-1])", True, ranks, {"x": small}):
+        check(r, ret=float(small[-1]))
+    array = np.arange(mib * (1 << 17), dtype=np.float64)
+    sync("ready")
+    began = time.perf_counter()
+    responses = client.push_command_request("float(x[-1])", True, ranks, {"x": array})
+    elapsed = time.perf_counter() - began
+    if sorted(r["server"] for r in responses) != ranks:
+        raise SystemExit(f"answers from {[r['server'] for r in responses]}, not {ranks}")
+    for r in responses:
+        check(r, ret=float(array[-1]))
+    return {"seconds": elapsed, "mib": mib, "servers": servers}
+
+
 def bandwidth(client, mib):
     import numpy as np
 
@@ -125,12 +171,20 @@ def failure(client, sleep):
 
 def main():
     what, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
+    if what == "map":
+        import casanode
+
+        with casanode.connect() as client:
+            result = map_throughput(client, *args)
+        sync(json.dumps(result))
+        return
     client = MPICommandClient()
     client.start_services()
     result = {
         "latency": latency,
         "throughput": throughput,
         "bandwidth": bandwidth,
+        "broadcast": broadcast,
         "failure": failure,
     }[what](client, *args)
     sync(json.dumps(result))

@@ -36,7 +36,8 @@ FULL = dict(
     warmup_reps=1, reps=5,
     requests=2000, request_warmup=200,          # L1, L2, L3
     tasks=20000, task_warmup=200,               # T1, T2
-    mib=256,                                    # B1
+    mibs=(1, 64, 256),                          # B1
+    bcast_mib=64, bcast_servers=8,              # B2
     heartbeat=1.0, timeout=5.0, sleep=1,        # F1
     start_servers=4, start_pythons=5,           # S1
     memory_servers=64, memory_reps=3,           # M1 (no warm-up: a state, not a speed)
@@ -47,7 +48,8 @@ QUICK = dict(
     warmup_reps=0, reps=2,
     requests=200, request_warmup=20,
     tasks=500, task_warmup=50,
-    mib=8,
+    mibs=(1, 8),
+    bcast_mib=4, bcast_servers=8,
     heartbeat=0.2, timeout=1.0, sleep=1,
     start_servers=4, start_pythons=5,
     memory_servers=4, memory_reps=1,
@@ -90,16 +92,22 @@ def make_figures(s):
                "the same mpi4py floor"),
         Figure("L3", "L3 latency, ZeroMQ (µs)", "µs", "lower", 1.5, "≤ 1.5×",
                "pyzmq DEALER/ROUTER over ipc, eval"),
-        Figure("T1", f"T1 throughput, MPI (tasks/s, {s['tasks']} tasks)", "tasks/s", "higher", 4, "≥ 4×",
-               "MPIPoolExecutor, 2 workers"),
-        Figure("T1z", "T1 over ZeroMQ (context)", "tasks/s", "higher", 4, "≥ 4×",
-               "MPIPoolExecutor, 2 workers"),
-        Figure("T2", f"T2 throughput, MPI (tasks/s, {s['tasks']} tasks)", "tasks/s", "higher", 20, "≥ 20×",
-               "Dask LocalCluster, 2 processes"),
-        Figure("T2z", "T2 over ZeroMQ (context)", "tasks/s", "higher", 20, "≥ 20×",
-               "Dask LocalCluster, 2 processes"),
-        Figure("B1", f"B1 bandwidth, MPI (MiB/s, {s['mib']} MiB there and back)", "MiB/s", "higher", 0.5,
-               "≥ 0.5×", "mpi4py Send/Recv"),
+    ]
+    for key, transport in (("", "MPI"), ("z", "ZeroMQ")):
+        for face, face_key in (("seed face", ""), ("Client.map", "m")):
+            what = f"{s['tasks']} tasks, {face}, {transport}"
+            figures += [
+                Figure(f"T1{face_key}{key}", f"T1 throughput (tasks/s, {what})", "tasks/s", "higher", 4,
+                       "≥ 4×", "MPIPoolExecutor, 2 workers"),
+                Figure(f"T2{face_key}{key}", f"T2 throughput (tasks/s, {what})", "tasks/s", "higher", 20,
+                       "≥ 20×", "Dask LocalCluster, 2 processes"),
+            ]
+    for mib in s["mibs"]:
+        figures.append(Figure(f"B1-{mib}", f"B1 bandwidth, MPI (MiB/s, {mib} MiB there and back)", "MiB/s",
+                              "higher", 0.5, "≥ 0.5×", "mpi4py Send/Recv"))
+    figures += [
+        Figure("B2", f"B2 broadcast of {s['bcast_mib']} MiB to {s['bcast_servers']} servers, MPI (s)", "s",
+               "lower", None, "—", f"mpi4py Bcast, {s['bcast_servers'] + 1} ranks"),
         Figure("F1", f"F1 failure detection (s; heartbeat {h:g} s, timeout {t:g} s)", "s", "lower", 1,
                f"≤ {t + h:g} s (timeout + 1 heartbeat)", "the bound"),
         Figure("S1", f"S1 start-up, `run --servers {s['start_servers']}` of an empty script (s)", "s",
@@ -218,14 +226,20 @@ def peer_latency_zmq(s, figures, record):
 
 
 def measure_throughput(s, figures, record):
-    for transport, keys in (("mpi", ("T1", "T2")), ("zmq", ("T1z", "T2z"))):
+    """T1 and T2, casa-node's side: on one cluster per transport, the
+    modern face's Client.map first, then the seed face (whose driver stops
+    services when it exits)."""
+    for transport, suffix in (("mpi", ""), ("zmq", "z")):
         with Cluster(transport, 2) as cluster:
             cluster.wait_online()
-            r = casa_side(cluster, "throughput", s["tasks"], s["task_warmup"])
-        if record:
-            for key in keys:
+            runs = (("m", casa_side(cluster, "map", s["tasks"], s["task_warmup"])),
+                    ("", casa_side(cluster, "throughput", s["tasks"], s["task_warmup"])))
+        if not record:
+            continue
+        for face, r in runs:
+            for key in (f"T1{face}{suffix}", f"T2{face}{suffix}"):
                 figures[key].casa.append(r["tasks_per_s"])
-            f = figures[keys[0]]
+            f = figures[f"T1{face}{suffix}"]
             f.note("casa-node: seconds pushing (of the total)", r["push_s"])
             f.note("casa-node: seconds in all", r["total_s"])
             f.note("casa-node: share of server 1", r["per_server"].get("1", 0) / s["tasks"])
@@ -233,11 +247,16 @@ def measure_throughput(s, figures, record):
                 f.note(f"casa-node cores busy, {role}", seconds / r["wall"])
 
 
+def t_keys(figure):
+    """The keys of the T figures whose peer is `figure` ("T1" or "T2")."""
+    return [f"{figure}{face}{suffix}" for face in ("", "m") for suffix in ("", "z")]
+
+
 def peer_pool(s, figures, record):
     r = harness.mpi_json(3, [PYTHON, "-m", "mpi4py.futures", PEERS / "mpi_pool.py",
                              s["tasks"], s["task_warmup"]])
     if record:
-        for key in ("T1", "T1z"):
+        for key in t_keys("T1"):
             figures[key].peer.append(r["tasks_per_s"])
         figures["T1"].note("peer: seconds submitting (of the total)", r["push_s"])
 
@@ -245,28 +264,50 @@ def peer_pool(s, figures, record):
 def peer_dask(s, figures, record):
     r = harness.python_json(PEERS / "dask_map.py", s["tasks"], s["task_warmup"], timeout=1800)
     if record:
-        for key in ("T2", "T2z"):
+        for key in t_keys("T2"):
             figures[key].peer.append(r["tasks_per_s"])
         figures["T2"].note("peer: seconds submitting (of the total)", r["push_s"])
 
 
 def measure_bandwidth(s, figures, record):
-    with Cluster("mpi", 1) as cluster:
-        cluster.wait_online()
-        r = casa_side(cluster, "bandwidth", s["mib"])
+    results = []
+    for mib in s["mibs"]:
+        # One cluster each: the seed face's driver stops services as it exits.
+        with Cluster("mpi", 1) as cluster:
+            cluster.wait_online()
+            results.append((mib, casa_side(cluster, "bandwidth", mib)))
     if record:
-        f = figures["B1"]
-        f.casa.append(r["mib_per_s"])
-        f.note("casa-node: seconds there and back", r["seconds"])
-        for role, seconds in r["cpu"].items():
-            f.note(f"casa-node CPU seconds, {role}", seconds)
+        for mib, r in results:
+            f = figures[f"B1-{mib}"]
+            f.casa.append(r["mib_per_s"])
+            f.note("casa-node: seconds there and back", r["seconds"])
+            for role, seconds in r["cpu"].items():
+                f.note(f"casa-node CPU seconds, {role}", seconds)
 
 
 def peer_bandwidth(s, figures, record):
-    r = harness.mpi_json(2, [PYTHON, PEERS / "mpi_pingpong.py", "bandwidth", s["mib"]])
+    for mib in s["mibs"]:
+        r = harness.mpi_json(2, [PYTHON, PEERS / "mpi_pingpong.py", "bandwidth", mib])
+        if record:
+            figures[f"B1-{mib}"].peer.append(r["mib_per_s"])
+            figures[f"B1-{mib}"].note("peer: seconds there and back", r["seconds"])
+
+
+def measure_broadcast(s, figures, record):
+    with Cluster("mpi", s["bcast_servers"]) as cluster:
+        cluster.wait_online()
+        r = casa_side(cluster, "broadcast", s["bcast_mib"], s["bcast_servers"])
     if record:
-        figures["B1"].peer.append(r["mib_per_s"])
-        figures["B1"].note("peer: seconds there and back", r["seconds"])
+        figures["B2"].casa.append(r["seconds"])
+        for role, seconds in r["cpu"].items():
+            figures["B2"].note(f"casa-node CPU seconds, {role}", seconds)
+
+
+def peer_broadcast(s, figures, record):
+    r = harness.mpi_json(s["bcast_servers"] + 1, [PYTHON, PEERS / "mpi_pingpong.py", "broadcast",
+                                                   s["bcast_mib"]])
+    if record:
+        figures["B2"].peer.append(r["seconds"])
 
 
 def measure_failure(s, figures, record):
@@ -337,12 +378,23 @@ def measure_memory(s, figures, record):
         figures["M1c"].note(f"seconds until all {s['memory_servers']} servers were online", online)
 
 
+def measure_data(s, figures, record):
+    measure_bandwidth(s, figures, record)
+    measure_broadcast(s, figures, record)
+
+
+def peer_data(s, figures, record):
+    peer_bandwidth(s, figures, record)
+    peer_broadcast(s, figures, record)
+
+
 # Each group: (figures it fills, casa-node side, peer side or None).
 PLAN = {
     "L": (("L1", "L2"), measure_latency_mpi, peer_latency_mpi),
     "Z": (("L3",), measure_latency_zmq, peer_latency_zmq),
-    "T": (("T1", "T1z", "T2", "T2z"), measure_throughput, [peer_pool, peer_dask]),
-    "B": (("B1",), measure_bandwidth, peer_bandwidth),
+    "T": ((*t_keys("T1"), *t_keys("T2")), measure_throughput, [peer_pool, peer_dask]),
+    "B": ((*(f"B1-{mib}" for mib in set(FULL["mibs"]) | set(QUICK["mibs"])), "B2"),
+          measure_data, peer_data),
     "F": (("F1",), measure_failure, None),
     "S": (("S1", "S1w"), measure_start, peer_start),
     "M": (("M1s", "M1c"), measure_memory, None),
@@ -428,7 +480,7 @@ def main():
                         help="tiny counts, to check the harness (about 30 s); without group C")
     parser.add_argument("--reps", type=int, help="measured repetitions (default 5, quick 2)")
     parser.add_argument("--only", help=f"comma-separated groups of {','.join(GROUPS)} "
-                        "(L: L1+L2, Z: L3, T: T1+T2, B: B1, F: F1, S: S1, M: M1, "
+                        "(L: L1+L2, Z: L3, T: T1+T2, B: B1+B2, F: F1, S: S1, M: M1, "
                         "C: C1+C2+C3, CASA's flagdata on a Multi-MS against casampi)")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
@@ -485,7 +537,8 @@ def run(groups, settings, figures, started):
                 except (Failed, OSError, subprocess.SubprocessError, KeyError, ValueError) as e:
                     print(f"compare: {g} {side.__name__} failed: {e}", file=sys.stderr, flush=True)
                     for k in keys:
-                        figures[k].errors.append(str(e))
+                        if k in figures:
+                            figures[k].errors.append(str(e))
                     failed.add(g)
                     break
                 print(f"compare: {label}: {side.__name__} {time.perf_counter() - t0:.1f} s",

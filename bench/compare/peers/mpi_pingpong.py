@@ -9,6 +9,11 @@
         into a buffer of its own and `Send`s it back; after one 1 MiB
         exchange of warm-up, the time of one exchange there and back.
 
+    mpi_pingpong.py broadcast MIB     (any number of ranks)
+        rank 0 `Bcast`s a MIB MiB float64 buffer to every other rank, each
+        into a buffer of its own, and `gather`s each rank's last item back;
+        after one 1 MiB broadcast of warm-up, the time of the whole.
+
 Rank 0 prints one JSON line."""
 
 import json
@@ -79,12 +84,36 @@ def bandwidth(mib):
     return {"mib_per_s": 2 * mib / elapsed, "seconds": elapsed, "mib": mib}
 
 
+def broadcast_once(mib):
+    """One broadcast of a MIB MiB buffer and the gather of every rank's last
+    item; seconds (rank 0)."""
+    n = mib * (1 << 17)
+    buffer = np.arange(n, dtype=np.float64) if rank == 0 else np.empty(n, dtype=np.float64)
+    comm.Barrier()
+    began = time.perf_counter()
+    comm.Bcast(buffer, root=0)
+    last = comm.gather(float(buffer[-1]), root=0)
+    elapsed = time.perf_counter() - began
+    if rank == 0 and last != [float(n - 1)] * comm.Get_size():
+        raise SystemExit(f"the {mib} MiB broadcast arrived wrong: {last}")
+    return elapsed
+
+
+def broadcast(mib):
+    broadcast_once(1)
+    elapsed = broadcast_once(mib)
+    if rank != 0:
+        return None
+    return {"seconds": elapsed, "mib": mib, "ranks": comm.Get_size()}
+
+
 def main():
     what, args = sys.argv[1], [int(a) for a in sys.argv[2:]]
-    result = {"latency": latency, "bandwidth": bandwidth}[what](*args)
+    result = {"latency": latency, "bandwidth": bandwidth, "broadcast": broadcast}[what](*args)
     if rank == 0:
         print(json.dumps(result), flush=True)
 
 
 if __name__ == "__main__":
     main()
+
