@@ -351,10 +351,11 @@ impl ServerCore {
             ..CommandResponse::default()
         };
         self.send(Envelope::new(Body::CommandResponse(Box::new(response))));
-        if let Phase::Stopping { correlation } = self.phase {
-            self.acknowledge_stop(correlation);
-        } else {
-            self.dispatch(now);
+        match self.phase {
+            Phase::Stopping { correlation } if self.queue.is_empty() => {
+                self.acknowledge_stop(correlation)
+            }
+            _ => self.dispatch(now),
         }
         Ok(())
     }
@@ -451,11 +452,16 @@ impl ServerCore {
                     self.reply_control(correlation, None);
                     return;
                 }
-                for request in std::mem::take(&mut self.queue) {
-                    self.answer_unrun(request.id, "Cancelled: the server is stopping");
+                // Commands held for a worker still starting were sent to
+                // this server, and a graceful stop lets them run.
+                if stop.force || self.worker_ready {
+                    for request in std::mem::take(&mut self.queue) {
+                        self.answer_unrun(request.id, "Cancelled: the server is stopping");
+                    }
                 }
                 match self.running.as_mut() {
-                    None => self.acknowledge_stop(correlation),
+                    None if self.queue.is_empty() => self.acknowledge_stop(correlation),
+                    None => self.phase = Phase::Stopping { correlation },
                     Some(running) => {
                         self.phase = Phase::Stopping { correlation };
                         if stop.force && running.interrupted.is_none() {
@@ -511,7 +517,8 @@ impl ServerCore {
     }
 
     fn dispatch(&mut self, now: Instant) {
-        if self.phase != Phase::Serving || self.running.is_some() || !self.worker_ready {
+        let serving = matches!(self.phase, Phase::Serving | Phase::Stopping { .. });
+        if !serving || self.running.is_some() || !self.worker_ready {
             return;
         }
         let Some(request) = self.queue.pop_front() else {

@@ -1185,3 +1185,53 @@ fn rule_30_a_server_gives_up_on_a_silent_client_node_after_its_timeout_and_a_las
     );
     assert_eq!(server.poll_timeout(), None);
 }
+
+#[test]
+fn rule_27_a_graceful_stop_lets_a_command_held_for_a_starting_worker_run() {
+    let (mut server, t0) = started_server(None);
+    let request = CommandRequest {
+        id: 1,
+        command: "x".into(),
+        ..CommandRequest::default()
+    };
+    server
+        .handle(0, Envelope::new(Body::CommandRequest(request)), t0)
+        .unwrap();
+    let stop = Envelope::correlated(
+        2,
+        Body::ControlRequest(ControlRequest {
+            action: Some(control_request::Action::Stop(
+                casa_node_protocol::pb::control_request::Stop { force: false },
+            )),
+        }),
+    );
+    server.handle(0, stop, t0).unwrap();
+    assert!(
+        server_actions(&mut server).is_empty(),
+        "nothing before the worker is ready"
+    );
+    server.worker_ready(t0);
+    let actions = server_actions(&mut server);
+    assert!(
+        matches!(actions.as_slice(), [ServerAction::Execute(r)] if r.id == 1),
+        "{actions:?}"
+    );
+    let outcome = ExecOutcome {
+        id: 1,
+        successful: true,
+        ..ExecOutcome::default()
+    };
+    server.finished(outcome, t0).unwrap();
+    let actions = server_actions(&mut server);
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [
+                ServerAction::Send(Envelope { body: Some(Body::CommandResponse(r)), .. }),
+                ServerAction::Send(Envelope { body: Some(Body::ControlResponse(ack)), .. }),
+                ServerAction::Exit,
+            ] if r.successful && ack.ok
+        ),
+        "{actions:?}"
+    );
+}
