@@ -532,9 +532,30 @@ impl Engine {
         };
         if let (Some(security), Some(link)) = (&self.security, &mut peer.seal) {
             link.sent += 1;
-            let seal = security.signer.seal(direction, &link.id, link.sent, &parts);
+            let size: usize = parts.iter().map(Bytes::len).sum();
+            let seal = if size >= OFFLOAD_THRESHOLD {
+                // Hashing hundreds of MiB takes long: a blocking thread
+                // does it while this engine's threads go on.
+                let (signer, id, counter) = (security.signer.clone(), link.id, link.sent);
+                let covered = parts.clone();
+                let sealing = tokio::task::spawn_blocking(move || {
+                    signer.seal(direction, &id, counter, &covered)
+                });
+                match sealing.await {
+                    Ok(seal) => seal,
+                    Err(error) => {
+                        self.lose(rank, &format!("sealing a message failed: {error}"));
+                        return;
+                    }
+                }
+            } else {
+                security.signer.seal(direction, &link.id, link.sent, &parts)
+            };
             parts.insert(0, seal);
         }
+        let Some(peer) = self.peers.get(&rank) else {
+            return;
+        };
         let identity = peer.identity.clone();
         if let Err(error) = self.socket.send(&identity, parts).await {
             self.lose(rank, &format!("sending failed: {error}"));
@@ -829,7 +850,8 @@ impl Engine {
         };
         let mut hello_nonce = None;
         if self.security.is_some() {
-            match self.unseal(&identity, &mut parts) {
+            let verified = self.verify_large(&identity, &parts).await;
+            match self.unseal(&identity, &mut parts, verified) {
                 Ok(Unsealed::Link) => {}
                 Ok(Unsealed::Hello(nonce)) => hello_nonce = Some(nonce),
                 Ok(Unsealed::Joined(pending, counter)) => {
@@ -1190,10 +1212,36 @@ impl Engine {
     /// for this link (the nonces of both sides), with a counter above the
     /// last one accepted. A connection that has not joined may only send a
     /// Hello, sealed with counter 0 and no nonce of ours.
+    /// For a large message from a peer with a link, whether its tag checks
+    /// out, found on a blocking thread; `None` for any other message, which
+    /// [`unseal`](Self::unseal) checks itself.
+    async fn verify_large(&self, identity: &Bytes, parts: &VecDeque<Bytes>) -> Option<bool> {
+        let size: usize = parts.iter().map(Bytes::len).sum();
+        if size < OFFLOAD_THRESHOLD {
+            return None;
+        }
+        let security = self.security.as_ref()?;
+        let rank = self.rank_of(identity)?;
+        let link = self.peers.get(&rank)?.seal.as_ref()?.id;
+        let incoming = match self.outgoing() {
+            Direction::ToDealer => Direction::ToRouter,
+            Direction::ToRouter => Direction::ToDealer,
+        };
+        let signer = security.signer.clone();
+        let parts: Vec<Bytes> = parts.iter().cloned().collect();
+        let checking = tokio::task::spawn_blocking(move || {
+            let (first, rest) = parts.split_first()?;
+            let seal = Seal::parse(first)?;
+            Some(signer.verify(incoming, &link, &seal, rest))
+        });
+        checking.await.ok().flatten()
+    }
+
     fn unseal(
         &mut self,
         identity: &Bytes,
         parts: &mut VecDeque<Bytes>,
+        verified: Option<bool>,
     ) -> Result<Unsealed, Rejection> {
         let incoming = match self.outgoing() {
             Direction::ToDealer => Direction::ToRouter,
@@ -1220,7 +1268,9 @@ impl Engine {
             if seal.nonce != senders(&link.id) {
                 return Err(Rejection::OtherLink);
             }
-            if !security.signer.verify(incoming, &link.id, &seal, rest) {
+            let valid =
+                verified.unwrap_or_else(|| security.signer.verify(incoming, &link.id, &seal, rest));
+            if !valid {
                 return Err(Rejection::BadTag);
             }
             if seal.counter <= link.received {
