@@ -45,7 +45,9 @@ use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CommandMode, CommandRequest, CommandResponse, ControlRequest, Envelope, LogLevel, LogRecord,
 };
-use casa_node_protocol::{ExecOutcome, FrameError, Framing, OFFLOAD_THRESHOLD, Rank, RequestId};
+use casa_node_protocol::{
+    ExecOutcome, FrameError, Framing, LENGTH_PREFIX, OFFLOAD_THRESHOLD, Rank, RequestId,
+};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
@@ -222,6 +224,9 @@ struct Worker {
     /// appended to `out`, later messages wait in `held`.
     encoding: Option<JoinHandle<Result<BytesMut, FrameError>>>,
     held: BytesMut,
+    /// A large result being decoded on a blocking thread; what the worker
+    /// sent after it waits in `inbox`.
+    decoding: Option<JoinHandle<Result<Envelope, FrameError>>>,
     control: File,
     results: pipe::Receiver,
     inbox: BytesMut,
@@ -275,6 +280,8 @@ enum Io {
     Writable(io::Result<()>),
     /// A large command was encoded.
     Encoded(Result<Result<BytesMut, FrameError>, JoinError>),
+    /// A large result was decoded.
+    Decoded(Result<Result<Envelope, FrameError>, JoinError>),
     /// A dead worker's output had its time, or a live worker closed its
     /// results pipe a while ago.
     Due,
@@ -554,6 +561,7 @@ impl Executor {
             s = w.child.wait(), if w.exit.is_none() => Io::Exited(s),
             r = w.commands.writable(), if !w.out.is_empty() => Io::Writable(r),
             r = encoded(&mut w.encoding), if w.encoding.is_some() => Io::Encoded(r),
+            r = encoded(&mut w.decoding), if w.decoding.is_some() => Io::Decoded(r),
             () = sleep_until(due) => Io::Due,
         }
     }
@@ -599,6 +607,21 @@ impl Executor {
                 w.died_at = Some(Instant::now());
                 // Leave nothing it started behind, and let its pipes close.
                 kill_group(w.pid);
+            }
+            Io::Decoded(result) => {
+                let Some(w) = self.worker.as_mut() else {
+                    return;
+                };
+                w.decoding = None;
+                let generation = w.generation;
+                match result {
+                    Ok(Ok(envelope)) => {
+                        self.worker_message(generation, envelope);
+                        self.results_data();
+                    }
+                    Ok(Err(error)) => self.malformed(&error.to_string()),
+                    Err(error) => self.malformed(&error.to_string()),
+                }
             }
             Io::Encoded(result) => {
                 let Some(w) = self.worker.as_mut() else {
@@ -700,19 +723,48 @@ impl Executor {
             let Some(w) = self.worker.as_mut() else {
                 return;
             };
+            if w.decoding.is_some() {
+                return;
+            }
             let generation = w.generation;
+            if let Ok(Some(len)) = self.framing.next_len(&w.inbox) {
+                if len >= OFFLOAD_THRESHOLD {
+                    let whole = LENGTH_PREFIX + len;
+                    if w.inbox.len() < whole {
+                        // Room for the rest at once: growing the buffer
+                        // step by step would copy what it holds each time.
+                        w.inbox.reserve(whole - w.inbox.len());
+                        return;
+                    }
+                    w.inbox.advance(LENGTH_PREFIX);
+                    let body = w.inbox.split_to(len).freeze();
+                    let framing = self.framing;
+                    w.decoding = Some(tokio::task::spawn_blocking(move || {
+                        framing.decode_body(body)
+                    }));
+                    return;
+                }
+            }
             match self.framing.decode(&mut w.inbox) {
                 Ok(Some(envelope)) => self.worker_message(generation, envelope),
                 Ok(None) => return,
                 Err(error) => {
-                    tracing::warn!(%error, "the Python worker sent a malformed frame");
-                    w.inbox.clear();
-                    w.results_closed = true;
-                    w.broken("because it sent a malformed frame");
+                    self.malformed(&error.to_string());
                     return;
                 }
             }
         }
+    }
+
+    /// The worker sent a frame that does not decode: it is out of step.
+    fn malformed(&mut self, error: &str) {
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        tracing::warn!(%error, "the Python worker sent a malformed frame");
+        w.inbox.clear();
+        w.results_closed = true;
+        w.broken("because it sent a malformed frame");
     }
 
     fn worker_message(&mut self, generation: u64, envelope: Envelope) {
@@ -794,6 +846,10 @@ impl Executor {
         let Some(died_at) = w.died_at else {
             return;
         };
+        if w.decoding.is_some() {
+            // Its last result first.
+            return;
+        }
         let generation = w.generation;
         let output_open = self.streams.iter().any(|s| s.generation == generation);
         if (!w.results_closed || output_open) && Instant::now() < died_at + STRAGGLER_WAIT {
@@ -995,6 +1051,7 @@ impl Executor {
             out: BytesMut::new(),
             encoding: None,
             held: BytesMut::new(),
+            decoding: None,
             control: File::from(control_write),
             results: pipe::Receiver::from_owned_fd(results_read).map_err(ExecutorError::Pipe)?,
             inbox: BytesMut::with_capacity(64 * 1024),
@@ -1021,11 +1078,12 @@ impl Drop for Executor {
     }
 }
 
-/// The outcome of a large command's encoding; pending while there is none.
-async fn encoded(
-    encoding: &mut Option<JoinHandle<Result<BytesMut, FrameError>>>,
-) -> Result<Result<BytesMut, FrameError>, JoinError> {
-    match encoding {
+/// The outcome of a blocking task (a large frame's encoding or decoding);
+/// pending while there is none.
+async fn encoded<T>(
+    task: &mut Option<JoinHandle<Result<T, FrameError>>>,
+) -> Result<Result<T, FrameError>, JoinError> {
+    match task {
         Some(handle) => handle.await,
         None => std::future::pending().await,
     }

@@ -137,6 +137,13 @@ impl Framing {
         self.decode_body(body).map(Some)
     }
 
+    /// The length of the body of the frame `src` starts with, once its
+    /// length prefix is there; fails as [`decode`](Self::decode) does for a
+    /// frame too large.
+    pub fn next_len(&self, src: &[u8]) -> Result<Option<usize>, FrameError> {
+        self.peek_len(src)
+    }
+
     /// Decodes a buffer that must hold exactly one frame.
     pub fn decode_exact(&self, frame: &[u8]) -> Result<Envelope, FrameError> {
         let needed = match self.peek_len(frame)? {
