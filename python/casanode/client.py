@@ -11,6 +11,7 @@ A Future resolves to the response dict whatever the command did: check its
 client node refuses raises SubmissionRejected; nothing was queued (rule 14).
 """
 
+import contextlib
 import queue
 import struct
 import threading
@@ -194,7 +195,9 @@ class Client:
 
         Returns a Future (or, for a list target, a list of Futures) resolving
         to the response dict; each Future's `id` is its request id."""
-        many, buffers, size = _submit_request(command, target, parameters, deadline, mode)
+        many, buffers, size = _submit_request(
+            command, target, parameters, deadline, mode, self.connection.shared
+        )
         reply = self.connection.request_buffers(_SUBMIT, buffers, size)
         futures = [self._future(rid) for rid in self._accepted(reply, many)]
         return futures if many else futures[0]
@@ -218,14 +221,14 @@ class Client:
 
     def _submit_ids(self, command, target=None, parameters=None):
         """submit, returning the request ids (a list) instead of Futures."""
-        many, buffers, size = _submit_request(command, target, parameters, None, None)
+        many, buffers, size = _submit_request(command, target, parameters, None, None, self.connection.shared)
         return self._accepted(self.connection.request_buffers(_SUBMIT, buffers, size), many)
 
     def _submit_waiting(self, command, target=None, parameters=None):
         """Sends a submission; returns a _Submission whose wait() returns
         once the submission is refused or all its responses arrived, with
         one wake-up of the calling thread."""
-        many, buffers, size = _submit_request(command, target, parameters, None, None)
+        many, buffers, size = _submit_request(command, target, parameters, None, None, self.connection.shared)
         submission = _Submission(self, many)
         self.connection.send_request(_SUBMIT, buffers, size, submission.on_reply)
         return submission
@@ -294,7 +297,7 @@ class Client:
         # client node answers them in order while they stream in.
         replies = []
         for p in parameter_sets:
-            _, buffers, size = _submit_request(command, target, p, deadline, mode)
+            _, buffers, size = _submit_request(command, target, p, deadline, mode, self.connection.shared)
             waiter = _Waiter()
             self.connection.send_request(_SUBMIT, buffers, size, waiter)
             replies.append(waiter)
@@ -493,10 +496,11 @@ class LogStream:
 _SUBMIT = body_tag("submit_request")
 
 
-def _submit_request(command, target, parameters, deadline, mode):
+def _submit_request(command, target, parameters, deadline, mode, shared=None):
     """(many, buffers, size): whether `target` is a list, and the serialized
     SubmitRequest (the bytes protobuf makes), its large parameter values as
-    buffers of their own (see values.parameter_buffers)."""
+    buffers of their own (see values.parameter_buffers), or, with `shared`
+    (a shm.SharedDir) and one request, as shared-memory references."""
     if type(command) is str:
         data = command.encode("utf-8")  # a lone surrogate raises as protobuf does
         head = b"\x0a" + _varint(len(data)) + data if data else b""
@@ -505,14 +509,17 @@ def _submit_request(command, target, parameters, deadline, mode):
     if mode is not None:
         head += b"\x10" + _varint(_MODE_BY_NAME[mode])
     buffers, size = [head], len(head)
-    if parameters:
-        for name, value in parameters.items():
-            parameter, length = values.parameter_buffers(name, value)
-            tag = b"\x1a" + _varint(length)
-            buffers.append(tag)
-            buffers += parameter
-            size += len(tag) + length
     many = isinstance(target, (list, tuple, range))
+    if many and len(target) != 1:
+        shared = None  # one file cannot serve several requests
+    if parameters:
+        with shared.removing_on_error() if shared else contextlib.nullcontext():
+            for name, value in parameters.items():
+                parameter, length = values.parameter_buffers(name, value, shared or None)
+                tag = b"\x1a" + _varint(length)
+                buffers.append(tag)
+                buffers += parameter
+                size += len(tag) + length
     tail = b""
     if target is not None:
         targets = [int(t) for t in target] if many else [int(target)]

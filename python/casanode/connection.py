@@ -28,7 +28,7 @@ import threading
 from concurrent import futures as _futures
 from concurrent.futures import Future
 
-from . import values
+from . import shm, values
 from ._pb.casa.node.v1 import envelope_pb2, node_pb2
 
 PROTOCOL_VERSION = 1
@@ -490,6 +490,35 @@ class Connection:
     def __init__(self, endpoint=None, timeout=30.0, connection_file=None):
         endpoint, conf = resolve(endpoint, connection_file)
         kind, address = _split_endpoint(endpoint)
+        # Shared memory (see shm.py) only on this host: through unix
+        # sockets, and once the Welcome's directory holds its tag.
+        wants_shared = kind == "unix" and shm.threshold() > 0
+        self.shared = None
+        while True:
+            sock = self._open(kind, address, endpoint, conf, timeout, wants_shared)
+            if not wants_shared or self.shared is not None:
+                break
+            # Refused the directory after asking for references: again,
+            # without.
+            sock.close()
+            wants_shared = False
+        self.cluster = self.welcome.cluster
+        self._sock = sock
+        self._send_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._next_correlation = 2
+        self._replies = {}
+        self._responses = {}
+        self._mapped = {}
+        self._watchers = {}
+        self._log_subscribers = []
+        self._closed = False
+        self._reader = threading.Thread(target=self._read_loop, name="casanode-reader", daemon=True)
+        self._reader.start()
+
+    def _open(self, kind, address, endpoint, conf, timeout, wants_shared):
+        """A connected, greeted socket; sets welcome and, when the
+        Welcome's shared-memory directory checks out, shared."""
         if kind == "unix":
             self.path = address
             self.endpoint = f"unix://{self.path}"
@@ -507,24 +536,20 @@ class Connection:
                     sock.connect(self.path)
                 except OSError as e:
                     raise Unreachable(f"cannot reach the casa-node front door at {self.endpoint}: {e}") from e
-            self.welcome = self._handshake(sock, conf["token"] if conf else "")
+            self.welcome = self._handshake(sock, conf["token"] if conf else "", wants_shared)
             sock.settimeout(None)
         except BaseException:
             if sock is not None:
                 sock.close()
             raise
-        self.cluster = self.welcome.cluster
-        self._sock = sock
-        self._send_lock = threading.Lock()
-        self._lock = threading.Lock()
-        self._next_correlation = 2
-        self._replies = {}
-        self._responses = {}
-        self._watchers = {}
-        self._log_subscribers = []
-        self._closed = False
-        self._reader = threading.Thread(target=self._read_loop, name="casanode-reader", daemon=True)
-        self._reader.start()
+        if wants_shared and self.welcome.shared_memory_directory:
+            try:
+                self.shared = shm.SharedDir(self.welcome.shared_memory_directory, self.welcome.shared_memory_tag)
+            except (OSError, ValueError):
+                self.shared = None
+        elif wants_shared:
+            self.shared = False  # the node offers none: nothing to refuse
+        return sock
 
     @staticmethod
     def _connect_tls(endpoint, address, cert, timeout):
@@ -549,7 +574,7 @@ class Connection:
             raise
 
     @staticmethod
-    def _handshake(sock, token=""):
+    def _handshake(sock, token="", shared_memory=False):
         hello = envelope_pb2.Envelope(protocol_version=PROTOCOL_VERSION, correlation=1)
         hello.hello.protocol_version = PROTOCOL_VERSION
         hello.hello.role = envelope_pb2.ROLE_DRIVER
@@ -557,6 +582,7 @@ class Connection:
         hello.hello.host = socket.gethostname()
         hello.hello.pid = os.getpid()
         hello.hello.token = token
+        hello.hello.shared_memory = shared_memory
         sock.sendall(encode_frame(hello))
         try:
             reply = read_frame(sock)
@@ -672,9 +698,12 @@ class Connection:
 
     def forget(self, request_ids):
         """Drops stored responses, for long-running drivers."""
+        released = []
         with self._lock:
             for rid in request_ids:
                 self._responses.pop(rid, None)
+                released += self._mapped.pop(rid, ())
+        values.release_shared(released)
 
     # ---------------------------------------------------------------- logs
 
@@ -722,7 +751,14 @@ class Connection:
 
     def _deliver(self, response):
         rid = response.id
+        mapped = None
+        if self.shared:
+            ret = response.ret if response.HasField("ret") else None
+            if ret is not None:
+                mapped = values.claim_shared(ret, self.shared)
         with self._lock:
+            if mapped:
+                self._mapped.setdefault(rid, []).extend(mapped)
             first = rid not in self._responses
             # The latest record wins: a delivery with replaces_timeout
             # replaces the timeout record sent before it (rule 21).
@@ -754,10 +790,12 @@ class Connection:
 
     def _shutdown(self):
         with self._lock:
+            mapped, self._mapped = self._mapped, {}
             self._closed = True
             replies, self._replies = self._replies, {}
             watchers, self._watchers = self._watchers, {}
             subscribers, self._log_subscribers = self._log_subscribers, []
+        values.release_shared([name for names in mapped.values() for name in names])
         for subscriber in subscribers:
             _call(subscriber, None)
         for on_reply in replies.values():

@@ -17,8 +17,11 @@ back to the same Value.
 
 import pickle
 import sys
+import threading
+import weakref
 
 from ._pb.casa.node.v1 import value_pb2
+from .shm import SharedError
 
 Value = value_pb2.Value
 
@@ -282,13 +285,110 @@ def _numpy():
 
 
 def _dec_ndarray(a):
+    if a.HasField("shared"):
+        return _make_ndarray(a.dtype, a.shape, SharedRef(a.shared.name, a.shared.length), a.scalar)
     # Each read of a bytes field copies it: read `data` once.
     return _make_ndarray(a.dtype, a.shape, a.data, a.scalar)
 
 
+class SharedRef:
+    """A SharedBytes reference as parsed: the file's name and length."""
+
+    __slots__ = ("name", "length")
+
+    def __init__(self, name, length):
+        self.name = name
+        self.length = length
+
+
+# Shared-memory files this process claimed (see claim_shared), by name: the
+# shm.Claimed file, or the SharedError that says why the reference is bad.
+_MAPPED = {}
+# Arrays this process sent through shared memory, by file name: what a
+# response's parameters (as submitted) decode to, the file being gone.
+_SENT = weakref.WeakValueDictionary()
+_shared_lock = threading.Lock()
+
+
+def _shared_memory(ref):
+    with _shared_lock:
+        memory = _MAPPED.get(ref.name)
+        sent = _SENT.get(ref.name) if memory is None else None
+    if isinstance(memory, Exception):
+        raise SharedError(str(memory))
+    if memory is None and sent is None:
+        raise SharedError(f"shared-memory file {ref.name!r} is not mapped in this process")
+    if memory is not None:
+        if memory.length != ref.length:
+            raise SharedError(f"shared-memory file {ref.name!r} is referenced with two lengths")
+        memory = memory.map()  # each decode a mapping of its own
+    return memory, sent
+
+
+def claim_shared(value, directory):
+    """Claims (opens and unlinks) the shared-memory files `value`
+    references (a Value or a SplitValue), with `directory` a shm.SharedDir;
+    returns their names, for release_shared. Each decode of the value maps
+    them afresh (copy-on-write, no copy). A bad reference is recorded:
+    decoding the value then raises SharedError saying why."""
+    names = []
+    for ref in _shared_refs(value):
+        try:
+            memory = directory.claim(ref.name, ref.length)
+        except SharedError as e:
+            memory = e
+        with _shared_lock:
+            _MAPPED[ref.name] = memory
+        names.append(ref.name)
+    return names
+
+
+def release_shared(names):
+    """Forgets the files claim_shared claimed (arrays made over them keep
+    their memory until they go)."""
+    with _shared_lock:
+        for name in names:
+            _MAPPED.pop(name, None)
+
+
+def _shared_refs(value):
+    if type(value) is SplitValue:
+        kind, data = value.kind, value.data
+        if kind == "ndarray_value":
+            if type(data[2]) is SharedRef:
+                yield data[2]
+        elif kind in ("list_value", "tuple_value"):
+            for item in data:
+                yield from _shared_refs(item)
+        elif kind == "dict_value":
+            for k, v in data:
+                yield from _shared_refs(k)
+                yield from _shared_refs(v)
+        return
+    kind = value.WhichOneof("kind")
+    if kind == "ndarray_value":
+        if value.ndarray_value.HasField("shared"):
+            shared = value.ndarray_value.shared
+            yield SharedRef(shared.name, shared.length)
+    elif kind in ("list_value", "tuple_value"):
+        for item in getattr(value, kind).items:
+            yield from _shared_refs(item)
+    elif kind == "dict_value":
+        for entry in value.dict_value.entries:
+            yield from _shared_refs(entry.key)
+            yield from _shared_refs(entry.value)
+
+
 def _make_ndarray(dtype, shape, data, scalar):
     """A writable array of its own (or an NdArray holder without numpy)
-    from the fields of an NdArray; `data` is any bytes-like object."""
+    from the fields of an NdArray; `data` is any bytes-like object, or a
+    SharedRef: the array is then the file's mapping, uncopied."""
+    mapped = False
+    if type(data) is SharedRef:
+        data, sent = _shared_memory(data)
+        if sent is not None:
+            return sent
+        mapped = True
     np = _numpy()
     if np is None:
         return NdArray(dtype, shape, data, scalar)
@@ -304,6 +404,8 @@ def _make_ndarray(dtype, shape, data, scalar):
         )
     if count == 0 or dt.itemsize == 0:
         array = np.zeros(shape, dtype=dt)
+    elif mapped:
+        array = np.frombuffer(data, dtype=dt).reshape(shape)
     else:
         array = np.frombuffer(data, dtype=dt).reshape(shape).copy()
     return array[()] if scalar else array
@@ -346,19 +448,29 @@ def parameters_to_pb(parameters):
 
 
 def parameters_from_pb(parameters):
-    """Parameter messages as a dict of name -> Python value."""
-    return {p.name: from_value(p.value) for p in parameters}
+    """Parameter messages as a dict of name -> Python value. A value sent
+    through shared memory reads as the object sent, or None once that is
+    gone (its file was the worker's to map)."""
+    out = {}
+    for p in parameters:
+        try:
+            out[p.name] = from_value(p.value)
+        except SharedError:
+            out[p.name] = None
+    return out
 
 
-def parameter_buffers(name, obj):
+def parameter_buffers(name, obj, shared=None):
     """The serialized Parameter message `name` = `obj`, as (buffers, size):
     the bytes-like pieces that concatenated make the same bytes as
     Parameter(name=name, value=to_value(obj)).SerializeToString(). Large
     leaves (arrays' data, bytes, pickles of LARGE bytes or more) are pieces
-    of their own, not copied: a C-contiguous array's own memory is one."""
+    of their own, not copied: a C-contiguous array's own memory is one.
+    With `shared` (a shm.SharedDir), arrays of its threshold or more are
+    written into files of it and travel as references."""
     if not isinstance(name, str):
         raise TypeError(f"parameter names must be str, not {type(name).__name__}: {name!r}")
-    split = _split_top(obj)
+    split = _split_top(obj, shared)
     parameter = value_pb2.Parameter(name=name)
     if split is None:
         _fill_top(parameter.value, obj)
@@ -418,9 +530,9 @@ def value_buffers(obj):
     return split
 
 
-def _split_top(obj):
+def _split_top(obj, shared=None):
     try:
-        return _split(obj, 0)
+        return _split(obj, 0, shared)
     except (_TooDeep, RecursionError):
         return None  # to_value pickles it whole
 
@@ -449,6 +561,17 @@ def _ndarray_value(dtype, shape, data, size, scalar):
     return _field(b"\x62", buffers, size)
 
 
+def _shared_ndarray_value(np, shared, obj):
+    """A Value holding an NdArray whose elements went into a new file of
+    the shared-memory directory."""
+    name = shared.write_array(np, obj)
+    _SENT[name] = obj
+    message = value_pb2.NdArray(
+        dtype=obj.dtype.str, shape=obj.shape, shared=value_pb2.SharedBytes(name=name, length=obj.nbytes)
+    ).SerializeToString()
+    return _field(b"\x62", [message], len(message))
+
+
 def _array_buffer(np, obj):
     """The array's bytes in C order, as a buffer: its own memory when it is
     C-contiguous, else a copy."""
@@ -464,7 +587,7 @@ def _small(obj, depth):
     return [data], len(data)
 
 
-def _split(obj, depth):
+def _split(obj, depth, shared=None):
     """obj's serialized Value as (buffers, size) with its large leaves as
     buffers of their own, or None when it has none (protobuf encodes it
     then). Raises _TooDeep as _fill does."""
@@ -476,7 +599,7 @@ def _split(obj, depth):
     if t is list or t is tuple:
         if not obj or len(obj) > _SPLIT_ITEMS:
             return None
-        parts = [_split(item, depth + 2) for item in obj]
+        parts = [_split(item, depth + 2, shared) for item in obj]
         if not any(parts):
             return None
         buffers, size = [], 0
@@ -489,7 +612,7 @@ def _split(obj, depth):
     if t is dict:
         if not obj or len(obj) > _SPLIT_ITEMS:
             return None
-        parts = [(_split(k, depth + 3), _split(v, depth + 3)) for k, v in obj.items()]
+        parts = [(_split(k, depth + 3, shared), _split(v, depth + 3, shared)) for k, v in obj.items()]
         if not any(k or v for k, v in parts):
             return None
         buffers, size = [], 0
@@ -509,6 +632,8 @@ def _split(obj, depth):
     np = sys.modules.get("numpy")
     if np is not None:
         if t is np.ndarray and _plain_dtype(obj.dtype):
+            if shared is not None and shared.threshold and obj.nbytes >= max(shared.threshold, 1):
+                return _shared_ndarray_value(np, shared, obj)
             if obj.nbytes < LARGE:
                 return None
             return _ndarray_value(obj.dtype.str, obj.shape, _array_buffer(np, obj), obj.nbytes, False)
@@ -641,6 +766,7 @@ def _parse_split(view, depth):
         return SplitValue(_SPLIT_BYTES[number], data)
     if number == 12:
         dtype, shape, array, scalar = "", [], b"", False
+        shared = None
         for n, w, v, _, _ in fields(data):
             if n == 1 and w == 2:
                 dtype = str(v, "utf-8")
@@ -655,8 +781,12 @@ def _parse_split(view, depth):
                 array = v
             elif n == 4 and w == 0:
                 scalar = bool(v)
-            elif n in (1, 2, 3, 4):
+            elif n == 5 and w == 2:
+                shared = value_pb2.SharedBytes.FromString(bytes(v))
+            elif n in (1, 2, 3, 4, 5):
                 raise Irregular("wire type")
+        if shared is not None:
+            array = SharedRef(shared.name, shared.length)
         return SplitValue("ndarray_value", (dtype, shape, array, scalar))
     if number == 8 or number == 9:
         items = [parse_value(v, depth + 2) for v in _large_items(data)]

@@ -7,10 +7,32 @@ import numpy as np
 import pytest
 
 import casanode
+import clusters
 from casanode import connection
 
 ARRAY = np.random.default_rng(9).random(1 << 20)  # 8 MiB
 BLOB = bytes(range(256)) * 4096  # 1 MiB
+
+
+@pytest.fixture(scope="module")
+def client(cluster):
+    """A driver that does not use shared memory (test_shared_memory.py
+    covers that), so values travel inline: the workers' large return values
+    are put inline by the client node."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CASA_NODE_SHM_THRESHOLD", "0")
+        client = casanode.connect(cluster.endpoint)
+    assert not client.connection.shared
+    yield client
+    client.close()
+
+
+@pytest.fixture
+def seed_client(cluster):
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("CASA_NODE_SHM_THRESHOLD", "0")
+        with clusters.seed_session(cluster.endpoint) as client:
+            yield client
 
 
 def test_a_large_array_comes_back_equal_and_writable(client):

@@ -197,6 +197,7 @@ fn online_core(servers: usize, now: Instant) -> ClientCore {
             rank,
             host: host_name(rank),
             pid: 10_000 + rank as u32,
+            shared_memory: false,
         };
         core.handle(
             rank,

@@ -338,6 +338,7 @@ impl Client {
                 pid: std::process::id(),
                 rank: 0,
                 token,
+                shared_memory: false,
             }),
         );
         let hello = framing

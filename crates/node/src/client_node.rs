@@ -2,7 +2,7 @@
 //! the front door and `ClientCore`, keeps the clock, and writes the
 //! unified log. Every decision is the core's.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use casa_node_protocol::pb::{
     SubmitReply, SubmitRequest, Welcome, submit_reply,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Transport, TransportError,
+    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Transport, TransportError,
     TransportEvent, WallClock, check_hello, check_version,
 };
 use futures::FutureExt;
@@ -21,6 +21,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::front_door::{DriverEvent, FrontDoor};
 use crate::log::LogSink;
+use crate::shm;
 use crate::syntax::SyntaxChecker;
 
 /// A submission on its way through the syntax check, in arrival order.
@@ -106,6 +107,20 @@ pub struct ClientNodeConfig {
     /// larger than this is delivered without its return value and
     /// parameters, as failed, saying why.
     pub max_frame: usize,
+    /// The cluster's shared-memory directory, when shared memory is on.
+    pub shared: Option<SharedConfig>,
+}
+
+/// The cluster's shared-memory directory as the client node uses it.
+#[derive(Debug)]
+pub struct SharedConfig {
+    /// The directory, removed when the client node's loop ends.
+    pub dir: shm::SharedDir,
+    /// Its path.
+    pub directory: PathBuf,
+    /// Whether drivers are told of it (only on unix:// front doors: a tcp
+    /// driver may be on another host).
+    pub drivers: bool,
 }
 
 /// At most this many events already queued are taken before a timer tick.
@@ -123,6 +138,11 @@ struct Driver {
     outbox: mpsc::UnboundedSender<Envelope>,
     greeted: bool,
     logs: Option<LogLevel>,
+    /// The driver reads shared-memory references (its Hello said so, and
+    /// it was told of the directory).
+    shared: bool,
+    /// Its process id, from its Hello.
+    pid: u32,
 }
 
 /// Runs the client node until services are stopped: by a driver, or when
@@ -154,6 +174,9 @@ pub async fn run<T: Transport>(
         ready: false,
         pending: pending_tx,
         max_frame: config.max_frame,
+        shared: config.shared.take(),
+        shared_ranks: HashSet::new(),
+        request_files: HashMap::new(),
     };
     let now = Instant::now();
     for rank in transport.peers() {
@@ -228,6 +251,9 @@ pub async fn run<T: Transport>(
         task.abort();
     }
     drop(node.pending);
+    // The directory goes with everything in it, before the transport's
+    // shutdown (which under MPI may be cut short).
+    drop(node.shared.take());
     let _ = checker.await;
     let _ = transport.shutdown().await;
     result
@@ -243,6 +269,14 @@ struct Node<'a> {
     ready: bool,
     pending: mpsc::UnboundedSender<Pending>,
     max_frame: usize,
+    shared: Option<SharedConfig>,
+    /// The servers whose START answer said they can use the directory.
+    shared_ranks: HashSet<Rank>,
+    /// The shared-memory files each pending request's parameters
+    /// reference: unlinked when its response is delivered (the worker has
+    /// unlinked them already when it decoded them; when it never did, they
+    /// would be left behind).
+    request_files: HashMap<u64, Vec<String>>,
 }
 
 impl Node<'_> {
@@ -254,6 +288,11 @@ impl Node<'_> {
         let now = Instant::now();
         match event? {
             TransportEvent::Message { from, envelope } => {
+                if let Some(Body::ControlResponse(response)) = &envelope.body {
+                    if response.shared_memory && self.shared.is_some() {
+                        self.shared_ranks.insert(from);
+                    }
+                }
                 if let Err(e) = self.core.handle(from, envelope, now) {
                     self.warn(&format!("dropped a message: {e}"));
                 }
@@ -263,7 +302,10 @@ impl Node<'_> {
                     self.warn(&e.to_string());
                 }
             }
-            TransportEvent::PeerLost(rank) => self.core.server_lost(rank),
+            TransportEvent::PeerLost(rank) => {
+                self.shared_ranks.remove(&rank);
+                self.core.server_lost(rank);
+            }
         }
         Ok(())
     }
@@ -276,11 +318,17 @@ impl Node<'_> {
         let mut stopped = false;
         while let Some(action) = self.core.poll_action() {
             match action {
-                Action::Send { to, envelope } => {
+                Action::Send { to, mut envelope } => {
                     let request = match &envelope.body {
                         Some(Body::CommandRequest(r)) => Some(r.id),
                         _ => None,
                     };
+                    if let Err(e) = self.inline_for(to, &mut envelope) {
+                        if let Some(id) = request {
+                            self.core.send_failed(id, &e.to_string());
+                        }
+                        continue;
+                    }
                     match transport.send(to, envelope).await {
                         Ok(()) => {}
                         Err(
@@ -297,7 +345,11 @@ impl Node<'_> {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                Action::Deliver { driver, delivery } => {
+                Action::Deliver {
+                    driver,
+                    mut delivery,
+                } => {
+                    self.release_files(&mut delivery, driver);
                     if self.drivers.contains_key(&driver) {
                         let envelope = Envelope::new(Body::ResponseDelivery(delivery));
                         let envelope = self.deliverable(envelope);
@@ -324,6 +376,70 @@ impl Node<'_> {
             }
         }
         Ok(stopped)
+    }
+
+    /// Puts inline the shared-memory references of a request for server
+    /// `to` when `to` cannot read the directory.
+    fn inline_for(&self, to: Rank, envelope: &mut Envelope) -> Result<(), shm::ShmError> {
+        let (Some(shared), Some(Body::CommandRequest(request))) =
+            (&self.shared, &mut envelope.body)
+        else {
+            return Ok(());
+        };
+        if self.shared_ranks.contains(&to) {
+            return Ok(());
+        }
+        for value in request
+            .parameters
+            .iter_mut()
+            .filter_map(|p| p.value.as_mut())
+        {
+            shm::inline(&shared.directory, value)?;
+        }
+        Ok(())
+    }
+
+    /// Before a response goes to `driver`: unlinks the files its request's
+    /// parameters referenced (gone already when the worker read them), and
+    /// the files of its return value when the driver is gone; puts the
+    /// return value inline for a driver that does not read references.
+    fn release_files(
+        &mut self,
+        delivery: &mut casa_node_protocol::pb::ResponseDelivery,
+        driver: DriverId,
+    ) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let Some(response) = delivery.response.as_mut() else {
+            return;
+        };
+        for name in self.request_files.remove(&response.id).unwrap_or_default() {
+            shm::unlink(&shared.directory, &name);
+        }
+        let Some(ret) = response.ret.as_mut() else {
+            return;
+        };
+        match self.drivers.get(&driver) {
+            Some(d) if d.shared => {}
+            Some(_) => {
+                if let Err(e) = shm::inline(&shared.directory, ret) {
+                    let why = format!("casa-node: the return value could not be read: {e}");
+                    let mut names = Vec::new();
+                    shm::for_each_shared(ret, &mut |s| names.push(s.name.clone()));
+                    for name in names {
+                        shm::unlink(&shared.directory, &name);
+                    }
+                    response.ret = Some(casa_node_protocol::pb::Value::none());
+                    response.successful = false;
+                    response.traceback = Some(match response.traceback.take() {
+                        Some(traceback) => format!("{why}\n{traceback}"),
+                        None => why,
+                    });
+                }
+            }
+            None => shm::for_each_shared(ret, &mut |s| shm::unlink(&shared.directory, &s.name)),
+        }
     }
 
     /// `envelope`, or, for a response record too large for the front door,
@@ -384,11 +500,18 @@ impl Node<'_> {
                         outbox,
                         greeted: false,
                         logs: None,
+                        shared: false,
+                        pid: 0,
                     },
                 );
             }
             DriverEvent::Disconnected { driver } => {
-                self.drivers.remove(&driver);
+                if let Some(d) = self.drivers.remove(&driver) {
+                    // Values it was writing when it went.
+                    if let (true, Some(shared)) = (d.shared, &self.shared) {
+                        shm::sweep_tmp(&shared.directory, d.pid);
+                    }
+                }
             }
             DriverEvent::Refused { message } => self.warn(&message),
             DriverEvent::Request { driver, envelope } => {
@@ -468,9 +591,20 @@ impl Node<'_> {
 
     /// Submits a checked request, or rejects it, and answers the driver.
     fn on_checked(&mut self, checked: Checked) {
+        let files = match (&checked.result, &self.shared) {
+            (Ok(request), Some(_)) => shm::parameter_names(&request.parameters),
+            _ => Vec::new(),
+        };
         let outcome = match checked.result {
             Ok(request) => match self.core.submit(checked.driver, request) {
-                Ok(ids) => submit_reply::Outcome::Accepted(submit_reply::Accepted { ids }),
+                Ok(ids) => {
+                    if !files.is_empty() {
+                        for &id in &ids {
+                            self.request_files.insert(id, files.clone());
+                        }
+                    }
+                    submit_reply::Outcome::Accepted(submit_reply::Accepted { ids })
+                }
                 Err(rejection) => submit_reply::Outcome::Rejected(submit_reply::Rejected {
                     reason: rejection.reason.into(),
                     message: rejection.message,
@@ -481,6 +615,11 @@ impl Node<'_> {
                 message: format!("the command is neither an expression nor statements: {error}"),
             }),
         };
+        if let (submit_reply::Outcome::Rejected(_), Some(shared)) = (&outcome, &self.shared) {
+            for name in &files {
+                shm::unlink(&shared.directory, name);
+            }
+        }
         if let Some(d) = self.drivers.get(&checked.driver) {
             let reply = Body::SubmitReply(SubmitReply {
                 outcome: Some(outcome),
@@ -495,14 +634,20 @@ impl Node<'_> {
     /// `Hello` of this protocol version; anything else is refused and the
     /// connection closed.
     fn greet(&mut self, driver: DriverId, envelope: Envelope) -> (Body, bool) {
-        if let Err(refusal) = check_hello(envelope, Role::Driver, "the front door") {
-            let refusal = refusal
-                .body
-                .unwrap_or_else(|| error_body(ProtocolErrorCode::Malformed, "refused".to_owned()));
-            return (refusal, true);
-        }
+        let told = self.shared.as_ref().filter(|s| s.drivers);
+        let hello = match check_hello(envelope, Role::Driver, "the front door") {
+            Ok(hello) => hello,
+            Err(refusal) => {
+                let refusal = refusal.body.unwrap_or_else(|| {
+                    error_body(ProtocolErrorCode::Malformed, "refused".to_owned())
+                });
+                return (refusal, true);
+            }
+        };
+        let reads_shared = (hello.shared_memory && told.is_some(), hello.pid);
         if let Some(d) = self.drivers.get_mut(&driver) {
             d.greeted = true;
+            (d.shared, d.pid) = reads_shared;
         }
         let welcome = Body::Welcome(Box::new(Welcome {
             protocol_version: PROTOCOL_VERSION,
@@ -510,6 +655,10 @@ impl Node<'_> {
             software: format!("casa-node {}", env!("CARGO_PKG_VERSION")),
             rank: 0,
             cluster: Some(self.core.cluster_info()),
+            shared_memory_directory: told
+                .map(|s| s.directory.display().to_string())
+                .unwrap_or_default(),
+            shared_memory_tag: told.map(|s| s.dir.tag().to_owned()).unwrap_or_default(),
         }));
         (welcome, false)
     }

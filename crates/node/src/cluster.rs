@@ -15,11 +15,12 @@ use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
 use crate::casa::{self, Casa};
-use crate::client_node::{self, ClientNodeConfig, ClientNodeError};
+use crate::client_node::{self, ClientNodeConfig, ClientNodeError, SharedConfig};
 use crate::connection_file::{ConnectionFile, ConnectionFileError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
 use crate::front_door::{FrontDoor, FrontDoorError};
 use crate::log::LogSink;
+use crate::shm;
 
 /// Settings of `casa-node up`.
 #[derive(Debug, Clone)]
@@ -238,6 +239,32 @@ pub async fn serve<T: Transport + 'static>(
             links.servers
         ),
     });
+    // Removed, with everything in it, when the client node's loop ends.
+    let shared_dir = shm::enabled()
+        .then(|| match shm::SharedDir::create() {
+            Ok(dir) => Some(dir),
+            Err(e) => {
+                tracing::warn!("shared memory is off: {}: {e}", shm::BASE);
+                None
+            }
+        })
+        .flatten();
+    let mut start = start_settings(options.log_level, options.casa.as_ref());
+    if let Some(dir) = &shared_dir {
+        start.environment.push(EnvironmentVariable {
+            name: shm::SHM_DIR_VAR.into(),
+            value: dir.path().display().to_string(),
+        });
+        start.environment.push(EnvironmentVariable {
+            name: shm::SHM_TAG_VAR.into(),
+            value: dir.tag().to_owned(),
+        });
+    }
+    let shared = shared_dir.map(|dir| SharedConfig {
+        directory: dir.path().to_owned(),
+        dir,
+        drivers: matches!(front, FrontDoorEndpoint::Unix(_)),
+    });
     let mut children = spawn(&links)?;
     let config = ClientNodeConfig {
         core: ClientConfig {
@@ -246,12 +273,13 @@ pub async fn serve<T: Transport + 'static>(
             heartbeat: options.heartbeat,
             timeout: options.timeout,
             default_deadline: options.command_timeout,
-            start: start_settings(options.log_level, options.casa.as_ref()),
+            start,
             expected_servers: links.servers,
         },
         log,
         python: Some(options.python.clone()),
         max_frame: framing.max_frame(),
+        shared,
     };
     let (ready_tx, ready_rx) = oneshot::channel();
     let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));

@@ -413,7 +413,7 @@ pub fn tcp_host(endpoint: &FrontDoorEndpoint) -> Option<String> {
     Some(host.to_owned())
 }
 
-fn random() -> Result<[u8; SECRET_BYTES], String> {
+pub(crate) fn random() -> Result<[u8; SECRET_BYTES], String> {
     let mut bytes = [0u8; SECRET_BYTES];
     rustls::crypto::ring::default_provider()
         .secure_random

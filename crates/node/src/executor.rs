@@ -856,6 +856,15 @@ impl Executor {
             return;
         }
         let dead = self.worker.take().expect("checked above");
+        // Values it was writing into shared memory when it died.
+        if let Some((_, dir)) = self
+            .config
+            .environment
+            .iter()
+            .find(|(name, _)| name == crate::shm::SHM_DIR_VAR)
+        {
+            crate::shm::sweep_tmp(std::path::Path::new(dir), dead.pid);
+        }
         self.streams.retain(|s| s.generation != generation);
         self.on_death(dead);
     }

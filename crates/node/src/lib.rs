@@ -18,6 +18,7 @@ pub mod mpi;
 pub mod packages;
 pub mod run;
 pub mod server_node;
+pub mod shm;
 pub mod signals;
 pub mod syntax;
 pub mod tuning;

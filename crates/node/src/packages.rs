@@ -23,6 +23,7 @@ pub const CASANODE: Files = files!(
     "casanode/client.py",
     "casanode/connection.py",
     "casanode/seed.py",
+    "casanode/shm.py",
     "casanode/values.py",
     "casanode/_pb/__init__.py",
     "casanode/_pb/casa/__init__.py",

@@ -5,18 +5,19 @@
 //! worker never makes its server look dead (rule 24).
 
 use std::future::Future;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
-use casa_node_protocol::pb::{CommandRequest, Envelope, LogLevel};
+use casa_node_protocol::pb::{CommandRequest, ControlRequest, Envelope, LogLevel, control_request};
 use casa_node_protocol::{
     ExecOutcome, ServerAction, ServerConfig, ServerCore, Transport, TransportError, TransportEvent,
     WallClock,
 };
 
 use crate::executor::{Executor, ExecutorConfig, ExecutorError, ExecutorEvent};
+use crate::shm;
 
 /// Settings of a server node.
 #[derive(Debug, Clone)]
@@ -82,7 +83,8 @@ pub async fn run<T: Transport>(
             event = transport.recv() => {
                 let now = Instant::now();
                 match event {
-                    Ok(TransportEvent::Message { from, envelope }) => {
+                    Ok(TransportEvent::Message { from, mut envelope }) => {
+                        shm_check(&mut envelope);
                         if matches!(envelope.body, Some(Body::PingRequest(_))) {
                             node.update_resources();
                         }
@@ -120,6 +122,34 @@ pub async fn run<T: Transport>(
                 )));
             }
         }
+    }
+}
+
+/// Leaves the cluster's shared-memory directory in a START only when this
+/// server can use it (its tag file holds START's tag: the same host), so
+/// that the worker is told of it and the answer says so.
+fn shm_check(envelope: &mut Envelope) {
+    let Some(Body::ControlRequest(ControlRequest {
+        action: Some(control_request::Action::Start(start)),
+    })) = &mut envelope.body
+    else {
+        return;
+    };
+    let var = |name: &str| {
+        start
+            .environment
+            .iter()
+            .find(|v| v.name == name)
+            .map(|v| v.value.clone())
+    };
+    let usable = match (var(shm::SHM_DIR_VAR), var(shm::SHM_TAG_VAR)) {
+        (Some(dir), Some(tag)) => shm::usable(Path::new(&dir), &tag),
+        _ => false,
+    };
+    if !usable {
+        start
+            .environment
+            .retain(|v| v.name != shm::SHM_DIR_VAR && v.name != shm::SHM_TAG_VAR);
     }
 }
 

@@ -57,8 +57,10 @@ import builtins
 import faulthandler
 import io
 import logging
+import mmap
 import os
 import pickle
+import re
 import select
 import signal
 import struct
@@ -109,6 +111,130 @@ _unpack_len = struct.Struct(">I").unpack_from
 
 class DecodeError(ValueError):
     """A frame that is not valid protobuf for the message expected."""
+
+
+# ---------------------------------------------------------------------------
+# Shared memory (SharedBytes in value.proto): with CASA_NODE_SHM_DIR set (the
+# server node leaves it in START only when this host holds the cluster's
+# directory), parameters may arrive as files of that directory, mapped here
+# copy-on-write and unlinked, and return values of CASA_NODE_SHM_THRESHOLD
+# bytes or more (1 MiB by default; 0: never) leave as such files.
+
+_SHM_NAME = re.compile(r"[A-Za-z0-9_.-]{1,100}\Z")
+_shm_state = {"key": None, "dir": None}
+
+
+class _ShmDir(object):
+    def __init__(self, path, tag):
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            st = os.fstat(fd)
+            if st.st_uid != os.getuid() or st.st_mode & 0o077:
+                raise ValueError("%s is not a private directory of this user" % path)
+            tfd = os.open("tag", os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=fd)
+            try:
+                found = os.read(tfd, 256).decode("ascii", "replace")
+            finally:
+                os.close(tfd)
+            if not tag or found != tag:
+                raise ValueError("%s is not this cluster's directory" % path)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        text = os.environ.get("CASA_NODE_SHM_THRESHOLD", "").strip()
+        try:
+            self.threshold = int(text) if text else 1 << 20
+        except ValueError:
+            self.threshold = 1 << 20
+
+    def unlink(self, name):
+        try:
+            os.unlink(name, dir_fd=self.fd)
+        except OSError:
+            pass
+
+    def map(self, name, length):
+        if not (_SHM_NAME.match(name) and not name.startswith(".")):
+            raise ValueError("invalid shared-memory file name %r" % (name,))
+        try:
+            fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, dir_fd=self.fd)
+        except OSError as e:
+            raise ValueError("shared-memory file %r: %s" % (name, e.strerror))
+        try:
+            st = os.fstat(fd)
+            if not (st.st_mode & 0o170000 == 0o100000):
+                raise ValueError("shared-memory file %r: not a regular file" % (name,))
+            if st.st_uid != os.getuid():
+                raise ValueError("shared-memory file %r: belongs to another user" % (name,))
+            if st.st_size < length:
+                raise ValueError(
+                    "shared-memory file %r: %d bytes, shorter than the %d of the value"
+                    % (name, st.st_size, length)
+                )
+            if length:
+                memory = mmap.mmap(fd, length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
+            else:
+                memory = bytearray()
+        finally:
+            os.close(fd)
+        self.unlink(name)
+        return memory
+
+    def write_array(self, np, a):
+        tmp = "tmp-%d-%s" % (os.getpid(), os.urandom(8).hex())
+        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        fd = os.open(tmp, flags, 0o600, dir_fd=self.fd)
+        try:
+            n = a.nbytes
+            if a.flags.c_contiguous:
+                view = memoryview(a.reshape(-1).view(np.uint8))
+                done = 0
+                while done < n:
+                    done += os.write(fd, view[done:done + (1 << 30)])
+            else:
+                os.posix_fallocate(fd, 0, n)
+                with mmap.mmap(fd, n, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ | mmap.PROT_WRITE) as mm:
+                    target = np.frombuffer(mm, dtype=a.dtype).reshape(a.shape)
+                    np.copyto(target, a)
+                    del target
+            name = "v-" + os.urandom(12).hex()
+            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+            return name
+        except BaseException:
+            self.unlink(tmp)
+            raise
+        finally:
+            os.close(fd)
+
+
+def _shm():
+    """The cluster's shared-memory directory, or None when this worker may
+    not use one."""
+    key = (os.environ.get("CASA_NODE_SHM_DIR", ""), os.environ.get("CASA_NODE_SHM_TAG", ""))
+    if key != _shm_state["key"]:
+        _shm_state["key"] = key
+        old, _shm_state["dir"] = _shm_state["dir"], None
+        if old is not None:
+            os.close(old.fd)
+        if key[0]:
+            try:
+                _shm_state["dir"] = _ShmDir(key[0], key[1])
+            except (OSError, ValueError):
+                pass
+    return _shm_state["dir"]
+
+
+# Files written for the value being encoded: unlinked if it is not sent.
+_written = []
+
+
+def _unlink_written():
+    d = _shm()
+    for name in _written:
+        if d is not None:
+            d.unlink(name)
+    del _written[:]
 
 
 # ---------------------------------------------------------------------------
@@ -402,6 +528,7 @@ def _dec_ndarray(buf, mv, pos, end, raw):
     shape = []
     data = mv[0:0]
     scalar = False
+    shared = None
     while pos < end:
         tag, pos = _tag(buf, pos)
         if tag == 0x0A:
@@ -422,9 +549,30 @@ def _dec_ndarray(buf, mv, pos, end, raw):
         elif tag == 0x20:
             n, pos = _varint(buf, pos)
             scalar = n != 0
+        elif tag == 0x2A:  # shared: SharedBytes
+            a, pos = _span(buf, pos, end)
+            name, length = "", 0
+            while a < pos:
+                t, a = _tag(buf, a)
+                if t == 0x0A:
+                    s, a = _span(buf, a, pos)
+                    name = str(mv[s:a], "utf-8")
+                elif t == 0x10:
+                    length, a = _varint(buf, a)
+                else:
+                    a = _skip(buf, a, t & 7, pos)
+            _ended(a, pos)
+            shared = (name, length)
         else:
             pos = _skip(buf, pos, tag & 7, end)
     _ended(pos, end)
+    if shared is not None:
+        d = _shm()
+        if d is None:
+            raise ValueError("a shared-memory value, and this worker has no shared-memory directory")
+        data = d.map(shared[0], shared[1])
+        if raw or _numpy() is None:
+            return NdArray(dtype, shape, bytes(data), scalar)
     if raw:
         return NdArray(dtype, shape, data, scalar)
     return _make_ndarray(dtype, shape, data, scalar)
@@ -727,7 +875,7 @@ def _enc_complex(v, parts):
     return 20
 
 
-def _enc_ndarray(dtype, shape, data, scalar, parts):
+def _enc_ndarray(dtype, shape, data, scalar, parts, shared=None):
     if _depth[0] + 2 > _MAX_DEPTH:  # Value, NdArray
         raise _TooDeep()
     slot = len(parts)
@@ -748,6 +896,12 @@ def _enc_ndarray(dtype, shape, data, scalar, parts):
     if scalar:
         parts.append(b"\x20\x01")
         n += 2
+    if shared is not None:
+        name = shared[0].encode("ascii")
+        body = b"\x0a" + _uv(len(name)) + name + b"\x10" + _uv(shared[1])
+        b = b"\x2a" + _uv(len(body)) + body
+        parts.append(b)
+        n += len(b)
     head = b"\x62" + _uv(n)
     parts[slot] = head
     return len(head) + n
@@ -811,6 +965,14 @@ def _plain_dtype(dt):
 def _enc_numpy_array(np, a, parts):
     if type(a) is not np.ndarray or not _plain_dtype(a.dtype):
         return _enc_pickled_object(a, parts)
+    if a.nbytes >= _BIG:
+        d = _shm()
+        if d is not None and d.threshold and a.nbytes >= d.threshold:
+            if _depth[0] + 2 > _MAX_DEPTH:
+                raise _TooDeep()
+            name = d.write_array(np, a)
+            _written.append(name)
+            return _enc_ndarray(a.dtype.str, a.shape, b"", False, parts, (name, a.nbytes))
     if a.nbytes >= _BIG and a.flags.c_contiguous:
         data = memoryview(a.reshape(-1).view(np.uint8))
     else:
@@ -829,12 +991,17 @@ def _encode_value(v):
     native encoding are pickled whole."""
     parts = []
     _depth[0] = 0
+    del _written[:]
     try:
         n = _enc_value(v, parts)
     except (RecursionError, _TooDeep):
+        _unlink_written()
         _depth[0] = 0
         parts = []
         n = _enc_pickled_object(v, parts)
+    except BaseException:
+        _unlink_written()
+        raise
     return parts, n
 
 
@@ -1441,6 +1608,7 @@ class _Worker(object):
 
     def _decode_params(self, body, mv, params):
         values = []
+        failure = None
         for name, span in params:
             if span is None:
                 values.append((name, None))
@@ -1448,9 +1616,12 @@ class _Worker(object):
             try:
                 values.append((name, _dec_value(body, mv, span[0], span[1], False)))
             except Exception as e:
-                raise ValueError(
-                    "parameter %r could not be decoded: %s: %s" % (name, type(e).__name__, e)
-                ) from None
+                # The others are still decoded: their shared-memory files
+                # are unlinked once mapped.
+                if failure is None:
+                    failure = "parameter %r could not be decoded: %s: %s" % (name, type(e).__name__, e)
+        if failure is not None:
+            raise ValueError(failure)
         return values
 
     def _run(self, body, a, b):

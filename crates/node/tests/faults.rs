@@ -391,6 +391,7 @@ impl Driver {
             pid: std::process::id(),
             rank: 0,
             token: String::new(),
+            shared_memory: false,
         });
         write_frame(&mut stream, &Envelope::correlated(1, hello)).expect("Hello is sent");
         match read_frame(&mut stream)

@@ -294,6 +294,7 @@ fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
                 .map(|i| seed.get(i % seed.len().max(1)).copied().unwrap_or(0) ^ (i as u8))
                 .collect();
             NdArray {
+                shared: None,
                 dtype: dtype.to_owned(),
                 shape,
                 data: Bytes::from(data),
@@ -307,6 +308,7 @@ fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
         any::<bool>(),
     )
         .prop_map(|(dtype, shape, data, scalar)| NdArray {
+            shared: None,
             dtype,
             shape,
             data: Bytes::from(data),

@@ -40,7 +40,10 @@ pub use envelope::{PROTOCOL_VERSION, check_hello, check_version};
 pub use error::{FrameError, TransportError, ValueError};
 pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX, OFFLOAD_THRESHOLD};
 pub use scan::{DECODE_EXPANSION, DECODE_SLACK, MAX_VALUE_DEPTH};
-pub use server::{ExecOutcome, Interruption, LAST_CHANCE, ServerAction, ServerConfig, ServerCore};
+pub use server::{
+    ExecOutcome, Interruption, LAST_CHANCE, SHM_DIR_VAR, SHM_TAG_VAR, ServerAction, ServerConfig,
+    ServerCore,
+};
 pub use transport::{Transport, TransportEvent};
 
 /// A process's place in the cluster: 0 for the client node, 1.. for servers.

@@ -410,6 +410,7 @@ impl ServerCore {
             rank: self.config.rank,
             host: self.config.host.clone(),
             pid: self.config.pid,
+            shared_memory: false,
         };
         self.send(Envelope::correlated(
             correlation,
@@ -439,12 +440,25 @@ impl ServerCore {
     fn on_control(&mut self, correlation: u64, action: control_request::Action, now: Instant) {
         match action {
             control_request::Action::Start(start) => {
+                // The node leaves the directory in START only when this
+                // server can use it (same host, tag read back).
+                let shared_memory = start
+                    .environment
+                    .iter()
+                    .any(|v| v.name == SHM_DIR_VAR && !v.value.is_empty());
                 if self.phase == Phase::Waiting {
                     self.phase = Phase::Serving;
                     self.log_level = level_or_info(start.log_level());
                     self.actions.push_back(ServerAction::Configure(start));
                 }
                 self.reply_control(correlation, None);
+                if let Some(ServerAction::Send(Envelope {
+                    body: Some(Body::ControlResponse(response)),
+                    ..
+                })) = self.actions.back_mut()
+                {
+                    response.shared_memory = shared_memory;
+                }
                 self.dispatch(now);
             }
             control_request::Action::Stop(stop) => {
@@ -557,6 +571,13 @@ impl ServerCore {
         self.actions.push_back(ServerAction::Exit);
     }
 }
+
+/// The START environment variable naming the cluster's shared-memory
+/// directory (see `SharedBytes` in value.proto).
+pub const SHM_DIR_VAR: &str = "CASA_NODE_SHM_DIR";
+/// The START environment variable holding the tag the directory's file
+/// `tag` must contain.
+pub const SHM_TAG_VAR: &str = "CASA_NODE_SHM_TAG";
 
 fn level_or_info(level: LogLevel) -> LogLevel {
     match level {

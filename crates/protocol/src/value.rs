@@ -69,6 +69,7 @@ impl Value {
             shape,
             data,
             scalar,
+            shared: None,
         })
         .into()
     }
@@ -420,6 +421,14 @@ impl fmt::Display for Value {
                 f.write_str("}")
             }
             Kind::ComplexValue(c) => write_complex(f, c),
+            Kind::NdarrayValue(a) if a.shared.is_some() => {
+                let shared = a.shared.as_ref().expect("matched");
+                write!(
+                    f,
+                    "array(dtype='{}', shape={:?}, <{} bytes in shared memory {:?}>)",
+                    a.dtype, a.shape, shared.length, shared.name
+                )
+            }
             Kind::NdarrayValue(a) if a.scalar => {
                 write!(f, "numpy.{}(<{} bytes>)", a.dtype, a.data.len())
             }

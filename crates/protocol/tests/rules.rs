@@ -1235,3 +1235,51 @@ fn rule_27_a_graceful_stop_lets_a_command_held_for_a_starting_worker_run() {
         "{actions:?}"
     );
 }
+
+#[test]
+fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
+    let t0 = Instant::now();
+    let answer = |environment: Vec<casa_node_protocol::pb::EnvironmentVariable>| {
+        let config = ServerConfig {
+            rank: 1,
+            host: "h".into(),
+            pid: 1,
+            kill_grace: GRACE,
+            client_timeout: None,
+        };
+        let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
+        let start = control_request::Action::Start(Start {
+            environment,
+            ..Start::default()
+        });
+        let envelope = Envelope::correlated(
+            7,
+            Body::ControlRequest(casa_node_protocol::pb::ControlRequest {
+                action: Some(start),
+            }),
+        );
+        server.handle(0, envelope, t0).unwrap();
+        std::iter::from_fn(|| server.poll_action())
+            .find_map(|a| match a {
+                ServerAction::Send(Envelope {
+                    correlation: 7,
+                    body: Some(Body::ControlResponse(r)),
+                    ..
+                }) => Some(r),
+                _ => None,
+            })
+            .expect("START is answered")
+    };
+    let var = |name: &str, value: &str| casa_node_protocol::pb::EnvironmentVariable {
+        name: name.into(),
+        value: value.into(),
+    };
+    // The server node leaves the directory in START only when it checked.
+    let with = answer(vec![
+        var(casa_node_protocol::SHM_DIR_VAR, "/dev/shm/casa-node-0-1-ab"),
+        var(casa_node_protocol::SHM_TAG_VAR, "t"),
+    ]);
+    assert!(with.ok && with.shared_memory);
+    let without = answer(vec![var("OTHER", "1")]);
+    assert!(without.ok && !without.shared_memory);
+}

@@ -1098,6 +1098,8 @@ impl Engine {
                     software: crate::software(),
                     rank,
                     cluster: None,
+                    shared_memory_directory: String::new(),
+                    shared_memory_tag: String::new(),
                 }
                 .into(),
             ),

@@ -517,6 +517,7 @@ impl ZmqTransport {
                 pid: std::process::id(),
                 rank: requested_rank,
                 token: String::new(),
+                shared_memory: false,
             }),
         );
         let hello = framing.encode_body(&hello)?;

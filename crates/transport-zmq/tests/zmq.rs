@@ -61,6 +61,7 @@ fn hello_bytes(envelope_version: u32, hello_version: u32, role: Role) -> Bytes {
             pid: std::process::id(),
             rank: 0,
             token: String::new(),
+            shared_memory: false,
         })),
     }
     .encode_to_vec()

@@ -275,6 +275,7 @@ fn vectors() -> Vec<Vector> {
                 pid: 31337,
                 rank: 0,
                 token: String::new(),
+                shared_memory: false,
             }),
         ),
         vector(
@@ -289,6 +290,7 @@ fn vectors() -> Vec<Vector> {
                 pid: SERVER_2_PID,
                 rank: 2,
                 token: String::new(),
+                shared_memory: false,
             }),
         ),
         vector(
@@ -301,6 +303,8 @@ fn vectors() -> Vec<Vector> {
                 software: SOFTWARE.into(),
                 rank: 2,
                 cluster: Some(cluster()),
+                shared_memory_directory: String::new(),
+                shared_memory_tag: String::new(),
             })),
         ),
         vector(
@@ -469,6 +473,7 @@ fn vectors() -> Vec<Vector> {
                 rank: 1,
                 host: CLIENT_HOST.into(),
                 pid: SERVER_1_PID,
+                shared_memory: false,
             }),
         ),
         vector(
@@ -481,6 +486,7 @@ fn vectors() -> Vec<Vector> {
                 rank: 2,
                 host: "nmpost051".into(),
                 pid: SERVER_2_PID,
+                shared_memory: false,
             }),
         ),
         vector(

@@ -170,6 +170,7 @@ pub fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
                 .map(|i| (seed.rotate_left(i as u32 % 64) as u8) ^ i as u8)
                 .collect();
             NdArray {
+                shared: None,
                 dtype: dtype.to_owned(),
                 shape,
                 data: Bytes::from(data),
@@ -183,6 +184,7 @@ pub fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
         any::<bool>(),
     )
         .prop_map(|(dtype, shape, data, scalar)| NdArray {
+            shared: None,
             dtype,
             shape,
             data: Bytes::from(data),
@@ -391,6 +393,7 @@ pub fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
             rank,
             host,
             pid,
+            shared_memory: false,
         })
 }
 
@@ -666,6 +669,7 @@ pub fn arb_hello() -> impl Strategy<Value = Hello> {
                 pid,
                 rank,
                 token,
+                shared_memory: false,
             },
         )
 }
@@ -686,6 +690,8 @@ pub fn arb_welcome() -> impl Strategy<Value = Welcome> {
                 software,
                 rank,
                 cluster,
+                shared_memory_directory: String::new(),
+                shared_memory_tag: String::new(),
             },
         )
 }
