@@ -296,6 +296,7 @@ fn one_plus_one() -> (Envelope, Envelope) {
             host: "localhost".into(),
             pid: 4242,
             kill_grace: Duration::from_secs(5),
+            client_timeout: None,
         },
         clock,
         now,
@@ -314,6 +315,7 @@ fn one_plus_one() -> (Envelope, Envelope) {
         "START first, not {start:?}"
     );
     server.handle(0, start, now).expect("START taken");
+    server.worker_ready(now);
     while let Some(action) = server.poll_action() {
         if let ServerAction::Send(envelope) = action {
             client.handle(1, envelope, now).expect("START answered");

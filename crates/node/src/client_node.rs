@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    Ack, CommandMode, CommandResponse, CommandStatus, Envelope, LogLevel, LogRecord,
-    ProtocolErrorCode, RejectReason, Role, SubmitReply, SubmitRequest, Welcome, submit_reply,
+    Ack, CommandMode, Envelope, LogLevel, LogRecord, ProtocolErrorCode, RejectReason, Role,
+    SubmitReply, SubmitRequest, Welcome, submit_reply,
 };
 use casa_node_protocol::{
     Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Rejection, SubmitError,
-    Transport, TransportError, TransportEvent, WallClock, check_version,
+    Transport, TransportError, TransportEvent, WallClock, check_hello, check_version,
 };
 use futures::FutureExt;
 use prost::Message;
@@ -122,8 +122,6 @@ pub struct ClientNodeConfig {
     pub core: ClientConfig,
     /// Where the unified log goes.
     pub log: LogSink,
-    /// Servers to wait for before the front door opens.
-    pub expected_servers: usize,
     /// The Python that checks commands at submission (rule 2); `None`
     /// leaves it to the workers.
     pub python: Option<PathBuf>,
@@ -195,8 +193,7 @@ pub async fn run<T: Transport>(
         origin,
         drivers: HashMap::new(),
         log: &mut config.log,
-        started: 0,
-        expected_servers: config.expected_servers,
+        ready: false,
         pending: pending_tx,
         checking: HashMap::new(),
         max_frame: config.max_frame,
@@ -218,7 +215,7 @@ pub async fn run<T: Transport>(
     let mut ready = Some(ready);
     let mut serving = None;
     let result = loop {
-        if ready.is_some() && node.started >= config.expected_servers {
+        if ready.is_some() && node.ready {
             if let Some(door) = front_door.take() {
                 serving = Some(door.serve(driver_tx.clone()));
             }
@@ -230,7 +227,6 @@ pub async fn run<T: Transport>(
             .core
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
-        let flush_due = node.log.flush_due();
         tokio::select! {
             event = transport.recv() => {
                 if let Err(e) = node.on_transport(event) {
@@ -260,7 +256,6 @@ pub async fn run<T: Transport>(
                 }
                 node.core.tick(Instant::now());
             }
-            _ = tokio::time::sleep_until(flush_due.unwrap_or(deadline).into()), if flush_due.is_some() => {}
             changed = stop.changed() => {
                 let signals = if changed.is_ok() { *stop.borrow_and_update() } else { 2 };
                 if signals >= 2 {
@@ -271,15 +266,6 @@ pub async fn run<T: Transport>(
             }
         }
         let stopped = node.carry_out(&mut transport).await?;
-        // Operators tail the log: lines reach the file within FLUSH_DELAY,
-        // many of them in one write when the node is busy.
-        if node
-            .log
-            .flush_due()
-            .is_some_and(|due| due <= Instant::now())
-        {
-            node.log.flush();
-        }
         if stopped {
             break Ok(());
         }
@@ -292,7 +278,6 @@ pub async fn run<T: Transport>(
     // shutdown (which under MPI may be cut short).
     drop(node.shared.take());
     let _ = checker.await;
-    node.log.flush();
     let _ = transport.shutdown().await;
     result
 }
@@ -303,8 +288,8 @@ struct Node<'a> {
     origin: String,
     drivers: HashMap<DriverId, Driver>,
     log: &'a mut LogSink,
-    started: usize,
-    expected_servers: usize,
+    /// The core said the cluster is ready: the front door opens.
+    ready: bool,
     pending: mpsc::UnboundedSender<Pending>,
     /// Items each driver has in the syntax check's line.
     checking: HashMap<DriverId, usize>,
@@ -365,7 +350,7 @@ impl Node<'_> {
                     };
                     if let Err(e) = self.inline_for(to, &mut envelope) {
                         if let Some(id) = request {
-                            self.unsendable(to, id, &e.to_string());
+                            self.core.send_failed(id, &e.to_string());
                         }
                         continue;
                     }
@@ -379,7 +364,7 @@ impl Node<'_> {
                         // Too large to send: the request fails, the
                         // cluster goes on.
                         Err(TransportError::Frame(e)) => match request {
-                            Some(id) => self.unsendable(to, id, &e.to_string()),
+                            Some(id) => self.core.send_failed(id, &e.to_string()),
                             None => self.warn(&format!("could not send to server n# {to}: {e}")),
                         },
                         Err(e) => return Err(e.into()),
@@ -400,16 +385,8 @@ impl Node<'_> {
                 }
                 Action::Forward(record) => self.record(record),
                 Action::Event(event) => {
-                    match event {
-                        casa_node_protocol::Event::ServerStarted { .. } => self.started += 1,
-                        // Servers joining one by one make "all" premature
-                        // until the expected number has started.
-                        casa_node_protocol::Event::AllServersStarted
-                            if self.started < self.expected_servers =>
-                        {
-                            continue;
-                        }
-                        _ => {}
+                    if event == casa_node_protocol::Event::AllServersStarted {
+                        self.ready = true;
                     }
                     let record = LogRecord {
                         time: self.clock.epoch(Instant::now()),
@@ -490,25 +467,6 @@ impl Node<'_> {
         }
     }
 
-    /// Answers request `id`, which could not be sent to server `to`, as
-    /// failed there: the server never saw it and stays free.
-    fn unsendable(&mut self, to: Rank, id: u64, why: &str) {
-        let response = CommandResponse {
-            id,
-            server: to,
-            status: CommandStatus::ResponseReceived.into(),
-            successful: false,
-            traceback: Some(format!(
-                "casa-node: the request could not be sent to server n# {to}: {why}"
-            )),
-            ..CommandResponse::default()
-        };
-        let envelope = Envelope::new(Body::CommandResponse(Box::new(response)));
-        if let Err(e) = self.core.handle(to, envelope, Instant::now()) {
-            self.warn(&format!("request {id} could not be sent nor failed: {e}"));
-        }
-    }
-
     /// `envelope`, or, for a response record too large for the front door,
     /// the record without its return value and parameters, failed, saying
     /// why (the front door would otherwise drop it, and the driver wait).
@@ -523,20 +481,15 @@ impl Node<'_> {
         let Some(response) = delivery.response.as_mut() else {
             return envelope;
         };
-        let ret = response.ret.take().map_or(0, |v| v.encoded_len());
-        let parameters: usize = response.parameters.drain(..).map(|p| p.encoded_len()).sum();
+        let ret = response.ret.as_ref().map_or(0, |v| v.encoded_len());
+        let parameters: usize = response.parameters.iter().map(|p| p.encoded_len()).sum();
         let why = format!(
             "casa-node: the response to request {} ({size} bytes: {ret} of return value, \
              {parameters} of parameters) exceeds the largest frame a driver is sent \
              ({} bytes), so neither its return value nor its parameters are delivered",
             response.id, self.max_frame
         );
-        response.traceback = Some(match response.traceback.take() {
-            Some(traceback) if !response.successful => format!("{why}\n{traceback}"),
-            _ => why.clone(),
-        });
-        response.successful = false;
-        response.ret = Some(casa_node_protocol::pb::Value::none());
+        *response = response.too_large(&why);
         self.warn(&why);
         envelope
     }
@@ -621,11 +574,11 @@ impl Node<'_> {
     /// connection after it.
     fn answer(&mut self, driver: DriverId, envelope: Envelope) -> Option<(Body, bool)> {
         let greeted = self.drivers.get(&driver)?.greeted;
+        if !greeted {
+            return Some(self.greet(driver, envelope));
+        }
         let correlation = envelope.correlation;
         let body = envelope.body?;
-        if !greeted {
-            return Some(self.greet(driver, body));
-        }
         if let Err(error) = check_version(envelope.protocol_version, 0) {
             return Some((error.body?, true));
         }
@@ -762,29 +715,18 @@ impl Node<'_> {
     /// Answers the first message of a connection: it must be a driver's
     /// `Hello` of this protocol version; anything else is refused and the
     /// connection closed.
-    fn greet(&mut self, driver: DriverId, body: Body) -> (Body, bool) {
+    fn greet(&mut self, driver: DriverId, envelope: Envelope) -> (Body, bool) {
         let told = self.shared.as_ref().filter(|s| s.drivers);
-        let mut reads_shared = (false, 0);
-        let refusal = match body {
-            Body::Hello(hello) => match check_version(hello.protocol_version, 0) {
-                Err(error) => error.body,
-                Ok(()) if hello.role() != Role::Driver => Some(error_body(
-                    ProtocolErrorCode::RoleRefused,
-                    "only drivers may connect to the front door".to_owned(),
-                )),
-                Ok(()) => {
-                    reads_shared = (hello.shared_memory && told.is_some(), hello.pid);
-                    None
-                }
-            },
-            other => Some(error_body(
-                ProtocolErrorCode::UnexpectedMessage,
-                format!("expected Hello, got {}", other.name()),
-            )),
+        let hello = match check_hello(envelope, Role::Driver, "the front door") {
+            Ok(hello) => hello,
+            Err(refusal) => {
+                let refusal = refusal.body.unwrap_or_else(|| {
+                    error_body(ProtocolErrorCode::Malformed, "refused".to_owned())
+                });
+                return (refusal, true);
+            }
         };
-        if let Some(refusal) = refusal {
-            return (refusal, true);
-        }
+        let reads_shared = (hello.shared_memory && told.is_some(), hello.pid);
         if let Some(d) = self.drivers.get_mut(&driver) {
             d.greeted = true;
             (d.shared, d.pid) = reads_shared;

@@ -45,7 +45,9 @@ use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CommandMode, CommandRequest, CommandResponse, ControlRequest, Envelope, LogLevel, LogRecord,
 };
-use casa_node_protocol::{ExecOutcome, FrameError, Framing, Rank, RequestId};
+use casa_node_protocol::{
+    ExecOutcome, FrameError, Framing, LENGTH_PREFIX, OFFLOAD_THRESHOLD, Rank, RequestId,
+};
 use command_fds::{CommandFdExt, FdMapping};
 use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
@@ -54,6 +56,7 @@ use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncReadExt, ReadBuf};
 use tokio::net::unix::pipe;
 use tokio::process::Child;
+use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
 /// The worker's source, passed to the interpreter with `-c`.
@@ -217,6 +220,13 @@ struct Worker {
     commands: pipe::Sender,
     /// Bytes for the commands pipe not written yet.
     out: BytesMut,
+    /// A large command being encoded on a blocking thread; until it is
+    /// appended to `out`, later messages wait in `held`.
+    encoding: Option<JoinHandle<Result<BytesMut, FrameError>>>,
+    held: BytesMut,
+    /// A large result being decoded on a blocking thread; what the worker
+    /// sent after it waits in `inbox`.
+    decoding: Option<JoinHandle<Result<Envelope, FrameError>>>,
     control: File,
     results: pipe::Receiver,
     inbox: BytesMut,
@@ -268,6 +278,10 @@ enum Io {
     Results(io::Result<usize>),
     Exited(io::Result<ExitStatus>),
     Writable(io::Result<()>),
+    /// A large command was encoded.
+    Encoded(Result<Result<BytesMut, FrameError>, JoinError>),
+    /// A large result was decoded.
+    Decoded(Result<Result<Envelope, FrameError>, JoinError>),
     /// A dead worker's output had its time, or a live worker closed its
     /// results pipe a while ago.
     Due,
@@ -350,8 +364,18 @@ impl Executor {
             start_time: epoch_now(),
         };
         let envelope = Envelope::new(Body::CommandRequest(request));
-        self.framing.encode(&envelope, &mut worker.out)?;
-        worker.flush_out();
+        let len = self.framing.encoded_len(&envelope)?;
+        if len >= OFFLOAD_THRESHOLD && worker.encoding.is_none() {
+            // Copying hundreds of MiB into fresh memory takes long enough
+            // to delay pings: done on a blocking thread.
+            let framing = self.framing;
+            worker.encoding = Some(tokio::task::spawn_blocking(move || {
+                let mut frame = BytesMut::new();
+                framing.encode(&envelope, &mut frame).map(|()| frame)
+            }));
+        } else {
+            worker.write(&self.framing, &envelope)?;
+        }
         self.running = Some(running);
         self.tail.clear();
         Ok(())
@@ -439,10 +463,9 @@ impl Executor {
             return;
         };
         let envelope = Envelope::new(Body::ControlRequest(request));
-        if let Err(error) = self.framing.encode(&envelope, &mut worker.out) {
+        if let Err(error) = worker.write(&self.framing, &envelope) {
             tracing::warn!(%error, "cannot send settings to the Python worker");
         }
-        worker.flush_out();
     }
 
     /// The next thing to report. Cancel-safe: a call dropped before it
@@ -537,6 +560,8 @@ impl Executor {
             r = w.results.read_buf(&mut w.inbox), if !w.results_closed => Io::Results(r),
             s = w.child.wait(), if w.exit.is_none() => Io::Exited(s),
             r = w.commands.writable(), if !w.out.is_empty() => Io::Writable(r),
+            r = encoded(&mut w.encoding), if w.encoding.is_some() => Io::Encoded(r),
+            r = encoded(&mut w.decoding), if w.decoding.is_some() => Io::Decoded(r),
             () = sleep_until(due) => Io::Due,
         }
     }
@@ -582,6 +607,61 @@ impl Executor {
                 w.died_at = Some(Instant::now());
                 // Leave nothing it started behind, and let its pipes close.
                 kill_group(w.pid);
+            }
+            Io::Decoded(result) => {
+                let Some(w) = self.worker.as_mut() else {
+                    return;
+                };
+                w.decoding = None;
+                let generation = w.generation;
+                match result {
+                    Ok(Ok(envelope)) => {
+                        self.worker_message(generation, envelope);
+                        self.results_data();
+                    }
+                    Ok(Err(error)) => self.malformed(&error.to_string()),
+                    Err(error) => self.malformed(&error.to_string()),
+                }
+            }
+            Io::Encoded(result) => {
+                let Some(w) = self.worker.as_mut() else {
+                    return;
+                };
+                w.encoding = None;
+                let frame = match result {
+                    Ok(Ok(frame)) => Ok(frame),
+                    Ok(Err(e)) => Err(e.to_string()),
+                    Err(e) => Err(e.to_string()),
+                };
+                match frame {
+                    Ok(frame) => {
+                        if w.out.is_empty() {
+                            w.out = frame;
+                        } else {
+                            w.out.extend_from_slice(&frame);
+                        }
+                        let held = w.held.split();
+                        w.out.extend_from_slice(&held);
+                        w.flush_out();
+                    }
+                    Err(why) => {
+                        let held = w.held.split();
+                        w.out.extend_from_slice(&held);
+                        w.flush_out();
+                        if let Some(running) = self.running.take() {
+                            self.events.push_back(ExecutorEvent::Finished(ExecOutcome {
+                                id: running.id,
+                                mode: running.mode,
+                                traceback: Some(format!(
+                                    "the command could not be sent to the Python worker: {why}"
+                                )),
+                                start_time: running.start_time,
+                                stop_time: epoch_now(),
+                                ..ExecOutcome::default()
+                            }));
+                        }
+                    }
+                }
             }
             Io::Writable(result) => {
                 if let Some(w) = self.worker.as_mut() {
@@ -643,19 +723,48 @@ impl Executor {
             let Some(w) = self.worker.as_mut() else {
                 return;
             };
+            if w.decoding.is_some() {
+                return;
+            }
             let generation = w.generation;
+            if let Ok(Some(len)) = self.framing.next_len(&w.inbox) {
+                if len >= OFFLOAD_THRESHOLD {
+                    let whole = LENGTH_PREFIX + len;
+                    if w.inbox.len() < whole {
+                        // Room for the rest at once: growing the buffer
+                        // step by step would copy what it holds each time.
+                        w.inbox.reserve(whole - w.inbox.len());
+                        return;
+                    }
+                    w.inbox.advance(LENGTH_PREFIX);
+                    let body = w.inbox.split_to(len).freeze();
+                    let framing = self.framing;
+                    w.decoding = Some(tokio::task::spawn_blocking(move || {
+                        framing.decode_body(body)
+                    }));
+                    return;
+                }
+            }
             match self.framing.decode(&mut w.inbox) {
                 Ok(Some(envelope)) => self.worker_message(generation, envelope),
                 Ok(None) => return,
                 Err(error) => {
-                    tracing::warn!(%error, "the Python worker sent a malformed frame");
-                    w.inbox.clear();
-                    w.results_closed = true;
-                    w.broken("because it sent a malformed frame");
+                    self.malformed(&error.to_string());
                     return;
                 }
             }
         }
+    }
+
+    /// The worker sent a frame that does not decode: it is out of step.
+    fn malformed(&mut self, error: &str) {
+        let Some(w) = self.worker.as_mut() else {
+            return;
+        };
+        tracing::warn!(%error, "the Python worker sent a malformed frame");
+        w.inbox.clear();
+        w.results_closed = true;
+        w.broken("because it sent a malformed frame");
     }
 
     fn worker_message(&mut self, generation: u64, envelope: Envelope) {
@@ -737,6 +846,10 @@ impl Executor {
         let Some(died_at) = w.died_at else {
             return;
         };
+        if w.decoding.is_some() {
+            // Its last result first.
+            return;
+        }
         let generation = w.generation;
         let output_open = self.streams.iter().any(|s| s.generation == generation);
         if (!w.results_closed || output_open) && Instant::now() < died_at + STRAGGLER_WAIT {
@@ -945,6 +1058,9 @@ impl Executor {
             pid,
             commands: pipe::Sender::from_owned_fd(commands_write).map_err(ExecutorError::Pipe)?,
             out: BytesMut::new(),
+            encoding: None,
+            held: BytesMut::new(),
+            decoding: None,
             control: File::from(control_write),
             results: pipe::Receiver::from_owned_fd(results_read).map_err(ExecutorError::Pipe)?,
             inbox: BytesMut::with_capacity(64 * 1024),
@@ -971,7 +1087,29 @@ impl Drop for Executor {
     }
 }
 
+/// The outcome of a blocking task (a large frame's encoding or decoding);
+/// pending while there is none.
+async fn encoded<T>(
+    task: &mut Option<JoinHandle<Result<T, FrameError>>>,
+) -> Result<Result<T, FrameError>, JoinError> {
+    match task {
+        Some(handle) => handle.await,
+        None => std::future::pending().await,
+    }
+}
+
 impl Worker {
+    /// Queues `envelope` for the commands pipe, after a large command
+    /// still being encoded, and writes what the pipe takes now.
+    fn write(&mut self, framing: &Framing, envelope: &Envelope) -> Result<(), FrameError> {
+        if self.encoding.is_some() {
+            return framing.encode(envelope, &mut self.held);
+        }
+        framing.encode(envelope, &mut self.out)?;
+        self.flush_out();
+        Ok(())
+    }
+
     /// Writes what the commands pipe takes now; the rest waits for it to
     /// be writable.
     fn flush_out(&mut self) {

@@ -11,14 +11,14 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode};
-use casa_node_protocol::{DriverId, FrameError, Framing};
+use casa_node_protocol::{DriverId, FrameError, Framing, OFFLOAD_THRESHOLD};
 use futures::{SinkExt, StreamExt};
 use subtle::ConstantTimeEq;
 use thiserror::Error;
-use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream, UnixListener, UnixStream};
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
@@ -488,6 +488,18 @@ pub fn codec(framing: Framing) -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Decodes a driver's frame; a large one on a blocking thread, so the
+/// event loop's thread goes on answering pings.
+async fn decode(framing: Framing, frame: Bytes) -> Result<Envelope, String> {
+    if frame.len() < OFFLOAD_THRESHOLD {
+        return framing.decode_body(frame).map_err(|e| e.to_string());
+    }
+    match tokio::task::spawn_blocking(move || framing.decode_body(frame)).await {
+        Ok(decoded) => decoded.map_err(|e| e.to_string()),
+        Err(e) => Err(format!("decoding failed: {e}")),
+    }
+}
+
 /// One admitted driver: reports its frames to the client node and writes
 /// what the client node queues for it. `first` is a frame already read
 /// (the `Hello` a `tcp://` peer was admitted with).
@@ -528,6 +540,34 @@ async fn connection<R, W>(
         while let Some(first) = queue.recv().await {
             let mut next = Some(first);
             while let Some(envelope) = next {
+                if framing
+                    .encoded_len(&envelope)
+                    .is_ok_and(|n| n >= OFFLOAD_THRESHOLD)
+                {
+                    // Encoded on a blocking thread, after what is already
+                    // buffered, then written as it is.
+                    if SinkExt::<Envelope>::flush(&mut writer).await.is_err() {
+                        return;
+                    }
+                    let encoded = tokio::task::spawn_blocking(move || {
+                        let mut frame = BytesMut::new();
+                        framing.encode(&envelope, &mut frame).map(|()| frame)
+                    })
+                    .await;
+                    match encoded {
+                        Ok(Ok(frame)) => {
+                            if writer.get_mut().write_all(&frame).await.is_err() {
+                                return;
+                            }
+                        }
+                        Ok(Err(e)) => {
+                            tracing::warn!("{driver}: a reply could not be framed: {e}")
+                        }
+                        Err(_) => return,
+                    }
+                    next = queue.try_recv().ok();
+                    continue;
+                }
                 match writer.feed(envelope).await {
                     Ok(()) => {}
                     Err(WriteError::Frame(e)) => {
@@ -547,7 +587,7 @@ async fn connection<R, W>(
     loop {
         match reader.next().await {
             None => break,
-            Some(Ok(frame)) => match framing.decode_body(frame.freeze()) {
+            Some(Ok(frame)) => match decode(framing, frame.freeze()).await {
                 Ok(envelope) => {
                     if events
                         .send(DriverEvent::Request { driver, envelope })

@@ -4,16 +4,13 @@
 //! gone (rule 30). Pings are answered here, never by Python, so a busy
 //! worker never makes its server look dead (rule 24).
 
-use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
-use casa_node_protocol::pb::{
-    CommandRequest, CommandResponse, ControlRequest, Envelope, LogLevel, Value, control_request,
-};
+use casa_node_protocol::pb::{CommandRequest, ControlRequest, Envelope, LogLevel, control_request};
 use casa_node_protocol::{
     ExecOutcome, ServerAction, ServerConfig, ServerCore, Transport, TransportError, TransportEvent,
     WallClock,
@@ -51,12 +48,6 @@ pub enum ServerNodeError {
     ClientGone(String),
 }
 
-/// After the client node's silence limit passes, how long to wait for
-/// anything from it before leaving. A server that was itself stopped
-/// (SIGSTOP) finds the limit passed on waking while the messages it missed
-/// are still queued; this gives them time to arrive.
-const LAST_CHANCE: Duration = Duration::from_secs(1);
-
 type Starting = Pin<Box<dyn Future<Output = Result<Executor, ExecutorError>> + Send>>;
 
 /// Runs a server node until STOP or the loss of the client node.
@@ -71,6 +62,7 @@ pub async fn run<T: Transport>(
             host: crate::hostname(),
             pid: std::process::id(),
             kill_grace: config.kill_grace,
+            client_timeout: Some(config.client_timeout),
         },
         WallClock::system(),
         now,
@@ -81,22 +73,18 @@ pub async fn run<T: Transport>(
         executor: None,
         starting: None,
         broken: None,
-        waiting: VecDeque::new(),
     };
-    let mut last_heard = now;
-    let mut last_chance: Option<Instant> = None;
     loop {
-        let silence_limit = last_heard + node.config.client_timeout;
-        let wake_at = last_chance.unwrap_or(silence_limit);
-        let deadline = node.core.poll_timeout().map_or(wake_at, |t| t.min(wake_at));
+        let deadline = node
+            .core
+            .poll_timeout()
+            .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             event = transport.recv() => {
                 let now = Instant::now();
                 match event {
                     Ok(TransportEvent::Message { from, mut envelope }) => {
-                        last_heard = now;
                         shm_check(&mut envelope);
-                        last_chance = None;
                         if matches!(envelope.body, Some(Body::PingRequest(_))) {
                             node.update_resources();
                         }
@@ -117,26 +105,22 @@ pub async fn run<T: Transport>(
             }
             event = next_event(&mut node.executor) => node.on_executor(event),
             started = starting(&mut node.starting) => node.on_started(started),
-            _ = tokio::time::sleep_until(deadline.into()) => {
-                let now = Instant::now();
-                if now >= silence_limit {
-                    match last_chance {
-                        None => last_chance = Some(now + LAST_CHANCE),
-                        Some(at) if now >= at => {
-                            node.shutdown().await;
-                            let silence = node.config.client_timeout.as_secs_f64();
-                            return Err(ServerNodeError::ClientGone(format!("no message for {silence:.0} s")));
-                        }
-                        Some(_) => {}
-                    }
-                }
-                node.core.tick(now);
-            }
+            _ = tokio::time::sleep_until(deadline.into()) => node.core.tick(Instant::now()),
         }
-        if node.carry_out(&mut transport).await? {
-            node.shutdown().await;
-            let _ = transport.shutdown().await;
-            return Ok(());
+        match node.carry_out(&mut transport).await? {
+            Outcome::Serving => {}
+            Outcome::Stopped => {
+                node.shutdown().await;
+                let _ = transport.shutdown().await;
+                return Ok(());
+            }
+            Outcome::ClientGone(silent_for) => {
+                node.shutdown().await;
+                let silence = silent_for.as_secs_f64();
+                return Err(ServerNodeError::ClientGone(format!(
+                    "no message for {silence:.0} s"
+                )));
+            }
         }
     }
 }
@@ -169,24 +153,6 @@ fn shm_check(envelope: &mut Envelope) {
     }
 }
 
-/// `response` without its return value (None instead), for when it is too
-/// large to send.
-fn without_ret(response: &CommandResponse) -> CommandResponse {
-    CommandResponse {
-        id: response.id,
-        mode: response.mode,
-        ret: Some(Value::none()),
-        server: response.server,
-        status: response.status,
-        successful: response.successful,
-        traceback: response.traceback.clone(),
-        command_start_time: response.command_start_time,
-        command_stop_time: response.command_stop_time,
-        worker_restarted: response.worker_restarted,
-        ..CommandResponse::default()
-    }
-}
-
 async fn next_event(executor: &mut Option<Executor>) -> ExecutorEvent {
     match executor {
         Some(executor) => executor.next_event().await,
@@ -205,6 +171,13 @@ async fn starting(starting: &mut Option<Starting>) -> Result<Executor, ExecutorE
     }
 }
 
+/// Where the server node stands after carrying out the core's actions.
+enum Outcome {
+    Serving,
+    Stopped,
+    ClientGone(Duration),
+}
+
 struct Node {
     core: ServerCore,
     config: ServerNodeConfig,
@@ -212,21 +185,19 @@ struct Node {
     starting: Option<Starting>,
     /// Why no worker can run, when its start failed.
     broken: Option<String>,
-    /// Commands handed over before the worker was ready.
-    waiting: VecDeque<CommandRequest>,
 }
 
 impl Node {
-    /// Carries out the core's actions; true once stopped.
+    /// Carries out the core's actions.
     async fn carry_out<T: Transport>(
         &mut self,
         transport: &mut T,
-    ) -> Result<bool, ServerNodeError> {
+    ) -> Result<Outcome, ServerNodeError> {
         while let Some(action) = self.core.poll_action() {
             match action {
                 ServerAction::Send(envelope) => {
                     let failed = match &envelope.body {
-                        Some(Body::CommandResponse(response)) => Some(without_ret(response)),
+                        Some(Body::CommandResponse(response)) => Some(response.without_payload()),
                         _ => None,
                     };
                     match transport.send(0, envelope).await {
@@ -238,13 +209,9 @@ impl Node {
                             let why = format!("casa-node: the response could not be sent: {e}");
                             self.core
                                 .log(LogLevel::Warning, why.clone(), Instant::now());
-                            if let Some(mut response) = failed {
-                                response.traceback = Some(match response.traceback.take() {
-                                    Some(traceback) => format!("{why}\n{traceback}"),
-                                    None => why,
-                                });
-                                response.successful = false;
-                                let body = Body::CommandResponse(Box::new(response));
+                            if let Some(response) = failed {
+                                let body =
+                                    Body::CommandResponse(Box::new(response.too_large(&why)));
                                 transport.send(0, Envelope::new(body)).await?;
                             }
                         }
@@ -268,14 +235,8 @@ impl Node {
                     self.starting = Some(Box::pin(Executor::start(config)));
                 }
                 ServerAction::Execute(request) => self.execute(request),
-                ServerAction::Interrupt { id, .. } => {
-                    if let Some(pos) = self.waiting.iter().position(|r| r.id == id) {
-                        self.waiting.remove(pos);
-                        self.fail(
-                            id,
-                            "KeyboardInterrupt: interrupted before the worker was ready".into(),
-                        );
-                    } else if let Some(executor) = &mut self.executor {
+                ServerAction::Interrupt { .. } => {
+                    if let Some(executor) = &mut self.executor {
                         executor.interrupt();
                     }
                 }
@@ -289,10 +250,13 @@ impl Node {
                         executor.set_log_level(level);
                     }
                 }
-                ServerAction::Exit => return Ok(true),
+                ServerAction::Exit => return Ok(Outcome::Stopped),
+                ServerAction::ClientGone { silent_for } => {
+                    return Ok(Outcome::ClientGone(silent_for));
+                }
             }
         }
-        Ok(false)
+        Ok(Outcome::Serving)
     }
 
     fn execute(&mut self, request: CommandRequest) {
@@ -311,7 +275,7 @@ impl Node {
                     );
                 }
             }
-            None => self.waiting.push_back(request),
+            None => self.fail(request.id, "the Python worker is not running".to_owned()),
         }
     }
 
@@ -348,9 +312,7 @@ impl Node {
                 self.broken = Some(reason);
             }
         }
-        for request in std::mem::take(&mut self.waiting) {
-            self.execute(request);
-        }
+        self.core.worker_ready(now);
     }
 
     fn on_executor(&mut self, event: ExecutorEvent) {

@@ -51,7 +51,11 @@ impl Cluster {
         let mut up = up
             .args(["--endpoint", &format!("unix://{}", socket.display())])
             .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-            .args(["--heartbeat", "0.2", "--timeout", "3"])
+            .args(if extra.contains(&"--timeout") {
+                &["--heartbeat", "0.2"][..]
+            } else {
+                &["--heartbeat", "0.2", "--timeout", "3"][..]
+            })
             .args(extra)
             .env("XDG_RUNTIME_DIR", &dir)
             .envs(env.iter().copied())
@@ -556,6 +560,74 @@ fn a_parameter_larger_than_the_byte_budget_goes_there_and_back() {
     );
 }
 
+/// Server n# 2's pings stay answered while a 512 MiB parameter goes to
+/// server n# 1 and comes back in its response record: the nodes encode and
+/// decode such frames, and ZeroMQ copies them, away from the thread of the
+/// event loop. With a heartbeat of 0.2 s, the largest gap between two of
+/// server n# 2's answered pings, as the client node records them, stays
+/// under 2 s (it is 4-5 s when all that work shares the loop's thread).
+#[test]
+fn pings_are_answered_while_a_512_mib_value_crosses() {
+    const LEN: usize = 512 << 20;
+    // Pings to server n# 1 wait behind the large frame on its link, so the
+    // cluster's timeout leaves room for the frame's copies on a loaded
+    // machine; server n# 2's pings, on a link of their own, must never wait
+    // as long as a 2 s timeout. Under MPI each rank's progress thread spins
+    // while a large message is in flight, and on a machine of two cores
+    // that alone holds the other threads back for 1.5-3 s: there the limit
+    // is half the timeout.
+    let gap_limit = if over_mpi() { 5.0 } else { 2.0 };
+    let cluster = Cluster::start(2, &["--timeout", "10"]);
+    let watcher = cluster.client();
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let watching = {
+        let done = done.clone();
+        std::thread::spawn(move || {
+            // (largest gap between consecutive pings, ever timed out, pings seen)
+            let (mut gap, mut timed_out, mut seen) = (0.0f64, false, 0usize);
+            let mut last: Option<f64> = None;
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                let s = watcher.status(Some(2)).unwrap().servers.remove(0);
+                timed_out |= s.timeout || !s.online;
+                if s.last_ping > 0.0 && last.is_none_or(|l| s.last_ping > l) {
+                    if let Some(l) = last {
+                        gap = gap.max(s.last_ping - l);
+                    }
+                    last = Some(s.last_ping);
+                    seen += 1;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            (gap, timed_out, seen)
+        })
+    };
+    let c = cluster.client();
+    let large = Value::bytes(vec![0x5a; LEN]);
+    let started = Instant::now();
+    let r = one(&c, Submit::new("len(x)").param("x", large).targets([1]));
+    let crossed = started.elapsed();
+    // A few more heartbeats after the value is back.
+    std::thread::sleep(Duration::from_millis(600));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    let (gap, timed_out, seen) = watching.join().unwrap();
+    eprintln!(
+        "512 MiB there and back in {crossed:?}; largest gap between server n# 2's pings: {gap:.3} s ({seen} pings seen)"
+    );
+    let log = cluster.log();
+    assert!(r.successful, "{:?}: {}\n{log}", r.status(), r.traceback());
+    assert_eq!(r.ret, Some(Value::from(LEN as i64)));
+    assert_eq!(r.parameters.len(), 1, "the parameter comes back");
+    assert!(!timed_out, "server n# 2 was marked timed out");
+    assert!(seen > 2, "too few pings seen: {seen}");
+    assert!(
+        gap < gap_limit,
+        "server n# 2's pings went unanswered for {gap:.3} s"
+    );
+    for trouble in ["timed out", "not responding", "Timeout"] {
+        assert!(!log.contains(trouble), "the log says {trouble:?}:\n{log}");
+    }
+}
+
 /// What a worker reports after filling a 64 MiB `bytearray`: its
 /// `GLIBC_TUNABLES`, and how many KiB of its memory are huge pages.
 fn huge_pages_in_worker(cluster: &Cluster) -> (Option<String>, i64) {
@@ -734,6 +806,30 @@ fn rule_24_deadline_and_cancel_interrupt_the_worker() {
     // Globals survive an interrupt.
     one(&c, Submit::new("y = 5"));
     assert_eq!(one(&c, Submit::new("y")).ret, Some(Value::from(5)));
+}
+
+#[test]
+fn rule_24_a_deadline_counts_from_the_start_of_the_command_not_during_the_init_script() {
+    /// Removes the start-up script when the test ends, passed or failed.
+    struct Init(PathBuf);
+    impl Drop for Init {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_file(&self.0);
+        }
+    }
+    let init =
+        Init(std::env::temp_dir().join(format!("casa-node-slow-init-{}.py", std::process::id())));
+    std::fs::write(&init.0, "import time\ntime.sleep(3)\ninit_done = True\n").unwrap();
+    // The front door opens once the servers have started, while their
+    // workers still run the init script.
+    let cluster = Cluster::start(1, &["--init", init.0.to_str().unwrap()]);
+    let c = cluster.client();
+    let r = one(
+        &c,
+        Submit::new("(time.sleep(0.5), init_done)[1]").deadline(Duration::from_secs(2)),
+    );
+    assert!(r.successful, "{:?}: {}", r.status(), r.traceback());
+    assert_eq!(r.ret, Some(Value::from(true)));
 }
 
 #[test]

@@ -50,6 +50,9 @@ pub struct ClientConfig {
     pub default_deadline: Option<Duration>,
     /// Settings sent to every server with START (rule 26).
     pub start: Start,
+    /// How many servers must join before the cluster can be ready
+    /// ([`Event::AllServersStarted`]).
+    pub expected_servers: usize,
 }
 
 impl Default for ClientConfig {
@@ -61,6 +64,7 @@ impl Default for ClientConfig {
             timeout: Duration::from_secs(5),
             default_deadline: None,
             start: Start::default(),
+            expected_servers: 0,
         }
     }
 }
@@ -110,7 +114,8 @@ pub enum Event {
         /// Its reason.
         error: String,
     },
-    /// Every server registered at start has acknowledged START.
+    /// The cluster is ready: the expected number of servers joined, and
+    /// every one still there acknowledged START. Emitted once.
     AllServersStarted,
     /// A request went to a server (rule 32).
     RequestSent {
@@ -486,7 +491,8 @@ pub struct ClientCore {
     used: IdSet,
     next_correlation: u64,
     controls: HashMap<u64, ControlKind>,
-    awaiting_start: usize,
+    /// Whether [`Event::AllServersStarted`] was emitted.
+    ready: bool,
     ping_round: u64,
     next_round: Option<Instant>,
     /// When the next server could time out at the earliest; `None` before
@@ -515,7 +521,7 @@ impl ClientCore {
             used: IdSet::default(),
             next_correlation: 1,
             controls: HashMap::new(),
-            awaiting_start: 0,
+            ready: false,
             ping_round: 0,
             next_round: None,
             next_expiry: None,
@@ -603,6 +609,12 @@ impl ClientCore {
         }
         self.next_round = Some(now);
         self.next_expiry = Some(now);
+        self.check_ready();
+    }
+
+    /// True once the cluster is ready (see [`Event::AllServersStarted`]).
+    pub fn is_ready(&self) -> bool {
+        self.ready
     }
 
     /// Stops services (rule 27): later submissions are refused, requests
@@ -1000,6 +1012,46 @@ impl ClientCore {
         result
     }
 
+    /// Request `id` could not be sent to its server (too large for the
+    /// transport, or it could not be encoded): it is answered as failed,
+    /// saying `reason`, and the server, which never saw it, is free again.
+    /// Unlike a message from the server, this says nothing of the server's
+    /// liveness: its silence is still counted, and a timed-out server stays
+    /// timed out.
+    pub fn send_failed(&mut self, id: RequestId, reason: &str) {
+        let Some(request) = self.requests.get(&id) else {
+            return;
+        };
+        let (rank, answered) = match request.phase {
+            RequestPhase::Sent { server, .. } => (server, false),
+            RequestPhase::TimedOut { server, .. } => (server, true),
+            RequestPhase::Queued => return,
+        };
+        let request = self.requests.remove(&id).expect("just seen");
+        if let Some(server) = self.server_mut(rank) {
+            if server.running == Some(id) {
+                server.running = None;
+            }
+        }
+        if !answered {
+            let traceback =
+                format!("casa-node: the request could not be sent to server n# {rank}: {reason}");
+            self.event(Event::RequestFailed {
+                id,
+                server: rank,
+                traceback: traceback.clone(),
+            });
+            self.deliver_failure(
+                id,
+                request,
+                rank,
+                CommandStatus::ResponseReceived,
+                traceback,
+            );
+        }
+        self.dispatch(rank);
+    }
+
     /// A server's link closed for good: its requests are answered with
     /// status timeout and it gets no more work.
     pub fn server_lost(&mut self, rank: Rank) {
@@ -1036,6 +1088,7 @@ impl ClientCore {
                 format!("Timeout: server n# {rank} disconnected before the command was sent"),
             );
         }
+        self.check_ready();
         self.check_stopped();
     }
 
@@ -1311,7 +1364,6 @@ impl ClientCore {
     }
 
     fn send_start(&mut self, rank: Rank) {
-        self.awaiting_start += 1;
         let start = self.config.start.clone();
         self.send_control(
             rank,
@@ -1494,7 +1546,6 @@ impl ClientCore {
         };
         match kind {
             ControlKind::Start => {
-                self.awaiting_start = self.awaiting_start.saturating_sub(1);
                 let server = self.servers[from as usize]
                     .as_mut()
                     .expect("checked by handle");
@@ -1516,9 +1567,7 @@ impl ClientCore {
                         error: response.error,
                     });
                 }
-                if self.awaiting_start == 0 {
-                    self.event(Event::AllServersStarted);
-                }
+                self.check_ready();
             }
             ControlKind::Stop => {
                 let server = self.servers[from as usize]
@@ -1651,6 +1700,26 @@ impl ClientCore {
                 rejected: None,
             }),
         });
+    }
+
+    /// Emits [`Event::AllServersStarted`] once the expected servers have
+    /// joined and none still there waits for its START acknowledgement: a
+    /// server lost, or refusing START, before answering does not hold the
+    /// cluster back.
+    fn check_ready(&mut self) {
+        if self.ready || self.phase != Phase::Running {
+            return;
+        }
+        let joined = self.server_ranks.len() >= self.config.expected_servers;
+        let starting = self.server_ranks.iter().any(|&rank| {
+            self.servers[rank as usize]
+                .as_ref()
+                .is_some_and(|s| s.phase == ServerPhase::Starting)
+        });
+        if joined && !starting {
+            self.ready = true;
+            self.event(Event::AllServersStarted);
+        }
     }
 
     fn check_stopped(&mut self) {

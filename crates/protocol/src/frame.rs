@@ -38,6 +38,12 @@ pub const LENGTH_PREFIX: usize = 4;
 /// Default maximum frame size: 1 GiB, room for 256 MiB arrays and more.
 pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
 
+/// Frames at least this large are encoded and decoded (and on signed links
+/// sealed and checked) on a blocking thread rather than on the thread of a
+/// node's event loop, which must keep answering pings meanwhile: copying a
+/// frame of hundreds of MiB into fresh memory takes a second or more.
+pub const OFFLOAD_THRESHOLD: usize = 1 << 20;
+
 /// Encodes and decodes frames under a maximum frame size.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Framing {
@@ -57,6 +63,12 @@ impl Framing {
         Framing {
             max_frame: max_frame.min(u32::MAX as usize),
         }
+    }
+
+    /// Fails with [`FrameError::TooLarge`] when `envelope` is too large for
+    /// a frame; its encoded length otherwise. Cheap: nothing is encoded.
+    pub fn encoded_len(&self, envelope: &Envelope) -> Result<usize, FrameError> {
+        self.check_encoded_len(envelope)
     }
 
     /// The maximum frame size in force.
@@ -123,6 +135,13 @@ impl Framing {
         src.advance(LENGTH_PREFIX);
         let body = src.split_to(len).freeze();
         self.decode_body(body).map(Some)
+    }
+
+    /// The length of the body of the frame `src` starts with, once its
+    /// length prefix is there; fails as [`decode`](Self::decode) does for a
+    /// frame too large.
+    pub fn next_len(&self, src: &[u8]) -> Result<Option<usize>, FrameError> {
+        self.peek_len(src)
     }
 
     /// Decodes a buffer that must hold exactly one frame.

@@ -1,7 +1,8 @@
 //! A server node's state machine: answers control and ping itself, hands
-//! commands to the executor one at a time, enforces deadlines, cancels and
-//! forced stops by interrupting and then killing the worker (rules 19,
-//! 24-27, 31).
+//! commands to the executor one at a time once its worker is ready,
+//! enforces deadlines, cancels and forced stops by interrupting and then
+//! killing the worker, and notices when the client node has gone silent
+//! (rules 19, 24-27, 30, 31).
 
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
@@ -30,7 +31,18 @@ pub struct ServerConfig {
     /// How long an interrupted command may take to stop before its worker
     /// is killed and restarted (rule 24).
     pub kill_grace: Duration,
+    /// Silence from the client node after which the server gives up on it
+    /// (rule 30): the client node pings every heartbeat. After this much
+    /// silence, one more [`LAST_CHANCE`] passes for messages already on
+    /// their way before [`ServerAction::ClientGone`]. `None`: never.
+    pub client_timeout: Option<Duration>,
 }
+
+/// After the client node's silence limit passes, how long to wait for
+/// anything from it before giving up. A server that was itself stopped
+/// (SIGSTOP) finds the limit passed on waking while the messages it missed
+/// are still queued; this gives them time to arrive.
+pub const LAST_CHANCE: Duration = Duration::from_secs(1);
 
 /// Why a running command is being interrupted.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -71,6 +83,12 @@ pub enum ServerAction {
     SetLogLevel(LogLevel),
     /// Stopped: the STOP acknowledgement is sent; exit.
     Exit,
+    /// Nothing came from the client node for its timeout and the last
+    /// chance after it (rule 30): stop the worker and exit.
+    ClientGone {
+        /// How long the client node has been silent.
+        silent_for: Duration,
+    },
 }
 
 /// What the executor reports when a command ends.
@@ -144,6 +162,15 @@ pub struct ServerCore {
     queue: VecDeque<CommandRequest>,
     worker_pid: u32,
     rss: u64,
+    /// The worker has run its init script, or could not start (its
+    /// commands then fail at once); commands wait until then.
+    worker_ready: bool,
+    last_heard: Instant,
+    /// Set once the client node's silence passed its limit: when to give
+    /// up if nothing arrives meanwhile.
+    last_chance: Option<Instant>,
+    /// Set once [`ServerAction::ClientGone`] was handed out.
+    client_gone: bool,
     actions: VecDeque<ServerAction>,
 }
 
@@ -163,6 +190,10 @@ impl ServerCore {
             queue: VecDeque::new(),
             worker_pid: 0,
             rss: 0,
+            worker_ready: false,
+            last_heard: now,
+            last_chance: None,
+            client_gone: false,
             actions: VecDeque::new(),
         }
     }
@@ -174,12 +205,39 @@ impl ServerCore {
 
     /// When [`tick`](Self::tick) next has work to do.
     pub fn poll_timeout(&self) -> Option<Instant> {
-        let running = self.running.as_ref()?;
-        match running.interrupted {
-            None => running.deadline.map(|(at, _)| at),
-            Some((_, kill_at)) if !running.killed => Some(kill_at),
-            Some(_) => None,
+        let command = self
+            .running
+            .as_ref()
+            .and_then(|running| match running.interrupted {
+                None => running.deadline.map(|(at, _)| at),
+                Some((_, kill_at)) if !running.killed => Some(kill_at),
+                Some(_) => None,
+            });
+        match (command, self.watchdog()) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
         }
+    }
+
+    /// When the client node's silence is next judged (rule 30).
+    fn watchdog(&self) -> Option<Instant> {
+        if self.client_gone || self.phase == Phase::Stopped {
+            return None;
+        }
+        self.last_chance.or_else(|| {
+            self.config
+                .client_timeout
+                .and_then(|limit| self.last_heard.checked_add(limit))
+        })
+    }
+
+    /// The worker is ready: its init script has run (rule 5), or it could
+    /// not start, and the node fails the commands it is handed. Commands
+    /// wait for this, and a command's deadline counts from when it is
+    /// handed to the worker.
+    pub fn worker_ready(&mut self, now: Instant) {
+        self.worker_ready = true;
+        self.dispatch(now);
     }
 
     /// Records the worker's process id and the resident memory of server
@@ -233,6 +291,8 @@ impl ServerCore {
         if envelope.protocol_version != PROTOCOL_VERSION {
             return Err(ServerError::VersionMismatch(envelope.protocol_version));
         }
+        self.last_heard = now;
+        self.last_chance = None;
         match envelope.body {
             Some(Body::PingRequest(ping)) => self.on_ping(ping, now),
             Some(Body::ControlRequest(control)) => match control.action {
@@ -291,17 +351,30 @@ impl ServerCore {
             ..CommandResponse::default()
         };
         self.send(Envelope::new(Body::CommandResponse(Box::new(response))));
-        if let Phase::Stopping { correlation } = self.phase {
-            self.acknowledge_stop(correlation);
-        } else {
-            self.dispatch(now);
+        match self.phase {
+            Phase::Stopping { correlation } if self.queue.is_empty() => {
+                self.acknowledge_stop(correlation)
+            }
+            _ => self.dispatch(now),
         }
         Ok(())
     }
 
     /// Advances time: interrupts a command past its deadline, kills a
-    /// worker that ignored an interrupt for the grace period (rule 24).
+    /// worker that ignored an interrupt for the grace period (rule 24),
+    /// gives up on a silent client node (rule 30).
     pub fn tick(&mut self, now: Instant) {
+        if self.watchdog().is_some_and(|at| now >= at) {
+            match self.last_chance {
+                None => self.last_chance = Some(now + LAST_CHANCE),
+                Some(_) => {
+                    self.client_gone = true;
+                    self.actions.push_back(ServerAction::ClientGone {
+                        silent_for: now.saturating_duration_since(self.last_heard),
+                    });
+                }
+            }
+        }
         let grace = self.config.kill_grace;
         let Some(running) = self.running.as_mut() else {
             return;
@@ -347,10 +420,13 @@ impl ServerCore {
 
     fn on_ping(&mut self, ping: PingRequest, now: Instant) {
         let running = self.running.as_ref();
+        // A command held until the worker is ready is this server's to
+        // answer all the same.
+        let held = self.queue.front().map(|r| r.id);
         let response = PingResponse {
             sequence: ping.sequence,
-            busy: running.is_some(),
-            command_id: running.map_or(0, |r| r.id),
+            busy: running.is_some() || held.is_some(),
+            command_id: running.map(|r| r.id).or(held).unwrap_or(0),
             command_start_time: running.map_or(0.0, |r| r.start_epoch),
             pid: self.config.pid,
             worker_pid: self.worker_pid,
@@ -390,11 +466,16 @@ impl ServerCore {
                     self.reply_control(correlation, None);
                     return;
                 }
-                for request in std::mem::take(&mut self.queue) {
-                    self.answer_unrun(request.id, "Cancelled: the server is stopping");
+                // Commands held for a worker still starting were sent to
+                // this server, and a graceful stop lets them run.
+                if stop.force || self.worker_ready {
+                    for request in std::mem::take(&mut self.queue) {
+                        self.answer_unrun(request.id, "Cancelled: the server is stopping");
+                    }
                 }
                 match self.running.as_mut() {
-                    None => self.acknowledge_stop(correlation),
+                    None if self.queue.is_empty() => self.acknowledge_stop(correlation),
+                    None => self.phase = Phase::Stopping { correlation },
                     Some(running) => {
                         self.phase = Phase::Stopping { correlation };
                         if stop.force && running.interrupted.is_none() {
@@ -450,7 +531,8 @@ impl ServerCore {
     }
 
     fn dispatch(&mut self, now: Instant) {
-        if self.phase != Phase::Serving || self.running.is_some() {
+        let serving = matches!(self.phase, Phase::Serving | Phase::Stopping { .. });
+        if !serving || self.running.is_some() || !self.worker_ready {
             return;
         }
         let Some(request) = self.queue.pop_front() else {

@@ -8,13 +8,13 @@ use std::time::{Duration, Instant};
 use casa_node_protocol::pb::control_request::{self, Start};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    CommandMode, CommandRequest, CommandResponse, CommandStatus, Envelope, LogLevel, Parameter,
-    RejectReason, ResponseDelivery, SubmitRequest, Value,
+    CommandMode, CommandRequest, CommandResponse, CommandStatus, ControlRequest, ControlResponse,
+    Envelope, LogLevel, Parameter, RejectReason, ResponseDelivery, SubmitRequest, Value,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, LeaseError,
-    MAX_LEASE, MAX_LEASES, Rank, Rejection, RequestId, ServerAction, ServerConfig, ServerCore,
-    SubmitError, WallClock,
+    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, LAST_CHANCE,
+    LeaseError, MAX_LEASE, MAX_LEASES, Rank, Rejection, RequestId, ServerAction, ServerConfig,
+    ServerCore, SubmitError, WallClock,
 };
 
 const EPOCH: f64 = 1_700_000_000.0;
@@ -32,6 +32,8 @@ struct Cluster {
     /// Servers that read nothing (SIGSTOP), and what waits for them.
     stalled: HashSet<Rank>,
     held: HashMap<Rank, Vec<Envelope>>,
+    /// Servers commands cannot be sent to (too large for the transport).
+    unsendable: HashSet<Rank>,
     deliveries: Vec<(DriverId, ResponseDelivery)>,
     events: Vec<Event>,
     sent: Vec<(Rank, Envelope)>,
@@ -56,6 +58,7 @@ impl Cluster {
                 host: format!("node{rank}"),
                 pid: 100 + rank as u32,
                 kill_grace: GRACE,
+                client_timeout: None,
             };
             servers.insert(rank, ServerCore::new(config, clock, t0));
         }
@@ -67,6 +70,7 @@ impl Cluster {
             running: HashMap::new(),
             stalled: HashSet::new(),
             held: HashMap::new(),
+            unsendable: HashSet::new(),
             deliveries: Vec::new(),
             events: Vec::new(),
             sent: Vec::new(),
@@ -104,6 +108,12 @@ impl Cluster {
                 match action {
                     Action::Send { to, envelope } => {
                         self.sent.push((to, envelope.clone()));
+                        if let Some(Body::CommandRequest(request)) = &envelope.body {
+                            if self.unsendable.contains(&to) {
+                                self.client.send_failed(request.id, "frame too large");
+                                continue;
+                            }
+                        }
                         if self.stalled.contains(&to) {
                             self.held.entry(to).or_default().push(envelope);
                         } else {
@@ -137,6 +147,13 @@ impl Cluster {
                         ServerAction::Execute(request) => {
                             self.executed.push((rank, request.id));
                             self.running.insert(rank, request);
+                        }
+                        ServerAction::Configure(start) => {
+                            // The worker is ready at once.
+                            let now = self.now;
+                            self.servers.get_mut(&rank).unwrap().worker_ready(now);
+                            self.server_actions
+                                .push((rank, ServerAction::Configure(start)));
                         }
                         other => self.server_actions.push((rank, other)),
                     }
@@ -820,6 +837,7 @@ fn rule_31_server_logs_carry_their_origin_and_obey_the_log_level() {
         host: "almahpc02".into(),
         pid: 1,
         kill_grace: GRACE,
+        client_timeout: None,
     };
     let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
     let start = control_request::Action::Start(Start {
@@ -1226,6 +1244,304 @@ fn rule_12_oldest_first_goes_by_arrival_not_by_id() {
 }
 
 #[test]
+fn an_unsendable_request_fails_without_vouching_for_its_server() {
+    let mut c = Cluster::new(1);
+    c.stall(1);
+    c.unsendable.insert(1);
+    c.advance(Duration::from_millis(4800));
+    let unsent = c.submit("f(huge)", &[1]).unwrap()[0];
+    let r = c.response(unsent);
+    assert_eq!(
+        (r.status(), r.successful),
+        (CommandStatus::ResponseReceived, false)
+    );
+    assert!(
+        r.traceback()
+            .contains("could not be sent to server n# 1: frame too large")
+    );
+    // The failure is no sign of life: the silent server still times out.
+    c.unsendable.clear();
+    let held = c.submit("g()", &[1]).unwrap()[0];
+    c.advance(Duration::from_millis(300));
+    assert_eq!(c.response(held).status(), CommandStatus::Timeout);
+    // A send failure to a timed-out server does not recover it.
+    c.client.send_failed(held, "frame too large");
+    c.pump();
+    let lines = c.log_lines();
+    assert!(!lines.iter().any(|l| l.contains("recovered")), "{lines:#?}");
+    let status = c.client.status(Some(1)).unwrap().servers.remove(0);
+    assert!(status.timeout && !status.online);
+    assert_eq!(c.response(held).status(), CommandStatus::Timeout);
+}
+
+/// A client core expecting `expected` servers, with those of `ranks`
+/// joined and services started; START requests are left in its actions.
+fn starting_client(expected: usize, ranks: &[Rank]) -> (ClientCore, Instant) {
+    let t0 = Instant::now();
+    let config = ClientConfig {
+        expected_servers: expected,
+        ..ClientConfig::default()
+    };
+    let mut client = ClientCore::new(config, WallClock::new(t0, EPOCH));
+    for &rank in ranks {
+        client.add_server(rank, t0).unwrap();
+    }
+    client.start(t0);
+    (client, t0)
+}
+
+/// Answers every START among the client's actions from the servers in
+/// `answering`; returns the events the client emitted meanwhile.
+fn answer_starts(client: &mut ClientCore, answering: &[Rank], now: Instant) -> Vec<Event> {
+    let mut actions = Vec::new();
+    client.drain_actions(&mut actions);
+    let mut events = Vec::new();
+    for action in actions {
+        match action {
+            Action::Send { to, envelope } if answering.contains(&to) => {
+                if let Some(Body::ControlRequest(ControlRequest {
+                    action: Some(control_request::Action::Start(_)),
+                })) = envelope.body
+                {
+                    let reply = Envelope::correlated(
+                        envelope.correlation,
+                        Body::ControlResponse(ControlResponse {
+                            ok: true,
+                            rank: to,
+                            ..ControlResponse::default()
+                        }),
+                    );
+                    client.handle(to, reply, now).unwrap();
+                }
+            }
+            Action::Event(event) => events.push(event),
+            _ => {}
+        }
+    }
+    while let Some(action) = client.poll_action() {
+        if let Action::Event(event) = action {
+            events.push(event);
+        }
+    }
+    events
+}
+
+fn readiness(events: &[Event]) -> usize {
+    events
+        .iter()
+        .filter(|e| **e == Event::AllServersStarted)
+        .count()
+}
+
+#[test]
+fn rule_26_the_cluster_is_ready_once_the_expected_servers_joined_and_started() {
+    let (mut client, t0) = starting_client(2, &[1]);
+    let events = answer_starts(&mut client, &[1], t0);
+    assert_eq!(readiness(&events), 0, "one of two servers: {events:?}");
+    assert!(!client.is_ready());
+    client.add_server(2, t0).unwrap();
+    let events = answer_starts(&mut client, &[2], t0);
+    assert_eq!(readiness(&events), 1, "{events:?}");
+    assert!(client.is_ready());
+    // A server joining later starts, but readiness is not announced again.
+    client.add_server(3, t0).unwrap();
+    let events = answer_starts(&mut client, &[3], t0);
+    assert_eq!(readiness(&events), 0, "{events:?}");
+}
+
+#[test]
+fn rule_26_a_server_lost_before_starting_does_not_block_readiness() {
+    let (mut client, t0) = starting_client(2, &[1, 2]);
+    let events = answer_starts(&mut client, &[1], t0);
+    assert_eq!(
+        readiness(&events),
+        0,
+        "server 2 has not answered: {events:?}"
+    );
+    client.server_lost(2);
+    let events = answer_starts(&mut client, &[], t0);
+    assert_eq!(readiness(&events), 1, "{events:?}");
+    assert!(client.is_ready());
+}
+
+/// A lone server core, started at `t0` (START taken, its answer drained).
+fn started_server(client_timeout: Option<Duration>) -> (ServerCore, Instant) {
+    let t0 = Instant::now();
+    let config = ServerConfig {
+        rank: 1,
+        host: "node1".into(),
+        pid: 101,
+        kill_grace: GRACE,
+        client_timeout,
+    };
+    let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
+    let start = Envelope::correlated(
+        1,
+        Body::ControlRequest(ControlRequest {
+            action: Some(control_request::Action::Start(Start::default())),
+        }),
+    );
+    server.handle(0, start, t0).unwrap();
+    while server.poll_action().is_some() {}
+    (server, t0)
+}
+
+fn server_actions(server: &mut ServerCore) -> Vec<ServerAction> {
+    std::iter::from_fn(|| server.poll_action()).collect()
+}
+
+#[test]
+fn rule_24_a_deadline_counts_from_when_the_worker_takes_the_command_not_during_its_init() {
+    let (mut server, t0) = started_server(None);
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    let request = CommandRequest {
+        id: 1,
+        command: "time.sleep(0.5)".into(),
+        deadline_seconds: Some(1.0),
+        ..CommandRequest::default()
+    };
+    server
+        .handle(0, Envelope::new(Body::CommandRequest(request)), t0)
+        .unwrap();
+    // The init script runs for 2 s: the command waits, its deadline not
+    // counting, and pings say the server holds it.
+    for ms in (100..2000).step_by(100) {
+        server.tick(at(ms));
+    }
+    let ping = Envelope::new(Body::PingRequest(casa_node_protocol::pb::PingRequest {
+        sequence: 1,
+    }));
+    server.handle(0, ping, at(1900)).unwrap();
+    let actions = server_actions(&mut server);
+    assert!(
+        !actions
+            .iter()
+            .any(|a| matches!(a, ServerAction::Execute(_) | ServerAction::Interrupt { .. })),
+        "{actions:?}"
+    );
+    match actions.as_slice() {
+        [
+            ServerAction::Send(Envelope {
+                body: Some(Body::PingResponse(pong)),
+                ..
+            }),
+        ] => assert!(pong.busy && pong.command_id == 1, "{pong:?}"),
+        other => panic!("expected a ping answer, got {other:?}"),
+    }
+    server.worker_ready(at(2000));
+    let actions = server_actions(&mut server);
+    assert!(
+        matches!(actions.as_slice(), [ServerAction::Execute(r)] if r.id == 1),
+        "{actions:?}"
+    );
+    // It runs 0.5 s of its 1 s.
+    for ms in (2100..=2500).step_by(100) {
+        server.tick(at(ms));
+    }
+    let outcome = ExecOutcome {
+        id: 1,
+        successful: true,
+        ..ExecOutcome::default()
+    };
+    server.finished(outcome, at(2500)).unwrap();
+    let actions = server_actions(&mut server);
+    match actions.as_slice() {
+        [
+            ServerAction::Send(Envelope {
+                body: Some(Body::CommandResponse(response)),
+                ..
+            }),
+        ] => assert_eq!(
+            (response.status(), response.successful),
+            (CommandStatus::ResponseReceived, true)
+        ),
+        other => panic!("expected only the response, got {other:?}"),
+    }
+}
+
+#[test]
+fn rule_30_a_server_gives_up_on_a_silent_client_node_after_its_timeout_and_a_last_chance() {
+    let limit = Duration::from_secs(5);
+    let (mut server, t0) = started_server(Some(limit));
+    let at = |ms: u64| t0 + Duration::from_millis(ms);
+    assert_eq!(server.poll_timeout(), Some(t0 + limit));
+    server.tick(at(4900));
+    server.tick(at(5000));
+    assert!(server_actions(&mut server).is_empty());
+    // A message during the last chance keeps the server.
+    assert_eq!(server.poll_timeout(), Some(at(5000) + LAST_CHANCE));
+    let ping = Envelope::new(Body::PingRequest(casa_node_protocol::pb::PingRequest {
+        sequence: 1,
+    }));
+    server.handle(0, ping, at(5500)).unwrap();
+    server_actions(&mut server);
+    server.tick(at(6500));
+    assert!(server_actions(&mut server).is_empty());
+    // Silence for the limit and the last chance: the server gives up, once.
+    server.tick(at(10_500));
+    assert!(server_actions(&mut server).is_empty());
+    server.tick(at(11_500));
+    server.tick(at(12_000));
+    assert_eq!(
+        server_actions(&mut server),
+        vec![ServerAction::ClientGone {
+            silent_for: Duration::from_secs(6)
+        }]
+    );
+    assert_eq!(server.poll_timeout(), None);
+}
+
+#[test]
+fn rule_27_a_graceful_stop_lets_a_command_held_for_a_starting_worker_run() {
+    let (mut server, t0) = started_server(None);
+    let request = CommandRequest {
+        id: 1,
+        command: "x".into(),
+        ..CommandRequest::default()
+    };
+    server
+        .handle(0, Envelope::new(Body::CommandRequest(request)), t0)
+        .unwrap();
+    let stop = Envelope::correlated(
+        2,
+        Body::ControlRequest(ControlRequest {
+            action: Some(control_request::Action::Stop(
+                casa_node_protocol::pb::control_request::Stop { force: false },
+            )),
+        }),
+    );
+    server.handle(0, stop, t0).unwrap();
+    assert!(
+        server_actions(&mut server).is_empty(),
+        "nothing before the worker is ready"
+    );
+    server.worker_ready(t0);
+    let actions = server_actions(&mut server);
+    assert!(
+        matches!(actions.as_slice(), [ServerAction::Execute(r)] if r.id == 1),
+        "{actions:?}"
+    );
+    let outcome = ExecOutcome {
+        id: 1,
+        successful: true,
+        ..ExecOutcome::default()
+    };
+    server.finished(outcome, t0).unwrap();
+    let actions = server_actions(&mut server);
+    assert!(
+        matches!(
+            actions.as_slice(),
+            [
+                ServerAction::Send(Envelope { body: Some(Body::CommandResponse(r)), .. }),
+                ServerAction::Send(Envelope { body: Some(Body::ControlResponse(ack)), .. }),
+                ServerAction::Exit,
+            ] if r.successful && ack.ok
+        ),
+        "{actions:?}"
+    );
+}
+
+#[test]
 fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
     let t0 = Instant::now();
     let answer = |environment: Vec<casa_node_protocol::pb::EnvironmentVariable>| {
@@ -1234,6 +1550,7 @@ fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
             host: "h".into(),
             pid: 1,
             kill_grace: GRACE,
+            client_timeout: None,
         };
         let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
         let start = control_request::Action::Start(Start {

@@ -491,7 +491,12 @@ impl Sim {
                     }
                 }
                 ServerAction::Kill { .. } => panic!("interrupts finish within the grace period"),
-                ServerAction::Configure(_) | ServerAction::SetLogLevel(_) | ServerAction::Exit => {}
+                ServerAction::Configure(_) => {
+                    let now = self.instant();
+                    self.servers[rank as usize].core.worker_ready(now);
+                }
+                ServerAction::SetLogLevel(_) | ServerAction::Exit => {}
+                ServerAction::ClientGone { .. } => panic!("the client node pings every heartbeat"),
             }
         }
     }
@@ -637,6 +642,7 @@ fn server_config(rank: Rank) -> ServerConfig {
         host: format!("node{rank}"),
         pid: 1000 + rank as u32,
         kill_grace: Duration::from_secs(5),
+        client_timeout: None,
     }
 }
 

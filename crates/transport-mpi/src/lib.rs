@@ -94,7 +94,9 @@
 mod engine;
 mod idle;
 
+use std::collections::{HashMap, VecDeque};
 use std::fmt;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, mpsc as std_mpsc};
 use std::thread::JoinHandle;
 use std::time::Duration;
@@ -102,7 +104,8 @@ use std::time::Duration;
 use bytes::Bytes;
 use casa_node_protocol::pb::Envelope;
 use casa_node_protocol::{
-    DEFAULT_MAX_FRAME, Framing, Rank, Transport, TransportError, TransportEvent,
+    DEFAULT_MAX_FRAME, FrameError, Framing, OFFLOAD_THRESHOLD, Rank, Transport, TransportError,
+    TransportEvent,
 };
 use mpi::topology::SimpleCommunicator;
 use mpi::traits::*;
@@ -258,6 +261,76 @@ pub struct MpiTransport {
     closed: bool,
     /// On a server node, set once rank 0 is lost.
     ended: bool,
+    /// Per peer, what encodes large messages off the event loop's thread.
+    encoders: HashMap<Rank, Encoder>,
+    /// Per peer, a large message being decoded on a blocking thread, and
+    /// what arrived from that peer after it.
+    decoding: HashMap<Rank, Decoding>,
+    /// Events ready for `recv`, in order.
+    ready: VecDeque<TransportEvent>,
+}
+
+/// A large message being decoded, and what came after it from its sender.
+struct Decoding {
+    task: tokio::task::JoinHandle<Result<Envelope, FrameError>>,
+    after: VecDeque<Delivery>,
+}
+
+/// A message to encode off the event loop's thread, its credit taken.
+struct EncodeJob {
+    envelope: Envelope,
+    len: usize,
+    window: Arc<engine::Window>,
+    charge: u32,
+}
+
+/// Encodes one peer's messages in order, large ones on a blocking thread,
+/// and hands them to the progress thread. While it holds any, later
+/// messages to that peer go through it too, so none overtakes another.
+struct Encoder {
+    jobs: mpsc::UnboundedSender<EncodeJob>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Encoder {
+    fn spawn(to: Rank, framing: Framing, commands: std_mpsc::Sender<Command>) -> Encoder {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<EncodeJob>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(async move {
+            while let Some(job) = queue.recv().await {
+                let EncodeJob {
+                    envelope,
+                    len,
+                    window,
+                    charge,
+                } = job;
+                let encoded = if len >= OFFLOAD_THRESHOLD {
+                    tokio::task::spawn_blocking(move || framing.encode_body(&envelope))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                } else {
+                    framing.encode_body(&envelope).map_err(|e| e.to_string())
+                };
+                match encoded {
+                    Ok(body) => {
+                        let _ = commands.send(Command::Send { to, body, charge });
+                    }
+                    Err(error) => {
+                        // Its credit was taken: give it back.
+                        tracing::warn!(to, %error, "dropping a message that cannot be encoded");
+                        window.messages.add_permits(1);
+                        window.bytes.add_permits(charge as usize);
+                    }
+                }
+                // Only once the progress thread has it may a later message
+                // skip this queue.
+                left.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        Encoder { jobs, pending }
+    }
 }
 
 impl fmt::Debug for MpiTransport {
@@ -333,7 +406,70 @@ impl MpiTransport {
             closing_time: config.linger + config.finalize_timeout,
             closed: false,
             ended: false,
+            encoders: HashMap::new(),
+            decoding: HashMap::new(),
+            ready: VecDeque::new(),
         })
+    }
+
+    /// Takes one delivery from the progress thread: an event now, or, for
+    /// a large message or anything behind one from the same peer, later.
+    fn take(&mut self, delivery: Delivery) {
+        let from = match &delivery {
+            Delivery::Message { from, .. } => *from,
+            Delivery::Lost(rank) => *rank,
+        };
+        if let Some(decoding) = self.decoding.get_mut(&from) {
+            decoding.after.push_back(delivery);
+            return;
+        }
+        match delivery {
+            Delivery::Message { from, body } if body.len() >= OFFLOAD_THRESHOLD => {
+                let framing = self.framing;
+                let task =
+                    tokio::task::spawn_blocking(move || framing.decode_body(Bytes::from(body)));
+                self.decoding.insert(
+                    from,
+                    Decoding {
+                        task,
+                        after: VecDeque::new(),
+                    },
+                );
+            }
+            Delivery::Message { from, body } => {
+                let decoded = self.framing.decode_body(Bytes::from(body));
+                self.decoded(from, decoded);
+            }
+            Delivery::Lost(rank) => {
+                if self.info.rank != 0 && rank == 0 {
+                    self.ended = true;
+                }
+                self.ready.push_back(TransportEvent::PeerLost(rank));
+            }
+        }
+    }
+
+    fn decoded(&mut self, from: Rank, decoded: Result<Envelope, FrameError>) {
+        match decoded {
+            Ok(envelope) => self
+                .ready
+                .push_back(TransportEvent::Message { from, envelope }),
+            Err(error) => {
+                tracing::warn!(from, %error, "dropping a message that does not decode");
+            }
+        }
+    }
+
+    /// A large message from `from` is decoded: it is ready, and so is what
+    /// came after it, up to the next large one.
+    fn finish_decoding(&mut self, from: Rank, decoded: Result<Envelope, FrameError>) {
+        let Some(decoding) = self.decoding.remove(&from) else {
+            return;
+        };
+        self.decoded(from, decoded);
+        for delivery in decoding.after {
+            self.take(delivery);
+        }
     }
 
     /// What MPI says about itself and this process.
@@ -388,9 +524,18 @@ impl Transport for MpiTransport {
         let Some(window) = window else {
             return Err(self.unreachable(to));
         };
-        let body = self.framing.encode_body(&envelope)?;
-        drop(envelope);
-        let charge = u32::try_from(body.len())
+        let len = self.framing.encoded_len(&envelope)?;
+        self.encoders.retain(|_, e| !e.jobs.is_closed());
+        let queued = self
+            .encoders
+            .get(&to)
+            .is_some_and(|e| e.pending.load(Ordering::Acquire) > 0);
+        let body = if len >= OFFLOAD_THRESHOLD || queued {
+            None
+        } else {
+            Some(self.framing.encode_body(&envelope)?)
+        };
+        let charge = u32::try_from(len)
             .unwrap_or(u32::MAX)
             .clamp(1, self.max_in_flight_bytes);
         // Both waits are cancel-safe: an unused permit goes back. A closed
@@ -408,6 +553,26 @@ impl Transport for MpiTransport {
         // The progress thread gives them back when MPI completes the send.
         message.forget();
         bytes.forget();
+        let Some(body) = body else {
+            let (framing, commands) = (self.framing, self.commands.clone());
+            let encoder = self
+                .encoders
+                .entry(to)
+                .or_insert_with(|| Encoder::spawn(to, framing, commands));
+            encoder.pending.fetch_add(1, Ordering::AcqRel);
+            let job = EncodeJob {
+                envelope,
+                len,
+                window,
+                charge,
+            };
+            if encoder.jobs.send(job).is_err() {
+                encoder.pending.fetch_sub(1, Ordering::AcqRel);
+                return Err(self.thread_gone());
+            }
+            return Ok(());
+        };
+        drop(envelope);
         self.commands
             .send(Command::Send { to, body, charge })
             .map_err(|_| self.thread_gone())
@@ -421,23 +586,44 @@ impl Transport for MpiTransport {
             return Err(TransportError::Disconnected(0));
         }
         loop {
-            // Cancel-safe: nothing below awaits once a delivery is taken.
-            match self.events.recv().await {
-                Some(Delivery::Message { from, body }) => {
-                    match self.framing.decode_body(Bytes::from(body)) {
-                        Ok(envelope) => return Ok(TransportEvent::Message { from, envelope }),
-                        Err(error) => {
-                            tracing::warn!(from, %error, "dropping a message that does not decode");
+            if let Some(event) = self.ready.pop_front() {
+                return Ok(event);
+            }
+            // Cancel-safe: what is taken is kept in `self` before the next
+            // await, and the decodings are only polled.
+            let decoding = &mut self.decoding;
+            let decoded = std::future::poll_fn(|cx| {
+                for (&from, decoding) in decoding.iter_mut() {
+                    if let std::task::Poll::Ready(result) =
+                        std::pin::Pin::new(&mut decoding.task).poll(cx)
+                    {
+                        return std::task::Poll::Ready((from, result));
+                    }
+                }
+                std::task::Poll::Pending
+            });
+            tokio::select! {
+                (from, result) = decoded => {
+                    let result = result.unwrap_or_else(|e| {
+                        Err(FrameError::Invalid { at: 0, reason: if e.is_panic() { "decoding panicked" } else { "decoding was cancelled" } })
+                    });
+                    self.finish_decoding(from, result);
+                }
+                delivery = self.events.recv() => match delivery {
+                    Some(delivery) => self.take(delivery),
+                    None => {
+                        if self.decoding.is_empty() {
+                            return Err(self.thread_gone());
                         }
+                        // What is being decoded is delivered first.
+                        let (&from, _) = self.decoding.iter().next().expect("not empty");
+                        let decoding = self.decoding.get_mut(&from).expect("just seen");
+                        let result = (&mut decoding.task).await.unwrap_or_else(|_| {
+                            Err(FrameError::Invalid { at: 0, reason: "decoding failed" })
+                        });
+                        self.finish_decoding(from, result);
                     }
-                }
-                Some(Delivery::Lost(rank)) => {
-                    if self.info.rank != 0 && rank == 0 {
-                        self.ended = true;
-                    }
-                    return Ok(TransportEvent::PeerLost(rank));
-                }
-                None => return Err(self.thread_gone()),
+                },
             }
         }
     }

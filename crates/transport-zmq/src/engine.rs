@@ -23,12 +23,15 @@
 //! flight as it is consumed.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode, Role, Welcome};
-use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, TransportEvent, check_version};
+use casa_node_protocol::{
+    Framing, OFFLOAD_THRESHOLD, PROTOCOL_VERSION, Rank, TransportEvent, check_hello,
+};
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -332,6 +335,108 @@ enum Unsealed {
     Joined(Pending, u64),
 }
 
+/// What a peer's [`Decoder`] passes on, in order.
+enum Inbound {
+    /// A data message's body, to decode and deliver.
+    Data {
+        body: Bytes,
+        link: u64,
+        credit_wanted: bool,
+    },
+    /// An event to deliver once the messages before it are.
+    Event(TransportEvent),
+}
+
+/// Decodes one peer's messages in order, large ones on a blocking thread,
+/// and delivers them. While it holds any, everything else for that peer
+/// goes through it too, so nothing overtakes a message being decoded.
+struct Decoder {
+    link: u64,
+    inbox: mpsc::UnboundedSender<Inbound>,
+    /// Items given to it and not yet delivered.
+    pending: Arc<AtomicUsize>,
+}
+
+/// A data message that did not decode, to credit as if consumed.
+type Undecodable = (Rank, u64, bool);
+
+impl Decoder {
+    fn spawn(
+        rank: Rank,
+        link: u64,
+        framing: Framing,
+        events: mpsc::UnboundedSender<Delivery>,
+        undecodable: mpsc::UnboundedSender<Undecodable>,
+    ) -> Decoder {
+        let (inbox, mut queue) = mpsc::unbounded_channel::<Inbound>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(async move {
+            while let Some(item) = queue.recv().await {
+                let delivery = match item {
+                    Inbound::Data {
+                        body,
+                        link,
+                        credit_wanted,
+                    } => {
+                        let decoded = if body.len() >= OFFLOAD_THRESHOLD {
+                            tokio::task::spawn_blocking(move || framing.decode_body(body))
+                                .await
+                                .map_err(|e| e.to_string())
+                                .and_then(|r| r.map_err(|e| e.to_string()))
+                        } else {
+                            framing.decode_body(body).map_err(|e| e.to_string())
+                        };
+                        match decoded {
+                            Ok(envelope) => Some(Delivery {
+                                event: TransportEvent::Message {
+                                    from: rank,
+                                    envelope,
+                                },
+                                link,
+                                credit_wanted,
+                            }),
+                            Err(error) => {
+                                warn!(rank, %error, "dropping a malformed envelope");
+                                let _ = undecodable.send((rank, link, credit_wanted));
+                                None
+                            }
+                        }
+                    }
+                    Inbound::Event(event) => Some(Delivery {
+                        event,
+                        link: 0,
+                        credit_wanted: false,
+                    }),
+                };
+                if let Some(delivery) = delivery {
+                    let _ = events.send(delivery);
+                }
+                // Only once it is delivered may later items skip this queue.
+                left.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        Decoder {
+            link,
+            inbox,
+            pending,
+        }
+    }
+
+    fn busy(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    fn push(&self, item: Inbound) -> bool {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        if self.inbox.send(item).is_err() {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+            return false;
+        }
+        true
+    }
+}
+
 /// An engine and what it listens to.
 pub(crate) struct Engine {
     socket: SendHalf,
@@ -350,6 +455,10 @@ pub(crate) struct Engine {
     /// On a signed server node, told when the client node's first credit
     /// arrives: it has admitted this node by then.
     admitted: Option<oneshot::Sender<()>>,
+    /// Per peer, what decodes its large messages off this thread.
+    decoders: HashMap<Rank, Decoder>,
+    undecodable_tx: mpsc::UnboundedSender<Undecodable>,
+    undecodable_rx: Option<mpsc::UnboundedReceiver<Undecodable>>,
 }
 
 /// What an engine waits on.
@@ -374,6 +483,7 @@ impl Engine {
             seen_set: HashSet::new(),
             refused: HashSet::new(),
         });
+        let (undecodable_tx, undecodable_rx) = mpsc::unbounded_channel();
         Engine {
             socket,
             framing: Framing::new(config.max_frame),
@@ -387,6 +497,9 @@ impl Engine {
             next_link: 1,
             finished: false,
             closing: false,
+            decoders: HashMap::new(),
+            undecodable_tx,
+            undecodable_rx: Some(undecodable_rx),
         }
     }
 
@@ -419,9 +532,30 @@ impl Engine {
         };
         if let (Some(security), Some(link)) = (&self.security, &mut peer.seal) {
             link.sent += 1;
-            let seal = security.signer.seal(direction, &link.id, link.sent, &parts);
+            let size: usize = parts.iter().map(Bytes::len).sum();
+            let seal = if size >= OFFLOAD_THRESHOLD {
+                // Hashing hundreds of MiB takes long: a blocking thread
+                // does it while this engine's threads go on.
+                let (signer, id, counter) = (security.signer.clone(), link.id, link.sent);
+                let covered = parts.clone();
+                let sealing = tokio::task::spawn_blocking(move || {
+                    signer.seal(direction, &id, counter, &covered)
+                });
+                match sealing.await {
+                    Ok(seal) => seal,
+                    Err(error) => {
+                        self.lose(rank, &format!("sealing a message failed: {error}"));
+                        return;
+                    }
+                }
+            } else {
+                security.signer.seal(direction, &link.id, link.sent, &parts)
+            };
             parts.insert(0, seal);
         }
+        let Some(peer) = self.peers.get(&rank) else {
+            return;
+        };
         let identity = peer.identity.clone();
         if let Err(error) = self.socket.send(&identity, parts).await {
             self.lose(rank, &format!("sending failed: {error}"));
@@ -450,6 +584,7 @@ impl Engine {
         let mut done: Vec<oneshot::Sender<()>> = Vec::new();
         let mut deadline: Option<Instant> = None;
         let mut monitor_open = true;
+        let mut undecodable = self.undecodable_rx.take().expect("an engine runs once");
         loop {
             if self.finished || (self.closing && self.peers.values().all(|p| p.bye_acked)) {
                 break;
@@ -475,6 +610,9 @@ impl Engine {
                     Some(other) => debug!(event = ?other, "socket event"),
                     None => monitor_open = false,
                 },
+                Some((rank, link, credit_wanted)) = undecodable.recv() => {
+                    self.consumed(rank, link, credit_wanted).await;
+                }
                 command = inputs.commands.recv(), if !self.closing => match command {
                     Some(Command::Send { to, link, body, charge, credit_wanted }) => {
                         self.send_data(to, link, body, charge, credit_wanted).await;
@@ -631,11 +769,18 @@ impl Engine {
                 shared.terminal = Some(Terminal::Lost(rank));
             }
         }
+        let decoder = self.decoders.remove(&rank);
         if self.closing {
             debug!(rank, why, "peer gone while shutting down");
         } else {
             info!(rank, why, "peer lost");
-            self.deliver(TransportEvent::PeerLost(rank), 0, false);
+            // After the messages it sent, still being decoded.
+            let queued = decoder.is_some_and(|d| {
+                d.busy() && d.push(Inbound::Event(TransportEvent::PeerLost(rank)))
+            });
+            if !queued {
+                self.deliver(TransportEvent::PeerLost(rank), 0, false);
+            }
         }
         if !self.socket.is_router() {
             self.finished = true;
@@ -705,7 +850,8 @@ impl Engine {
         };
         let mut hello_nonce = None;
         if self.security.is_some() {
-            match self.unseal(&identity, &mut parts) {
+            let verified = self.verify_large(&identity, &parts).await;
+            match self.unseal(&identity, &mut parts, verified) {
                 Ok(Unsealed::Link) => {}
                 Ok(Unsealed::Hello(nonce)) => hello_nonce = Some(nonce),
                 Ok(Unsealed::Joined(pending, counter)) => {
@@ -797,6 +943,24 @@ impl Engine {
         }
         // Delivered, or credited at once below if it does not decode.
         peer.unconsumed += 1;
+        if self.decoders.get(&rank).is_some_and(|d| d.link != link) {
+            self.decoders.remove(&rank);
+        }
+        let busy = self.decoders.get(&rank).is_some_and(Decoder::busy);
+        if body.len() >= OFFLOAD_THRESHOLD || busy {
+            let (framing, events) = (self.framing, self.events.clone());
+            let undecodable = self.undecodable_tx.clone();
+            let decoder = self
+                .decoders
+                .entry(rank)
+                .or_insert_with(|| Decoder::spawn(rank, link, framing, events, undecodable));
+            decoder.push(Inbound::Data {
+                body,
+                link,
+                credit_wanted,
+            });
+            return;
+        }
         match self.framing.decode_body(body) {
             Ok(envelope) => self.deliver(
                 TransportEvent::Message {
@@ -879,44 +1043,17 @@ impl Engine {
             }
         };
         let correlation = hello_envelope.correlation;
-        let hello = match hello_envelope.body {
-            Some(Body::Hello(hello)) => hello,
-            other => {
-                let kind = other.as_ref().map_or("nothing", Body::name);
-                warn!(
-                    kind,
-                    "refusing a peer that opened with something else than Hello"
-                );
-                let reply = Envelope::error(
-                    correlation,
-                    ProtocolErrorCode::UnexpectedMessage,
-                    format!("expected Hello, got {kind}"),
-                );
+        let hello = match check_hello(hello_envelope, Role::ServerNode, "a client node") {
+            Ok(hello) => hello,
+            Err(reply) => {
+                if let Some(Body::Error(error)) = &reply.body {
+                    warn!(reason = error.message, "refusing a peer");
+                }
                 self.answer_stranger(&identity, &reply, link).await;
                 return;
             }
         };
-        let checked = check_version(hello.protocol_version, correlation)
-            .and_then(|()| check_version(hello_envelope.protocol_version, correlation));
-        if let Err(reply) = checked {
-            warn!(
-                version = hello.protocol_version,
-                host = hello.host,
-                pid = hello.pid,
-                "refusing a server node with an incompatible protocol version"
-            );
-            self.answer_stranger(&identity, &reply, link).await;
-            return;
-        }
-        let refusal = if hello.role() != Role::ServerNode {
-            Some((
-                ProtocolErrorCode::RoleRefused,
-                format!(
-                    "only server nodes may join a client node, not {}",
-                    hello.role().as_str_name()
-                ),
-            ))
-        } else if self.closing {
+        let refusal = if self.closing {
             Some((
                 ProtocolErrorCode::UnexpectedMessage,
                 "the client node is shutting down".to_owned(),
@@ -1077,10 +1214,36 @@ impl Engine {
     /// for this link (the nonces of both sides), with a counter above the
     /// last one accepted. A connection that has not joined may only send a
     /// Hello, sealed with counter 0 and no nonce of ours.
+    /// For a large message from a peer with a link, whether its tag checks
+    /// out, found on a blocking thread; `None` for any other message, which
+    /// [`unseal`](Self::unseal) checks itself.
+    async fn verify_large(&self, identity: &Bytes, parts: &VecDeque<Bytes>) -> Option<bool> {
+        let size: usize = parts.iter().map(Bytes::len).sum();
+        if size < OFFLOAD_THRESHOLD {
+            return None;
+        }
+        let security = self.security.as_ref()?;
+        let rank = self.rank_of(identity)?;
+        let link = self.peers.get(&rank)?.seal.as_ref()?.id;
+        let incoming = match self.outgoing() {
+            Direction::ToDealer => Direction::ToRouter,
+            Direction::ToRouter => Direction::ToDealer,
+        };
+        let signer = security.signer.clone();
+        let parts: Vec<Bytes> = parts.iter().cloned().collect();
+        let checking = tokio::task::spawn_blocking(move || {
+            let (first, rest) = parts.split_first()?;
+            let seal = Seal::parse(first)?;
+            Some(signer.verify(incoming, &link, &seal, rest))
+        });
+        checking.await.ok().flatten()
+    }
+
     fn unseal(
         &mut self,
         identity: &Bytes,
         parts: &mut VecDeque<Bytes>,
+        verified: Option<bool>,
     ) -> Result<Unsealed, Rejection> {
         let incoming = match self.outgoing() {
             Direction::ToDealer => Direction::ToRouter,
@@ -1107,7 +1270,9 @@ impl Engine {
             if seal.nonce != senders(&link.id) {
                 return Err(Rejection::OtherLink);
             }
-            if !security.signer.verify(incoming, &link.id, &seal, rest) {
+            let valid =
+                verified.unwrap_or_else(|| security.signer.verify(incoming, &link.id, &seal, rest));
+            if !valid {
                 return Err(Rejection::BadTag);
             }
             if seal.counter <= link.received {

@@ -163,6 +163,8 @@ mod wire;
 
 pub use seal::{KeyError, SigningKey};
 
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -170,8 +172,8 @@ use bytes::Bytes;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, Hello, ProtocolErrorCode, Role};
 use casa_node_protocol::{
-    DEFAULT_MAX_FRAME, Framing, PROTOCOL_VERSION, Rank, Transport, TransportError, TransportEvent,
-    check_version,
+    DEFAULT_MAX_FRAME, Framing, OFFLOAD_THRESHOLD, PROTOCOL_VERSION, Rank, Transport,
+    TransportError, TransportEvent, check_version,
 };
 use futures::StreamExt;
 use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
@@ -277,6 +279,123 @@ pub struct ZmqTransport {
     commands: mpsc::UnboundedSender<Command>,
     events: mpsc::UnboundedReceiver<Delivery>,
     closed: bool,
+    /// Per peer link, what encodes large messages off this thread.
+    encoders: HashMap<(Rank, u64), Encoder>,
+    /// Where the socket and the engine run.
+    io: Option<IoRuntime>,
+}
+
+/// The threads the socket's I/O and the engine run on: copying a frame of
+/// hundreds of MiB into ZeroMQ's buffers, or out of them, takes seconds,
+/// and the thread of the node's event loop must answer pings meanwhile.
+/// Two threads, so one peer's large frame does not hold another's pings.
+struct IoRuntime(Option<tokio::runtime::Runtime>);
+
+impl IoRuntime {
+    fn start() -> Result<IoRuntime, TransportError> {
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .thread_name("zmq-io")
+            .enable_all()
+            .build()
+            .map_err(|e| io_error("starting the ZeroMQ threads".to_owned(), e))?;
+        Ok(IoRuntime(Some(runtime)))
+    }
+
+    /// Runs `work` on these threads and waits for it.
+    async fn run<T: Send + 'static>(
+        &self,
+        work: impl std::future::Future<Output = Result<T, TransportError>> + Send + 'static,
+    ) -> Result<T, TransportError> {
+        let runtime = self.0.as_ref().expect("running until dropped");
+        runtime
+            .spawn(work)
+            .await
+            .map_err(|e| io_error("the ZeroMQ threads".to_owned(), e))?
+    }
+}
+
+impl Drop for IoRuntime {
+    fn drop(&mut self) {
+        if let Some(runtime) = self.0.take() {
+            // Dropped on an async thread, where waiting is not allowed.
+            runtime.shutdown_background();
+        }
+    }
+}
+
+/// A message to encode off the event loop's thread, with its credit taken.
+struct EncodeJob {
+    envelope: Envelope,
+    /// Its encoded length.
+    len: usize,
+    to: Rank,
+    link: engine::Link,
+    charge: Charge,
+    credit_wanted: bool,
+}
+
+/// Encodes one peer link's messages in order, large ones on a blocking
+/// thread, and hands them to the engine. While it holds any, later
+/// messages to that peer go through it too, so none overtakes another.
+struct Encoder {
+    jobs: mpsc::UnboundedSender<EncodeJob>,
+    /// Messages given to it and not yet handed to the engine.
+    pending: Arc<AtomicUsize>,
+}
+
+impl Encoder {
+    fn spawn(framing: Framing, commands: mpsc::UnboundedSender<Command>) -> Encoder {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<EncodeJob>();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let left = pending.clone();
+        tokio::spawn(async move {
+            while let Some(job) = queue.recv().await {
+                let EncodeJob {
+                    envelope,
+                    len,
+                    to,
+                    link,
+                    charge,
+                    credit_wanted,
+                } = job;
+                let encoded = if len >= OFFLOAD_THRESHOLD {
+                    tokio::task::spawn_blocking(move || framing.encode_body(&envelope))
+                        .await
+                        .map_err(|e| e.to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()))
+                } else {
+                    framing.encode_body(&envelope).map_err(|e| e.to_string())
+                };
+                match encoded {
+                    Ok(body) => {
+                        let _ = commands.send(Command::Send {
+                            to,
+                            link: link.id,
+                            body: Bytes::from(body),
+                            charge,
+                            credit_wanted,
+                        });
+                    }
+                    Err(error) => {
+                        // Its credit was taken: give it back.
+                        tracing::warn!(to, %error, "dropping a message that cannot be encoded");
+                        link.messages.add_permits(1);
+                        let pool = if charge.reserved {
+                            &link.reserve
+                        } else {
+                            &link.bytes
+                        };
+                        pool.add_permits(charge.bytes as usize);
+                    }
+                }
+                // Only once the engine has it may a later message skip
+                // this queue.
+                left.fetch_sub(1, Ordering::AcqRel);
+            }
+        });
+        Encoder { jobs, pending }
+    }
 }
 
 impl std::fmt::Debug for ZmqTransport {
@@ -301,6 +420,16 @@ impl ZmqTransport {
         endpoint: &str,
         config: ZmqConfig,
     ) -> Result<ZmqTransport, TransportError> {
+        let io = IoRuntime::start()?;
+        let endpoint = endpoint.to_owned();
+        let mut transport = io
+            .run(async move { Self::bind_here(&endpoint, config).await })
+            .await?;
+        transport.io = Some(io);
+        Ok(transport)
+    }
+
+    async fn bind_here(endpoint: &str, config: ZmqConfig) -> Result<ZmqTransport, TransportError> {
         let config = config.normalized();
         let mut socket = RouterSocket::with_options(socket_options(&config));
         let monitor = socket.monitor();
@@ -340,6 +469,20 @@ impl ZmqTransport {
 
     /// [`connect`](Self::connect) with a configuration.
     pub async fn connect_with(
+        endpoint: &str,
+        requested_rank: Rank,
+        config: ZmqConfig,
+    ) -> Result<ZmqTransport, TransportError> {
+        let io = IoRuntime::start()?;
+        let endpoint = endpoint.to_owned();
+        let mut transport = io
+            .run(async move { Self::connect_here(&endpoint, requested_rank, config).await })
+            .await?;
+        transport.io = Some(io);
+        Ok(transport)
+    }
+
+    async fn connect_here(
         endpoint: &str,
         requested_rank: Rank,
         config: ZmqConfig,
@@ -486,6 +629,8 @@ impl ZmqTransport {
             commands: commands_tx,
             events: events_rx,
             closed: false,
+            encoders: HashMap::new(),
+            io: None,
         };
         let engine = Engine::new(socket, config, shared, events_tx);
         (handle, engine, commands_rx)
@@ -559,9 +704,22 @@ impl Transport for ZmqTransport {
         let Some(link) = link else {
             return Err(self.unreachable(to));
         };
-        let body = self.framing.encode_body(&envelope)?;
-        drop(envelope);
-        let size = u32::try_from(body.len())
+        let len = self.framing.encoded_len(&envelope)?;
+        self.encoders
+            .retain(|&(rank, id), e| (rank != to || id == link.id) && !e.jobs.is_closed());
+        let queued = self
+            .encoders
+            .get(&(to, link.id))
+            .is_some_and(|e| e.pending.load(Ordering::Acquire) > 0);
+        // Small messages are encoded here, before any wait, as always; a
+        // large one, or any behind one, later and elsewhere.
+        let body = if len >= OFFLOAD_THRESHOLD || queued {
+            None
+        } else {
+            let body = self.framing.encode_body(&envelope)?;
+            Some(body)
+        };
+        let size = u32::try_from(len)
             .unwrap_or(u32::MAX)
             .clamp(1, self.budget.bytes);
         let disconnected = |_| TransportError::Disconnected(to);
@@ -609,6 +767,28 @@ impl Transport for ZmqTransport {
             bytes: size,
             reserved,
         };
+        let Some(body) = body else {
+            let (framing, commands) = (self.framing, self.commands.clone());
+            let encoder = self
+                .encoders
+                .entry((to, link.id))
+                .or_insert_with(|| Encoder::spawn(framing, commands));
+            encoder.pending.fetch_add(1, Ordering::AcqRel);
+            let job = EncodeJob {
+                envelope,
+                len,
+                to,
+                link,
+                charge,
+                credit_wanted,
+            };
+            if encoder.jobs.send(job).is_err() {
+                encoder.pending.fetch_sub(1, Ordering::AcqRel);
+                return Err(self.terminal_error());
+            }
+            return Ok(());
+        };
+        drop(envelope);
         self.commands
             .send(Command::Send {
                 to,

@@ -427,6 +427,35 @@ async fn a_tampered_message_is_dropped_and_logged_both_ways() {
     .await;
 }
 
+/// Messages of 1 MiB or more are sealed and checked on blocking threads:
+/// they still cross intact, and an altered one is still refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_is_sealed_and_checked_and_a_tampered_one_refused() {
+    bounded(async {
+        let (mut client, relay, mut server) = relayed().await;
+        let endpoint = client.endpoint().to_owned();
+        ping_through(&mut client, &mut server, 1).await;
+        if let Err(failure) = checks::large_message(&mut client, &mut server, 3 << 20).await {
+            panic!("{failure}");
+        }
+        let down = relay.last_down(b'D');
+        let up = relay.last_up(b'D');
+        assert!(down[2].len() >= 3 << 20 && up[2].len() >= 3 << 20);
+        let middle = down[2].len() / 2;
+        relay.inject_down(flipped(&down, 2, middle));
+        relay.inject_up(flipped(&up, 2, middle));
+        await_rejected(&server, 1).await;
+        await_rejected(&client, 1).await;
+        // Refused for its tag, before its counter is looked at.
+        let needles = [REFUSED, "the signature does not match"];
+        await_logged(&client_span(&endpoint), &needles, 1).await;
+        await_logged(&server_span(&relay.endpoint, 1), &needles, 1).await;
+        ping_through(&mut client, &mut server, 2).await;
+        ping_through(&mut server, &mut client, 3).await;
+    })
+    .await;
+}
+
 // --------------------------------------------------------------- replays
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
