@@ -527,7 +527,9 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None):
     """(many, buffers, size): whether `target` is a list, and the serialized
     SubmitRequest (the bytes protobuf makes), its large parameter values as
     buffers of their own (see values.parameter_buffers), or, with `shared`
-    (a shm.SharedDir) and one request, as shared-memory references."""
+    (a shm.SharedDir), as shared-memory references (for a list of targets
+    the client node gives each request's worker a name of its own for the
+    same file)."""
     if type(command) is str:
         data = command.encode("utf-8")  # a lone surrogate raises as protobuf does
         head = b"\x0a" + _varint(len(data)) + data if data else b""
@@ -537,8 +539,6 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None):
         head += b"\x10" + _varint(_MODE_BY_NAME[mode])
     buffers, size = [head], len(head)
     many = isinstance(target, (list, tuple, range))
-    if many and len(target) != 1:
-        shared = None  # one file cannot serve several requests
     if parameters:
         with shared.removing_on_error() if shared else contextlib.nullcontext():
             for name, value in parameters.items():

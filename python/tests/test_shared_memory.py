@@ -100,20 +100,22 @@ def test_every_dtype_goes_both_ways_through_shared_memory(client, dtype):
     assert only_tag(client, 0) == ["tag"]
 
 
+MAPPED_SOURCE = textwrap.dedent('''
+    def mapped(array):
+        import mmap
+        base = array
+        while base is not None:
+            if isinstance(base, mmap.mmap):
+                return True
+            base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+        return False
+''')
+
+
 @pytest.fixture(autouse=True)
 def define_mapped(client):
     """`mapped` in every worker's namespace."""
-    source = textwrap.dedent('''
-        def mapped(array):
-            import mmap
-            base = array
-            while base is not None:
-                if isinstance(base, mmap.mmap):
-                    return True
-                base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-            return False
-    ''')
-    for f in client.broadcast(source):
+    for f in client.broadcast(MAPPED_SOURCE):
         assert f.result(60)["successful"]
 
 
@@ -351,6 +353,15 @@ def test_a_server_that_cannot_use_the_directory_gets_values_inline(transport, tm
                 assert not mapped(back), "and sent its return value inline"
             else:
                 assert shm_dir == directory(client) and mapped(back)
+        # A list of targets: server 1 maps a name of its own for the file,
+        # server 2 gets the bytes inline.
+        for f in client.broadcast(MAPPED_SOURCE):
+            assert f.result(60)["successful"]
+        futures = client.submit("(x, mapped(x))", target=[1, 2], parameters={"x": x})
+        rs = [f.result(60) for f in futures]
+        assert all(r["successful"] for r in rs), [r["traceback"] for r in rs]
+        assert all(np.array_equal(r["ret"][0], x) for r in rs)
+        assert [r["ret"][1] for r in rs] == [True, False]
         assert only_tag(client, 0) == ["tag"]
         client.close()
     finally:
@@ -374,14 +385,17 @@ def test_a_driver_without_shared_memory_gets_values_inline(cluster, client):
         plain.close()
 
 
-def test_several_targets_get_the_value_inline_and_one_target_in_a_list_does_not(client):
+def test_several_targets_each_map_the_one_file_the_driver_wrote(client):
     x = big("<f8")
     one = client.submit("(x, mapped(x))", target=[2], parameters={"x": x})[0].result(60)
     assert one["ret"][1], "one request: the file is its own"
-    for r in [f.result(60) for f in client.submit("(x, mapped(x))", target=[1, 2], parameters={"x": x})]:
+    futures = client.submit("(x, mapped(x), float(x[-1]))", target=[1, 2, 1], parameters={"x": x})
+    for r in [f.result(60) for f in futures]:
         assert r["successful"], r["traceback"]
-        back, worker_mapped = r["ret"]
-        assert np.array_equal(back, x) and not worker_mapped, "one file cannot serve two requests"
+        back, worker_mapped, last = r["ret"]
+        assert worker_mapped, "each request's worker maps the driver's file under a name of its own"
+        assert np.array_equal(back, x) and last == float(x[-1])
+        assert r["parameters"]["x"] is x or np.array_equal(r["parameters"]["x"], x)
     assert only_tag(client, 0) == ["tag"]
 
 

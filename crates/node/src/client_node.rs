@@ -200,6 +200,7 @@ pub async fn run<T: Transport>(
         shared: config.shared.take(),
         shared_ranks: HashSet::new(),
         request_files: HashMap::new(),
+        renamed: HashMap::new(),
     };
     let now = Instant::now();
     for rank in transport.peers() {
@@ -302,6 +303,10 @@ struct Node<'a> {
     /// unlinked them already when it decoded them; when it never did, they
     /// would be left behind).
     request_files: HashMap<u64, Vec<String>>,
+    /// The requests of a list target but the first: the names their
+    /// parameters' files have for them (from, to), applied when each is
+    /// sent.
+    renamed: HashMap<u64, Vec<(String, String)>>,
 }
 
 impl Node<'_> {
@@ -348,6 +353,14 @@ impl Node<'_> {
                         Some(Body::CommandRequest(r)) => Some(r.id),
                         _ => None,
                     };
+                    if let (Some(id), Some(Body::CommandRequest(r))) = (request, &mut envelope.body)
+                    {
+                        if let Some(renames) = self.renamed.remove(&id) {
+                            for value in r.parameters.iter_mut().filter_map(|p| p.value.as_mut()) {
+                                shm::rename(value, &renames);
+                            }
+                        }
+                    }
                     if let Err(e) = self.inline_for(to, &mut envelope) {
                         if let Some(id) = request {
                             self.core.send_failed(id, &e.to_string());
@@ -439,6 +452,7 @@ impl Node<'_> {
         let Some(response) = delivery.response.as_mut() else {
             return;
         };
+        self.renamed.remove(&response.id);
         for name in self.request_files.remove(&response.id).unwrap_or_default() {
             shm::unlink(&shared.directory, &name);
         }
@@ -681,9 +695,27 @@ impl Node<'_> {
             }
         };
         match (&result, &self.shared) {
-            (Ok(ids), _) if !files.is_empty() => {
-                for &id in ids {
-                    self.request_files.insert(id, files.clone());
+            (Ok(ids), Some(shared)) if !files.is_empty() => {
+                // The first request maps the driver's files; each other
+                // one gets names of its own for the same bytes.
+                let directory = shared.directory.clone();
+                for (n, &id) in ids.iter().enumerate() {
+                    if n == 0 {
+                        self.request_files.insert(id, files.clone());
+                        continue;
+                    }
+                    let mut renames = Vec::with_capacity(files.len());
+                    for name in &files {
+                        match shm::link_for(&directory, name, id) {
+                            Ok(linked) => renames.push((name.clone(), linked)),
+                            // The request's worker is told the file is
+                            // missing; the others run.
+                            Err(e) => self.warn(&format!("request {id}: {e}")),
+                        }
+                    }
+                    self.request_files
+                        .insert(id, renames.iter().map(|(_, to)| to.clone()).collect());
+                    self.renamed.insert(id, renames);
                 }
             }
             (Err(_), Some(shared)) => {

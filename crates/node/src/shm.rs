@@ -269,6 +269,50 @@ pub fn for_each_shared<'a>(value: &'a Value, f: &mut impl FnMut(&'a SharedBytes)
     }
 }
 
+/// Gives the file `name` of `dir` a second name of its own for request `id`
+/// (`NAME.ID`): several requests made from one submission (a list of
+/// targets) each map and unlink a file of their own, while the kernel keeps
+/// one copy of the bytes. Returns the new name.
+pub fn link_for(dir: &Path, name: &str, id: u64) -> Result<String, ShmError> {
+    let linked = format!("{name}.{id}");
+    if !valid_name(name) || !valid_name(&linked) {
+        return Err(ShmError::BadName(name.to_owned()));
+    }
+    fs::hard_link(dir.join(name), dir.join(&linked)).map_err(|source| ShmError::Io {
+        name: name.to_owned(),
+        source,
+    })?;
+    Ok(linked)
+}
+
+/// Renames, in `value`, every reference to a file `from` into one to `to`
+/// (a name given by [`link_for`]).
+pub fn rename(value: &mut Value, renames: &[(String, String)]) {
+    match &mut value.kind {
+        Some(Kind::NdarrayValue(NdArray {
+            shared: Some(shared),
+            ..
+        })) => {
+            if let Some((_, to)) = renames.iter().find(|(from, _)| *from == shared.name) {
+                shared.name.clone_from(to);
+            }
+        }
+        Some(Kind::ListValue(list) | Kind::TupleValue(list)) => {
+            for item in &mut list.items {
+                rename(item, renames);
+            }
+        }
+        Some(Kind::DictValue(dict)) => {
+            for entry in &mut dict.entries {
+                for value in entry.key.iter_mut().chain(entry.value.iter_mut()) {
+                    rename(value, renames);
+                }
+            }
+        }
+        _ => {}
+    }
+}
+
 /// The names of the files `parameters` reference.
 pub fn parameter_names(parameters: &[Parameter]) -> Vec<String> {
     let mut names = Vec::new();
