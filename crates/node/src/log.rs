@@ -15,6 +15,11 @@ use casa_node_protocol::pb::{LogLevel, LogRecord};
 /// dropped, and a line in the log says how many.
 pub const QUEUE_RECORDS: usize = 16_384;
 
+/// How long the log's thread lets records gather after writing a batch:
+/// a busy node wakes it a few dozen times a second, not once per record,
+/// and a line reaches the file at most this much later.
+const GATHER: Duration = Duration::from_millis(20);
+
 /// Writes log records as lines: `TIME LEVEL ORIGIN MESSAGE`. A message of
 /// several lines (a traceback) gives several lines with the same prefix.
 ///
@@ -41,6 +46,8 @@ struct Queue {
     dropped: u64,
     capacity: usize,
     closed: bool,
+    /// The thread waits for records and must be woken for the next one.
+    waiting: bool,
 }
 
 impl LogSink {
@@ -100,8 +107,11 @@ impl LogSink {
             queue.dropped += 1;
         }
         queue.records.push_back(record.clone());
+        let waiting = std::mem::take(&mut queue.waiting);
         drop(queue);
-        self.shared.wake.notify_one();
+        if waiting {
+            self.shared.wake.notify_one();
+        }
     }
 }
 
@@ -126,8 +136,10 @@ fn write_lines(shared: &Shared, mut file: Option<BufWriter<File>>, terminal: boo
         let (records, dropped, closed) = {
             let mut queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
             while queue.records.is_empty() && queue.dropped == 0 && !queue.closed {
+                queue.waiting = true;
                 queue = shared.wake.wait(queue).unwrap_or_else(|e| e.into_inner());
             }
+            queue.waiting = false;
             let dropped = std::mem::take(&mut queue.dropped);
             (std::mem::take(&mut queue.records), dropped, queue.closed)
         };
@@ -159,6 +171,15 @@ fn write_lines(shared: &Shared, mut file: Option<BufWriter<File>>, terminal: boo
         }
         if closed && records.is_empty() && dropped == 0 {
             return;
+        }
+        if !closed {
+            // Let the next records gather (the sink wakes the thread only
+            // while it waits, and a closing sink ends the pause).
+            let queue = shared.queue.lock().unwrap_or_else(|e| e.into_inner());
+            let _ = shared
+                .wake
+                .wait_timeout_while(queue, GATHER, |q| !q.closed)
+                .unwrap_or_else(|e| e.into_inner());
         }
     }
 }
