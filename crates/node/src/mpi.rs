@@ -58,14 +58,20 @@ pub enum Outcome {
 /// for them (Open MPI's `MPI_Finalize` waits for every rank; past the limit
 /// rank 0 exits and mpirun ends the job).
 ///
-/// `idle_sleep` is the longest pause between looks for messages while idle
-/// (see [`IdlePolicy`]).
-pub fn init(idle_sleep: Duration) -> Result<MpiTransport, MpiNodeError> {
+/// `spin`, `yield_for` and `idle_sleep` say how a rank waits for messages
+/// while idle: probing back to back, then yielding its core between probes,
+/// then sleeping at most `idle_sleep` between them (see [`IdlePolicy`]).
+pub fn init(
+    spin: Duration,
+    yield_for: Duration,
+    idle_sleep: Duration,
+) -> Result<MpiTransport, MpiNodeError> {
     let defaults = MpiConfig::default();
     let idle = IdlePolicy {
+        spin,
+        yield_for,
         max_sleep: idle_sleep,
         first_sleep: defaults.idle.first_sleep.min(idle_sleep),
-        ..defaults.idle
     };
     Ok(MpiTransport::init_with(MpiConfig {
         linger: Duration::from_secs(2),

@@ -288,13 +288,15 @@ pub struct ZmqTransport {
 /// The threads the socket's I/O and the engine run on: copying a frame of
 /// hundreds of MiB into ZeroMQ's buffers, or out of them, takes seconds,
 /// and the thread of the node's event loop must answer pings meanwhile.
-/// Two threads, so one peer's large frame does not hold another's pings.
+/// One thread: the socket's writes of a large frame are asynchronous, so
+/// they do not hold another peer's pings (a second thread only added
+/// wake-ups: on 2 cores it cost 1+1 throughput and latency).
 struct IoRuntime(Option<tokio::runtime::Runtime>);
 
 impl IoRuntime {
     fn start() -> Result<IoRuntime, TransportError> {
         let runtime = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
+            .worker_threads(1)
             .thread_name("zmq-io")
             .enable_all()
             .build()
