@@ -51,7 +51,24 @@ class SharedError(ValueError):
     """A reference that cannot be read."""
 
 
-class SharedDir:
+class _Descriptor:
+    """Closes its descriptor `fd` once, on close() or when collected."""
+
+    __slots__ = ()
+
+    def close(self):
+        if getattr(self, "fd", None) is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class SharedDir(_Descriptor):
     """The cluster's directory, checked: this user's, closed to others, its
     file `tag` holding `tag`. Raises OSError or SharedError otherwise."""
 
@@ -91,16 +108,6 @@ class SharedDir:
         finally:
             self._local.written = None
 
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass
 
     # -------------------------------------------------------------- producer
 
@@ -179,7 +186,7 @@ class SharedDir:
             pass
 
 
-class Claimed:
+class Claimed(_Descriptor):
     """An unlinked shared-memory file held open: each map() is a private
     copy-on-write mapping of its first `length` bytes (writable; writes
     change neither the file nor other mappings). The memory goes when the
@@ -196,13 +203,3 @@ class Claimed:
             return bytearray()
         return mmap.mmap(self.fd, self.length, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
 
-    def close(self):
-        if self.fd is not None:
-            os.close(self.fd)
-            self.fd = None
-
-    def __del__(self):
-        try:
-            self.close()
-        except Exception:
-            pass

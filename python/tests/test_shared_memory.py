@@ -3,7 +3,6 @@ value.proto): written once by their producer, mapped copy-on-write by their
 consumer, equal to what was sent, and never left behind, also when a worker
 or a driver dies; bad references are refused with a clear error."""
 
-import mmap
 import os
 import shutil
 import signal
@@ -56,15 +55,21 @@ def only_tag(client, deadline=30):
         time.sleep(0.05)
 
 
-def mapped(array):
-    """True when the array's memory is a mapping (an mmap at the end of its
-    base chain)."""
-    base = array
-    while base is not None:
-        if isinstance(base, mmap.mmap):
-            return True
-        base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-    return False
+MAPPED_SOURCE = textwrap.dedent('''
+    def mapped(array):
+        """True when the array's memory is a mapping (an mmap at the end
+        of its base chain)."""
+        import mmap
+        base = array
+        while base is not None:
+            if isinstance(base, mmap.mmap):
+                return True
+            base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
+        return False
+''')
+
+# `mapped` here, and in every worker's namespace (define_mapped).
+exec(MAPPED_SOURCE)
 
 
 def big(dtype, rng=np.random.default_rng(5)):
@@ -98,18 +103,6 @@ def test_every_dtype_goes_both_ways_through_shared_memory(client, dtype):
     assert back.dtype == x.dtype and back.shape == x.shape and np.array_equal(back, x)
     assert mapped(back), "the driver's return value is a mapping of the worker's file"
     assert only_tag(client, 0) == ["tag"]
-
-
-MAPPED_SOURCE = textwrap.dedent('''
-    def mapped(array):
-        import mmap
-        base = array
-        while base is not None:
-            if isinstance(base, mmap.mmap):
-                return True
-            base = base.obj if isinstance(base, memoryview) else getattr(base, "base", None)
-        return False
-''')
 
 
 @pytest.fixture(autouse=True)
