@@ -138,8 +138,6 @@ pub struct ClientNodeConfig {
 pub struct SharedConfig {
     /// The directory, removed when the client node's loop ends.
     pub dir: shm::SharedDir,
-    /// Its path.
-    pub directory: PathBuf,
     /// Whether drivers are told of it (only on unix:// front doors: a tcp
     /// driver may be on another host).
     pub drivers: bool,
@@ -432,7 +430,7 @@ impl Node<'_> {
             .iter_mut()
             .filter_map(|p| p.value.as_mut())
         {
-            shm::inline(&shared.directory, value)?;
+            shm::inline(shared.dir.path(), value)?;
         }
         Ok(())
     }
@@ -454,7 +452,7 @@ impl Node<'_> {
         };
         self.renamed.remove(&response.id);
         for name in self.request_files.remove(&response.id).unwrap_or_default() {
-            shm::unlink(&shared.directory, &name);
+            shm::unlink(shared.dir.path(), &name);
         }
         let Some(ret) = response.ret.as_mut() else {
             return;
@@ -462,13 +460,9 @@ impl Node<'_> {
         match self.drivers.get(&driver) {
             Some(d) if d.shared => {}
             Some(_) => {
-                if let Err(e) = shm::inline(&shared.directory, ret) {
+                if let Err(e) = shm::inline(shared.dir.path(), ret) {
                     let why = format!("casa-node: the return value could not be read: {e}");
-                    let mut names = Vec::new();
-                    shm::for_each_shared(ret, &mut |s| names.push(s.name.clone()));
-                    for name in names {
-                        shm::unlink(&shared.directory, &name);
-                    }
+                    shm::for_each_shared(ret, &mut |s| shm::unlink(shared.dir.path(), &s.name));
                     response.ret = Some(casa_node_protocol::pb::Value::none());
                     response.successful = false;
                     response.traceback = Some(match response.traceback.take() {
@@ -477,7 +471,7 @@ impl Node<'_> {
                     });
                 }
             }
-            None => shm::for_each_shared(ret, &mut |s| shm::unlink(&shared.directory, &s.name)),
+            None => shm::for_each_shared(ret, &mut |s| shm::unlink(shared.dir.path(), &s.name)),
         }
     }
 
@@ -548,7 +542,7 @@ impl Node<'_> {
                 if let Some(d) = self.drivers.remove(&driver) {
                     // Values it was writing when it went.
                     if let (true, Some(shared)) = (d.shared, &self.shared) {
-                        shm::sweep_tmp(&shared.directory, d.pid);
+                        shm::sweep_tmp(shared.dir.path(), d.pid);
                     }
                 }
                 self.in_line(driver, 0, Item::Gone);
@@ -698,7 +692,7 @@ impl Node<'_> {
             (Ok(ids), Some(shared)) if !files.is_empty() => {
                 // The first request maps the driver's files; each other
                 // one gets names of its own for the same bytes.
-                let directory = shared.directory.clone();
+                let directory = shared.dir.path().to_owned();
                 for (n, &id) in ids.iter().enumerate() {
                     if n == 0 {
                         self.request_files.insert(id, files.clone());
@@ -720,7 +714,7 @@ impl Node<'_> {
             }
             (Err(_), Some(shared)) => {
                 for name in &files {
-                    shm::unlink(&shared.directory, name);
+                    shm::unlink(shared.dir.path(), name);
                 }
             }
             _ => {}
@@ -770,7 +764,7 @@ impl Node<'_> {
             rank: 0,
             cluster: Some(self.core.cluster_info()),
             shared_memory_directory: told
-                .map(|s| s.directory.display().to_string())
+                .map(|s| s.dir.path().display().to_string())
                 .unwrap_or_default(),
             shared_memory_tag: told.map(|s| s.dir.tag().to_owned()).unwrap_or_default(),
         }));

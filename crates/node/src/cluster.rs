@@ -261,7 +261,6 @@ pub async fn serve<T: Transport + 'static>(
         });
     }
     let shared = shared_dir.map(|dir| SharedConfig {
-        directory: dir.path().to_owned(),
         dir,
         drivers: matches!(front, FrontDoorEndpoint::Unix(_)),
     });
