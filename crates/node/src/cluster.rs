@@ -45,6 +45,8 @@ pub struct UpOptions {
     pub timeout: Duration,
     /// Deadline for commands that carry none (rule 24).
     pub command_timeout: Option<Duration>,
+    /// Requests in flight per server (rule 12).
+    pub prefetch: usize,
     /// The unified log file (rule 31).
     pub log_file: PathBuf,
     /// Lowest level logged.
@@ -274,6 +276,7 @@ pub async fn serve<T: Transport + 'static>(
             default_deadline: options.command_timeout,
             start,
             expected_servers: links.servers,
+            prefetch: options.prefetch,
         },
         log,
         python: Some(options.python.clone()),

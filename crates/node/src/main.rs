@@ -158,6 +158,14 @@ struct UpArgs {
     /// Default deadline of a command, in seconds (none unless set).
     #[arg(long, env = "CASA_NODE_COMMAND_TIMEOUT", value_parser = positive_seconds)]
     command_timeout: Option<f64>,
+    /// Commands in flight per server: the one it runs and those sent ahead
+    /// to wait there while every server is busy, so that it starts the
+    /// next without waiting for the client node. 1 sends each server one
+    /// command at a time. A command sent ahead and not started is taken
+    /// back for a server that falls idle (rule 12).
+    #[arg(long, env = "CASA_NODE_PREFETCH", default_value_t = 4,
+          value_parser = clap::value_parser!(u16).range(1..=1024))]
+    prefetch: u16,
     /// The unified log file.
     #[arg(long, env = "CASA_NODE_LOG_FILE", default_value = "casa-node.log")]
     log_file: PathBuf,
@@ -484,6 +492,7 @@ async fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions,
         heartbeat: Duration::from_secs_f64(args.heartbeat),
         timeout: Duration::from_secs_f64(args.timeout),
         command_timeout: args.command_timeout.map(Duration::from_secs_f64),
+        prefetch: args.prefetch.into(),
         log_file: args.log_file,
         log_level: args.log_level.into(),
         log_terminal: args.log_terminal,

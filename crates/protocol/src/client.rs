@@ -14,7 +14,7 @@ use thiserror::Error;
 
 use crate::clock::WallClock;
 use crate::envelope::PROTOCOL_VERSION;
-use crate::pb::control_request::{self, Cancel, SetLogLevel, Start, Stop};
+use crate::pb::control_request::{self, Cancel, Recall, SetLogLevel, Start, Stop};
 use crate::pb::envelope::Body;
 use crate::pb::{
     CancelReply, ClusterInfo, CommandMode, CommandRequest, CommandResponse, CommandStatus,
@@ -53,6 +53,10 @@ pub struct ClientConfig {
     /// How many servers must join before the cluster can be ready
     /// ([`Event::AllServersStarted`]).
     pub expected_servers: usize,
+    /// Requests in flight per server (rule 12): the one it runs and those
+    /// sent ahead to wait there while every server is busy. 1 sends a
+    /// server its next request only once it has answered the last.
+    pub prefetch: usize,
 }
 
 impl Default for ClientConfig {
@@ -65,6 +69,7 @@ impl Default for ClientConfig {
             default_deadline: None,
             start: Start::default(),
             expected_servers: 0,
+            prefetch: 1,
         }
     }
 }
@@ -122,6 +127,14 @@ pub enum Event {
         /// The request.
         id: RequestId,
         /// The server.
+        server: Rank,
+    },
+    /// A request sent ahead to a busy server was taken back from it, not
+    /// started, for a server that fell idle (rule 12).
+    RequestRecalled {
+        /// The request.
+        id: RequestId,
+        /// The server it was taken back from.
         server: Rank,
     },
     /// A request's command succeeded (rule 32).
@@ -221,6 +234,12 @@ impl fmt::Display for Event {
                 write!(
                     f,
                     "Command request with id# {id} sent to server n# {server}"
+                )
+            }
+            Event::RequestRecalled { id, server } => {
+                write!(
+                    f,
+                    "Command request with id# {id} taken back from server n# {server}, where it waited, for an idle server"
                 )
             }
             Event::RequestSucceeded { id, server } => {
@@ -404,6 +423,9 @@ struct Server {
     /// server is timed out, so a recovered server's real answer can replace
     /// the timeout record (rule 21).
     running: Option<RequestId>,
+    /// Requests sent after `running`, waiting at the server in this order
+    /// (the prefetch of rule 12).
+    prefetched: VecDeque<RequestId>,
     /// Requests targeted at it, waiting (rule 13), with their arrival
     /// numbers. Ids that are no longer queued are skipped when met.
     queue: VecDeque<(u64, RequestId)>,
@@ -421,8 +443,25 @@ impl Server {
         self.phase == ServerPhase::Online && !self.timed_out
     }
 
-    fn free(&self) -> bool {
-        self.available() && self.running.is_none()
+    /// Requests sent to it and not answered.
+    fn in_flight(&self) -> usize {
+        usize::from(self.running.is_some()) + self.prefetched.len()
+    }
+
+    /// Request `id`, sent to it, needs it no more: answered, unsendable,
+    /// or cancelled while it waited there. The server runs its requests in
+    /// the order sent, so when `id` is the one running, the next sent runs
+    /// now. Returns whether one fewer request is sent ahead.
+    fn forget(&mut self, id: RequestId) -> bool {
+        if self.running == Some(id) {
+            self.running = self.prefetched.pop_front();
+            self.running.is_some()
+        } else if let Some(at) = self.prefetched.iter().position(|&p| p == id) {
+            self.prefetched.remove(at);
+            true
+        } else {
+            false
+        }
     }
 
     fn monitored(&self) -> bool {
@@ -456,12 +495,20 @@ struct Request {
     parameters: Vec<Parameter>,
     deadline_seconds: Option<f64>,
     phase: RequestPhase,
+    /// Its place in "oldest first" (rules 12-13).
+    arrival: u64,
+    /// Submitted without a target: any server may run it.
+    shared: bool,
+    /// Sent ahead, and a recall of it is on its way to its server.
+    recalling: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
 enum ControlKind {
     Start,
     Stop,
+    /// Take back a request sent ahead and not started (rule 12).
+    Recall(RequestId),
     Other,
 }
 
@@ -491,6 +538,11 @@ pub struct ClientCore {
     used: IdSet,
     next_correlation: u64,
     controls: HashMap<u64, ControlKind>,
+    /// Requests answered here while sent ahead to the server named (a
+    /// cancel, rule 24): that server's own answer is dropped when it comes.
+    forgotten: HashMap<RequestId, Rank>,
+    /// Requests sent ahead, on all servers.
+    ahead: usize,
     /// Whether [`Event::AllServersStarted`] was emitted.
     ready: bool,
     ping_round: u64,
@@ -521,6 +573,8 @@ impl ClientCore {
             used: IdSet::default(),
             next_correlation: 1,
             controls: HashMap::new(),
+            forgotten: HashMap::new(),
+            ahead: 0,
             ready: false,
             ping_round: 0,
             next_round: None,
@@ -573,6 +627,7 @@ impl ClientCore {
             phase: ServerPhase::Starting,
             timed_out: false,
             running: None,
+            prefetched: VecDeque::new(),
             queue: VecDeque::new(),
             last_seen: now,
             last_ping_epoch: 0.0,
@@ -713,13 +768,17 @@ impl ClientCore {
             targets,
             ..
         } = request;
-        let new_request = |command: String, parameters: Vec<Parameter>| Request {
+        let shared = targets.is_empty();
+        let new_request = |command: String, parameters: Vec<Parameter>, arrival: u64| Request {
             driver,
             command,
             mode,
             parameters,
             deadline_seconds,
             phase: RequestPhase::Queued,
+            arrival,
+            shared,
+            recalling: false,
         };
         let mut leased = leased.into_iter();
         if targets.is_empty() {
@@ -727,15 +786,12 @@ impl ClientCore {
                 Some(id) => id,
                 None => self.allocate_id(),
             };
-            self.requests.insert(id, new_request(command, parameters));
+            let arrival = self.arrival();
+            self.requests
+                .insert(id, new_request(command, parameters, arrival));
             self.queued += 1;
-            match self.idle.pop_first() {
-                Some(rank) => self.send_request(id, rank),
-                None => {
-                    let arrival = self.arrival();
-                    self.queue.push_back((arrival, id));
-                }
-            }
+            self.queue.push_back((arrival, id));
+            self.place_shared();
             return Ok(vec![id]);
         }
         let mut ids = Vec::with_capacity(targets.len());
@@ -746,24 +802,26 @@ impl ClientCore {
                 Some(id) => id,
                 None => self.allocate_id(),
             };
+            let arrival = self.arrival();
             let request = if i == last {
                 new_request(
                     command.take().unwrap_or_default(),
                     parameters.take().unwrap_or_default(),
+                    arrival,
                 )
             } else {
                 new_request(
                     command.clone().unwrap_or_default(),
                     parameters.clone().unwrap_or_default(),
+                    arrival,
                 )
             };
             self.requests.insert(id, request);
             self.queued += 1;
             let server = self.server(rank).expect("target checked above");
-            if server.free() && server.queue.is_empty() {
+            if server.queue.is_empty() && self.has_room(rank) {
                 self.send_request(id, rank);
             } else {
-                let arrival = self.arrival();
                 self.server_mut(rank)
                     .expect("target checked above")
                     .queue
@@ -1029,8 +1087,8 @@ impl ClientCore {
         };
         let request = self.requests.remove(&id).expect("just seen");
         if let Some(server) = self.server_mut(rank) {
-            if server.running == Some(id) {
-                server.running = None;
+            if server.forget(id) {
+                self.ahead -= 1;
             }
         }
         if !answered {
@@ -1062,6 +1120,13 @@ impl ClientCore {
             return;
         }
         server.phase = ServerPhase::Lost;
+        self.unload(
+            rank,
+            &format!("Timeout: server n# {rank} disconnected before the command was started"),
+            false,
+        );
+        self.forgotten.retain(|_, r| *r != rank);
+        let server = self.servers[rank as usize].as_mut().expect("registered");
         let running = server.running.take();
         let queued: Vec<RequestId> = server.queue.drain(..).map(|(_, id)| id).collect();
         self.idle.remove(&rank);
@@ -1088,6 +1153,7 @@ impl ClientCore {
                 format!("Timeout: server n# {rank} disconnected before the command was sent"),
             );
         }
+        self.place_shared();
         self.check_ready();
         self.check_stopped();
     }
@@ -1120,6 +1186,7 @@ impl ClientCore {
             } else {
                 next
             });
+            self.steal();
         }
         if !self.debugging && self.next_expiry.is_some_and(|t| now >= t) {
             self.check_timeouts(now);
@@ -1142,13 +1209,32 @@ impl ClientCore {
                     reply.dequeued.push(id);
                 }
                 Some(RequestPhase::Sent { server, .. }) => {
-                    let server = *server;
+                    let rank = *server;
                     self.send_control(
-                        server,
+                        rank,
                         control_request::Action::Cancel(Cancel { request_id: id }),
                         ControlKind::Other,
                     );
-                    reply.interrupting.push(id);
+                    let server = self.servers[rank as usize].as_mut().expect("registered");
+                    if server.running == Some(id) {
+                        reply.interrupting.push(id);
+                        continue;
+                    }
+                    // Sent ahead and not started: answered here at once, as
+                    // a queued one is; the server drops it, and its answer.
+                    if server.forget(id) {
+                        self.ahead -= 1;
+                    }
+                    self.forgotten.insert(id, rank);
+                    let request = self.requests.remove(&id).expect("just seen");
+                    self.deliver_failure(
+                        id,
+                        request,
+                        0,
+                        CommandStatus::Cancelled,
+                        "Cancelled before the request was started".into(),
+                    );
+                    reply.dequeued.push(id);
                 }
                 _ => reply.not_pending.push(id),
             }
@@ -1237,7 +1323,7 @@ impl ClientCore {
         Ok(StatusReply {
             servers,
             cluster: Some(self.cluster_info()),
-            queued: self.queued as u64,
+            queued: (self.queued + self.ahead) as u64,
         })
     }
 
@@ -1249,7 +1335,13 @@ impl ClientCore {
                 let (status, server) = match self.requests.get(&id).map(|r| &r.phase) {
                     Some(RequestPhase::Queued) => (CommandStatus::HoldingQueue, 0),
                     Some(RequestPhase::Sent { server, .. }) => {
-                        (CommandStatus::RequestSent, *server)
+                        let running = self.server(*server).and_then(|s| s.running);
+                        if running == Some(id) {
+                            (CommandStatus::RequestSent, *server)
+                        } else {
+                            // Sent ahead: waiting, at its server.
+                            (CommandStatus::HoldingQueue, *server)
+                        }
                     }
                     Some(RequestPhase::TimedOut { server, .. }) => {
                         (CommandStatus::Timeout, *server)
@@ -1403,48 +1495,209 @@ impl ClientCore {
         }));
         self.queued -= 1;
         self.idle.remove(&rank);
-        self.servers[rank as usize]
-            .as_mut()
-            .expect("registered")
-            .running = Some(id);
+        let server = self.servers[rank as usize].as_mut().expect("registered");
+        if server.running.is_none() {
+            server.running = Some(id);
+        } else {
+            server.prefetched.push_back(id);
+            self.ahead += 1;
+        }
         self.actions.push_back(Action::Send { to: rank, envelope });
         self.event(Event::RequestSent { id, server: rank });
     }
 
-    /// Gives a free server its next request: the oldest of its own queue's
-    /// head and the shared queue's head (rules 12-13); else marks it idle.
+    /// Whether server `rank` may be sent a request now: it is online and
+    /// not timed out, and runs nothing, or runs a request it has not been
+    /// timed out on with fewer than the prefetch in flight (rule 12).
+    fn has_room(&self, rank: Rank) -> bool {
+        let Some(server) = self.server(rank).filter(|s| s.available()) else {
+            return false;
+        };
+        match server.running {
+            None => true,
+            Some(head) => {
+                server.in_flight() < self.config.prefetch
+                    && self
+                        .requests
+                        .get(&head)
+                        .is_some_and(|r| matches!(r.phase, RequestPhase::Sent { .. }))
+            }
+        }
+    }
+
+    /// Where a request without a target goes when no server is idle: the
+    /// server with room and the fewest in flight, lowest rank first.
+    fn roomiest(&self) -> Option<Rank> {
+        let mut best: Option<(usize, Rank)> = None;
+        for &rank in &self.server_ranks {
+            let in_flight = self.servers[rank as usize]
+                .as_ref()
+                .expect("registered")
+                .in_flight();
+            if best.is_none_or(|(fewest, _)| in_flight < fewest) && self.has_room(rank) {
+                best = Some((in_flight, rank));
+            }
+        }
+        best.map(|(_, rank)| rank)
+    }
+
+    /// Sends the shared queue's requests, oldest first, to idle servers,
+    /// lowest rank first, and then ahead to the servers with room (rule
+    /// 12), as far as they go.
+    fn place_shared(&mut self) {
+        if !matches!(self.phase, Phase::Running) {
+            return;
+        }
+        loop {
+            let requests = &self.requests;
+            while self.queue.front().is_some_and(|&(_, id)| {
+                !requests
+                    .get(&id)
+                    .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
+            }) {
+                self.queue.pop_front();
+            }
+            let Some(&(_, id)) = self.queue.front() else {
+                return;
+            };
+            let rank = match self.idle.first() {
+                Some(&rank) => rank,
+                None => match self.roomiest() {
+                    Some(rank) => rank,
+                    None => return,
+                },
+            };
+            self.queue.pop_front();
+            self.send_request(id, rank);
+        }
+    }
+
+    /// Gives server `rank` requests while it has room: each time the
+    /// oldest of its own queue's head and the shared queue's head (rules
+    /// 12-13). A server left with nothing to run is marked idle and may
+    /// take back a request sent ahead elsewhere.
     fn dispatch(&mut self, rank: Rank) {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
-        let Some(server) = self.servers.get_mut(rank as usize).and_then(Option::as_mut) else {
+        while self.has_room(rank) {
+            let server = self.servers[rank as usize].as_mut().expect("registered");
+            let requests = &self.requests;
+            let still_queued = |&(_, id): &(u64, RequestId)| {
+                requests
+                    .get(&id)
+                    .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
+            };
+            while server.queue.front().is_some_and(|e| !still_queued(e)) {
+                server.queue.pop_front();
+            }
+            while self.queue.front().is_some_and(|e| !still_queued(e)) {
+                self.queue.pop_front();
+            }
+            let next = match (server.queue.front(), self.queue.front()) {
+                (Some(&(own, _)), Some(&(shared, _))) if shared < own => self.queue.pop_front(),
+                (Some(_), _) => server.queue.pop_front(),
+                (None, Some(_)) => self.queue.pop_front(),
+                (None, None) => None,
+            };
+            match next {
+                Some((_, id)) => self.send_request(id, rank),
+                None => {
+                    if server.running.is_none() && self.idle.insert(rank) {
+                        self.steal();
+                    }
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Recalls requests sent ahead to busy servers for the idle ones
+    /// (rule 12): the oldest of those that have waited at their servers
+    /// since before the last ping round went out, one recall in flight per
+    /// idle server.
+    fn steal(&mut self) {
+        if self.phase != Phase::Running || self.idle.is_empty() || self.ahead == 0 {
+            return;
+        }
+        let mut recalling = 0;
+        let mut candidates: Vec<(u64, RequestId, Rank)> = Vec::new();
+        for &rank in &self.server_ranks {
+            let server = self.servers[rank as usize].as_ref().expect("registered");
+            for id in &server.prefetched {
+                let Some(request) = self.requests.get(id) else {
+                    continue;
+                };
+                if request.recalling {
+                    recalling += 1;
+                    continue;
+                }
+                let waited = matches!(request.phase,
+                    RequestPhase::Sent { ping_round, .. } if ping_round < self.ping_round);
+                if request.shared && waited {
+                    candidates.push((request.arrival, *id, rank));
+                }
+            }
+        }
+        candidates.sort_unstable();
+        let wanted = self.idle.len().saturating_sub(recalling);
+        for (_, id, rank) in candidates.into_iter().take(wanted) {
+            self.requests.get_mut(&id).expect("just seen").recalling = true;
+            self.send_recall(rank, id);
+        }
+    }
+
+    fn send_recall(&mut self, rank: Rank, id: RequestId) {
+        self.send_control(
+            rank,
+            control_request::Action::Recall(Recall { request_id: id }),
+            ControlKind::Recall(id),
+        );
+    }
+
+    /// Puts a request sent ahead and taken back (or whose server is gone)
+    /// back into the shared queue at its arrival place.
+    fn requeue(&mut self, id: RequestId) {
+        let Some(request) = self.requests.get_mut(&id) else {
             return;
         };
-        if !server.free() {
-            return;
-        }
-        let requests = &self.requests;
-        let still_queued = |&(_, id): &(u64, RequestId)| {
-            requests
-                .get(&id)
-                .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
-        };
-        while server.queue.front().is_some_and(|e| !still_queued(e)) {
-            server.queue.pop_front();
-        }
-        while self.queue.front().is_some_and(|e| !still_queued(e)) {
-            self.queue.pop_front();
-        }
-        let next = match (server.queue.front(), self.queue.front()) {
-            (Some(&(own, _)), Some(&(shared, _))) if shared < own => self.queue.pop_front(),
-            (Some(_), _) => server.queue.pop_front(),
-            (None, Some(_)) => self.queue.pop_front(),
-            (None, None) => None,
-        };
-        match next {
-            Some((_, id)) => self.send_request(id, rank),
-            None => {
-                self.idle.insert(rank);
+        request.phase = RequestPhase::Queued;
+        request.recalling = false;
+        let arrival = request.arrival;
+        self.queued += 1;
+        let at = self.queue.partition_point(|&(a, _)| a < arrival);
+        self.queue.insert(at, (arrival, id));
+    }
+
+    /// Takes the requests sent ahead to server `rank` off it, as it times
+    /// out or is lost: those without a target go back to the shared
+    /// queue, targeted ones are answered with `reason` (rule 20). A server
+    /// that may still be heard from is told to drop them, and its answers
+    /// to them, should it have started one first, are dropped.
+    fn unload(&mut self, rank: Rank, reason: &str, recall: bool) {
+        let server = self.servers[rank as usize].as_mut().expect("registered");
+        let prefetched: Vec<RequestId> = server.prefetched.drain(..).collect();
+        self.ahead -= prefetched.len();
+        for id in prefetched {
+            let Some(request) = self.requests.get_mut(&id) else {
+                continue;
+            };
+            if recall {
+                request.recalling = false;
+                self.forgotten.insert(id, rank);
+                self.send_recall(rank, id);
+            }
+            let Some(request) = self.requests.get(&id) else {
+                continue;
+            };
+            if request.shared {
+                self.requeue(id);
+            } else {
+                // Answered as one never sent is: it did not start, as far
+                // as is known here.
+                let request = self.requests.remove(&id).expect("just seen");
+                self.event(Event::RequestTimedOut { id, server: 0 });
+                self.deliver_failure(id, request, 0, CommandStatus::Timeout, reason.into());
             }
         }
     }
@@ -1485,14 +1738,18 @@ impl ClientCore {
         let replaces_timeout = match self.requests.get(&id).map(|r| &r.phase) {
             Some(RequestPhase::Sent { server, .. }) if *server == from => false,
             Some(RequestPhase::TimedOut { server, .. }) if *server == from => true,
+            _ if self.forgotten.get(&id) == Some(&from) => {
+                self.forgotten.remove(&id);
+                return Ok(());
+            }
             _ => return Err(CoreError::UnknownRequest { id, from }),
         };
         let request = self.requests.remove(&id).expect("just seen");
         let server = self.servers[from as usize]
             .as_mut()
             .expect("checked by handle");
-        if server.running == Some(id) {
-            server.running = None;
+        if server.forget(id) {
+            self.ahead -= 1;
         }
         let status = match response.status() {
             CommandStatus::Unspecified
@@ -1578,6 +1835,32 @@ impl ClientCore {
                 self.event(Event::ServerStopped { rank: from });
                 self.check_stopped();
             }
+            ControlKind::Recall(id) => {
+                if response.ok && self.forgotten.get(&id) == Some(&from) {
+                    // Dropped by a server it was taken off as it timed out.
+                    self.forgotten.remove(&id);
+                }
+                let Some(request) = self.requests.get_mut(&id) else {
+                    return;
+                };
+                if !request.recalling
+                    || !matches!(request.phase, RequestPhase::Sent { server, .. } if server == from)
+                {
+                    return;
+                }
+                request.recalling = false;
+                if response.ok {
+                    let server = self.servers[from as usize]
+                        .as_mut()
+                        .expect("checked by handle");
+                    if server.forget(id) {
+                        self.ahead -= 1;
+                    }
+                    self.requeue(id);
+                    self.event(Event::RequestRecalled { id, server: from });
+                    self.place_shared();
+                }
+            }
             ControlKind::Other => {}
         }
     }
@@ -1605,6 +1888,11 @@ impl ClientCore {
     }
 
     fn mark_timed_out(&mut self, rank: Rank, silent_for: Duration) {
+        self.unload(
+            rank,
+            &format!("Timeout: server n# {rank} timed out before the command was started"),
+            true,
+        );
         let server = self.servers[rank as usize].as_mut().expect("registered");
         server.timed_out = true;
         let running = server.running;
@@ -1655,6 +1943,7 @@ impl ClientCore {
                 format!("Timeout: server n# {rank} timed out before the command was sent"),
             );
         }
+        self.place_shared();
     }
 
     /// Answers a request that never reached a server.
@@ -1874,6 +2163,9 @@ mod tests {
             parameters: Vec::new(),
             deadline_seconds: None,
             phase: RequestPhase::Queued,
+            arrival: 0,
+            shared: true,
+            recalling: false,
         }
     }
 

@@ -496,6 +496,22 @@ impl ServerCore {
                     .push_back(ServerAction::SetLogLevel(self.log_level));
                 self.reply_control(correlation, None);
             }
+            control_request::Action::Recall(recall) => {
+                let id = recall.request_id;
+                if let Some(pos) = self.queue.iter().position(|r| r.id == id) {
+                    self.queue.remove(pos);
+                    self.reply_control(correlation, None);
+                    if let Phase::Stopping { correlation } = self.phase {
+                        if self.running.is_none() && self.queue.is_empty() {
+                            self.acknowledge_stop(correlation);
+                        }
+                    }
+                } else {
+                    let error =
+                        format!("request {id} is not waiting on server {}", self.config.rank);
+                    self.reply_control(correlation, Some(error));
+                }
+            }
             control_request::Action::Cancel(cancel) => {
                 let id = cancel.request_id;
                 if let Some(running) = self.running.as_mut().filter(|r| r.id == id) {
