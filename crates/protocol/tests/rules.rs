@@ -1588,3 +1588,260 @@ fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
     let without = answer(vec![var("OTHER", "1")]);
     assert!(without.ok && !without.shared_memory);
 }
+
+fn prefetching(n: Rank, prefetch: usize) -> Cluster {
+    Cluster::with_config(
+        n,
+        ClientConfig {
+            prefetch,
+            ..ClientConfig::default()
+        },
+    )
+}
+
+/// The servers `ids` were sent to, in order of sending.
+fn sent_to(c: &Cluster, ids: &[RequestId]) -> Vec<(RequestId, Rank)> {
+    c.sent
+        .iter()
+        .filter_map(|(to, e)| match &e.body {
+            Some(Body::CommandRequest(r)) if ids.contains(&r.id) => Some((r.id, *to)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn status_of(c: &Cluster, id: RequestId) -> CommandStatus {
+    c.client.track(&[id]).states[0].status()
+}
+
+fn recalls(c: &Cluster) -> Vec<(Rank, RequestId)> {
+    c.sent
+        .iter()
+        .filter_map(|(to, e)| match &e.body {
+            Some(Body::ControlRequest(ControlRequest {
+                action: Some(control_request::Action::Recall(r)),
+            })) => Some((*to, r.request_id)),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn rule_12_busy_servers_are_sent_requests_ahead_up_to_the_prefetch() {
+    let mut c = prefetching(2, 3);
+    let ids: Vec<RequestId> = (0..7)
+        .map(|i| c.submit(&format!("c{i}"), &[]).unwrap()[0])
+        .collect();
+    // Idle servers first, then ahead to the one with the fewest in flight,
+    // lowest rank first; the seventh waits at the client node.
+    assert_eq!(
+        sent_to(&c, &ids),
+        vec![
+            (ids[0], 1),
+            (ids[1], 2),
+            (ids[2], 1),
+            (ids[3], 2),
+            (ids[4], 1),
+            (ids[5], 2)
+        ]
+    );
+    assert_eq!(status_of(&c, ids[0]), CommandStatus::RequestSent);
+    assert_eq!(status_of(&c, ids[2]), CommandStatus::HoldingQueue);
+    assert_eq!(status_of(&c, ids[6]), CommandStatus::HoldingQueue);
+    assert_eq!(c.client.status(None).unwrap().queued, 5);
+    // The server runs what it was sent in order, one at a time, and the
+    // client node refills it as each ends.
+    assert_eq!(c.finish(1, Value::none()), ids[0]);
+    assert_eq!(c.running[&1].id, ids[2]);
+    assert_eq!(sent_to(&c, &ids[6..]), vec![(ids[6], 1)]);
+    let status = c.client.status(Some(1)).unwrap();
+    assert_eq!(status.servers[0].command_id, ids[2]);
+    for _ in 0..3 {
+        c.finish(1, Value::none());
+        c.finish(2, Value::none());
+    }
+    for &id in &ids {
+        assert!(c.response(id).successful, "request {id}");
+    }
+    assert_eq!(c.client.pending(), 0);
+}
+
+#[test]
+fn rule_13_targeted_requests_go_ahead_in_order_behind_older_shared_ones() {
+    let mut c = prefetching(1, 3);
+    let a = c.submit("a", &[1]).unwrap()[0];
+    let b = c.submit("b", &[]).unwrap()[0];
+    let d = c.submit("d", &[1]).unwrap()[0];
+    let e = c.submit("e", &[1]).unwrap()[0];
+    assert_eq!(sent_to(&c, &[a, b, d, e]), vec![(a, 1), (b, 1), (d, 1)]);
+    for expected in [a, b, d, e] {
+        assert_eq!(c.finish(1, Value::none()), expected);
+    }
+}
+
+#[test]
+fn rule_12_a_request_sent_ahead_is_recalled_for_a_server_that_falls_idle() {
+    let mut c = prefetching(2, 2);
+    let long = c.submit("long()", &[]).unwrap()[0];
+    let short = c.submit("short()", &[]).unwrap()[0];
+    let ahead = c.submit("next()", &[]).unwrap()[0];
+    assert_eq!(sent_to(&c, &[ahead]), vec![(ahead, 1)]);
+    // Server 2 falls idle at once: the request has not waited a ping
+    // round, so it stays where it is.
+    assert_eq!(c.finish(2, Value::none()), short);
+    assert!(recalls(&c).is_empty());
+    // Once it has waited since before a round went out, it is taken back.
+    c.advance(Duration::from_millis(1100));
+    assert_eq!(recalls(&c), vec![(1, ahead)]);
+    assert_eq!(sent_to(&c, &[ahead]), vec![(ahead, 1), (ahead, 2)]);
+    assert_eq!(status_of(&c, ahead), CommandStatus::RequestSent);
+    assert!(
+        c.log_lines()
+            .iter()
+            .any(|l| l.contains(&format!("id# {ahead} taken back from server n# 1")))
+    );
+    assert_eq!(c.finish(2, Value::none()), ahead);
+    // Server 1 never ran it; its long command ends normally.
+    assert_eq!(c.finish(1, Value::none()), long);
+    assert!(!c.executed.contains(&(1, ahead)));
+    assert_eq!(c.response(ahead).server, 2);
+    assert_eq!(c.client.pending(), 0);
+}
+
+#[test]
+fn rule_12_a_recall_that_comes_too_late_leaves_the_request_where_it_runs() {
+    let mut c = prefetching(2, 2);
+    c.submit("long()", &[]).unwrap();
+    let short = c.submit("short()", &[]).unwrap()[0];
+    let ahead = c.submit("next()", &[]).unwrap()[0];
+    assert_eq!(c.finish(2, Value::none()), short);
+    // Server 1 reads nothing while the round passes, then finishes its
+    // command and starts the one sent ahead before it reads the recall.
+    c.stall(1);
+    c.advance(Duration::from_millis(1100));
+    assert_eq!(recalls(&c), vec![(1, ahead)]);
+    let outcome_for = |c: &Cluster, rank| c.running[&rank].id;
+    let long = outcome_for(&c, 1);
+    let now = c.now;
+    let outcome = ExecOutcome {
+        id: long,
+        mode: CommandMode::Eval,
+        ret: None,
+        successful: true,
+        traceback: None,
+        start_time: EPOCH,
+        stop_time: EPOCH,
+        worker_restarted: false,
+    };
+    c.running.remove(&1);
+    c.servers
+        .get_mut(&1)
+        .unwrap()
+        .finished(outcome, now)
+        .unwrap();
+    c.resume(1);
+    assert_eq!(c.running[&1].id, ahead);
+    assert_eq!(c.finish(1, Value::none()), ahead);
+    assert_eq!(c.response(ahead).server, 1);
+    assert_eq!(sent_to(&c, &[ahead]), vec![(ahead, 1)]);
+    assert_eq!(c.client.pending(), 0);
+}
+
+#[test]
+fn rule_24_cancelling_a_request_sent_ahead_answers_it_at_once() {
+    let mut c = prefetching(1, 3);
+    let running = c.submit("long()", &[1]).unwrap()[0];
+    let ahead = c.submit("next()", &[1]).unwrap()[0];
+    let reply = c.client.cancel(&[ahead]);
+    assert_eq!(
+        (reply.dequeued, reply.interrupting),
+        (vec![ahead], Vec::<RequestId>::new())
+    );
+    c.pump();
+    let r = c.response(ahead);
+    assert_eq!(r.status(), CommandStatus::Cancelled);
+    assert!(
+        r.traceback().starts_with("Cancelled before"),
+        "{}",
+        r.traceback()
+    );
+    // The server dropped it too, and its answer was not passed on twice.
+    assert_eq!(c.finish(1, Value::none()), running);
+    assert!(!c.executed.contains(&(1, ahead)));
+    assert_eq!(c.client.pending(), 0);
+}
+
+#[test]
+fn rule_20_requests_sent_ahead_to_a_timed_out_server_go_elsewhere_or_time_out() {
+    let mut c = prefetching(2, 3);
+    let first = c.submit("long()", &[1]).unwrap()[0];
+    let other = c.submit("long()", &[2]).unwrap()[0];
+    let shared = c.submit("any()", &[]).unwrap()[0];
+    let targeted = c.submit("mine()", &[1]).unwrap()[0];
+    assert_eq!(
+        sent_to(&c, &[shared, targeted]),
+        vec![(shared, 1), (targeted, 1)]
+    );
+    c.stall(1);
+    c.advance(Duration::from_secs(6));
+    assert_eq!(c.response(first).status(), CommandStatus::Timeout);
+    let t = c.response(targeted);
+    assert_eq!((t.status(), t.server), (CommandStatus::Timeout, 0));
+    assert!(
+        t.traceback()
+            .contains("timed out before the command was started")
+    );
+    // The shared one waits for a server with room: server 2.
+    assert_eq!(sent_to(&c, &[shared]), vec![(shared, 1), (shared, 2)]);
+    assert!(recalls(&c).contains(&(1, shared)) && recalls(&c).contains(&(1, targeted)));
+    assert_eq!(c.finish(2, Value::none()), other);
+    assert_eq!(c.finish(2, Value::none()), shared);
+    // Server 1 resumes and drops both; its long command's answer replaces
+    // the timeout record (rule 21).
+    c.resume(1);
+    c.finish(1, Value::none());
+    assert!(!c.executed.contains(&(1, shared)) && !c.executed.contains(&(1, targeted)));
+    assert_eq!(c.response(shared).server, 2);
+    assert_eq!(c.client.pending(), 0);
+}
+
+#[test]
+fn rule_12_server_drops_a_recalled_request_only_while_it_waits() {
+    let mut c = prefetching(1, 2);
+    let running = c.submit("long()", &[]).unwrap()[0];
+    let ahead = c.submit("next()", &[]).unwrap()[0];
+    let recall = |c: &mut Cluster, id: RequestId| {
+        let now = c.now;
+        let server = c.servers.get_mut(&1).unwrap();
+        server
+            .handle(
+                0,
+                Envelope::correlated(
+                    99,
+                    Body::ControlRequest(ControlRequest {
+                        action: Some(control_request::Action::Recall(control_request::Recall {
+                            request_id: id,
+                        })),
+                    }),
+                ),
+                now,
+            )
+            .unwrap();
+        let mut replies = Vec::new();
+        while let Some(action) = server.poll_action() {
+            if let ServerAction::Send(Envelope {
+                body: Some(Body::ControlResponse(r)),
+                ..
+            }) = action
+            {
+                replies.push(r);
+            }
+        }
+        replies
+    };
+    let refused = recall(&mut c, running);
+    assert!(!refused[0].ok && refused[0].error.contains("not waiting"));
+    let taken = recall(&mut c, ahead);
+    assert!(taken[0].ok);
+    assert!(recall(&mut c, ahead)[0].error.contains("not waiting"));
+}

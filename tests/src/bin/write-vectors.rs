@@ -465,6 +465,14 @@ fn vectors() -> Vec<Vector> {
             }),
         ),
         vector(
+            "control_request_recall",
+            "The client node takes back request 43, sent ahead to a busy server",
+            105,
+            Body::ControlRequest(ControlRequest {
+                action: Some(Action::Recall(control_request::Recall { request_id: 43 })),
+            }),
+        ),
+        vector(
             "control_response_ok",
             "Server 1 answers control request 101: started",
             101,
