@@ -35,6 +35,10 @@ pub const MAX_LEASE: u32 = 1 << 16;
 /// refused, so one driver cannot make the client node's memory grow.
 pub const MAX_LEASES: usize = 16;
 
+/// Parameters larger than this, encoded, keep a request from being sent
+/// ahead to a busy server (rule 12).
+pub const PREFETCH_MAX_BYTES: usize = 1 << 20;
+
 /// Settings of a client node.
 #[derive(Debug, Clone)]
 pub struct ClientConfig {
@@ -499,6 +503,10 @@ struct Request {
     arrival: u64,
     /// Submitted without a target: any server may run it.
     shared: bool,
+    /// Its parameters take more than [`PREFETCH_MAX_BYTES`]: never sent
+    /// ahead, so that at most one such request is on its way to a server
+    /// and pings do not queue behind several.
+    heavy: bool,
     /// Sent ahead, and a recall of it is on its way to its server.
     recalling: bool,
 }
@@ -769,6 +777,11 @@ impl ClientCore {
             ..
         } = request;
         let shared = targets.is_empty();
+        let heavy = parameters
+            .iter()
+            .map(prost::Message::encoded_len)
+            .sum::<usize>()
+            > PREFETCH_MAX_BYTES;
         let new_request = |command: String, parameters: Vec<Parameter>, arrival: u64| Request {
             driver,
             command,
@@ -778,6 +791,7 @@ impl ClientCore {
             phase: RequestPhase::Queued,
             arrival,
             shared,
+            heavy,
             recalling: false,
         };
         let mut leased = leased.into_iter();
@@ -819,7 +833,10 @@ impl ClientCore {
             self.requests.insert(id, request);
             self.queued += 1;
             let server = self.server(rank).expect("target checked above");
-            if server.queue.is_empty() && self.has_room(rank) {
+            if server.queue.is_empty()
+                && self.has_room(rank)
+                && !(heavy && server.running.is_some())
+            {
                 self.send_request(id, rank);
             } else {
                 self.server_mut(rank)
@@ -1560,8 +1577,10 @@ impl ClientCore {
             let Some(&(_, id)) = self.queue.front() else {
                 return;
             };
+            let heavy = self.requests.get(&id).is_some_and(|r| r.heavy);
             let rank = match self.idle.first() {
                 Some(&rank) => rank,
+                None if heavy => return,
                 None => match self.roomiest() {
                     Some(rank) => rank,
                     None => return,
@@ -1594,21 +1613,29 @@ impl ClientCore {
             while self.queue.front().is_some_and(|e| !still_queued(e)) {
                 self.queue.pop_front();
             }
-            let next = match (server.queue.front(), self.queue.front()) {
-                (Some(&(own, _)), Some(&(shared, _))) if shared < own => self.queue.pop_front(),
-                (Some(_), _) => server.queue.pop_front(),
-                (None, Some(_)) => self.queue.pop_front(),
-                (None, None) => None,
-            };
-            match next {
-                Some((_, id)) => self.send_request(id, rank),
-                None => {
+            let shared = match (server.queue.front(), self.queue.front()) {
+                (Some(&(own, _)), Some(&(shared, _))) => shared < own,
+                (Some(_), None) => false,
+                (None, Some(_)) => true,
+                (None, None) => {
                     if server.running.is_none() && self.idle.insert(rank) {
                         self.steal();
                     }
                     return;
                 }
+            };
+            let queue = if shared {
+                &mut self.queue
+            } else {
+                &mut server.queue
+            };
+            let (_, id) = *queue.front().expect("seen above");
+            if server.running.is_some() && requests.get(&id).is_some_and(|r| r.heavy) {
+                // Not sent ahead: it goes once the server is free.
+                return;
             }
+            queue.pop_front();
+            self.send_request(id, rank);
         }
     }
 
@@ -2165,6 +2192,7 @@ mod tests {
             phase: RequestPhase::Queued,
             arrival: 0,
             shared: true,
+            heavy: false,
             recalling: false,
         }
     }

@@ -36,7 +36,7 @@ pub mod pb {
 
 pub use client::{
     Action, ClientConfig, ClientCore, CoreError, Event, LeaseError, MAX_LEASE, MAX_LEASES,
-    Rejection, SubmitError,
+    PREFETCH_MAX_BYTES, Rejection, SubmitError,
 };
 pub use clock::WallClock;
 pub use envelope::{PROTOCOL_VERSION, check_hello, check_version};

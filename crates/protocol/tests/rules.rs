@@ -1845,3 +1845,29 @@ fn rule_12_server_drops_a_recalled_request_only_while_it_waits() {
     assert!(taken[0].ok);
     assert!(recall(&mut c, ahead)[0].error.contains("not waiting"));
 }
+
+#[test]
+fn rule_12_requests_with_large_parameters_are_not_sent_ahead() {
+    let mut c = prefetching(1, 4);
+    let heavy = |name: &str| SubmitRequest {
+        command: "len(x)".into(),
+        parameters: vec![Parameter {
+            name: name.into(),
+            value: Some(Value::bytes(vec![
+                7;
+                casa_node_protocol::PREFETCH_MAX_BYTES
+            ])),
+        }],
+        ..SubmitRequest::default()
+    };
+    let first = c.submit_request(heavy("x")).unwrap()[0];
+    let second = c.submit_request(heavy("x")).unwrap()[0];
+    let small = c.submit("1", &[]).unwrap()[0];
+    // The second waits for the first to end, and the small one, younger,
+    // waits behind it (oldest first).
+    assert_eq!(sent_to(&c, &[first, second, small]), vec![(first, 1)]);
+    assert_eq!(c.finish(1, Value::none()), first);
+    assert_eq!(sent_to(&c, &[second, small]), vec![(second, 1), (small, 1)]);
+    assert_eq!(c.finish(1, Value::none()), second);
+    assert_eq!(c.finish(1, Value::none()), small);
+}
