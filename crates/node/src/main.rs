@@ -309,6 +309,7 @@ fn main() -> ExitCode {
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(colour_on_stderr())
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CASA_NODE_TRACE")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zeromq=error")),
@@ -605,4 +606,11 @@ async fn server(args: ServerArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
+}
+
+/// Whether log lines on stderr are coloured: only on a terminal, and never
+/// with `NO_COLOR` set to anything but the empty string (no-color.org).
+fn colour_on_stderr() -> bool {
+    use std::io::IsTerminal;
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

@@ -731,6 +731,12 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
     assert!(message.contains("malformed envelope"), "{message}");
     raw.in_step();
     assert!(cluster.logged("dropped a malformed frame"));
+    // On a pipe, not a terminal: plain text, no colour escapes.
+    let warnings = cluster.stderr.0.lock().unwrap().clone();
+    assert!(
+        !warnings.contains('\u{1b}'),
+        "colour escapes on a pipe: {warnings:?}"
+    );
     still_serving(&other);
 
     // Invalid UTF-8 in a string (the command): the same.
