@@ -5,7 +5,7 @@
 //! The node feeds it driver submissions, envelopes from servers and the
 //! passing of time, and carries out the [`Action`]s it hands back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::fmt;
 use std::time::{Duration, Instant};
 
@@ -546,9 +546,10 @@ pub struct ClientCore {
     used: IdSet,
     next_correlation: u64,
     controls: HashMap<u64, ControlKind>,
-    /// Requests answered here while sent ahead to the server named (a
-    /// cancel, rule 24): that server's own answer is dropped when it comes.
-    forgotten: HashMap<RequestId, Rank>,
+    /// Requests sent ahead to the server named and taken off it without its
+    /// word (a cancel answered here, rule 24; the server timed out, rule
+    /// 20): that server's answer to it, should it come, is dropped.
+    forgotten: HashSet<(RequestId, Rank)>,
     /// Requests sent ahead, on all servers.
     ahead: usize,
     /// Whether [`Event::AllServersStarted`] was emitted.
@@ -581,7 +582,7 @@ impl ClientCore {
             used: IdSet::default(),
             next_correlation: 1,
             controls: HashMap::new(),
-            forgotten: HashMap::new(),
+            forgotten: HashSet::new(),
             ahead: 0,
             ready: false,
             ping_round: 0,
@@ -1142,7 +1143,7 @@ impl ClientCore {
             &format!("Timeout: server n# {rank} disconnected before the command was started"),
             false,
         );
-        self.forgotten.retain(|_, r| *r != rank);
+        self.forgotten.retain(|&(_, r)| r != rank);
         let server = self.servers[rank as usize].as_mut().expect("registered");
         let running = server.running.take();
         let queued: Vec<RequestId> = server.queue.drain(..).map(|(_, id)| id).collect();
@@ -1242,7 +1243,7 @@ impl ClientCore {
                     if server.forget(id) {
                         self.ahead -= 1;
                     }
-                    self.forgotten.insert(id, rank);
+                    self.forgotten.insert((id, rank));
                     let request = self.requests.remove(&id).expect("just seen");
                     self.deliver_failure(
                         id,
@@ -1711,7 +1712,7 @@ impl ClientCore {
             };
             if recall {
                 request.recalling = false;
-                self.forgotten.insert(id, rank);
+                self.forgotten.insert((id, rank));
                 self.send_recall(rank, id);
             }
             let Some(request) = self.requests.get(&id) else {
@@ -1765,8 +1766,7 @@ impl ClientCore {
         let replaces_timeout = match self.requests.get(&id).map(|r| &r.phase) {
             Some(RequestPhase::Sent { server, .. }) if *server == from => false,
             Some(RequestPhase::TimedOut { server, .. }) if *server == from => true,
-            _ if self.forgotten.get(&id) == Some(&from) => {
-                self.forgotten.remove(&id);
+            _ if self.forgotten.remove(&(id, from)) => {
                 return Ok(());
             }
             _ => return Err(CoreError::UnknownRequest { id, from }),
@@ -1863,9 +1863,9 @@ impl ClientCore {
                 self.check_stopped();
             }
             ControlKind::Recall(id) => {
-                if response.ok && self.forgotten.get(&id) == Some(&from) {
+                if response.ok {
                     // Dropped by a server it was taken off as it timed out.
-                    self.forgotten.remove(&id);
+                    self.forgotten.remove(&(id, from));
                 }
                 let Some(request) = self.requests.get_mut(&id) else {
                     return;

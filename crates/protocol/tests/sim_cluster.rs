@@ -708,3 +708,24 @@ fn rule_21_stalled_server_recovers_with_its_real_response() {
     assert_eq!(replacement.status(), CommandStatus::ResponseReceived);
     assert!(replacement.successful);
 }
+
+/// Rules 11 and 20 with requests sent ahead: request 42 is sent ahead to
+/// server 4, taken off it as it times out, sent ahead to server 2, taken
+/// off that one as it times out too, and run by server 1; server 4, on
+/// resuming, starts it before it reads the recall. Its answer is dropped,
+/// not refused as unknown, and 42 has one final response.
+#[test]
+fn a_request_taken_off_two_servers_in_turn_keeps_one_final_response() {
+    let s = Scenario {
+        servers: 4,
+        drivers: 1,
+        submissions: 37,
+        stalls: 3,
+        max_delay_ms: 0,
+        seed: 15691771293347591500,
+        prefetch: 3,
+    };
+    let mut sim = Sim::new(&s);
+    sim.run();
+    sim.check();
+}
