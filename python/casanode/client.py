@@ -109,7 +109,8 @@ def _server_dict(s):
         "rank": s.rank,
         "processor": s.processor,
         "pid": s.pid,
-        "worker_pid": s.worker_pid,
+        # 0 on the wire: not known yet (never a pid to signal).
+        "worker_pid": s.worker_pid or None,
         "busy": s.busy,
         "command": s.command or None,
         "command_id": s.command_id or None,

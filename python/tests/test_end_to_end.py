@@ -234,3 +234,24 @@ def test_stop_refuses_later_submissions_and_ends_the_cluster(request, transport)
         client.submit("1").result(60)
     assert cluster.proc.wait(30) == 0
     client.close()
+
+
+def test_worker_pid_is_none_until_known_then_known_at_once(request, transport, tmp_path):
+    # Rule 23. Pings every 30 s: what the status shows comes from the server
+    # node's own reports, not from a ping answer.
+    init = tmp_path / "init.py"
+    init.write_text("import time\ntime.sleep(2)\n")
+    cluster = clusters.started(
+        request, servers=1, transport=transport,
+        options=["--heartbeat", "30", "--timeout", "120", "--init", str(init)],
+    )
+    with casanode.connect(cluster.endpoint) as client:
+        # The worker still runs its init script: no pid to signal yet.
+        assert client.status(1)[1]["worker_pid"] is None
+        first = client.submit("os.getpid()").result(60)["ret"]
+        assert client.status(1)[1]["worker_pid"] == first
+        died = client.submit("os._exit(3)").result(60)
+        assert not died["successful"] and "A fresh Python worker was started" in died["traceback"]
+        fresh = client.submit("os.getpid()").result(60)["ret"]
+        assert fresh != first
+        assert client.status(1)[1]["worker_pid"] == fresh

@@ -89,7 +89,7 @@ fn status_json(reply: &StatusReply) -> serde_json::Value {
                 "rank": s.rank,
                 "processor": s.processor,
                 "pid": s.pid,
-                "worker_pid": s.worker_pid,
+                "worker_pid": (s.worker_pid != 0).then_some(s.worker_pid),
                 "busy": s.busy,
                 "command": if s.busy { Some(&s.command) } else { None },
                 "command_id": if s.busy { Some(s.command_id) } else { None },
@@ -192,7 +192,11 @@ fn row(s: &ServerStatus) -> [String; 8] {
         s.rank.to_string(),
         s.processor.clone(),
         s.pid.to_string(),
-        s.worker_pid.to_string(),
+        if s.worker_pid != 0 {
+            s.worker_pid.to_string()
+        } else {
+            "-".into()
+        },
         state.to_owned(),
         format!("{:.1} MiB", s.rss as f64 / (1024.0 * 1024.0)),
         if s.last_ping > 0.0 {

@@ -305,6 +305,8 @@ impl Node {
                     now,
                 );
                 self.executor = Some(executor);
+                self.update_resources();
+                self.core.announce(now);
             }
             Err(e) => {
                 let reason = format!("the Python worker could not start: {e}");
@@ -319,13 +321,20 @@ impl Node {
         let now = Instant::now();
         match event {
             ExecutorEvent::Finished(outcome) => {
+                if outcome.worker_restarted {
+                    // Known before the command's answer goes out (rule 23).
+                    self.update_resources();
+                    self.core.announce(now);
+                }
                 if let Err(e) = self.core.finished(outcome, now) {
                     self.core.log(LogLevel::Warning, e.to_string(), now);
                 }
             }
             ExecutorEvent::Log { level, message } => self.core.log(level, message, now),
             ExecutorEvent::WorkerRestarted { reason } => {
-                self.core.log(LogLevel::Warning, reason, now)
+                self.core.log(LogLevel::Warning, reason, now);
+                self.update_resources();
+                self.core.announce(now);
             }
         }
     }

@@ -162,6 +162,8 @@ pub struct ServerCore {
     queue: VecDeque<CommandRequest>,
     worker_pid: u32,
     rss: u64,
+    /// The sequence of the last ping answered.
+    last_sequence: u64,
     /// The worker has run its init script, or could not start (its
     /// commands then fail at once); commands wait until then.
     worker_ready: bool,
@@ -190,6 +192,7 @@ impl ServerCore {
             queue: VecDeque::new(),
             worker_pid: 0,
             rss: 0,
+            last_sequence: 0,
             worker_ready: false,
             last_heard: now,
             last_chance: None,
@@ -419,12 +422,29 @@ impl ServerCore {
     }
 
     fn on_ping(&mut self, ping: PingRequest, now: Instant) {
+        self.last_sequence = ping.sequence;
+        let response = self.report(ping.sequence, now);
+        self.send(Envelope::new(Body::PingResponse(response)));
+    }
+
+    /// Tells the client node at once, without waiting for a ping, what a
+    /// ping answer would: after the worker started or was replaced, so that
+    /// its process id is known from then on (rule 23). It carries the
+    /// sequence of the last ping answered.
+    pub fn announce(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Serving | Phase::Stopping { .. }) {
+            let response = self.report(self.last_sequence, now);
+            self.send(Envelope::new(Body::PingResponse(response)));
+        }
+    }
+
+    fn report(&self, sequence: u64, now: Instant) -> PingResponse {
         let running = self.running.as_ref();
         // A command held until the worker is ready is this server's to
         // answer all the same.
         let held = self.queue.front().map(|r| r.id);
-        let response = PingResponse {
-            sequence: ping.sequence,
+        PingResponse {
+            sequence,
             busy: running.is_some() || held.is_some(),
             command_id: running.map(|r| r.id).or(held).unwrap_or(0),
             command_start_time: running.map_or(0.0, |r| r.start_epoch),
@@ -433,8 +453,7 @@ impl ServerCore {
             host: self.config.host.clone(),
             rss_bytes: self.rss,
             uptime_seconds: now.saturating_duration_since(self.born).as_secs_f64(),
-        };
-        self.send(Envelope::new(Body::PingResponse(response)));
+        }
     }
 
     fn on_control(&mut self, correlation: u64, action: control_request::Action, now: Instant) {
