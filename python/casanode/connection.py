@@ -103,7 +103,8 @@ def _recorded_or_fail():
 
 def _recorded():
     """(endpoint, connection file or None) that `casa-node up` recorded,
-    or None."""
+    or None. A record whose process (its `pid N` line) is gone is stale,
+    and taken as none; `casa-node` removes such records when it meets them."""
     record = os.path.join(runtime_dir(), "endpoint")
     try:
         with open(record, encoding="utf-8") as f:
@@ -112,7 +113,30 @@ def _recorded():
         return None
     if not lines:
         return None
-    return lines[0], (lines[1] if len(lines) > 1 else None)
+    connection_file = None
+    for line in lines[1:]:
+        if line.startswith("pid "):
+            if not _alive(line[len("pid "):]):
+                return None
+        else:
+            connection_file = line
+    return lines[0], connection_file
+
+
+def _alive(pid):
+    try:
+        pid = int(pid)
+    except ValueError:
+        return True
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def read_connection_file(path):

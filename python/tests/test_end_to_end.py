@@ -1,6 +1,10 @@
 """casanode against a real cluster: `casa-node up --servers 2`, driven over
 its front door."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 
 import casanode
@@ -255,3 +259,21 @@ def test_worker_pid_is_none_until_known_then_known_at_once(request, transport, t
         fresh = client.submit("os.getpid()").result(60)["ret"]
         assert fresh != first
         assert client.status(1)[1]["worker_pid"] == fresh
+
+
+def test_a_record_left_by_a_dead_client_node_is_not_used(monkeypatch, tmp_path):
+    # Issue 15: `casa-node up` killed before it could remove its record.
+    # A child that has exited and been reaped stands for the dead node.
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    monkeypatch.delenv("CASA_NODE_ENDPOINT", raising=False)
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    runtime = tmp_path / "casa-node"
+    runtime.mkdir(mode=0o700)
+    record = runtime / "endpoint"
+    record.write_text(f"unix://{tmp_path}/gone.sock\npid {dead.pid}\n")
+    with pytest.raises(casanode.NoCluster):
+        resolve_endpoint()
+    # The same record naming a live process is used.
+    record.write_text(f"unix://{tmp_path}/live.sock\npid {os.getpid()}\n")
+    assert resolve_endpoint() == f"{tmp_path}/live.sock"

@@ -128,6 +128,7 @@ pub async fn start<T: Transport + 'static>(
     signals: watch::Receiver<u32>,
     on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
 ) -> Result<(), UpError> {
+    endpoint::sweep_runs();
     let run_dir = endpoint::runtime_dir()?.join(std::process::id().to_string());
     endpoint::private_dir(&run_dir)?;
     let result = match how {

@@ -146,8 +146,9 @@ pub struct Record {
 }
 
 /// Records `endpoint` (and the connection file of a `tcp://` one) for
-/// commands run without `--endpoint`: the endpoint on the first line, the
-/// connection file's absolute path on the second.
+/// commands run without `--endpoint`: the endpoint on the first line, then
+/// `pid N` (the process serving it), then the connection file's absolute
+/// path.
 pub fn record(
     endpoint: &FrontDoorEndpoint,
     connection_file: Option<&Path>,
@@ -158,7 +159,7 @@ pub fn record(
         path: path.clone(),
         source,
     };
-    let mut text = format!("{endpoint}\n");
+    let mut text = format!("{endpoint}\npid {}\n", std::process::id());
     if let Some(file) = connection_file {
         let file = std::path::absolute(file).map_err(io_err)?;
         text.push_str(&format!("{}\n", file.display()));
@@ -167,7 +168,9 @@ pub fn record(
     fs::rename(&tmp, &path).map_err(io_err)
 }
 
-/// The record left by `up`, if any.
+/// The record left by `up`, if any. A record whose process is gone (it
+/// was killed, or its machine rebooted, before it could remove it) is
+/// removed, with the run directories of dead processes, and not returned.
 pub fn recorded() -> Result<Option<Record>, EndpointError> {
     let path = record_path()?;
     let text = match fs::read_to_string(&path) {
@@ -177,10 +180,46 @@ pub fn recorded() -> Result<Option<Record>, EndpointError> {
     };
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let endpoint = lines.next().unwrap_or_default().parse()?;
-    Ok(Some(Record {
+    let mut record = Record {
         endpoint,
-        connection_file: lines.next().map(PathBuf::from),
-    }))
+        connection_file: None,
+    };
+    for line in lines {
+        match line.strip_prefix("pid ").map(str::parse::<i32>) {
+            Some(Ok(pid)) if !crate::shm::alive(pid) => {
+                let _ = fs::remove_file(&path);
+                sweep_runs();
+                return Ok(None);
+            }
+            Some(_) => {}
+            None => record.connection_file = Some(PathBuf::from(line)),
+        }
+    }
+    Ok(Some(record))
+}
+
+/// Removes the run directories (`RUNTIME_DIR/PID`) of processes that are
+/// gone: a client node killed before it could remove its own.
+pub fn sweep_runs() {
+    let Ok(dir) = runtime_dir() else {
+        return;
+    };
+    let Ok(entries) = fs::read_dir(&dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let Some(pid) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        let is_dir = fs::symlink_metadata(entry.path()).is_ok_and(|m| m.is_dir());
+        if is_dir && !crate::shm::alive(pid) {
+            let _ = fs::remove_dir_all(entry.path());
+        }
+    }
 }
 
 /// Removes the record if it still names `endpoint`.

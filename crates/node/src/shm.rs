@@ -146,7 +146,8 @@ fn sweep_stale(base: &Path, uid: u32) {
     }
 }
 
-fn alive(pid: i32) -> bool {
+/// Whether process `pid` exists (as far as this user can tell).
+pub(crate) fn alive(pid: i32) -> bool {
     pid > 0
         && !matches!(
             nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None),

@@ -1096,3 +1096,35 @@ fn run_names_the_package_to_install_when_protobuf_is_missing() {
     assert!(err.contains("-m pip install 'protobuf"), "{err}");
     assert!(!String::from_utf8_lossy(&out.stdout).contains("never runs"));
 }
+
+/// A client node killed before it could clean up leaves its endpoint
+/// record and run directory behind. The next command without an endpoint
+/// says that no cluster is found, instead of trying the dead socket, and
+/// removes both.
+#[test]
+fn a_killed_client_nodes_record_and_run_directory_are_removed_when_met() {
+    if over_mpi() {
+        eprintln!("skipped under MPI: the launched process is mpirun, not the client node");
+        return;
+    }
+    let mut cluster = Cluster::start(1, &[]);
+    cluster.note_pids();
+    let runtime = cluster.dir.join("casa-node");
+    let run_dir = runtime.join(cluster.up.id().to_string());
+    assert!(runtime.join("endpoint").is_file());
+    assert!(run_dir.is_dir(), "{}", run_dir.display());
+    cluster.up.kill().unwrap();
+    cluster.up.wait().unwrap();
+    let out = Command::new(BIN)
+        .arg("status")
+        .env("XDG_RUNTIME_DIR", &cluster.dir)
+        .env_remove("CASA_NODE_ENDPOINT")
+        .stdin(Stdio::null())
+        .output()
+        .expect("the CLI runs");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(stderr.contains("no casa-node cluster found"), "{stderr}");
+    assert!(!runtime.join("endpoint").exists());
+    assert!(!run_dir.exists());
+}
