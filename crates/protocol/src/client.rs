@@ -1684,7 +1684,8 @@ impl ClientCore {
     }
 
     /// Puts a request sent ahead and taken back (or whose server is gone)
-    /// back into the shared queue at its arrival place.
+    /// back into the shared queue at its arrival place; once services are
+    /// stopping, answers it as a request not yet sent is (rule 27).
     fn requeue(&mut self, id: RequestId) {
         let Some(request) = self.requests.get_mut(&id) else {
             return;
@@ -1693,6 +1694,14 @@ impl ClientCore {
         request.recalling = false;
         let arrival = request.arrival;
         self.queued += 1;
+        if self.phase != Phase::Running {
+            self.finish_unsent(
+                id,
+                CommandStatus::Cancelled,
+                "Cancelled: services were stopped before the request was sent".into(),
+            );
+            return;
+        }
         let at = self.queue.partition_point(|&(a, _)| a < arrival);
         self.queue.insert(at, (arrival, id));
     }

@@ -1871,3 +1871,29 @@ fn rule_12_requests_with_large_parameters_are_not_sent_ahead() {
     assert_eq!(c.finish(1, Value::none()), second);
     assert_eq!(c.finish(1, Value::none()), small);
 }
+
+#[test]
+fn rule_27_a_request_recalled_while_services_stop_is_answered() {
+    let mut c = prefetching(2, 2);
+    c.submit("long()", &[]).unwrap();
+    let short = c.submit("short()", &[]).unwrap()[0];
+    let ahead = c.submit("next()", &[]).unwrap()[0];
+    assert_eq!(c.finish(2, Value::none()), short);
+    // The recall goes out; server 1 reads it only after STOP was sent.
+    c.stall(1);
+    c.advance(Duration::from_millis(1100));
+    assert_eq!(recalls(&c), vec![(1, ahead)]);
+    c.client.stop(false);
+    c.pump();
+    c.resume(1);
+    let r = c.response(ahead);
+    assert_eq!(r.status(), CommandStatus::Cancelled);
+    assert!(
+        r.traceback().contains("services were stopped"),
+        "{}",
+        r.traceback()
+    );
+    c.finish(1, Value::none());
+    assert_eq!(c.client.pending(), 0);
+    assert!(c.client.is_stopped());
+}
