@@ -12,7 +12,8 @@
 //! - nothing is sent to a server while it is marked timed out (20);
 //! - a recovered server's real response replaces its timeout record (21);
 //! - a rejected push queues nothing (14);
-//! - stop services ends with every server stopped or timed out (27).
+//! - stop services, at the end or mid-stream, ends with every server
+//!   stopped or timed out (27).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeSet, BinaryHeap, HashMap, HashSet};
@@ -66,6 +67,8 @@ struct Scenario {
     seed: u64,
     /// Requests in flight per server (rule 12's prefetch).
     prefetch: usize,
+    /// When services are stopped, in ms, if before the run settles.
+    stop_at_ms: Option<u64>,
 }
 
 fn scenario() -> impl Strategy<Value = Scenario> {
@@ -82,16 +85,20 @@ fn scenario() -> impl Strategy<Value = Scenario> {
         0u64..=300,
         any::<u64>(),
         1usize..=4,
+        prop::option::weighted(0.3, 0u64..=40_000),
     )
         .prop_map(
-            |(servers, drivers, submissions, stalls, max_delay_ms, seed, prefetch)| Scenario {
-                servers,
-                drivers,
-                submissions,
-                stalls,
-                max_delay_ms,
-                seed,
-                prefetch,
+            |(servers, drivers, submissions, stalls, max_delay_ms, seed, prefetch, stop_at_ms)| {
+                Scenario {
+                    servers,
+                    drivers,
+                    submissions,
+                    stalls,
+                    max_delay_ms,
+                    seed,
+                    prefetch,
+                    stop_at_ms,
+                }
             },
         )
 }
@@ -115,6 +122,8 @@ enum SimEvent {
     ClientTick,
     /// The driver script's next operation.
     DriverOp(usize),
+    /// Services are stopped, mid-stream (rule 27).
+    Stop,
 }
 
 #[derive(Debug, Clone)]
@@ -258,6 +267,9 @@ impl Sim {
             let at = sim.ops[i].0;
             sim.schedule(at, SimEvent::DriverOp(i));
         }
+        if let Some(ms) = s.stop_at_ms {
+            sim.schedule(Duration::from_millis(ms), SimEvent::Stop);
+        }
         sim
     }
 
@@ -337,6 +349,11 @@ impl Sim {
                     self.client.tick(self.instant());
                 }
                 SimEvent::DriverOp(i) => self.driver_op(i),
+                SimEvent::Stop => {
+                    if !self.client.is_stopped() && !self.stopping() {
+                        self.client.stop(false);
+                    }
+                }
             }
             self.pump_client();
             if self.settled() && !self.client.is_stopped() && !self.stopping() {
@@ -684,6 +701,7 @@ fn rule_21_stalled_server_recovers_with_its_real_response() {
         max_delay_ms: 0,
         seed: 1,
         prefetch: 1,
+        stop_at_ms: None,
     };
     let mut sim = Sim::new(&s);
     sim.ops.push((
@@ -724,6 +742,7 @@ fn a_request_taken_off_two_servers_in_turn_keeps_one_final_response() {
         max_delay_ms: 0,
         seed: 15691771293347591500,
         prefetch: 3,
+        stop_at_ms: None,
     };
     let mut sim = Sim::new(&s);
     sim.run();
