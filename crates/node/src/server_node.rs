@@ -305,8 +305,7 @@ impl Node {
                     now,
                 );
                 self.executor = Some(executor);
-                self.update_resources();
-                self.core.announce(now);
+                self.announce_worker(now);
             }
             Err(e) => {
                 let reason = format!("the Python worker could not start: {e}");
@@ -323,8 +322,7 @@ impl Node {
             ExecutorEvent::Finished(outcome) => {
                 if outcome.worker_restarted {
                     // Known before the command's answer goes out (rule 23).
-                    self.update_resources();
-                    self.core.announce(now);
+                    self.announce_worker(now);
                 }
                 if let Err(e) = self.core.finished(outcome, now) {
                     self.core.log(LogLevel::Warning, e.to_string(), now);
@@ -333,10 +331,16 @@ impl Node {
             ExecutorEvent::Log { level, message } => self.core.log(level, message, now),
             ExecutorEvent::WorkerRestarted { reason } => {
                 self.core.log(LogLevel::Warning, reason, now);
-                self.update_resources();
-                self.core.announce(now);
+                self.announce_worker(now);
             }
         }
+    }
+
+    /// A worker started or was replaced: the client node learns its pid
+    /// now, not at the next ping (rule 23).
+    fn announce_worker(&mut self, now: Instant) {
+        self.update_resources();
+        self.core.announce(now);
     }
 
     fn update_resources(&mut self) {

@@ -1104,11 +1104,7 @@ impl ClientCore {
             RequestPhase::Queued => return,
         };
         let request = self.requests.remove(&id).expect("just seen");
-        if let Some(server) = self.server_mut(rank) {
-            if server.forget(id) {
-                self.ahead -= 1;
-            }
-        }
+        self.forget(rank, id);
         if !answered {
             let traceback =
                 format!("casa-node: the request could not be sent to server n# {rank}: {reason}");
@@ -1233,16 +1229,13 @@ impl ClientCore {
                         control_request::Action::Cancel(Cancel { request_id: id }),
                         ControlKind::Other,
                     );
-                    let server = self.servers[rank as usize].as_mut().expect("registered");
-                    if server.running == Some(id) {
+                    if self.server(rank).is_some_and(|s| s.running == Some(id)) {
                         reply.interrupting.push(id);
                         continue;
                     }
                     // Sent ahead and not started: answered here at once, as
                     // a queued one is; the server drops it, and its answer.
-                    if server.forget(id) {
-                        self.ahead -= 1;
-                    }
+                    self.forget(rank, id);
                     self.forgotten.insert((id, rank));
                     let request = self.requests.remove(&id).expect("just seen");
                     self.deliver_failure(
@@ -1567,14 +1560,7 @@ impl ClientCore {
             return;
         }
         loop {
-            let requests = &self.requests;
-            while self.queue.front().is_some_and(|&(_, id)| {
-                !requests
-                    .get(&id)
-                    .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
-            }) {
-                self.queue.pop_front();
-            }
+            skip_unqueued(&mut self.queue, &self.requests);
             let Some(&(_, id)) = self.queue.front() else {
                 return;
             };
@@ -1603,17 +1589,8 @@ impl ClientCore {
         while self.has_room(rank) {
             let server = self.servers[rank as usize].as_mut().expect("registered");
             let requests = &self.requests;
-            let still_queued = |&(_, id): &(u64, RequestId)| {
-                requests
-                    .get(&id)
-                    .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
-            };
-            while server.queue.front().is_some_and(|e| !still_queued(e)) {
-                server.queue.pop_front();
-            }
-            while self.queue.front().is_some_and(|e| !still_queued(e)) {
-                self.queue.pop_front();
-            }
+            skip_unqueued(&mut server.queue, requests);
+            skip_unqueued(&mut self.queue, requests);
             let shared = match (server.queue.front(), self.queue.front()) {
                 (Some(&(own, _)), Some(&(shared, _))) => shared < own,
                 (Some(_), None) => false,
@@ -1675,6 +1652,14 @@ impl ClientCore {
         }
     }
 
+    /// Server `rank` is no longer to run request `id` (see
+    /// [`Server::forget`]), and the count of requests sent ahead follows.
+    fn forget(&mut self, rank: Rank, id: RequestId) {
+        if self.server_mut(rank).is_some_and(|s| s.forget(id)) {
+            self.ahead -= 1;
+        }
+    }
+
     fn send_recall(&mut self, rank: Rank, id: RequestId) {
         self.send_control(
             rank,
@@ -1716,18 +1701,14 @@ impl ClientCore {
         let prefetched: Vec<RequestId> = server.prefetched.drain(..).collect();
         self.ahead -= prefetched.len();
         for id in prefetched {
-            let Some(request) = self.requests.get_mut(&id) else {
+            let Some(shared) = self.requests.get(&id).map(|r| r.shared) else {
                 continue;
             };
             if recall {
-                request.recalling = false;
                 self.forgotten.insert((id, rank));
                 self.send_recall(rank, id);
             }
-            let Some(request) = self.requests.get(&id) else {
-                continue;
-            };
-            if request.shared {
+            if shared {
                 self.requeue(id);
             } else {
                 // Answered as one never sent is: it did not start, as far
@@ -1781,12 +1762,7 @@ impl ClientCore {
             _ => return Err(CoreError::UnknownRequest { id, from }),
         };
         let request = self.requests.remove(&id).expect("just seen");
-        let server = self.servers[from as usize]
-            .as_mut()
-            .expect("checked by handle");
-        if server.forget(id) {
-            self.ahead -= 1;
-        }
+        self.forget(from, id);
         let status = match response.status() {
             CommandStatus::Unspecified
             | CommandStatus::HoldingQueue
@@ -1886,12 +1862,7 @@ impl ClientCore {
                 }
                 request.recalling = false;
                 if response.ok {
-                    let server = self.servers[from as usize]
-                        .as_mut()
-                        .expect("checked by handle");
-                    if server.forget(id) {
-                        self.ahead -= 1;
-                    }
+                    self.forget(from, id);
                     self.requeue(id);
                     self.event(Event::RequestRecalled { id, server: from });
                     self.place_shared();
@@ -2059,6 +2030,18 @@ impl ClientCore {
             self.phase = Phase::Stopped;
             self.actions.push_back(Action::Stopped);
         }
+    }
+}
+
+/// Pops the entries at the front of `queue` whose requests are no longer
+/// queued (sent, answered or cancelled meanwhile).
+fn skip_unqueued(queue: &mut VecDeque<(u64, RequestId)>, requests: &RequestTable) {
+    while queue.front().is_some_and(|(_, id)| {
+        !requests
+            .get(id)
+            .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
+    }) {
+        queue.pop_front();
     }
 }
 

@@ -1708,37 +1708,27 @@ fn rule_12_a_request_sent_ahead_is_recalled_for_a_server_that_falls_idle() {
     assert_eq!(c.client.pending(), 0);
 }
 
-#[test]
-fn rule_12_a_recall_that_comes_too_late_leaves_the_request_where_it_runs() {
+/// Two servers, prefetch 2: server 1 runs `long` with `ahead` sent after
+/// it; server 2 fell idle, and the recall of `ahead` is on its way to
+/// server 1, which reads nothing (stalled). Returns (cluster, long, ahead).
+fn recall_on_its_way() -> (Cluster, RequestId, RequestId) {
     let mut c = prefetching(2, 2);
-    c.submit("long()", &[]).unwrap();
+    let long = c.submit("long()", &[]).unwrap()[0];
     let short = c.submit("short()", &[]).unwrap()[0];
     let ahead = c.submit("next()", &[]).unwrap()[0];
     assert_eq!(c.finish(2, Value::none()), short);
-    // Server 1 reads nothing while the round passes, then finishes its
-    // command and starts the one sent ahead before it reads the recall.
     c.stall(1);
     c.advance(Duration::from_millis(1100));
     assert_eq!(recalls(&c), vec![(1, ahead)]);
-    let outcome_for = |c: &Cluster, rank| c.running[&rank].id;
-    let long = outcome_for(&c, 1);
-    let now = c.now;
-    let outcome = ExecOutcome {
-        id: long,
-        mode: CommandMode::Eval,
-        ret: None,
-        successful: true,
-        traceback: None,
-        start_time: EPOCH,
-        stop_time: EPOCH,
-        worker_restarted: false,
-    };
-    c.running.remove(&1);
-    c.servers
-        .get_mut(&1)
-        .unwrap()
-        .finished(outcome, now)
-        .unwrap();
+    (c, long, ahead)
+}
+
+#[test]
+fn rule_12_a_recall_that_comes_too_late_leaves_the_request_where_it_runs() {
+    // Server 1 finishes its command and starts the one sent ahead before
+    // it reads the recall.
+    let (mut c, long, ahead) = recall_on_its_way();
+    assert_eq!(c.finish(1, Value::none()), long);
     c.resume(1);
     assert_eq!(c.running[&1].id, ahead);
     assert_eq!(c.finish(1, Value::none()), ahead);
@@ -1874,15 +1864,8 @@ fn rule_12_requests_with_large_parameters_are_not_sent_ahead() {
 
 #[test]
 fn rule_27_a_request_recalled_while_services_stop_is_answered() {
-    let mut c = prefetching(2, 2);
-    c.submit("long()", &[]).unwrap();
-    let short = c.submit("short()", &[]).unwrap()[0];
-    let ahead = c.submit("next()", &[]).unwrap()[0];
-    assert_eq!(c.finish(2, Value::none()), short);
-    // The recall goes out; server 1 reads it only after STOP was sent.
-    c.stall(1);
-    c.advance(Duration::from_millis(1100));
-    assert_eq!(recalls(&c), vec![(1, ahead)]);
+    // Server 1 reads the recall only after STOP was sent.
+    let (mut c, _, ahead) = recall_on_its_way();
     c.client.stop(false);
     c.pump();
     c.resume(1);
