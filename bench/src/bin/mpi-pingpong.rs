@@ -296,7 +296,7 @@ fn one_plus_one() -> (Envelope, Envelope) {
             host: "localhost".into(),
             pid: 4242,
             kill_grace: Duration::from_secs(5),
-            client_timeout: None,
+            patience: None,
         },
         clock,
         now,

@@ -383,9 +383,7 @@ fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, 
         .arg("--rank")
         .arg(rank.to_string())
         .arg("--python")
-        .arg(&options.python)
-        .arg("--timeout")
-        .arg(options.timeout.as_secs_f64().to_string());
+        .arg(&options.python);
     if let Some(init) = &options.init {
         command.arg("--init").arg(init);
     }

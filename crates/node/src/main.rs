@@ -267,9 +267,12 @@ struct ServerArgs {
     /// with casampi's namespace (`casalog`, `from casatasks import *`).
     #[arg(long)]
     casa: bool,
-    /// Exit after this many seconds without a message from the client node.
-    #[arg(long, env = "CASA_NODE_TIMEOUT", default_value_t = 5.0, value_parser = positive_seconds)]
-    timeout: f64,
+    /// Exit after this many seconds without a message from the client node
+    /// (it pings every heartbeat). Until then a quiet link (a network
+    /// partition, a client node stopped for a while) costs nothing: the
+    /// worker goes on, and its answer is delivered when the link returns.
+    #[arg(long, env = "CASA_NODE_PATIENCE", default_value_t = 600.0, value_parser = positive_seconds)]
+    patience: f64,
     /// Seconds an interrupted command may take before its worker is killed.
     #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
     kill_grace: f64,
@@ -600,7 +603,7 @@ async fn server(args: ServerArgs) -> ExitCode {
         init: args.init,
         casa: casampi.as_ref().map(|u| u.dir().to_owned()),
         kill_grace: Duration::from_secs_f64(args.kill_grace),
-        client_timeout: Duration::from_secs_f64(args.timeout),
+        patience: Some(Duration::from_secs_f64(args.patience)),
     };
     match server_node::run(transport, config).await {
         Ok(()) => ExitCode::SUCCESS,

@@ -102,7 +102,9 @@ pub async fn launch(
             init: options.init,
             casa: casampi.as_ref().map(|u| u.dir().to_owned()),
             kill_grace: KILL_GRACE,
-            client_timeout: options.timeout,
+            // A quiet link never ends the job: if rank 0 dies, mpirun
+            // ends every rank.
+            patience: None,
         };
         server_node::run(transport, config).await?;
         return Ok(Outcome::Server);

@@ -32,9 +32,11 @@ pub struct ServerNodeConfig {
     /// How long an interrupted command may take before its worker is
     /// killed (rule 24).
     pub kill_grace: Duration,
-    /// Silence from the client node after which this server exits, since
-    /// the client node pings every heartbeat (rule 30).
-    pub client_timeout: Duration,
+    /// Silence from the client node after which this server exits (rule
+    /// 30); `None`: never (under MPI). Until then a quiet link costs
+    /// nothing: the worker keeps running, and a finished response waits on
+    /// the link for the client node.
+    pub patience: Option<Duration>,
 }
 
 /// Why a server node stopped other than by STOP.
@@ -62,7 +64,7 @@ pub async fn run<T: Transport>(
             host: crate::hostname(),
             pid: std::process::id(),
             kill_grace: config.kill_grace,
-            client_timeout: Some(config.client_timeout),
+            patience: config.patience,
         },
         WallClock::system(),
         now,

@@ -1071,7 +1071,7 @@ async fn a_server_node_drops_bad_input_and_keeps_serving() {
     let mut client = ZmqTransport::bind(&endpoint).await.expect("bind");
     let mut server = LoneServer {
         child: Command::new(BIN)
-            .args(["server", "--connect", &endpoint, "--timeout", "8"])
+            .args(["server", "--connect", &endpoint, "--patience", "8"])
             .current_dir(&dir)
             .stdin(Stdio::null())
             .spawn()

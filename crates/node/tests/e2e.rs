@@ -998,7 +998,7 @@ fn a_server_attached_with_connect_joins_and_serves() {
     let mut cluster = Cluster::start(1, &[]);
     assert!(cluster.nodes.starts_with("ipc://"), "{}", cluster.nodes);
     let mut extra = Command::new(BIN)
-        .args(["server", "--connect", &cluster.nodes, "--timeout", "3"])
+        .args(["server", "--connect", &cluster.nodes, "--patience", "3"])
         .stdin(Stdio::null())
         .spawn()
         .unwrap();

@@ -55,8 +55,8 @@ const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
 const HANG: Duration = Duration::from_secs(60);
 
 /// How long the processes of a cluster may take to end once it has
-/// stopped, or once its client node is gone: the servers' silence limit
-/// (3 s here) and a second of last chance, with room for a loaded machine.
+/// stopped, or once its client node is gone (its links close, or under MPI
+/// mpirun ends the job), with room for a loaded machine.
 const EXIT_BOUND: Duration = Duration::from_secs(20);
 
 /// True when the suite runs over MPI (CASA_NODE_TEST_TRANSPORT=mpi).
@@ -913,9 +913,15 @@ impl<'a> Stream<'a> {
     }
 
     /// Runs `count` commands, calling `between` every 20 commands.
-    fn run(&mut self, count: usize, mut between: impl FnMut()) {
-        for i in 0..count {
-            if !self.open || self.stopped {
+    fn run(&mut self, count: usize, between: impl FnMut()) {
+        self.run_while(|i| i < count, between);
+    }
+
+    /// Runs commands while `more` says so of the number run, calling
+    /// `between` every 20 commands.
+    fn run_while(&mut self, more: impl Fn(usize) -> bool, mut between: impl FnMut()) {
+        for i in 0.. {
+            if !more(i) || !self.open || self.stopped {
                 break;
             }
             if i % 20 == 0 {
@@ -1589,6 +1595,81 @@ fn the_client_node_killed() {
         started,
         &note,
     );
+}
+
+/// Rules 20, 30: the client node stopped (SIGSTOP) for 3 s and then 8 s,
+/// the second past the 3 s timeout and the timeout plus a second after
+/// which servers used to leave, while commands run. Its own stall is not
+/// its servers' silence: no server is timed out or lost, every server node
+/// is the one that started, and every request is answered as if nothing
+/// had happened.
+#[test]
+fn the_client_node_stopped_and_continued() {
+    let name = "the_client_node_stopped_and_continued";
+    let (seed, started) = begin(name);
+    let mut cluster = Cluster::start(3);
+    let driver = cluster.driver();
+    let client_node = cluster.client_node;
+    let before = cluster.servers.clone();
+    let stops = [Duration::from_secs(3), Duration::from_secs(8)];
+    let done = AtomicBool::new(false);
+    let ledger = std::thread::scope(|scope| {
+        let cluster = &cluster;
+        let (driver, done) = (&driver, &done);
+        let stream = scope.spawn(move || {
+            let mut stream = Stream::new(driver, seed, 1, cluster.ranks(), Mix::ORDINARY);
+            stream.run_while(|_| !done.load(Ordering::Relaxed), || cluster.note_tree());
+            stream.finish();
+            (std::mem::take(&mut stream.ledger), stream.open)
+        });
+        let mut rng = rng(seed, 100);
+        for stop in stops {
+            let never = AtomicBool::new(false);
+            pause(millis(&mut rng, 500..1500), &never);
+            kill(client_node, Signal::SIGSTOP).expect("the client node is there");
+            pause(stop, &never);
+            kill(client_node, Signal::SIGCONT).expect("the client node is there");
+        }
+        // Commands run on after the last stop, then the stream ends.
+        pause(Duration::from_secs(1), &AtomicBool::new(false));
+        done.store(true, Ordering::Relaxed);
+        stream
+            .join()
+            .unwrap_or_else(|e| std::panic::resume_unwind(e))
+    });
+    let (mut ledger, open) = ledger;
+    assert!(open, "the client node went away\n{}", cluster.diagnostics());
+    let status = driver.status();
+    let after: Vec<(Rank, Pid)> = status
+        .servers
+        .iter()
+        .map(|s| (s.rank, Pid::from_raw(s.pid as i32)))
+        .collect();
+    assert_eq!(
+        after,
+        before,
+        "the server nodes changed\n{}",
+        cluster.diagnostics()
+    );
+    for server in &status.servers {
+        assert!(
+            server.online && !server.timeout,
+            "server {} is not online after the client node's stall: {server:?}\n{}",
+            server.rank,
+            cluster.diagnostics()
+        );
+    }
+    check_serves(&driver, &mut ledger);
+    let outcomes = check_responses(&ledger, &driver, false);
+    assert_eq!(
+        outcomes.timeout,
+        0,
+        "the client node's own stall was counted as its servers' silence\n{}",
+        cluster.diagnostics()
+    );
+    cluster.stop(&driver);
+    assert!(driver.wait_closed(HANG), "the front door stayed open");
+    summary(name, seed, &ledger, stops.len(), &outcomes, started, "");
 }
 
 /// Rules 11, 19-25: everything at once, on one cluster: server nodes and

@@ -265,7 +265,7 @@ fn exit_and_stderr(command: &mut Command) -> (Option<std::process::ExitStatus>, 
 fn attach_server(nodes: &str, args: &[&str]) -> (Option<std::process::ExitStatus>, String) {
     exit_and_stderr(
         Command::new(BIN)
-            .args(["server", "--connect", nodes, "--timeout", "5"])
+            .args(["server", "--connect", nodes, "--patience", "5"])
             .args(args)
             .env_remove("CASA_NODE_CONNECTION_FILE")
             .stdout(Stdio::null()),
@@ -682,7 +682,7 @@ fn tcp_node_links_are_signed_with_the_connection_files_key() {
 
     // The right key: a second server joins and serves.
     let mut joined = Command::new(BIN)
-        .args(["server", "--connect", &nodes, "--timeout", "5"])
+        .args(["server", "--connect", &nodes, "--patience", "5"])
         .args(["--connection-file", file.to_str().unwrap()])
         .env_remove("CASA_NODE_CONNECTION_FILE")
         .stdin(Stdio::null())

@@ -204,6 +204,13 @@ pub enum Event {
         /// On or off.
         enabled: bool,
     },
+    /// The client node itself did not run for a while (stopped, starved or
+    /// swapping): the servers' silence in that time is not counted against
+    /// them (rule 20).
+    Stalled {
+        /// How long it did not run.
+        stalled_for: Duration,
+    },
 }
 
 impl Event {
@@ -213,7 +220,8 @@ impl Event {
             Event::ServerStartFailed { .. }
             | Event::RequestTimedOut { .. }
             | Event::ServerTimedOut { .. }
-            | Event::ServerLost { .. } => LogLevel::Warning,
+            | Event::ServerLost { .. }
+            | Event::Stalled { .. } => LogLevel::Warning,
             _ => LogLevel::Info,
         }
     }
@@ -288,6 +296,11 @@ impl fmt::Display for Event {
                 f.write_str("Debugging mode on: servers will not be marked timed out")
             }
             Event::DebuggingMode { enabled: false } => f.write_str("Debugging mode off"),
+            Event::Stalled { stalled_for } => write!(
+                f,
+                "The client node did not run for {:.1} s (stopped, starved or swapping); the servers' silence in that time is not counted",
+                stalled_for.as_secs_f64()
+            ),
         }
     }
 }
@@ -560,8 +573,15 @@ pub struct ClientCore {
     /// services start.
     next_expiry: Option<Instant>,
     debugging: bool,
+    /// The latest time the core was given while services run: a gap of
+    /// more than [`STALL`] heartbeats since is the client node's own stall.
+    awake: Option<Instant>,
     actions: VecDeque<Action>,
 }
+
+/// Heartbeats without a tick after which the client node counts itself as
+/// having stalled: while services run it ticks at least once a heartbeat.
+const STALL: u32 = 2;
 
 impl ClientCore {
     /// A client core with no servers yet; `clock` gives wall times.
@@ -589,6 +609,7 @@ impl ClientCore {
             next_round: None,
             next_expiry: None,
             debugging: false,
+            awake: None,
             actions: VecDeque::new(),
         }
     }
@@ -1038,6 +1059,7 @@ impl ClientCore {
         envelope: Envelope,
         now: Instant,
     ) -> Result<(), CoreError> {
+        self.wake(now);
         let Some(server) = self.server_mut(from) else {
             return Err(CoreError::UnknownRank(from));
         };
@@ -1178,6 +1200,7 @@ impl ClientCore {
         if matches!(self.phase, Phase::Idle | Phase::Stopped) {
             return;
         }
+        self.wake(now);
         if let Some(due) = self.next_round.filter(|&t| now >= t) {
             self.ping_round += 1;
             let ping = Envelope::new(Body::PingRequest(PingRequest {
@@ -1870,6 +1893,30 @@ impl ClientCore {
             }
             ControlKind::Other => {}
         }
+    }
+
+    /// Tells the client node's own stall from its servers' silence (rule
+    /// 20): while services run the node ticks every heartbeat, so a longer
+    /// gap since the last time it was given means it did not run (stopped
+    /// with SIGSTOP, in a debugger, starved, swapping). The servers could
+    /// not be heard in that time, so their silence is counted from its end.
+    fn wake(&mut self, now: Instant) {
+        if matches!(self.phase, Phase::Idle | Phase::Stopped) {
+            return;
+        }
+        let Some(before) = self.awake.replace(now) else {
+            return;
+        };
+        let stalled_for = now.saturating_duration_since(before);
+        if stalled_for <= self.config.heartbeat * STALL {
+            return;
+        }
+        for &rank in &self.server_ranks {
+            let server = self.servers[rank as usize].as_mut().expect("registered");
+            server.last_seen = (server.last_seen + stalled_for).min(now);
+        }
+        self.next_expiry = Some(now);
+        self.event(Event::Stalled { stalled_for });
     }
 
     fn check_timeouts(&mut self, now: Instant) {

@@ -32,10 +32,14 @@ pub struct ServerConfig {
     /// is killed and restarted (rule 24).
     pub kill_grace: Duration,
     /// Silence from the client node after which the server gives up on it
-    /// (rule 30): the client node pings every heartbeat. After this much
-    /// silence, one more [`LAST_CHANCE`] passes for messages already on
-    /// their way before [`ServerAction::ClientGone`]. `None`: never.
-    pub client_timeout: Option<Duration>,
+    /// (rule 30). It is far longer than the client node's timeout: a
+    /// client node stopped for a while, or behind a network partition,
+    /// finds its servers still there, with their workers and finished
+    /// responses. After this much silence, one more [`LAST_CHANCE`] passes
+    /// for messages already on their way before
+    /// [`ServerAction::ClientGone`]. `None`: never (under MPI, where the
+    /// job ends with its rank 0).
+    pub patience: Option<Duration>,
 }
 
 /// After the client node's silence limit passes, how long to wait for
@@ -229,7 +233,7 @@ impl ServerCore {
         }
         self.last_chance.or_else(|| {
             self.config
-                .client_timeout
+                .patience
                 .and_then(|limit| self.last_heard.checked_add(limit))
         })
     }

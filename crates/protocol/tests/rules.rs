@@ -58,7 +58,7 @@ impl Cluster {
                 host: format!("node{rank}"),
                 pid: 100 + rank as u32,
                 kill_grace: GRACE,
-                client_timeout: None,
+                patience: None,
             };
             servers.insert(rank, ServerCore::new(config, clock, t0));
         }
@@ -528,6 +528,52 @@ fn rule_20_a_silent_server_is_timed_out_and_its_requests_answered() {
 }
 
 #[test]
+fn rule_20_the_client_nodes_own_stall_is_not_its_servers_silence() {
+    let mut c = Cluster::new(2);
+    let running = c.submit("long()", &[2]).unwrap()[0];
+    c.advance(Duration::from_secs(1));
+    // The client node does not run for 8 s (SIGSTOP, a debugger, swapping):
+    // no tick, nothing read. Its servers ran and had nothing to say.
+    c.now += Duration::from_secs(8);
+    let now = c.now;
+    c.client.tick(now);
+    c.pump();
+    assert!(
+        !c.has_response(running),
+        "no timeout for the node's own stall"
+    );
+    for server in c.client.status(None).unwrap().servers {
+        assert!(server.online && !server.timeout, "{server:?}");
+    }
+    assert!(
+        c.log_lines()
+            .iter()
+            .any(|l| l.starts_with("The client node did not run for 8.0 s")),
+        "{:?}",
+        c.log_lines()
+    );
+    // Silence after the stall still counts: a server that stays silent
+    // times out a timeout later.
+    c.stall(2);
+    c.advance(Duration::from_millis(4800));
+    assert!(!c.has_response(running));
+    c.advance(Duration::from_millis(400));
+    assert_eq!(c.response(running).status(), CommandStatus::Timeout);
+    // A stall of two heartbeats or less is ordinary lateness.
+    let mut c = Cluster::new(1);
+    c.advance(Duration::from_secs(1));
+    c.now += Duration::from_secs(2);
+    let now = c.now;
+    c.client.tick(now);
+    c.pump();
+    assert!(
+        !c.log_lines().iter().any(|l| l.contains("did not run")),
+        "{:?}",
+        c.log_lines()
+    );
+}
+
+#[test]
 fn rule_21_a_recovered_server_is_online_again_and_its_real_response_replaces_the_timeout() {
     let mut c = Cluster::new(1);
     let id = c.submit("long()", &[1]).unwrap()[0];
@@ -837,7 +883,7 @@ fn rule_31_server_logs_carry_their_origin_and_obey_the_log_level() {
         host: "almahpc02".into(),
         pid: 1,
         kill_grace: GRACE,
-        client_timeout: None,
+        patience: None,
     };
     let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
     let start = control_request::Action::Start(Start {
@@ -1365,14 +1411,14 @@ fn rule_26_a_server_lost_before_starting_does_not_block_readiness() {
 }
 
 /// A lone server core, started at `t0` (START taken, its answer drained).
-fn started_server(client_timeout: Option<Duration>) -> (ServerCore, Instant) {
+fn started_server(patience: Option<Duration>) -> (ServerCore, Instant) {
     let t0 = Instant::now();
     let config = ServerConfig {
         rank: 1,
         host: "node1".into(),
         pid: 101,
         kill_grace: GRACE,
-        client_timeout,
+        patience,
     };
     let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
     let start = Envelope::correlated(
@@ -1460,7 +1506,7 @@ fn rule_24_a_deadline_counts_from_when_the_worker_takes_the_command_not_during_i
 }
 
 #[test]
-fn rule_30_a_server_gives_up_on_a_silent_client_node_after_its_timeout_and_a_last_chance() {
+fn rule_30_a_server_gives_up_on_a_silent_client_node_after_its_patience_and_a_last_chance() {
     let limit = Duration::from_secs(5);
     let (mut server, t0) = started_server(Some(limit));
     let at = |ms: u64| t0 + Duration::from_millis(ms);
@@ -1550,7 +1596,7 @@ fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
             host: "h".into(),
             pid: 1,
             kill_grace: GRACE,
-            client_timeout: None,
+            patience: None,
         };
         let mut server = ServerCore::new(config, WallClock::new(t0, EPOCH), t0);
         let start = control_request::Action::Start(Start {

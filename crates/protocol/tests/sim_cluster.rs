@@ -673,7 +673,7 @@ fn server_config(rank: Rank) -> ServerConfig {
         host: format!("node{rank}"),
         pid: 1000 + rank as u32,
         kill_grace: Duration::from_secs(5),
-        client_timeout: None,
+        patience: None,
     }
 }
 
