@@ -4,6 +4,7 @@
 
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
@@ -120,8 +121,9 @@ async fn check_submissions(
 pub struct ClientNodeConfig {
     /// The core's settings.
     pub core: ClientConfig,
-    /// Where the unified log goes.
-    pub log: LogSink,
+    /// Where the unified log goes (shared with whoever else logs in it:
+    /// `up`'s watch over the server processes it started).
+    pub log: Arc<LogSink>,
     /// The Python that checks commands at submission (rule 2); `None`
     /// leaves it to the workers.
     pub python: Option<PathBuf>,
@@ -190,7 +192,7 @@ pub async fn run<T: Transport>(
         clock,
         origin,
         drivers: HashMap::new(),
-        log: &mut config.log,
+        log: &config.log,
         ready: false,
         pending: pending_tx,
         checking: HashMap::new(),
@@ -286,7 +288,7 @@ struct Node<'a> {
     clock: WallClock,
     origin: String,
     drivers: HashMap<DriverId, Driver>,
-    log: &'a mut LogSink,
+    log: &'a LogSink,
     /// The core said the cluster is ready: the front door opens.
     ready: bool,
     pending: mpsc::UnboundedSender<Pending>,

@@ -4,7 +4,8 @@
 
 use std::path::PathBuf;
 use std::process::Stdio;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::control_request::Start;
 use casa_node_protocol::pb::{EnvironmentVariable, LogLevel, LogRecord};
@@ -134,9 +135,8 @@ pub async fn start<T: Transport + 'static>(
     let result = match how {
         Servers::Local => run(&options, &run_dir, signals, on_ready).await,
         Servers::Launched(transport, links) => {
-            let none = |_: &Links| Ok(Vec::new());
             serve(
-                transport, links, &options, &run_dir, signals, on_ready, none,
+                transport, links, &options, &run_dir, signals, on_ready, false,
             )
             .await
         }
@@ -165,20 +165,7 @@ async fn run(
         nodes,
         servers: options.servers,
     };
-    serve(
-        transport,
-        links,
-        options,
-        run_dir,
-        signals,
-        on_ready,
-        |links| {
-            (1..=options.servers)
-                .map(|rank| spawn_server(options, &links.nodes, rank))
-                .collect()
-        },
-    )
-    .await
+    serve(transport, links, options, run_dir, signals, on_ready, true).await
 }
 
 /// How the client node reaches its servers, for [`serve`].
@@ -197,9 +184,11 @@ pub struct Links {
 }
 
 /// Runs the client node over `transport` until stop services: opens the
-/// front door and the unified log, writes the start-up line, starts the
-/// server processes `spawn` makes (none when a launcher such as mpirun
-/// started them), and calls `on_ready` once every server has started.
+/// front door and the unified log, writes the start-up line, starts
+/// `links.servers` server processes when `spawn` (not when a launcher
+/// such as mpirun started them), and calls `on_ready` once every server
+/// has started. A server process that ends while the cluster runs, other
+/// than by STOP, is reaped and started again (see [`Spawned`]).
 pub async fn serve<T: Transport + 'static>(
     transport: T,
     links: Links,
@@ -207,7 +196,7 @@ pub async fn serve<T: Transport + 'static>(
     run_dir: &std::path::Path,
     signals: watch::Receiver<u32>,
     on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
-    spawn: impl FnOnce(&Links) -> Result<Vec<Child>, UpError>,
+    spawn: bool,
 ) -> Result<(), UpError> {
     let host = crate::hostname();
     let front = options
@@ -219,12 +208,14 @@ pub async fn serve<T: Transport + 'static>(
     // With tcp://HOST:0, the port the system chose.
     let front = door.endpoint().clone();
     let connection_file = door.connection_file().map(ToOwned::to_owned);
-    let mut log = LogSink::open(
-        Some(&options.log_file),
-        options.log_terminal,
-        options.log_level,
-    )
-    .map_err(io_error(format!("log file {}", options.log_file.display())))?;
+    let log = Arc::new(
+        LogSink::open(
+            Some(&options.log_file),
+            options.log_terminal,
+            options.log_level,
+        )
+        .map_err(io_error(format!("log file {}", options.log_file.display())))?,
+    );
     log.write(&LogRecord {
         time: WallClock::system().epoch(std::time::Instant::now()),
         level: LogLevel::Info.into(),
@@ -267,7 +258,12 @@ pub async fn serve<T: Transport + 'static>(
         dir,
         drivers: matches!(front, FrontDoorEndpoint::Unix(_)),
     });
-    let mut children = spawn(&links)?;
+    let mut children = Vec::new();
+    if spawn {
+        for rank in 1..=links.servers {
+            children.push(Spawned::start(options, &links.nodes, rank)?);
+        }
+    }
     let config = ClientNodeConfig {
         core: ClientConfig {
             host,
@@ -279,27 +275,39 @@ pub async fn serve<T: Transport + 'static>(
             expected_servers: links.servers,
             prefetch: options.prefetch,
         },
-        log,
+        log: log.clone(),
         python: Some(options.python.clone()),
         max_frame: framing.max_frame(),
         shared,
     };
-    let (ready_tx, ready_rx) = oneshot::channel();
+    let (ready_tx, mut ready_rx) = oneshot::channel();
     let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));
-    let outcome = tokio::select! {
-        ready = ready_rx => {
-            if ready.is_ok() {
-                on_ready(&front, &links.nodes);
-                endpoint::record(&front, connection_file.as_deref())?;
+    let start_by = tokio::time::Instant::now() + options.start_timeout;
+    let mut on_ready = Some(on_ready);
+    let outcome = loop {
+        tokio::select! {
+            ready = &mut ready_rx, if on_ready.is_some() => {
+                let on_ready = on_ready.take().expect("once");
+                if ready.is_ok() {
+                    on_ready(&front, &links.nodes);
+                    endpoint::record(&front, connection_file.as_deref())?;
+                }
             }
-            node.await
+            _ = tokio::time::sleep_until(start_by), if on_ready.is_some() => {
+                node.abort();
+                stop_children(&mut children).await;
+                return Err(UpError::StartTimeout(options.start_timeout));
+            }
+            finished = &mut node => break finished,
+            (index, status) = next_exit(&mut children) => {
+                let gone = children.swap_remove(index);
+                if !node.is_finished() {
+                    if let Some(again) = gone.ended(status, options, &links.nodes, &log) {
+                        children.push(again);
+                    }
+                }
+            }
         }
-        _ = tokio::time::sleep(options.start_timeout) => {
-            node.abort();
-            stop_children(&mut children).await;
-            return Err(UpError::StartTimeout(options.start_timeout));
-        }
-        finished = &mut node => finished,
     };
     endpoint::forget(&front);
     stop_children(&mut children).await;
@@ -409,10 +417,123 @@ fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, 
         .map_err(io_error(format!("starting server node {rank}")))
 }
 
+/// A server process that ends sooner than this after it started ends
+/// quickly; after [`QUICK_ENDS`] quick ends in a row it is not started
+/// again: it would only end again (a broken installation, a rank taken),
+/// and it says why on casa-node's standard error.
+const RESTART_AFTER: Duration = Duration::from_secs(10);
+
+/// Quick ends in a row after which a server process is given up on.
+const QUICK_ENDS: u32 = 3;
+
+/// A server node process `up` or `run` started, watched while the cluster
+/// runs: when it ends other than by STOP (killed, out of memory, or gone
+/// after its patience ran out), it is reaped, logged, and started again
+/// with its rank, where it joins as a new server (rule 20).
+struct Spawned {
+    rank: usize,
+    child: Child,
+    /// Its process id (the child forgets it once reaped).
+    pid: Option<u32>,
+    started: Instant,
+    /// Its quick ends in a row before this start.
+    quick_ends: u32,
+}
+
+impl Spawned {
+    fn start(options: &UpOptions, nodes: &str, rank: usize) -> Result<Spawned, UpError> {
+        let child = spawn_server(options, nodes, rank)?;
+        Ok(Spawned {
+            rank,
+            pid: child.id(),
+            child,
+            started: Instant::now(),
+            quick_ends: 0,
+        })
+    }
+
+    /// The process ended with `status`, and was reaped: logs it, and
+    /// returns it started again, unless it ended by STOP (status 0) or
+    /// ended quickly [`QUICK_ENDS`] times in a row.
+    fn ended(
+        self,
+        status: std::io::Result<std::process::ExitStatus>,
+        options: &UpOptions,
+        nodes: &str,
+        log: &LogSink,
+    ) -> Option<Spawned> {
+        let rank = self.rank;
+        let pid = self.pid.map_or_else(String::new, |p| format!(" (PID {p})"));
+        let ran = self.started.elapsed();
+        let how = match &status {
+            Ok(status) if status.success() => return None,
+            Ok(status) => crate::executor::describe_exit(*status),
+            Err(e) => format!("could not be waited for: {e}"),
+        };
+        let said = format!(
+            "Server node n# {rank}{pid} {how} after {:.1} s",
+            ran.as_secs_f64()
+        );
+        let quick_ends = if ran < RESTART_AFTER {
+            self.quick_ends + 1
+        } else {
+            0
+        };
+        if quick_ends >= QUICK_ENDS {
+            warn(
+                log,
+                LogLevel::Error,
+                format!(
+                    "{said}; not started again, since it ended within {} s of its start {QUICK_ENDS} times in a row (its errors are on the standard error of casa-node)",
+                    RESTART_AFTER.as_secs()
+                ),
+            );
+            return None;
+        }
+        match Spawned::start(options, nodes, rank) {
+            Ok(mut again) => {
+                again.quick_ends = quick_ends;
+                warn(log, LogLevel::Warning, format!("{said}; started again"));
+                Some(again)
+            }
+            Err(e) => {
+                warn(
+                    log,
+                    LogLevel::Error,
+                    format!("{said}; it could not be started again: {e}"),
+                );
+                None
+            }
+        }
+    }
+}
+
+/// Writes a line of the client node's in the unified log.
+fn warn(log: &LogSink, level: LogLevel, message: String) {
+    log.write(&LogRecord {
+        time: WallClock::system().epoch(Instant::now()),
+        level: level.into(),
+        origin: format!("{}:client", crate::hostname()),
+        rank: 0,
+        message,
+    });
+}
+
+/// The next server process to end, and how it ended; never, while none
+/// runs.
+async fn next_exit(children: &mut [Spawned]) -> (usize, std::io::Result<std::process::ExitStatus>) {
+    if children.is_empty() {
+        return std::future::pending().await;
+    }
+    let waits = children.iter_mut().map(|c| Box::pin(c.child.wait()));
+    let (status, index, _) = futures::future::select_all(waits).await;
+    (index, status)
+}
+
 /// Waits for the server processes to exit (they do after STOP, or when
 /// they notice the client node is gone), killing any that take too long.
-async fn stop_children(children: &mut [Child]) {
-    let waits = children.iter_mut().map(|child| async move {
+async fn stop_children(children: &mut [Spawned]) {
+    let waits = children.iter_mut().map(|Spawned { child, .. }| async move {
         if tokio::time::timeout(Duration::from_secs(10), child.wait())
             .await
             .is_err()

@@ -1194,7 +1194,7 @@ fn kill_group(pid: u32) {
 }
 
 /// How a process ended, in words: "killed by signal 11 (SIGSEGV)".
-fn describe_exit(status: ExitStatus) -> String {
+pub(crate) fn describe_exit(status: ExitStatus) -> String {
     if let Some(code) = status.code() {
         return format!("exited with status {code}");
     }

@@ -94,7 +94,7 @@ impl LogSink {
     }
 
     /// Queues one record for the log's thread; never waits for it.
-    pub fn write(&mut self, record: &LogRecord) {
+    pub fn write(&self, record: &LogRecord) {
         if record.level() < self.min_level && record.level() != LogLevel::Unspecified {
             return;
         }

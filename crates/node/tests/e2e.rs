@@ -1027,6 +1027,51 @@ fn a_server_attached_with_connect_joins_and_serves() {
     assert!(wait_exit(&mut extra, WAIT).is_some_and(|s| s.success()));
 }
 
+/// Rule 20: a server node `up` started that dies (SIGKILL here) is reaped,
+/// logged, and started again with its rank; it serves as a new server.
+#[test]
+fn a_server_node_of_up_that_dies_is_reaped_and_started_again() {
+    if over_mpi() {
+        eprintln!("MPI: mpirun starts the ranks, and a rank that dies ends the job");
+        return;
+    }
+    let mut cluster = Cluster::start(2, &[]);
+    let c = cluster.client();
+    let (dead, _) = cluster.server_pid(2);
+    kill(Pid::from_raw(dead as i32), Signal::SIGKILL).unwrap();
+    // Reaped: no zombie is left under `up`.
+    assert!(
+        wait_gone(Pid::from_raw(dead as i32), WAIT),
+        "server node {dead} was not reaped"
+    );
+    let end = Instant::now() + WAIT;
+    let again = loop {
+        let s = c.status(Some(2)).unwrap().servers.remove(0);
+        if s.online && s.pid != dead && s.worker_pid != 0 {
+            break s;
+        }
+        assert!(
+            Instant::now() < end,
+            "server 2 was not started again: {s:?}\n{}",
+            cluster.log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    cluster.note_pids();
+    let r = one(&c, Submit::new("os.getpid()").targets([2]));
+    assert!(r.successful && r.server == 2, "{r:?}");
+    assert_eq!(r.ret, Some(Value::from(i64::from(again.worker_pid))));
+    let log = cluster.log();
+    assert!(
+        log.contains(&format!(
+            "Server node n# 2 (PID {dead}) killed by signal 9 (SIGKILL)"
+        )) && log.contains("; started again"),
+        "{log}"
+    );
+    c.stop(false).unwrap();
+    assert!(cluster.wait_exit().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_31_a_driver_subscribes_to_the_log() {
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(1, &[]))

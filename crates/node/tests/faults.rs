@@ -1295,7 +1295,8 @@ fn scenario(
 
 /// Rules 11, 20, 30: server nodes SIGKILLed while commands run. Their
 /// running and queued requests end with status timeout, their workers do
-/// not outlive them, and the surviving servers go on serving. Over MPI
+/// not outlive them, `up` starts them again, and the cluster goes on
+/// serving. Over MPI
 /// killing a rank ends the whole job (mpirun aborts it), so there the
 /// scenario does not apply.
 #[test]
