@@ -261,7 +261,7 @@ mod tests {
         // and none of these calls waits for the file.
         let (done, writes) = std::sync::mpsc::channel();
         std::thread::spawn(move || {
-            let mut sink = sink;
+            let sink = sink;
             for i in 0..RECORDS {
                 sink.write(&record(i));
             }
