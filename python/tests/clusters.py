@@ -13,6 +13,7 @@ import signal
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -161,6 +162,21 @@ def stop(cluster, remove=True):
     proc.stdout.close()
     if remove:
         shutil.rmtree(cluster.directory, ignore_errors=True)
+
+
+def gone(pid, limit=15):
+    """Whether process `pid` has ended (or is a zombie) within `limit`
+    seconds."""
+    end = time.monotonic() + limit
+    while time.monotonic() < end:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                if f.read().rpartition(")")[2].split()[0] == "Z":
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.05)
+    return False
 
 
 def started(request, servers=2, transport="zmq", options=()):

@@ -55,3 +55,64 @@ def test_the_quickstart_example_prints_its_results(tmp_path, transport):
         "server 2 online idle",
     ]:
         assert line in out, out
+
+
+def test_sigterm_ends_run_its_script_and_a_stopped_server_within_the_grace(tmp_path):
+    # `run` told to stop (SIGTERM, as a batch system does) while one of its
+    # server nodes is stopped (SIGSTOP) and its script waits on something
+    # other than the cluster: the script gets the SIGTERM too, the stopped
+    # server is continued and leaves with its worker, and `run` exits.
+    import signal
+    import subprocess
+    import sys
+    script = tmp_path / "waits.py"
+    script.write_text(textwrap.dedent("""
+        import os, signal, time
+        import casanode
+        client = casanode.connect()
+        client.submit("time.sleep(600)", target=[1])
+        server = client.status(1)[1]
+        while server["worker_pid"] is None or not server["busy"]:
+            time.sleep(0.05)
+            server = client.status(1)[1]
+        os.kill(server["pid"], signal.SIGSTOP)
+        print(os.getpid(), server["pid"], server["worker_pid"], flush=True)
+        time.sleep(600)
+    """))
+    clusters.require_binary()
+    env = dict(os.environ, XDG_RUNTIME_DIR=os.fspath(tmp_path))
+    env.pop("CASA_NODE_ENDPOINT", None)
+    proc = subprocess.Popen(
+        [str(BINARY), "run", "--servers", "2", "--heartbeat", "0.2", "--timeout", "3",
+         "--log-file", os.fspath(tmp_path / "log"), "--python", sys.executable, os.fspath(script)],
+        cwd=tmp_path, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE, text=True,
+    )
+    pids = []
+    try:
+        pids = [int(p) for p in proc.stdout.readline().split()]
+        assert len(pids) == 3, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        # The timeout (3 s) and the exit grace (5 s) bound it; 600 s if the
+        # script were left waiting.
+        _, stderr = proc.communicate(timeout=60)
+    finally:
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGCONT)
+            except ProcessLookupError:
+                pass
+        if proc.poll() is None:
+            proc.kill()
+        if pids:  # the script, which holds `run`'s output open
+            try:
+                os.kill(pids[0], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        proc.communicate()
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    log = (tmp_path / "log").read_text()
+    assert "Sending stop service signal to all servers" in log, log
+    assert "killed with SIGKILL" not in log, log
+    for pid in pids:
+        assert clusters.gone(pid), f"process {pid} was left behind\n{log}"

@@ -295,7 +295,7 @@ pub async fn serve<T: Transport + 'static>(
             }
             _ = tokio::time::sleep_until(start_by), if on_ready.is_some() => {
                 node.abort();
-                stop_children(&mut children).await;
+                stop_children(&mut children, &log).await;
                 return Err(UpError::StartTimeout(options.start_timeout));
             }
             finished = &mut node => break finished,
@@ -310,7 +310,7 @@ pub async fn serve<T: Transport + 'static>(
         }
     };
     endpoint::forget(&front);
-    stop_children(&mut children).await;
+    stop_children(&mut children, &log).await;
     match outcome {
         Ok(result) => result.map_err(UpError::from),
         Err(e) => Err(UpError::Io {
@@ -530,16 +530,39 @@ async fn next_exit(children: &mut [Spawned]) -> (usize, std::io::Result<std::pro
     (index, status)
 }
 
+/// How long a server process may take to exit once the client node has
+/// ended before it is killed: the kill grace of a command.
+const EXIT_GRACE: Duration = Duration::from_secs(5);
+
 /// Waits for the server processes to exit (they do after STOP, or when
-/// they notice the client node is gone), killing any that take too long.
-async fn stop_children(children: &mut [Spawned]) {
-    let waits = children.iter_mut().map(|Spawned { child, .. }| async move {
-        if tokio::time::timeout(Duration::from_secs(10), child.wait())
+/// they see the client node gone), killing any that take longer than
+/// [`EXIT_GRACE`] and logging which. One stopped with SIGSTOP is continued
+/// first, so that it sees its link closed and ends its worker itself.
+async fn stop_children(children: &mut [Spawned], log: &LogSink) {
+    let waits = children.iter_mut().map(|spawned| async move {
+        let pid = spawned.pid.and_then(|p| i32::try_from(p).ok());
+        if let Some(pid) = pid {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGCONT,
+            );
+        }
+        if tokio::time::timeout(EXIT_GRACE, spawned.child.wait())
             .await
             .is_err()
         {
-            let _ = child.start_kill();
-            let _ = child.wait().await;
+            let _ = spawned.child.start_kill();
+            let _ = spawned.child.wait().await;
+            warn(
+                log,
+                LogLevel::Warning,
+                format!(
+                    "Server node n# {}{} did not exit within {} s of the end of services; killed with SIGKILL",
+                    spawned.rank,
+                    pid.map_or_else(String::new, |p| format!(" (PID {p})")),
+                    EXIT_GRACE.as_secs()
+                ),
+            );
         }
     });
     futures::future::join_all(waits).await;

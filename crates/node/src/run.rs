@@ -78,6 +78,13 @@ pub async fn run<T: Transport + 'static>(
     // The cluster stops when the script ends or on the signals `run` gets.
     let (stop_tx, stop_rx) = watch::channel(0u32);
     let forward = stop_tx.clone();
+    // SIGTERM, which unlike a terminal's Ctrl-C reaches `run` alone, is
+    // passed on to the script.
+    let mut terminate = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|source| RunError::Io {
+        context: "watching for SIGTERM".into(),
+        source,
+    })?;
     let mut outside = signals;
     tokio::spawn(async move {
         while outside.changed().await.is_ok() {
@@ -117,7 +124,21 @@ pub async fn run<T: Transport + 'static>(
         }
         tokio::spawn(async move {
             let result = match command.spawn() {
-                Ok(mut child) => child.wait().await,
+                Ok(mut child) => loop {
+                    tokio::select! {
+                        status = child.wait() => break status,
+                        Some(()) = terminate.recv() => {
+                            // `run` is told to stop: so is its script, which
+                            // may be waiting on anything but the cluster.
+                            if let Some(pid) = child.id().and_then(|p| i32::try_from(p).ok()) {
+                                let _ = nix::sys::signal::kill(
+                                    nix::unistd::Pid::from_raw(pid),
+                                    nix::sys::signal::Signal::SIGTERM,
+                                );
+                            }
+                        }
+                    }
+                },
                 Err(e) => Err(e),
             };
             *record.lock().expect("status") = Some(result);
