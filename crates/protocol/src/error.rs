@@ -84,6 +84,21 @@ pub enum FrameError {
         /// The most allowed for `len` bytes.
         allowed: u64,
     },
+    /// Decoding the frame could take more memory than
+    /// [`DECODE_CEILING`](crate::DECODE_CEILING), whatever its size.
+    #[error(
+        "a frame of {len} bytes could take {needed} bytes of memory once decoded, \
+         more than the ceiling of {ceiling} bytes per frame; send large collections \
+         of small values as bytes or a NumPy array, or split them"
+    )]
+    OverCeiling {
+        /// The length of the frame, or of its content encoded compactly.
+        len: u64,
+        /// The bound on what decoding it allocates.
+        needed: u64,
+        /// [`DECODE_CEILING`](crate::DECODE_CEILING).
+        ceiling: u64,
+    },
     /// The envelope carries no message.
     #[error("envelope carries no message")]
     NoBody,

@@ -30,7 +30,7 @@ use prost::Message;
 
 use crate::error::FrameError;
 use crate::pb::{Envelope, Value};
-use crate::scan::{self, DECODE_SLACK, Root};
+use crate::scan::{self, DECODE_CEILING, DECODE_SLACK, Root};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
@@ -257,6 +257,13 @@ impl Framing {
 
 /// `needed` if a message of `len` bytes may allocate that much.
 fn within_budget(needed: u64, len: usize) -> Result<u64, FrameError> {
+    if needed > DECODE_CEILING {
+        return Err(FrameError::OverCeiling {
+            len: len as u64,
+            needed,
+            ceiling: DECODE_CEILING,
+        });
+    }
     let allowed = scan::allowed(len);
     if needed > allowed {
         return Err(FrameError::TooExpansive {
@@ -372,5 +379,50 @@ mod tests {
             framing.decode_exact(&[0, 0, 0, 0]),
             Err(FrameError::NoBody)
         ));
+    }
+
+    /// A frame within the relative bound that would still take more than
+    /// the ceiling to decode: a list of 10 million one-item lists (about
+    /// 70 MiB on the wire, 128 times that at most, 4 GiB and more decoded)
+    /// is refused before anything is allocated for it, saying why.
+    #[test]
+    fn a_frame_past_the_decoding_ceiling_is_refused() {
+        use crate::pb::Value;
+        use prost::Message;
+        let one = Value::list([Value::list([Value::none()])]).encode_to_vec();
+        // `one` is the list's tag, its length, and one item (tag, length,
+        // the item); the same list with `n` items repeats the item.
+        let item = &one[2..];
+        assert_eq!(usize::from(one[1]), item.len());
+        let build = |n: usize| {
+            let mut list = vec![one[0]];
+            prost::encoding::encode_varint((item.len() * n) as u64, &mut list);
+            list.reserve(item.len() * n);
+            for _ in 0..n {
+                list.extend_from_slice(item);
+            }
+            Bytes::from(list)
+        };
+        let framing = Framing::default();
+        let small = build(1000);
+        let decoded = framing.decode_value(small.clone()).unwrap();
+        assert_eq!(decoded.encode_to_vec(), small, "the frame is well formed");
+        let big = build(10_000_000);
+        let len = big.len();
+        let needed = framing.scan_value(&big).unwrap();
+        assert!(
+            needed > DECODE_CEILING && needed <= scan::allowed(len),
+            "{needed}"
+        );
+        match framing.decode_value(big) {
+            Err(e @ FrameError::OverCeiling { .. }) => {
+                assert!(
+                    e.to_string()
+                        .contains("ceiling of 4294967296 bytes per frame"),
+                    "{e}"
+                )
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
     }
 }

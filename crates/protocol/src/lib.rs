@@ -42,7 +42,7 @@ pub use clock::WallClock;
 pub use envelope::{PROTOCOL_VERSION, check_hello, check_version};
 pub use error::{FrameError, TransportError, ValueError};
 pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX, OFFLOAD_THRESHOLD};
-pub use scan::{DECODE_EXPANSION, DECODE_SLACK, MAX_VALUE_DEPTH};
+pub use scan::{DECODE_CEILING, DECODE_EXPANSION, DECODE_SLACK, MAX_VALUE_DEPTH};
 pub use server::{
     ExecOutcome, Interruption, LAST_CHANCE, SHM_DIR_VAR, SHM_TAG_VAR, ServerAction, ServerConfig,
     ServerCore,

@@ -75,7 +75,18 @@ pub const DECODE_EXPANSION: u64 = 128;
 /// messages) and for small frames of large structs.
 pub const DECODE_SLACK: u64 = 16 * 1024;
 
-/// The most a frame of `len` bytes may make prost allocate.
+/// The most decoding any one frame may make prost allocate, whatever its
+/// size: 4 GiB. The relative bound ([`DECODE_EXPANSION`]) lets a 1 GiB
+/// frame of tiny values take 128 GiB; this one refuses such a frame
+/// ([`FrameError::OverCeiling`]) and still admits, say, a list of 30
+/// million floats (330 MiB on the wire, 2.6 GiB decoded). Bytes and NumPy
+/// arrays cost what they weigh, so a frame of them always stays under it.
+/// Frames of one connection are decoded one at a time, so this is also
+/// what decoding may hold per connection at once.
+pub const DECODE_CEILING: u64 = 4 << 30;
+
+/// The most a frame of `len` bytes may make prost allocate, before the
+/// ceiling.
 pub(crate) fn allowed(len: usize) -> u64 {
     DECODE_EXPANSION
         .saturating_mul(len as u64)
