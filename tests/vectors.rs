@@ -37,7 +37,7 @@ struct Entry {
 /// `envelope.proto` by `body_field_list_matches_the_specification`, so a
 /// variant added to the specification fails the tests until it is listed
 /// here and given a vector.
-const BODY_FIELDS: [&str; 26] = [
+const BODY_FIELDS: [&str; 28] = [
     "hello",
     "welcome",
     "error",
@@ -64,6 +64,8 @@ const BODY_FIELDS: [&str; 26] = [
     "ack",
     "id_lease_request",
     "id_lease",
+    "claim_request",
+    "claim_reply",
 ];
 
 /// The oneof field name of a body variant.
@@ -95,6 +97,8 @@ fn body_field(body: &Body) -> &'static str {
         Body::Ack(_) => "ack",
         Body::IdLeaseRequest(_) => "id_lease_request",
         Body::IdLease(_) => "id_lease",
+        Body::ClaimRequest(_) => "claim_request",
+        Body::ClaimReply(_) => "claim_reply",
     }
 }
 

@@ -32,6 +32,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "casa/node/v1/node.proto",
         "casa/node/v1/driver.proto",
         "casa/node/v1/envelope.proto",
+        "casa/node/v1/journal.proto",
     ];
     for file in &files {
         println!("cargo:rerun-if-changed={}", root.join(file).display());

@@ -10,6 +10,7 @@ pub mod connection_file;
 pub mod endpoint;
 pub mod executor;
 pub mod front_door;
+pub mod journal;
 pub mod json;
 pub mod literal;
 pub mod log;

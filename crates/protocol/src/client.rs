@@ -781,6 +781,69 @@ impl ClientCore {
         if let Err(rejection) = self.check_submission(&request) {
             return Err(self.rejected(driver, &request, &leased, rejection));
         }
+        Ok(self.accept(driver, request, leased))
+    }
+
+    /// The next id the client node would give: every id below it may have
+    /// been given out or leased (a journal records this before any id at
+    /// or above what it recorded is given, rule 34).
+    pub fn next_id(&self) -> RequestId {
+        self.next_id
+    }
+
+    /// Ids given from now on start at `first` or above, never below: a
+    /// client node started again from its journal (rule 34) continues
+    /// where the one before it may have got to.
+    pub fn continue_ids_from(&mut self, first: RequestId) {
+        self.next_id = self.next_id.max(first);
+    }
+
+    /// Queues again, with its own id, a request the client node accepted
+    /// before it restarted and had not answered (rule 34), on behalf of
+    /// `driver` until a driver claims it. `request` is its submission
+    /// narrowed to it: one target or none, no ids. Refused as a submission
+    /// would be (an unknown target, services stopped), and then not
+    /// queued.
+    pub fn resubmit(
+        &mut self,
+        driver: DriverId,
+        id: RequestId,
+        mut request: SubmitRequest,
+    ) -> Result<(), Rejection> {
+        request.ids.clear();
+        request.targets.truncate(1);
+        self.check_submission(&request)?;
+        self.used.insert(id);
+        self.next_id = self.next_id.max(id + 1);
+        self.accept(driver, request, vec![id]);
+        Ok(())
+    }
+
+    /// Deliveries for `ids` go to `driver` from now on (rule 34): a driver
+    /// that reconnected, or asks after a restart. Returns the ids still
+    /// without a final response here; the others are answered (a timeout
+    /// record, whose replacement, should it come, goes to `driver` too) or
+    /// unknown.
+    pub fn claim(&mut self, driver: DriverId, ids: &[RequestId]) -> Vec<RequestId> {
+        let mut pending = Vec::new();
+        for &id in ids {
+            if let Some(request) = self.requests.get_mut(&id) {
+                request.driver = driver;
+                if !matches!(request.phase, RequestPhase::TimedOut { .. }) {
+                    pending.push(id);
+                }
+            }
+        }
+        pending
+    }
+
+    /// Queues an accepted submission under `leased` ids, or new ones.
+    fn accept(
+        &mut self,
+        driver: DriverId,
+        request: SubmitRequest,
+        leased: Vec<RequestId>,
+    ) -> Vec<RequestId> {
         let mode = if request.command == "push" {
             CommandMode::Push
         } else {
@@ -828,7 +891,7 @@ impl ClientCore {
             self.queued += 1;
             self.queue.push_back((arrival, id));
             self.place_shared();
-            return Ok(vec![id]);
+            return vec![id];
         }
         let mut ids = Vec::with_capacity(targets.len());
         let last = targets.len() - 1;
@@ -868,7 +931,7 @@ impl ClientCore {
             }
             ids.push(id);
         }
-        Ok(ids)
+        ids
     }
 
     /// Rejects a submission for a reason found outside the core (the

@@ -78,6 +78,8 @@ impl Body {
             Body::Ack(_) => "Ack",
             Body::IdLeaseRequest(_) => "IdLeaseRequest",
             Body::IdLease(_) => "IdLease",
+            Body::ClaimRequest(_) => "ClaimRequest",
+            Body::ClaimReply(_) => "ClaimReply",
         }
     }
 }

@@ -17,13 +17,13 @@ use std::path::{Path, PathBuf};
 
 use bytes::Bytes;
 use casa_node_protocol::pb::{
-    Ack, CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandRequest, CommandResponse,
-    CommandStatus, ControlRequest, ControlResponse, DebuggingModeRequest, Envelope,
-    EnvironmentVariable, Hello, IdLease, IdLeaseRequest, LogLevel, LogLevelRequest, LogRecord,
-    LogSubscription, Parameter, PingRequest, PingResponse, ProtocolErrorCode, RejectReason,
-    RequestState, ResponseDelivery, Role, ServerStatus, StatusReply, StatusRequest, StopRequest,
-    SubmitReply, SubmitRequest, TrackReply, TrackRequest, Value, Welcome, control_request,
-    envelope::Body, submit_reply,
+    Ack, CancelReply, CancelRequest, ClaimReply, ClaimRequest, ClusterInfo, CommandMode,
+    CommandRequest, CommandResponse, CommandStatus, ControlRequest, ControlResponse,
+    DebuggingModeRequest, Envelope, EnvironmentVariable, Hello, IdLease, IdLeaseRequest, LogLevel,
+    LogLevelRequest, LogRecord, LogSubscription, Parameter, PingRequest, PingResponse,
+    ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery, Role, ServerStatus,
+    StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest, TrackReply, TrackRequest,
+    Value, Welcome, control_request, envelope::Body, submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION};
 use protox::prost_reflect::{self, DescriptorPool, DynamicMessage, Kind, ReflectMessage};
@@ -597,6 +597,34 @@ fn vectors() -> Vec<Vector> {
                 first: 4097,
                 count: 4096,
             }),
+        ),
+        vector(
+            "claim_request",
+            "A driver that reconnected asks for the final responses of requests 4097, 4098 and 77",
+            10,
+            Body::ClaimRequest(ClaimRequest {
+                ids: vec![4097, 4098, 77],
+            }),
+        ),
+        vector(
+            "claim_reply",
+            "4097 was answered (its delivery follows), 4098 is still pending, 77 is unknown",
+            10,
+            Body::ClaimReply(ClaimReply {
+                answered: vec![4097],
+                pending: vec![4098],
+                unknown: vec![77],
+            }),
+        ),
+        vector(
+            "submit_request_no_retry",
+            "A driver pushes a command that must not run twice: after a restart from the journal it fails instead of running again",
+            11,
+            Body::SubmitRequest(Box::new(SubmitRequest {
+                command: "append_to_catalogue(row)".into(),
+                no_retry: true,
+                ..SubmitRequest::default()
+            })),
         ),
         vector(
             "submit_request_pipelined",

@@ -38,7 +38,7 @@ use prost::Message;
 /// The name ([`Body::name`]) of every `Envelope` body variant, in field
 /// number order. `arb_envelope_covers_every_body_variant` in `codec.rs`
 /// checks that [`arb_envelope`] produces each of them.
-pub const BODY_NAMES: [&str; 26] = [
+pub const BODY_NAMES: [&str; 28] = [
     "Hello",
     "Welcome",
     "ProtocolError",
@@ -65,6 +65,8 @@ pub const BODY_NAMES: [&str; 26] = [
     "Ack",
     "IdLeaseRequest",
     "IdLease",
+    "ClaimRequest",
+    "ClaimReply",
 ];
 
 // ---------------------------------------------------------------------------
@@ -466,9 +468,10 @@ pub fn arb_submit_request() -> impl Strategy<Value = SubmitRequest> {
         option::of(arb_f64()),
         arb_ids(),
         any::<bool>(),
+        any::<bool>(),
     )
         .prop_map(
-            |(command, mode, parameters, targets, deadline_seconds, ids, pipelined)| {
+            |(command, mode, parameters, targets, deadline_seconds, ids, pipelined, no_retry)| {
                 SubmitRequest {
                     command,
                     mode,
@@ -477,6 +480,7 @@ pub fn arb_submit_request() -> impl Strategy<Value = SubmitRequest> {
                     deadline_seconds,
                     ids,
                     pipelined,
+                    no_retry,
                 }
             },
         )
@@ -765,6 +769,22 @@ pub fn arb_body() -> impl Strategy<Value = Body> {
             .boxed(),
         (any::<u64>(), any::<u32>())
             .prop_map(|(first, count)| Body::IdLease(IdLease { first, count }))
+            .boxed(),
+        vec(any::<u64>(), 0..4)
+            .prop_map(|ids| Body::ClaimRequest(pb::ClaimRequest { ids }))
+            .boxed(),
+        (
+            vec(any::<u64>(), 0..4),
+            vec(any::<u64>(), 0..4),
+            vec(any::<u64>(), 0..4),
+        )
+            .prop_map(|(answered, pending, unknown)| {
+                Body::ClaimReply(pb::ClaimReply {
+                    answered,
+                    pending,
+                    unknown,
+                })
+            })
             .boxed(),
     ])
 }
