@@ -9,18 +9,20 @@ use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    Ack, CommandMode, Envelope, LogLevel, LogRecord, ProtocolErrorCode, RejectReason, Role,
-    SubmitReply, SubmitRequest, Welcome, submit_reply,
+    Ack, ClaimReply, CommandMode, CommandResponse, CommandStatus, Envelope, LogLevel, LogRecord,
+    ProtocolErrorCode, RejectReason, ResponseDelivery, Role, SubmitReply, SubmitRequest, Welcome,
+    submit_reply,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Rejection, SubmitError,
-    Transport, TransportError, TransportEvent, WallClock, check_hello, check_version,
+    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Rejection, RequestId,
+    SubmitError, Transport, TransportError, TransportEvent, WallClock, check_hello, check_version,
 };
 use futures::FutureExt;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::front_door::{DriverEvent, FrontDoor};
+use crate::journal::{Journal, Recovered};
 use crate::log::LogSink;
 use crate::shm;
 use crate::syntax::SyntaxChecker;
@@ -117,6 +119,11 @@ async fn check_submissions(
     }
 }
 
+/// Whom requests queued again from the journal belong to until a driver
+/// claims them (rule 34): no connection (the front door numbers its
+/// connections from 1).
+const RECOVERED: DriverId = DriverId(0);
+
 /// Settings of the client node's loop.
 pub struct ClientNodeConfig {
     /// The core's settings.
@@ -133,6 +140,8 @@ pub struct ClientNodeConfig {
     pub max_frame: usize,
     /// The cluster's shared-memory directory, when shared memory is on.
     pub shared: Option<SharedConfig>,
+    /// The journal (rule 34), opened, and what it held.
+    pub journal: Option<(Journal, Recovered)>,
 }
 
 /// The cluster's shared-memory directory as the client node uses it.
@@ -201,7 +210,14 @@ pub async fn run<T: Transport>(
         shared_ranks: HashSet::new(),
         request_files: HashMap::new(),
         renamed: HashMap::new(),
+        claimed: Vec::new(),
+        journal: None,
+        recovered: None,
     };
+    if let Some((journal, recovered)) = config.journal.take() {
+        node.journal = Some(journal);
+        node.recovered = Some(recovered);
+    }
     let now = Instant::now();
     for rank in transport.peers() {
         if rank != 0 {
@@ -217,6 +233,9 @@ pub async fn run<T: Transport>(
     let mut serving = None;
     let result = loop {
         if ready.is_some() && node.ready {
+            // What the journal held is queued again before any driver is
+            // let in.
+            node.recover();
             if let Some(door) = front_door.take() {
                 serving = Some(door.serve(driver_tx.clone()));
             }
@@ -307,6 +326,13 @@ struct Node<'a> {
     /// parameters' files have for them (from, to), applied when each is
     /// sent.
     renamed: HashMap<u64, Vec<(String, String)>>,
+    /// Deliveries a claim found answered, sent after the claim's reply.
+    claimed: Vec<(DriverId, Envelope)>,
+    /// The journal (rule 34): what is accepted and answered is written
+    /// there before acknowledgements and deliveries go out.
+    journal: Option<Journal>,
+    /// What the journal held, until it is queued again.
+    recovered: Option<Recovered>,
 }
 
 impl Node<'_> {
@@ -387,6 +413,9 @@ impl Node<'_> {
                     driver,
                     mut delivery,
                 } => {
+                    if let Some(response) = &delivery.response {
+                        self.journal_write(|journal| journal.answered(response));
+                    }
                     self.release_files(&mut delivery, driver);
                     if self.drivers.contains_key(&driver) {
                         let envelope = Envelope::new(Body::ResponseDelivery(delivery));
@@ -562,6 +591,9 @@ impl Node<'_> {
     fn reply(&mut self, driver: DriverId, correlation: u64, reply: Body, close: bool) {
         if let Some(d) = self.drivers.get(&driver) {
             let _ = d.outbox.send(Envelope::correlated(correlation, reply));
+            for (_, delivery) in self.claimed.extract_if(.., |(to, _)| *to == driver) {
+                let _ = d.outbox.send(delivery);
+            }
         }
         if close {
             // Dropping the outbox closes the connection once the
@@ -612,7 +644,11 @@ impl Node<'_> {
         let now = Instant::now();
         match body {
             Body::IdLeaseRequest(request) => match self.core.lease(driver, request.count) {
-                Ok(lease) => Body::IdLease(lease),
+                Ok(lease) => {
+                    let next = self.core.next_id();
+                    self.journal_write(|journal| journal.reserve(next));
+                    Body::IdLease(lease)
+                }
                 Err(e) => error_body(ProtocolErrorCode::UnexpectedMessage, e.to_string()),
             },
             Body::StatusRequest(request) => match self.core.status(request.server) {
@@ -620,6 +656,7 @@ impl Node<'_> {
                 Err(e) => error_body(ProtocolErrorCode::UnknownRank, e.to_string()),
             },
             Body::TrackRequest(request) => Body::TrackReply(self.core.track(&request.ids)),
+            Body::ClaimRequest(request) => Body::ClaimReply(self.claim(driver, &request.ids)),
             Body::CancelRequest(request) => Body::CancelReply(self.core.cancel(&request.ids)),
             Body::StopRequest(request) => {
                 self.core.stop(request.force);
@@ -678,6 +715,7 @@ impl Node<'_> {
             None => Vec::new(),
         };
         let pipelined = request.pipelined;
+        let journaled = self.journal.is_some().then(|| request.clone());
         let result = match error {
             None => self.core.submit(driver, request),
             Some(error) => {
@@ -690,6 +728,9 @@ impl Node<'_> {
                 Err(self.core.refuse(driver, request, rejection))
             }
         };
+        if let (Ok(ids), Some(request)) = (&result, journaled) {
+            self.journal_accepted(ids, request);
+        }
         match (&result, &self.shared) {
             (Ok(ids), Some(shared)) if !files.is_empty() => {
                 // The first request maps the driver's files; each other
@@ -738,6 +779,154 @@ impl Node<'_> {
             Err(SubmitError::Lease(e)) => error_body(ProtocolErrorCode::IdNotLeased, e.to_string()),
         };
         self.reply(driver, checked.correlation, reply, false);
+    }
+
+    /// Writes to the journal, if there is one. A journal that cannot be
+    /// written (a full or failed disk) is given up, loudly: the client
+    /// node goes on serving without it rather than refuse all work.
+    fn journal_write(&mut self, write: impl FnOnce(&mut Journal) -> std::io::Result<()>) {
+        let Some(journal) = self.journal.as_mut() else {
+            return;
+        };
+        if let Err(e) = write(journal) {
+            let message = format!(
+                "the journal {} could not be written ({e}): the client node goes on without it, and what it accepts from now on is lost if it dies",
+                journal.path().display()
+            );
+            self.journal = None;
+            self.record(LogRecord {
+                time: self.clock.epoch(Instant::now()),
+                level: LogLevel::Error.into(),
+                origin: self.origin.clone(),
+                rank: 0,
+                message,
+            });
+        }
+    }
+
+    /// Journals the requests `ids` of an accepted `request`, before the
+    /// driver is told: each with its own target.
+    fn journal_accepted(&mut self, ids: &[RequestId], mut request: SubmitRequest) {
+        let next = self.core.next_id();
+        let targets = std::mem::take(&mut request.targets);
+        request.ids.clear();
+        request.pipelined = false;
+        self.journal_write(|journal| {
+            journal.reserve(next)?;
+            for (n, &id) in ids.iter().enumerate() {
+                let mut one = request.clone();
+                one.targets = targets.get(n).copied().into_iter().collect();
+                journal.accepted(id, one)?;
+            }
+            Ok(())
+        });
+    }
+
+    /// Deliveries of `ids` go to `driver` from now on (rule 34): those
+    /// answered (kept in the journal) right after the reply, the others
+    /// when they are answered.
+    fn claim(&mut self, driver: DriverId, ids: &[RequestId]) -> ClaimReply {
+        let pending: HashSet<RequestId> = self.core.claim(driver, ids).into_iter().collect();
+        let mut reply = ClaimReply::default();
+        for &id in ids {
+            if pending.contains(&id) {
+                reply.pending.push(id);
+                continue;
+            }
+            match self.journal.as_ref().and_then(|j| j.response(id)) {
+                Some(response) => {
+                    reply.answered.push(id);
+                    let delivery = ResponseDelivery {
+                        response: Some(response.clone()),
+                        replaces_timeout: false,
+                        rejected: None,
+                    };
+                    let envelope =
+                        self.deliverable(Envelope::new(Body::ResponseDelivery(Box::new(delivery))));
+                    self.claimed.push((driver, envelope));
+                }
+                None => reply.unknown.push(id),
+            }
+        }
+        reply
+    }
+
+    /// Queues again what the journal held (rule 34): requests accepted and
+    /// not answered run again, but those submitted with `no_retry`, which
+    /// end with a failure naming the restart; ids go on from where the
+    /// last client node may have got to.
+    fn recover(&mut self) {
+        let Some(recovered) = self.recovered.take() else {
+            return;
+        };
+        let Some(path) = self
+            .journal
+            .as_ref()
+            .map(|j| j.path().display().to_string())
+        else {
+            return;
+        };
+        if recovered.dropped_bytes > 0 {
+            self.warn(&format!(
+                "journal {path}: {} bytes after the last whole record dropped (the client node before this one died while writing)",
+                recovered.dropped_bytes
+            ));
+        }
+        self.core.continue_ids_from(recovered.next_id);
+        let (mut again, mut not_again, mut refused) = (0, 0, 0);
+        for accepted in recovered.pending {
+            let id = accepted.id;
+            let request = accepted.request.unwrap_or_default();
+            let why = if request.no_retry {
+                not_again += 1;
+                "casa-node: the client node restarted from its journal while this request was pending; it was submitted with retry=False, so it is not run again (it may have run, in part or whole, before the restart)".to_owned()
+            } else {
+                match self.core.resubmit(RECOVERED, id, request.clone()) {
+                    Ok(()) => {
+                        again += 1;
+                        continue;
+                    }
+                    Err(rejection) => {
+                        refused += 1;
+                        format!(
+                            "casa-node: the client node restarted from its journal while this request was pending, and it could not be queued again: {}",
+                            rejection.message
+                        )
+                    }
+                }
+            };
+            let response = CommandResponse {
+                id,
+                command: request.command,
+                mode: request.mode,
+                parameters: request.parameters,
+                ret: Some(casa_node_protocol::pb::Value::none()),
+                server: 0,
+                status: CommandStatus::Cancelled.into(),
+                successful: false,
+                traceback: Some(why),
+                command_start_time: 0.0,
+                command_stop_time: 0.0,
+                worker_restarted: false,
+            };
+            self.journal_write(|journal| journal.answered(&response));
+        }
+        let message = if recovered.created {
+            format!("journal {path}: new")
+        } else {
+            format!(
+                "journal {path}: {again} requests accepted before the restart queued again, {not_again} not run again (retry=False), {refused} that could not be queued again; {} responses kept; ids go on from {}",
+                recovered.answered, recovered.next_id
+            )
+        };
+        let record = LogRecord {
+            time: self.clock.epoch(Instant::now()),
+            level: LogLevel::Info.into(),
+            origin: self.origin.clone(),
+            rank: 0,
+            message,
+        };
+        self.record(record);
     }
 
     /// Answers the first message of a connection: it must be a driver's

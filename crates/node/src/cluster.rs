@@ -20,6 +20,7 @@ use crate::client_node::{self, ClientNodeConfig, ClientNodeError, SharedConfig};
 use crate::connection_file::{ConnectionFile, ConnectionFileError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
 use crate::front_door::{FrontDoor, FrontDoorError};
+use crate::journal::{Journal, JournalError};
 use crate::log::LogSink;
 use crate::shm;
 
@@ -48,6 +49,8 @@ pub struct UpOptions {
     pub command_timeout: Option<Duration>,
     /// Requests in flight per server (rule 12).
     pub prefetch: usize,
+    /// The client node's journal (rule 34), if any.
+    pub journal: Option<PathBuf>,
     /// The unified log file (rule 31).
     pub log_file: PathBuf,
     /// Lowest level logged.
@@ -95,6 +98,9 @@ pub enum UpError {
     /// Not every server started in time.
     #[error("the servers did not all start within {0:?}; see the log for why")]
     StartTimeout(Duration),
+    /// The journal cannot be used.
+    #[error(transparent)]
+    Journal(#[from] JournalError),
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpError {
@@ -199,6 +205,9 @@ pub async fn serve<T: Transport + 'static>(
     spawn: bool,
 ) -> Result<(), UpError> {
     let host = crate::hostname();
+    // First: a journal in use by another client node, or unusable, ends
+    // this one before it opens anything.
+    let journal = options.journal.as_deref().map(Journal::open).transpose()?;
     let front = options
         .endpoint
         .clone()
@@ -234,7 +243,9 @@ pub async fn serve<T: Transport + 'static>(
         ),
     });
     // Removed, with everything in it, when the client node's loop ends.
-    let shared_dir = shm::enabled()
+    // With a journal, values travel inline, so that the journal holds them
+    // (a file in shared memory would not outlive the client node).
+    let shared_dir = (shm::enabled() && journal.is_none())
         .then(|| match shm::SharedDir::create() {
             Ok(dir) => Some(dir),
             Err(e) => {
@@ -279,6 +290,7 @@ pub async fn serve<T: Transport + 'static>(
         python: Some(options.python.clone()),
         max_frame: framing.max_frame(),
         shared,
+        journal,
     };
     let (ready_tx, mut ready_rx) = oneshot::channel();
     let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));

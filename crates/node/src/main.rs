@@ -158,6 +158,13 @@ struct UpArgs {
     /// Default deadline of a command, in seconds (none unless set).
     #[arg(long, env = "CASA_NODE_COMMAND_TIMEOUT", value_parser = positive_seconds)]
     command_timeout: Option<f64>,
+    /// Journal what the client node accepts and answers in this file, and
+    /// start from it: a client node started again with the same journal
+    /// (after a crash, a SIGKILL, a reboot) runs again the requests it had
+    /// accepted and not answered, keeps the responses it gave, and gives
+    /// ids on from where it got to (rule 34).
+    #[arg(long, env = "CASA_NODE_JOURNAL")]
+    journal: Option<PathBuf>,
     /// Commands in flight per server: the one it runs and those sent ahead
     /// to wait there while every server is busy, so that it starts the
     /// next without waiting for the client node. 1 sends each server one
@@ -497,6 +504,7 @@ async fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions,
         timeout: Duration::from_secs_f64(args.timeout),
         command_timeout: args.command_timeout.map(Duration::from_secs_f64),
         prefetch: args.prefetch.into(),
+        journal: args.journal,
         log_file: args.log_file,
         log_level: args.log_level.into(),
         log_terminal: args.log_terminal,

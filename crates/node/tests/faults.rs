@@ -39,9 +39,9 @@ use bytes::Bytes;
 use casa_node_conformance::process::{self, ChildGuard, ProcessSet, children};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    CancelReply, CancelRequest, CommandStatus, Envelope, Hello, Parameter, RejectReason, Role,
-    StatusReply, StatusRequest, StopRequest, SubmitRequest, TrackReply, TrackRequest, Value,
-    submit_reply,
+    CancelReply, CancelRequest, ClaimReply, ClaimRequest, CommandStatus, Envelope, Hello,
+    Parameter, RejectReason, Role, StatusReply, StatusRequest, StopRequest, SubmitRequest,
+    TrackReply, TrackRequest, Value, submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
 use nix::sys::signal::{Signal, kill};
@@ -145,6 +145,11 @@ impl Cluster {
     /// `servers` server nodes with a heartbeat of 0.2 s and a timeout of
     /// 3 s, as the end-to-end tests use.
     fn start(servers: usize) -> Cluster {
+        Cluster::start_with(servers, &[])
+    }
+
+    /// As [`start`](Self::start), with more options for `up`.
+    fn start_with(servers: usize, extra: &[&str]) -> Cluster {
         let dir = std::env::temp_dir().join(format!(
             "casa-node-faults-{}-{}",
             std::process::id(),
@@ -168,6 +173,7 @@ impl Cluster {
             .args(["--endpoint", &format!("unix://{}", socket.display())])
             .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
             .args(["--heartbeat", "0.2", "--timeout", "3"])
+            .args(extra)
             .env("XDG_RUNTIME_DIR", &dir)
             .current_dir(&dir)
             .stdin(Stdio::null())
@@ -504,6 +510,14 @@ impl Driver {
         match self.call(Body::StatusRequest(StatusRequest { server: None })) {
             Ok(Body::StatusReply(reply)) => *reply,
             other => panic!("expected StatusReply, got {other:?}"),
+        }
+    }
+
+    /// Claims the final responses of `ids` (rule 34).
+    fn claim(&self, ids: &[RequestId]) -> ClaimReply {
+        match self.call(Body::ClaimRequest(ClaimRequest { ids: ids.to_vec() })) {
+            Ok(Body::ClaimReply(reply)) => reply,
+            other => panic!("expected ClaimReply, got {other:?}"),
         }
     }
 
@@ -1596,6 +1610,110 @@ fn the_client_node_killed() {
         started,
         &note,
     );
+}
+
+/// Rule 34: the client node, run with a journal, SIGKILLed while commands
+/// run (over MPI, rank 0 of the job), then started again with the same
+/// journal. Every request acknowledged before the kill is known to the new
+/// client node and ends with exactly one final response, claimed by a new
+/// driver: the one given before the kill, or, for those unanswered then,
+/// the one they get when run again. Ids go on above every id given before.
+#[test]
+fn the_client_node_killed_and_restarted_with_its_journal() {
+    let name = "the_client_node_killed_and_restarted_with_its_journal";
+    let (seed, started) = begin(name);
+    let keep = std::env::temp_dir().join(format!(
+        "casa-node-faults-journal-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&keep).unwrap();
+    let journal = keep.join("journal");
+    let options = ["--journal", journal.to_str().unwrap()];
+    let mut cluster = Cluster::start_with(3, &options);
+    let driver = cluster.driver();
+    let client_node = cluster.client_node;
+    let killed = Arc::new(AtomicBool::new(false));
+    let injector = {
+        let killed = killed.clone();
+        let target = Target::of(&cluster);
+        Injector::start(seed, 2000..6000, move |_, _| {
+            if killed.swap(true, Ordering::Relaxed) {
+                return 0;
+            }
+            target.procs.note_tree(target.root);
+            kill(client_node, Signal::SIGKILL).expect("the client node is there to kill");
+            1
+        })
+    };
+    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks(), Mix::ORDINARY);
+    stream.run(5000, || cluster.note_tree());
+    let faults = injector.finish();
+    assert!(
+        !stream.open,
+        "the stream ended before the client node was killed"
+    );
+    assert!(driver.wait_closed(EXIT_BOUND), "the front door stayed open");
+    assert!(
+        cluster.up.wait_timeout(EXIT_BOUND).is_some(),
+        "the cluster's launcher outlived its client node by {EXIT_BOUND:?}\n{}",
+        cluster.diagnostics()
+    );
+    cluster.check_nothing_left();
+    let before = driver.deliveries();
+    let mut ledger = std::mem::take(&mut stream.ledger);
+    drop(stream);
+    drop(driver);
+    drop(cluster);
+
+    let restarting = Instant::now();
+    let mut cluster = Cluster::start_with(3, &options);
+    let driver = cluster.driver();
+    let restart = restarting.elapsed();
+    let ids: Vec<RequestId> = ledger.accepted.keys().copied().collect();
+    let claim = driver.claim(&ids);
+    assert!(
+        claim.unknown.is_empty(),
+        "acknowledged requests the journal lost: {:?}\n{}",
+        claim.unknown,
+        cluster.diagnostics()
+    );
+    driver.wait(&ids, HANG).expect("the client node is up");
+    // What came before the kill stands: a final response given then is
+    // the one given now (a timeout record may have been replaced since).
+    for (id, list) in &before {
+        let Some(first) = list.iter().find(|d| !d.replaces_timeout) else {
+            continue;
+        };
+        let now = driver.final_of(*id).expect("waited for");
+        if first.status != CommandStatus::Timeout {
+            assert_eq!(
+                (now.status, now.successful, &now.ret),
+                (first.status, first.successful, &first.ret),
+                "request {id}: answered otherwise after the restart"
+            );
+        }
+    }
+    let newest = ids.iter().max().copied().unwrap_or(0);
+    check_serves(&driver, &mut ledger);
+    assert!(
+        ledger.accepted.keys().max().copied().unwrap_or(0) > newest,
+        "an id was given again after the restart"
+    );
+    let outcomes = check_responses(&ledger, &driver, false);
+    cluster.stop(&driver);
+    assert!(driver.wait_closed(HANG), "the front door stayed open");
+    drop(driver);
+    drop(cluster);
+    let _ = std::fs::remove_dir_all(&keep);
+    let note = format!(
+        " ({} answered before the kill and given again from the journal, {} run again after it; \
+         the new client node served {:.1} s after it was started)",
+        claim.answered.len(),
+        claim.pending.len(),
+        restart.as_secs_f64()
+    );
+    summary(name, seed, &ledger, faults, &outcomes, started, &note);
 }
 
 /// Rules 20, 30: the client node stopped (SIGSTOP) for 3 s and then 8 s,
