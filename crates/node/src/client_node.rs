@@ -591,8 +591,12 @@ impl Node<'_> {
     fn reply(&mut self, driver: DriverId, correlation: u64, reply: Body, close: bool) {
         if let Some(d) = self.drivers.get(&driver) {
             let _ = d.outbox.send(Envelope::correlated(correlation, reply));
-            for (_, delivery) in self.claimed.extract_if(.., |(to, _)| *to == driver) {
-                let _ = d.outbox.send(delivery);
+            // A claim's reply is sent as soon as it is made: what it found
+            // answered is this driver's.
+            for (to, delivery) in std::mem::take(&mut self.claimed) {
+                if to == driver {
+                    let _ = d.outbox.send(delivery);
+                }
             }
         }
         if close {
