@@ -195,22 +195,50 @@ class Client:
             raise UnexpectedReply(f"expected {kind}, got {name or 'nothing'}")
         return message
 
-    def submit(self, command, target=None, parameters=None, deadline=None, mode=None):
+    def submit(self, command, target=None, parameters=None, deadline=None, mode=None, retry=True):
         """Pushes `command` (rule 1). `target`: None for the first available
         server, a rank, or a list of ranks (one request each, in order).
         `parameters`: a dict of names bound in the server's globals.
         `deadline`: seconds the command may run. `mode`: "eval", "exec",
-        "push" or None to let the server decide (rule 2).
+        "push" or None to let the server decide (rule 2). `retry=False`:
+        should the client node restart from its journal before answering,
+        the request is not run again but fails naming the restart (rule
+        33), for commands that must not run twice.
 
         Returns a Future (or, for a list target, a list of Futures) resolving
         to the response dict; each Future's `id` is its request id. It
         returns at once, without waiting for the client node: a refused
         submission (rule 14) sets SubmissionRejected on its Futures."""
         many, buffers, size = _submit_request(
-            command, target, parameters, deadline, mode, self.connection.shared
+            command, target, parameters, deadline, mode, self.connection.shared, retry
         )
         futures = [self._future(rid) for rid in self._push(many, target, buffers, size)]
         return futures if many else futures[0]
+
+    def claim(self, items):
+        """Futures for requests whoever submitted them (rule 33): after this
+        driver lost its connection, or the client node restarted from its
+        journal. Each resolves to the response dict, at once for a request
+        already answered, when it is answered for one still pending. Raises
+        UnknownRequest naming the ids the client node does not know (never
+        given, or answered and not kept: responses are kept with
+        --journal)."""
+        ids = _ids(items)
+        reply = self._expect(
+            self.connection.request(claim_request=driver_pb2.ClaimRequest(ids=ids)), "claim_reply"
+        )
+        if reply.unknown:
+            raise UnknownRequest(
+                "the client node knows no request with id " + ", ".join(str(i) for i in reply.unknown)
+            )
+        with self._lock:
+            self._known.update(ids)
+        return [self._future(rid) for rid in ids]
+
+    def result(self, request_id, timeout=None):
+        """The response dict of request `request_id`, whoever submitted it
+        (see claim), waited for up to `timeout` seconds."""
+        return self.claim([request_id])[0].result(timeout)
 
     def _push(self, many, target, buffers, size):
         """Sends a serialized submission and returns its ids, now known:
@@ -315,7 +343,7 @@ class Client:
         latch.wait(timeout)
         return [self.response(rid) for rid in ids]
 
-    def map(self, command, parameter_sets, target=None, deadline=None, mode=None, timeout=None):
+    def map(self, command, parameter_sets, target=None, deadline=None, mode=None, timeout=None, retry=True):
         """Submits `command` once per parameters dict in `parameter_sets`
         (all at once, spread over the servers unless `target` names one),
         then yields the response dicts in the order of `parameter_sets`.
@@ -323,12 +351,12 @@ class Client:
         when it passes first. All submissions are sent before anything is
         yielded, without waiting for any reply; a rejected one raises
         SubmissionRejected when its result is reached, and the others
-        still run."""
+        still run. `retry` is as for submit."""
         if isinstance(target, (list, tuple, range)):
             raise ValueError("map takes one target rank or None, not a list")
         submitted = []
         for p in parameter_sets:
-            _, buffers, size = _submit_request(command, target, p, deadline, mode, self.connection.shared)
+            _, buffers, size = _submit_request(command, target, p, deadline, mode, self.connection.shared, retry)
             submitted.append(self._future(self._push(False, target, buffers, size)[0]))
         end = None if timeout is None else time.monotonic() + timeout
 
@@ -339,13 +367,15 @@ class Client:
 
         return results()
 
-    def broadcast(self, command, parameters=None, deadline=None, mode=None):
+    def broadcast(self, command, parameters=None, deadline=None, mode=None, retry=True):
         """Submits `command` to every server that is online and not timed out,
         one request each, in rank order. Returns their Futures."""
         ranks = [r for r, s in sorted(self.status().items()) if s["online"] and not s["timeout"]]
         if not ranks:
             raise CasaNodeError("no server is online to broadcast to")
-        return self.submit(command, target=ranks, parameters=parameters, deadline=deadline, mode=mode)
+        return self.submit(
+            command, target=ranks, parameters=parameters, deadline=deadline, mode=mode, retry=retry
+        )
 
     @staticmethod
     def as_completed(items, timeout=None):
@@ -524,7 +554,7 @@ class LogStream:
 _SUBMIT = body_tag("submit_request")
 
 
-def _submit_request(command, target, parameters, deadline, mode, shared=None):
+def _submit_request(command, target, parameters, deadline, mode, shared=None, retry=True):
     """(many, buffers, size): whether `target` is a list, and the serialized
     SubmitRequest (the bytes protobuf makes), its large parameter values as
     buffers of their own (see values.parameter_buffers), or, with `shared`
@@ -559,6 +589,8 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None):
             driver_pb2.SubmitRequest(targets=targets)
     if deadline is not None:
         tail += b"\x29" + _DOUBLE.pack(float(deadline))
+    if not retry:
+        tail += b"\x40\x01"  # no_retry = true (field 8)
     if tail:
         buffers.append(tail)
         size += len(tail)

@@ -9,10 +9,10 @@ use std::time::Duration;
 use bytes::Bytes;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandResponse, DebuggingModeRequest,
-    Envelope, Hello, IdLeaseRequest, LogLevel, LogLevelRequest, LogRecord, LogSubscription,
-    Parameter, ProtocolError, RejectReason, Role, StatusReply, StatusRequest, StopRequest,
-    SubmitRequest, TrackReply, TrackRequest, submit_reply,
+    CancelReply, CancelRequest, ClaimReply, ClaimRequest, ClusterInfo, CommandMode,
+    CommandResponse, DebuggingModeRequest, Envelope, Hello, IdLeaseRequest, LogLevel,
+    LogLevelRequest, LogRecord, LogSubscription, Parameter, ProtocolError, RejectReason, Role,
+    StatusReply, StatusRequest, StopRequest, SubmitRequest, TrackReply, TrackRequest, submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
 use futures::{SinkExt, StreamExt};
@@ -145,6 +145,12 @@ pub enum ClientError {
         /// The reason, for people.
         message: String,
     },
+    /// Claimed ids the client node does not know (rule 33).
+    #[error(
+        "the client node knows no request with id {}: never given, or answered and no longer kept (a client node keeps responses with --journal)",
+        .0.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
+    )]
+    UnknownIds(Vec<RequestId>),
     /// The client node reported an error.
     #[error("the client node says: {0}")]
     Refused(String),
@@ -205,6 +211,14 @@ impl Submit {
     /// Interrupts the command if it runs longer than `deadline` (rule 24).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.request.deadline_seconds = Some(deadline.as_secs_f64());
+        self
+    }
+
+    /// Not run again after the client node restarts from its journal with
+    /// the request unfinished: it ends with a failure naming the restart
+    /// instead (rule 33). For commands that must not run twice.
+    pub fn no_retry(mut self) -> Self {
+        self.request.no_retry = true;
         self
     }
 }
@@ -602,6 +616,20 @@ impl Client {
         }
     }
 
+    /// Claims the final responses of `ids`, whoever submitted them (rule
+    /// 33): those answered arrive at once, the pending ones when answered,
+    /// and [`wait`](Self::wait) returns them. The reply names the ids the
+    /// client node does not know.
+    pub async fn claim(&self, ids: &[RequestId]) -> Result<ClaimReply, ClientError> {
+        match self
+            .request(Body::ClaimRequest(ClaimRequest { ids: ids.to_vec() }))
+            .await?
+        {
+            Body::ClaimReply(reply) => Ok(reply),
+            other => Err(unexpected(other)),
+        }
+    }
+
     /// Where requests stand: queued, sent to which server, or done.
     pub async fn track(&self, ids: &[RequestId]) -> Result<TrackReply, ClientError> {
         match self
@@ -795,6 +823,11 @@ impl BlockingClient {
     /// See [`Client::poll`].
     pub fn poll(&self, ids: &[RequestId]) -> Result<Vec<CommandResponse>, ClientError> {
         self.inner.poll(ids)
+    }
+
+    /// See [`Client::claim`].
+    pub fn claim(&self, ids: &[RequestId]) -> Result<ClaimReply, ClientError> {
+        self.runtime.block_on(self.inner.claim(ids))
     }
 
     /// See [`Client::track`].

@@ -120,7 +120,7 @@ async fn check_submissions(
 }
 
 /// Whom requests queued again from the journal belong to until a driver
-/// claims them (rule 34): no connection (the front door numbers its
+/// claims them (rule 33): no connection (the front door numbers its
 /// connections from 1).
 const RECOVERED: DriverId = DriverId(0);
 
@@ -140,7 +140,7 @@ pub struct ClientNodeConfig {
     pub max_frame: usize,
     /// The cluster's shared-memory directory, when shared memory is on.
     pub shared: Option<SharedConfig>,
-    /// The journal (rule 34), opened, and what it held.
+    /// The journal (rule 33), opened, and what it held.
     pub journal: Option<(Journal, Recovered)>,
 }
 
@@ -328,7 +328,7 @@ struct Node<'a> {
     renamed: HashMap<u64, Vec<(String, String)>>,
     /// Deliveries a claim found answered, sent after the claim's reply.
     claimed: Vec<(DriverId, Envelope)>,
-    /// The journal (rule 34): what is accepted and answered is written
+    /// The journal (rule 33): what is accepted and answered is written
     /// there before acknowledgements and deliveries go out.
     journal: Option<Journal>,
     /// What the journal held, until it is queued again.
@@ -826,7 +826,7 @@ impl Node<'_> {
         });
     }
 
-    /// Deliveries of `ids` go to `driver` from now on (rule 34): those
+    /// Deliveries of `ids` go to `driver` from now on (rule 33): those
     /// answered (kept in the journal) right after the reply, the others
     /// when they are answered.
     fn claim(&mut self, driver: DriverId, ids: &[RequestId]) -> ClaimReply {
@@ -855,7 +855,7 @@ impl Node<'_> {
         reply
     }
 
-    /// Queues again what the journal held (rule 34): requests accepted and
+    /// Queues again what the journal held (rule 33): requests accepted and
     /// not answered run again, but those submitted with `no_retry`, which
     /// end with a failure naming the restart; ids go on from where the
     /// last client node may have got to.

@@ -49,7 +49,7 @@ pub struct UpOptions {
     pub command_timeout: Option<Duration>,
     /// Requests in flight per server (rule 12).
     pub prefetch: usize,
-    /// The client node's journal (rule 34), if any.
+    /// The client node's journal (rule 33), if any.
     pub journal: Option<PathBuf>,
     /// The unified log file (rule 31).
     pub log_file: PathBuf,

@@ -1,9 +1,9 @@
-//! The driver commands of the CLI: `submit`, `status`, `stop`. Each
+//! The driver commands of the CLI: `submit`, `get`, `status`, `stop`. Each
 //! connects to the front door with the [`Client`], does one thing, and
 //! prints for people or for scripts.
 
-use casa_node_protocol::Rank;
 use casa_node_protocol::pb::{ServerStatus, StatusReply};
+use casa_node_protocol::{Rank, RequestId};
 use std::io::Write;
 
 use crate::client::{Client, ClientError, Submit, Target};
@@ -50,6 +50,46 @@ pub async fn submit(
             outcome = Outcome::Failed;
         }
         let _ = writeln!(out, "{}", json::response(response));
+    }
+    Ok(outcome)
+}
+
+/// `casa-node get`: the response records of `ids`, whoever submitted them
+/// (rule 33), one JSON line each in id order. With `wait`, pending ones
+/// are waited for; without, each is a line `{"id": N, "status":
+/// "pending"}`, and the exit status says not all succeeded.
+pub async fn get(target: &Target, ids: &[RequestId], wait: bool) -> Result<Outcome, ClientError> {
+    let client = Client::connect_to(target).await?;
+    let reply = client.claim(ids).await?;
+    if !reply.unknown.is_empty() {
+        return Err(ClientError::UnknownIds(reply.unknown));
+    }
+    let wanted = if wait { ids } else { &reply.answered[..] };
+    let responses = client.wait(wanted).await?;
+    let mut outcome = Outcome::Success;
+    let mut lines: Vec<(RequestId, String)> = responses
+        .iter()
+        .map(|response| {
+            if !response.successful {
+                outcome = Outcome::Failed;
+            }
+            (response.id, json::response(response).to_string())
+        })
+        .collect();
+    if !wait {
+        for &id in &reply.pending {
+            outcome = Outcome::Failed;
+            lines.push((
+                id,
+                serde_json::json!({"id": id, "status": "pending"}).to_string(),
+            ));
+        }
+    }
+    lines.sort_by_key(|(id, _)| *id);
+    lines.dedup_by_key(|(id, _)| *id);
+    let mut out = std::io::stdout().lock();
+    for (_, line) in lines {
+        let _ = writeln!(out, "{line}");
     }
     Ok(outcome)
 }

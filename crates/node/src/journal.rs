@@ -1,4 +1,4 @@
-//! The client node's journal (`--journal PATH`, rule 34): an append-only
+//! The client node's journal (`--journal PATH`, rule 33): an append-only
 //! file of what the client node accepted and answered, so that a client
 //! node started again with the same file loses no acknowledged request.
 //!

@@ -60,6 +60,10 @@ enum Command {
     Up(UpArgs),
     /// Push a command; print each response record as one JSON line.
     Submit(SubmitArgs),
+    /// Print the response records of requests, whoever submitted them, as
+    /// JSON lines: a driver that lost its connection, or a client node
+    /// restarted from its journal.
+    Get(GetArgs),
     /// Print the server table.
     Status(StatusArgs),
     /// Stop services: servers finish their commands (or, forced, are
@@ -162,7 +166,7 @@ struct UpArgs {
     /// start from it: a client node started again with the same journal
     /// (after a crash, a SIGKILL, a reboot) runs again the requests it had
     /// accepted and not answered, keeps the responses it gave, and gives
-    /// ids on from where it got to (rule 34).
+    /// ids on from where it got to (rule 33).
     #[arg(long, env = "CASA_NODE_JOURNAL")]
     journal: Option<PathBuf>,
     /// Commands in flight per server: the one it runs and those sent ahead
@@ -231,8 +235,25 @@ struct SubmitArgs {
     /// Interrupt the command if it runs longer than this many seconds.
     #[arg(long, value_parser = positive_seconds)]
     timeout: Option<f64>,
+    /// Do not run the command again if the client node restarts from its
+    /// journal before it is answered: it fails, naming the restart.
+    #[arg(long)]
+    no_retry: bool,
     /// The Python command: an expression, statements, or "push".
     command: String,
+}
+
+#[derive(clap::Args)]
+struct GetArgs {
+    #[command(flatten)]
+    endpoint: EndpointArg,
+    /// Wait for the requests still pending (otherwise each prints as
+    /// pending).
+    #[arg(long)]
+    wait: bool,
+    /// The request ids.
+    #[arg(required = true, value_name = "ID")]
+    ids: Vec<u64>,
 }
 
 #[derive(clap::Args)]
@@ -372,11 +393,20 @@ async fn dispatch(transport: TransportKind, command: Command) -> ExitCode {
             if let Some(seconds) = args.timeout {
                 submit = submit.deadline(Duration::from_secs_f64(seconds));
             }
+            if args.no_retry {
+                submit = submit.no_retry();
+            }
             match commands::submit(&endpoint, submit, args.no_wait).await {
                 Ok(outcome) => exit(outcome),
                 Err(e) => fail(e),
             }
         }
+        Command::Get(args) => match front_door(&args.endpoint) {
+            Ok(endpoint) => commands::get(&endpoint, &args.ids, args.wait)
+                .await
+                .map_or_else(fail, exit),
+            Err(code) => code,
+        },
         Command::Status(args) => match front_door(&args.endpoint) {
             Ok(endpoint) => commands::status(&endpoint, args.server, args.json)
                 .await

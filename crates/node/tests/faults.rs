@@ -513,7 +513,7 @@ impl Driver {
         }
     }
 
-    /// Claims the final responses of `ids` (rule 34).
+    /// Claims the final responses of `ids` (rule 33).
     fn claim(&self, ids: &[RequestId]) -> ClaimReply {
         match self.call(Body::ClaimRequest(ClaimRequest { ids: ids.to_vec() })) {
             Ok(Body::ClaimReply(reply)) => reply,

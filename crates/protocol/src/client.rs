@@ -786,20 +786,20 @@ impl ClientCore {
 
     /// The next id the client node would give: every id below it may have
     /// been given out or leased (a journal records this before any id at
-    /// or above what it recorded is given, rule 34).
+    /// or above what it recorded is given, rule 33).
     pub fn next_id(&self) -> RequestId {
         self.next_id
     }
 
     /// Ids given from now on start at `first` or above, never below: a
-    /// client node started again from its journal (rule 34) continues
+    /// client node started again from its journal (rule 33) continues
     /// where the one before it may have got to.
     pub fn continue_ids_from(&mut self, first: RequestId) {
         self.next_id = self.next_id.max(first);
     }
 
     /// Queues again, with its own id, a request the client node accepted
-    /// before it restarted and had not answered (rule 34), on behalf of
+    /// before it restarted and had not answered (rule 33), on behalf of
     /// `driver` until a driver claims it. `request` is its submission
     /// narrowed to it: one target or none, no ids. Refused as a submission
     /// would be (an unknown target, services stopped), and then not
@@ -819,7 +819,7 @@ impl ClientCore {
         Ok(())
     }
 
-    /// Deliveries for `ids` go to `driver` from now on (rule 34): a driver
+    /// Deliveries for `ids` go to `driver` from now on (rule 33): a driver
     /// that reconnected, or asks after a restart. Returns the ids still
     /// without a final response here; the others are answered (a timeout
     /// record, whose replacement, should it come, goes to `driver` too) or

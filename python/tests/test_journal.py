@@ -1,0 +1,65 @@
+"""The client node's journal (rule 33): a client node SIGKILLed and started
+again with the same `--journal` gives back the responses it gave, runs
+again what was pending (but for `retry=False`), and gives ids on."""
+
+import os
+import signal
+import socket
+import struct
+
+import pytest
+
+import casanode
+import clusters
+
+
+def _client_node_pid(client):
+    """The client node's PID: the peer of the front door's unix socket
+    (under MPI, rank 0; `up` itself over ZeroMQ)."""
+    creds = client.connection._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
+    pid, _, _ = struct.unpack("3i", creds)
+    assert pid > 0 and pid != os.getpid()
+    return pid
+
+
+def test_a_client_node_restarted_from_its_journal_loses_no_request(tmp_path, transport):
+    journal = tmp_path / "journal"
+    runs = tmp_path / "runs"
+    options = ["--journal", str(journal), "--heartbeat", "0.2", "--timeout", "3"]
+    first = clusters.start(servers=2, transport=transport, options=options)
+    second = None
+    try:
+        client = casanode.connect(first.endpoint)
+        done = client.submit("6*7")
+        assert done.result(60)["ret"] == 42
+        # Pending when the client node dies: each sleeps, then says it ran.
+        command = "time.sleep(1.5) or open(path, 'a').write(word + '\\n')"
+        again = client.submit(command, target=1, parameters={"path": str(runs), "word": "again"})
+        once = client.submit(command, target=2, parameters={"path": str(runs), "word": "once"}, retry=False)
+        # The front door answers a connection's messages in order: once
+        # status is answered, both submissions were accepted (journaled).
+        client.status()
+        os.kill(_client_node_pid(client), signal.SIGKILL)
+        first.proc.wait(30)
+        client.close()
+
+        second = clusters.start(servers=2, transport=transport, options=options)
+        client = casanode.connect(second.endpoint)
+        answered = client.result(done.id, 60)
+        assert (answered["status"], answered["ret"]) == ("response received", 42)
+        ran_again = client.result(again.id, 60)
+        assert ran_again["successful"], ran_again
+        not_again = client.result(once.id, 60)
+        assert (not_again["status"], not_again["successful"]) == ("cancelled", False), not_again
+        assert "restarted from its journal" in not_again["traceback"], not_again
+        assert "retry=False" in not_again["traceback"], not_again
+        assert "again" in runs.read_text().split()
+        with pytest.raises(casanode.UnknownRequest, match="knows no request with id 987654321"):
+            client.claim([987654321])
+        # Ids go on: none is given twice.
+        assert client.submit("1").id > max(done.id, again.id, once.id)
+        client.close()
+    finally:
+        clusters.stop(first)
+        if second is not None:
+            clusters.stop(second)
