@@ -119,6 +119,12 @@ def make_figures(s):
         Figure("M1c", f"M1 RSS of the client node with {s['memory_servers']} servers (MiB)", "MiB",
                "lower", 30, "≤ 30 MiB"),
     ]
+    # Group J: T1's seed face with the client node's journal, against the
+    # same without one, in the same run.
+    for key, transport in (("", "MPI"), ("z", "ZeroMQ")):
+        figures.append(Figure(f"J1{key}", f"J1 T1 with --journal (tasks/s, {s['tasks']} tasks, seed face, "
+                              f"{transport})", "tasks/s", "higher", 0.9, "≥ 0.9×",
+                              "casa-node without a journal"))
     # Group C: one task call each, timed inside the driver script.
     for n, (task, what) in enumerate((("summary", "mode='summary'"),
                                       ("clip", f"mode='clip', clipminmax=[{s['clip_min']:g}, {s['clip_max']:g}]"),
@@ -245,6 +251,33 @@ def measure_throughput(s, figures, record):
             f.note("casa-node: share of server 1", r["per_server"].get("1", 0) / s["tasks"])
             for role, seconds in r["cpu"].items():
                 f.note(f"casa-node cores busy, {role}", seconds / r["wall"])
+
+
+def journal_throughput(s, figures, record, journal):
+    """T1's seed face on one cluster per transport, with a journal in the
+    cluster's directory or without one: J1's figure or its baseline."""
+    for transport, key in (("mpi", "J1"), ("zmq", "J1z")):
+        with tempfile.TemporaryDirectory(prefix="casacmp-journal-") as directory:
+            options = ["--journal", os.path.join(directory, "journal")] if journal else []
+            with Cluster(transport, 2, options) as cluster:
+                cluster.wait_online()
+                r = casa_side(cluster, "throughput", s["tasks"], s["task_warmup"])
+            if not record:
+                continue
+            if journal:
+                figures[key].casa.append(r["tasks_per_s"])
+                figures[key].note("journal bytes after the run", os.path.getsize(
+                    os.path.join(directory, "journal")))
+            else:
+                figures[key].peer.append(r["tasks_per_s"])
+
+
+def measure_journal(s, figures, record):
+    journal_throughput(s, figures, record, True)
+
+
+def peer_no_journal(s, figures, record):
+    journal_throughput(s, figures, record, False)
 
 
 def t_keys(figure):
@@ -395,6 +428,7 @@ PLAN = {
     "T": ((*t_keys("T1"), *t_keys("T2")), measure_throughput, [peer_pool, peer_dask]),
     "B": ((*(f"B1-{mib}" for mib in set(FULL["mibs"]) | set(QUICK["mibs"])), "B2"),
           measure_data, peer_data),
+    "J": (("J1", "J1z"), measure_journal, peer_no_journal),
     "F": (("F1",), measure_failure, None),
     "S": (("S1", "S1w"), measure_start, peer_start),
     "M": (("M1s", "M1c"), measure_memory, None),
@@ -480,7 +514,7 @@ def main():
                         help="tiny counts, to check the harness (about 30 s); without group C")
     parser.add_argument("--reps", type=int, help="measured repetitions (default 5, quick 2)")
     parser.add_argument("--only", help=f"comma-separated groups of {','.join(GROUPS)} "
-                        "(L: L1+L2, Z: L3, T: T1+T2, B: B1+B2, F: F1, S: S1, M: M1, "
+                        "(L: L1+L2, Z: L3, T: T1+T2, J: J1, B: B1+B2, F: F1, S: S1, M: M1, "
                         "C: C1+C2+C3, CASA's flagdata on a Multi-MS against casampi)")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)
