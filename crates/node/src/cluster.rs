@@ -19,7 +19,7 @@ use crate::client_node::{self, ClientNodeConfig, ClientNodeError, SharedConfig};
 use crate::connection_file::{ConnectionFile, ConnectionFileError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
 use crate::front_door::{FrontDoor, FrontDoorError};
-use crate::log::LogSink;
+use crate::log::{LogSink, Rotation};
 use crate::shm;
 
 /// Settings of `casa-node up`.
@@ -49,6 +49,8 @@ pub struct UpOptions {
     pub prefetch: usize,
     /// The unified log file (rule 31).
     pub log_file: PathBuf,
+    /// When the log file is started afresh, and how many old ones are kept.
+    pub log_rotation: Rotation,
     /// Lowest level logged.
     pub log_level: LogLevel,
     /// Echo the log on standard error too.
@@ -223,6 +225,7 @@ pub async fn serve<T: Transport + 'static>(
         Some(&options.log_file),
         options.log_terminal,
         options.log_level,
+        options.log_rotation,
     )
     .map_err(io_error(format!("log file {}", options.log_file.display())))?;
     log.write(&LogRecord {
