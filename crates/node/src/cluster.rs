@@ -21,7 +21,7 @@ use crate::connection_file::{ConnectionFile, ConnectionFileError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
 use crate::front_door::{FrontDoor, FrontDoorError};
 use crate::journal::{Journal, JournalError};
-use crate::log::LogSink;
+use crate::log::{LogSink, Rotation};
 use crate::shm;
 
 /// Settings of `casa-node up`.
@@ -53,6 +53,8 @@ pub struct UpOptions {
     pub journal: Option<PathBuf>,
     /// The unified log file (rule 31).
     pub log_file: PathBuf,
+    /// When the log file is started afresh, and how many old ones are kept.
+    pub log_rotation: Rotation,
     /// Lowest level logged.
     pub log_level: LogLevel,
     /// Echo the log on standard error too.
@@ -222,6 +224,7 @@ pub async fn serve<T: Transport + 'static>(
             Some(&options.log_file),
             options.log_terminal,
             options.log_level,
+            options.log_rotation,
         )
         .map_err(io_error(format!("log file {}", options.log_file.display())))?,
     );

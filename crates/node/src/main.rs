@@ -12,6 +12,7 @@ use casa_node::connection_file::ConnectionFile;
 use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node::front_door::FrontDoorError;
 use casa_node::literal;
+use casa_node::log::{self, Rotation};
 use casa_node::packages::{self, Unpacked};
 use casa_node::server_node::{self, ServerNodeConfig};
 use casa_node_protocol::Rank;
@@ -180,6 +181,16 @@ struct UpArgs {
     /// The unified log file.
     #[arg(long, env = "CASA_NODE_LOG_FILE", default_value = "casa-node.log")]
     log_file: PathBuf,
+    /// The most bytes the log file takes before it is renamed FILE.1 (an
+    /// older FILE.1 becoming FILE.2, and so on) and a fresh one started; K,
+    /// M and G mean KiB, MiB and GiB; 0 lets the file grow without bound.
+    #[arg(long, env = "CASA_NODE_LOG_MAX_SIZE", default_value = "100M", value_name = "SIZE",
+          value_parser = log::parse_size)]
+    log_max_size: u64,
+    /// Old log files kept (FILE.1 to FILE.N); older ones are removed.
+    #[arg(long, env = "CASA_NODE_LOG_KEEP", default_value_t = Rotation::DEFAULT_KEEP, value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..=1000))]
+    log_keep: u32,
     /// Lowest level logged.
     #[arg(long, value_enum, env = "CASA_NODE_LOG_LEVEL", default_value = "info")]
     log_level: Level,
@@ -536,6 +547,10 @@ async fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions,
         prefetch: args.prefetch.into(),
         journal: args.journal,
         log_file: args.log_file,
+        log_rotation: Rotation {
+            max_size: args.log_max_size,
+            keep: args.log_keep,
+        },
         log_level: args.log_level.into(),
         log_terminal: args.log_terminal,
         start_timeout: Duration::from_secs(120),

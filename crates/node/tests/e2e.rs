@@ -301,6 +301,10 @@ fn cli_refuses_bad_input_in_one_line() {
         &["submit", "--param", "a=flagdata", "1"],
         &["submit", "--endpoint", "http://x", "1"],
         &["up", "--heartbeat", "-1"],
+        &["up", "--log-max-size", "10X"],
+        &["run", "--log-max-size", "1.5M", "script.py"],
+        &["up", "--log-keep", "0"],
+        &["up", "--log-keep", "many"],
         &["up", "--init", "/nonexistent/init.py"],
         &["status", "--endpoint", "unix:///nonexistent/casa.sock"],
     ] {
@@ -314,6 +318,25 @@ fn cli_refuses_bad_input_in_one_line() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
         assert_eq!(err.trim().lines().count(), 1, "{args:?}: {err}");
         assert!(err.starts_with("casa-node: error: "), "{args:?}: {err}");
+    }
+    // A bad size names the option and what it takes, from the command
+    // line or the environment.
+    for (args, env) in [
+        (&["up", "--log-max-size", "10X"][..], None),
+        (&["up"][..], Some("10X")),
+    ] {
+        let out = Command::new(BIN)
+            .args(args)
+            .envs(env.map(|v| ("CASA_NODE_LOG_MAX_SIZE", v)))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            err.contains("--log-max-size") && err.contains("\"10X\" is not a size in bytes"),
+            "{err}"
+        );
     }
     let out = Command::new(BIN).arg("--version").output().unwrap();
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("casa-node "));
@@ -946,6 +969,44 @@ fn rule_31_log_level_changes_at_run_time() {
     assert!(log.contains("loud again"), "{log}");
     assert!(!log.contains("not at info"), "{log}");
     assert!(log.contains("python debug record"), "{log}");
+}
+
+#[test]
+fn rule_31_the_log_file_rotates_at_its_max_size() {
+    const MAX: usize = 2048;
+    const COMMANDS: usize = 40;
+    let mut cluster = Cluster::start(1, &["--log-max-size", "2K", "--log-keep", "2"]);
+    let c = cluster.client();
+    // Three lines of about 100 bytes each: sent, printed, handled; the
+    // whole is several times what three files hold.
+    for i in 0..COMMANDS {
+        one(&c, Submit::new(format!("print('command {i}')")));
+    }
+    c.stop(false).unwrap();
+    assert!(cluster.wait_exit().success());
+    let log = cluster.dir.join("casa-node.log");
+    let numbered = |n: usize| PathBuf::from(format!("{}.{n}", log.display()));
+    assert!(!numbered(3).exists(), "more than 2 old log files kept");
+    for path in [numbered(2), numbered(1), log] {
+        let text =
+            std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+        assert!(
+            !text.is_empty() && text.len() <= MAX,
+            "{} has {} bytes",
+            path.display(),
+            text.len()
+        );
+        assert!(text.ends_with('\n'), "{} ends mid-line", path.display());
+        for line in text.lines() {
+            assert!(
+                line.len() > 24 && line.as_bytes()[..4].iter().all(u8::is_ascii_digit),
+                "{}: a line without its time: {line:?}",
+                path.display()
+            );
+        }
+    }
+    let last = format!(":server-1 command {}\n", COMMANDS - 1);
+    assert!(cluster.log().contains(&last), "{}", cluster.log());
 }
 
 #[test]
