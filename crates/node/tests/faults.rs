@@ -1612,7 +1612,7 @@ fn the_client_node_killed() {
     );
 }
 
-/// Rule 34: the client node, run with a journal, SIGKILLed while commands
+/// Rule 33: the client node, run with a journal, SIGKILLed while commands
 /// run (over MPI, rank 0 of the job), then started again with the same
 /// journal. Every request acknowledged before the kill is known to the new
 /// client node and ends with exactly one final response, claimed by a new
@@ -1620,7 +1620,27 @@ fn the_client_node_killed() {
 /// the one they get when run again. Ids go on above every id given before.
 #[test]
 fn the_client_node_killed_and_restarted_with_its_journal() {
-    let name = "the_client_node_killed_and_restarted_with_its_journal";
+    killed_and_restarted(
+        "the_client_node_killed_and_restarted_with_its_journal",
+        false,
+    );
+}
+
+/// Rule 33: as [`the_client_node_killed_and_restarted_with_its_journal`],
+/// with the journal then cut at a random byte after the kill, as a crash
+/// mid-write (or a disk that kept only part of the last writes) leaves it.
+/// The new client node starts (the journal's own tests check that it
+/// says how many bytes it dropped) and knows every request whose record
+/// survived: the ones it does not know are the newest, and everything it
+/// knows ends with exactly one final response.
+#[test]
+fn the_journal_cut_at_a_random_byte() {
+    killed_and_restarted("the_journal_cut_at_a_random_byte", true);
+}
+
+/// The two scenarios above: a kill, a restart with the journal (cut at a
+/// random byte first when `cut`), then claims of every acknowledged id.
+fn killed_and_restarted(name: &str, cut: bool) {
     let (seed, started) = begin(name);
     let keep = std::env::temp_dir().join(format!(
         "casa-node-faults-journal-{}-{}",
@@ -1666,22 +1686,57 @@ fn the_client_node_killed_and_restarted_with_its_journal() {
     drop(driver);
     drop(cluster);
 
+    let mut dropped = 0;
+    if cut {
+        let bytes = std::fs::read(&journal).expect("the journal is there");
+        let at = rng(seed, 7).random_range(0..bytes.len() as u64) as usize;
+        // A journal cut inside its header is no journal: keep that whole.
+        let at = at.max(64.min(bytes.len()));
+        dropped = bytes.len() - at;
+        std::fs::write(&journal, &bytes[..at]).unwrap();
+    }
     let restarting = Instant::now();
     let mut cluster = Cluster::start_with(3, &options);
     let driver = cluster.driver();
     let restart = restarting.elapsed();
-    let ids: Vec<RequestId> = ledger.accepted.keys().copied().collect();
+    let mut ids: Vec<RequestId> = ledger.accepted.keys().copied().collect();
     let claim = driver.claim(&ids);
-    assert!(
-        claim.unknown.is_empty(),
-        "acknowledged requests the journal lost: {:?}\n{}",
-        claim.unknown,
-        cluster.diagnostics()
-    );
+    if cut {
+        // What the cut took are the latest records: the requests it lost
+        // are newer than every one it kept.
+        let oldest_lost = claim
+            .unknown
+            .iter()
+            .min()
+            .copied()
+            .unwrap_or(RequestId::MAX);
+        let known: Vec<RequestId> = ids
+            .iter()
+            .copied()
+            .filter(|id| !claim.unknown.contains(id))
+            .collect();
+        assert!(
+            known.iter().all(|&id| id < oldest_lost),
+            "the cut lost requests {:?} but kept later ones\n{}",
+            claim.unknown,
+            cluster.diagnostics()
+        );
+        for id in &claim.unknown {
+            ledger.accepted.remove(id);
+        }
+        ids = known;
+    } else {
+        assert!(
+            claim.unknown.is_empty(),
+            "acknowledged requests the journal lost: {:?}\n{}",
+            claim.unknown,
+            cluster.diagnostics()
+        );
+    }
     driver.wait(&ids, HANG).expect("the client node is up");
     // What came before the kill stands: a final response given then is
     // the one given now (a timeout record may have been replaced since).
-    for (id, list) in &before {
+    for (id, list) in before.iter().filter(|(id, _)| claim.answered.contains(id)) {
         let Some(first) = list.iter().find(|d| !d.replaces_timeout) else {
             continue;
         };
@@ -1706,8 +1761,16 @@ fn the_client_node_killed_and_restarted_with_its_journal() {
     drop(driver);
     drop(cluster);
     let _ = std::fs::remove_dir_all(&keep);
+    let lost = if cut {
+        format!(
+            ", {} lost with the {dropped} bytes cut",
+            claim.unknown.len()
+        )
+    } else {
+        String::new()
+    };
     let note = format!(
-        " ({} answered before the kill and given again from the journal, {} run again after it; \
+        " ({} answered before the kill and given again from the journal, {} run again after it{lost}; \
          the new client node served {:.1} s after it was started)",
         claim.answered.len(),
         claim.pending.len(),
