@@ -621,11 +621,24 @@ impl Client {
     /// and [`wait`](Self::wait) returns them. The reply names the ids the
     /// client node does not know.
     pub async fn claim(&self, ids: &[RequestId]) -> Result<ClaimReply, ClientError> {
+        // Known before the reply, which the answered ones' deliveries follow.
+        self.shared
+            .state
+            .lock()
+            .expect("client state")
+            .known
+            .extend(ids.iter().copied());
         match self
             .request(Body::ClaimRequest(ClaimRequest { ids: ids.to_vec() }))
             .await?
         {
-            Body::ClaimReply(reply) => Ok(reply),
+            Body::ClaimReply(reply) => {
+                let mut state = self.shared.state.lock().expect("client state");
+                for id in &reply.unknown {
+                    state.known.remove(id);
+                }
+                Ok(reply)
+            }
             other => Err(unexpected(other)),
         }
     }

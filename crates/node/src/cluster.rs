@@ -288,6 +288,7 @@ pub async fn serve<T: Transport + 'static>(
             start,
             expected_servers: links.servers,
             prefetch: options.prefetch,
+            journal: journal.is_some(),
         },
         log: log.clone(),
         python: Some(options.python.clone()),

@@ -5,6 +5,7 @@
 use casa_node_protocol::pb::{ServerStatus, StatusReply};
 use casa_node_protocol::{Rank, RequestId};
 use std::io::Write;
+use std::time::Duration;
 
 use crate::client::{Client, ClientError, Submit, Target};
 use crate::json;
@@ -21,12 +22,17 @@ pub enum Outcome {
 
 /// `casa-node submit`: pushes `submit`, then prints each response record
 /// as one JSON line in id order, or with `no_wait` the ids, one per line.
+/// Should the client node go away while the responses are awaited, and
+/// its cluster keep a journal (rule 33), it is looked for again through
+/// `find` for up to `patience`, and the requests claimed from the one that
+/// took its place.
 pub async fn submit(
-    target: &Target,
+    find: impl Fn() -> Result<Target, ClientError>,
     submit: Submit,
     no_wait: bool,
+    patience: Duration,
 ) -> Result<Outcome, ClientError> {
-    let client = Client::connect_to(target).await?;
+    let mut client = Client::connect_to(&find()?).await?;
     // Without the wait, the refusal must still be reported (exit 2) before
     // exiting: ask for the client node's answer.
     let ids = if no_wait {
@@ -42,7 +48,18 @@ pub async fn submit(
         return Ok(Outcome::Success);
     }
     drop(out);
-    let responses = client.wait(&ids).await?;
+    let responses = loop {
+        match client.wait(&ids).await {
+            Err(ClientError::Disconnected) if client.cluster().journal && !patience.is_zero() => {
+                client = reconnect(&find, patience).await?;
+                let reply = client.claim(&ids).await?;
+                if !reply.unknown.is_empty() {
+                    return Err(ClientError::UnknownIds(reply.unknown));
+                }
+            }
+            other => break other?,
+        }
+    };
     let mut out = std::io::stdout().lock();
     let mut outcome = Outcome::Success;
     for response in &responses {
@@ -52,6 +69,32 @@ pub async fn submit(
         let _ = writeln!(out, "{}", json::response(response));
     }
     Ok(outcome)
+}
+
+/// A client of the client node that `find` finds, tried again and again
+/// (every 200 ms, then less often, up to a second) for up to `patience`:
+/// a client node restarted from its journal takes a moment to open its
+/// front door, and records where.
+async fn reconnect(
+    find: &impl Fn() -> Result<Target, ClientError>,
+    patience: Duration,
+) -> Result<Client, ClientError> {
+    let end = tokio::time::Instant::now() + patience;
+    let mut pause = Duration::from_millis(200);
+    loop {
+        let tried = match find() {
+            Ok(target) => Client::connect_to(&target).await,
+            Err(e) => Err(e),
+        };
+        match tried {
+            Ok(client) => return Ok(client),
+            Err(e) if tokio::time::Instant::now() + pause >= end => return Err(e),
+            Err(_) => {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(Duration::from_secs(1));
+            }
+        }
+    }
 }
 
 /// `casa-node get`: the response records of `ids`, whoever submitted them

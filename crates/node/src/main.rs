@@ -250,6 +250,12 @@ struct SubmitArgs {
     /// journal before it is answered: it fails, naming the restart.
     #[arg(long)]
     no_retry: bool,
+    /// Seconds to look for the client node again should it go away while
+    /// the responses are awaited, when its cluster keeps a journal: a
+    /// client node restarted from it answers them (0: give up at once).
+    #[arg(long, env = "CASA_NODE_DRIVER_PATIENCE", default_value_t = 120.0,
+          value_parser = non_negative_seconds)]
+    patience: f64,
     /// The Python command: an expression, statements, or "push".
     command: String,
 }
@@ -320,6 +326,13 @@ struct ServerArgs {
     connection_file: Option<PathBuf>,
 }
 
+fn non_negative_seconds(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.0..1e9).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a number of seconds, 0 or more")),
+    }
+}
+
 fn positive_seconds(text: &str) -> Result<f64, String> {
     match text.parse::<f64>() {
         Ok(v) if v.is_finite() && v > 0.0 && v < 1e9 => Ok(v),
@@ -387,10 +400,11 @@ async fn dispatch(transport: TransportKind, command: Command) -> ExitCode {
     match command {
         Command::Up(args) => up(transport, args).await,
         Command::Submit(args) => {
-            let endpoint = match front_door(&args.endpoint) {
-                Ok(e) => e,
-                Err(code) => return code,
-            };
+            // Said at once (no cluster found, a bad connection file), before
+            // the command is parsed.
+            if let Err(code) = front_door(&args.endpoint) {
+                return code;
+            }
             let mut submit = Submit::new(args.command).targets(args.targets);
             for param in &args.params {
                 let Some((name, text)) = param.split_once('=') else {
@@ -407,7 +421,14 @@ async fn dispatch(transport: TransportKind, command: Command) -> ExitCode {
             if args.no_retry {
                 submit = submit.no_retry();
             }
-            match commands::submit(&endpoint, submit, args.no_wait).await {
+            let find = || {
+                Target::resolve(
+                    args.endpoint.endpoint.as_deref(),
+                    args.endpoint.connection_file.as_deref(),
+                )
+            };
+            let patience = Duration::from_secs_f64(args.patience);
+            match commands::submit(find, submit, args.no_wait, patience).await {
                 Ok(outcome) => exit(outcome),
                 Err(e) => fail(e),
             }

@@ -41,6 +41,11 @@ impl Cluster {
             std::process::id(),
             COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
         ));
+        Cluster::start_in(dir, servers, extra, env)
+    }
+
+    /// As `start_with_env`, in `dir` (its front door at `dir/front.sock`).
+    fn start_in(dir: PathBuf, servers: usize, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
         std::fs::create_dir_all(&dir).unwrap();
         let socket = dir.join("front.sock");
         let mut up = launcher(servers, &dir);
@@ -1086,6 +1091,73 @@ fn a_server_attached_with_connect_joins_and_serves() {
     c.stop(false).unwrap();
     assert!(cluster.wait_exit().success());
     assert!(wait_exit(&mut extra, WAIT).is_some_and(|s| s.success()));
+}
+
+/// Rule 33: `casa-node submit` waiting for its response when the client
+/// node dies finds the client node started again from its journal, claims
+/// its request there, and prints the response as if nothing had happened;
+/// `casa-node get` prints it again by its id.
+#[test]
+fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
+    if over_mpi() {
+        eprintln!("MPI: the fault suite restarts the job with its journal");
+        return;
+    }
+    let keep = std::env::temp_dir().join(format!("casa-node-e2e-journal-{}", std::process::id()));
+    std::fs::create_dir_all(&keep).unwrap();
+    let journal = keep.join("journal");
+    let options = ["--journal", journal.to_str().unwrap()];
+    let first = Cluster::start(1, &options);
+    let dir = first.dir.clone();
+    let mut cli = Command::new(BIN)
+        .args(["submit", "--target", "1", "time.sleep(1.5) or 7"])
+        .env("CASA_NODE_ENDPOINT", first.endpoint.to_string())
+        .env("XDG_RUNTIME_DIR", &dir)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("the CLI runs");
+    // Once server 1 runs the command, the client node dies.
+    let c = first.client();
+    let end = Instant::now() + WAIT;
+    while !c.status(Some(1)).unwrap().servers[0].busy {
+        assert!(Instant::now() < end, "the command never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    kill(Pid::from_raw(first.up.id() as i32), Signal::SIGKILL).unwrap();
+    drop(first);
+    let stdout = process::drain(cli.stdout.take().unwrap());
+    let stderr = process::drain(cli.stderr.take().unwrap());
+    let second = Cluster::start_in(dir, 1, &options, &[]);
+    let Some(status) = wait_exit(&mut cli, WAIT) else {
+        let _ = cli.kill();
+        let _ = cli.wait();
+        panic!("the CLI still waits: {}", process::collect(stderr));
+    };
+    let stderr = process::collect(stderr);
+    assert!(status.success(), "{stderr}");
+    let lines: Vec<serde_json::Value> = process::collect(stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON: {l}: {e}")))
+        .collect();
+    assert_eq!(lines.len(), 1, "{lines:?}");
+    assert_eq!(lines[0]["ret"], 7, "{lines:?}");
+    assert_eq!(lines[0]["status"], "response received", "{lines:?}");
+    // Any driver gets it again by its id, from the journal's keeping.
+    let id = lines[0]["id"].to_string();
+    let again = second.cli(&["get", &id]);
+    assert!(again.status.success(), "{again:?}");
+    assert_eq!(stdout_lines(&again), lines);
+    let unknown = second.cli(&["get", "987654"]);
+    assert_eq!(unknown.status.code(), Some(2), "{unknown:?}");
+    assert!(
+        String::from_utf8_lossy(&unknown.stderr).contains("knows no request with id 987654"),
+        "{unknown:?}"
+    );
+    drop(second);
+    let _ = std::fs::remove_dir_all(&keep);
 }
 
 /// Rule 20: a server node `up` started that dies (SIGKILL here) is reaped,

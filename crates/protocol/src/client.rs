@@ -61,6 +61,9 @@ pub struct ClientConfig {
     /// sent ahead to wait there while every server is busy. 1 sends a
     /// server its next request only once it has answered the last.
     pub prefetch: usize,
+    /// Whether the client node keeps a journal (rule 33), as drivers are
+    /// told in [`ClusterInfo`].
+    pub journal: bool,
 }
 
 impl Default for ClientConfig {
@@ -74,6 +77,7 @@ impl Default for ClientConfig {
             start: Start::default(),
             expected_servers: 0,
             prefetch: 1,
+            journal: false,
         }
     }
 }
@@ -1467,6 +1471,7 @@ impl ClientCore {
             heartbeat_seconds: self.config.heartbeat.as_secs_f64(),
             timeout_seconds: self.config.timeout.as_secs_f64(),
             debugging: self.debugging,
+            journal: self.config.journal,
         }
     }
 

@@ -74,6 +74,7 @@ fn cluster() -> ClusterInfo {
         heartbeat_seconds: 5.0,
         timeout_seconds: 60.0,
         debugging: false,
+        journal: false,
     }
 }
 

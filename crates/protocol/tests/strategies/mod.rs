@@ -587,12 +587,18 @@ pub fn arb_server_status() -> impl Strategy<Value = ServerStatus> {
 pub fn arb_cluster_info() -> impl Strategy<Value = ClusterInfo> {
     (
         (arb_string(), arb_string(), any::<i32>(), any::<i32>()),
-        (arb_ranks(), arb_plain_f64(), arb_plain_f64(), any::<bool>()),
+        (
+            arb_ranks(),
+            arb_plain_f64(),
+            arb_plain_f64(),
+            any::<bool>(),
+            any::<bool>(),
+        ),
     )
         .prop_map(
             |(
                 (transport, host, client_rank, world_size),
-                (server_ranks, heartbeat_seconds, timeout_seconds, debugging),
+                (server_ranks, heartbeat_seconds, timeout_seconds, debugging, journal),
             )| ClusterInfo {
                 transport,
                 host,
@@ -602,6 +608,7 @@ pub fn arb_cluster_info() -> impl Strategy<Value = ClusterInfo> {
                 heartbeat_seconds,
                 timeout_seconds,
                 debugging,
+                journal,
             },
         )
 }
