@@ -14,6 +14,7 @@ connection's leases.
 """
 
 import contextlib
+import os
 import queue
 import struct
 import threading
@@ -26,10 +27,16 @@ from ._pb.casa.node.v1 import driver_pb2, node_pb2
 from .connection import (
     CasaNodeError,
     Connection,
+    ConnectionClosed,
     LeasesUnsupported,
     UnexpectedReply,
     body_tag,
 )
+
+# Seconds a driver waiting for responses looks for its client node again
+# when the connection closes, if the cluster keeps a journal (rule 33).
+PATIENCE_VAR = "CASA_NODE_DRIVER_PATIENCE"
+DEFAULT_PATIENCE = 120.0
 
 MODES = {
     node_pb2.COMMAND_MODE_UNSPECIFIED: "auto",
@@ -133,6 +140,7 @@ def cluster_dict(c):
         "heartbeat_seconds": c.heartbeat_seconds,
         "timeout_seconds": c.timeout_seconds,
         "debugging": c.debugging,
+        "journal": c.journal,
     }
 
 
@@ -173,10 +181,21 @@ def _ids(items):
 
 
 class Client:
-    """A connection to a casa-node cluster's front door."""
+    """A connection to a casa-node cluster's front door.
 
-    def __init__(self, connection):
+    When the cluster keeps a journal (rule 33) and the connection closes
+    while responses are awaited (the client node died), the client looks
+    for the client node again with `reconnect` (a callable making a new
+    Connection) for up to `patience` seconds, claims the awaited requests
+    there, and the waits (Futures, wait, the seed face's blocking calls)
+    go on as if nothing had happened."""
+
+    def __init__(self, connection, reconnect=None, patience=0.0):
         self.connection = connection
+        self._reconnect_with = reconnect
+        self._patience = patience
+        self._orphans = []  # (request id, callback) awaiting a new connection
+        self._reconnecting = False
         self._known = set()
         self._lock = threading.Lock()
         self._streams = []
@@ -309,8 +328,87 @@ class Client:
             except Exception as e:  # a ret this process cannot hold
                 future.set_exception(e)
 
-        self.connection.watch(request_id, resolve)
+        self._watch(request_id, resolve)
         return future
+
+    def _watch(self, request_id, callback):
+        """connection.watch, carried over to the client node that takes the
+        place of one that went away (see the class documentation)."""
+        connection = self.connection
+
+        def watched(response, error):
+            if isinstance(error, ConnectionClosed) and self._reattach(connection, request_id, callback):
+                return
+            callback(response, error)
+
+        connection.watch(request_id, watched)
+
+    def _reattach(self, closed, request_id, callback):
+        """Queues a watch of `closed` (a Connection that closed) for the
+        client node that takes its place; False when there is none to wait
+        for: no journal, no patience."""
+        if not (self._reconnect_with and self._patience > 0 and closed.cluster.journal):
+            return False
+        with self._lock:
+            replaced = closed is not self.connection
+            if not replaced:
+                self._orphans.append((request_id, callback))
+                if not self._reconnecting:
+                    self._reconnecting = True
+                    threading.Thread(target=self._reconnect, name="casanode-reconnect", daemon=True).start()
+        if replaced:
+            self._claim_and_watch([(request_id, callback)])
+        return True
+
+    def _reconnect(self):
+        """Looks for the client node again, every 0.2 s and then less often
+        (up to 1 s), for up to the patience; then claims what is awaited."""
+        end = time.monotonic() + self._patience
+        pause, error, connection = 0.2, None, None
+        while connection is None:
+            try:
+                connection = self._reconnect_with()
+            except (CasaNodeError, OSError) as e:
+                error = e
+                if time.monotonic() + pause >= end:
+                    break
+                time.sleep(pause)
+                pause = min(pause * 2, 1.0)
+        with self._lock:
+            orphans, self._orphans = self._orphans, []
+            self._reconnecting = False
+            if connection is not None:
+                # What arrived before the client node went away stays.
+                connection.adopt(self.connection)
+                self.connection = connection
+        if connection is None:
+            gone = ConnectionClosed(
+                f"the client node went away and was not found again within {self._patience:g} s: {error}"
+            )
+            for _, callback in orphans:
+                callback(None, gone)
+            return
+        self._claim_and_watch(orphans)
+
+    def _claim_and_watch(self, orphans):
+        """Claims the requests of `orphans` (request id, callback) on the
+        current connection and watches them there."""
+        connection = self.connection
+        ids = sorted({rid for rid, _ in orphans})
+        try:
+            reply = self._expect(
+                connection.request(claim_request=driver_pb2.ClaimRequest(ids=ids)), "claim_reply"
+            )
+        except CasaNodeError as e:
+            for _, callback in orphans:
+                callback(None, e if isinstance(e, ConnectionClosed) else ConnectionClosed(str(e)))
+            return
+        unknown = set(reply.unknown)
+        for rid, callback in orphans:
+            if rid in unknown:
+                callback(None, UnknownRequest(f"the client node that took the place of the one that went away knows no request with id {rid}"))
+            else:
+                self._watch(rid, callback)
 
     def check_known(self, ids):
         """Raises UnknownRequest for an id this client never received from
@@ -339,7 +437,7 @@ class Client:
         self.check_known(ids)
         latch = _Latch(len(ids))
         for rid in ids:
-            self.connection.watch(rid, latch.arrived)
+            self._watch(rid, latch.arrived)
         latch.wait(timeout)
         return [self.response(rid) for rid in ids]
 
@@ -648,9 +746,8 @@ class _Submission:
         self._client = client
         self.ids = ids
         self._latch = _Latch(len(ids))
-        watch = client.connection.watch
         for rid in ids:
-            watch(rid, self._latch.arrived)
+            client._watch(rid, self._latch.arrived)
 
     def wait(self):
         """Waits for the first response to each id. Returns the ids; raises
@@ -668,11 +765,28 @@ class _Submission:
         return [self._client.response(rid) for rid in ids]
 
 
-def connect(endpoint=None, timeout=30.0, connection_file=None):
+def connect(endpoint=None, timeout=30.0, connection_file=None, patience=None):
     """Connects to a cluster's front door: `endpoint` (unix://PATH or
     tcp://HOST:PORT), else $CASA_NODE_ENDPOINT, else the endpoint of
     `connection_file`, else the cluster `casa-node up` recorded. A tcp://
     front door needs its connection file: `connection_file`, else
-    $CASA_NODE_CONNECTION_FILE, else the one `up` recorded."""
-    return Client(Connection(endpoint, timeout=timeout, connection_file=connection_file))
+    $CASA_NODE_CONNECTION_FILE, else the one `up` recorded.
+
+    `patience`: seconds to look for the client node again (found the same
+    way) when it goes away while responses are awaited, if its cluster
+    keeps a journal (rule 33); default $CASA_NODE_DRIVER_PATIENCE, else
+    120; 0 gives up at once."""
+    if patience is None:
+        text = os.environ.get(PATIENCE_VAR) or str(DEFAULT_PATIENCE)
+        try:
+            patience = float(text)
+        except ValueError:
+            raise CasaNodeError(f"{PATIENCE_VAR}={text!r} is not a number of seconds") from None
+    if not patience >= 0:
+        raise CasaNodeError(f"patience must be 0 or more seconds, not {patience!r}")
+
+    def reconnect():
+        return Connection(endpoint, timeout=timeout, connection_file=connection_file)
+
+    return Client(reconnect(), reconnect=reconnect, patience=patience)
 

@@ -841,6 +841,18 @@ class Connection:
         else:
             callback(None, ConnectionClosed("the connection to the client node closed"))
 
+    def adopt(self, closed):
+        """Takes the responses and rejections `closed` (a connection that
+        closed) received, for the ids this one has none of: a connection
+        that replaces it (Client's reconnection, rule 33)."""
+        with closed._lock:
+            responses, rejected = dict(closed._responses), dict(closed._rejected)
+        with self._lock:
+            for rid, response in responses.items():
+                self._responses.setdefault(rid, response)
+            for rid, rejection in rejected.items():
+                self._rejected.setdefault(rid, rejection)
+
     def response(self, request_id):
         """The latest response delivered for `request_id`, or None: a
         CommandResponse, or for a large frame a SplitResponse that reads

@@ -306,9 +306,9 @@ class MPICommandClient:
 
         if not ids:
             event.set()
-        connection = _shared_client().connection
+        client = _shared_client()
         for rid in ids:
-            connection.watch(rid, arrived)
+            client._watch(rid, arrived)
         return event
 
     # ------------------------------------------------------------ status and logs

@@ -118,10 +118,13 @@ def run(script, *args, servers=2, transport="zmq", options=(), directory, timeou
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
 
 
-def start(servers=2, transport="zmq", options=()):
-    """Starts a cluster and returns it once its front door is open."""
+def start(servers=2, transport="zmq", options=(), directory=None):
+    """Starts a cluster and returns it once its front door is open; in
+    `directory` if given (its front door is `unix://DIRECTORY/front.sock`),
+    else in a new one."""
     require_binary()
-    directory = tempfile.mkdtemp(prefix="casanode-")  # short: socket paths are limited
+    if directory is None:
+        directory = tempfile.mkdtemp(prefix="casanode-")  # short: socket paths are limited
     env = dict(os.environ, XDG_RUNTIME_DIR=directory)  # keep the user's endpoint record alone
     env.pop("CASA_NODE_ENDPOINT", None)
     if transport == "mpi":

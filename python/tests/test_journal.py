@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import struct
+import time
 
 import pytest
 
@@ -63,3 +64,51 @@ def test_a_client_node_restarted_from_its_journal_loses_no_request(tmp_path, tra
         clusters.stop(first)
         if second is not None:
             clusters.stop(second)
+
+
+def test_a_waiting_driver_finds_the_client_node_restarted_from_its_journal(tmp_path, transport):
+    # Future.result(), Client.wait and the seed face's blocking get wait on
+    # through the client node's death and restart (rule 33), and give the
+    # answers of the new one.
+    journal = tmp_path / "journal"
+    options = ["--journal", str(journal), "--heartbeat", "0.2", "--timeout", "3"]
+    first = clusters.start(servers=2, transport=transport, options=options)
+    second = None
+    try:
+        client = casanode.connect(first.endpoint, patience=60)
+        assert client.cluster["journal"] is True
+        slow = client.submit("time.sleep(1.5) or 7", target=1)
+        quick = client.submit("6*7", target=2)
+        assert quick.result(60)["ret"] == 42
+        while not client.status(1)[1]["busy"]:
+            time.sleep(0.02)
+        os.kill(_client_node_pid(client), signal.SIGKILL)
+        first.proc.wait(30)
+        clusters.stop(first, remove=False)
+        second = clusters.start(servers=2, transport=transport, options=options, directory=first.directory)
+        assert second.endpoint == first.endpoint
+        answered = slow.result(60)
+        assert (answered["status"], answered["ret"]) == ("response received", 7), answered
+        assert [r["ret"] for r in client.wait([slow, quick], timeout=60)] == [7, 42]
+        assert client.submit("1").result(60)["ret"] == 1
+        client.close()
+    finally:
+        clusters.stop(first, remove=second is None)
+        if second is not None:
+            clusters.stop(second)
+
+
+def test_without_a_journal_a_waiting_driver_is_told_at_once(tmp_path):
+    # Nothing to come back to: the wait ends with ConnectionClosed, not
+    # after the patience.
+    first = clusters.start(servers=1, options=["--heartbeat", "0.2", "--timeout", "3"])
+    try:
+        client = casanode.connect(first.endpoint, patience=600)
+        assert client.cluster["journal"] is False
+        slow = client.submit("time.sleep(600)")
+        client.status()
+        os.kill(_client_node_pid(client), signal.SIGKILL)
+        with pytest.raises(casanode.ConnectionClosed):
+            slow.result(30)
+    finally:
+        clusters.stop(first)

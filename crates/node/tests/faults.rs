@@ -1553,11 +1553,38 @@ fn the_client_node_killed() {
     let (seed, started) = begin(name);
     let mut cluster = Cluster::start(3);
     let driver = cluster.driver();
+    let mix = Mix {
+        bad: 0.05,
+        ..Mix::ORDINARY
+    };
+    let (ledger, faults, killed_at) =
+        until_the_client_node_is_killed(&mut cluster, &driver, seed, mix, true);
+    let ended = killed_at.elapsed();
+    let outcomes = check_responses(&ledger, &driver, true);
+    let note = format!(
+        " (every process gone {:.1} s after the kill)",
+        ended.as_secs_f64()
+    );
+    summary(name, seed, &ledger, faults, &outcomes, started, &note);
+}
+
+/// Streams commands mixed as `mix` through `driver` (with programs left
+/// running when `programs`) until the client node, SIGKILLed once 2 to 6 s
+/// in, is gone; then checks that the driver's connection closed, the
+/// cluster's launcher ended and no process is left. The stream's ledger,
+/// the faults injected, and when the kill came.
+fn until_the_client_node_is_killed(
+    cluster: &mut Cluster,
+    driver: &Driver,
+    seed: u64,
+    mix: Mix,
+    programs: bool,
+) -> (Ledger, usize, Instant) {
     let client_node = cluster.client_node;
     let killed_at = Arc::new(Mutex::new(None));
     let injector = {
         let killed_at = killed_at.clone();
-        let target = Target::of(&cluster);
+        let target = Target::of(cluster);
         Injector::start(seed, 2000..6000, move |_, _| {
             let mut killed_at = killed_at.lock().unwrap();
             if killed_at.is_some() {
@@ -1569,17 +1596,10 @@ fn the_client_node_killed() {
             1
         })
     };
-    let mut stream = Stream::new(
-        &driver,
-        seed,
-        0,
-        cluster.ranks(),
-        Mix {
-            bad: 0.05,
-            ..Mix::ORDINARY
-        },
-    );
-    stream.start_programs();
+    let mut stream = Stream::new(driver, seed, 0, cluster.ranks(), mix);
+    if programs {
+        stream.start_programs();
+    }
     // Until the connection closes; the kill comes within seconds.
     stream.run(5000, || cluster.note_tree());
     let faults = injector.finish();
@@ -1595,21 +1615,7 @@ fn the_client_node_killed() {
         cluster.diagnostics()
     );
     cluster.check_nothing_left();
-    let ended = killed_at.elapsed();
-    let outcomes = check_responses(&stream.ledger, &driver, true);
-    let note = format!(
-        " (every process gone {:.1} s after the kill)",
-        ended.as_secs_f64()
-    );
-    summary(
-        name,
-        seed,
-        &stream.ledger,
-        faults,
-        &outcomes,
-        started,
-        &note,
-    );
+    (std::mem::take(&mut stream.ledger), faults, killed_at)
 }
 
 /// Rule 33: the client node, run with a journal, SIGKILLed while commands
@@ -1652,37 +1658,9 @@ fn killed_and_restarted(name: &str, cut: bool) {
     let options = ["--journal", journal.to_str().unwrap()];
     let mut cluster = Cluster::start_with(3, &options);
     let driver = cluster.driver();
-    let client_node = cluster.client_node;
-    let killed = Arc::new(AtomicBool::new(false));
-    let injector = {
-        let killed = killed.clone();
-        let target = Target::of(&cluster);
-        Injector::start(seed, 2000..6000, move |_, _| {
-            if killed.swap(true, Ordering::Relaxed) {
-                return 0;
-            }
-            target.procs.note_tree(target.root);
-            kill(client_node, Signal::SIGKILL).expect("the client node is there to kill");
-            1
-        })
-    };
-    let mut stream = Stream::new(&driver, seed, 0, cluster.ranks(), Mix::ORDINARY);
-    stream.run(5000, || cluster.note_tree());
-    let faults = injector.finish();
-    assert!(
-        !stream.open,
-        "the stream ended before the client node was killed"
-    );
-    assert!(driver.wait_closed(EXIT_BOUND), "the front door stayed open");
-    assert!(
-        cluster.up.wait_timeout(EXIT_BOUND).is_some(),
-        "the cluster's launcher outlived its client node by {EXIT_BOUND:?}\n{}",
-        cluster.diagnostics()
-    );
-    cluster.check_nothing_left();
+    let (mut ledger, faults, _) =
+        until_the_client_node_is_killed(&mut cluster, &driver, seed, Mix::ORDINARY, false);
     let before = driver.deliveries();
-    let mut ledger = std::mem::take(&mut stream.ledger);
-    drop(stream);
     drop(driver);
     drop(cluster);
 
