@@ -57,6 +57,11 @@ const MAX_PENDING: usize = 1024;
 /// Hello nonces a client node remembers, to name a replayed Hello at once.
 const SEEN_HELLOS: usize = 4096;
 
+/// Refused connections a client node remembers, to refuse each once; when
+/// there are more, it forgets them all (so one that goes on sending is
+/// refused once more per this many refusals to others).
+const REFUSED: usize = 4096;
+
 /// State the handle reads and the engine writes.
 #[derive(Default)]
 pub(crate) struct Shared {
@@ -269,11 +274,6 @@ struct Security {
     /// On the client node: the nonces of recent Hellos, oldest first.
     seen: VecDeque<Nonce>,
     seen_set: HashSet<Nonce>,
-    /// On the client node: connections told that their Hello did not
-    /// verify. Each is told once: a peer that floods Hellos and reads
-    /// nothing would otherwise fill the socket's queue for it, and then
-    /// the engine would wait on it.
-    refused: HashSet<Bytes>,
 }
 
 /// A welcomed connection that has yet to prove it holds the key.
@@ -457,6 +457,12 @@ pub(crate) struct Engine {
     admitted: Option<oneshot::Sender<()>>,
     /// Per peer, what decodes its large messages off this thread.
     decoders: HashMap<Rank, Decoder>,
+    /// On the client node: connections that have not joined and were
+    /// refused, and whether a later Hello of theirs was dropped (and said
+    /// so in the log). Each is refused once: a peer that floods Hellos and
+    /// reads nothing would otherwise fill the socket's queue for it, and
+    /// then the engine would wait on it and serve no other peer.
+    refused: HashMap<Bytes, bool>,
     undecodable_tx: mpsc::UnboundedSender<Undecodable>,
     undecodable_rx: Option<mpsc::UnboundedReceiver<Undecodable>>,
 }
@@ -481,7 +487,6 @@ impl Engine {
             pending: HashMap::new(),
             seen: VecDeque::new(),
             seen_set: HashSet::new(),
-            refused: HashSet::new(),
         });
         let (undecodable_tx, undecodable_rx) = mpsc::unbounded_channel();
         Engine {
@@ -498,6 +503,7 @@ impl Engine {
             finished: false,
             closing: false,
             decoders: HashMap::new(),
+            refused: HashMap::new(),
             undecodable_tx,
             undecodable_rx: Some(undecodable_rx),
         }
@@ -732,6 +738,7 @@ impl Engine {
         let link = Link::new(self.next_link, Budget::new(self.config.max_in_flight_bytes));
         self.next_link += 1;
         if self.socket.is_router() {
+            self.refused.remove(&identity);
             self.by_identity.insert(identity.clone(), rank);
         }
         self.peers.insert(
@@ -817,9 +824,7 @@ impl Engine {
         match rank {
             Some(rank) => self.lose(rank, "connection closed"),
             None => {
-                if let Some(security) = self.security.as_mut() {
-                    security.refused.remove(&identity);
-                }
+                self.refused.remove(&identity);
                 let pending = self
                     .security
                     .as_mut()
@@ -878,7 +883,7 @@ impl Engine {
                     "this client node's links are not signed: give it the signing key too, \
                      or none to this server node",
                 );
-                self.answer_stranger(&identity, &reply, None).await;
+                self.refuse_stranger(&identity, &reply, None).await;
             }
             return;
         };
@@ -1036,9 +1041,10 @@ impl Engine {
         let hello_envelope = match self.framing.decode_body(body) {
             Ok(envelope) => envelope,
             Err(error) => {
-                warn!(%error, "refusing a peer whose Hello cannot be decoded");
                 let reply = Envelope::error(0, ProtocolErrorCode::Malformed, error.to_string());
-                self.answer_stranger(&identity, &reply, link).await;
+                if self.refuse_stranger(&identity, &reply, link).await {
+                    warn!(%error, "refusing a peer whose Hello cannot be decoded");
+                }
                 return;
             }
         };
@@ -1046,10 +1052,11 @@ impl Engine {
         let hello = match check_hello(hello_envelope, Role::ServerNode, "a client node") {
             Ok(hello) => hello,
             Err(reply) => {
-                if let Some(Body::Error(error)) = &reply.body {
+                if self.refuse_stranger(&identity, &reply, link).await
+                    && let Some(Body::Error(error)) = &reply.body
+                {
                     warn!(reason = error.message, "refusing a peer");
                 }
-                self.answer_stranger(&identity, &reply, link).await;
                 return;
             }
         };
@@ -1071,18 +1078,15 @@ impl Engine {
             None
         };
         if let Some((code, message)) = refusal {
-            warn!(
-                host = hello.host,
-                pid = hello.pid,
-                message,
-                "refusing a peer"
-            );
-            self.answer_stranger(
-                &identity,
-                &Envelope::error(correlation, code, message),
-                link,
-            )
-            .await;
+            let reply = Envelope::error(correlation, code, message.clone());
+            if self.refuse_stranger(&identity, &reply, link).await {
+                warn!(
+                    host = hello.host,
+                    pid = hello.pid,
+                    message,
+                    "refusing a peer"
+                );
+            }
             return;
         }
         let rank = self.pick_rank(hello.rank);
@@ -1189,15 +1193,37 @@ impl Engine {
     }
 
     /// Sends a refusal to a connection that has not joined, sealed on
-    /// `link` if its Hello verified.
-    async fn answer_stranger(&mut self, identity: &Bytes, reply: &Envelope, link: Option<LinkId>) {
-        let Ok(bytes) = self.framing.encode_body(reply) else {
-            return;
-        };
-        let parts = vec![Header::Welcome.encode(), Bytes::from(bytes)];
-        if let Err(error) = self.transmit_first(identity, link, parts).await {
-            debug!(%error, "could not answer a peer that has not joined");
+    /// `link` if its Hello verified, unless it was refused before: then
+    /// drops it, and says so in the log the first time. Whether it sent
+    /// it (the caller then logs why).
+    async fn refuse_stranger(
+        &mut self,
+        identity: &Bytes,
+        reply: &Envelope,
+        link: Option<LinkId>,
+    ) -> bool {
+        if let Some(logged) = self.refused.get_mut(identity) {
+            if !*logged {
+                *logged = true;
+                warn!(
+                    peer = %hex(identity),
+                    "not answering a connection refused before (each is answered once, \
+                     and its further refusals are not logged)"
+                );
+            }
+            return false;
         }
+        if self.refused.len() >= REFUSED {
+            self.refused.clear();
+        }
+        self.refused.insert(identity.clone(), false);
+        if let Ok(bytes) = self.framing.encode_body(reply) {
+            let parts = vec![Header::Welcome.encode(), Bytes::from(bytes)];
+            if let Err(error) = self.transmit_first(identity, link, parts).await {
+                debug!(%error, "could not answer a peer that has not joined");
+            }
+        }
+        true
     }
 
     /// The rank of the peer on this connection, if it joined.
@@ -1388,21 +1414,16 @@ impl Engine {
         if !self.socket.is_router() || self.rank_of(identity).is_some() {
             return;
         }
-        let Some(security) = self.security.as_mut() else {
-            return;
-        };
-        if security.refused.len() >= SEEN_HELLOS {
-            security.refused.clear();
-        }
         // What is left once the seal, if any, is taken off: `[H, hello]`.
-        if parts.len() == 2 && &parts[0][..] == b"H" && security.refused.insert(identity.clone()) {
+        if parts.len() == 2 && &parts[0][..] == b"H" {
             let reply = Envelope::error(
                 0,
                 ProtocolErrorCode::UnexpectedMessage,
                 "the client node could not verify this server node's signature: \
                  its links are signed, with another key than this server node's, or it has none",
             );
-            self.answer_stranger(identity, &reply, None).await;
+            // Why is logged as the message's rejection.
+            self.refuse_stranger(identity, &reply, None).await;
         }
     }
 

@@ -32,9 +32,13 @@
 //! A server node connects and sends `H`; the client node answers `W` and,
 //! if it welcomed the peer, `C` with its window; the server node then sends
 //! its own `C`. Input that breaks these rules is logged (with `tracing`) and
-//! dropped. On a [signed link](#signed-links) every message has one more
-//! part in front, its seal, and the client node's `C` waits for the server
-//! node's.
+//! dropped. A connection that has not joined is refused at most once:
+//! Hellos of it that would be refused again are dropped (and logged the
+//! first time), so that a peer that sends Hellos and never reads cannot
+//! fill the socket's queue for it, which would make the client node wait
+//! on it and serve nobody else; a valid Hello of it is still welcomed. On
+//! a [signed link](#signed-links) every message has one more part in
+//! front, its seal, and the client node's `C` waits for the server node's.
 //!
 //! # Delivery
 //!
