@@ -21,6 +21,13 @@
 //! wait for bytes also asks for credit (`R`), and the receiver then returns
 //! the credit of everything consumed so far, and of what is still in
 //! flight as it is consumed.
+//!
+//! Large messages: what takes long per message (decoding one of hundreds
+//! of MiB, and on a signed link checking and sealing it) is done for each
+//! link by a task of its own ([`Decoder`], [`Checker`], [`Sealer`]) on
+//! blocking threads, in order, and the engine serves the other links
+//! meanwhile. While such a task holds a message of a link, the link's later
+//! messages go through it too, so none overtakes another.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -56,6 +63,11 @@ const MAX_PENDING: usize = 1024;
 
 /// Hello nonces a client node remembers, to name a replayed Hello at once.
 const SEEN_HELLOS: usize = 4096;
+
+/// Refused connections a client node remembers, to refuse each once; when
+/// there are more, it forgets them all (so one that goes on sending is
+/// refused once more per this many refusals to others).
+const REFUSED: usize = 4096;
 
 /// State the handle reads and the engine writes.
 #[derive(Default)]
@@ -269,11 +281,6 @@ struct Security {
     /// On the client node: the nonces of recent Hellos, oldest first.
     seen: VecDeque<Nonce>,
     seen_set: HashSet<Nonce>,
-    /// On the client node: connections told that their Hello did not
-    /// verify. Each is told once: a peer that floods Hellos and reads
-    /// nothing would otherwise fill the socket's queue for it, and then
-    /// the engine would wait on it.
-    refused: HashSet<Bytes>,
 }
 
 /// A welcomed connection that has yet to prove it holds the key.
@@ -303,6 +310,9 @@ enum Rejection {
     ReplayedHello,
     /// Something else than a Hello from a connection that has not joined.
     Stranger,
+    /// A message of this many bytes from a connection that has not joined,
+    /// refused before its tag is computed.
+    Oversized(usize),
 }
 
 impl std::fmt::Display for Rejection {
@@ -320,6 +330,11 @@ impl std::fmt::Display for Rejection {
             Rejection::Stranger => {
                 f.write_str("not a Hello, from a connection that has not joined")
             }
+            Rejection::Oversized(size) => write!(
+                f,
+                "{size} bytes from a connection that has not joined, too large for a Hello \
+                 (not hashed)"
+            ),
         }
     }
 }
@@ -437,6 +452,158 @@ impl Decoder {
     }
 }
 
+/// What goes through a peer's [`Checker`], in order.
+enum Checked {
+    /// A message of the peer's link, seal first. Once through the checker,
+    /// `verified` says whether the tag of a large one checks out; a small
+    /// one (`None`) the engine checks itself.
+    Message {
+        identity: Bytes,
+        parts: VecDeque<Bytes>,
+        verified: Option<bool>,
+    },
+    /// The connection closed, or (on a server node) failed with
+    /// `failure`, after the messages before this.
+    Gone {
+        identity: Bytes,
+        failure: Option<String>,
+    },
+}
+
+/// Checks the tags of one signed link's large incoming messages on a
+/// blocking thread, in order, and hands every message back to the engine,
+/// which checks its counter and acts on it there: an HMAC of hundreds of
+/// MiB takes seconds, and the engine serves the other peers meanwhile.
+/// While it holds any message of the link, every later one of that link
+/// goes through it too, so that none is acted on before one that came
+/// earlier.
+struct Checker {
+    jobs: mpsc::UnboundedSender<Checked>,
+    /// Items given to it and not yet back (only the engine counts).
+    pending: usize,
+}
+
+impl Checker {
+    /// A checker for link `link`, named `id`, whose messages come
+    /// `direction`; it hands them back on `back`, with `link`.
+    fn spawn(
+        link: u64,
+        signer: Signer,
+        direction: Direction,
+        id: LinkId,
+        back: mpsc::UnboundedSender<(u64, Checked)>,
+    ) -> Checker {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<Checked>();
+        tokio::spawn(async move {
+            while let Some(mut item) = queue.recv().await {
+                if let Checked::Message {
+                    parts, verified, ..
+                } = &mut item
+                    && parts.iter().map(Bytes::len).sum::<usize>() >= OFFLOAD_THRESHOLD
+                {
+                    let (signer, mut covered) = (signer.clone(), parts.clone());
+                    let checking = tokio::task::spawn_blocking(move || {
+                        let Some((first, rest)) = covered.make_contiguous().split_first() else {
+                            return false;
+                        };
+                        Seal::parse(first)
+                            .is_some_and(|seal| signer.verify(direction, &id, &seal, rest))
+                    });
+                    // A thread that failed verified nothing.
+                    *verified = Some(checking.await.unwrap_or(false));
+                }
+                if back.send((link, item)).is_err() {
+                    break;
+                }
+            }
+        });
+        Checker { jobs, pending: 0 }
+    }
+
+    fn push(&mut self, item: Checked) -> bool {
+        let pushed = self.jobs.send(item).is_ok();
+        self.pending += usize::from(pushed);
+        pushed
+    }
+}
+
+/// What goes through a peer's [`Sealer`], in order.
+enum Outgoing {
+    /// A message to seal with `counter`, then (once back, with its seal in
+    /// front) to send.
+    Message { counter: u64, parts: Vec<Bytes> },
+    /// Sealing failed: the peer is lost.
+    Failed(String),
+    /// The peer is lost, once what goes before this is sent.
+    Lose(String),
+}
+
+/// Seals one signed link's outgoing messages in order, large ones on a
+/// blocking thread, and hands them back to the engine to send: the engine
+/// serves the other peers meanwhile. The engine gives the counters; while
+/// the sealer holds any message of the link, every later one goes through
+/// it too, so that the messages leave in the order of their counters.
+struct Sealer {
+    rank: Rank,
+    jobs: mpsc::UnboundedSender<Outgoing>,
+    /// Items given to it and not yet back (only the engine counts).
+    pending: usize,
+}
+
+impl Sealer {
+    /// A sealer for `rank`'s link `link`, named `id`, whose messages go
+    /// `direction`; it hands them back on `back`, with `link`.
+    fn spawn(
+        rank: Rank,
+        link: u64,
+        signer: Signer,
+        direction: Direction,
+        id: LinkId,
+        back: mpsc::UnboundedSender<(u64, Outgoing)>,
+    ) -> Sealer {
+        let (jobs, mut queue) = mpsc::unbounded_channel::<Outgoing>();
+        tokio::spawn(async move {
+            while let Some(item) = queue.recv().await {
+                let item = match item {
+                    Outgoing::Message { counter, mut parts } => {
+                        let size: usize = parts.iter().map(Bytes::len).sum();
+                        if size >= OFFLOAD_THRESHOLD {
+                            let signer = signer.clone();
+                            let sealing = tokio::task::spawn_blocking(move || {
+                                let seal = signer.seal(direction, &id, counter, &parts);
+                                parts.insert(0, seal);
+                                parts
+                            });
+                            match sealing.await {
+                                Ok(parts) => Outgoing::Message { counter, parts },
+                                Err(error) => Outgoing::Failed(error.to_string()),
+                            }
+                        } else {
+                            parts.insert(0, signer.seal(direction, &id, counter, &parts));
+                            Outgoing::Message { counter, parts }
+                        }
+                    }
+                    other => other,
+                };
+                if back.send((link, item)).is_err() {
+                    break;
+                }
+            }
+        });
+        Sealer {
+            rank,
+            jobs,
+            pending: 0,
+        }
+    }
+
+    fn push(&mut self, item: Outgoing) -> bool {
+        let pushed = self.jobs.send(item).is_ok();
+        self.pending += usize::from(pushed);
+        pushed
+    }
+}
+
 /// An engine and what it listens to.
 pub(crate) struct Engine {
     socket: SendHalf,
@@ -457,8 +624,24 @@ pub(crate) struct Engine {
     admitted: Option<oneshot::Sender<()>>,
     /// Per peer, what decodes its large messages off this thread.
     decoders: HashMap<Rank, Decoder>,
+    /// On the client node: connections that have not joined and were
+    /// refused, and whether a later Hello of theirs was dropped (and said
+    /// so in the log). Each is refused once: a peer that floods Hellos and
+    /// reads nothing would otherwise fill the socket's queue for it, and
+    /// then the engine would wait on it and serve no other peer.
+    refused: HashMap<Bytes, bool>,
     undecodable_tx: mpsc::UnboundedSender<Undecodable>,
     undecodable_rx: Option<mpsc::UnboundedReceiver<Undecodable>>,
+    /// Per signed link (by [`Link::id`]), what checks its large incoming
+    /// messages off this task.
+    checkers: HashMap<u64, Checker>,
+    checked_tx: mpsc::UnboundedSender<(u64, Checked)>,
+    checked_rx: Option<mpsc::UnboundedReceiver<(u64, Checked)>>,
+    /// Per signed link (by [`Link::id`]), what seals its large outgoing
+    /// messages off this task.
+    sealers: HashMap<u64, Sealer>,
+    sealed_tx: mpsc::UnboundedSender<(u64, Outgoing)>,
+    sealed_rx: Option<mpsc::UnboundedReceiver<(u64, Outgoing)>>,
 }
 
 /// What an engine waits on.
@@ -481,9 +664,10 @@ impl Engine {
             pending: HashMap::new(),
             seen: VecDeque::new(),
             seen_set: HashSet::new(),
-            refused: HashSet::new(),
         });
         let (undecodable_tx, undecodable_rx) = mpsc::unbounded_channel();
+        let (checked_tx, checked_rx) = mpsc::unbounded_channel();
+        let (sealed_tx, sealed_rx) = mpsc::unbounded_channel();
         Engine {
             socket,
             framing: Framing::new(config.max_frame),
@@ -498,8 +682,15 @@ impl Engine {
             finished: false,
             closing: false,
             decoders: HashMap::new(),
+            refused: HashMap::new(),
             undecodable_tx,
             undecodable_rx: Some(undecodable_rx),
+            checkers: HashMap::new(),
+            checked_tx,
+            checked_rx: Some(checked_rx),
+            sealers: HashMap::new(),
+            sealed_tx,
+            sealed_rx: Some(sealed_rx),
         }
     }
 
@@ -524,7 +715,9 @@ impl Engine {
         }
     }
 
-    /// Sends `parts` to `rank`, sealed if the link is signed.
+    /// Sends `parts` to `rank`, sealed if the link is signed: at once, or,
+    /// if it is large or its link's [`Sealer`] holds messages, once the
+    /// sealer has sealed it (see [`on_sealed`](Self::on_sealed)).
     async fn transmit(&mut self, rank: Rank, mut parts: Vec<Bytes>) {
         let direction = self.outgoing();
         let Some(peer) = self.peers.get_mut(&rank) else {
@@ -532,27 +725,32 @@ impl Engine {
         };
         if let (Some(security), Some(link)) = (&self.security, &mut peer.seal) {
             link.sent += 1;
+            let counter = link.sent;
             let size: usize = parts.iter().map(Bytes::len).sum();
-            let seal = if size >= OFFLOAD_THRESHOLD {
-                // Hashing hundreds of MiB takes long: a blocking thread
-                // does it while this engine's threads go on.
-                let (signer, id, counter) = (security.signer.clone(), link.id, link.sent);
-                let covered = parts.clone();
-                let sealing = tokio::task::spawn_blocking(move || {
-                    signer.seal(direction, &id, counter, &covered)
+            let key = peer.link.id;
+            let queued = self.sealers.get(&key).is_some_and(|s| s.pending > 0);
+            if size >= OFFLOAD_THRESHOLD || queued {
+                // Hashing hundreds of MiB takes seconds: a blocking thread
+                // does it while this engine serves the other peers.
+                let sealer = self.sealers.entry(key).or_insert_with(|| {
+                    let back = self.sealed_tx.clone();
+                    Sealer::spawn(rank, key, security.signer.clone(), direction, link.id, back)
                 });
-                match sealing.await {
-                    Ok(seal) => seal,
-                    Err(error) => {
-                        self.lose(rank, &format!("sealing a message failed: {error}"));
-                        return;
-                    }
+                if !sealer.push(Outgoing::Message { counter, parts }) {
+                    self.lose(rank, "sealing messages stopped");
                 }
-            } else {
-                security.signer.seal(direction, &link.id, link.sent, &parts)
-            };
-            parts.insert(0, seal);
+                return;
+            }
+            parts.insert(
+                0,
+                security.signer.seal(direction, &link.id, counter, &parts),
+            );
         }
+        self.send_now(rank, parts).await;
+    }
+
+    /// Sends `parts`, sealed if the link is signed, to `rank`.
+    async fn send_now(&mut self, rank: Rank, parts: Vec<Bytes>) {
         let Some(peer) = self.peers.get(&rank) else {
             return;
         };
@@ -560,6 +758,37 @@ impl Engine {
         if let Err(error) = self.socket.send(&identity, parts).await {
             self.lose(rank, &format!("sending failed: {error}"));
         }
+    }
+
+    /// A message of link `link` back from its [`Sealer`], sealed: sent now,
+    /// in its turn; or a loss to act on in its turn.
+    async fn on_sealed(&mut self, link: u64, item: Outgoing) {
+        let Some(sealer) = self.sealers.get_mut(&link) else {
+            // The peer is lost, and what was going to it is dropped.
+            return;
+        };
+        sealer.pending -= 1;
+        let rank = sealer.rank;
+        match item {
+            Outgoing::Message { parts, .. } => self.send_now(rank, parts).await,
+            Outgoing::Failed(error) => {
+                self.lose(rank, &format!("sealing a message failed: {error}"));
+            }
+            Outgoing::Lose(why) => self.lose(rank, &why),
+        }
+    }
+
+    /// Loses `rank` once what was sent to it so far has gone: at once, or,
+    /// if its [`Sealer`] holds messages, after them.
+    fn lose_after_sending(&mut self, rank: Rank, why: &str) {
+        let key = self.peers.get(&rank).map(|peer| peer.link.id);
+        let sealer = key.and_then(|key| self.sealers.get_mut(&key));
+        if let Some(sealer) = sealer.filter(|s| s.pending > 0)
+            && sealer.push(Outgoing::Lose(why.to_owned()))
+        {
+            return;
+        }
+        self.lose(rank, why);
     }
 
     /// Sends `parts` to a connection that has no link yet: sealed with
@@ -584,28 +813,41 @@ impl Engine {
         let mut done: Vec<oneshot::Sender<()>> = Vec::new();
         let mut deadline: Option<Instant> = None;
         let mut monitor_open = true;
+        let mut reading = true;
         let mut undecodable = self.undecodable_rx.take().expect("an engine runs once");
+        let mut checked = self.checked_rx.take().expect("an engine runs once");
+        let mut sealed = self.sealed_rx.take().expect("an engine runs once");
         loop {
             if self.finished || (self.closing && self.peers.values().all(|p| p.bye_acked)) {
                 break;
             }
             tokio::select! {
-                incoming = inputs.incoming.recv() => match incoming {
+                incoming = inputs.incoming.recv(), if reading => match incoming {
                     Some(Ok(message)) => self.on_message(message).await,
-                    Some(Err(error)) => self.on_socket_error(&error),
-                    None => self.on_socket_error(&ZmqError::Other("the socket's reader stopped")),
+                    Some(Err(error)) => {
+                        // The reader stops after an error.
+                        reading = false;
+                        self.on_socket_error(&error);
+                    }
+                    None => {
+                        reading = false;
+                        self.on_socket_error(&ZmqError::Other("the socket's reader stopped"));
+                    }
                 },
                 event = inputs.monitor.next(), if monitor_open => match event {
                     Some(SocketEvent::Disconnected(identity)) => {
                         // What the peer sent before it went is already in
                         // the channel: deliver it first.
-                        while let Ok(result) = inputs.incoming.try_recv() {
+                        while reading && let Ok(result) = inputs.incoming.try_recv() {
                             match result {
                                 Ok(message) => self.on_message(message).await,
-                                Err(error) => self.on_socket_error(&error),
+                                Err(error) => {
+                                    reading = false;
+                                    self.on_socket_error(&error);
+                                }
                             }
                         }
-                        self.on_disconnected(Bytes::copy_from_slice(&identity));
+                        self.on_connection_closed(Bytes::copy_from_slice(&identity), None);
                     }
                     Some(other) => debug!(event = ?other, "socket event"),
                     None => monitor_open = false,
@@ -613,6 +855,8 @@ impl Engine {
                 Some((rank, link, credit_wanted)) = undecodable.recv() => {
                     self.consumed(rank, link, credit_wanted).await;
                 }
+                Some((link, item)) = checked.recv() => self.on_checked(link, item).await,
+                Some((link, item)) = sealed.recv() => self.on_sealed(link, item).await,
                 command = inputs.commands.recv(), if !self.closing => match command {
                     Some(Command::Send { to, link, body, charge, credit_wanted }) => {
                         self.send_data(to, link, body, charge, credit_wanted).await;
@@ -732,6 +976,7 @@ impl Engine {
         let link = Link::new(self.next_link, Budget::new(self.config.max_in_flight_bytes));
         self.next_link += 1;
         if self.socket.is_router() {
+            self.refused.remove(&identity);
             self.by_identity.insert(identity.clone(), rank);
         }
         self.peers.insert(
@@ -761,6 +1006,9 @@ impl Engine {
         };
         self.by_identity.remove(&peer.identity);
         peer.link.close();
+        // What they still hold of this link is dropped when it comes back.
+        self.checkers.remove(&peer.link.id);
+        self.sealers.remove(&peer.link.id);
         {
             let mut shared = self.shared.lock().expect("transport state poisoned");
             shared.links.remove(&rank);
@@ -804,7 +1052,30 @@ impl Engine {
             drop(shared);
             self.finished = true;
         } else {
-            self.lose(0, &format!("the connection failed: {error}"));
+            let why = format!("the connection failed: {error}");
+            self.on_connection_closed(Bytes::new(), Some(why));
+        }
+    }
+
+    /// The connection on `identity` closed, or (on a server node) failed
+    /// with `failure`: acted on once the messages of it that its link's
+    /// [`Checker`] holds are through, as they came first.
+    fn on_connection_closed(&mut self, identity: Bytes, failure: Option<String>) {
+        if let Some(rank) = self.rank_of(&identity)
+            && let Some(key) = self.signed_link(rank)
+            && self.checkers.get(&key).is_some_and(|c| c.pending > 0)
+        {
+            self.check_elsewhere(rank, Checked::Gone { identity, failure });
+            return;
+        }
+        self.connection_gone(identity, failure);
+    }
+
+    /// See [`on_connection_closed`](Self::on_connection_closed).
+    fn connection_gone(&mut self, identity: Bytes, failure: Option<String>) {
+        match failure {
+            Some(why) => self.lose(0, &why),
+            None => self.on_disconnected(identity),
         }
     }
 
@@ -817,9 +1088,7 @@ impl Engine {
         match rank {
             Some(rank) => self.lose(rank, "connection closed"),
             None => {
-                if let Some(security) = self.security.as_mut() {
-                    security.refused.remove(&identity);
-                }
+                self.refused.remove(&identity);
                 let pending = self
                     .security
                     .as_mut()
@@ -848,9 +1117,83 @@ impl Engine {
         } else {
             Bytes::new()
         };
+        // On a signed link, a large message has its tag checked off this
+        // task, and the link's later messages wait their turn.
+        if let Some(rank) = self.rank_of(&identity)
+            && let Some(key) = self.signed_link(rank)
+        {
+            let large = parts.iter().map(Bytes::len).sum::<usize>() >= OFFLOAD_THRESHOLD;
+            let queued = self.checkers.get(&key).is_some_and(|c| c.pending > 0);
+            if large || queued {
+                if large && let Err(why) = self.precheck(rank, &parts) {
+                    self.reject(&identity, why);
+                    return;
+                }
+                let item = Checked::Message {
+                    identity,
+                    parts,
+                    verified: None,
+                };
+                self.check_elsewhere(rank, item);
+                return;
+            }
+        }
+        self.act_on(identity, parts, None).await;
+    }
+
+    /// The [`Link::id`] of `rank`'s link, if it is signed.
+    fn signed_link(&self, rank: Rank) -> Option<u64> {
+        let peer = self.peers.get(&rank)?;
+        peer.seal.as_ref().map(|_| peer.link.id)
+    }
+
+    /// Gives `item` to the [`Checker`] of `rank`'s signed link.
+    fn check_elsewhere(&mut self, rank: Rank, item: Checked) {
+        let direction = self.incoming();
+        let (Some(security), Some(peer)) = (&self.security, self.peers.get(&rank)) else {
+            return;
+        };
+        let Some(link) = &peer.seal else {
+            return;
+        };
+        let (key, id) = (peer.link.id, link.id);
+        let checker = self.checkers.entry(key).or_insert_with(|| {
+            let back = self.checked_tx.clone();
+            Checker::spawn(key, security.signer.clone(), direction, id, back)
+        });
+        if !checker.push(item) {
+            self.lose(rank, "checking messages stopped");
+        }
+    }
+
+    /// Something of link `link` back from its [`Checker`], in its turn.
+    async fn on_checked(&mut self, link: u64, item: Checked) {
+        let Some(checker) = self.checkers.get_mut(&link) else {
+            // The peer is lost, and what it sent after is dropped.
+            return;
+        };
+        checker.pending -= 1;
+        match item {
+            Checked::Message {
+                identity,
+                parts,
+                verified,
+            } => self.act_on(identity, parts, verified).await,
+            Checked::Gone { identity, failure } => self.connection_gone(identity, failure),
+        }
+    }
+
+    /// Acts on a message from the connection on `identity`, seal first on
+    /// a signed link, where `verified` says whether the tag of a large one
+    /// checks out.
+    async fn act_on(
+        &mut self,
+        identity: Bytes,
+        mut parts: VecDeque<Bytes>,
+        verified: Option<bool>,
+    ) {
         let mut hello_nonce = None;
         if self.security.is_some() {
-            let verified = self.verify_large(&identity, &parts).await;
             match self.unseal(&identity, &mut parts, verified) {
                 Ok(Unsealed::Link) => {}
                 Ok(Unsealed::Hello(nonce)) => hello_nonce = Some(nonce),
@@ -878,7 +1221,7 @@ impl Engine {
                     "this client node's links are not signed: give it the signing key too, \
                      or none to this server node",
                 );
-                self.answer_stranger(&identity, &reply, None).await;
+                self.refuse_stranger(&identity, &reply, None).await;
             }
             return;
         };
@@ -916,7 +1259,7 @@ impl Engine {
             (Header::CreditRequest, None) => self.on_credit_request(rank).await,
             (Header::Bye, None) => {
                 self.send_control(rank, Header::ByeAck).await;
-                self.lose(rank, "it said goodbye");
+                self.lose_after_sending(rank, "it said goodbye");
             }
             (Header::ByeAck, None) => {
                 if let Some(peer) = self.peers.get_mut(&rank) {
@@ -1036,9 +1379,10 @@ impl Engine {
         let hello_envelope = match self.framing.decode_body(body) {
             Ok(envelope) => envelope,
             Err(error) => {
-                warn!(%error, "refusing a peer whose Hello cannot be decoded");
                 let reply = Envelope::error(0, ProtocolErrorCode::Malformed, error.to_string());
-                self.answer_stranger(&identity, &reply, link).await;
+                if self.refuse_stranger(&identity, &reply, link).await {
+                    warn!(%error, "refusing a peer whose Hello cannot be decoded");
+                }
                 return;
             }
         };
@@ -1046,10 +1390,11 @@ impl Engine {
         let hello = match check_hello(hello_envelope, Role::ServerNode, "a client node") {
             Ok(hello) => hello,
             Err(reply) => {
-                if let Some(Body::Error(error)) = &reply.body {
+                if self.refuse_stranger(&identity, &reply, link).await
+                    && let Some(Body::Error(error)) = &reply.body
+                {
                     warn!(reason = error.message, "refusing a peer");
                 }
-                self.answer_stranger(&identity, &reply, link).await;
                 return;
             }
         };
@@ -1071,18 +1416,15 @@ impl Engine {
             None
         };
         if let Some((code, message)) = refusal {
-            warn!(
-                host = hello.host,
-                pid = hello.pid,
-                message,
-                "refusing a peer"
-            );
-            self.answer_stranger(
-                &identity,
-                &Envelope::error(correlation, code, message),
-                link,
-            )
-            .await;
+            let reply = Envelope::error(correlation, code, message.clone());
+            if self.refuse_stranger(&identity, &reply, link).await {
+                warn!(
+                    host = hello.host,
+                    pid = hello.pid,
+                    message,
+                    "refusing a peer"
+                );
+            }
             return;
         }
         let rank = self.pick_rank(hello.rank);
@@ -1189,15 +1531,37 @@ impl Engine {
     }
 
     /// Sends a refusal to a connection that has not joined, sealed on
-    /// `link` if its Hello verified.
-    async fn answer_stranger(&mut self, identity: &Bytes, reply: &Envelope, link: Option<LinkId>) {
-        let Ok(bytes) = self.framing.encode_body(reply) else {
-            return;
-        };
-        let parts = vec![Header::Welcome.encode(), Bytes::from(bytes)];
-        if let Err(error) = self.transmit_first(identity, link, parts).await {
-            debug!(%error, "could not answer a peer that has not joined");
+    /// `link` if its Hello verified, unless it was refused before: then
+    /// drops it, and says so in the log the first time. Whether it sent
+    /// it (the caller then logs why).
+    async fn refuse_stranger(
+        &mut self,
+        identity: &Bytes,
+        reply: &Envelope,
+        link: Option<LinkId>,
+    ) -> bool {
+        if let Some(logged) = self.refused.get_mut(identity) {
+            if !*logged {
+                *logged = true;
+                warn!(
+                    peer = %hex(identity),
+                    "not answering a connection refused before (each is answered once, \
+                     and its further refusals are not logged)"
+                );
+            }
+            return false;
         }
+        if self.refused.len() >= REFUSED {
+            self.refused.clear();
+        }
+        self.refused.insert(identity.clone(), false);
+        if let Ok(bytes) = self.framing.encode_body(reply) {
+            let parts = vec![Header::Welcome.encode(), Bytes::from(bytes)];
+            if let Err(error) = self.transmit_first(identity, link, parts).await {
+                debug!(%error, "could not answer a peer that has not joined");
+            }
+        }
+        true
     }
 
     /// The rank of the peer on this connection, if it joined.
@@ -1209,46 +1573,68 @@ impl Engine {
         }
     }
 
+    /// Which way messages come to this side.
+    fn incoming(&self) -> Direction {
+        match self.outgoing() {
+            Direction::ToDealer => Direction::ToRouter,
+            Direction::ToRouter => Direction::ToDealer,
+        }
+    }
+
+    /// The cheap part of the check of a large message from `rank`, made
+    /// before its link's [`Checker`] computes its tag: it is sealed, by the
+    /// peer of this link, with a counter above the last one accepted (so a
+    /// replay is refused without being hashed). Once the checker is through
+    /// with it, [`unseal`](Self::unseal) checks it all again with the tag
+    /// found, and only then accepts its counter: a forged message with a
+    /// counter far ahead is refused for its tag, and the genuine messages
+    /// behind it still pass. (Accepting the counter before the tag checks
+    /// out would let anyone who can put a message on the wire make every
+    /// later genuine one look replayed.)
+    ///
+    /// A message refused for its tag is not credited as consumed, as no
+    /// refused message is: it was never counted against the peer's window,
+    /// and crediting a forged one would grant the peer credit it did not
+    /// use, after which its genuine messages would be dropped as sent
+    /// beyond the credit. A genuine message altered on the wire thus costs
+    /// its sender that credit, like any message lost with the connection.
+    fn precheck(&self, rank: Rank, parts: &VecDeque<Bytes>) -> Result<(), Rejection> {
+        let link = self
+            .peers
+            .get(&rank)
+            .and_then(|peer| peer.seal.as_ref())
+            .expect("every link of a signed transport is signed");
+        let seal = parts
+            .front()
+            .and_then(|first| Seal::parse(first))
+            .ok_or(Rejection::Unsigned)?;
+        if seal.nonce != link.id.sender(self.incoming()) {
+            return Err(Rejection::OtherLink);
+        }
+        if seal.counter <= link.received {
+            return Err(Rejection::Replayed {
+                counter: seal.counter,
+                last: link.received,
+            });
+        }
+        Ok(())
+    }
+
     /// Checks and removes the seal in front of `parts`, from the peer on
     /// `identity`'s connection: the message must be sealed with the key,
     /// for this link (the nonces of both sides), with a counter above the
-    /// last one accepted. A connection that has not joined may only send a
-    /// Hello, sealed with counter 0 and no nonce of ours.
-    /// For a large message from a peer with a link, whether its tag checks
-    /// out, found on a blocking thread; `None` for any other message, which
-    /// [`unseal`](Self::unseal) checks itself.
-    async fn verify_large(&self, identity: &Bytes, parts: &VecDeque<Bytes>) -> Option<bool> {
-        let size: usize = parts.iter().map(Bytes::len).sum();
-        if size < OFFLOAD_THRESHOLD {
-            return None;
-        }
-        let security = self.security.as_ref()?;
-        let rank = self.rank_of(identity)?;
-        let link = self.peers.get(&rank)?.seal.as_ref()?.id;
-        let incoming = match self.outgoing() {
-            Direction::ToDealer => Direction::ToRouter,
-            Direction::ToRouter => Direction::ToDealer,
-        };
-        let signer = security.signer.clone();
-        let parts: Vec<Bytes> = parts.iter().cloned().collect();
-        let checking = tokio::task::spawn_blocking(move || {
-            let (first, rest) = parts.split_first()?;
-            let seal = Seal::parse(first)?;
-            Some(signer.verify(incoming, &link, &seal, rest))
-        });
-        checking.await.ok().flatten()
-    }
-
+    /// last one accepted; `verified` is whether the tag of a large one
+    /// checks out, found by its link's [`Checker`] (`None`: to check here).
+    /// A connection that has not joined may only send a Hello, sealed with
+    /// counter 0 and no nonce of ours, or once welcomed its first message,
+    /// both small.
     fn unseal(
         &mut self,
         identity: &Bytes,
         parts: &mut VecDeque<Bytes>,
         verified: Option<bool>,
     ) -> Result<Unsealed, Rejection> {
-        let incoming = match self.outgoing() {
-            Direction::ToDealer => Direction::ToRouter,
-            Direction::ToRouter => Direction::ToDealer,
-        };
+        let incoming = self.incoming();
         let rank = self.rank_of(identity);
         let security = self.security.as_mut().expect("a signed link");
         let first = parts.pop_front().ok_or(Rejection::Unsigned)?;
@@ -1257,17 +1643,13 @@ impl Engine {
             return Err(Rejection::Unsigned);
         };
         let rest = &*parts.make_contiguous();
-        let senders = |link: &LinkId| match incoming {
-            Direction::ToRouter => link.dealer,
-            Direction::ToDealer => link.router,
-        };
         if let Some(rank) = rank {
             let link = self
                 .peers
                 .get_mut(&rank)
                 .and_then(|peer| peer.seal.as_mut())
                 .expect("every link of a signed transport is signed");
-            if seal.nonce != senders(&link.id) {
+            if seal.nonce != link.id.sender(incoming) {
                 return Err(Rejection::OtherLink);
             }
             let valid =
@@ -1283,6 +1665,12 @@ impl Engine {
             }
             link.received = seal.counter;
             return Ok(Unsealed::Link);
+        }
+        // Hashing a large message here would hold up every peer, and none
+        // can come from a connection that has not joined.
+        let size = rest.iter().map(Bytes::len).sum();
+        if size >= OFFLOAD_THRESHOLD {
+            return Err(Rejection::Oversized(size));
         }
         if let Some(pending) = security.pending.get(identity) {
             if seal.nonce != pending.link.dealer {
@@ -1388,21 +1776,16 @@ impl Engine {
         if !self.socket.is_router() || self.rank_of(identity).is_some() {
             return;
         }
-        let Some(security) = self.security.as_mut() else {
-            return;
-        };
-        if security.refused.len() >= SEEN_HELLOS {
-            security.refused.clear();
-        }
         // What is left once the seal, if any, is taken off: `[H, hello]`.
-        if parts.len() == 2 && &parts[0][..] == b"H" && security.refused.insert(identity.clone()) {
+        if parts.len() == 2 && &parts[0][..] == b"H" {
             let reply = Envelope::error(
                 0,
                 ProtocolErrorCode::UnexpectedMessage,
                 "the client node could not verify this server node's signature: \
                  its links are signed, with another key than this server node's, or it has none",
             );
-            self.answer_stranger(identity, &reply, None).await;
+            // Why is logged as the message's rejection.
+            self.refuse_stranger(identity, &reply, None).await;
         }
     }
 

@@ -32,9 +32,13 @@
 //! A server node connects and sends `H`; the client node answers `W` and,
 //! if it welcomed the peer, `C` with its window; the server node then sends
 //! its own `C`. Input that breaks these rules is logged (with `tracing`) and
-//! dropped. On a [signed link](#signed-links) every message has one more
-//! part in front, its seal, and the client node's `C` waits for the server
-//! node's.
+//! dropped. A connection that has not joined is refused at most once:
+//! Hellos of it that would be refused again are dropped (and logged the
+//! first time), so that a peer that sends Hellos and never reads cannot
+//! fill the socket's queue for it, which would make the client node wait
+//! on it and serve nobody else; a valid Hello of it is still welcomed. On
+//! a [signed link](#signed-links) every message has one more part in
+//! front, its seal, and the client node's `C` waits for the server node's.
 //!
 //! # Delivery
 //!
@@ -146,16 +150,30 @@
 //! disk. Nothing else changes for the other peers. Signing authenticates;
 //! it does not hide: messages cross the network in clear.
 //!
+//! HMAC-SHA256 runs at hundreds of MB/s to a few GB/s, so a message of
+//! 1 MiB or more ([`OFFLOAD_THRESHOLD`]) is sealed, and checked, on a
+//! blocking thread, by a task per link that keeps the link's messages in
+//! order: while it holds one, the later messages of that link (control
+//! messages too) go through it, and the engine goes on sending and
+//! reading the other links' messages. The receiver first checks what is
+//! cheap (a seal, of this link, with a counter above the last accepted: a
+//! replayed large message is refused without being hashed), and accepts
+//! the counter only once the tag checks out, so a forged message with a
+//! counter far ahead cannot make the genuine ones behind it look replayed.
+//! A connection that has not joined may send nothing that large: it is
+//! refused before it is hashed.
+//!
 //! # Limits
 //!
 //! No CURVE (the crate has none): use `ipc://` in a private directory, or
 //! `tcp://` with signing. The crate reads a whole ZeroMQ message into
 //! memory before this transport sees its size, so `max_frame` protects
 //! decoding, not memory, against a hostile peer, on signed links too: the
-//! signature is checked once the message has arrived. The engine signs
-//! and checks in its own task, so a message of hundreds of MiB holds the
-//! other peers' messages for as long as its HMAC takes (in the order of a
-//! second per GiB on a busy machine with SHA-NI).
+//! signature is checked once the message has arrived. A large message
+//! holds the later messages of its own link for as long as its HMAC takes
+//! (in the order of a second per GiB on a busy machine with SHA-NI), as
+//! they must arrive after it, not those of the other links; so does a
+//! forged large message, from whoever can write into the connection.
 
 mod engine;
 mod seal;

@@ -101,6 +101,16 @@ pub(crate) struct LinkId {
     pub(crate) router: Nonce,
 }
 
+impl LinkId {
+    /// The nonce of the side that sends `direction`.
+    pub(crate) fn sender(&self, direction: Direction) -> Nonce {
+        match direction {
+            Direction::ToRouter => self.dealer,
+            Direction::ToDealer => self.router,
+        }
+    }
+}
+
 /// One side's signing state for one link.
 #[derive(Debug, Clone)]
 pub(crate) struct LinkSeal {
@@ -193,16 +203,13 @@ impl Signer {
         counter: u64,
         parts: &[Bytes],
     ) -> Bytes {
-        let own = match direction {
-            Direction::ToRouter => &link.dealer,
-            Direction::ToDealer => &link.router,
-        };
+        let own = link.sender(direction);
         let tag = self
             .mac(direction, link, counter, parts)
             .finalize()
             .into_bytes();
         let mut seal = BytesMut::with_capacity(SEAL_LEN);
-        seal.put_slice(own);
+        seal.put_slice(&own);
         seal.put_u64(counter);
         seal.put_slice(&tag);
         seal.freeze()

@@ -16,9 +16,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use casa_node_conformance::transport::{self as checks, ping};
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode};
-use casa_node_protocol::{Transport, TransportError, TransportEvent};
+use casa_node_protocol::{OFFLOAD_THRESHOLD, Transport, TransportError, TransportEvent};
 use casa_node_transport_zmq::{HandshakeError, SigningKey, ZmqConfig, ZmqTransport};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketRecv, SocketSend, ZmqMessage};
@@ -427,8 +427,22 @@ async fn a_tampered_message_is_dropped_and_logged_both_ways() {
     .await;
 }
 
+/// `parts` with the counter in its seal set to `counter`.
+fn with_counter(parts: &[Bytes], counter: u64) -> Vec<Bytes> {
+    let mut parts = parts.to_vec();
+    let mut seal = parts[0].to_vec();
+    seal[16..24].copy_from_slice(&counter.to_be_bytes());
+    parts[0] = Bytes::from(seal);
+    parts
+}
+
 /// Messages of 1 MiB or more are sealed and checked on blocking threads:
-/// they still cross intact, and an altered one is still refused.
+/// they still cross intact, an altered one is refused for its tag, and a
+/// replayed one for its counter (without being hashed). An altered one
+/// whose counter is far ahead holds back none of the genuine messages
+/// that follow it: its counter is not accepted, as its tag is wrong. A
+/// connection that has not joined may send nothing large: refused
+/// unhashed.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_message_is_sealed_and_checked_and_a_tampered_one_refused() {
     bounded(async {
@@ -442,16 +456,33 @@ async fn a_large_message_is_sealed_and_checked_and_a_tampered_one_refused() {
         let up = relay.last_up(b'D');
         assert!(down[2].len() >= 3 << 20 && up[2].len() >= 3 << 20);
         let middle = down[2].len() / 2;
-        relay.inject_down(flipped(&down, 2, middle));
-        relay.inject_up(flipped(&up, 2, middle));
-        await_rejected(&server, 1).await;
-        await_rejected(&client, 1).await;
-        // Refused for its tag, before its counter is looked at.
-        let needles = [REFUSED, "the signature does not match"];
-        await_logged(&client_span(&endpoint), &needles, 1).await;
-        await_logged(&server_span(&relay.endpoint, 1), &needles, 1).await;
+        relay.inject_down(with_counter(&flipped(&down, 2, middle), u64::MAX - 1));
+        relay.inject_up(with_counter(&flipped(&up, 2, middle), u64::MAX - 1));
+        relay.inject_down(down);
+        relay.inject_up(up);
+        await_rejected(&server, 2).await;
+        await_rejected(&client, 2).await;
+        for span in [client_span(&endpoint), server_span(&relay.endpoint, 1)] {
+            await_logged(&span, &[REFUSED, "the signature does not match"], 1).await;
+            await_logged(&span, &[REFUSED, "replayed: counter"], 1).await;
+        }
         ping_through(&mut client, &mut server, 2).await;
         ping_through(&mut server, &mut client, 3).await;
+
+        let mut raw = DealerSocket::new();
+        raw.connect(&endpoint).await.expect("connect");
+        let large_hello = vec![
+            Bytes::from(vec![0; 56]),
+            Bytes::from_static(b"H"),
+            Bytes::from(vec![0; 2 << 20]),
+        ];
+        raw.send(ZmqMessage::try_from(large_hello).expect("parts"))
+            .await
+            .expect("send");
+        await_rejected(&client, 3).await;
+        let needles = [REFUSED, "too large for a Hello (not hashed)"];
+        await_logged(&client_span(&endpoint), &needles, 1).await;
+        ping_through(&mut server, &mut client, 4).await;
     })
     .await;
 }
@@ -722,6 +753,234 @@ async fn a_server_node_accepts_no_welcome_of_an_earlier_session() {
         answering.abort();
     })
     .await;
+}
+
+// ------------------------------------------------------ the other peers
+
+/// The size of a message whose HMAC takes about `seconds` in this build on
+/// this machine, in whole MiB between 16 and 128.
+fn size_hashed_in(seconds: f64) -> usize {
+    use hmac::{Hmac, Mac};
+    let sample = vec![0x5a_u8; 8 << 20];
+    let started = std::time::Instant::now();
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(&KEY).expect("HMAC takes any key");
+    mac.update(&sample);
+    std::hint::black_box(mac.finalize());
+    let rate = sample.len() as f64 / started.elapsed().as_secs_f64();
+    ((rate * seconds) as usize).clamp(16 << 20, 128 << 20) & !((1 << 20) - 1)
+}
+
+/// While a large message crosses each way between the client node and
+/// server node 1, server node 2's pings through the client node keep
+/// coming back within a heartbeat: the large messages are sealed and
+/// checked away from the client node's engine, which meanwhile reads and
+/// sends the other peers' messages.
+///
+/// The message is made so large that its HMAC alone takes 2.5 s here, in
+/// a debug build (some 70 MiB, 2.7 s without a ping answered when the
+/// engine waited for the HMAC). A release build with SHA-NI hashes even
+/// 1 GiB in well under a heartbeat, so there the size stops at 128 MiB
+/// and the test shows nothing: with larger messages it would measure
+/// other stalls, unsigned links' too (up to a second with 512 MiB each
+/// way on a machine of two cores), another matter.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_server_nodes_pings_flow_while_a_large_signed_message_crosses() {
+    const HEARTBEAT: Duration = Duration::from_secs(1);
+    bounded(async {
+        let len = size_hashed_in(2.5);
+        let mut client = signed_client().await;
+        let endpoint = client.endpoint().to_owned();
+        let mut one = ZmqTransport::connect_with(&endpoint, 1, signed(KEY))
+            .await
+            .expect("connect");
+        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        let mut two = ZmqTransport::connect_with(&endpoint, 2, signed(KEY))
+            .await
+            .expect("connect");
+        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(2));
+        let up = checks::large_request(1, checks::pattern(len, 1));
+        let down = checks::large_request(2, checks::pattern(len, 2));
+
+        // The client node's event loop: it sends `down` to server node 1,
+        // takes `up` from it, and echoes server node 2's pings.
+        let (arrived_tx, mut arrived) = oneshot::channel();
+        let client_loop = tokio::spawn({
+            let up = up.clone();
+            async move {
+                client.send(1, down).await.expect("send down");
+                let mut arrived_tx = Some(arrived_tx);
+                loop {
+                    match next_event(&mut client).await {
+                        TransportEvent::Message { from: 2, envelope } => {
+                            let last = envelope == ping(STOP);
+                            client.send(2, envelope).await.expect("echo");
+                            if last {
+                                return client;
+                            }
+                        }
+                        TransportEvent::Message { from: 1, envelope } => {
+                            assert!(envelope == up, "the large message arrived altered");
+                            let arrived_tx = arrived_tx.take().expect("one large message");
+                            let _ = arrived_tx.send(());
+                        }
+                        other => panic!("unexpected {other:?}"),
+                    }
+                }
+            }
+        });
+        let one_side = tokio::spawn(async move {
+            // The send returns once the message has its credit.
+            one.send(0, up).await.expect("send up");
+            if let Err(failure) = checks::receive_large(&mut one, 0, len, 2).await {
+                panic!("{failure}");
+            }
+            one
+        });
+
+        let started = Instant::now();
+        let mut crossed = false;
+        let (trips, longest) = round_trips_until(&mut two, HEARTBEAT, || {
+            crossed |= arrived.try_recv().is_ok();
+            crossed && one_side.is_finished()
+        })
+        .await;
+        println!(
+            "{} MiB each way in {:?}; {trips} round trips of server node 2, \
+             the longest gap between two {longest:?}",
+            len >> 20,
+            started.elapsed()
+        );
+        let mut client = client_loop.await.expect("the client node's loop");
+        let mut one = one_side.await.expect("server node 1");
+        assert!(
+            longest < HEARTBEAT,
+            "server node 2's round trips stopped for {longest:?} while {} MiB crossed",
+            len >> 20
+        );
+        for transport in [&mut one, &mut two, &mut client] {
+            transport.shutdown().await.expect("shutdown");
+        }
+        assert_eq!(client.rejected_messages(), 0);
+    })
+    .await;
+}
+
+/// An envelope encoded just below [`OFFLOAD_THRESHOLD`], so that
+/// `send` encodes it at once, while with its header (and seal) it is large
+/// enough to be sealed, and checked, off the engine.
+fn just_below_the_threshold() -> Envelope {
+    let target = OFFLOAD_THRESHOLD - 1;
+    let mut len = target;
+    loop {
+        let envelope = checks::large_request(1, checks::pattern(len, 1));
+        let encoded = prost::Message::encoded_len(&envelope);
+        if encoded == target {
+            return envelope;
+        }
+        len -= encoded.saturating_sub(target).max(1);
+    }
+}
+
+/// A large message that a server node sends just before it shuts down
+/// arrives, then its departure: its goodbye waits behind the message's
+/// seal, and the client node acts on the goodbye only after checking the
+/// message. Goodbyes are acknowledged, not waited out, also when the
+/// client node is sealing a large message for the server node leaving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_goodbye_comes_after_the_large_message_before_it() {
+    bounded(async {
+        let linger = Duration::from_secs(20);
+        let config = ZmqConfig {
+            linger,
+            ..signed(KEY)
+        };
+        let mut client = ZmqTransport::bind_with("tcp://127.0.0.1:0", config.clone())
+            .await
+            .expect("bind");
+        let endpoint = client.endpoint().to_owned();
+        let large = just_below_the_threshold();
+        for rank in [1, 2] {
+            let mut server = ZmqTransport::connect_with(&endpoint, rank, config.clone())
+                .await
+                .expect("connect");
+            assert_eq!(
+                next_event(&mut client).await,
+                TransportEvent::PeerJoined(rank)
+            );
+            let started = Instant::now();
+            if rank == 1 {
+                server.send(0, large.clone()).await.expect("send");
+            } else {
+                client.send(rank, large.clone()).await.expect("send");
+            }
+            server.shutdown().await.expect("shutdown");
+            assert!(
+                started.elapsed() < linger,
+                "server node {rank}'s goodbye was not acknowledged"
+            );
+            drop(server);
+            if rank == 1 {
+                match next_event(&mut client).await {
+                    TransportEvent::Message { from, envelope } => {
+                        assert_eq!(from, rank);
+                        assert!(envelope == large, "the large message arrived altered");
+                    }
+                    other => panic!("expected the large message, got {other:?}"),
+                }
+            }
+            assert_eq!(
+                next_event(&mut client).await,
+                TransportEvent::PeerLost(rank)
+            );
+        }
+        let started = Instant::now();
+        client.shutdown().await.expect("shutdown");
+        assert!(started.elapsed() < linger);
+        assert_eq!(client.rejected_messages(), 0);
+    })
+    .await;
+}
+
+/// The ping that ends [`round_trips_until`].
+const STOP: u64 = u64::MAX;
+
+/// Sends pings from `server` to the client node, which echoes them, one
+/// every 20 ms, until `done` says so after a round trip; then sends
+/// [`STOP`]. Returns how many went there and back and the longest time
+/// between two that came back (or between the start and the first). A
+/// round trip that takes ten heartbeats fails: the client node is stuck.
+async fn round_trips_until(
+    server: &mut ZmqTransport,
+    heartbeat: Duration,
+    mut done: impl FnMut() -> bool,
+) -> (u64, Duration) {
+    let mut pace = tokio::time::interval(Duration::from_millis(20));
+    let mut last = Instant::now();
+    let mut longest = Duration::ZERO;
+    let mut sequence = 0;
+    loop {
+        pace.tick().await;
+        let finished = done();
+        let sent = if finished { STOP } else { sequence };
+        server.send(0, ping(sent)).await.expect("send");
+        let echo = tokio::time::timeout(10 * heartbeat, next_event(server))
+            .await
+            .unwrap_or_else(|_| panic!("no answer to ping {sent} within {:?}", 10 * heartbeat));
+        assert_eq!(
+            echo,
+            TransportEvent::Message {
+                from: 0,
+                envelope: ping(sent)
+            }
+        );
+        let now = Instant::now();
+        longest = longest.max(now - last);
+        last = now;
+        if finished {
+            return (sequence, longest);
+        }
+        sequence += 1;
+    }
 }
 
 // -------------------------------------------------------------- the cost

@@ -73,6 +73,11 @@ async fn raw_hello(raw: &mut DealerSocket, hello: Bytes) -> Envelope {
     raw.send(multipart(vec![Bytes::from_static(b"H"), hello]))
         .await
         .expect("send Hello");
+    read_answer(raw).await
+}
+
+/// The envelope of the next answer to a Hello that a raw DEALER gets.
+async fn read_answer(raw: &mut DealerSocket) -> Envelope {
     let answer = raw.recv().await.expect("answer").into_vec();
     assert_eq!(answer.len(), 2, "{answer:?}");
     assert_eq!(&answer[0][..], b"W");
@@ -691,6 +696,123 @@ async fn an_envelope_over_max_frame_is_refused_on_send() {
             matches!(result, Err(TransportError::Frame(_))),
             "{result:?}"
         );
+    })
+    .await;
+}
+
+/// A connection that sends Hello after malformed Hello and never reads is
+/// refused once: were each refused, its refusals would fill the queue the
+/// socket keeps for it (100 000 messages, then `send` waits), and the
+/// client node's engine would wait on it and serve nobody else. Meanwhile
+/// a server node's round trips through the client node come back within a
+/// heartbeat, and the stranger may still join with a valid Hello.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stranger_flooding_malformed_hellos_is_answered_once_and_holds_nobody_up() {
+    const HEARTBEAT: Duration = Duration::from_secs(1);
+    // Well beyond the queue, and what the sockets' buffers hold besides.
+    const HELLOS: usize = 200_000;
+    /// The ping that ends the exchange.
+    const STOP: u64 = u64::MAX;
+    bounded(async {
+        let (mut client, _dir) = client_with(ZmqConfig::default()).await;
+        let endpoint = client.endpoint().to_owned();
+        let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
+        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+
+        let mut flooder = DealerSocket::new();
+        flooder.connect(&endpoint).await.expect("connect");
+        let flooding = tokio::spawn(async move {
+            for _ in 0..HELLOS {
+                let malformed = vec![Bytes::from_static(b"H"), Bytes::from_static(b"\xff")];
+                flooder.send(multipart(malformed)).await.expect("send");
+            }
+            // When the client node reports this one joined, it has read
+            // every Hello before it.
+            let hello = hello_bytes(PROTOCOL_VERSION, PROTOCOL_VERSION, Role::ServerNode);
+            flooder
+                .send(multipart(vec![Bytes::from_static(b"H"), hello]))
+                .await
+                .expect("send");
+            flooder
+        });
+        // The client node's event loop: it echoes the server node's pings.
+        let (joined_tx, mut joined) = tokio::sync::oneshot::channel();
+        let client_loop = tokio::spawn(async move {
+            let mut joined_tx = Some(joined_tx);
+            loop {
+                match next_event(&mut client).await {
+                    TransportEvent::Message { from: 1, envelope } => {
+                        let last = envelope == ping(STOP);
+                        client.send(1, envelope).await.expect("echo");
+                        if last {
+                            return client;
+                        }
+                    }
+                    TransportEvent::PeerJoined(rank) => {
+                        let joined_tx = joined_tx.take().expect("one stranger joins");
+                        let _ = joined_tx.send(rank);
+                    }
+                    other => panic!("unexpected {other:?}"),
+                }
+            }
+        });
+
+        // Round trips, one every 20 ms, until the flood is read.
+        let mut pace = tokio::time::interval(Duration::from_millis(20));
+        let started = tokio::time::Instant::now();
+        let (mut last, mut longest, mut sequence) = (started, Duration::ZERO, 0);
+        let stranger = loop {
+            pace.tick().await;
+            let stranger = joined.try_recv().ok();
+            let sent = if stranger.is_some() { STOP } else { sequence };
+            server.send(0, ping(sent)).await.expect("send");
+            let echo = tokio::time::timeout(10 * HEARTBEAT, next_event(&mut server))
+                .await
+                .unwrap_or_else(|_| {
+                    panic!(
+                        "no answer to ping {sent} within {:?} (longest gap so far {longest:?})",
+                        10 * HEARTBEAT
+                    )
+                });
+            assert_eq!(
+                echo,
+                TransportEvent::Message {
+                    from: 0,
+                    envelope: ping(sent)
+                }
+            );
+            let now = tokio::time::Instant::now();
+            longest = longest.max(now - last);
+            last = now;
+            if let Some(stranger) = stranger {
+                break stranger;
+            }
+            sequence += 1;
+        };
+        println!(
+            "{HELLOS} malformed Hellos read in {:?}; {sequence} round trips, \
+             the longest gap between two {longest:?}",
+            started.elapsed()
+        );
+        assert!(
+            longest < HEARTBEAT,
+            "the server node's round trips stopped for {longest:?}"
+        );
+
+        // One refusal, then the Welcome and the credit of the valid Hello.
+        let mut flooder = flooding.await.expect("the flood");
+        let refusal = read_answer(&mut flooder).await;
+        assert_eq!(error_code(&refusal).0, ProtocolErrorCode::Malformed);
+        match read_answer(&mut flooder).await.body {
+            Some(Body::Welcome(welcome)) => assert_eq!(welcome.rank, stranger),
+            other => panic!("expected the Welcome, got {other:?}"),
+        }
+        let credit = flooder.recv().await.expect("credit").into_vec();
+        assert_eq!(&credit[0][..1], b"C", "{credit:?}");
+
+        let mut client = client_loop.await.expect("the client node's loop");
+        server.shutdown().await.expect("shutdown");
+        client.shutdown().await.expect("shutdown");
     })
     .await;
 }
