@@ -31,6 +31,7 @@ pub const CASANODE: Files = files!(
     "casanode/_pb/casa/node/v1/__init__.py",
     "casanode/_pb/casa/node/v1/driver_pb2.py",
     "casanode/_pb/casa/node/v1/envelope_pb2.py",
+    "casanode/_pb/casa/node/v1/journal_pb2.py",
     "casanode/_pb/casa/node/v1/node_pb2.py",
     "casanode/_pb/casa/node/v1/value_pb2.py",
 );

@@ -732,3 +732,198 @@ fn tcp_node_links_are_signed_with_the_connection_files_key() {
     );
     let _ = std::fs::remove_dir_all(&runtime);
 }
+
+/// A TCP relay on loopback between a server node and its client node's
+/// `tcp://` node link, which a test can cut and restore: while cut, it
+/// moves no byte either way, as a network partition does (the connections
+/// stay open, and what is sent waits in the kernel's buffers).
+struct Relay {
+    port: u16,
+    cut: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    done: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl Relay {
+    /// Relays every connection made to it to `upstream` (`host:port`).
+    fn start(upstream: String) -> Relay {
+        use std::net::{TcpListener, TcpStream};
+        use std::sync::Arc;
+        use std::sync::atomic::AtomicBool;
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let cut = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicBool::new(false));
+        let (cut_flag, done_flag) = (cut.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done_flag.load(Ordering::Relaxed) {
+                let Ok((down, _)) = listener.accept() else {
+                    std::thread::sleep(Duration::from_millis(10));
+                    continue;
+                };
+                let Ok(up) = TcpStream::connect(&upstream) else {
+                    continue;
+                };
+                down.set_nonblocking(false).unwrap();
+                for (from, to) in [
+                    (down.try_clone().unwrap(), up.try_clone().unwrap()),
+                    (up, down),
+                ] {
+                    let (cut, done) = (cut_flag.clone(), done_flag.clone());
+                    std::thread::spawn(move || pump(from, to, &cut, &done));
+                }
+            }
+        });
+        Relay { port, cut, done }
+    }
+
+    fn cut(&self, cut: bool) {
+        self.cut.store(cut, Ordering::Relaxed);
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        self.cut(false);
+        self.done.store(true, Ordering::Relaxed);
+    }
+}
+
+/// Copies `from` to `to` but while `cut`; ends with either side, or `done`.
+fn pump(
+    mut from: std::net::TcpStream,
+    mut to: std::net::TcpStream,
+    cut: &std::sync::atomic::AtomicBool,
+    done: &std::sync::atomic::AtomicBool,
+) {
+    from.set_read_timeout(Some(Duration::from_millis(20)))
+        .unwrap();
+    let mut buffer = vec![0u8; 1 << 16];
+    while !done.load(Ordering::Relaxed) {
+        if cut.load(Ordering::Relaxed) {
+            std::thread::sleep(Duration::from_millis(5));
+            continue;
+        }
+        match from.read(&mut buffer) {
+            Ok(0) => break,
+            Ok(n) => {
+                if to.write_all(&buffer[..n]).is_err() {
+                    break;
+                }
+            }
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) => {}
+            Err(_) => break,
+        }
+    }
+    let _ = to.shutdown(std::net::Shutdown::Both);
+}
+
+/// Rules 20, 21, 30: a partition longer than the timeout heals. A server
+/// node attached over `tcp://` (through a relay on loopback that the test
+/// cuts) runs `time.sleep(4) or 99` when its link goes quiet for 8 s: the
+/// client node times it out and answers the request `timeout`; the server
+/// node keeps its worker and finished answer, and when the link returns
+/// that answer replaces the timeout record, and the same server node is
+/// online again and serves.
+#[test]
+fn a_partition_longer_than_the_timeout_heals() {
+    let dir = scratch();
+    let file = dir.join("secrets").join("cluster.json");
+    let cluster = Cluster::start(
+        dir.clone(),
+        &[
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+            "--connection-file",
+            file.to_str().unwrap(),
+            "--nodes",
+            "tcp://127.0.0.1:0",
+        ],
+        Some(file.clone()),
+    );
+    let upstream = cluster.nodes.trim_start_matches("tcp://").to_owned();
+    let relay = Relay::start(upstream);
+    let mut remote = Command::new(BIN)
+        .args([
+            "server",
+            "--connect",
+            &format!("tcp://127.0.0.1:{}", relay.port),
+        ])
+        .args(["--connection-file", file.to_str().unwrap()])
+        .env_remove("CASA_NODE_CONNECTION_FILE")
+        .env_remove("CASA_NODE_PATIENCE")
+        .stdin(Stdio::null())
+        .spawn()
+        .expect("casa-node server starts");
+    let client = cluster.client();
+    let end = Instant::now() + WAIT;
+    let server = loop {
+        let status = client.status(None).unwrap();
+        if let Some(s) = status.servers.iter().find(|s| s.rank == 2 && s.online) {
+            if s.worker_pid != 0 {
+                break s.clone();
+            }
+        }
+        assert!(Instant::now() < end, "the remote server never joined");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let ids = client
+        .submit(Submit::new("time.sleep(4) or 99").targets([2]))
+        .expect("accepted");
+    while !client.status(Some(2)).unwrap().servers[0].busy {
+        assert!(Instant::now() < end, "the command never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let cut_at = Instant::now();
+    relay.cut(true);
+    let first = client.wait_timeout(&ids, WAIT).expect("answered").remove(0);
+    assert_eq!(
+        first.status(),
+        casa_node_protocol::pb::CommandStatus::Timeout,
+        "{first:?}"
+    );
+    // The partition lasts 8 s in all, past the timeout (5 s) and the 6 s
+    // after which server nodes used to give up.
+    std::thread::sleep(Duration::from_secs(8).saturating_sub(cut_at.elapsed()));
+    relay.cut(false);
+    let end = Instant::now() + WAIT;
+    let replaced = loop {
+        let latest = client.poll(&ids).unwrap().remove(0);
+        if latest.status() != casa_node_protocol::pb::CommandStatus::Timeout {
+            break latest;
+        }
+        assert!(
+            Instant::now() < end,
+            "the real answer never replaced the timeout record"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(replaced.ret, Some(Value::from(99)), "{replaced:?}");
+    let again = client.status(Some(2)).unwrap().servers.remove(0);
+    assert!(again.online && !again.timeout, "{again:?}");
+    assert_eq!(
+        (again.pid, again.worker_pid),
+        (server.pid, server.worker_pid),
+        "the server node or its worker was replaced"
+    );
+    let next = client
+        .submit(Submit::new("6*7").targets([2]))
+        .expect("accepted");
+    let answer = client
+        .wait_timeout(&next, WAIT)
+        .expect("answered")
+        .remove(0);
+    assert_eq!(answer.ret, Some(Value::from(42)), "{answer:?}");
+    drop(client);
+    drop(cluster);
+    drop(relay);
+    if wait_exit(&mut remote, Duration::from_secs(20)).is_none() {
+        let _ = remote.kill();
+        let _ = remote.wait();
+        panic!("the remote server outlived its cluster");
+    }
+}
