@@ -119,6 +119,38 @@ async fn check_submissions(
     }
 }
 
+/// The final response of a request the journal held, answered by
+/// `server`, which ran it for the client node before this one.
+fn late_answer(request: SubmitRequest, server: Rank, answer: CommandResponse) -> CommandResponse {
+    let status = match answer.status() {
+        CommandStatus::Unspecified | CommandStatus::HoldingQueue | CommandStatus::RequestSent => {
+            CommandStatus::ResponseReceived
+        }
+        status => status,
+    };
+    CommandResponse {
+        id: answer.id,
+        command: request.command,
+        mode: match answer.mode() {
+            CommandMode::Unspecified => request.mode,
+            mode => mode.into(),
+        },
+        parameters: request.parameters,
+        ret: Some(
+            answer
+                .ret
+                .unwrap_or_else(casa_node_protocol::pb::Value::none),
+        ),
+        server,
+        status: status.into(),
+        successful: answer.successful,
+        traceback: answer.traceback,
+        command_start_time: answer.command_start_time,
+        command_stop_time: answer.command_stop_time,
+        worker_restarted: answer.worker_restarted,
+    }
+}
+
 /// Whom requests queued again from the journal belong to until a driver
 /// claims them (rule 33): no connection (the front door numbers its
 /// connections from 1).
@@ -213,6 +245,9 @@ pub async fn run<T: Transport>(
         claimed: Vec::new(),
         journal: None,
         recovered: None,
+        early: HashMap::new(),
+        parked: Vec::new(),
+        core_timeout: config.core.timeout,
     };
     if let Some((journal, recovered)) = config.journal.take() {
         node.journal = Some(journal);
@@ -285,6 +320,7 @@ pub async fn run<T: Transport>(
                 node.core.stop(false);
             }
         }
+        node.unpark(Instant::now());
         let stopped = node.carry_out(&mut transport).await?;
         if stopped {
             break Ok(());
@@ -333,6 +369,16 @@ struct Node<'a> {
     journal: Option<Journal>,
     /// What the journal held, until it is queued again.
     recovered: Option<Recovered>,
+    /// Answers to requests the journal holds, from servers that ran them
+    /// for the client node before and rejoined before they were queued
+    /// again: they count (rule 33).
+    early: HashMap<RequestId, (Rank, CommandResponse)>,
+    /// Requests the journal held for a rank not (yet) in the cluster, until
+    /// when they wait for a server of that rank to rejoin.
+    /// Each with the driver that claimed it, if one did.
+    parked: Vec<(Instant, RequestId, SubmitRequest, DriverId)>,
+    /// The cluster's timeout (rule 20).
+    core_timeout: Duration,
 }
 
 impl Node<'_> {
@@ -349,8 +395,21 @@ impl Node<'_> {
                         self.shared_ranks.insert(from);
                     }
                 }
+                // A server that rejoined answers a request the journal
+                // holds before it is queued again: kept for recover().
+                let early = match (&self.recovered, &envelope.body) {
+                    (Some(recovered), Some(Body::CommandResponse(response)))
+                        if recovered.pending.iter().any(|a| a.id == response.id) =>
+                    {
+                        self.early.insert(response.id, (from, (**response).clone()));
+                        true
+                    }
+                    _ => false,
+                };
                 if let Err(e) = self.core.handle(from, envelope, now) {
-                    self.warn(&format!("dropped a message: {e}"));
+                    if !early {
+                        self.warn(&format!("dropped a message: {e}"));
+                    }
                 }
             }
             TransportEvent::PeerJoined(rank) => {
@@ -830,7 +889,13 @@ impl Node<'_> {
     /// answered (kept in the journal) right after the reply, the others
     /// when they are answered.
     fn claim(&mut self, driver: DriverId, ids: &[RequestId]) -> ClaimReply {
-        let pending: HashSet<RequestId> = self.core.claim(driver, ids).into_iter().collect();
+        let mut pending: HashSet<RequestId> = self.core.claim(driver, ids).into_iter().collect();
+        for (_, id, _, claimer) in &mut self.parked {
+            if ids.contains(id) {
+                *claimer = driver;
+                pending.insert(*id);
+            }
+        }
         let mut reply = ClaimReply::default();
         for &id in ids {
             if pending.contains(&id) {
@@ -877,49 +942,41 @@ impl Node<'_> {
             ));
         }
         self.core.continue_ids_from(recovered.next_id);
-        let (mut again, mut not_again, mut refused) = (0, 0, 0);
+        let (mut again, mut not_again, mut parked, mut rejoined) = (0, 0, 0, 0);
+        // A server attached by hand may rejoin in a moment: requests for
+        // its rank wait for it, as long as the timeout, or 10 s.
+        let until = Instant::now() + self.core_timeout.max(Duration::from_secs(10));
         for accepted in recovered.pending {
             let id = accepted.id;
             let request = accepted.request.unwrap_or_default();
-            let why = if request.no_retry {
+            if let Some((server, answer)) = self.early.remove(&id) {
+                rejoined += 1;
+                let response = late_answer(request, server, answer);
+                self.journal_write(|journal| journal.answered(&response));
+                continue;
+            }
+            if request.no_retry {
                 not_again += 1;
-                "casa-node: the client node restarted from its journal while this request was pending; it was submitted with retry=False, so it is not run again (it may have run, in part or whole, before the restart)".to_owned()
-            } else {
-                match self.core.resubmit(RECOVERED, id, request.clone()) {
-                    Ok(()) => {
-                        again += 1;
-                        continue;
-                    }
-                    Err(rejection) => {
-                        refused += 1;
-                        format!(
-                            "casa-node: the client node restarted from its journal while this request was pending, and it could not be queued again: {}",
-                            rejection.message
-                        )
-                    }
+                self.end_recovered(id, request, "it was submitted with retry=False, so it is not run again (it may have run, in part or whole, before the restart)".to_owned(), RECOVERED);
+                continue;
+            }
+            match self.core.resubmit(RECOVERED, id, request.clone()) {
+                Ok(()) => again += 1,
+                Err(rejection) if rejection.reason == RejectReason::UnknownTarget => {
+                    parked += 1;
+                    self.parked.push((until, id, request, RECOVERED));
                 }
-            };
-            let response = CommandResponse {
-                id,
-                command: request.command,
-                mode: request.mode,
-                parameters: request.parameters,
-                ret: Some(casa_node_protocol::pb::Value::none()),
-                server: 0,
-                status: CommandStatus::Cancelled.into(),
-                successful: false,
-                traceback: Some(why),
-                command_start_time: 0.0,
-                command_stop_time: 0.0,
-                worker_restarted: false,
-            };
-            self.journal_write(|journal| journal.answered(&response));
+                Err(rejection) => {
+                    let why = format!("it could not be queued again: {}", rejection.message);
+                    self.end_recovered(id, request, why, RECOVERED);
+                }
+            }
         }
         let message = if recovered.created {
             format!("journal {path}: new")
         } else {
             format!(
-                "journal {path}: {again} requests accepted before the restart queued again, {not_again} not run again (retry=False), {refused} that could not be queued again; {} responses kept; ids go on from {}",
+                "journal {path}: {again} requests accepted before the restart queued again, {parked} waiting for their server to rejoin, {rejoined} answered by servers that rejoined, {not_again} not run again (retry=False); {} responses kept; ids go on from {}",
                 recovered.answered, recovered.next_id
             )
         };
@@ -931,6 +988,67 @@ impl Node<'_> {
             message,
         };
         self.record(record);
+    }
+
+    /// Queues the requests waiting for their server to rejoin (rule 33)
+    /// once it has; those whose server has not by their time end with a
+    /// failure saying so.
+    fn unpark(&mut self, now: Instant) {
+        if self.parked.is_empty() {
+            return;
+        }
+        for (until, id, request, driver) in std::mem::take(&mut self.parked) {
+            match self.core.resubmit(driver, id, request.clone()) {
+                Ok(()) => {}
+                Err(rejection)
+                    if now < until && rejection.reason == RejectReason::UnknownTarget =>
+                {
+                    self.parked.push((until, id, request, driver));
+                }
+                Err(rejection) => {
+                    let why = format!("it could not be queued again: {}", rejection.message);
+                    self.end_recovered(id, request, why, driver);
+                }
+            }
+        }
+    }
+
+    /// Ends a request the journal held, without running it, saying `why`;
+    /// `driver`, if connected, gets the answer.
+    fn end_recovered(
+        &mut self,
+        id: RequestId,
+        request: SubmitRequest,
+        why: String,
+        driver: DriverId,
+    ) {
+        let response = CommandResponse {
+            id,
+            command: request.command,
+            mode: request.mode,
+            parameters: request.parameters,
+            ret: Some(casa_node_protocol::pb::Value::none()),
+            server: 0,
+            status: CommandStatus::Cancelled.into(),
+            successful: false,
+            traceback: Some(format!(
+                "casa-node: the client node restarted from its journal while this request was pending; {why}"
+            )),
+            command_start_time: 0.0,
+            command_stop_time: 0.0,
+            worker_restarted: false,
+        };
+        self.journal_write(|journal| journal.answered(&response));
+        if let Some(d) = self.drivers.get(&driver) {
+            let delivery = ResponseDelivery {
+                response: Some(response),
+                replaces_timeout: false,
+                rejected: None,
+            };
+            let _ = d
+                .outbox
+                .send(Envelope::new(Body::ResponseDelivery(Box::new(delivery))));
+        }
     }
 
     /// Answers the first message of a connection: it must be a driver's

@@ -407,7 +407,8 @@ fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, 
         .arg("--rank")
         .arg(rank.to_string())
         .arg("--python")
-        .arg(&options.python);
+        .arg(&options.python)
+        .arg("--exit-with-client");
     if let Some(init) = &options.init {
         command.arg("--init").arg(init);
     }

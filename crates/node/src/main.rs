@@ -324,6 +324,10 @@ struct ServerArgs {
     /// The cluster's connection file: its key signs a tcp:// link.
     #[arg(long, env = "CASA_NODE_CONNECTION_FILE")]
     connection_file: Option<PathBuf>,
+    /// Exit when the client node's link closes rather than rejoin a client
+    /// node started again at the same place (`up` starts its servers so).
+    #[arg(long, hide = true)]
+    exit_with_client: bool,
 }
 
 fn non_negative_seconds(text: &str) -> Result<f64, String> {
@@ -668,10 +672,24 @@ async fn server(args: ServerArgs) -> ExitCode {
         None
     };
     let config = cluster::link_config(&args.connect, key.as_ref());
-    let transport = match ZmqTransport::connect_with(&args.connect, args.rank, config).await {
+    let transport = match ZmqTransport::connect_with(&args.connect, args.rank, config.clone()).await
+    {
         Ok(t) => t,
         Err(e) => return fail(format!("cannot join {}: {e}", args.connect)),
     };
+    // A server attached by hand rejoins a client node started again (from
+    // its journal) at the same place; one `up` started goes with its `up`.
+    let rejoin = (!args.exit_with_client).then(|| {
+        let (endpoint, rank) = (
+            args.connect.clone(),
+            casa_node_protocol::Transport::rank(&transport),
+        );
+        Box::new(move || {
+            let (endpoint, config) = (endpoint.clone(), config.clone());
+            Box::pin(async move { ZmqTransport::connect_with(&endpoint, rank, config).await })
+                as std::pin::Pin<Box<dyn std::future::Future<Output = _> + Send>>
+        }) as server_node::Rejoin<ZmqTransport>
+    });
     let config = ServerNodeConfig {
         python: args.python,
         init: args.init,
@@ -679,7 +697,7 @@ async fn server(args: ServerArgs) -> ExitCode {
         kill_grace: Duration::from_secs_f64(args.kill_grace),
         patience: Some(Duration::from_secs_f64(args.patience)),
     };
-    match server_node::run(transport, config).await {
+    match server_node::run(transport, config, rejoin).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }

@@ -106,7 +106,7 @@ pub async fn launch(
             // ends every rank.
             patience: None,
         };
-        server_node::run(transport, config).await?;
+        server_node::run(transport, config, None).await?;
         return Ok(Outcome::Server);
     }
     let info = transport.info().clone();

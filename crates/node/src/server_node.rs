@@ -4,6 +4,7 @@
 //! gone (rule 30). Pings are answered here, never by Python, so a busy
 //! worker never makes its server look dead (rule 24).
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
@@ -12,8 +13,8 @@ use std::time::{Duration, Instant};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{CommandRequest, ControlRequest, Envelope, LogLevel, control_request};
 use casa_node_protocol::{
-    ExecOutcome, ServerAction, ServerConfig, ServerCore, Transport, TransportError, TransportEvent,
-    WallClock,
+    ExecOutcome, Rank, ServerAction, ServerConfig, ServerCore, Transport, TransportError,
+    TransportEvent, WallClock,
 };
 
 use crate::executor::{Executor, ExecutorConfig, ExecutorError, ExecutorEvent};
@@ -52,10 +53,27 @@ pub enum ServerNodeError {
 
 type Starting = Pin<Box<dyn Future<Output = Result<Executor, ExecutorError>> + Send>>;
 
-/// Runs a server node until STOP or the loss of the client node.
+/// Makes a new link to the client node (at the same place, asking for
+/// the same rank), for a server node that rejoins one whose link closed.
+pub type Rejoin<T> =
+    Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<T, TransportError>> + Send>> + Send>;
+
+/// The longest pause between two tries to rejoin.
+const REJOIN_PAUSE_MAX: Duration = Duration::from_secs(2);
+
+/// Messages kept for the client node while its link is down: the answers
+/// to commands and controls (pings and log records are not kept).
+const BACKLOG_MAX: usize = 4096;
+
+/// Runs a server node until STOP or the loss of the client node. With
+/// `rejoin`, a closed link is not the end: the node keeps its worker and
+/// the answers it owes, and tries to rejoin (every 0.2 s, then less often,
+/// up to every 2 s) until its patience runs out; a client node started
+/// again from its journal takes those answers (rule 33).
 pub async fn run<T: Transport>(
-    mut transport: T,
+    transport: T,
     config: ServerNodeConfig,
+    rejoin: Option<Rejoin<T>>,
 ) -> Result<(), ServerNodeError> {
     let now = Instant::now();
     let core = ServerCore::new(
@@ -69,12 +87,18 @@ pub async fn run<T: Transport>(
         WallClock::system(),
         now,
     );
+    let rank = transport.rank();
     let mut node = Node {
         core,
         config,
         executor: None,
         starting: None,
         broken: None,
+        link: Some(transport),
+        rejoin,
+        backlog: VecDeque::new(),
+        next_try: Instant::now(),
+        pause: Duration::from_millis(200),
     };
     loop {
         let deadline = node
@@ -82,10 +106,10 @@ pub async fn run<T: Transport>(
             .poll_timeout()
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
-            event = transport.recv() => {
+            event = next_link_event(&mut node.link, node.rejoin.as_ref(), node.next_try) => {
                 let now = Instant::now();
                 match event {
-                    Ok(TransportEvent::Message { from, mut envelope }) => {
+                    LinkEvent::Transport(Ok(TransportEvent::Message { from, mut envelope })) => {
                         shm_check(&mut envelope);
                         if matches!(envelope.body, Some(Body::PingRequest(_))) {
                             node.update_resources();
@@ -94,26 +118,33 @@ pub async fn run<T: Transport>(
                             node.core.log(LogLevel::Warning, format!("dropped a message: {e}"), now);
                         }
                     }
-                    Ok(TransportEvent::PeerLost(0)) => {
-                        node.shutdown().await;
-                        return Err(ServerNodeError::ClientGone("its link closed".into()));
+                    LinkEvent::Transport(Ok(TransportEvent::PeerLost(0)))
+                    | LinkEvent::Transport(Err(TransportError::Disconnected(0))) => {
+                        if !node.link_closed() {
+                            node.shutdown().await;
+                            return Err(ServerNodeError::ClientGone("its link closed".into()));
+                        }
                     }
-                    Ok(_) => {}
-                    Err(e) => {
+                    LinkEvent::Transport(Ok(_)) => {}
+                    LinkEvent::Transport(Err(e)) => {
                         node.shutdown().await;
                         return Err(e.into());
                     }
+                    LinkEvent::Rejoined(Ok(transport)) => node.rejoined(transport, rank).await,
+                    LinkEvent::Rejoined(Err(e)) => node.rejoin_failed(&e),
                 }
             }
             event = next_event(&mut node.executor) => node.on_executor(event),
             started = starting(&mut node.starting) => node.on_started(started),
             _ = tokio::time::sleep_until(deadline.into()) => node.core.tick(Instant::now()),
         }
-        match node.carry_out(&mut transport).await? {
+        match node.carry_out().await? {
             Outcome::Serving => {}
             Outcome::Stopped => {
                 node.shutdown().await;
-                let _ = transport.shutdown().await;
+                if let Some(mut transport) = node.link.take() {
+                    let _ = transport.shutdown().await;
+                }
                 return Ok(());
             }
             Outcome::ClientGone(silent_for) => {
@@ -155,6 +186,30 @@ fn shm_check(envelope: &mut Envelope) {
     }
 }
 
+/// What the link to the client node brought: an event, or, while it is
+/// down, the outcome of a try to rejoin.
+enum LinkEvent<T> {
+    Transport(Result<TransportEvent, TransportError>),
+    Rejoined(Result<T, TransportError>),
+}
+
+/// The next event on the link; while it is down, a try to rejoin at
+/// `next_try`; never, while it is down with no way to rejoin.
+async fn next_link_event<T: Transport>(
+    link: &mut Option<T>,
+    rejoin: Option<&Rejoin<T>>,
+    next_try: Instant,
+) -> LinkEvent<T> {
+    match (link, rejoin) {
+        (Some(transport), _) => LinkEvent::Transport(transport.recv().await),
+        (None, Some(rejoin)) => {
+            tokio::time::sleep_until(next_try.into()).await;
+            LinkEvent::Rejoined(rejoin().await)
+        }
+        (None, None) => std::future::pending().await,
+    }
+}
+
 async fn next_event(executor: &mut Option<Executor>) -> ExecutorEvent {
     match executor {
         Some(executor) => executor.next_event().await,
@@ -180,21 +235,77 @@ enum Outcome {
     ClientGone(Duration),
 }
 
-struct Node {
+struct Node<T> {
     core: ServerCore,
     config: ServerNodeConfig,
     executor: Option<Executor>,
     starting: Option<Starting>,
     /// Why no worker can run, when its start failed.
     broken: Option<String>,
+    /// The link to the client node; `None` while it is down.
+    link: Option<T>,
+    rejoin: Option<Rejoin<T>>,
+    /// What waits for the client node while the link is down.
+    backlog: VecDeque<Envelope>,
+    /// When to try to rejoin next, and the pause after that.
+    next_try: Instant,
+    pause: Duration,
 }
 
-impl Node {
+impl<T: Transport> Node<T> {
+    /// The link closed: true when the node will try to rejoin (it keeps its
+    /// worker and what it owes the client node), false when it must go.
+    fn link_closed(&mut self) -> bool {
+        if self.rejoin.is_none() {
+            return false;
+        }
+        self.link = None;
+        self.pause = Duration::from_millis(200);
+        self.next_try = Instant::now();
+        tracing::warn!("the client node's link closed: rejoining, with the worker kept");
+        true
+    }
+
+    /// A new link: what waited for the client node goes first.
+    async fn rejoined(&mut self, mut transport: T, rank: Rank) {
+        if transport.rank() != rank {
+            tracing::warn!(
+                "rejoined as rank {}, not {rank} (the rank was taken)",
+                transport.rank()
+            );
+        }
+        while let Some(envelope) = self.backlog.pop_front() {
+            if let Err(e) = transport.send(0, envelope.clone()).await {
+                tracing::warn!("the new link failed at once: {e}");
+                self.backlog.push_front(envelope);
+                self.rejoin_failed(&e);
+                return;
+            }
+        }
+        tracing::warn!("rejoined the client node");
+        self.link = Some(transport);
+    }
+
+    fn rejoin_failed(&mut self, error: &TransportError) {
+        tracing::debug!("rejoining failed: {error}");
+        self.next_try = Instant::now() + self.pause;
+        self.pause = (self.pause * 2).min(REJOIN_PAUSE_MAX);
+    }
+
+    /// Keeps `envelope` for the client node while the link is down, if it
+    /// is an answer it waits for.
+    fn keep(&mut self, envelope: Envelope) {
+        if matches!(
+            envelope.body,
+            Some(Body::CommandResponse(_) | Body::ControlResponse(_))
+        ) && self.backlog.len() < BACKLOG_MAX
+        {
+            self.backlog.push_back(envelope);
+        }
+    }
+
     /// Carries out the core's actions.
-    async fn carry_out<T: Transport>(
-        &mut self,
-        transport: &mut T,
-    ) -> Result<Outcome, ServerNodeError> {
+    async fn carry_out(&mut self) -> Result<Outcome, ServerNodeError> {
         while let Some(action) = self.core.poll_action() {
             match action {
                 ServerAction::Send(envelope) => {
@@ -202,8 +313,19 @@ impl Node {
                         Some(Body::CommandResponse(response)) => Some(response.without_payload()),
                         _ => None,
                     };
+                    let Some(transport) = self.link.as_mut() else {
+                        self.keep(envelope);
+                        continue;
+                    };
+                    let kept = self.rejoin.is_some().then(|| envelope.clone());
                     match transport.send(0, envelope).await {
                         Ok(()) => {}
+                        Err(TransportError::Disconnected(0)) if kept.is_some() => {
+                            self.link_closed();
+                            if let Some(envelope) = kept {
+                                self.keep(envelope);
+                            }
+                        }
                         // Too large to send (a return value near the frame
                         // limit): the command fails, saying why, and the
                         // server goes on.
@@ -214,7 +336,9 @@ impl Node {
                             if let Some(response) = failed {
                                 let body =
                                     Body::CommandResponse(Box::new(response.too_large(&why)));
-                                transport.send(0, Envelope::new(body)).await?;
+                                if let Some(transport) = self.link.as_mut() {
+                                    transport.send(0, Envelope::new(body)).await?;
+                                }
                             }
                         }
                         Err(e) => return Err(e.into()),
@@ -232,7 +356,7 @@ impl Node {
                             .iter()
                             .map(|v| (v.name.clone(), v.value.clone()))
                             .collect(),
-                        rank: transport.rank(),
+                        rank: self.core.rank(),
                     };
                     self.starting = Some(Box::pin(Executor::start(config)));
                 }

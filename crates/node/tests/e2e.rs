@@ -1160,6 +1160,116 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
     let _ = std::fs::remove_dir_all(&keep);
 }
 
+/// Rule 33: a server node attached with `--connect` keeps its worker and
+/// the answer it owes when the client node dies, rejoins the client node
+/// started again from its journal at the same place, and its answer
+/// counts: the command ran once, and the same server serves on.
+#[test]
+fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
+    if over_mpi() {
+        eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
+        return;
+    }
+    let keep = std::env::temp_dir().join(format!("casa-node-e2e-rejoin-{}", std::process::id()));
+    std::fs::create_dir_all(&keep).unwrap();
+    let journal = keep.join("journal");
+    let runs = keep.join("runs");
+    let dir = std::env::temp_dir().join(format!(
+        "casa-node-e2e-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let nodes = format!("ipc://{}/nodes.sock", dir.display());
+    let options = ["--journal", journal.to_str().unwrap(), "--nodes", &nodes];
+    let first = Cluster::start_in(dir.clone(), 1, &options, &[]);
+    let mut attached = Killed(
+        Command::new(BIN)
+            .args(["server", "--connect", &nodes, "--patience", "60"])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = first.client();
+    let end = Instant::now() + WAIT;
+    while !c
+        .status(None)
+        .unwrap()
+        .servers
+        .iter()
+        .any(|s| s.rank == 2 && s.online && s.worker_pid != 0)
+    {
+        assert!(
+            Instant::now() < end,
+            "the attached server never came online"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = first.server_pid(2);
+    let ids = c
+        .submit(
+            Submit::new("time.sleep(2) or open(path, 'a').write('ran\\n') and 99")
+                .param("path", runs.to_str().unwrap())
+                .targets([2]),
+        )
+        .unwrap();
+    while !c.status(Some(2)).unwrap().servers[0].busy {
+        assert!(Instant::now() < end, "the command never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    drop(c);
+    kill(Pid::from_raw(first.up.id() as i32), Signal::SIGKILL).unwrap();
+    drop(first);
+    let mut second = Cluster::start_in(dir, 1, &options, &[]);
+    let c = second.client();
+    let claim = c.claim(&ids).unwrap();
+    assert!(claim.unknown.is_empty(), "{claim:?}");
+    let response = c.wait_timeout(&ids, WAIT).expect("answered").remove(0);
+    assert_eq!(
+        (response.ret.clone(), response.server),
+        (Some(Value::from(99)), 2),
+        "{response:?}\n{}",
+        second.log()
+    );
+    let end = Instant::now() + WAIT;
+    while !c.status(Some(2)).unwrap().servers[0].online {
+        assert!(Instant::now() < end, "the rejoined server is not online");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        second.server_pid(2),
+        before,
+        "the server or its worker was replaced"
+    );
+    assert_eq!(
+        one(&c, Submit::new("6*7").targets([2])).ret,
+        Some(Value::from(42))
+    );
+    second.note_pids();
+    c.stop(false).unwrap();
+    assert!(second.wait_exit().success());
+    assert!(wait_exit(&mut attached.0, WAIT).is_some_and(|s| s.success()));
+    // Services stop once every command ran: one run, not two.
+    assert_eq!(
+        std::fs::read_to_string(&runs).unwrap(),
+        "ran\n",
+        "the command ran again"
+    );
+    let _ = std::fs::remove_dir_all(&keep);
+}
+
+/// A process killed (by PID) when dropped, should the test fail first.
+struct Killed(Child);
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        if self.0.try_wait().ok().flatten().is_none() {
+            let _ = self.0.kill();
+            let _ = self.0.wait();
+        }
+    }
+}
+
 /// Rule 20: a server node `up` started that dies (SIGKILL here) is reaped,
 /// logged, and started again with its rank; it serves as a new server.
 #[test]

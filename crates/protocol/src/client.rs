@@ -526,6 +526,9 @@ struct Request {
     heavy: bool,
     /// Sent ahead, and a recall of it is on its way to its server.
     recalling: bool,
+    /// Queued again after a restart (rule 33): a server that ran it for
+    /// the client node before may still answer it, and that answer counts.
+    recovered: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -820,6 +823,9 @@ impl ClientCore {
         self.used.insert(id);
         self.next_id = self.next_id.max(id + 1);
         self.accept(driver, request, vec![id]);
+        if let Some(request) = self.requests.get_mut(&id) {
+            request.recovered = true;
+        }
         Ok(())
     }
 
@@ -882,6 +888,7 @@ impl ClientCore {
             shared,
             heavy,
             recalling: false,
+            recovered: false,
         };
         let mut leased = leased.into_iter();
         if targets.is_empty() {
@@ -1850,6 +1857,15 @@ impl ClientCore {
             _ if self.forgotten.remove(&(id, from)) => {
                 return Ok(());
             }
+            // A server that ran a request queued again after a restart,
+            // for the client node before, answers it: that answer counts,
+            // and the request runs no more (rule 33).
+            Some(RequestPhase::Queued | RequestPhase::Sent { .. })
+                if self.requests.get(&id).is_some_and(|r| r.recovered) =>
+            {
+                self.take_back(id);
+                false
+            }
             _ => return Err(CoreError::UnknownRequest { id, from }),
         };
         let request = self.requests.remove(&id).expect("just seen");
@@ -1898,6 +1914,31 @@ impl ClientCore {
             }),
         });
         Ok(())
+    }
+
+    /// Request `id`, queued again after a restart, was answered by a
+    /// server that ran it before: it leaves the queue, or the server it was
+    /// sent to again is told to drop it (its answer, should it run there
+    /// too, is dropped).
+    fn take_back(&mut self, id: RequestId) {
+        let Some(request) = self.requests.get(&id) else {
+            return;
+        };
+        match request.phase {
+            RequestPhase::Queued => self.queued -= 1,
+            RequestPhase::Sent { server, .. } => {
+                let started = self.server(server).is_some_and(|s| s.running == Some(id));
+                self.forget(server, id);
+                self.forgotten.insert((id, server));
+                let action = if started {
+                    control_request::Action::Cancel(Cancel { request_id: id })
+                } else {
+                    control_request::Action::Recall(Recall { request_id: id })
+                };
+                self.send_control(server, action, ControlKind::Other);
+            }
+            RequestPhase::TimedOut { .. } => {}
+        }
     }
 
     fn on_control(&mut self, from: Rank, correlation: u64, response: ControlResponse) {
@@ -2301,6 +2342,7 @@ mod tests {
             shared: true,
             heavy: false,
             recalling: false,
+            recovered: false,
         }
     }
 

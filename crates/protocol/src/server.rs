@@ -226,6 +226,11 @@ impl ServerCore {
         }
     }
 
+    /// This server's rank.
+    pub fn rank(&self) -> Rank {
+        self.config.rank
+    }
+
     /// When the client node's silence is next judged (rule 30).
     fn watchdog(&self) -> Option<Instant> {
         if self.client_gone || self.phase == Phase::Stopped {
@@ -563,6 +568,20 @@ impl ServerCore {
     fn on_command(&mut self, request: CommandRequest, now: Instant) {
         if matches!(self.phase, Phase::Stopping { .. } | Phase::Stopped) {
             self.answer_unrun(request.id, "Cancelled: the server is stopping");
+            return;
+        }
+        // The same request again: a client node started again from its
+        // journal queued it again, while this server, rejoining, still runs
+        // or holds it for the one before (rule 33). One answer comes.
+        let id = request.id;
+        if self.running.as_ref().is_some_and(|r| r.id == id)
+            || self.queue.iter().any(|q| q.id == id)
+        {
+            self.log(
+                LogLevel::Info,
+                format!("Command request with id {id} is here already; the one answer counts"),
+                now,
+            );
             return;
         }
         self.queue.push_back(request);

@@ -1926,3 +1926,39 @@ fn rule_27_a_request_recalled_while_services_stop_is_answered() {
     assert_eq!(c.client.pending(), 0);
     assert!(c.client.is_stopped());
 }
+
+#[test]
+fn rule_33_a_request_queued_again_after_a_restart_takes_the_answer_of_the_server_that_ran_it() {
+    let mut c = Cluster::new(1);
+    let busy = c.submit("long()", &[]).unwrap()[0];
+    // Queued again from the journal while server 1 is busy: it waits.
+    c.client.continue_ids_from(100);
+    let request = SubmitRequest {
+        command: "again()".into(),
+        ..SubmitRequest::default()
+    };
+    c.client.resubmit(DriverId(0), 50, request).unwrap();
+    c.pump();
+    assert!(!c.has_response(50));
+    // Server 1 ran it for the client node before, and answers it now.
+    let answer = CommandResponse {
+        id: 50,
+        ret: Some(Value::from(99)),
+        successful: true,
+        status: CommandStatus::ResponseReceived.into(),
+        ..CommandResponse::default()
+    };
+    let now = c.now;
+    c.client
+        .handle(1, Envelope::new(Body::CommandResponse(Box::new(answer))), now)
+        .unwrap();
+    c.pump();
+    let r = c.response(50);
+    assert_eq!((r.ret.clone(), r.server), (Some(Value::from(99)), 1));
+    // It does not run again: server 1 goes from `long()` to nothing.
+    c.finish(1, Value::none());
+    assert_eq!(c.executed.iter().filter(|(_, id)| *id == 50).count(), 0);
+    assert_eq!(c.executed, vec![(1, busy)]);
+    // And ids go on above the journal's.
+    assert!(c.submit("next()", &[]).unwrap()[0] >= 100);
+}
