@@ -71,6 +71,24 @@ impl Cluster {
         Self::start(dir.clone(), &args, Some(file.clone()))
     }
 
+    /// A cluster whose front door and node links are both on
+    /// `tcp://127.0.0.1` (ports the system picks), with the connection file
+    /// `up` creates; its directory and connection file.
+    fn tcp_with_nodes() -> (Cluster, PathBuf, PathBuf) {
+        let dir = scratch();
+        let file = dir.join("secrets").join("cluster.json");
+        let args = [
+            "--endpoint",
+            "tcp://127.0.0.1:0",
+            "--connection-file",
+            file.to_str().unwrap(),
+            "--nodes",
+            "tcp://127.0.0.1:0",
+        ];
+        let cluster = Self::start(dir.clone(), &args, Some(file.clone()));
+        (cluster, dir, file)
+    }
+
     /// A cluster whose front door is the unix socket `socket`.
     fn unix(dir: PathBuf, socket: &Path) -> Cluster {
         let endpoint = format!("unix://{}", socket.display());
@@ -651,20 +669,7 @@ else:
 /// file. The cluster serves on throughout.
 #[test]
 fn tcp_node_links_are_signed_with_the_connection_files_key() {
-    let dir = scratch();
-    let file = dir.join("secrets").join("cluster.json");
-    let cluster = Cluster::start(
-        dir.clone(),
-        &[
-            "--endpoint",
-            "tcp://127.0.0.1:0",
-            "--connection-file",
-            file.to_str().unwrap(),
-            "--nodes",
-            "tcp://127.0.0.1:0",
-        ],
-        Some(file.clone()),
-    );
+    let (cluster, dir, file) = Cluster::tcp_with_nodes();
     let nodes = cluster.nodes.clone();
     assert!(nodes.starts_with("tcp://127.0.0.1:"), "{nodes}");
 
@@ -831,20 +836,7 @@ fn pump(
 /// online again and serves.
 #[test]
 fn a_partition_longer_than_the_timeout_heals() {
-    let dir = scratch();
-    let file = dir.join("secrets").join("cluster.json");
-    let cluster = Cluster::start(
-        dir.clone(),
-        &[
-            "--endpoint",
-            "tcp://127.0.0.1:0",
-            "--connection-file",
-            file.to_str().unwrap(),
-            "--nodes",
-            "tcp://127.0.0.1:0",
-        ],
-        Some(file.clone()),
-    );
+    let (cluster, _, file) = Cluster::tcp_with_nodes();
     let upstream = cluster.nodes.trim_start_matches("tcp://").to_owned();
     let relay = Relay::start(upstream);
     let mut remote = Command::new(BIN)

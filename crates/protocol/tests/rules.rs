@@ -1950,7 +1950,11 @@ fn rule_33_a_request_queued_again_after_a_restart_takes_the_answer_of_the_server
     };
     let now = c.now;
     c.client
-        .handle(1, Envelope::new(Body::CommandResponse(Box::new(answer))), now)
+        .handle(
+            1,
+            Envelope::new(Body::CommandResponse(Box::new(answer))),
+            now,
+        )
         .unwrap();
     c.pump();
     let r = c.response(50);
