@@ -314,7 +314,11 @@ pub async fn run<T: Transport>(
             changed = stop.changed() => {
                 let signals = if changed.is_ok() { *stop.borrow_and_update() } else { 2 };
                 if signals >= 2 {
-                    node.warn("stopping at once: the servers exit when they notice the client node is gone");
+                    // Servers told STOP leave when the link closes, rather
+                    // than wait to rejoin.
+                    node.warn("stopping at once: the servers are told to stop, and exit when they notice the client node is gone");
+                    node.core.stop(true);
+                    let _ = node.carry_out(&mut transport).await;
                     break Ok(());
                 }
                 node.core.stop(false);

@@ -254,9 +254,11 @@ struct Node<T> {
 
 impl<T: Transport> Node<T> {
     /// The link closed: true when the node will try to rejoin (it keeps its
-    /// worker and what it owes the client node), false when it must go.
+    /// worker and what it owes the client node), false when it must go (it
+    /// cannot rejoin, or was told to stop).
     fn link_closed(&mut self) -> bool {
-        if self.rejoin.is_none() {
+        // Told to stop: the client node is going for good.
+        if self.rejoin.is_none() || self.core.is_stopping() {
             return false;
         }
         self.link = None;

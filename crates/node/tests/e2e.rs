@@ -1258,6 +1258,68 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
     let _ = std::fs::remove_dir_all(&keep);
 }
 
+/// Rules 27, 33: a server attached by hand does not wait to rejoin a
+/// client node that stopped at once (two SIGTERMs while a command runs):
+/// it was told to stop, and leaves when the link closes.
+#[test]
+fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
+    if over_mpi() {
+        eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
+        return;
+    }
+    let mut cluster = Cluster::start(1, &[]);
+    let mut attached = Killed(
+        Command::new(BIN)
+            .args(["server", "--connect", &cluster.nodes])
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = cluster.client();
+    let end = Instant::now() + WAIT;
+    while !c
+        .status(None)
+        .unwrap()
+        .servers
+        .iter()
+        .any(|s| s.rank == 2 && s.online && s.worker_pid != 0)
+    {
+        assert!(
+            Instant::now() < end,
+            "the attached server never came online"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    cluster.note_pids();
+    c.submit(Submit::new("time.sleep(60)").targets([2]))
+        .unwrap();
+    while !c.status(Some(2)).unwrap().servers[0].busy {
+        assert!(Instant::now() < end, "the command never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let up = Pid::from_raw(cluster.up.id() as i32);
+    kill(up, Signal::SIGTERM).unwrap();
+    // The second once the first is seen (signals that come together count
+    // as one).
+    while !cluster
+        .log()
+        .contains("Sending stop service signal to all servers")
+    {
+        assert!(Instant::now() < end, "the first SIGTERM was not seen");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    kill(up, Signal::SIGTERM).unwrap();
+    assert!(
+        wait_exit(&mut cluster.up, WAIT).is_some(),
+        "up did not exit"
+    );
+    // Its patience is 600 s: leaving within seconds is leaving at once.
+    assert!(
+        wait_exit(&mut attached.0, Duration::from_secs(20)).is_some(),
+        "the attached server waits to rejoin a client node that stopped"
+    );
+}
+
 /// A process killed (by PID) when dropped, should the test fail first.
 struct Killed(Child);
 

@@ -264,6 +264,11 @@ impl ServerCore {
         self.log_level
     }
 
+    /// True once STOP has come, acknowledged or not.
+    pub fn is_stopping(&self) -> bool {
+        matches!(self.phase, Phase::Stopping { .. } | Phase::Stopped)
+    }
+
     /// True once STOP is acknowledged.
     pub fn is_stopped(&self) -> bool {
         self.phase == Phase::Stopped
