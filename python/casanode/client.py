@@ -243,9 +243,7 @@ class Client:
         given, or answered and not kept: responses are kept with
         --journal)."""
         ids = _ids(items)
-        reply = self._expect(
-            self.connection.request(claim_request=driver_pb2.ClaimRequest(ids=ids)), "claim_reply"
-        )
+        reply = self._claim_reply(self.connection, ids)
         if reply.unknown:
             raise UnknownRequest(
                 "the client node knows no request with id " + ", ".join(str(i) for i in reply.unknown)
@@ -253,6 +251,12 @@ class Client:
         with self._lock:
             self._known.update(ids)
         return [self._future(rid) for rid in ids]
+
+    def _claim_reply(self, connection, ids):
+        """The ClaimReply of `connection`'s client node for `ids` (rule 33)."""
+        return self._expect(
+            connection.request(claim_request=driver_pb2.ClaimRequest(ids=ids)), "claim_reply"
+        )
 
     def result(self, request_id, timeout=None):
         """The response dict of request `request_id`, whoever submitted it
@@ -396,9 +400,7 @@ class Client:
         connection = self.connection
         ids = sorted({rid for rid, _ in orphans})
         try:
-            reply = self._expect(
-                connection.request(claim_request=driver_pb2.ClaimRequest(ids=ids)), "claim_reply"
-            )
+            reply = self._claim_reply(connection, ids)
         except CasaNodeError as e:
             for _, callback in orphans:
                 callback(None, e if isinstance(e, ConnectionClosed) else ConnectionClosed(str(e)))

@@ -16,6 +16,7 @@ use casa_node_protocol::pb::{
 use casa_node_protocol::{
     Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Rejection, RequestId,
     SubmitError, Transport, TransportError, TransportEvent, WallClock, check_hello, check_version,
+    response_record,
 };
 use futures::FutureExt;
 use prost::Message;
@@ -119,38 +120,6 @@ async fn check_submissions(
     }
 }
 
-/// The final response of a request the journal held, answered by
-/// `server`, which ran it for the client node before this one.
-fn late_answer(request: SubmitRequest, server: Rank, answer: CommandResponse) -> CommandResponse {
-    let status = match answer.status() {
-        CommandStatus::Unspecified | CommandStatus::HoldingQueue | CommandStatus::RequestSent => {
-            CommandStatus::ResponseReceived
-        }
-        status => status,
-    };
-    CommandResponse {
-        id: answer.id,
-        command: request.command,
-        mode: match answer.mode() {
-            CommandMode::Unspecified => request.mode,
-            mode => mode.into(),
-        },
-        parameters: request.parameters,
-        ret: Some(
-            answer
-                .ret
-                .unwrap_or_else(casa_node_protocol::pb::Value::none),
-        ),
-        server,
-        status: status.into(),
-        successful: answer.successful,
-        traceback: answer.traceback,
-        command_start_time: answer.command_start_time,
-        command_stop_time: answer.command_stop_time,
-        worker_restarted: answer.worker_restarted,
-    }
-}
-
 /// Whom requests queued again from the journal belong to until a driver
 /// claims them (rule 33): no connection (the front door numbers its
 /// connections from 1).
@@ -247,7 +216,6 @@ pub async fn run<T: Transport>(
         recovered: None,
         early: HashMap::new(),
         parked: Vec::new(),
-        core_timeout: config.core.timeout,
     };
     if let Some((journal, recovered)) = config.journal.take() {
         node.journal = Some(journal);
@@ -381,8 +349,6 @@ struct Node<'a> {
     /// when they wait for a server of that rank to rejoin.
     /// Each with the driver that claimed it, if one did.
     parked: Vec<(Instant, RequestId, SubmitRequest, DriverId)>,
-    /// The cluster's timeout (rule 20).
-    core_timeout: Duration,
 }
 
 impl Node<'_> {
@@ -946,36 +912,30 @@ impl Node<'_> {
             ));
         }
         self.core.continue_ids_from(recovered.next_id);
-        let (mut again, mut not_again, mut parked, mut rejoined) = (0, 0, 0, 0);
+        let (mut not_again, mut rejoined) = (0, 0);
         // A server attached by hand may rejoin in a moment: requests for
         // its rank wait for it, as long as the timeout, or 10 s.
-        let until = Instant::now() + self.core_timeout.max(Duration::from_secs(10));
+        let until = Instant::now() + self.core.timeout().max(Duration::from_secs(10));
         for accepted in recovered.pending {
             let id = accepted.id;
             let request = accepted.request.unwrap_or_default();
             if let Some((server, answer)) = self.early.remove(&id) {
                 rejoined += 1;
-                let response = late_answer(request, server, answer);
+                let mode = request.mode();
+                let response =
+                    response_record(request.command, mode, request.parameters, server, answer);
                 self.journal_write(|journal| journal.answered(&response));
-                continue;
-            }
-            if request.no_retry {
+            } else if request.no_retry {
                 not_again += 1;
                 self.end_recovered(id, request, "it was submitted with retry=False, so it is not run again (it may have run, in part or whole, before the restart)".to_owned(), RECOVERED);
-                continue;
-            }
-            match self.core.resubmit(RECOVERED, id, request.clone()) {
-                Ok(()) => again += 1,
-                Err(rejection) if rejection.reason == RejectReason::UnknownTarget => {
-                    parked += 1;
-                    self.parked.push((until, id, request, RECOVERED));
-                }
-                Err(rejection) => {
-                    let why = format!("it could not be queued again: {}", rejection.message);
-                    self.end_recovered(id, request, why, RECOVERED);
-                }
+            } else {
+                self.parked.push((until, id, request, RECOVERED));
             }
         }
+        let waiting = self.parked.len();
+        self.unpark(Instant::now());
+        let parked = self.parked.len();
+        let again = waiting - parked;
         let message = if recovered.created {
             format!("journal {path}: new")
         } else {
@@ -994,9 +954,10 @@ impl Node<'_> {
         self.record(record);
     }
 
-    /// Queues the requests waiting for their server to rejoin (rule 33)
-    /// once it has; those whose server has not by their time end with a
-    /// failure saying so.
+    /// Queues the requests the journal held (rule 33); those whose server
+    /// is not (yet) there wait for it to rejoin, and those still without it
+    /// by their time, or refused for another reason, end with a failure
+    /// saying so.
     fn unpark(&mut self, now: Instant) {
         if self.parked.is_empty() {
             return;
@@ -1043,15 +1004,17 @@ impl Node<'_> {
             worker_restarted: false,
         };
         self.journal_write(|journal| journal.answered(&response));
-        if let Some(d) = self.drivers.get(&driver) {
+        if self.drivers.contains_key(&driver) {
             let delivery = ResponseDelivery {
                 response: Some(response),
                 replaces_timeout: false,
                 rejected: None,
             };
-            let _ = d
-                .outbox
-                .send(Envelope::new(Body::ResponseDelivery(Box::new(delivery))));
+            let envelope =
+                self.deliverable(Envelope::new(Body::ResponseDelivery(Box::new(delivery))));
+            if let Some(d) = self.drivers.get(&driver) {
+                let _ = d.outbox.send(envelope);
+            }
         }
     }
 

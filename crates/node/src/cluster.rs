@@ -497,7 +497,7 @@ impl Spawned {
             0
         };
         if quick_ends >= QUICK_ENDS {
-            warn(
+            log_line(
                 log,
                 LogLevel::Error,
                 format!(
@@ -510,11 +510,11 @@ impl Spawned {
         match Spawned::start(options, nodes, rank) {
             Ok(mut again) => {
                 again.quick_ends = quick_ends;
-                warn(log, LogLevel::Warning, format!("{said}; started again"));
+                log_line(log, LogLevel::Warning, format!("{said}; started again"));
                 Some(again)
             }
             Err(e) => {
-                warn(
+                log_line(
                     log,
                     LogLevel::Error,
                     format!("{said}; it could not be started again: {e}"),
@@ -526,7 +526,7 @@ impl Spawned {
 }
 
 /// Writes a line of the client node's in the unified log.
-fn warn(log: &LogSink, level: LogLevel, message: String) {
+fn log_line(log: &LogSink, level: LogLevel, message: String) {
     log.write(&LogRecord {
         time: WallClock::system().epoch(Instant::now()),
         level: level.into(),
@@ -570,7 +570,7 @@ async fn stop_children(children: &mut [Spawned], log: &LogSink) {
         {
             let _ = spawned.child.start_kill();
             let _ = spawned.child.wait().await;
-            warn(
+            log_line(
                 log,
                 LogLevel::Warning,
                 format!(

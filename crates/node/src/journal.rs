@@ -364,13 +364,9 @@ impl Journal {
     /// replaces it (written and forced to disk first, so that a crash
     /// leaves one or the other whole).
     fn compact(&mut self) -> io::Result<()> {
-        let fresh = self.path.with_extension(format!(
-            "{}compacting",
-            self.path
-                .extension()
-                .map(|e| format!("{}.", e.to_string_lossy()))
-                .unwrap_or_default()
-        ));
+        let mut fresh = self.path.clone().into_os_string();
+        fresh.push(".compacting");
+        let fresh = PathBuf::from(fresh);
         let file = OpenOptions::new()
             .read(true)
             .write(true)

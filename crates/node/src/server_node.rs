@@ -186,6 +186,16 @@ fn shm_check(envelope: &mut Envelope) {
     }
 }
 
+/// Whether the client node waits for `envelope`: an answer to a command
+/// or a control, kept while the link is down (pings and log records are
+/// not).
+fn owed(envelope: &Envelope) -> bool {
+    matches!(
+        envelope.body,
+        Some(Body::CommandResponse(_) | Body::ControlResponse(_))
+    )
+}
+
 /// What the link to the client node brought: an event, or, while it is
 /// down, the outcome of a try to rejoin.
 enum LinkEvent<T> {
@@ -297,11 +307,7 @@ impl<T: Transport> Node<T> {
     /// Keeps `envelope` for the client node while the link is down, if it
     /// is an answer it waits for.
     fn keep(&mut self, envelope: Envelope) {
-        if matches!(
-            envelope.body,
-            Some(Body::CommandResponse(_) | Body::ControlResponse(_))
-        ) && self.backlog.len() < BACKLOG_MAX
-        {
+        if owed(&envelope) && self.backlog.len() < BACKLOG_MAX {
             self.backlog.push_back(envelope);
         }
     }
@@ -319,10 +325,12 @@ impl<T: Transport> Node<T> {
                         self.keep(envelope);
                         continue;
                     };
-                    let kept = self.rejoin.is_some().then(|| envelope.clone());
+                    // An answer is kept until sent, should the link be found
+                    // closed: the client node that takes its place wants it.
+                    let kept = (self.rejoin.is_some() && owed(&envelope)).then(|| envelope.clone());
                     match transport.send(0, envelope).await {
                         Ok(()) => {}
-                        Err(TransportError::Disconnected(0)) if kept.is_some() => {
+                        Err(TransportError::Disconnected(0)) if self.rejoin.is_some() => {
                             self.link_closed();
                             if let Some(envelope) = kept {
                                 self.keep(envelope);

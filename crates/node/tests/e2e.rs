@@ -1120,11 +1120,7 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
         .expect("the CLI runs");
     // Once server 1 runs the command, the client node dies.
     let c = first.client();
-    let end = Instant::now() + WAIT;
-    while !c.status(Some(1)).unwrap().servers[0].busy {
-        assert!(Instant::now() < end, "the command never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_busy(&c, 1);
     drop(c);
     kill(Pid::from_raw(first.up.id() as i32), Signal::SIGKILL).unwrap();
     drop(first);
@@ -1183,28 +1179,9 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
     let nodes = format!("ipc://{}/nodes.sock", dir.display());
     let options = ["--journal", journal.to_str().unwrap(), "--nodes", &nodes];
     let first = Cluster::start_in(dir.clone(), 1, &options, &[]);
-    let mut attached = Killed(
-        Command::new(BIN)
-            .args(["server", "--connect", &nodes, "--patience", "60"])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut attached = attach(&nodes, &["--patience", "60"]);
     let c = first.client();
-    let end = Instant::now() + WAIT;
-    while !c
-        .status(None)
-        .unwrap()
-        .servers
-        .iter()
-        .any(|s| s.rank == 2 && s.online && s.worker_pid != 0)
-    {
-        assert!(
-            Instant::now() < end,
-            "the attached server never came online"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_online(&c, 2);
     let before = first.server_pid(2);
     let ids = c
         .submit(
@@ -1213,10 +1190,7 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
                 .targets([2]),
         )
         .unwrap();
-    while !c.status(Some(2)).unwrap().servers[0].busy {
-        assert!(Instant::now() < end, "the command never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_busy(&c, 2);
     drop(c);
     kill(Pid::from_raw(first.up.id() as i32), Signal::SIGKILL).unwrap();
     drop(first);
@@ -1268,35 +1242,14 @@ fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
         return;
     }
     let mut cluster = Cluster::start(1, &[]);
-    let mut attached = Killed(
-        Command::new(BIN)
-            .args(["server", "--connect", &cluster.nodes])
-            .stdin(Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
+    let mut attached = attach(&cluster.nodes, &[]);
     let c = cluster.client();
+    wait_online(&c, 2);
     let end = Instant::now() + WAIT;
-    while !c
-        .status(None)
-        .unwrap()
-        .servers
-        .iter()
-        .any(|s| s.rank == 2 && s.online && s.worker_pid != 0)
-    {
-        assert!(
-            Instant::now() < end,
-            "the attached server never came online"
-        );
-        std::thread::sleep(Duration::from_millis(20));
-    }
     cluster.note_pids();
     c.submit(Submit::new("time.sleep(60)").targets([2]))
         .unwrap();
-    while !c.status(Some(2)).unwrap().servers[0].busy {
-        assert!(Instant::now() < end, "the command never ran");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    wait_busy(&c, 2);
     let up = Pid::from_raw(cluster.up.id() as i32);
     kill(up, Signal::SIGTERM).unwrap();
     // The second once the first is seen (signals that come together count
@@ -1318,6 +1271,43 @@ fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
         wait_exit(&mut attached.0, Duration::from_secs(20)).is_some(),
         "the attached server waits to rejoin a client node that stopped"
     );
+}
+
+/// `casa-node server --connect nodes` with `args`, killed by PID if the
+/// test ends first.
+fn attach(nodes: &str, args: &[&str]) -> Killed {
+    Killed(
+        Command::new(BIN)
+            .args(["server", "--connect", nodes])
+            .args(args)
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    )
+}
+
+/// Waits until server `rank` is online with its worker.
+fn wait_online(c: &BlockingClient, rank: i32) {
+    let end = Instant::now() + WAIT;
+    while !c
+        .status(None)
+        .unwrap()
+        .servers
+        .iter()
+        .any(|s| s.rank == rank && s.online && s.worker_pid != 0)
+    {
+        assert!(Instant::now() < end, "server {rank} never came online");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Waits until server `rank` runs a command.
+fn wait_busy(c: &BlockingClient, rank: i32) {
+    let end = Instant::now() + WAIT;
+    while !c.status(Some(rank)).unwrap().servers[0].busy {
+        assert!(Instant::now() < end, "the command never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }
 
 /// A process killed (by PID) when dropped, should the test fail first.

@@ -60,31 +60,27 @@ impl Cluster {
     /// A cluster whose front door is `tcp://127.0.0.1:PORT` (a port the
     /// system picks), with a connection file `up` creates.
     fn tcp() -> Cluster {
-        let dir = scratch();
-        let file = dir.join("secrets").join("cluster.json");
-        let args = [
-            "--endpoint",
-            "tcp://127.0.0.1:0",
-            "--connection-file",
-            file.to_str().unwrap(),
-        ];
-        Self::start(dir.clone(), &args, Some(file.clone()))
+        Self::tcp_with(&[]).0
     }
 
-    /// A cluster whose front door and node links are both on
-    /// `tcp://127.0.0.1` (ports the system picks), with the connection file
-    /// `up` creates; its directory and connection file.
+    /// As [`tcp`](Self::tcp), with node links on `tcp://127.0.0.1` too; its
+    /// directory and connection file.
     fn tcp_with_nodes() -> (Cluster, PathBuf, PathBuf) {
+        Self::tcp_with(&["--nodes", "tcp://127.0.0.1:0"])
+    }
+
+    /// A `tcp://` cluster with `extra` options; its directory and
+    /// connection file.
+    fn tcp_with(extra: &[&str]) -> (Cluster, PathBuf, PathBuf) {
         let dir = scratch();
         let file = dir.join("secrets").join("cluster.json");
-        let args = [
+        let mut args = vec![
             "--endpoint",
             "tcp://127.0.0.1:0",
             "--connection-file",
             file.to_str().unwrap(),
-            "--nodes",
-            "tcp://127.0.0.1:0",
         ];
+        args.extend_from_slice(extra);
         let cluster = Self::start(dir.clone(), &args, Some(file.clone()));
         (cluster, dir, file)
     }

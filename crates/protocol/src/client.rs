@@ -791,6 +791,11 @@ impl ClientCore {
         Ok(self.accept(driver, request, leased))
     }
 
+    /// Silence after which a server is timed out (rule 20).
+    pub fn timeout(&self) -> Duration {
+        self.config.timeout
+    }
+
     /// The next id the client node would give: every id below it may have
     /// been given out or leased (a journal records this before any id at
     /// or above what it recorded is given, rule 33).
@@ -1870,30 +1875,13 @@ impl ClientCore {
         };
         let request = self.requests.remove(&id).expect("just seen");
         self.forget(from, id);
-        let status = match response.status() {
-            CommandStatus::Unspecified
-            | CommandStatus::HoldingQueue
-            | CommandStatus::RequestSent => CommandStatus::ResponseReceived,
-            status => status,
-        };
-        let mode = match response.mode() {
-            CommandMode::Unspecified => request.mode,
-            mode => mode,
-        };
-        let record = CommandResponse {
-            id,
-            command: request.command,
-            mode: mode.into(),
-            parameters: request.parameters,
-            ret: Some(response.ret.unwrap_or_else(Value::none)),
-            server: from,
-            status: status.into(),
-            successful: response.successful,
-            traceback: response.traceback,
-            command_start_time: response.command_start_time,
-            command_stop_time: response.command_stop_time,
-            worker_restarted: response.worker_restarted,
-        };
+        let record = response_record(
+            request.command,
+            request.mode,
+            request.parameters,
+            from,
+            response,
+        );
         if replaces_timeout {
             self.event(Event::ResponseRecovered { id, server: from });
         } else if record.successful {
@@ -2191,6 +2179,43 @@ impl ClientCore {
 
 /// Pops the entries at the front of `queue` whose requests are no longer
 /// queued (sent, answered or cancelled meanwhile).
+/// The response record (rule 9) of a request (its `command`, `mode` and
+/// `parameters`) that server `from` answered with `answer`: the mode the
+/// command ran in when the answer names it, `ret` None when absent, and the
+/// answer's own status, or `response received`.
+pub fn response_record(
+    command: String,
+    mode: CommandMode,
+    parameters: Vec<Parameter>,
+    from: Rank,
+    answer: CommandResponse,
+) -> CommandResponse {
+    let status = match answer.status() {
+        CommandStatus::Unspecified | CommandStatus::HoldingQueue | CommandStatus::RequestSent => {
+            CommandStatus::ResponseReceived
+        }
+        status => status,
+    };
+    let mode = match answer.mode() {
+        CommandMode::Unspecified => mode,
+        mode => mode,
+    };
+    CommandResponse {
+        id: answer.id,
+        command,
+        mode: mode.into(),
+        parameters,
+        ret: Some(answer.ret.unwrap_or_else(Value::none)),
+        server: from,
+        status: status.into(),
+        successful: answer.successful,
+        traceback: answer.traceback,
+        command_start_time: answer.command_start_time,
+        command_stop_time: answer.command_stop_time,
+        worker_restarted: answer.worker_restarted,
+    }
+}
+
 fn skip_unqueued(queue: &mut VecDeque<(u64, RequestId)>, requests: &RequestTable) {
     while queue.front().is_some_and(|(_, id)| {
         !requests
