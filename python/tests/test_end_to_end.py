@@ -4,6 +4,7 @@ its front door."""
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -240,7 +241,7 @@ def test_stop_refuses_later_submissions_and_ends_the_cluster(request, transport)
     client.close()
 
 
-def test_worker_pid_is_none_until_known_then_known_at_once(request, transport, tmp_path):
+def test_worker_pid_is_known_once_online_and_at_once_after_a_restart(request, transport, tmp_path):
     # Rule 23. Pings every 30 s: what the status shows comes from the server
     # node's own reports, not from a ping answer.
     init = tmp_path / "init.py"
@@ -250,9 +251,15 @@ def test_worker_pid_is_none_until_known_then_known_at_once(request, transport, t
         options=["--heartbeat", "30", "--timeout", "120", "--init", str(init)],
     )
     with casanode.connect(cluster.endpoint) as client:
-        # The worker still runs its init script: no pid to signal yet.
-        assert client.status(1)[1]["worker_pid"] is None
+        # Online while the worker still runs its init script: its pid is
+        # already known, the process a script may signal.
+        end = time.monotonic() + 60
+        while not (status := client.status(1)[1])["online"]:
+            assert time.monotonic() < end, status
+            time.sleep(0.02)
+        assert status["worker_pid"] is not None, status
         first = client.submit("os.getpid()").result(60)["ret"]
+        assert status["worker_pid"] == first
         assert client.status(1)[1]["worker_pid"] == first
         died = client.submit("os._exit(3)").result(60)
         assert not died["successful"] and "A fresh Python worker was started" in died["traceback"]

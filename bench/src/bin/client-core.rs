@@ -198,6 +198,7 @@ fn online_core(servers: usize, now: Instant) -> ClientCore {
             host: host_name(rank),
             pid: 10_000 + rank as u32,
             shared_memory: false,
+            worker_pid: 0,
         };
         core.handle(
             rank,

@@ -294,7 +294,14 @@ impl Executor {
     /// Fails with a clear error when the interpreter cannot be started,
     /// exits before it is ready (its stderr is in the error), or the init
     /// script raises (its traceback is in the error).
-    pub async fn start(mut config: ExecutorConfig) -> Result<Executor, ExecutorError> {
+    pub async fn start(config: ExecutorConfig) -> Result<Executor, ExecutorError> {
+        let executor = Executor::spawn(config)?;
+        executor.ready().await
+    }
+
+    /// Starts the worker process and returns at once: its pid is known
+    /// from here on, and [`Executor::ready`] waits for its init script.
+    pub fn spawn(mut config: ExecutorConfig) -> Result<Executor, ExecutorError> {
         if let Some(init) = &config.init {
             let absolute = std::path::absolute(init).map_err(|source| ExecutorError::Spawn {
                 python: config.python.clone(),
@@ -322,7 +329,14 @@ impl Executor {
             startup_kills: 0,
             page_size,
         };
-        executor.spawn()?;
+        executor.spawn_worker()?;
+        Ok(executor)
+    }
+
+    /// Waits until the worker spawned by [`Executor::spawn`] has run its
+    /// init script; the executor takes commands from then on.
+    pub async fn ready(self) -> Result<Executor, ExecutorError> {
+        let mut executor = self;
         loop {
             if let Some(error) = executor.start_failure.take() {
                 return Err(error);
@@ -890,7 +904,7 @@ impl Executor {
                 self.startup_kills += 1;
                 let note = format!("A worker {what} before it was ready; starting another.");
                 tracing::warn!(pid = dead.pid, "{note}");
-                let spawned = self.spawn();
+                let spawned = self.spawn_worker();
                 if let Some(restart) = &mut self.restart {
                     restart.reason = format!("{}\n{note}", restart.reason);
                 }
@@ -933,7 +947,7 @@ impl Executor {
             }
         }
         tracing::warn!(pid = dead.pid, %reason, "restarting the Python worker");
-        match self.spawn() {
+        match self.spawn_worker() {
             Ok(()) => {
                 reason.push_str(
                     "\nA fresh Python worker was started (its init script run again): \
@@ -967,7 +981,7 @@ impl Executor {
     }
 
     /// Starts a worker (not yet ready) as the current one.
-    fn spawn(&mut self) -> Result<(), ExecutorError> {
+    fn spawn_worker(&mut self) -> Result<(), ExecutorError> {
         let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| ExecutorError::Pipe(e.into()));
         let (commands_read, commands_write) = pipe()?;
         let (results_read, results_write) = pipe()?;

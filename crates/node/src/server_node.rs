@@ -368,7 +368,17 @@ impl<T: Transport> Node<T> {
                             .collect(),
                         rank: self.core.rank(),
                     };
-                    self.starting = Some(Box::pin(Executor::start(config)));
+                    let now = Instant::now();
+                    match Executor::spawn(config) {
+                        Ok(executor) => {
+                            self.core.configured(executor.worker_pid(), now);
+                            self.starting = Some(Box::pin(executor.ready()));
+                        }
+                        Err(e) => {
+                            self.core.configured(None, now);
+                            self.starting = Some(Box::pin(std::future::ready(Err(e))));
+                        }
+                    }
                 }
                 ServerAction::Execute(request) => self.execute(request),
                 ServerAction::Interrupt { .. } => {

@@ -177,6 +177,10 @@ pub struct ServerCore {
     last_chance: Option<Instant>,
     /// Set once [`ServerAction::ClientGone`] was handed out.
     client_gone: bool,
+    /// START's answer, sent once the node has started the worker
+    /// ([`ServerCore::configured`]): its correlation, and whether the
+    /// server can use the shared-memory directory.
+    start_reply: Option<(u64, bool)>,
     actions: VecDeque<ServerAction>,
 }
 
@@ -201,6 +205,7 @@ impl ServerCore {
             last_heard: now,
             last_chance: None,
             client_gone: false,
+            start_reply: None,
             actions: VecDeque::new(),
         }
     }
@@ -250,6 +255,30 @@ impl ServerCore {
     pub fn worker_ready(&mut self, now: Instant) {
         self.worker_ready = true;
         self.dispatch(now);
+    }
+
+    /// The node has applied [`ServerAction::Configure`]: the worker
+    /// process was started (its pid) or could not be. START is answered
+    /// now, so that the client node knows the worker's pid from the moment
+    /// the server is online (rule 23).
+    pub fn configured(&mut self, worker_pid: Option<u32>, now: Instant) {
+        self.worker_pid = worker_pid.unwrap_or(0);
+        if let Some((correlation, shared_memory)) = self.start_reply.take() {
+            self.answer_start(correlation, shared_memory);
+        }
+        self.dispatch(now);
+    }
+
+    fn answer_start(&mut self, correlation: u64, shared_memory: bool) {
+        self.reply_control(correlation, None);
+        if let Some(ServerAction::Send(Envelope {
+            body: Some(Body::ControlResponse(response)),
+            ..
+        })) = self.actions.back_mut()
+        {
+            response.shared_memory = shared_memory;
+            response.worker_pid = self.worker_pid;
+        }
     }
 
     /// Records the worker's process id and the resident memory of server
@@ -428,6 +457,7 @@ impl ServerCore {
             host: self.config.host.clone(),
             pid: self.config.pid,
             shared_memory: false,
+            worker_pid: 0,
         };
         self.send(Envelope::correlated(
             correlation,
@@ -480,17 +510,13 @@ impl ServerCore {
                     .iter()
                     .any(|v| v.name == SHM_DIR_VAR && !v.value.is_empty());
                 if self.phase == Phase::Waiting {
+                    // Answered by `configured`, with the worker's pid.
                     self.phase = Phase::Serving;
                     self.log_level = level_or_info(start.log_level());
+                    self.start_reply = Some((correlation, shared_memory));
                     self.actions.push_back(ServerAction::Configure(start));
-                }
-                self.reply_control(correlation, None);
-                if let Some(ServerAction::Send(Envelope {
-                    body: Some(Body::ControlResponse(response)),
-                    ..
-                })) = self.actions.back_mut()
-                {
-                    response.shared_memory = shared_memory;
+                } else if self.start_reply.is_none() {
+                    self.answer_start(correlation, shared_memory);
                 }
                 self.dispatch(now);
             }

@@ -516,7 +516,9 @@ impl Sim {
                 ServerAction::Kill { .. } => panic!("interrupts finish within the grace period"),
                 ServerAction::Configure(_) => {
                     let now = self.instant();
-                    self.servers[rank as usize].core.worker_ready(now);
+                    let core = &mut self.servers[rank as usize].core;
+                    core.configured(Some(1000 + rank as u32), now);
+                    core.worker_ready(now);
                 }
                 ServerAction::SetLogLevel(_) | ServerAction::Exit => {}
                 ServerAction::ClientGone { .. } => panic!("the client node pings every heartbeat"),

@@ -484,6 +484,7 @@ fn vectors() -> Vec<Vector> {
                 host: CLIENT_HOST.into(),
                 pid: SERVER_1_PID,
                 shared_memory: false,
+                worker_pid: WORKER_1_PID,
             }),
         ),
         vector(
@@ -497,6 +498,7 @@ fn vectors() -> Vec<Vector> {
                 host: "nmpost051".into(),
                 pid: SERVER_2_PID,
                 shared_memory: false,
+                worker_pid: 0,
             }),
         ),
         vector(

@@ -391,15 +391,20 @@ pub fn arb_control_response() -> impl Strategy<Value = ControlResponse> {
         any::<i32>(),
         arb_string(),
         any::<u32>(),
+        any::<bool>(),
+        any::<u32>(),
     )
-        .prop_map(|(ok, error, rank, host, pid)| ControlResponse {
-            ok,
-            error,
-            rank,
-            host,
-            pid,
-            shared_memory: false,
-        })
+        .prop_map(
+            |(ok, error, rank, host, pid, shared_memory, worker_pid)| ControlResponse {
+                ok,
+                error,
+                rank,
+                host,
+                pid,
+                shared_memory,
+                worker_pid,
+            },
+        )
 }
 
 /// `PingRequest`.
