@@ -143,6 +143,9 @@ pub struct ClientNodeConfig {
     pub shared: Option<SharedConfig>,
     /// The journal (rule 33), opened, and what it held.
     pub journal: Option<(Journal, Recovered)>,
+    /// Ranks whose server process will not be started again: `up` and
+    /// `run` gave up on it (rule 20).
+    pub given_up: Option<mpsc::UnboundedReceiver<Rank>>,
 }
 
 /// The cluster's shared-memory directory as the client node uses it.
@@ -153,6 +156,14 @@ pub struct SharedConfig {
     /// Whether drivers are told of it (only on unix:// front doors: a tcp
     /// driver may be on another host).
     pub drivers: bool,
+}
+
+/// The next item of `rx`, if there is a channel; never otherwise.
+async fn recv_some<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
 }
 
 /// At most this many events already queued are taken before a timer tick.
@@ -230,7 +241,9 @@ pub async fn run<T: Transport>(
         }
     }
     node.core.start(now);
+    let lost_peers_rejoin = transport.lost_peers_rejoin();
     let (driver_tx, mut driver_rx) = mpsc::unbounded_channel();
+    let mut given_up = config.given_up.take();
     let mut front_door = Some(front_door);
     let mut ready = Some(ready);
     let mut serving = None;
@@ -252,10 +265,18 @@ pub async fn run<T: Transport>(
             .unwrap_or_else(|| Instant::now() + Duration::from_secs(3600));
         tokio::select! {
             event = transport.recv() => {
+                let lost = match &event {
+                    Ok(TransportEvent::PeerLost(rank)) if !lost_peers_rejoin => Some(*rank),
+                    _ => None,
+                };
                 if let Err(e) = node.on_transport(event) {
                     break Err(e.into());
                 }
+                if let Some(rank) = lost {
+                    node.core.server_gone_for_good(rank);
+                }
             }
+            Some(rank) = recv_some(&mut given_up) => node.core.server_gone_for_good(rank),
             Some(event) = driver_rx.recv() => node.on_driver(event),
             Some(checked) = checked_rx.recv() => node.on_checked(checked),
             _ = tokio::time::sleep_until(deadline.into()) => {

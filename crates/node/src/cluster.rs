@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::control_request::Start;
 use casa_node_protocol::pb::{EnvironmentVariable, LogLevel, LogRecord};
-use casa_node_protocol::{ClientConfig, Framing, Transport, TransportError, WallClock};
+use casa_node_protocol::{ClientConfig, Framing, Rank, Transport, TransportError, WallClock};
 use casa_node_transport_zmq::{SigningKey, ZmqConfig, ZmqTransport};
 use thiserror::Error;
 use tokio::process::{Child, Command};
@@ -272,6 +272,7 @@ pub async fn serve<T: Transport + 'static>(
         dir,
         drivers: matches!(front, FrontDoorEndpoint::Unix(_)),
     });
+    let (given_up_tx, given_up) = tokio::sync::mpsc::unbounded_channel();
     let mut children = Vec::new();
     if spawn {
         for rank in 1..=links.servers {
@@ -295,6 +296,7 @@ pub async fn serve<T: Transport + 'static>(
         max_frame: framing.max_frame(),
         shared,
         journal,
+        given_up: Some(given_up),
     };
     let (ready_tx, mut ready_rx) = oneshot::channel();
     let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));
@@ -318,8 +320,12 @@ pub async fn serve<T: Transport + 'static>(
             (index, status) = next_exit(&mut children) => {
                 let gone = children.swap_remove(index);
                 if !node.is_finished() {
-                    if let Some(again) = gone.ended(status, options, &links.nodes, &log) {
-                        children.push(again);
+                    let rank = gone.rank;
+                    match gone.ended(status, options, &links.nodes, &log) {
+                        Some(again) => children.push(again),
+                        None => {
+                            let _ = given_up_tx.send(rank as Rank);
+                        }
                     }
                 }
             }

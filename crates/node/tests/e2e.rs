@@ -1367,6 +1367,81 @@ fn a_server_node_of_up_that_dies_is_reaped_and_started_again() {
     assert!(cluster.wait_exit().success());
 }
 
+/// Rule 20: once `up` gives up starting its last server node again (it
+/// ended within 10 s of its start three times in a row), no request is
+/// left waiting for a server that will never come: those waiting are
+/// answered, and new untargeted pushes refused.
+#[test]
+fn requests_waiting_when_up_gives_up_on_its_last_server_are_answered() {
+    if over_mpi() {
+        eprintln!("MPI: mpirun starts the ranks, and a rank that dies ends the job");
+        return;
+    }
+    let mut cluster = Cluster::start(1, &[]);
+    let c = cluster.client();
+    let mut dead = Vec::new();
+    let mut ids = Vec::new();
+    for life in 0..3 {
+        let end = Instant::now() + WAIT;
+        let pid = loop {
+            let s = c.status(Some(1)).unwrap().servers.remove(0);
+            if s.online && s.worker_pid != 0 && !dead.contains(&s.pid) {
+                break s.pid;
+            }
+            assert!(
+                Instant::now() < end,
+                "server 1 was not started again: {s:?}"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        cluster.note_pids();
+        if life == 2 {
+            // Its last life: one command runs, more wait, sent ahead or
+            // at the client node (accepted before the kill: confirmed,
+            // and with their mode given, not checked first).
+            ids.extend(c.submit(Submit::new("time.sleep(60)")).unwrap());
+            wait_busy(&c, 1);
+            for _ in 0..6 {
+                let submit = Submit::new("1 + 1").mode(CommandMode::Eval);
+                ids.extend(c.submit_confirmed(submit).unwrap());
+            }
+        }
+        kill(Pid::from_raw(pid as i32), Signal::SIGKILL).unwrap();
+        assert!(
+            wait_gone(Pid::from_raw(pid as i32), WAIT),
+            "{pid} was not reaped"
+        );
+        dead.push(pid);
+    }
+    let responses = c
+        .wait_timeout(&ids, WAIT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", cluster.log()));
+    let running = &responses[0];
+    assert_eq!(running.status(), CommandStatus::Timeout, "{running:?}");
+    assert!(
+        running.traceback().contains("disconnected while running"),
+        "{running:?}"
+    );
+    for r in &responses[1..] {
+        assert_eq!((r.status(), r.server), (CommandStatus::Timeout, 0), "{r:?}");
+        assert!(r.traceback().contains("no server is left"), "{r:?}");
+    }
+    match c.submit_confirmed(Submit::new("1 + 1")) {
+        Err(ClientError::Rejected { reason, message }) => {
+            assert_eq!(reason, RejectReason::NoServers);
+            assert!(message.contains("has left for good"), "{message}");
+        }
+        other => panic!("expected a refusal, got {other:?} after {ids:?}"),
+    }
+    let log = cluster.log();
+    assert!(
+        log.contains("not started again") && log.contains("No server is left"),
+        "{log}"
+    );
+    c.stop(false).unwrap();
+    assert!(cluster.wait_exit().success());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_31_a_driver_subscribes_to_the_log() {
     let cluster = tokio::task::spawn_blocking(|| Cluster::start(1, &[]))

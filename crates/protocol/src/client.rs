@@ -215,6 +215,12 @@ pub enum Event {
         /// How long it did not run.
         stalled_for: Duration,
     },
+    /// Every server has left for good: requests without a target can
+    /// never run, and are answered (rule 20).
+    NoServerLeft {
+        /// The servers' ranks, as "1-4".
+        ranks: String,
+    },
 }
 
 impl Event {
@@ -226,6 +232,7 @@ impl Event {
             | Event::ServerTimedOut { .. }
             | Event::ServerLost { .. }
             | Event::Stalled { .. } => LogLevel::Warning,
+            Event::NoServerLeft { .. } => LogLevel::Error,
             _ => LogLevel::Info,
         }
     }
@@ -289,6 +296,10 @@ impl fmt::Display for Event {
             ),
             Event::ServerRecovered { rank } => write!(f, "Server n# {rank} recovered from timeout"),
             Event::ServerLost { rank } => write!(f, "Server n# {rank} disconnected"),
+            Event::NoServerLeft { ranks } => write!(
+                f,
+                "No server is left: every server (n# {ranks}) has left for good; requests without a target are answered as failed, and new ones refused"
+            ),
             Event::StoppingServices { force: false } => {
                 f.write_str("Sending stop service signal to all servers")
             }
@@ -549,6 +560,11 @@ pub struct ClientCore {
     /// Indexed by rank.
     servers: Vec<Option<Server>>,
     server_ranks: BTreeSet<Rank>,
+    /// Ranks that will not join again (rule 20): given up on by whoever
+    /// started them, or lost where ranks are fixed (MPI).
+    gone_for_good: BTreeSet<Rank>,
+    /// Whether [`Event::NoServerLeft`] was emitted.
+    none_left: bool,
     /// Free servers with nothing queued for them, lowest rank first.
     idle: BTreeSet<Rank>,
     /// Requests with no target, oldest first, with their arrival numbers;
@@ -599,6 +615,8 @@ impl ClientCore {
             phase: Phase::Idle,
             servers: Vec::new(),
             server_ranks: BTreeSet::new(),
+            gone_for_good: BTreeSet::new(),
+            none_left: false,
             idle: BTreeSet::new(),
             queue: VecDeque::new(),
             queued: 0,
@@ -675,6 +693,8 @@ impl ClientCore {
             command_start_time: 0.0,
         });
         self.server_ranks.insert(rank);
+        self.gone_for_good.remove(&rank);
+        self.none_left = false;
         let expiry = now + self.config.timeout;
         self.next_expiry = self.next_expiry.map(|e| e.min(expiry));
         match self.phase {
@@ -980,6 +1000,15 @@ impl ClientCore {
                 "the cluster has no servers",
             ));
         }
+        if request.targets.is_empty() && self.no_server_left() {
+            return Err(Rejection::new(
+                RejectReason::NoServers,
+                format!(
+                    "no server is left: every server (n# {}) has left for good",
+                    describe_ranks(&self.server_ranks)
+                ),
+            ));
+        }
         if let Some(d) = request.deadline_seconds {
             if !(d.is_finite() && d > 0.0) {
                 return Err(Rejection::new(
@@ -1223,6 +1252,54 @@ impl ClientCore {
             );
         }
         self.dispatch(rank);
+    }
+
+    /// Server `rank` will not join again: whoever started it gave up on
+    /// it, or it was lost where ranks are fixed (MPI). Once every server
+    /// has left for good, the requests without a target are answered, and
+    /// new ones refused (rule 20). A server that joins with the rank after
+    /// all counts again.
+    pub fn server_gone_for_good(&mut self, rank: Rank) {
+        if self.gone_for_good.insert(rank) {
+            self.place_shared();
+        }
+    }
+
+    /// No server can ever run a request: every rank the cluster has or
+    /// expects has left for good.
+    fn no_server_left(&self) -> bool {
+        let expected = (1..).take(self.config.expected_servers);
+        !self.gone_for_good.is_empty()
+            && self
+                .server_ranks
+                .iter()
+                .copied()
+                .chain(expected)
+                .all(|rank| self.gone_for_good.contains(&rank))
+    }
+
+    /// Answers every request waiting in the shared queue, once no server
+    /// is left to run it (rule 20).
+    fn end_shared_queue(&mut self) {
+        if !self.none_left {
+            self.none_left = true;
+            let ranks = describe_ranks(&self.server_ranks);
+            self.event(Event::NoServerLeft { ranks });
+        }
+        while let Some((_, id)) = self.queue.pop_front() {
+            if self
+                .requests
+                .get(&id)
+                .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
+            {
+                self.finish_unsent(
+                    id,
+                    CommandStatus::Timeout,
+                    "Timeout: no server is left to run the command (every server has left for good)"
+                        .into(),
+                );
+            }
+        }
     }
 
     /// A server's link closed for good: its requests are answered with
@@ -1662,6 +1739,10 @@ impl ClientCore {
         if !matches!(self.phase, Phase::Running) {
             return;
         }
+        if self.no_server_left() {
+            self.end_shared_queue();
+            return;
+        }
         loop {
             skip_unqueued(&mut self.queue, &self.requests);
             let Some(&(_, id)) = self.queue.front() else {
@@ -1941,6 +2022,7 @@ impl ClientCore {
                 if response.ok {
                     server.host = response.host.clone();
                     server.pid = response.pid;
+                    server.worker_pid = response.worker_pid;
                     if server.phase == ServerPhase::Starting {
                         server.phase = ServerPhase::Online;
                     }

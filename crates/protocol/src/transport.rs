@@ -38,6 +38,11 @@ pub trait Transport: Send {
     /// The ranks this process can send to, ascending.
     fn peers(&self) -> Vec<Rank>;
 
+    /// Whether a peer reported lost can join again with its rank (a
+    /// ZeroMQ server node reconnecting), or is gone for good (MPI: the
+    /// ranks are fixed for the life of the job).
+    fn lost_peers_rejoin(&self) -> bool;
+
     /// Sends `envelope` to `to`. Completes once the transport has taken the
     /// message; waits only when too much is already in flight to that peer.
     fn send(

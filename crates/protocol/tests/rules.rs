@@ -151,7 +151,9 @@ impl Cluster {
                         ServerAction::Configure(start) => {
                             // The worker is ready at once.
                             let now = self.now;
-                            self.servers.get_mut(&rank).unwrap().worker_ready(now);
+                            let server = self.servers.get_mut(&rank).unwrap();
+                            server.configured(Some(1000 + rank as u32), now);
+                            server.worker_ready(now);
                             self.server_actions
                                 .push((rank, ServerAction::Configure(start)));
                         }
@@ -525,6 +527,70 @@ fn rule_20_a_silent_server_is_timed_out_and_its_requests_answered() {
     c.finish(1, Value::none());
     let more = c.submit("more()", &[]).unwrap()[0];
     assert_eq!(c.executed.last(), Some(&(1, more)));
+}
+
+#[test]
+fn rule_20_once_every_server_has_left_for_good_untargeted_requests_are_answered() {
+    let mut c = Cluster::new(2);
+    let one = c.submit("long()", &[1]).unwrap()[0];
+    let two = c.submit("long()", &[2]).unwrap()[0];
+    // Sent ahead to server 1 (prefetch), then one waiting at the client.
+    let shared: Vec<RequestId> = (0..8).map(|_| c.submit("any()", &[]).unwrap()[0]).collect();
+    // Server 1 is lost, but may still join again: its untargeted requests
+    // wait for server 2.
+    c.client.server_lost(1);
+    c.pump();
+    assert_eq!(c.response(one).status(), CommandStatus::Timeout);
+    assert!(shared.iter().all(|&id| !c.has_response(id)));
+    c.client.server_gone_for_good(1);
+    c.pump();
+    assert!(shared.iter().all(|&id| !c.has_response(id)));
+    // Server 2 will not be started again, and its link closes.
+    c.client.server_gone_for_good(2);
+    c.pump();
+    assert!(!c.has_response(two), "its running command is still its own");
+    c.client.server_lost(2);
+    c.pump();
+    assert_eq!(c.response(two).status(), CommandStatus::Timeout);
+    for &id in &shared {
+        let r = c.response(id);
+        assert_eq!((r.status(), r.server), (CommandStatus::Timeout, 0), "{r:?}");
+        assert!(
+            r.traceback().contains("no server is left"),
+            "{}",
+            r.traceback()
+        );
+    }
+    assert!(
+        c.log_lines()
+            .iter()
+            .any(|l| l.starts_with("No server is left: every server (n# 1-2)")),
+        "{:?}",
+        c.log_lines()
+    );
+    // New untargeted pushes are refused rather than left waiting.
+    assert_eq!(c.submit("any()", &[]), Err(RejectReason::NoServers));
+    assert_eq!(c.submit("any()", &[2]), Err(RejectReason::TargetTimedOut));
+    // A server that joins with the rank after all counts again.
+    let now = c.now;
+    c.client.add_server(2, now).unwrap();
+    c.servers.insert(
+        2,
+        ServerCore::new(
+            ServerConfig {
+                rank: 2,
+                host: "node2".into(),
+                pid: 202,
+                kill_grace: GRACE,
+                patience: None,
+            },
+            WallClock::new(c.t0, EPOCH),
+            now,
+        ),
+    );
+    c.pump();
+    let again = c.submit("any()", &[]).unwrap()[0];
+    assert_eq!(c.executed.last(), Some(&(2, again)));
 }
 
 #[test]
@@ -1588,7 +1654,8 @@ fn rule_27_a_graceful_stop_lets_a_command_held_for_a_starting_worker_run() {
 }
 
 #[test]
-fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
+fn rule_8_and_23_a_server_answers_start_with_its_workers_pid_saying_whether_it_reads_shared_memory()
+{
     let t0 = Instant::now();
     let answer = |environment: Vec<casa_node_protocol::pb::EnvironmentVariable>| {
         let config = ServerConfig {
@@ -1610,6 +1677,14 @@ fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
             }),
         );
         server.handle(0, envelope, t0).unwrap();
+        // START is answered once the node has started the worker, with
+        // its pid (rule 23).
+        let before: Vec<_> = std::iter::from_fn(|| server.poll_action()).collect();
+        assert!(
+            matches!(before.as_slice(), [ServerAction::Configure(_)]),
+            "{before:?}"
+        );
+        server.configured(Some(4242), t0);
         std::iter::from_fn(|| server.poll_action())
             .find_map(|a| match a {
                 ServerAction::Send(Envelope {
@@ -1630,9 +1705,9 @@ fn rule_8_a_server_answers_start_saying_whether_it_reads_shared_memory() {
         var(casa_node_protocol::SHM_DIR_VAR, "/dev/shm/casa-node-0-1-ab"),
         var(casa_node_protocol::SHM_TAG_VAR, "t"),
     ]);
-    assert!(with.ok && with.shared_memory);
+    assert!(with.ok && with.shared_memory && with.worker_pid == 4242);
     let without = answer(vec![var("OTHER", "1")]);
-    assert!(without.ok && !without.shared_memory);
+    assert!(without.ok && !without.shared_memory && without.worker_pid == 4242);
 }
 
 fn prefetching(n: Rank, prefetch: usize) -> Cluster {

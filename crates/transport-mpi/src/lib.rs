@@ -516,6 +516,10 @@ impl Transport for MpiTransport {
         self.links().up.keys().copied().collect()
     }
 
+    fn lost_peers_rejoin(&self) -> bool {
+        false
+    }
+
     async fn send(&mut self, to: Rank, envelope: Envelope) -> Result<(), TransportError> {
         if self.closed {
             return Err(TransportError::Closed);

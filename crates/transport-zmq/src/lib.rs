@@ -716,6 +716,10 @@ impl Transport for ZmqTransport {
         self.state().links.keys().copied().collect()
     }
 
+    fn lost_peers_rejoin(&self) -> bool {
+        true
+    }
+
     async fn send(&mut self, to: Rank, envelope: Envelope) -> Result<(), TransportError> {
         if self.closed {
             return Err(TransportError::Closed);
