@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs the system packages the MPI build and tests need, when missing:
-# Open MPI (mpirun and the headers and library the `mpi` crate links to)
-# and libclang (the `mpi` crate generates its bindings with bindgen).
+# Open MPI (mpirun and the headers and library the `mpi` crate links to),
+# libclang (the `mpi` crate generates its bindings with bindgen), and
+# Chromium with its WebDriver (the dashboard's tests open the page in it).
 # Debian and Ubuntu package names; as root, or with sudo.
 set -euo pipefail
 
-packages=(openmpi-bin libopenmpi-dev libclang-dev)
+packages=(openmpi-bin libopenmpi-dev libclang-dev chromium chromium-driver)
 missing=()
 for package in "${packages[@]}"; do
     if ! dpkg-query -W -f='${Status}' "$package" 2>/dev/null | grep -q "install ok installed"; then

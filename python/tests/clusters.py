@@ -45,6 +45,20 @@ class Cluster:
         except OSError:
             return ""
 
+    def dashboard(self, timeout=30):
+        """The dashboard's URL (with its token), from the lines `up` prints
+        once ready, after the front door's."""
+        end = time.monotonic() + timeout
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0, end - time.monotonic()))
+            if not ready:
+                pytest.fail(f"no dashboard line within {timeout} s: {self.stderr()}")
+            line = self.proc.stdout.readline().decode()
+            if not line:
+                pytest.fail(f"casa-node up printed no dashboard line: {self.stderr()}")
+            if line.startswith("dashboard: "):
+                return line[len("dashboard: "):].strip()
+
     def stderr(self):
         try:
             with open(os.path.join(self.directory, "stderr"), encoding="utf-8", errors="replace") as f:
@@ -135,6 +149,8 @@ def start(servers=2, transport="zmq", options=(), directory=None):
         proc = subprocess.Popen(
             command(transport, servers, list(options), directory),
             stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr, env=env,
+            # Unbuffered: select() then sees every line `up` prints.
+            bufsize=0,
         )
     cluster = Cluster(proc, directory, transport, servers)
     try:

@@ -22,6 +22,7 @@ use futures::FutureExt;
 use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
+use crate::dashboard::{Ask, Board};
 use crate::front_door::{DriverEvent, FrontDoor};
 use crate::journal::{Journal, Recovered};
 use crate::log::LogSink;
@@ -146,7 +147,13 @@ pub struct ClientNodeConfig {
     /// Ranks whose server process will not be started again: `up` and
     /// `run` gave up on it (rule 20).
     pub given_up: Option<mpsc::UnboundedReceiver<Rank>>,
+    /// The dashboard's state, and what its HTTP side asks of it.
+    pub dashboard: Option<(Board, mpsc::Receiver<Ask>)>,
 }
+
+/// How often the dashboard's pages are updated; every other time, the
+/// progress chart gets a sample.
+const DASHBOARD_EVERY: Duration = Duration::from_millis(500);
 
 /// The cluster's shared-memory directory as the client node uses it.
 #[derive(Debug)]
@@ -162,6 +169,24 @@ pub struct SharedConfig {
 async fn recv_some<T>(rx: &mut Option<mpsc::UnboundedReceiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What the dashboard asks next, if it is on; never otherwise.
+async fn recv_asked(rx: &mut Option<mpsc::Receiver<Ask>>) -> Option<Ask> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// The next tick of `interval`, if there is one; never otherwise.
+async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
+    match interval {
+        Some(interval) => {
+            interval.tick().await;
+        }
         None => std::future::pending().await,
     }
 }
@@ -227,6 +252,7 @@ pub async fn run<T: Transport>(
         recovered: None,
         early: HashMap::new(),
         parked: Vec::new(),
+        board: None,
     };
     if let Some((journal, recovered)) = config.journal.take() {
         node.journal = Some(journal);
@@ -244,6 +270,17 @@ pub async fn run<T: Transport>(
     let lost_peers_rejoin = transport.lost_peers_rejoin();
     let (driver_tx, mut driver_rx) = mpsc::unbounded_channel();
     let mut given_up = config.given_up.take();
+    let (board, mut asks) = match config.dashboard.take() {
+        Some((board, asks)) => (Some(board), Some(asks)),
+        None => (None, None),
+    };
+    node.board = board;
+    let mut dashboard_ticks = node.board.as_ref().map(|_| {
+        let mut every = tokio::time::interval(DASHBOARD_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        every
+    });
+    let mut dashboard_round = 0u64;
     let mut front_door = Some(front_door);
     let mut ready = Some(ready);
     let mut serving = None;
@@ -277,6 +314,11 @@ pub async fn run<T: Transport>(
                 }
             }
             Some(rank) = recv_some(&mut given_up) => node.core.server_gone_for_good(rank),
+            Some(ask) = recv_asked(&mut asks) => node.answer_dashboard(ask),
+            _ = next_tick(&mut dashboard_ticks) => {
+                dashboard_round += 1;
+                node.dashboard_tick(dashboard_round % 2 == 0);
+            }
             Some(event) = driver_rx.recv() => node.on_driver(event),
             Some(checked) = checked_rx.recv() => node.on_checked(checked),
             _ = tokio::time::sleep_until(deadline.into()) => {
@@ -370,6 +412,8 @@ struct Node<'a> {
     /// when they wait for a server of that rank to rejoin.
     /// Each with the driver that claimed it, if one did.
     parked: Vec<(Instant, RequestId, SubmitRequest, DriverId)>,
+    /// What the dashboard shows, when it is on.
+    board: Option<Board>,
 }
 
 impl Node<'_> {
@@ -465,6 +509,9 @@ impl Node<'_> {
                 } => {
                     if let Some(response) = &delivery.response {
                         self.journal_write(|journal| journal.answered(response));
+                        if let Some(board) = &mut self.board {
+                            board.answered(response, delivery.replaces_timeout);
+                        }
                     }
                     self.release_files(&mut delivery, driver);
                     if self.drivers.contains_key(&driver) {
@@ -581,6 +628,33 @@ impl Node<'_> {
         *response = response.too_large(&why);
         self.warn(&why);
         envelope
+    }
+
+    /// Answers the dashboard's HTTP side.
+    fn answer_dashboard(&mut self, ask: Ask) {
+        let Some(board) = &mut self.board else {
+            return;
+        };
+        let status = self.core.status(None).unwrap_or_default();
+        match ask {
+            Ask::Snapshot(reply) => {
+                let _ = reply.send(board.snapshot(&status, self.log));
+            }
+            Ask::Record(id, reply) => {
+                let _ = reply.send(board.detail(id));
+            }
+            Ask::Metrics(reply) => {
+                let _ = reply.send(board.metrics(&status));
+            }
+        }
+    }
+
+    /// Updates the dashboard's pages, and with `sample` its progress chart.
+    fn dashboard_tick(&mut self, sample: bool) {
+        if let Some(board) = &mut self.board {
+            let status = self.core.status(None).unwrap_or_default();
+            board.tick(&status, self.log, self.drivers.len(), sample);
+        }
     }
 
     fn record(&mut self, record: LogRecord) {
@@ -782,6 +856,9 @@ impl Node<'_> {
                 Err(self.core.refuse(driver, request, rejection))
             }
         };
+        if let (Ok(ids), Some(board)) = (&result, &mut self.board) {
+            board.submitted(ids.len() as u64);
+        }
         if let (Ok(ids), Some(request)) = (&result, journaled) {
             self.journal_accepted(ids, request);
         }

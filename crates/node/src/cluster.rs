@@ -18,6 +18,7 @@ use tokio::sync::{oneshot, watch};
 use crate::casa::{self, Casa};
 use crate::client_node::{self, ClientNodeConfig, ClientNodeError, SharedConfig};
 use crate::connection_file::{ConnectionFile, ConnectionFileError};
+use crate::dashboard::{Board, Dashboard, DashboardAddr, DashboardError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
 use crate::front_door::{FrontDoor, FrontDoorError};
 use crate::journal::{Journal, JournalError};
@@ -63,6 +64,8 @@ pub struct UpOptions {
     pub start_timeout: Duration,
     /// `--casa`: CASA's parallel tasks run unmodified (see [`crate::casa`]).
     pub casa: Option<Casa>,
+    /// Where the dashboard listens, if anywhere.
+    pub dashboard: DashboardAddr,
 }
 
 /// `up` could not start or run the cluster.
@@ -103,6 +106,20 @@ pub enum UpError {
     /// The journal cannot be used.
     #[error(transparent)]
     Journal(#[from] JournalError),
+    /// The dashboard could not start.
+    #[error(transparent)]
+    Dashboard(#[from] DashboardError),
+}
+
+/// What a cluster that has started tells whoever started it.
+#[derive(Debug)]
+pub struct Ready<'a> {
+    /// Where drivers connect.
+    pub front: &'a FrontDoorEndpoint,
+    /// Where more server nodes can connect (empty when none can).
+    pub nodes: &'a str,
+    /// The dashboard's URL, with its token, when it is on.
+    pub dashboard: Option<&'a str>,
 }
 
 fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpError {
@@ -117,7 +134,7 @@ fn io_error(context: impl Into<String>) -> impl FnOnce(std::io::Error) -> UpErro
 pub async fn up(
     options: UpOptions,
     signals: watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+    on_ready: impl FnOnce(&Ready<'_>),
 ) -> Result<(), UpError> {
     start(Servers::<ZmqTransport>::Local, options, signals, on_ready).await
 }
@@ -135,7 +152,7 @@ pub async fn start<T: Transport + 'static>(
     how: Servers<T>,
     options: UpOptions,
     signals: watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+    on_ready: impl FnOnce(&Ready<'_>),
 ) -> Result<(), UpError> {
     endpoint::sweep_runs();
     let run_dir = endpoint::runtime_dir()?.join(std::process::id().to_string());
@@ -157,7 +174,7 @@ async fn run(
     options: &UpOptions,
     run_dir: &std::path::Path,
     signals: watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+    on_ready: impl FnOnce(&Ready<'_>),
 ) -> Result<(), UpError> {
     let nodes = options
         .nodes
@@ -203,7 +220,7 @@ pub async fn serve<T: Transport + 'static>(
     options: &UpOptions,
     run_dir: &std::path::Path,
     signals: watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+    on_ready: impl FnOnce(&Ready<'_>),
     spawn: bool,
 ) -> Result<(), UpError> {
     let host = crate::hostname();
@@ -219,15 +236,26 @@ pub async fn serve<T: Transport + 'static>(
     // With tcp://HOST:0, the port the system chose.
     let front = door.endpoint().clone();
     let connection_file = door.connection_file().map(ToOwned::to_owned);
-    let log = Arc::new(
-        LogSink::open(
-            Some(&options.log_file),
-            options.log_terminal,
-            options.log_level,
-            options.log_rotation,
-        )
-        .map_err(io_error(format!("log file {}", options.log_file.display())))?,
-    );
+    let connection = connection_file
+        .as_deref()
+        .map(ConnectionFile::read)
+        .transpose()
+        .map_err(|e| UpError::Io {
+            context: "the connection file".into(),
+            source: std::io::Error::other(e),
+        })?;
+    let dashboard = Dashboard::bind(&options.dashboard, connection.as_ref()).await?;
+    let log = LogSink::open(
+        Some(&options.log_file),
+        options.log_terminal,
+        options.log_level,
+        options.log_rotation,
+    )
+    .map_err(io_error(format!("log file {}", options.log_file.display())))?;
+    let log = Arc::new(match &dashboard {
+        Some(_) => log.keeping_recent(LOG_RECORDS_SHOWN),
+        None => log,
+    });
     log.write(&LogRecord {
         time: WallClock::system().epoch(std::time::Instant::now()),
         level: LogLevel::Info.into(),
@@ -245,6 +273,28 @@ pub async fn serve<T: Transport + 'static>(
             links.servers
         ),
     });
+    if let Some(dashboard) = &dashboard {
+        log.write(&LogRecord {
+            time: WallClock::system().epoch(std::time::Instant::now()),
+            level: LogLevel::Info.into(),
+            origin: format!("{host}:client"),
+            rank: transport.rank(),
+            message: format!(
+                "Dashboard at {} (open the URL casa-node printed, with its token)",
+                dashboard.place()
+            ),
+        });
+    }
+    let dashboard_url = dashboard.as_ref().map(|d| d.url().to_owned());
+    let (board, serving_dashboard) = match dashboard {
+        Some(dashboard) => {
+            let board = Board::new(door.traffic());
+            let (ask_tx, ask_rx) = tokio::sync::mpsc::channel(64);
+            let task = dashboard.serve(ask_tx, board.updates());
+            (Some((board, ask_rx)), Some(AbortOnDrop(task)))
+        }
+        None => (None, None),
+    };
     // Removed, with everything in it, when the client node's loop ends.
     // With a journal, values travel inline, so that the journal holds them
     // (a file in shared memory would not outlive the client node).
@@ -297,6 +347,7 @@ pub async fn serve<T: Transport + 'static>(
         shared,
         journal,
         given_up: Some(given_up),
+        dashboard: board,
     };
     let (ready_tx, mut ready_rx) = oneshot::channel();
     let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));
@@ -307,7 +358,11 @@ pub async fn serve<T: Transport + 'static>(
             ready = &mut ready_rx, if on_ready.is_some() => {
                 let on_ready = on_ready.take().expect("once");
                 if ready.is_ok() {
-                    on_ready(&front, &links.nodes);
+                    on_ready(&Ready {
+                        front: &front,
+                        nodes: &links.nodes,
+                        dashboard: dashboard_url.as_deref(),
+                    });
                     endpoint::record(&front, connection_file.as_deref())?;
                 }
             }
@@ -332,6 +387,7 @@ pub async fn serve<T: Transport + 'static>(
         }
     };
     endpoint::forget(&front);
+    drop(serving_dashboard);
     stop_children(&mut children, &log).await;
     match outcome {
         Ok(result) => result.map_err(UpError::from),
@@ -339,6 +395,19 @@ pub async fn serve<T: Transport + 'static>(
             context: "the client node".into(),
             source: std::io::Error::other(e),
         }),
+    }
+}
+
+/// Log records the dashboard keeps for a page that opens.
+const LOG_RECORDS_SHOWN: usize = 5_000;
+
+/// Aborts the task when dropped: the dashboard's listener goes with the
+/// client node, on every way out.
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 

@@ -9,6 +9,7 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::{Bytes, BytesMut};
@@ -26,6 +27,7 @@ use tokio_rustls::server::TlsStream;
 use tokio_util::codec::{Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::connection_file::{CONNECTION_FILE_VAR, ConnectionFile, ConnectionFileError};
+use crate::dashboard::Traffic;
 use crate::endpoint::FrontDoorEndpoint;
 
 /// What the connection tasks report to the client node.
@@ -99,6 +101,7 @@ pub struct FrontDoor {
     door: Door,
     endpoint: FrontDoorEndpoint,
     framing: Framing,
+    traffic: Arc<Traffic>,
 }
 
 enum Door {
@@ -170,6 +173,7 @@ impl FrontDoor {
             door: Door::Unix { listener, path },
             endpoint: endpoint.clone(),
             framing,
+            traffic: Arc::default(),
         })
     }
 
@@ -216,6 +220,7 @@ impl FrontDoor {
             },
             endpoint: bound,
             framing,
+            traffic: Arc::default(),
         })
     }
 
@@ -252,16 +257,24 @@ impl FrontDoor {
     pub fn serve(self, events: mpsc::UnboundedSender<DriverEvent>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             let framing = self.framing;
+            let traffic = self.traffic.clone();
             match &self.door {
-                Door::Unix { listener, .. } => serve_unix(listener, framing, events).await,
+                Door::Unix { listener, .. } => {
+                    serve_unix(listener, framing, traffic, events).await;
+                }
                 Door::Tls {
                     listener,
                     acceptor,
                     token,
                     ..
-                } => serve_tls(listener, acceptor, token, framing, events).await,
+                } => serve_tls(listener, acceptor, token, framing, traffic, events).await,
             }
         })
+    }
+
+    /// The bytes read from and written to drivers, counted as they pass.
+    pub fn traffic(&self) -> Arc<Traffic> {
+        self.traffic.clone()
     }
 }
 
@@ -292,6 +305,7 @@ async fn accept_failed(e: io::Error) {
 async fn serve_unix(
     listener: &UnixListener,
     framing: Framing,
+    traffic: Arc<Traffic>,
     events: mpsc::UnboundedSender<DriverEvent>,
 ) {
     let uid = nix::unistd::getuid().as_raw();
@@ -334,7 +348,7 @@ async fn serve_unix(
             reader,
             writer,
             driver,
-            framing,
+            (framing, traffic.clone()),
             events.clone(),
             None,
         ));
@@ -346,6 +360,7 @@ async fn serve_tls(
     acceptor: &TlsAcceptor,
     token: &Arc<str>,
     framing: Framing,
+    traffic: Arc<Traffic>,
     events: mpsc::UnboundedSender<DriverEvent>,
 ) {
     let mut next = 1;
@@ -363,6 +378,7 @@ async fn serve_tls(
         let acceptor = acceptor.clone();
         let token = token.clone();
         let events = events.clone();
+        let traffic = traffic.clone();
         // Each peer is admitted on a task of its own: a slow one holds up
         // no other.
         tokio::spawn(async move {
@@ -373,7 +389,8 @@ async fn serve_tls(
             .await;
             match admitted {
                 Ok(Ok((reader, writer, hello))) => {
-                    connection(reader, writer, driver, framing, events, Some(hello)).await;
+                    let wire = (framing, traffic);
+                    connection(reader, writer, driver, wire, events, Some(hello)).await;
                 }
                 Ok(Err(why)) => refuse(&events, format!("front door: refused {peer}: {why}")),
                 Err(_) => refuse(
@@ -479,11 +496,14 @@ impl Encoder<Envelope> for EnvelopeEncoder {
     }
 }
 
+/// Bytes of the length before each frame.
+const LENGTH_BYTES: u64 = 4;
+
 /// The codec both ends of the front door use.
 pub fn codec(framing: Framing) -> LengthDelimitedCodec {
     LengthDelimitedCodec::builder()
         .big_endian()
-        .length_field_length(4)
+        .length_field_length(LENGTH_BYTES as usize)
         .max_frame_length(framing.max_frame())
         .new_codec()
 }
@@ -507,7 +527,7 @@ async fn connection<R, W>(
     mut reader: FramedRead<R, LengthDelimitedCodec>,
     mut writer: FramedWrite<W, EnvelopeEncoder>,
     driver: DriverId,
-    framing: Framing,
+    (framing, traffic): (Framing, Arc<Traffic>),
     events: mpsc::UnboundedSender<DriverEvent>,
     first: Option<Envelope>,
 ) where
@@ -536,14 +556,15 @@ async fn connection<R, W>(
     // Everything queued for the driver goes out in as few writes as the
     // codec's buffer allows: under load, one system call and one wake-up
     // of the driver carry many replies.
+    let sent = traffic.clone();
     let write = tokio::spawn(async move {
         while let Some(first) = queue.recv().await {
             let mut next = Some(first);
             while let Some(envelope) = next {
-                if framing
-                    .encoded_len(&envelope)
-                    .is_ok_and(|n| n >= OFFLOAD_THRESHOLD)
-                {
+                let len = framing.encoded_len(&envelope).unwrap_or(0);
+                sent.sent
+                    .fetch_add(len as u64 + LENGTH_BYTES, Ordering::Relaxed);
+                if len >= OFFLOAD_THRESHOLD {
                     // Encoded on a blocking thread, after what is already
                     // buffered, then written as it is.
                     if SinkExt::<Envelope>::flush(&mut writer).await.is_err() {
@@ -587,26 +608,31 @@ async fn connection<R, W>(
     loop {
         match reader.next().await {
             None => break,
-            Some(Ok(frame)) => match decode(framing, frame.freeze()).await {
-                Ok(envelope) => {
-                    if events
-                        .send(DriverEvent::Request { driver, envelope })
-                        .is_err()
-                    {
-                        break;
+            Some(Ok(frame)) => {
+                traffic
+                    .received
+                    .fetch_add(frame.len() as u64 + LENGTH_BYTES, Ordering::Relaxed);
+                match decode(framing, frame.freeze()).await {
+                    Ok(envelope) => {
+                        if events
+                            .send(DriverEvent::Request { driver, envelope })
+                            .is_err()
+                        {
+                            break;
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!("{driver}: dropped a malformed frame: {e}");
+                        if let Some(outbox) = errors.upgrade() {
+                            let _ = outbox.send(Envelope::error(
+                                0,
+                                ProtocolErrorCode::Malformed,
+                                e.to_string(),
+                            ));
+                        }
                     }
                 }
-                Err(e) => {
-                    tracing::warn!("{driver}: dropped a malformed frame: {e}");
-                    if let Some(outbox) = errors.upgrade() {
-                        let _ = outbox.send(Envelope::error(
-                            0,
-                            ProtocolErrorCode::Malformed,
-                            e.to_string(),
-                        ));
-                    }
-                }
-            },
+            }
             Some(Err(e)) if e.kind() == io::ErrorKind::UnexpectedEof => {
                 // A TLS peer that closed without close_notify, as Python's
                 // ssl does: every frame carries its length, so this is an

@@ -7,6 +7,7 @@ pub mod client_node;
 pub mod cluster;
 pub mod commands;
 pub mod connection_file;
+pub mod dashboard;
 pub mod endpoint;
 pub mod executor;
 pub mod front_door;

@@ -95,6 +95,16 @@ pub struct LogSink {
     min_level: LogLevel,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
+    /// The latest records, for the dashboard, when kept.
+    recent: Option<Mutex<Recent>>,
+}
+
+/// The latest records written, numbered from 0 in the order written.
+struct Recent {
+    records: VecDeque<LogRecord>,
+    /// The number of the next record.
+    next: u64,
+    capacity: usize,
 }
 
 struct Shared {
@@ -161,13 +171,47 @@ impl LogSink {
             min_level,
             shared,
             thread,
+            recent: None,
         })
+    }
+
+    /// Keeps the latest `capacity` records written, for
+    /// [`LogSink::recent_since`].
+    #[must_use]
+    pub fn keeping_recent(mut self, capacity: usize) -> LogSink {
+        self.recent = Some(Mutex::new(Recent {
+            records: VecDeque::with_capacity(capacity.min(4096)),
+            next: 0,
+            capacity: capacity.max(1),
+        }));
+        self
+    }
+
+    /// The records kept that were written as number `from` or later, and
+    /// the number of the next record; empty when none are kept.
+    pub fn recent_since(&self, from: u64) -> (Vec<LogRecord>, u64) {
+        let Some(recent) = &self.recent else {
+            return (Vec::new(), 0);
+        };
+        let recent = recent.lock().unwrap_or_else(|e| e.into_inner());
+        let first = recent.next - recent.records.len() as u64;
+        let skip = from.saturating_sub(first) as usize;
+        let records = recent.records.iter().skip(skip).cloned().collect();
+        (records, recent.next)
     }
 
     /// Queues one record for the log's thread; never waits for it.
     pub fn write(&self, record: &LogRecord) {
         if record.level() < self.min_level && record.level() != LogLevel::Unspecified {
             return;
+        }
+        if let Some(recent) = &self.recent {
+            let mut recent = recent.lock().unwrap_or_else(|e| e.into_inner());
+            if recent.records.len() >= recent.capacity {
+                recent.records.pop_front();
+            }
+            recent.records.push_back(record.clone());
+            recent.next += 1;
         }
         if self.thread.is_none() {
             return;

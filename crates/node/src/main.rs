@@ -6,9 +6,10 @@ use std::time::Duration;
 
 use casa_node::casa::{self, Casa};
 use casa_node::client::{Submit, Target};
-use casa_node::cluster::{self, UpOptions};
+use casa_node::cluster::{self, Ready, UpOptions};
 use casa_node::commands::{self, Outcome};
 use casa_node::connection_file::ConnectionFile;
+use casa_node::dashboard::DashboardAddr;
 use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node::front_door::FrontDoorError;
 use casa_node::literal;
@@ -197,6 +198,19 @@ struct UpArgs {
     /// Echo the log on standard error too.
     #[arg(long)]
     log_terminal: bool,
+    /// The dashboard (a live web page and /metrics for Prometheus):
+    /// HOST:PORT, a port on 127.0.0.1, or `off`. By default
+    /// 127.0.0.1:8787, or the next free port. Its URL, with the token it
+    /// asks for, is printed at start-up. An address other than loopback
+    /// needs the TLS of a tcp:// front door's connection file.
+    #[arg(
+        long,
+        env = "CASA_NODE_DASHBOARD",
+        default_value = "default",
+        value_name = "ADDR",
+        hide_default_value = true
+    )]
+    dashboard: DashboardAddr,
     /// With MPI: the longest pause, in microseconds, between two looks for
     /// messages while a rank is idle. Lower answers an idle rank sooner and
     /// costs more CPU (MPI gives no way to sleep until a message arrives).
@@ -471,7 +485,7 @@ async fn run(transport: TransportKind, args: RunArgs) -> ExitCode {
     #[cfg(feature = "mpi")]
     if matches!(transport, TransportKind::Mpi) {
         let script = Some((args.script, args.args));
-        return mpi(options, idle, script, signals, |_, _| {}).await;
+        return mpi(options, idle, script, signals, |_: &Ready<'_>| {}).await;
     }
     let how = cluster::Servers::<ZmqTransport>::Local;
     match casa_node::run::run(how, options, args.script, args.args, signals).await {
@@ -498,7 +512,7 @@ async fn mpi(
     idle: MpiIdle,
     script: Option<(PathBuf, Vec<String>)>,
     signals: tokio::sync::watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+    on_ready: impl FnOnce(&Ready<'_>),
 ) -> ExitCode {
     use casa_node::mpi::{self, Outcome};
     let transport =
@@ -560,6 +574,7 @@ async fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions,
         Err(e) => return Err(fail(format!("the working directory: {e}"))),
     };
     Ok(UpOptions {
+        dashboard: args.dashboard,
         servers: args.servers,
         endpoint,
         connection_file,
@@ -615,12 +630,15 @@ async fn up(transport: TransportKind, args: UpArgs) -> ExitCode {
     // for its lifetime, and says where.
     let casa = options.casa.is_some();
     let mut python_path = None;
-    let on_ready = |front: &FrontDoorEndpoint, nodes: &str| {
+    let on_ready = |ready: &Ready<'_>| {
         use std::io::Write;
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "front door: {front}");
-        if !nodes.is_empty() {
-            let _ = writeln!(out, "nodes: {nodes}");
+        let _ = writeln!(out, "front door: {}", ready.front);
+        if !ready.nodes.is_empty() {
+            let _ = writeln!(out, "nodes: {}", ready.nodes);
+        }
+        if let Some(url) = ready.dashboard {
+            let _ = writeln!(out, "dashboard: {url}");
         }
         if casa {
             match packages::for_driver(true) {

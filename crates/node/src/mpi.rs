@@ -10,8 +10,7 @@ use casa_node_protocol::Transport;
 use casa_node_transport_mpi::{IdlePolicy, MpiConfig, MpiError, MpiTransport};
 use tokio::sync::watch;
 
-use crate::cluster::{self, Links, Servers, UpError, UpOptions};
-use crate::endpoint::FrontDoorEndpoint;
+use crate::cluster::{self, Links, Ready, Servers, UpError, UpOptions};
 use crate::packages::{self, UnpackError, Unpacked};
 use crate::run::{self, RunError};
 use crate::server_node::{self, ServerNodeConfig, ServerNodeError};
@@ -89,7 +88,7 @@ pub async fn launch(
     options: UpOptions,
     script: Option<(PathBuf, Vec<String>)>,
     signals: watch::Receiver<u32>,
-    on_ready: impl FnOnce(&FrontDoorEndpoint, &str),
+    on_ready: impl FnOnce(&Ready<'_>),
 ) -> Result<Outcome, MpiNodeError> {
     if transport.rank() != 0 {
         let casampi = options

@@ -107,7 +107,11 @@ pub async fn run<T: Transport + 'static>(
             context: "the connection file's path".into(),
             source,
         })?;
-    let on_ready = move |front: &endpoint::FrontDoorEndpoint, _nodes: &str| {
+    let on_ready = move |ready: &cluster::Ready<'_>| {
+        let front = ready.front;
+        if let Some(url) = ready.dashboard {
+            eprintln!("dashboard: {url}");
+        }
         let mut command = Command::new(&python);
         command
             .arg(&script)
