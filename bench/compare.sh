@@ -9,7 +9,7 @@
 #   bench/compare.sh --quick    # tiny counts, to check the harness (under a minute)
 #   bench/compare.sh --only C   # CASA's flagdata on a Multi-MS against casampi
 #
-# Other arguments go to bench/compare/compare.py (--reps N, --only L,Z,T,J,B,F,S,M,C).
+# Other arguments go to bench/compare/compare.py (--reps N, --only L,Z,T,J,D,B,F,S,M,C).
 # Group C (not in --quick unless --only names it) makes its own CASA venv,
 # target/bench-casa-venv (CASA_BENCH_VENV), the first time it runs.
 # Needs Rust, Python 3 with venv, and Open MPI with its headers

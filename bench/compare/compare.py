@@ -125,6 +125,13 @@ def make_figures(s):
         figures.append(Figure(f"J1{key}", f"J1 T1 with --journal (tasks/s, {s['tasks']} tasks, seed face, "
                               f"{transport})", "tasks/s", "higher", 0.9, "≥ 0.9×",
                               "casa-node without a journal"))
+    # Group D: T1's seed face with a dashboard page open (its live updates
+    # read as a browser reads them), against the same with the dashboard
+    # off, in the same run.
+    for key, transport in (("", "MPI"), ("z", "ZeroMQ")):
+        figures.append(Figure(f"D1{key}", f"D1 T1 with a dashboard page open (tasks/s, {s['tasks']} tasks, "
+                              f"seed face, {transport})", "tasks/s", "higher", 0.95, "≥ 0.95×",
+                              "casa-node with --dashboard off"))
     # Group C: one task call each, timed inside the driver script.
     for n, (task, what) in enumerate((("summary", "mode='summary'"),
                                       ("clip", f"mode='clip', clipminmax=[{s['clip_min']:g}, {s['clip_max']:g}]"),
@@ -280,6 +287,35 @@ def peer_no_journal(s, figures, record):
     journal_throughput(s, figures, record, False)
 
 
+def dashboard_throughput(s, figures, record, page_open):
+    """T1's seed face on one cluster per transport, with a dashboard page
+    open or the dashboard off: D1's figure or its baseline."""
+    for transport, key in (("mpi", "D1"), ("zmq", "D1z")):
+        options = [] if page_open else ["--dashboard", "off"]
+        with Cluster(transport, 2, options) as cluster:
+            cluster.wait_online()
+            page = harness.DashboardPage(cluster.dashboard()) if page_open else None
+            try:
+                r = casa_side(cluster, "throughput", s["tasks"], s["task_warmup"])
+            finally:
+                received = page.close() if page else 0
+        if not record:
+            continue
+        if page_open:
+            figures[key].casa.append(r["tasks_per_s"])
+            figures[key].note("page: bytes of live updates received", received)
+        else:
+            figures[key].peer.append(r["tasks_per_s"])
+
+
+def measure_dashboard(s, figures, record):
+    dashboard_throughput(s, figures, record, True)
+
+
+def peer_no_dashboard(s, figures, record):
+    dashboard_throughput(s, figures, record, False)
+
+
 def t_keys(figure):
     """The keys of the T figures whose peer is `figure` ("T1" or "T2")."""
     return [f"{figure}{face}{suffix}" for face in ("", "m") for suffix in ("", "z")]
@@ -429,6 +465,7 @@ PLAN = {
     "B": ((*(f"B1-{mib}" for mib in set(FULL["mibs"]) | set(QUICK["mibs"])), "B2"),
           measure_data, peer_data),
     "J": (("J1", "J1z"), measure_journal, peer_no_journal),
+    "D": (("D1", "D1z"), measure_dashboard, peer_no_dashboard),
     "F": (("F1",), measure_failure, None),
     "S": (("S1", "S1w"), measure_start, peer_start),
     "M": (("M1s", "M1c"), measure_memory, None),
@@ -514,7 +551,7 @@ def main():
                         help="tiny counts, to check the harness (about 30 s); without group C")
     parser.add_argument("--reps", type=int, help="measured repetitions (default 5, quick 2)")
     parser.add_argument("--only", help=f"comma-separated groups of {','.join(GROUPS)} "
-                        "(L: L1+L2, Z: L3, T: T1+T2, J: J1, B: B1+B2, F: F1, S: S1, M: M1, "
+                        "(L: L1+L2, Z: L3, T: T1+T2, J: J1, D: D1, B: B1+B2, F: F1, S: S1, M: M1, "
                         "C: C1+C2+C3, CASA's flagdata on a Multi-MS against casampi)")
     args = parser.parse_args()
     settings = dict(QUICK if args.quick else FULL)

@@ -186,6 +186,43 @@ def mpi_json(ranks, argv, timeout=600):
 # ------------------------------------------------------------------ clusters
 
 
+class DashboardPage:
+    """A dashboard page open: its live updates (server-sent events) read
+    on a thread as a browser reads them, until `close`, which returns the
+    bytes received."""
+
+    def __init__(self, url):
+        import http.client
+        import threading
+        import urllib.parse
+
+        parts = urllib.parse.urlsplit(url)
+        self.connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=60)
+        self.connection.request("GET", f"/events?{parts.query}")
+        self.answer = self.connection.getresponse()
+        if self.answer.status != 200:
+            raise Failed(f"the dashboard's events: HTTP {self.answer.status}")
+        self.received = 0
+        self.thread = threading.Thread(target=self._read, daemon=True)
+        self.thread.start()
+
+    def _read(self):
+        try:
+            while chunk := self.answer.read1(65536):
+                self.received += len(chunk)
+        except (OSError, ValueError):
+            pass
+
+    def close(self):
+        try:
+            self.connection.sock.shutdown(2)
+        except OSError:
+            pass
+        self.connection.close()
+        self.thread.join(10)
+        return self.received
+
+
 class Cluster:
     """A running `casa-node up`: its process, private directory and front
     door. Use as a context manager: it is stopped by PID on the way out."""
@@ -219,6 +256,7 @@ class Cluster:
             self.proc = subprocess.Popen(
                 argv, cwd=self.directory, env=env,
                 stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=stderr,
+                bufsize=0,  # select() then sees every line `up` prints
             )
         try:
             ready, _, _ = select.select([self.proc.stdout], [], [], START_LIMIT)
@@ -231,6 +269,17 @@ class Cluster:
         except BaseException:
             self.stop()
             raise
+
+    def dashboard(self):
+        """The dashboard's URL, with its token, from the lines `up` prints
+        once ready."""
+        while True:
+            ready, _, _ = select.select([self.proc.stdout], [], [], START_LIMIT)
+            line = self.proc.stdout.readline().decode() if ready else ""
+            if not line:
+                raise Failed(f"casa-node up printed no dashboard line\nstderr:\n{self.stderr()}")
+            if line.startswith("dashboard: "):
+                return line[len("dashboard: "):].strip()
 
     @property
     def pid(self):
