@@ -384,22 +384,66 @@ fn read_frame(stream: &mut UnixStream) -> std::io::Result<Envelope> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-impl Driver {
-    fn connect(socket: &Path) -> Driver {
-        let mut stream = UnixStream::connect(socket)
-            .unwrap_or_else(|e| panic!("the front door {} accepts: {e}", socket.display()));
-        stream.set_read_timeout(Some(HANG)).unwrap();
-        let hello = Body::Hello(Hello {
+/// The driver's `Hello`, with the front door's `token` (empty for a Unix
+/// socket).
+fn hello(token: String) -> Envelope {
+    Envelope::correlated(
+        1,
+        Body::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             role: Role::Driver.into(),
             software: "casa-node fault suite".into(),
             host: "localhost".into(),
             pid: std::process::id(),
             rank: 0,
-            token: String::new(),
+            token,
             shared_memory: false,
-        });
-        write_frame(&mut stream, &Envelope::correlated(1, hello)).expect("Hello is sent");
+        }),
+    )
+}
+
+/// Files `envelope`, from the front door, in `shared`: every response
+/// delivery is counted, and a reply is kept for the call waiting for it.
+fn receive(shared: &DriverShared, envelope: Envelope) {
+    let mut state = lock(shared);
+    match envelope.body {
+        Some(Body::ResponseDelivery(delivery)) => {
+            let response = delivery.response.expect("a delivery has a response");
+            state
+                .deliveries
+                .entry(response.id)
+                .or_default()
+                .push(Delivery {
+                    status: response.status(),
+                    successful: response.successful,
+                    replaces_timeout: delivery.replaces_timeout,
+                    ret: response.ret.clone(),
+                    traceback: response.traceback().to_owned(),
+                    worker_restarted: response.worker_restarted,
+                    server: response.server,
+                });
+        }
+        Some(Body::LogRecord(_)) | None => return,
+        Some(body) => {
+            state.replies.insert(envelope.correlation, body);
+        }
+    }
+    drop(state);
+    shared.changed.notify_all();
+}
+
+/// Marks the connection of `shared` closed.
+fn close(shared: &DriverShared) {
+    lock(shared).closed = true;
+    shared.changed.notify_all();
+}
+
+impl Driver {
+    fn connect(socket: &Path) -> Driver {
+        let mut stream = UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("the front door {} accepts: {e}", socket.display()));
+        stream.set_read_timeout(Some(HANG)).unwrap();
+        write_frame(&mut stream, &hello(String::new())).expect("Hello is sent");
         match read_frame(&mut stream)
             .expect("the client node answers Hello")
             .body
@@ -416,34 +460,9 @@ impl Driver {
         let reader_shared = shared.clone();
         let reader = std::thread::spawn(move || {
             while let Ok(envelope) = read_frame(&mut reading) {
-                let mut state = lock(&reader_shared);
-                match envelope.body {
-                    Some(Body::ResponseDelivery(delivery)) => {
-                        let response = delivery.response.expect("a delivery has a response");
-                        state
-                            .deliveries
-                            .entry(response.id)
-                            .or_default()
-                            .push(Delivery {
-                                status: response.status(),
-                                successful: response.successful,
-                                replaces_timeout: delivery.replaces_timeout,
-                                ret: response.ret.clone(),
-                                traceback: response.traceback().to_owned(),
-                                worker_restarted: response.worker_restarted,
-                                server: response.server,
-                            });
-                    }
-                    Some(Body::LogRecord(_)) | None => continue,
-                    Some(body) => {
-                        state.replies.insert(envelope.correlation, body);
-                    }
-                }
-                drop(state);
-                reader_shared.changed.notify_all();
+                receive(&reader_shared, envelope);
             }
-            lock(&reader_shared).closed = true;
-            reader_shared.changed.notify_all();
+            close(&reader_shared);
         });
         Driver {
             writer: Mutex::new(stream),
