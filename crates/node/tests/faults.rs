@@ -4,7 +4,9 @@
 //! longer, targeted and not, blocking and not) while faults strike at
 //! random moments: server nodes and workers killed or stopped and
 //! continued, commands that crash their worker, exhaust a memory limit or
-//! block forever, drivers killed mid-wait, the client node killed.
+//! block forever, drivers killed mid-wait, the client node killed; and,
+//! as root, a cluster spread over two network namespaces the test creates,
+//! whose link is cut for longer than the timeout and restored mid-stream.
 //!
 //! After every scenario the suite checks that
 //!
@@ -36,12 +38,13 @@ use std::sync::{Arc, Condvar, Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
+use casa_node::connection_file::ConnectionFile;
 use casa_node_conformance::process::{self, ChildGuard, ProcessSet, children};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CancelReply, CancelRequest, ClaimReply, ClaimRequest, CommandStatus, Envelope, Hello,
-    Parameter, RejectReason, Role, StatusReply, StatusRequest, StopRequest, SubmitRequest,
-    TrackReply, TrackRequest, Value, submit_reply,
+    Parameter, RejectReason, Role, ServerStatus, StatusReply, StatusRequest, StopRequest,
+    SubmitRequest, TrackReply, TrackRequest, Value, submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
 use nix::sys::signal::{Signal, kill};
@@ -350,14 +353,23 @@ fn lock(shared: &DriverShared) -> std::sync::MutexGuard<'_, DriverState> {
 }
 
 /// A driver speaking the driver plane itself over the front door's Unix
-/// socket, so that every response the client node sends is seen and
-/// counted (the Rust client keeps one record per id, which would hide a
-/// duplicate).
+/// socket (or a `tcp://` one over TLS), so that every response the client
+/// node sends is seen and counted (the Rust client keeps one record per
+/// id, which would hide a duplicate).
 struct Driver {
-    writer: Mutex<UnixStream>,
+    link: Link,
     shared: Arc<DriverShared>,
     correlation: AtomicU64,
     reader: Option<std::thread::JoinHandle<()>>,
+}
+
+/// How a [`Driver`]'s messages reach the front door.
+enum Link {
+    /// Written straight to the front door's Unix socket.
+    Unix(Mutex<UnixStream>),
+    /// Handed to the thread that owns the TLS connection to a `tcp://`
+    /// front door; `None` once the driver is dropped, which ends it.
+    Tls(Mutex<Option<tokio::sync::mpsc::UnboundedSender<Envelope>>>),
 }
 
 /// Why a wait for responses ended without them.
@@ -384,22 +396,66 @@ fn read_frame(stream: &mut UnixStream) -> std::io::Result<Envelope> {
         .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
 }
 
-impl Driver {
-    fn connect(socket: &Path) -> Driver {
-        let mut stream = UnixStream::connect(socket)
-            .unwrap_or_else(|e| panic!("the front door {} accepts: {e}", socket.display()));
-        stream.set_read_timeout(Some(HANG)).unwrap();
-        let hello = Body::Hello(Hello {
+/// The driver's `Hello`, with the front door's `token` (empty for a Unix
+/// socket).
+fn hello(token: String) -> Envelope {
+    Envelope::correlated(
+        1,
+        Body::Hello(Hello {
             protocol_version: PROTOCOL_VERSION,
             role: Role::Driver.into(),
             software: "casa-node fault suite".into(),
             host: "localhost".into(),
             pid: std::process::id(),
             rank: 0,
-            token: String::new(),
+            token,
             shared_memory: false,
-        });
-        write_frame(&mut stream, &Envelope::correlated(1, hello)).expect("Hello is sent");
+        }),
+    )
+}
+
+/// Files `envelope`, from the front door, in `shared`: every response
+/// delivery is counted, and a reply is kept for the call waiting for it.
+fn receive(shared: &DriverShared, envelope: Envelope) {
+    let mut state = lock(shared);
+    match envelope.body {
+        Some(Body::ResponseDelivery(delivery)) => {
+            let response = delivery.response.expect("a delivery has a response");
+            state
+                .deliveries
+                .entry(response.id)
+                .or_default()
+                .push(Delivery {
+                    status: response.status(),
+                    successful: response.successful,
+                    replaces_timeout: delivery.replaces_timeout,
+                    ret: response.ret.clone(),
+                    traceback: response.traceback().to_owned(),
+                    worker_restarted: response.worker_restarted,
+                    server: response.server,
+                });
+        }
+        Some(Body::LogRecord(_)) | None => return,
+        Some(body) => {
+            state.replies.insert(envelope.correlation, body);
+        }
+    }
+    drop(state);
+    shared.changed.notify_all();
+}
+
+/// Marks the connection of `shared` closed.
+fn close(shared: &DriverShared) {
+    lock(shared).closed = true;
+    shared.changed.notify_all();
+}
+
+impl Driver {
+    fn connect(socket: &Path) -> Driver {
+        let mut stream = UnixStream::connect(socket)
+            .unwrap_or_else(|e| panic!("the front door {} accepts: {e}", socket.display()));
+        stream.set_read_timeout(Some(HANG)).unwrap();
+        write_frame(&mut stream, &hello(String::new())).expect("Hello is sent");
         match read_frame(&mut stream)
             .expect("the client node answers Hello")
             .body
@@ -416,40 +472,84 @@ impl Driver {
         let reader_shared = shared.clone();
         let reader = std::thread::spawn(move || {
             while let Ok(envelope) = read_frame(&mut reading) {
-                let mut state = lock(&reader_shared);
-                match envelope.body {
-                    Some(Body::ResponseDelivery(delivery)) => {
-                        let response = delivery.response.expect("a delivery has a response");
-                        state
-                            .deliveries
-                            .entry(response.id)
-                            .or_default()
-                            .push(Delivery {
-                                status: response.status(),
-                                successful: response.successful,
-                                replaces_timeout: delivery.replaces_timeout,
-                                ret: response.ret.clone(),
-                                traceback: response.traceback().to_owned(),
-                                worker_restarted: response.worker_restarted,
-                                server: response.server,
-                            });
-                    }
-                    Some(Body::LogRecord(_)) | None => continue,
-                    Some(body) => {
-                        state.replies.insert(envelope.correlation, body);
-                    }
-                }
-                drop(state);
-                reader_shared.changed.notify_all();
+                receive(&reader_shared, envelope);
             }
-            lock(&reader_shared).closed = true;
-            reader_shared.changed.notify_all();
+            close(&reader_shared);
         });
         Driver {
-            writer: Mutex::new(stream),
+            link: Link::Unix(Mutex::new(stream)),
             shared,
             correlation: AtomicU64::new(2),
             reader: Some(reader),
+        }
+    }
+
+    /// A driver of the `tcp://` front door at `address` (`host:port`)
+    /// inside the network namespace `netns` (its file, `/run/netns/NAME`),
+    /// over TLS with `file`'s certificate and token. Its thread enters the
+    /// namespace (setns(2) moves only the calling thread), so the socket it
+    /// opens is the namespace's, and owns the connection; the rest of the
+    /// test stays where it is.
+    fn connect_tls(netns: &Path, address: &str, file: &ConnectionFile) -> Driver {
+        let namespace = std::fs::File::open(netns)
+            .unwrap_or_else(|e| panic!("the network namespace {}: {e}", netns.display()));
+        let config = file
+            .client_config()
+            .expect("the connection file's certificate");
+        let token = file.token().to_owned();
+        let address = address.to_owned();
+        let shared = Arc::new(DriverShared {
+            state: Mutex::new(DriverState::default()),
+            changed: Condvar::new(),
+        });
+        let (outbox, queue) = tokio::sync::mpsc::unbounded_channel();
+        let (ready_tx, ready) = mpsc::channel();
+        let reader_shared = shared.clone();
+        let reader = std::thread::spawn(move || {
+            match nix::sched::setns(&namespace, nix::sched::CloneFlags::CLONE_NEWNET) {
+                Ok(()) => {
+                    let runtime = tokio::runtime::Builder::new_current_thread()
+                        .enable_all()
+                        .build()
+                        .expect("a runtime for the driver");
+                    runtime.block_on(tls_session(
+                        address,
+                        config,
+                        token,
+                        queue,
+                        ready_tx,
+                        &reader_shared,
+                    ));
+                }
+                Err(e) => {
+                    let _ = ready_tx.send(Err(format!("setns into the namespace: {e}")));
+                }
+            }
+            close(&reader_shared);
+        });
+        match ready.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(why)) => panic!("the tcp:// front door did not admit a driver: {why}"),
+            Err(_) => panic!("the driver's thread ended before the handshake"),
+        }
+        Driver {
+            link: Link::Tls(Mutex::new(Some(outbox))),
+            shared,
+            correlation: AtomicU64::new(2),
+            reader: Some(reader),
+        }
+    }
+
+    /// Hands `envelope` on to the front door; false once the connection
+    /// is known to be closed.
+    fn send(&self, envelope: &Envelope) -> bool {
+        match &self.link {
+            Link::Unix(writer) => write_frame(&mut writer.lock().unwrap(), envelope).is_ok(),
+            Link::Tls(outbox) => outbox
+                .lock()
+                .unwrap()
+                .as_ref()
+                .is_some_and(|outbox| outbox.send(envelope.clone()).is_ok()),
         }
     }
 
@@ -458,11 +558,8 @@ impl Driver {
     fn call(&self, body: Body) -> Result<Body, WaitError> {
         let correlation = self.correlation.fetch_add(1, Ordering::Relaxed);
         let what = body.name();
-        {
-            let mut writer = self.writer.lock().unwrap();
-            if write_frame(&mut writer, &Envelope::correlated(correlation, body)).is_err() {
-                return Err(WaitError::Closed);
-            }
+        if !self.send(&Envelope::correlated(correlation, body)) {
+            return Err(WaitError::Closed);
         }
         let end = Instant::now() + HANG;
         let mut state = lock(&self.shared);
@@ -606,13 +703,95 @@ impl Driver {
 
 impl Drop for Driver {
     fn drop(&mut self) {
-        if let Ok(writer) = self.writer.lock() {
-            let _ = writer.shutdown(std::net::Shutdown::Both);
+        match &self.link {
+            Link::Unix(writer) => {
+                if let Ok(writer) = writer.lock() {
+                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                }
+            }
+            Link::Tls(outbox) => {
+                if let Ok(mut outbox) = outbox.lock() {
+                    outbox.take();
+                }
+            }
         }
         if let Some(reader) = self.reader.take() {
             let _ = reader.join();
         }
     }
+}
+
+/// A TLS connection to the `tcp://` front door at `address`, trusting
+/// `config`'s certificate and showing `token`: says on `ready` whether the
+/// front door welcomed it, then sends what comes from `queue` and files
+/// what comes back in `shared`, until either side closes.
+async fn tls_session(
+    address: String,
+    config: Arc<tokio_rustls::rustls::ClientConfig>,
+    token: String,
+    mut queue: tokio::sync::mpsc::UnboundedReceiver<Envelope>,
+    ready: mpsc::Sender<Result<(), String>>,
+    shared: &DriverShared,
+) {
+    use futures::{SinkExt, StreamExt};
+    let framing = Framing::default();
+    let handshake = async {
+        let tcp = tokio::net::TcpStream::connect(&address)
+            .await
+            .map_err(|e| format!("connecting to {address}: {e}"))?;
+        let name =
+            tokio_rustls::rustls::pki_types::ServerName::try_from("127.0.0.1").expect("an address");
+        let tls = tokio_rustls::TlsConnector::from(config)
+            .connect(name, tcp)
+            .await
+            .map_err(|e| format!("TLS with {address}: {e}"))?;
+        let mut framed = tokio_util::codec::Framed::new(tls, casa_node::front_door::codec(framing));
+        let frame = framing.encode_body(&hello(token)).expect("Hello frames");
+        framed
+            .send(Bytes::from(frame))
+            .await
+            .map_err(|e| format!("sending Hello: {e}"))?;
+        let answer = framed.next().await;
+        match answer.map(|frame| frame.map(|f| framing.decode_body(f.freeze()))) {
+            Some(Ok(Ok(Envelope {
+                body: Some(Body::Welcome(_)),
+                ..
+            }))) => Ok(framed),
+            other => Err(format!("expected Welcome, got {other:?}")),
+        }
+    };
+    let mut framed = match tokio::time::timeout(HANG, handshake).await {
+        Ok(Ok(framed)) => framed,
+        Ok(Err(why)) => {
+            let _ = ready.send(Err(why));
+            return;
+        }
+        Err(_) => {
+            let _ = ready.send(Err(format!("no Welcome within {HANG:?}")));
+            return;
+        }
+    };
+    let _ = ready.send(Ok(()));
+    loop {
+        tokio::select! {
+            outgoing = queue.recv() => {
+                let Some(envelope) = outgoing else { break };
+                let frame = framing
+                    .encode_body(&envelope)
+                    .expect("the suite's messages frame");
+                if framed.send(Bytes::from(frame)).await.is_err() {
+                    break;
+                }
+            }
+            incoming = framed.next() => {
+                let Some(Ok(frame)) = incoming else { break };
+                let Ok(envelope) = framing.decode_body(frame.freeze()) else { break };
+                receive(shared, envelope);
+            }
+        }
+    }
+    // Over TLS this says goodbye (close_notify) before the socket closes.
+    let _ = SinkExt::<Bytes>::close(&mut framed).await;
 }
 
 // ---------------------------------------------------------------------
@@ -1962,4 +2141,811 @@ fn services_stopped_mid_stream() {
     }
     let faults = faults + total.bad_commands;
     summary(name, seed, &total, faults, &outcomes, started, "");
+}
+
+// ---------------------------------------------------------------------
+// A cluster spread over two network namespaces
+
+/// The two sides of a split cluster: the client node's and the remote
+/// server's.
+const A: usize = 0;
+const B: usize = 1;
+
+/// The addresses of the veth pair's two ends. They are loopback-range
+/// addresses, as every address in this project's tests is (127.0.0.0/8,
+/// ::1, ipc): they exist only in the two network namespaces the test
+/// creates, on the link between them, so nothing the test sends reaches
+/// the host's network, or the host's own loopback.
+const VETH_ADDRESSES: [&str; 2] = ["127.77.0.1", "127.77.0.2"];
+
+/// Their network, for Open MPI's interface selection.
+const VETH_NETWORK: &str = "127.77.0.0/30";
+
+/// How long the link is cut: past the 5 s timeout, and past the timeout
+/// plus a second after which server nodes used to give up.
+const CUT: Duration = Duration::from_secs(8);
+
+/// Runs `ip` with `args` (words apart); its error output if it fails.
+fn ip(args: &str) -> Result<(), String> {
+    let output = Command::new("ip")
+        .args(args.split_whitespace())
+        .stdin(Stdio::null())
+        .output()
+        .map_err(|e| format!("`ip` cannot run: {e}"))?;
+    if output.status.success() {
+        return Ok(());
+    }
+    Err(format!(
+        "`ip {args}` failed ({}): {}",
+        output.status,
+        String::from_utf8_lossy(&output.stderr).trim()
+    ))
+}
+
+/// [`ip`], where a failure fails the test.
+fn ip_ok(args: &str) {
+    ip(args).unwrap_or_else(|why| panic!("{why}"));
+}
+
+/// Two network namespaces joined by a veth pair, made for one test
+/// (their names hold the test process's PID) and deleted when dropped,
+/// also when the test fails. Each has its loopback up and one end of the
+/// pair, with an address of [`VETH_ADDRESSES`].
+struct Namespaces {
+    names: [String; 2],
+    veths: [String; 2],
+}
+
+impl Namespaces {
+    /// Creates the namespaces and their link; why not where the machine
+    /// forbids it (not root, no `ip`, `ip netns add` refused). Anything
+    /// that fails after that fails the test.
+    fn create() -> Result<Namespaces, String> {
+        if !nix::unistd::geteuid().is_root() {
+            return Err("not root: creating network namespaces needs root".into());
+        }
+        let (pid, n) = (std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        let namespaces = Namespaces {
+            names: [
+                format!("casa-node-{pid}-{n}-a"),
+                format!("casa-node-{pid}-{n}-b"),
+            ],
+            // Interface names have at most 15 characters.
+            veths: [format!("cn{pid}-{n}a"), format!("cn{pid}-{n}b")],
+        };
+        ip(&format!("netns add {}", namespaces.names[A]))?;
+        // From here on, what was made is deleted on drop.
+        ip(&format!("netns add {}", namespaces.names[B]))?;
+        namespaces.link_up();
+        Ok(namespaces)
+    }
+
+    /// The veth pair, its addresses, and the routing that lets loopback
+    /// range addresses cross it.
+    fn link_up(&self) {
+        let [a, b] = &self.names;
+        let [veth_a, veth_b] = &self.veths;
+        ip_ok(&format!(
+            "-n {a} link add {veth_a} type veth peer name {veth_b} netns {b}"
+        ));
+        for side in [A, B] {
+            let (ns, veth) = (&self.names[side], &self.veths[side]);
+            ip_ok(&format!("-n {ns} link set lo up"));
+            // The kernel drops packets with 127.0.0.0/8 addresses on any
+            // interface but lo as martians, unless route_localnet allows
+            // them...
+            let sysctl = self
+                .exec(side, "sh")
+                .arg("-c")
+                .arg(format!(
+                    "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet && \
+                     echo 1 > /proc/sys/net/ipv4/conf/{veth}/route_localnet"
+                ))
+                .status();
+            assert!(
+                sysctl.as_ref().is_ok_and(|s| s.success()),
+                "route_localnet in {ns}: {sysctl:?}"
+            );
+            // ...and delivers all of 127.0.0.0/8 to lo: here only
+            // 127.0.0.0/16, so that 127.77.0.0/30 goes over the pair.
+            ip_ok(&format!("-n {ns} route del 127.0.0.0/8 dev lo table local"));
+            ip_ok(&format!(
+                "-n {ns} route add local 127.0.0.0/16 dev lo table local"
+            ));
+            let address = VETH_ADDRESSES[side];
+            ip_ok(&format!("-n {ns} addr add {address}/30 dev {veth}"));
+            ip_ok(&format!("-n {ns} link set {veth} up"));
+        }
+        for side in [A, B] {
+            let end = Instant::now() + HANG;
+            while !self.carrier(side) {
+                assert!(
+                    Instant::now() < end,
+                    "the veth pair has no carrier in {}",
+                    self.names[side]
+                );
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    }
+
+    /// True when `side`'s end of the pair is up with a carrier.
+    fn carrier(&self, side: usize) -> bool {
+        Command::new("ip")
+            .args(["-n", &self.names[side], "-o", "link", "show", "dev"])
+            .arg(&self.veths[side])
+            .output()
+            .is_ok_and(|out| String::from_utf8_lossy(&out.stdout).contains("LOWER_UP"))
+    }
+
+    /// Takes `side`'s end of the pair down, or up again.
+    fn set_link(&self, side: usize, up: bool) {
+        let state = if up { "up" } else { "down" };
+        ip_ok(&format!(
+            "-n {} link set {} {state}",
+            self.names[side], self.veths[side]
+        ));
+    }
+
+    /// A command run in `side`'s namespace (`ip netns exec` runs the
+    /// program itself in its place: its PID is the program's).
+    fn exec(&self, side: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut command = Command::new("ip");
+        command
+            .args(["netns", "exec", &self.names[side]])
+            .arg(program);
+        command
+    }
+
+    /// The file that names `side`'s namespace, for setns(2): where `ip`
+    /// keeps it, /run/netns (or /var/run/netns, where that is not the
+    /// same).
+    fn file(&self, side: usize) -> PathBuf {
+        let name = &self.names[side];
+        ["/run/netns", "/var/run/netns"]
+            .iter()
+            .map(|dir| Path::new(dir).join(name))
+            .find(|path| path.exists())
+            .unwrap_or_else(|| panic!("`ip netns add {name}` made no /run/netns/{name}"))
+    }
+
+    /// True when process `pid` lives in `side`'s namespace.
+    fn holds(&self, side: usize, pid: Pid) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        let inode = |path: PathBuf| std::fs::metadata(path).map(|m| (m.dev(), m.ino())).ok();
+        let own = inode(self.file(side));
+        own.is_some() && inode(PathBuf::from(format!("/proc/{pid}/ns/net"))) == own
+    }
+}
+
+impl Drop for Namespaces {
+    fn drop(&mut self) {
+        // The veth pair goes with them.
+        for name in &self.names {
+            let _ = ip(&format!("netns del {name}"));
+        }
+    }
+}
+
+/// How the test's drivers reach a split cluster's front door.
+enum Door {
+    /// A Unix socket: from the test's own namespace too.
+    Unix(PathBuf),
+    /// A `tcp://` front door inside namespace A, over TLS.
+    Tls {
+        netns: PathBuf,
+        address: String,
+        file: ConnectionFile,
+    },
+}
+
+/// A cluster whose client node and two server nodes run in namespace A
+/// and one more server node in namespace B: over ZeroMQ, `up` and a
+/// `casa-node server --connect` over the pair; under MPI, one `mpirun` job
+/// whose ranks the rsh agent places in either namespace. Stopped on drop:
+/// every process seen in its trees is stopped by PID.
+struct SplitCluster {
+    /// `up`, or `mpirun`, in namespace A.
+    launcher: ChildGuard,
+    /// Over ZeroMQ, the server node in namespace B.
+    remote: Option<ChildGuard>,
+    procs: Arc<ProcessSet>,
+    dir: PathBuf,
+    door: Door,
+}
+
+impl SplitCluster {
+    /// Over ZeroMQ: `up` in A, with its front door on A's loopback (TLS,
+    /// a connection file) and its node links on A's end of the pair
+    /// (signed), then `casa-node server --connect` to those in B.
+    fn zmq(namespaces: &Namespaces) -> SplitCluster {
+        let dir = scratch();
+        let file = dir.join("secrets").join("cluster.json");
+        let nodes = format!("tcp://{}:0", VETH_ADDRESSES[A]);
+        let mut command = namespaces.exec(A, BIN);
+        command
+            .args(["up", "--servers", "2", "--endpoint", "tcp://127.0.0.1:0"])
+            .args(["--connection-file", file.to_str().unwrap()])
+            .args(["--nodes", &nodes]);
+        let (mut cluster, lines) = SplitCluster::launch(command, dir);
+        let front = cluster.line(&lines, "front door: ");
+        let nodes = cluster.line(&lines, "nodes: ");
+        let stderr = std::fs::File::create(cluster.dir.join("remote.stderr")).unwrap();
+        let remote = namespaces
+            .exec(B, BIN)
+            .args(["server", "--connect", &nodes])
+            .args(["--connection-file", file.to_str().unwrap()])
+            .env_remove("CASA_NODE_PATIENCE")
+            .env_remove("CASA_NODE_CONNECTION_FILE")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .spawn()
+            .expect("casa-node server starts");
+        let remote = ChildGuard(remote);
+        cluster.procs.note(remote.pid());
+        cluster.remote = Some(remote);
+        cluster.door = Door::Tls {
+            netns: namespaces.file(A),
+            address: front
+                .strip_prefix("tcp://")
+                .unwrap_or_else(|| panic!("a tcp:// front door: {front}"))
+                .to_owned(),
+            file: ConnectionFile::read(&file).expect("up wrote its connection file"),
+        };
+        cluster
+    }
+
+    /// Under MPI: one `mpirun` in A over two fake hosts, three ranks
+    /// (client node and two servers) on the one in A, one on the one in B.
+    /// Open MPI starts an orted on each through its rsh agent, here a
+    /// script that runs it in the host's namespace; the runtime (OOB) and
+    /// the ranks' TCP BTL between hosts use the veth pair only.
+    fn mpi(namespaces: &Namespaces) -> SplitCluster {
+        let dir = scratch();
+        let hosts = ["netns-a", "netns-b"];
+        let hostfile = dir.join("hostfile");
+        std::fs::write(
+            &hostfile,
+            format!("{} slots=3\n{} slots=1\n", hosts[A], hosts[B]),
+        )
+        .unwrap();
+        // Each fake host keeps its own session directory: the orteds of
+        // both run on this machine. (mpirun passes its own
+        // orte_tmpdir_base on the orteds' command lines, over their
+        // environment, so it keeps its session by TMPDIR instead.)
+        let mut agent = String::from(
+            "#!/bin/sh\n\
+             # Open MPI's rsh agent for the fault suite: HOST COMMAND... runs\n\
+             # COMMAND (an orted) in HOST's network namespace.\n\
+             host=$1\nshift\ncase $host in\n",
+        );
+        for side in [A, B] {
+            let session = dir.join(format!("session-{}", hosts[side]));
+            std::fs::create_dir_all(&session).unwrap();
+            agent.push_str(&format!(
+                "  {host}) exec ip netns exec {ns} env OMPI_MCA_orte_tmpdir_base={session} sh -c \"$*\" ;;\n",
+                host = hosts[side],
+                ns = namespaces.names[side],
+                session = session.display(),
+            ));
+        }
+        agent.push_str("esac\necho \"no such host: $host\" >&2\nexit 1\n");
+        let script = dir.join("rsh-agent");
+        std::fs::write(&script, agent).unwrap();
+        std::fs::set_permissions(&script, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+            .unwrap();
+        let launcher_session = dir.join("session-mpirun");
+        std::fs::create_dir_all(&launcher_session).unwrap();
+        // The suite's mpirun (as root, oversubscribed, no binding), run in A.
+        let mpirun = process::mpirun(4).unwrap_or_else(|why| panic!("{why}"));
+        let mut command = namespaces.exec(A, mpirun.get_program());
+        command.args(mpirun.get_args());
+        for (name, value) in mpirun.get_envs() {
+            match value {
+                Some(value) => command.env(name, value),
+                None => command.env_remove(name),
+            };
+        }
+        command
+            .args(["--hostfile", hostfile.to_str().unwrap()])
+            .env("OMPI_MCA_plm_rsh_agent", &script)
+            .env_remove("OMPI_MCA_orte_tmpdir_base")
+            .env("TMPDIR", &launcher_session)
+            // Shared memory within a host, TCP between the two. Open MPI
+            // leaves 127.0.0.0/8 out of its TCP BTL by default
+            // (btl_tcp_if_exclude = 127.0.0.1/8,sppp); a btl_tcp_if_include
+            // replaces that default, so the pair's network is used.
+            .env("OMPI_MCA_btl", "self,vader,tcp")
+            .env("OMPI_MCA_btl_tcp_if_include", VETH_NETWORK)
+            .env("OMPI_MCA_oob_tcp_if_include", VETH_NETWORK)
+            .args([BIN, "--transport", "mpi", "up"]);
+        let socket = dir.join("front.sock");
+        command.args(["--endpoint", &format!("unix://{}", socket.display())]);
+        let (mut cluster, lines) = SplitCluster::launch(command, dir);
+        cluster.line(&lines, "front door: ");
+        cluster.door = Door::Unix(socket);
+        cluster
+    }
+
+    /// Starts `command` (up or mpirun) with the suite's settings; the
+    /// cluster, and its standard output line by line.
+    fn launch(mut command: Command, dir: PathBuf) -> (SplitCluster, mpsc::Receiver<String>) {
+        let stderr = std::fs::File::create(dir.join("up.stderr")).unwrap();
+        let mut child = command
+            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
+            .args(["--heartbeat", "0.2", "--timeout", "5"])
+            .env("XDG_RUNTIME_DIR", &dir)
+            .env_remove("CASA_NODE_CONNECTION_FILE")
+            .env_remove("CASA_NODE_ENDPOINT")
+            .env_remove("CASA_NODE_FRONT_DOOR")
+            .env_remove("CASA_NODE_NODES")
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .spawn()
+            .expect("the cluster's launcher starts");
+        let stdout = child.stdout.take().unwrap();
+        let launcher = ChildGuard(child);
+        let procs = Arc::new(ProcessSet::new());
+        procs.note(launcher.pid());
+        let (lines_tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if lines_tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let cluster = SplitCluster {
+            launcher,
+            remote: None,
+            procs,
+            dir,
+            door: Door::Unix(PathBuf::new()),
+        };
+        (cluster, lines)
+    }
+
+    /// The launcher's next line, which must start with `prefix`; the rest.
+    fn line(&self, lines: &mpsc::Receiver<String>, prefix: &str) -> String {
+        match lines.recv_timeout(HANG) {
+            Ok(line) if line.starts_with(prefix) => line[prefix.len()..].trim().to_owned(),
+            other => panic!(
+                "the cluster did not print {prefix:?}: {other:?}\n{}",
+                self.diagnostics()
+            ),
+        }
+    }
+
+    fn driver(&self) -> Driver {
+        match &self.door {
+            Door::Unix(socket) => Driver::connect(socket),
+            Door::Tls {
+                netns,
+                address,
+                file,
+            } => Driver::connect_tls(netns, address, file),
+        }
+    }
+
+    fn note_tree(&self) {
+        self.procs.note_tree(self.launcher.pid());
+        if let Some(remote) = &self.remote {
+            self.procs.note_tree(remote.pid());
+        }
+    }
+
+    /// Waits until the cluster's three servers are online with their
+    /// workers; their status, with the client node's PID.
+    fn wait_ready(&self, driver: &Driver) -> (Vec<ServerStatus>, Pid) {
+        let end = Instant::now() + HANG;
+        let servers = loop {
+            let status = driver.status();
+            if status.servers.len() == 3
+                && status.servers.iter().all(|s| s.online && s.worker_pid != 0)
+            {
+                break status.servers;
+            }
+            assert!(
+                Instant::now() < end,
+                "the cluster never had its three servers online: {status:?}\n{}",
+                self.diagnostics()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        self.note_tree();
+        let client_node = if self.remote.is_some() {
+            // `ip netns exec` ran `up` in its place.
+            self.launcher.pid()
+        } else {
+            // Rank 0: the rank (same command line) that no server is.
+            let cmdline = |pid: Pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok();
+            let rank = cmdline(Pid::from_raw(servers[0].pid as i32));
+            let pids: Vec<Pid> = servers
+                .iter()
+                .map(|s| Pid::from_raw(s.pid as i32))
+                .collect();
+            process::descendants(self.launcher.pid())
+                .into_iter()
+                .map(|(pid, _)| pid)
+                .find(|&pid| !pids.contains(&pid) && rank.is_some() && cmdline(pid) == rank)
+                .unwrap_or_else(|| {
+                    panic!("rank 0 among mpirun's descendants\n{}", self.diagnostics())
+                })
+        };
+        (servers, client_node)
+    }
+
+    fn diagnostics(&self) -> String {
+        let tail = |name: &str| {
+            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            lines[lines.len().saturating_sub(40)..].join("\n")
+        };
+        format!(
+            "--- casa-node.log (tail):\n{}\n--- the launcher's stderr (tail):\n{}\n--- the remote server's stderr (tail):\n{}",
+            tail("casa-node.log"),
+            tail("up.stderr"),
+            tail("remote.stderr")
+        )
+    }
+}
+
+impl Drop for SplitCluster {
+    fn drop(&mut self) {
+        self.note_tree();
+        self.procs.signal_all(Signal::SIGCONT);
+        if self.launcher.wait_timeout(Duration::ZERO).is_none() {
+            let _ = kill(self.launcher.pid(), Signal::SIGTERM);
+            if self
+                .launcher
+                .wait_timeout(Duration::from_secs(20))
+                .is_none()
+            {
+                let _ = self.launcher.0.kill();
+                let _ = self.launcher.0.wait();
+            }
+        }
+        if let Some(remote) = &mut self.remote {
+            // Its link may still be cut: it cannot hear the stop then.
+            if remote.wait_timeout(Duration::from_secs(10)).is_none() {
+                let _ = remote.0.kill();
+                let _ = remote.0.wait();
+            }
+        }
+        if !self.procs.survivors(Duration::from_secs(10)).is_empty() {
+            self.procs.kill_all();
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A fresh directory for one split cluster, removed with it.
+fn scratch() -> PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "casa-node-faults-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Sets its flag when dropped: the streams of a scenario stop also when
+/// the thread that runs its faults fails.
+struct SetOnDrop<'a>(&'a AtomicBool);
+
+impl Drop for SetOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+impl Driver {
+    /// Waits until the timeout record of `id` has been replaced (rule 21);
+    /// the replacement.
+    fn wait_replaced(&self, id: RequestId, limit: Duration) -> Delivery {
+        let end = Instant::now() + limit;
+        let mut state = lock(&self.shared);
+        loop {
+            if let Some(replaced) = state
+                .deliveries
+                .get(&id)
+                .and_then(|list| list.iter().find(|d| d.replaces_timeout))
+            {
+                return replaced.clone();
+            }
+            assert!(
+                !state.closed,
+                "the front door closed before request {id}'s answer came"
+            );
+            let now = Instant::now();
+            assert!(
+                now < end,
+                "hang: the timeout record of request {id} was not replaced within {limit:?}"
+            );
+            state = self
+                .shared
+                .changed
+                .wait_timeout(state, end - now)
+                .unwrap()
+                .0;
+        }
+    }
+
+    /// The status of server `rank`.
+    fn server(&self, rank: Rank) -> ServerStatus {
+        self.status()
+            .servers
+            .into_iter()
+            .find(|s| s.rank == rank)
+            .unwrap_or_else(|| panic!("no server n# {rank}"))
+    }
+}
+
+/// What one partition did, timed.
+struct Partition {
+    /// From the cut to the timeout record of the remote server's command.
+    timed_out: Duration,
+    /// From the link's return to the remote server being online again.
+    online: Duration,
+    /// From the link's return to the real answer replacing the timeout.
+    replaced: Duration,
+}
+
+/// Rules 11, 20, 21, 30: a network partition between machines, longer
+/// than the timeout, heals. The cluster is spread over two network
+/// namespaces that the test creates, joined by a veth pair: the client
+/// node and two server nodes in A, one server node in B (over ZeroMQ
+/// attached with `server --connect` over signed tcp:// links; under MPI a
+/// rank of the same `mpirun` job, placed there by the rsh agent). While
+/// two drivers stream commands at the servers in A, the server in B runs
+/// a command across a cut of the link (B's end down for 8 s): its request
+/// is answered `timeout`, and once the link is back the same server node,
+/// with the same worker, is online again and its real answer replaces the
+/// timeout record. Every acknowledged id ends with exactly one final
+/// response, services stop cleanly (`up`, or mpirun, exits 0), and no
+/// process is left. Skipped, saying why, where the machine forbids
+/// network namespaces (not root, no `ip`, `ip netns add` refused).
+#[test]
+fn a_partition_between_network_namespaces_heals() {
+    let name = "a_partition_between_network_namespaces_heals";
+    // Declared first, dropped last: after every process in them is gone.
+    let namespaces = match Namespaces::create() {
+        Ok(namespaces) => namespaces,
+        Err(why) => {
+            report(&format!(
+                "fault scenario {name} over {}: skipped, {why}",
+                transport_name()
+            ));
+            return;
+        }
+    };
+    let (seed, started) = begin(name);
+    let mut cluster = if over_mpi() {
+        SplitCluster::mpi(&namespaces)
+    } else {
+        SplitCluster::zmq(&namespaces)
+    };
+    let probe = cluster.driver();
+    let (servers, client_node) = cluster.wait_ready(&probe);
+    assert!(
+        namespaces.holds(A, client_node),
+        "the client node (PID {client_node}) is not in {}\n{}",
+        namespaces.names[A],
+        cluster.diagnostics()
+    );
+    let (remote, local): (Vec<ServerStatus>, Vec<ServerStatus>) = servers
+        .into_iter()
+        .partition(|s| namespaces.holds(B, Pid::from_raw(s.pid as i32)));
+    assert!(
+        remote.len() == 1
+            && local
+                .iter()
+                .all(|s| namespaces.holds(A, Pid::from_raw(s.pid as i32))),
+        "expected one server in {} and the others in {}: {remote:?} {local:?}\n{}",
+        namespaces.names[B],
+        namespaces.names[A],
+        cluster.diagnostics()
+    );
+    let remote = remote.into_iter().next().expect("one");
+    let local: Vec<Rank> = local.iter().map(|s| s.rank).collect();
+    // Over ZeroMQ the command ends during the cut, and its answer waits
+    // on the quiet link (rule 30); under MPI it outlasts the cut, and its
+    // answer crosses the link once it is back.
+    let command = if over_mpi() {
+        "time.sleep(10) or 99"
+    } else {
+        "time.sleep(4) or 99"
+    };
+    let drivers: Vec<Driver> = (0..DRIVERS).map(|_| cluster.driver()).collect();
+    let done = AtomicBool::new(false);
+    let (streams, mut probed, partition) = std::thread::scope(|scope| {
+        let (cluster, done, local) = (&cluster, &done, &local);
+        let running: Vec<_> = drivers
+            .iter()
+            .enumerate()
+            .map(|(i, driver)| {
+                scope.spawn(move || {
+                    let mut stream =
+                        Stream::new(driver, seed, 1 + i as u8, local.clone(), Mix::ORDINARY);
+                    stream.run_while(|_| !done.load(Ordering::Relaxed), || cluster.note_tree());
+                    stream.finish();
+                    (std::mem::take(&mut stream.ledger), stream.open)
+                })
+            })
+            .collect();
+        let stop_streams = SetOnDrop(done);
+        let (probed, partition) = cut_and_heal(&namespaces, cluster, &probe, &remote, command);
+        drop(stop_streams);
+        let streams: Vec<(Ledger, bool)> = running
+            .into_iter()
+            .map(|stream| {
+                stream
+                    .join()
+                    .unwrap_or_else(|e| std::panic::resume_unwind(e))
+            })
+            .collect();
+        (streams, probed, partition)
+    });
+    let mut ledgers = Vec::new();
+    for (ledger, open) in streams {
+        assert!(open, "the client node went away\n{}", cluster.diagnostics());
+        ledgers.push(ledger);
+    }
+    check_serves(&drivers[0], &mut ledgers[0]);
+
+    // Services stop: the launcher ends well, and so does the remote server
+    // node, told to stop over the healed link.
+    cluster.note_tree();
+    let stopping = Instant::now();
+    probe.stop();
+    let status = cluster.launcher.wait_timeout(HANG);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "the cluster's launcher did not end well within {HANG:?} of stop services: {status:?}\n{}",
+        cluster.diagnostics()
+    );
+    if let Some(remote) = &mut cluster.remote {
+        let status = remote.wait_timeout(EXIT_BOUND);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "the remote server node did not end well within {EXIT_BOUND:?}: {status:?}\n{}",
+            cluster.diagnostics()
+        );
+    }
+    let left = cluster.procs.survivors(EXIT_BOUND);
+    assert!(
+        left.is_empty(),
+        "processes left behind {EXIT_BOUND:?} after the cluster ended: {left:?}\n{}",
+        cluster.diagnostics()
+    );
+    let stopped = stopping.elapsed();
+
+    let mut total = Ledger::default();
+    let mut outcomes = Outcomes::default();
+    for (driver, ledger) in drivers.iter().zip(&ledgers) {
+        assert!(driver.wait_closed(HANG), "the front door stayed open");
+        outcomes.add(&check_responses(ledger, driver, false));
+        total.add(ledger);
+    }
+    assert!(probe.wait_closed(HANG), "the front door stayed open");
+    let probe_outcomes = check_responses(&probed, &probe, false);
+    assert_eq!(
+        probe_outcomes.replaced,
+        1,
+        "the remote server's command: {:?}",
+        probe.deliveries()
+    );
+    outcomes.add(&probe_outcomes);
+    total.add(&std::mem::take(&mut probed));
+    let note = format!(
+        " (link cut {:.1} s; server n# {} in the other namespace answered timeout {:.1} s into the cut, \
+         was online again {:.1} s after the link came back, and its answer replaced the timeout \
+         {:.1} s after; every process gone {:.2} s after stop services)",
+        CUT.as_secs_f64(),
+        remote.rank,
+        partition.timed_out.as_secs_f64(),
+        partition.online.as_secs_f64(),
+        partition.replaced.as_secs_f64(),
+        stopped.as_secs_f64()
+    );
+    summary(name, seed, &total, 1, &outcomes, started, &note);
+}
+
+/// Runs `command` on the `remote` server, cuts its link (B's end of the
+/// pair) while it runs, for [`CUT`], and restores it; checks that the
+/// request is answered `timeout` during the cut, that afterwards the same
+/// server node and worker are online again, that the real answer (99)
+/// replaces the timeout record, and that the server serves on. The probe's
+/// requests, and the partition's times.
+fn cut_and_heal(
+    namespaces: &Namespaces,
+    cluster: &SplitCluster,
+    probe: &Driver,
+    remote: &ServerStatus,
+    command: &str,
+) -> (Ledger, Partition) {
+    let mut ledger = Ledger::default();
+    let mut submit = |command: &str, expect: Expect| {
+        let ids = probe
+            .submit(request(command, vec![], vec![remote.rank], None))
+            .expect("the client node is up")
+            .expect("accepted");
+        ledger.submitted += 1;
+        ledger.accepted.insert(ids[0], expect);
+        ids[0]
+    };
+    let id = submit(command, Expect::Ret(99));
+    // It may first finish commands sent ahead to it.
+    let end = Instant::now() + HANG;
+    while probe.server(remote.rank).command_id != id {
+        assert!(
+            Instant::now() < end,
+            "the remote server never ran request {id}\n{}",
+            cluster.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // B's end goes down: A's end loses its carrier but keeps its address
+    // and routes, so the servers in A, whose node links go to A's address,
+    // are untouched.
+    let cut_at = Instant::now();
+    namespaces.set_link(B, false);
+    probe.wait(&[id], HANG).expect("the client node is up");
+    let timed_out = cut_at.elapsed();
+    let first = probe.final_of(id).expect("waited for");
+    assert_eq!(
+        first.status,
+        CommandStatus::Timeout,
+        "request {id} was answered across a cut link: {first:?}\n{}",
+        cluster.diagnostics()
+    );
+    // The cut's length is the scenario, not a synchronisation.
+    std::thread::sleep(CUT.saturating_sub(cut_at.elapsed()));
+    namespaces.set_link(B, true);
+    let restored_at = Instant::now();
+    let end = restored_at + HANG;
+    let again = loop {
+        let status = probe.server(remote.rank);
+        if status.online && !status.timeout {
+            break status;
+        }
+        assert!(
+            Instant::now() < end,
+            "server n# {} never came back online after the partition: {status:?}\n{}",
+            remote.rank,
+            cluster.diagnostics()
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let online = restored_at.elapsed();
+    let replacement = probe.wait_replaced(id, HANG);
+    let replaced = restored_at.elapsed();
+    assert!(
+        replacement.successful && replacement.ret == Some(Value::from(99)),
+        "request {id}'s real answer: {replacement:?}"
+    );
+    assert_eq!(
+        (again.pid, again.worker_pid),
+        (remote.pid, remote.worker_pid),
+        "the remote server node or its worker was replaced\n{}",
+        cluster.diagnostics()
+    );
+    // It serves on.
+    let next = submit("6*7", Expect::Ret(42));
+    probe.wait(&[next], HANG).expect("the client node is up");
+    let answer = probe.final_of(next).expect("waited for");
+    assert_eq!(answer.ret, Some(Value::from(42)), "{answer:?}");
+    (
+        ledger,
+        Partition {
+            timed_out,
+            online,
+            replaced,
+        },
+    )
 }
