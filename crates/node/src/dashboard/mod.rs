@@ -129,6 +129,11 @@ impl Dashboard {
         addr: &DashboardAddr,
         connection: Option<&ConnectionFile>,
     ) -> Result<Option<Dashboard>, DashboardError> {
+        if let DashboardAddr::At(at) = addr {
+            if !at.ip().is_loopback() && connection.is_none() {
+                return Err(DashboardError::NeedsTls(*at));
+            }
+        }
         let listener = match addr {
             DashboardAddr::Off => return Ok(None),
             DashboardAddr::Default => bind_default().await?,
