@@ -3,6 +3,7 @@
     import casanode
     client = casanode.connect()
     client.submit("a+b", parameters={"a": 1, "b": 2}).result()["ret"]   # 3
+    casanode.progress([client.submit("work(i)", parameters={"i": i}) for i in range(100)])
 """
 
 from .client import (
@@ -25,6 +26,7 @@ from .connection import (
     read_connection_file,
     resolve_endpoint,
 )
+from .progressbar import progress
 from .seed import (
     MPICommandClient,
     MPICommandServer,
@@ -58,6 +60,7 @@ __all__ = [
     "connect",
     "from_value",
     "log_dict",
+    "progress",
     "read_connection_file",
     "resolve_endpoint",
     "response_dict",

@@ -22,7 +22,7 @@ import time
 from concurrent import futures as _futures
 from concurrent.futures import Future
 
-from . import values
+from . import progressbar, values
 from ._pb.casa.node.v1 import driver_pb2, node_pb2
 from .connection import (
     CasaNodeError,
@@ -443,7 +443,10 @@ class Client:
         latch.wait(timeout)
         return [self.response(rid) for rid in ids]
 
-    def map(self, command, parameter_sets, target=None, deadline=None, mode=None, timeout=None, retry=True):
+    def map(
+        self, command, parameter_sets, target=None, deadline=None, mode=None, timeout=None, retry=True,
+        progress=False,
+    ):
         """Submits `command` once per parameters dict in `parameter_sets`
         (all at once, spread over the servers unless `target` names one),
         then yields the response dicts in the order of `parameter_sets`.
@@ -451,21 +454,47 @@ class Client:
         when it passes first. All submissions are sent before anything is
         yielded, without waiting for any reply; a rejected one raises
         SubmissionRejected when its result is reached, and the others
-        still run. `retry` is as for submit."""
+        still run. `retry` is as for submit.
+
+        `progress=True` shows the progress of all the commands on stderr
+        (as casanode.progress does) while the results are iterated: it
+        moves while the iteration waits for the next result, and ends
+        before the last one is yielded."""
         if isinstance(target, (list, tuple, range)):
             raise ValueError("map takes one target rank or None, not a list")
+        meter = progressbar.Meter() if progress else None
         submitted = []
         for p in parameter_sets:
             _, buffers, size = _submit_request(command, target, p, deadline, mode, self.connection.shared, retry)
             submitted.append(self._future(self._push(False, target, buffers, size)[0]))
+            if meter is not None:
+                meter.watch(submitted[-1])
         end = None if timeout is None else time.monotonic() + timeout
+        if meter is None:
 
-        def results():
-            for future in submitted:
-                left = None if end is None else max(0.0, end - time.monotonic())
-                yield future.result(left)
+            def results():
+                for future in submitted:
+                    left = None if end is None else max(0.0, end - time.monotonic())
+                    yield future.result(left)
 
-        return results()
+            return results()
+        meter.all_watched()
+
+        def results_in_progress():
+            last = len(submitted) - 1
+            try:
+                for i, future in enumerate(submitted):
+                    left = None if end is None else max(0.0, end - time.monotonic())
+                    meter.wait_for(future.done, left)
+                    if i == last:
+                        meter.wait()  # every count in
+                        meter.close()
+                    left = None if end is None else max(0.0, end - time.monotonic())
+                    yield future.result(left)
+            finally:
+                meter.close()
+
+        return results_in_progress()
 
     def broadcast(self, command, parameters=None, deadline=None, mode=None, retry=True):
         """Submits `command` to every server that is online and not timed out,

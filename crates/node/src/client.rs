@@ -157,6 +157,9 @@ pub enum ClientError {
     /// The connection closed.
     #[error("the connection to the client node closed")]
     Disconnected,
+    /// The client node went away while watched (`status --watch`).
+    #[error("the cluster at {0} is gone")]
+    Gone(String),
     /// An id this client never received from a submission (rule 17).
     #[error("unknown request id {0}")]
     UnknownId(RequestId),

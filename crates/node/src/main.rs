@@ -1,5 +1,6 @@
 //! The `casa-node` command: parses flags and hands over to the library.
 
+use std::io::IsTerminal;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -28,6 +29,7 @@ Examples:
   casa-node submit --target 1 --target 2 'import os; os.getpid()'
   casa-node submit --no-wait 'flagdata()' --param vis=\"'uid___A002.ms'\"
   casa-node status
+  casa-node status --watch                      the table, redrawn every second until Ctrl-C
   casa-node stop
   casa-node up --endpoint tcp://HOST:7000 --connection-file cluster.json
                                                 a front door for other machines (TLS + token)
@@ -297,6 +299,16 @@ struct StatusArgs {
     /// Only this server.
     #[arg(long, value_name = "RANK")]
     server: Option<Rank>,
+    /// Show the table again every --interval until Ctrl-C: redrawn in
+    /// place on a terminal, under a line with the time and the servers
+    /// counted by state; otherwise one block per snapshot, a blank line
+    /// after each, or with --json one object per line.
+    #[arg(long)]
+    watch: bool,
+    /// Seconds between two snapshots of --watch (0.1 or more; 1 by
+    /// default).
+    #[arg(long, value_name = "SECONDS", value_parser = watch_interval)]
+    interval: Option<f64>,
 }
 
 #[derive(clap::Args)]
@@ -358,6 +370,13 @@ fn positive_seconds(text: &str) -> Result<f64, String> {
     }
 }
 
+fn watch_interval(text: &str) -> Result<f64, String> {
+    match text.parse::<f64>() {
+        Ok(v) if (0.1..1e9).contains(&v) => Ok(v),
+        _ => Err(format!("{text:?} is not a number of seconds, 0.1 or more")),
+    }
+}
+
 fn main() -> ExitCode {
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
@@ -382,7 +401,7 @@ fn main() -> ExitCode {
     }
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(colour_on_stderr())
+        .with_ansi(commands::colour_wanted(std::io::stderr().is_terminal()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_env("CASA_NODE_TRACE")
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn,zeromq=error")),
@@ -457,7 +476,21 @@ async fn dispatch(transport: TransportKind, command: Command) -> ExitCode {
                 .map_or_else(fail, exit),
             Err(code) => code,
         },
+        Command::Status(args) if args.interval.is_some() && !args.watch => {
+            fail("--interval is the time between the snapshots of --watch: give --watch too")
+        }
         Command::Status(args) => match front_door(&args.endpoint) {
+            Ok(endpoint) if args.watch => {
+                let options = commands::WatchOptions {
+                    server: args.server,
+                    json: args.json,
+                    interval: Duration::from_secs_f64(args.interval.unwrap_or(1.0)),
+                };
+                let signals = casa_node::signals::watch();
+                commands::status_watch(&endpoint, options, signals)
+                    .await
+                    .map_or_else(fail, exit)
+            }
             Ok(endpoint) => commands::status(&endpoint, args.server, args.json)
                 .await
                 .map_or_else(fail, exit),
@@ -719,11 +752,4 @@ async fn server(args: ServerArgs) -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
-}
-
-/// Whether log lines on stderr are coloured: only on a terminal, and never
-/// with `NO_COLOR` set to anything but the empty string (no-color.org).
-fn colour_on_stderr() -> bool {
-    use std::io::IsTerminal;
-    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
 }

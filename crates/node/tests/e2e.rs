@@ -297,6 +297,189 @@ fn cli_status_and_stop() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot reach"));
 }
 
+/// Rule 23: `status --watch` with its output piped prints a snapshot
+/// after another, each a block (a line with the time and the servers by
+/// state, the table, its summary) and a blank line, without escape
+/// sequences; a command that runs shows its server busy, then idle again;
+/// SIGINT ends it with success.
+#[test]
+fn rule_23_status_watch_follows_the_servers_until_interrupted() {
+    let cluster = Cluster::start(2, &[]);
+    let mut watching = cluster.watch(&[]);
+    // (rank, state) of each row: the lines between the column heads and
+    // the summary.
+    let rows = |snapshot: &str| -> Vec<(String, String)> {
+        let lines: Vec<&str> = snapshot.lines().collect();
+        lines[2..lines.len() - 1]
+            .iter()
+            .map(|l| {
+                let cells: Vec<&str> = l.split_whitespace().collect();
+                (cells[0].to_owned(), cells[4].to_owned())
+            })
+            .collect()
+    };
+    for _ in 0..2 {
+        let snapshot = watching.next();
+        let lines: Vec<&str> = snapshot.lines().collect();
+        assert!(
+            lines[0].contains("servers: 2 idle, 0 busy, 0 timed out, 0 offline; every 200ms"),
+            "{snapshot}"
+        );
+        assert!(lines[1].starts_with("RANK"), "{snapshot}");
+        assert_eq!(
+            rows(&snapshot),
+            [("1".into(), "idle".into()), ("2".into(), "idle".into())],
+            "{snapshot}"
+        );
+        assert!(
+            lines.last().unwrap().starts_with("2 servers, 0 queued"),
+            "{snapshot}"
+        );
+        assert!(
+            !snapshot.contains('\x1b'),
+            "escape sequences in a pipe: {snapshot:?}"
+        );
+    }
+    let c = cluster.client();
+    let ids = c.submit(Submit::new("time.sleep(3)").targets([1])).unwrap();
+    let end = Instant::now() + WAIT;
+    let busy = loop {
+        let snapshot = watching.next();
+        if rows(&snapshot).contains(&("1".into(), "busy".into())) {
+            break snapshot;
+        }
+        assert!(
+            Instant::now() < end,
+            "server 1 never showed busy: {snapshot}"
+        );
+    };
+    assert!(
+        busy.contains("servers: 1 idle, 1 busy, 0 timed out, 0 offline"),
+        "{busy}"
+    );
+    assert!(
+        busy.contains(&format!("#{} time.sleep(3)", ids[0])),
+        "{busy}"
+    );
+    c.wait_timeout(&ids, WAIT).expect("answered");
+    loop {
+        let snapshot = watching.next();
+        if rows(&snapshot) == [("1".into(), "idle".into()), ("2".into(), "idle".into())] {
+            break;
+        }
+        assert!(Instant::now() < end, "server 1 stayed busy: {snapshot}");
+    }
+    kill(watching.pid(), Signal::SIGINT).unwrap();
+    let status = wait_exit(&mut watching.child.0, WAIT).expect("status --watch ends on SIGINT");
+    let stderr = process::collect(watching.stderr);
+    assert_eq!(status.code(), Some(0), "{stderr}");
+    assert_eq!(stderr, "");
+}
+
+/// Rule 23: `status --watch --json` prints one JSON object per snapshot
+/// and line; when the cluster goes away it exits with status 2 and one
+/// line on stderr saying so.
+#[test]
+fn rule_23_status_watch_says_when_the_cluster_is_gone() {
+    let mut cluster = Cluster::start(1, &[]);
+    let watching = cluster.watch(&["--json"]);
+    let mut times = Vec::new();
+    for _ in 0..2 {
+        let line = watching.next();
+        let snapshot: serde_json::Value =
+            serde_json::from_str(&line).unwrap_or_else(|e| panic!("not JSON: {line}: {e}"));
+        assert_eq!(snapshot["servers"][0]["rank"], 1, "{snapshot}");
+        assert_eq!(
+            snapshot["servers"].as_array().unwrap().len(),
+            1,
+            "{snapshot}"
+        );
+        times.push(snapshot["time"].as_f64().expect("a time"));
+    }
+    assert!(times[1] > times[0], "{times:?}");
+    let out = cluster.cli(&["stop"]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(cluster.wait_exit().success());
+    let mut watching = watching;
+    let status = wait_exit(&mut watching.child.0, WAIT).expect("status --watch ends");
+    let stderr = process::collect(watching.stderr);
+    assert_eq!(status.code(), Some(2), "{stderr}");
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(
+        stderr.starts_with(&format!(
+            "casa-node: error: the cluster at {} is gone",
+            cluster.endpoint
+        )),
+        "{stderr}"
+    );
+}
+
+/// A running `casa-node status --watch`: its snapshots (blocks of lines
+/// ended by a blank line, or lines with `--json`) read on a thread of
+/// their own, and its stderr; killed by PID should the test end first.
+struct Watching {
+    child: Killed,
+    snapshots: std::sync::mpsc::Receiver<String>,
+    stderr: std::sync::mpsc::Receiver<String>,
+}
+
+impl Watching {
+    /// The next snapshot.
+    fn next(&self) -> String {
+        self.snapshots
+            .recv_timeout(WAIT)
+            .expect("status --watch printed a snapshot")
+    }
+
+    fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.0.id() as i32)
+    }
+}
+
+impl Cluster {
+    /// `casa-node status --watch --interval 0.2 ARGS` on this cluster, its
+    /// output piped.
+    fn watch(&self, args: &[&str]) -> Watching {
+        let mut child = Command::new(BIN)
+            .args(["status", "--watch", "--interval", "0.2"])
+            .args(args)
+            .env("CASA_NODE_ENDPOINT", self.endpoint.to_string())
+            .env("XDG_RUNTIME_DIR", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the CLI runs");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = process::drain(child.stderr.take().unwrap());
+        let json = args.contains(&"--json");
+        let (tx, snapshots) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut block = String::new();
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                let sent = if json {
+                    tx.send(line)
+                } else if line.is_empty() {
+                    tx.send(std::mem::take(&mut block))
+                } else {
+                    block.push_str(&line);
+                    block.push('\n');
+                    Ok(())
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        Watching {
+            child: Killed(child),
+            snapshots,
+            stderr,
+        }
+    }
+}
+
 #[test]
 fn cli_refuses_bad_input_in_one_line() {
     for args in [
