@@ -624,3 +624,138 @@ fn log_lines(records: &[LogRecord], first: u64) -> Vec<LogLine<'_>> {
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use casa_node_protocol::pb::ServerStatus;
+
+    fn answer(id: u64, server: i32, ok: bool) -> CommandResponse {
+        CommandResponse {
+            id,
+            command: format!("work({id})"),
+            server,
+            status: CommandStatus::ResponseReceived.into(),
+            successful: ok,
+            traceback: (!ok).then(|| "Traceback ...\nValueError: no".to_owned()),
+            ret: Some(Value::none()),
+            command_start_time: 1000.0 + id as f64,
+            command_stop_time: 1000.5 + id as f64,
+            ..CommandResponse::default()
+        }
+    }
+
+    fn servers(n: i32) -> StatusReply {
+        StatusReply {
+            servers: (1..=n)
+                .map(|rank| ServerStatus {
+                    rank,
+                    processor: "node".into(),
+                    pid: 100 + rank as u32,
+                    worker_pid: 1000 + rank as u32,
+                    online: true,
+                    ..ServerStatus::default()
+                })
+                .collect(),
+            ..StatusReply::default()
+        }
+    }
+
+    fn quiet_log() -> LogSink {
+        LogSink::open(
+            None,
+            false,
+            casa_node_protocol::pb::LogLevel::Info,
+            Default::default(),
+        )
+        .unwrap()
+        .keeping_recent(10)
+    }
+
+    /// 100 000 commands on 256 servers: what is kept, and what a page
+    /// opening is sent, stay bounded; the counts cover them all.
+    #[test]
+    fn a_long_run_on_many_servers_stays_bounded() {
+        let mut board = Board::new(Arc::default());
+        let status = servers(256);
+        let log = quiet_log();
+        board.submitted(100_000);
+        for id in 1..=100_000u64 {
+            board.answered(&answer(id, (id % 256) as i32 + 1, id % 10 != 0), false);
+        }
+        board.tick(&status, &log, 1, true);
+        assert_eq!(board.tasks.len(), TASKS_KEPT);
+        assert_eq!(board.details.len(), DETAILS_KEPT);
+        assert_eq!(board.tasks.back().map(|t| t.id), Some(100_000));
+        assert_eq!(
+            (board.totals.success, board.totals.failure),
+            (90_000, 10_000)
+        );
+        let snapshot: serde_json::Value =
+            serde_json::from_str(&board.snapshot(&status, &log)).unwrap();
+        assert_eq!(snapshot["servers"].as_array().unwrap().len(), 256);
+        assert_eq!(
+            snapshot["tasks"].as_array().unwrap().len(),
+            TASKS_IN_SNAPSHOT
+        );
+        // The oldest kept record is gone; a recent failure shows its
+        // traceback.
+        assert!(board.detail(1).is_none());
+        let detail: serde_json::Value =
+            serde_json::from_str(&board.detail(99_990).unwrap()).unwrap();
+        assert!(detail["traceback"].as_str().unwrap().contains("ValueError"));
+    }
+
+    /// A worker whose pid changes under the same server node counts as a
+    /// restart; a new server node with that rank does not.
+    #[test]
+    fn worker_restarts_are_counted_from_the_status() {
+        let mut board = Board::new(Arc::default());
+        let log = quiet_log();
+        let mut status = servers(2);
+        board.tick(&status, &log, 0, false);
+        status.servers[0].worker_pid = 5000;
+        board.tick(&status, &log, 0, false);
+        status.servers[1].pid = 9999;
+        status.servers[1].worker_pid = 6000;
+        board.tick(&status, &log, 0, false);
+        assert_eq!(board.totals.restarts, 1);
+        let snapshot: serde_json::Value =
+            serde_json::from_str(&board.snapshot(&status, &log)).unwrap();
+        assert_eq!(snapshot["servers"][0]["restarts"], 1);
+        assert_eq!(snapshot["servers"][1]["restarts"], 0);
+        assert!(
+            board
+                .metrics(&status)
+                .contains("casa_node_worker_restarts_total 1")
+        );
+    }
+
+    /// A recovered server's answer replaces the timeout on its bar, and is
+    /// sent again to open pages; the outcome counters keep the first.
+    #[test]
+    fn a_replaced_timeout_updates_its_bar() {
+        let mut board = Board::new(Arc::default());
+        let log = quiet_log();
+        let status = servers(1);
+        let mut receiver = board.updates().subscribe();
+        let mut timed_out = answer(7, 1, false);
+        timed_out.status = CommandStatus::Timeout.into();
+        board.answered(&timed_out, false);
+        board.tick(&status, &log, 1, false);
+        let first: serde_json::Value = serde_json::from_str(&receiver.try_recv().unwrap()).unwrap();
+        assert_eq!(first["tasks"][0]["outcome"], "timeout");
+        board.answered(&answer(7, 1, true), true);
+        board.tick(&status, &log, 1, false);
+        let second: serde_json::Value =
+            serde_json::from_str(&receiver.try_recv().unwrap()).unwrap();
+        assert_eq!(second["tasks"][0]["outcome"], "success");
+        assert_eq!(board.tasks.len(), 1);
+        assert_eq!(board.totals.timeout, 1);
+        let metrics = board.metrics(&status);
+        assert!(
+            metrics.contains("casa_node_timeouts_replaced_total 1"),
+            "{metrics}"
+        );
+    }
+}
