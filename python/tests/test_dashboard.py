@@ -1,4 +1,4 @@
-"""The dashboard (`up --dashboard`): its token, /metrics read by
+"""The dashboard (`up --dashboard`, rule 34): its token, /metrics read by
 Prometheus's own parser, and the page in a real browser (Debian's
 Chromium, driven by Selenium through chromedriver)."""
 
