@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# The project's one test command: installs Open MPI and libclang when
+# The project's one test command: installs Open MPI, libclang and Chromium when
 # missing, then formatting, lints, every test of the workspace (unit,
 # property, simulated cluster, conformance vectors, the transport checks over
 # ZeroMQ and under mpirun, end-to-end and fault injection with real
@@ -14,7 +14,7 @@ cd "$(dirname "$0")/.."
 
 step() { printf '\n== %s\n' "$*"; }
 
-step "system packages: Open MPI and libclang (scripts/install-deps.sh)"
+step "system packages: Open MPI, libclang, Chromium and chromedriver (scripts/install-deps.sh)"
 scripts/install-deps.sh
 
 if cargo fmt --version >/dev/null 2>&1; then
