@@ -207,11 +207,13 @@ class DashboardPage:
         self.thread.start()
 
     def _read(self):
+        import http.client
+
         try:
             while chunk := self.answer.read1(65536):
                 self.received += len(chunk)
-        except (OSError, ValueError):
-            pass
+        except (OSError, ValueError, http.client.HTTPException):
+            pass  # closed by `close`
 
     def close(self):
         try:

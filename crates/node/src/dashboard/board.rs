@@ -84,7 +84,8 @@ struct Task {
     start: f64,
     stop: f64,
     outcome: Outcome,
-    command: String,
+    /// Shared by commands with the same text, as a map's are.
+    command: Arc<str>,
 }
 
 /// The counts at one moment, for the progress chart.
@@ -100,13 +101,13 @@ struct Sample {
 
 /// A row of the server table.
 #[derive(Debug, Serialize)]
-struct ServerRow<'a> {
+struct ServerRow {
     rank: i32,
-    host: &'a str,
+    host: String,
     state: &'static str,
     pid: u32,
     worker_pid: Option<u32>,
-    command: Option<&'a str>,
+    command: Option<String>,
     command_id: Option<u64>,
     command_start: Option<f64>,
     rss: u64,
@@ -115,13 +116,13 @@ struct ServerRow<'a> {
 }
 
 #[derive(Debug, Serialize)]
-struct LogLine<'a> {
+struct LogLine {
     seq: u64,
     time: f64,
     level: &'static str,
-    origin: &'a str,
+    origin: String,
     rank: i32,
-    message: &'a str,
+    message: String,
 }
 
 #[derive(Debug, Default, Clone, Copy, Serialize)]
@@ -138,15 +139,19 @@ struct Totals {
 
 /// The page's view: a whole snapshot, or what changed since the last.
 #[derive(Serialize)]
-struct View<'a> {
+struct View {
     kind: &'static str,
     now: f64,
-    servers: Vec<ServerRow<'a>>,
-    tasks: Vec<&'a Task>,
+    servers: Vec<ServerRow>,
+    tasks: Vec<Task>,
     samples: Vec<Sample>,
-    logs: Vec<LogLine<'a>>,
+    logs: Vec<LogLine>,
     totals: Totals,
 }
+
+/// Updates waiting for the thread that writes them out; one more is
+/// skipped (its contents go with the next).
+const UPDATES_WAITING: usize = 2;
 
 /// Bytes and connections through the front door, counted where frames
 /// are read and written.
@@ -163,6 +168,8 @@ struct Metrics {
     registry: Registry,
     submitted: Counter,
     commands: Family<Vec<(String, String)>, Counter>,
+    /// `commands`' counter of each outcome, found once.
+    by_outcome: [Counter; 4],
     replaced: Counter,
     duration: Histogram,
     restarts: Counter,
@@ -180,6 +187,7 @@ impl Metrics {
         let m = Metrics {
             submitted: Counter::default(),
             commands: Family::default(),
+            by_outcome: Default::default(),
             replaced: Counter::default(),
             duration: Histogram::new([
                 0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 300.0, 1800.0,
@@ -252,7 +260,21 @@ impl Metrics {
             Unit::Bytes,
             m.sent.clone(),
         );
-        Metrics { registry, ..m }
+        let by_outcome = [
+            Outcome::Success,
+            Outcome::Failure,
+            Outcome::Timeout,
+            Outcome::Cancelled,
+        ]
+        .map(|o| {
+            m.commands
+                .get_or_create_owned(&vec![("outcome".to_owned(), o.label().to_owned())])
+        });
+        Metrics {
+            registry,
+            by_outcome,
+            ..m
+        }
     }
 }
 
@@ -272,8 +294,14 @@ pub struct Board {
     traffic: Arc<Traffic>,
     /// Live updates for the pages open.
     updates: broadcast::Sender<Arc<str>>,
-    /// The first task and log record not yet sent as an update.
-    sent_seq: u64,
+    /// To the thread that turns updates into JSON, off the loop's thread.
+    writer: std::sync::mpsc::SyncSender<View>,
+    /// Tasks answered (or replaced) since the last update.
+    fresh: Vec<Task>,
+    /// The text of the last command answered, shared with the next one
+    /// that has the same.
+    last_command: Option<Arc<str>>,
+    /// The first log record and sample not yet sent as an update.
     sent_log: u64,
     sent_sample: usize,
 }
@@ -301,6 +329,17 @@ impl Board {
     /// An empty board; `traffic` is the front door's count of bytes.
     pub fn new(traffic: Arc<Traffic>) -> Board {
         let (updates, _) = broadcast::channel(64);
+        let (writer, views) = std::sync::mpsc::sync_channel::<View>(UPDATES_WAITING);
+        let out = updates.clone();
+        // Ends when the board, and so `writer`, is dropped.
+        let _ = std::thread::Builder::new()
+            .name("casa-node-dashboard".into())
+            .spawn(move || {
+                for view in views {
+                    let text = serde_json::to_string(&view).unwrap_or_default();
+                    let _ = out.send(Arc::from(text));
+                }
+            });
         Board {
             tasks: VecDeque::new(),
             next_seq: 0,
@@ -312,7 +351,9 @@ impl Board {
             metrics: Metrics::new(),
             traffic,
             updates,
-            sent_seq: 0,
+            writer,
+            fresh: Vec::new(),
+            last_command: None,
             sent_log: 0,
             sent_sample: 0,
         }
@@ -349,6 +390,7 @@ impl Board {
                 // Sent again with the next update.
                 task.seq = self.next_seq;
                 self.next_seq += 1;
+                self.fresh.push(task.clone());
             }
         } else {
             match outcome {
@@ -357,25 +399,42 @@ impl Board {
                 Outcome::Timeout => self.totals.timeout += 1,
                 Outcome::Cancelled => self.totals.cancelled += 1,
             }
-            self.metrics
-                .commands
-                .get_or_create(&vec![("outcome".to_owned(), outcome.label().to_owned())])
-                .inc();
+            self.metrics.by_outcome[outcome as usize].inc();
             if self.tasks.len() >= TASKS_KEPT {
                 self.tasks.pop_front();
             }
-            self.tasks.push_back(Task {
+            let task = Task {
                 seq: self.next_seq,
                 id: response.id,
                 server: response.server,
                 start: response.command_start_time,
                 stop: response.command_stop_time,
                 outcome,
-                command: response.command.chars().take(COMMAND_CHARS).collect(),
-            });
+                command: self.shared_command(&response.command),
+            };
+            self.fresh.push(task.clone());
+            self.tasks.push_back(task);
             self.next_seq += 1;
         }
         self.keep_detail(response);
+    }
+
+    /// `command` as a bar shows it (cut to [`COMMAND_CHARS`]), shared with
+    /// the last command answered when the two are the same.
+    fn shared_command(&mut self, command: &str) -> Arc<str> {
+        let end = command
+            .char_indices()
+            .nth(COMMAND_CHARS)
+            .map_or(command.len(), |(at, _)| at);
+        let shown = &command[..end];
+        match &self.last_command {
+            Some(last) if **last == *shown => last.clone(),
+            _ => {
+                let fresh: Arc<str> = Arc::from(shown);
+                self.last_command = Some(fresh.clone());
+                fresh
+            }
+        }
     }
 
     /// Keeps a trimmed copy of `response` for a click: large values and
@@ -469,7 +528,7 @@ impl Board {
             .connections
             .set(i64::try_from(drivers).unwrap_or(i64::MAX));
         if self.updates.receiver_count() == 0 {
-            self.sent_seq = self.next_seq;
+            self.fresh.clear();
             self.sent_log = log.recent_since(u64::MAX).1;
             self.sent_sample = self.samples.len();
             return;
@@ -480,25 +539,25 @@ impl Board {
             kind: "update",
             now: epoch_now(),
             servers: self.rows(status),
-            tasks: self
-                .tasks
-                .iter()
-                .filter(|t| t.seq >= self.sent_seq)
-                .collect(),
+            tasks: std::mem::take(&mut self.fresh),
             samples: self
                 .samples
                 .iter()
                 .skip(self.sent_sample)
                 .copied()
                 .collect(),
-            logs: log_lines(&records, first_log),
+            logs: log_lines(records, first_log),
             totals: self.totals,
         };
-        let text: Arc<str> = Arc::from(serde_json::to_string(&view).unwrap_or_default());
-        let _ = self.updates.send(text);
-        self.sent_seq = self.next_seq;
-        self.sent_log = next_log;
-        self.sent_sample = self.samples.len();
+        match self.writer.try_send(view) {
+            Ok(()) => {
+                self.sent_log = next_log;
+                self.sent_sample = self.samples.len();
+            }
+            // The writer is behind: this update's tasks go with the next.
+            Err(std::sync::mpsc::TrySendError::Full(view)) => self.fresh = view.tasks,
+            Err(std::sync::mpsc::TrySendError::Disconnected(_)) => {}
+        }
     }
 
     /// Everything a page opening draws, as JSON.
@@ -514,9 +573,9 @@ impl Board {
             kind: "snapshot",
             now: epoch_now(),
             servers: self.rows(status),
-            tasks: self.tasks.iter().skip(skip).collect(),
+            tasks: self.tasks.iter().skip(skip).cloned().collect(),
             samples: self.samples.iter().copied().collect(),
-            logs: log_lines(&records, first_log),
+            logs: log_lines(records, first_log),
             totals: self.totals,
         };
         serde_json::to_string(&view).unwrap_or_default()
@@ -573,17 +632,17 @@ impl Board {
         }
     }
 
-    fn rows<'a>(&self, status: &'a StatusReply) -> Vec<ServerRow<'a>> {
+    fn rows(&self, status: &StatusReply) -> Vec<ServerRow> {
         status
             .servers
             .iter()
             .map(|s| ServerRow {
                 rank: s.rank,
-                host: &s.processor,
+                host: s.processor.clone(),
                 state: server_state(s),
                 pid: s.pid,
                 worker_pid: (s.worker_pid != 0).then_some(s.worker_pid),
-                command: s.busy.then_some(s.command.as_str()),
+                command: s.busy.then(|| s.command.clone()),
                 command_id: s.busy.then_some(s.command_id),
                 command_start: (s.busy && s.command_start_time > 0.0)
                     .then_some(s.command_start_time),
@@ -610,17 +669,17 @@ fn server_state(s: &casa_node_protocol::pb::ServerStatus) -> &'static str {
     }
 }
 
-fn log_lines(records: &[LogRecord], first: u64) -> Vec<LogLine<'_>> {
+fn log_lines(records: Vec<LogRecord>, first: u64) -> Vec<LogLine> {
     records
-        .iter()
+        .into_iter()
         .enumerate()
         .map(|(i, r)| LogLine {
             seq: first + i as u64,
             time: r.time,
-            level: level_name(r),
-            origin: &r.origin,
+            level: level_name(&r),
+            origin: r.origin,
             rank: r.rank,
-            message: &r.message,
+            message: r.message,
         })
         .collect()
 }
@@ -743,12 +802,13 @@ mod tests {
         timed_out.status = CommandStatus::Timeout.into();
         board.answered(&timed_out, false);
         board.tick(&status, &log, 1, false);
-        let first: serde_json::Value = serde_json::from_str(&receiver.try_recv().unwrap()).unwrap();
+        let first: serde_json::Value =
+            serde_json::from_str(&receiver.blocking_recv().unwrap()).unwrap();
         assert_eq!(first["tasks"][0]["outcome"], "timeout");
         board.answered(&answer(7, 1, true), true);
         board.tick(&status, &log, 1, false);
         let second: serde_json::Value =
-            serde_json::from_str(&receiver.try_recv().unwrap()).unwrap();
+            serde_json::from_str(&receiver.blocking_recv().unwrap()).unwrap();
         assert_eq!(second["tasks"][0]["outcome"], "success");
         assert_eq!(board.tasks.len(), 1);
         assert_eq!(board.totals.timeout, 1);
