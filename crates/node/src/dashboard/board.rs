@@ -31,6 +31,8 @@ const DETAILS_KEPT: usize = 2_000;
 const SAMPLES_KEPT: usize = 3_600;
 /// Log records a page opening gets at once.
 const LOGS_IN_SNAPSHOT: usize = 1_000;
+/// Log records an update carries at most: the latest; a page shows 500.
+const LOGS_PER_UPDATE: u64 = 250;
 /// Characters of a command shown on its bar.
 const COMMAND_CHARS: usize = 200;
 /// Bytes of a traceback kept for a click.
@@ -146,6 +148,8 @@ struct View {
     tasks: Vec<Task>,
     samples: Vec<Sample>,
     logs: Vec<LogLine>,
+    /// Records logged since the last update and left out of this one.
+    logs_skipped: u64,
     totals: Totals,
 }
 
@@ -533,7 +537,12 @@ impl Board {
             self.sent_sample = self.samples.len();
             return;
         }
-        let (records, next_log) = log.recent_since(self.sent_log);
+        // A busy cluster logs thousands of records a second: a page gets
+        // the latest, and the number it did not get.
+        let newest = log.recent_since(u64::MAX).1;
+        let from = self.sent_log.max(newest.saturating_sub(LOGS_PER_UPDATE));
+        let logs_skipped = from - self.sent_log;
+        let (records, next_log) = log.recent_since(from);
         let first_log = next_log - records.len() as u64;
         let view = View {
             kind: "update",
@@ -547,6 +556,7 @@ impl Board {
                 .copied()
                 .collect(),
             logs: log_lines(records, first_log),
+            logs_skipped,
             totals: self.totals,
         };
         match self.writer.try_send(view) {
@@ -576,6 +586,7 @@ impl Board {
             tasks: self.tasks.iter().skip(skip).cloned().collect(),
             samples: self.samples.iter().copied().collect(),
             logs: log_lines(records, first_log),
+            logs_skipped: 0,
             totals: self.totals,
         };
         serde_json::to_string(&view).unwrap_or_default()

@@ -65,6 +65,12 @@ function apply(view, snapshot) {
   }
   state.samples.push(...view.samples);
   const lastLog = state.logs.length ? state.logs[state.logs.length - 1].seq : -1;
+  if (view.logs_skipped && view.logs.length) {
+    state.logs.push({
+      seq: view.logs[0].seq - 0.5, time: view.logs[0].time, level: "INFO", origin: "dashboard", rank: 0,
+      message: "… " + view.logs_skipped + " records too many to follow live (all are in the log file)",
+    });
+  }
   for (const line of view.logs) {
     if (line.seq > lastLog) {
       state.logs.push(line);
