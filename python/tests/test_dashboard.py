@@ -113,6 +113,13 @@ def browser():
     return webdriver.Chrome(service=Service(driver), options=options)
 
 
+def text_of(page, selector):
+    """The text of the element `selector` finds, read in one step: the page
+    replaces its tables' rows as updates arrive."""
+    return page.execute_script(
+        "const e = document.querySelector(arguments[0]); return e ? e.textContent : null", selector)
+
+
 def until(what, check, timeout=10, every=0.05):
     """Polls `check` until it returns something true, or fails saying `what`."""
     end = time.monotonic() + timeout
@@ -126,6 +133,7 @@ def until(what, check, timeout=10, every=0.05):
 
 
 def test_the_page_in_chromium(request, transport):
+    from selenium.common.exceptions import MoveTargetOutOfBoundsException
     from selenium.webdriver.common.action_chains import ActionChains
     from selenium.webdriver.common.by import By
 
@@ -137,8 +145,9 @@ def test_the_page_in_chromium(request, transport):
     with casanode.connect(cluster.endpoint) as client:
         page.get(url)
         # Every server is listed.
-        until("four server rows", lambda: len(page.find_elements(By.CSS_SELECTOR, "#servers tbody tr")) == 4)
-        ranks = [row.get_attribute("data-rank") for row in page.find_elements(By.CSS_SELECTOR, "#servers tbody tr")]
+        ranks = until("four server rows", lambda: page.execute_script(
+            "const rows = [...document.querySelectorAll('#servers tbody tr')];"
+            "return rows.length === 4 ? rows.map(r => r.dataset.rank) : null"))
         assert ranks == ["1", "2", "3", "4"]
 
         # A submitted command is in the task stream (running) within 2 s.
@@ -151,22 +160,38 @@ def test_the_page_in_chromium(request, transport):
         # A command that raises shows its traceback on a click on its bar.
         failed = client.submit("1 / 0", target=1)
         assert not failed.result(60)["successful"]
-        center = until("the failed command's bar", lambda: page.execute_script(
-            "return casaNode.barCenter(arguments[0])", failed.id))
         canvas = page.find_element(By.ID, "stream")
-        size = canvas.size
-        ActionChains(page).move_to_element_with_offset(
-            canvas, int(center["x"] - size["width"] / 2), int(center["y"] - size["height"] / 2)
-        ).click().perform()
-        traceback = until("the traceback shown", lambda: page.find_element(By.ID, "detail-traceback").text)
+
+        def click_the_bar():
+            # The stream is redrawn as time passes: a click that met a
+            # redraw between finding the bar and clicking it is made again.
+            center = page.execute_script("return casaNode.barCenter(arguments[0])", failed.id)
+            if center is None:
+                return None
+            size = canvas.size
+            try:
+                ActionChains(page).move_to_element_with_offset(
+                    canvas, int(center["x"] - size["width"] / 2), int(center["y"] - size["height"] / 2)
+                ).click().perform()
+            except MoveTargetOutOfBoundsException:
+                return None
+            end = time.monotonic() + 1
+            while time.monotonic() < end:
+                text = text_of(page, "#detail-traceback")
+                if text:
+                    return text
+                time.sleep(0.05)
+            return None
+
+        traceback = until("the traceback shown on a click", click_the_bar, timeout=20)
         assert "ZeroDivisionError" in traceback
         page.find_element(By.ID, "close").click()
 
         # A killed worker shows as a restart.
         worker = client.status(3)[3]["worker_pid"]
         os.kill(worker, signal.SIGKILL)
-        until("the restart in the server table", lambda: page.find_element(
-            By.CSS_SELECTOR, '#servers tbody tr[data-rank="3"] td:nth-child(7)').text == "1", timeout=20)
+        until("the restart in the server table", lambda: text_of(
+            page, '#servers tbody tr[data-rank="3"] td:nth-child(7)') == "1", timeout=20)
         assert running.result(60)["ret"] == "slept"
 
         # A workload of 10 000 commands: the picture, mid-run, for people.
@@ -179,6 +204,6 @@ def test_the_page_in_chromium(request, transport):
         assert page.save_screenshot(str(shot)), shot
         assert [r["ret"] for r in results] == [sum(range(i)) for i in range(10_000)]
         assert sleeper.result(60)["successful"]
-        until("every command counted", lambda: page.find_element(
-            By.CSS_SELECTOR, '#counts [data-count="done"] b').text == str(10_000 + 2), timeout=20)
+        until("every command counted", lambda: text_of(
+            page, '#counts [data-count="done"] b') == str(10_000 + 2), timeout=20)
         assert shot.stat().st_size > 10_000

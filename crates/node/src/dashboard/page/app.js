@@ -244,7 +244,9 @@ function drawStream() {
     const first = state.tasks.size ? state.tasks.values().next().value.start || end : end;
     const since = state.samples.length ? Math.min(first, state.samples[0].time) : first;
     span = Math.max(30, end - since);
-    if (chosen === "auto") span = Math.min(300, span);
+    // The scale stays put while the run fits it: the smallest of these
+    // windows that holds it.
+    if (chosen === "auto") span = [30, 60, 120, 300].find((w) => w >= span) || 300;
   }
   const start = end - span;
   const plot = width - label;
