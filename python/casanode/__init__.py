@@ -8,6 +8,7 @@
 
 from .client import (
     Client,
+    CommandFuture,
     LogStream,
     SubmissionRejected,
     UnknownRequest,
@@ -26,6 +27,20 @@ from .connection import (
     read_connection_file,
     resolve_endpoint,
 )
+from .failures import (
+    CommandCancelled,
+    CommandFailed,
+    CommandRaised,
+    CommandRejected,
+    DeadlineExceeded,
+    LostInRestart,
+    NoServerLeft,
+    NotSent,
+    ServerLost,
+    TooLarge,
+    WorkerDied,
+    raise_for_failure,
+)
 from .progressbar import progress
 from .seed import (
     MPICommandClient,
@@ -41,6 +56,19 @@ __version__ = "0.1.0"
 __all__ = [
     "CasaNodeError",
     "Client",
+    "CommandCancelled",
+    "CommandFailed",
+    "CommandFuture",
+    "CommandRaised",
+    "CommandRejected",
+    "DeadlineExceeded",
+    "LostInRestart",
+    "NoServerLeft",
+    "NotSent",
+    "ServerLost",
+    "TooLarge",
+    "WorkerDied",
+    "raise_for_failure",
     "Connection",
     "LogStream",
     "MPICommandClient",

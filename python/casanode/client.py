@@ -7,10 +7,12 @@
     client.wait(fs)                        # the response dicts, in id order
 
 A Future resolves to the response dict whatever the command did: check its
-`successful`, `status` and `traceback` (rules 7, 9, 10). A submission the
-client node refuses sets SubmissionRejected on its Futures; nothing of it
-was queued (rule 14). Submitting waits for no reply: the ids come from the
-connection's leases.
+`successful`, `failure`, `status` and `traceback` (rules 7, 9, 10), or call
+its `value()`, which returns `ret` or raises the failure as an exception
+(CommandRaised, WorkerDied, DeadlineExceeded, ...: casanode.failures). A
+submission the client node refuses sets SubmissionRejected on its Futures;
+nothing of it was queued (rule 14). Submitting waits for no reply: the ids
+come from the connection's leases.
 """
 
 import contextlib
@@ -23,6 +25,7 @@ from concurrent import futures as _futures
 from concurrent.futures import Future
 
 from . import progressbar, values
+from .failures import failure_name, raise_for_failure
 from ._pb.casa.node.v1 import driver_pb2, node_pb2
 from .connection import (
     CasaNodeError,
@@ -79,6 +82,18 @@ _LEVEL_BY_NAME = {
 }
 
 
+class CommandFuture(Future):
+    """A Future of the modern face: resolves to the response dict (rule 9);
+    `value()` returns the command's `ret`, or raises the CommandFailed
+    subclass of its failure (casanode.failures)."""
+
+    def value(self, timeout=None):
+        """The command's return value, waiting up to `timeout` seconds;
+        raises CommandRaised, WorkerDied, DeadlineExceeded, ... when it
+        failed (rule 7), SubmissionRejected when it was refused."""
+        return raise_for_failure(self.result(timeout))
+
+
 class UnknownRequest(CasaNodeError):
     """An id this client never received from a submission (rule 17)."""
 
@@ -108,6 +123,9 @@ def response_dict(response):
         "traceback": response.traceback if response.HasField("traceback") else None,
         "command_start_time": response.command_start_time,
         "command_stop_time": response.command_stop_time,
+        "failure": failure_name(response.failure),
+        "worker_signal": response.worker_signal if response.HasField("worker_signal") else None,
+        "worker_exit_code": response.worker_exit_code if response.HasField("worker_exit_code") else None,
     }
 
 
@@ -315,7 +333,7 @@ class Client:
         return _Submission(self, self._submit_ids(command, target, parameters))
 
     def _future(self, request_id):
-        future = Future()
+        future = CommandFuture()
         future.id = request_id
         # Running: Future.cancel() cannot cancel it locally; Client.cancel
         # cancels on the cluster, and the response says `cancelled`.

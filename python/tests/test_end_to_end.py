@@ -34,7 +34,9 @@ def test_eval_with_parameters_returns_the_value(client):
     assert set(response) == {
         "command", "id", "mode", "parameters", "ret", "server", "status",
         "successful", "traceback", "command_start_time", "command_stop_time",
+        "failure", "worker_signal", "worker_exit_code",
     }
+    assert (response["failure"], response["worker_signal"], response["worker_exit_code"]) == (None, None, None)
 
 
 def test_a_failing_import_reports_its_traceback(client):

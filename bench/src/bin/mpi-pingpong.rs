@@ -361,7 +361,7 @@ fn one_plus_one() -> (Envelope, Envelope) {
                     traceback: None,
                     start_time: begun,
                     stop_time: begun + 4.3e-5,
-                    worker_restarted: false,
+                    ..ExecOutcome::default()
                 },
                 now,
             )

@@ -9,9 +9,9 @@ use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    Ack, ClaimReply, CommandMode, CommandResponse, CommandStatus, Envelope, LogLevel, LogRecord,
-    ProtocolErrorCode, RejectReason, ResponseDelivery, Role, SubmitReply, SubmitRequest, Welcome,
-    submit_reply,
+    Ack, ClaimReply, CommandMode, CommandResponse, CommandStatus, Envelope, FailureKind, LogLevel,
+    LogRecord, ProtocolErrorCode, RejectReason, ResponseDelivery, Role, SubmitReply, SubmitRequest,
+    Welcome, submit_reply,
 };
 use casa_node_protocol::{
     Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Rejection, RequestId,
@@ -483,7 +483,8 @@ impl Node<'_> {
                     }
                     if let Err(e) = self.inline_for(to, &mut envelope) {
                         if let Some(id) = request {
-                            self.core.send_failed(id, &e.to_string());
+                            self.core
+                                .send_failed(id, FailureKind::NotSent, &e.to_string());
                         }
                         continue;
                     }
@@ -497,7 +498,10 @@ impl Node<'_> {
                         // Too large to send: the request fails, the
                         // cluster goes on.
                         Err(TransportError::Frame(e)) => match request {
-                            Some(id) => self.core.send_failed(id, &e.to_string()),
+                            Some(id) => {
+                                self.core
+                                    .send_failed(id, FailureKind::TooLarge, &e.to_string());
+                            }
                             None => self.warn(&format!("could not send to server n# {to}: {e}")),
                         },
                         Err(e) => return Err(e.into()),
@@ -592,6 +596,9 @@ impl Node<'_> {
                     let why = format!("casa-node: the return value could not be read: {e}");
                     shm::for_each_shared(ret, &mut |s| shm::unlink(shared.dir.path(), &s.name));
                     response.ret = Some(casa_node_protocol::pb::Value::none());
+                    if response.successful {
+                        response.failure = FailureKind::NotSent.into();
+                    }
                     response.successful = false;
                     response.traceback = Some(match response.traceback.take() {
                         Some(traceback) => format!("{why}\n{traceback}"),
@@ -1097,9 +1104,8 @@ impl Node<'_> {
             traceback: Some(format!(
                 "casa-node: the client node restarted from its journal while this request was pending; {why}"
             )),
-            command_start_time: 0.0,
-            command_stop_time: 0.0,
-            worker_restarted: false,
+            failure: FailureKind::Restarted.into(),
+            ..CommandResponse::default()
         };
         self.journal_write(|journal| journal.answered(&response));
         if self.drivers.contains_key(&driver) {

@@ -43,7 +43,8 @@ use bytes::{Buf, BytesMut};
 use casa_node_protocol::pb::control_request::{self, Start};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    CommandMode, CommandRequest, CommandResponse, ControlRequest, Envelope, LogLevel, LogRecord,
+    CommandMode, CommandRequest, CommandResponse, ControlRequest, Envelope, FailureKind, LogLevel,
+    LogRecord,
 };
 use casa_node_protocol::{
     ExecOutcome, FrameError, Framing, LENGTH_PREFIX, OFFLOAD_THRESHOLD, Rank, RequestId,
@@ -237,6 +238,7 @@ struct Worker {
     /// How the process ended, once it has.
     exit: Option<String>,
     exit_signal: Option<i32>,
+    exit_code: Option<i32>,
     died_at: Option<Instant>,
     /// Why this side killed it, if it did.
     killed_because: Option<&'static str>,
@@ -253,6 +255,14 @@ struct Running {
 struct Restart {
     lost: Option<Running>,
     reason: String,
+    death: Death,
+}
+
+/// How a worker ended: the signal that killed it, or its exit status.
+#[derive(Debug, Clone, Copy, Default)]
+struct Death {
+    signal: Option<i32>,
+    exit_code: Option<i32>,
 }
 
 struct OutputStream {
@@ -612,6 +622,7 @@ impl Executor {
                 let description = match status {
                     Ok(status) => {
                         w.exit_signal = status.signal();
+                        w.exit_code = status.code();
                         describe_exit(status)
                     }
                     Err(error) => format!("ended in a way that could not be read ({error})"),
@@ -671,6 +682,7 @@ impl Executor {
                                 )),
                                 start_time: running.start_time,
                                 stop_time: epoch_now(),
+                                failure: FailureKind::NotSent,
                                 ..ExecOutcome::default()
                             }));
                         }
@@ -805,7 +817,7 @@ impl Executor {
                         });
                         reason = format!("{reason}\n{note}");
                     }
-                    self.report_restart(restart.lost, reason, true);
+                    self.report_restart(restart.lost, reason, true, restart.death);
                 }
             }
             other => {
@@ -833,7 +845,7 @@ impl Executor {
             traceback: response.traceback,
             start_time: response.command_start_time,
             stop_time: response.command_stop_time,
-            worker_restarted: false,
+            ..ExecOutcome::default()
         }));
     }
 
@@ -884,6 +896,10 @@ impl Executor {
     }
 
     fn on_death(&mut self, dead: Worker) {
+        let death = Death {
+            signal: dead.exit_signal,
+            exit_code: dead.exit_code,
+        };
         let mut what = dead.exit.clone().unwrap_or_default();
         match dead.killed_because {
             Some(why) => what = format!("{what}, {why}"),
@@ -928,7 +944,7 @@ impl Executor {
                         stderr_note(&stderr)
                     );
                     self.no_worker = Some(reason.clone());
-                    self.report_restart(restart.lost, reason, false);
+                    self.report_restart(restart.lost, reason, false, restart.death);
                 }
             }
             return;
@@ -953,17 +969,27 @@ impl Executor {
                     "\nA fresh Python worker was started (its init script run again): \
                      the globals of earlier commands are lost.",
                 );
-                self.restart = Some(Restart { lost, reason });
+                self.restart = Some(Restart {
+                    lost,
+                    reason,
+                    death,
+                });
             }
             Err(error) => {
                 reason.push_str(&format!("\nNo new worker could be started: {error}"));
                 self.no_worker = Some(reason.clone());
-                self.report_restart(lost, reason, false);
+                self.report_restart(lost, reason, false, death);
             }
         }
     }
 
-    fn report_restart(&mut self, lost: Option<Running>, reason: String, restarted: bool) {
+    fn report_restart(
+        &mut self,
+        lost: Option<Running>,
+        reason: String,
+        restarted: bool,
+        death: Death,
+    ) {
         let event = match lost {
             Some(running) => ExecutorEvent::Finished(ExecOutcome {
                 id: running.id,
@@ -974,6 +1000,9 @@ impl Executor {
                 start_time: running.start_time,
                 stop_time: epoch_now(),
                 worker_restarted: restarted,
+                failure: FailureKind::WorkerDied,
+                worker_signal: death.signal,
+                worker_exit_code: death.exit_code,
             }),
             None => ExecutorEvent::WorkerRestarted { reason },
         };
@@ -1084,6 +1113,7 @@ impl Executor {
             init_error: None,
             exit: None,
             exit_signal: None,
+            exit_code: None,
             died_at: None,
             killed_because: None,
         };

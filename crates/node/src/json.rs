@@ -6,7 +6,7 @@
 //! the Python repr of the value as a string.
 
 use casa_node_protocol::pb::value::Kind;
-use casa_node_protocol::pb::{CommandMode, CommandResponse, CommandStatus, Value};
+use casa_node_protocol::pb::{CommandMode, CommandResponse, CommandStatus, FailureKind, Value};
 use serde_json::{Map, Value as Json, json};
 
 /// The seed's name for a mode (rule 9).
@@ -83,6 +83,21 @@ pub fn response(r: &CommandResponse) -> Json {
         "traceback": r.traceback,
         "command_start_time": r.command_start_time,
         "command_stop_time": r.command_stop_time,
+        "failure": failure_name(r.failure()),
+        "worker_signal": r.worker_signal,
+        "worker_exit_code": r.worker_exit_code,
+    })
+}
+
+/// A failure kind's name in records (rule 7), null for none: the proto
+/// name without its prefix, in lower case ("worker_died"), as the Python
+/// client derives it from the same descriptor.
+pub fn failure_name(kind: FailureKind) -> Option<String> {
+    (kind != FailureKind::None).then(|| {
+        let name = kind.as_str_name();
+        name.strip_prefix("FAILURE_KIND_")
+            .unwrap_or(name)
+            .to_ascii_lowercase()
     })
 }
 

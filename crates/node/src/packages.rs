@@ -22,6 +22,7 @@ pub const CASANODE: Files = files!(
     "casanode/__init__.py",
     "casanode/client.py",
     "casanode/connection.py",
+    "casanode/failures.py",
     "casanode/progressbar.py",
     "casanode/seed.py",
     "casanode/shm.py",

@@ -11,7 +11,9 @@ use std::pin::Pin;
 use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::envelope::Body;
-use casa_node_protocol::pb::{CommandRequest, ControlRequest, Envelope, LogLevel, control_request};
+use casa_node_protocol::pb::{
+    CommandRequest, ControlRequest, Envelope, FailureKind, LogLevel, control_request,
+};
 use casa_node_protocol::{
     ExecOutcome, Rank, ServerAction, ServerConfig, ServerCore, Transport, TransportError,
     TransportEvent, WallClock,
@@ -429,6 +431,7 @@ impl<T: Transport> Node<T> {
         let outcome = ExecOutcome {
             id,
             traceback: Some(traceback),
+            failure: FailureKind::NotSent,
             ..ExecOutcome::default()
         };
         if let Err(e) = self.core.finished(outcome, Instant::now()) {

@@ -230,6 +230,20 @@ fn cli_submit_prints_json_records_and_fails_on_errors() {
         "{r}"
     );
     assert_eq!(r["mode"], "exec");
+    assert_eq!(r["failure"], "raised");
+    // Rule 7: a worker that exits says how, in its failure's kind.
+    let out = cluster.cli(&["submit", "--target", "1", "import os; os._exit(3)"]);
+    assert_eq!(out.status.code(), Some(1), "{out:?}");
+    let r = &stdout_lines(&out)[0];
+    assert_eq!(
+        (&r["failure"], &r["worker_exit_code"], &r["worker_signal"]),
+        (
+            &serde_json::json!("worker_died"),
+            &serde_json::json!(3),
+            &serde_json::Value::Null
+        ),
+        "{r}"
+    );
     // Rule 13: one request per target, in order.
     let out = cluster.cli(&[
         "submit",

@@ -20,7 +20,8 @@ use casa_node_protocol::pb::control_request::Start;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{
-    CommandMode, CommandRequest, Envelope, EnvironmentVariable, LogLevel, Parameter, Value,
+    CommandMode, CommandRequest, Envelope, EnvironmentVariable, FailureKind, LogLevel, Parameter,
+    Value,
 };
 use casa_node_protocol::{ExecOutcome, Framing};
 use command_fds::{CommandFdExt, FdMapping};
@@ -916,7 +917,8 @@ async fn rule_24_sigint_while_idle_is_ignored() {
 // Rule 25: a worker that dies
 
 /// Runs `command`, which kills the worker (or is killed by `action` once
-/// it printed "ready"), and checks the failure and the restart.
+/// it printed "ready"), checks the failure and the restart, and returns
+/// what the command ended with.
 async fn check_death(ex: &mut Executor, command: &str, expect: &[&str]) -> Ran {
     run_ok(ex, "lost = True").await;
     let old_pid = ex.worker_pid().unwrap();
@@ -935,8 +937,12 @@ async fn check_death(ex: &mut Executor, command: &str, expect: &[&str]) -> Ran {
     assert!(!alive(old_pid));
     // The fresh worker serves, without the old globals.
     assert_eq!(run_ok(ex, "1 + 1").await, Value::from(2));
-    let ran = run(ex, request("lost")).await;
-    assert!(ran.traceback().contains("NameError"), "{}", ran.traceback());
+    let after = run(ex, request("lost")).await;
+    assert!(
+        after.traceback().contains("NameError"),
+        "{}",
+        after.traceback()
+    );
     ran
 }
 
@@ -970,7 +976,15 @@ async fn rule_25_the_segfault_report_shows_the_python_stack() {
 #[tokio::test]
 async fn rule_25_os_exit_fails_the_command_and_restarts_the_worker() {
     let mut ex = start().await;
-    check_death(&mut ex, "os._exit(3)", &["exited with status 3"]).await;
+    let ran = check_death(&mut ex, "os._exit(3)", &["exited with status 3"]).await;
+    assert_eq!(
+        (
+            ran.outcome.failure,
+            ran.outcome.worker_signal,
+            ran.outcome.worker_exit_code
+        ),
+        (FailureKind::WorkerDied, None, Some(3))
+    );
     ex.shutdown().await;
 }
 
@@ -987,6 +1001,15 @@ async fn rule_25_sigkill_mid_command_fails_it_and_restarts_the_worker() {
     let ran = finish(&mut ex, id).await;
     assert!(!ran.outcome.successful);
     assert!(ran.outcome.worker_restarted);
+    // Rule 7: the kind of failure, and the signal, for a driver to act on.
+    assert_eq!(
+        (
+            ran.outcome.failure,
+            ran.outcome.worker_signal,
+            ran.outcome.worker_exit_code
+        ),
+        (FailureKind::WorkerDied, Some(9), None)
+    );
     let tb = ran.traceback();
     assert!(tb.contains("killed by signal 9 (SIGKILL)"), "{tb}");
     assert!(tb.contains("out-of-memory"), "{tb}");

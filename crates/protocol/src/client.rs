@@ -18,9 +18,9 @@ use crate::pb::control_request::{self, Cancel, Recall, SetLogLevel, Start, Stop}
 use crate::pb::envelope::Body;
 use crate::pb::{
     CancelReply, ClusterInfo, CommandMode, CommandRequest, CommandResponse, CommandStatus,
-    ControlRequest, ControlResponse, Envelope, IdLease, LogLevel, LogRecord, Parameter,
-    PingRequest, PingResponse, RejectReason, RequestState, ResponseDelivery, ServerStatus,
-    StatusReply, SubmitRequest, TrackReply, Value, submit_reply,
+    ControlRequest, ControlResponse, Envelope, FailureKind, IdLease, LogLevel, LogRecord,
+    Parameter, PingRequest, PingResponse, RejectReason, RequestState, ResponseDelivery,
+    ServerStatus, StatusReply, SubmitRequest, TrackReply, Value, submit_reply,
 };
 use crate::{DriverId, Rank, RequestId};
 
@@ -755,7 +755,7 @@ impl ClientCore {
         for id in pending {
             self.finish_unsent(
                 id,
-                CommandStatus::Cancelled,
+                (CommandStatus::Cancelled, FailureKind::Cancelled),
                 "Cancelled: services were stopped before the request was sent".into(),
             );
         }
@@ -1136,20 +1136,16 @@ impl ClientCore {
             CommandMode::Unspecified => CommandMode::Auto,
             mode => mode,
         };
-        let record = CommandResponse {
+        let record = failure_record(
             id,
-            command: request.command.clone(),
-            mode: mode.into(),
-            parameters: request.parameters.clone(),
-            ret: Some(Value::none()),
-            server: 0,
-            status: CommandStatus::ResponseReceived.into(),
-            successful: false,
-            traceback: Some(traceback),
-            command_start_time: 0.0,
-            command_stop_time: 0.0,
-            worker_restarted: false,
-        };
+            request.command.clone(),
+            mode,
+            request.parameters.clone(),
+            0,
+            CommandStatus::ResponseReceived,
+            FailureKind::Rejected,
+            traceback,
+        );
         self.actions.push_back(Action::Deliver {
             driver,
             delivery: Box::new(ResponseDelivery {
@@ -1224,7 +1220,7 @@ impl ClientCore {
     /// Unlike a message from the server, this says nothing of the server's
     /// liveness: its silence is still counted, and a timed-out server stays
     /// timed out.
-    pub fn send_failed(&mut self, id: RequestId, reason: &str) {
+    pub fn send_failed(&mut self, id: RequestId, failure: FailureKind, reason: &str) {
         let Some(request) = self.requests.get(&id) else {
             return;
         };
@@ -1247,7 +1243,7 @@ impl ClientCore {
                 id,
                 request,
                 rank,
-                CommandStatus::ResponseReceived,
+                (CommandStatus::ResponseReceived, failure),
                 traceback,
             );
         }
@@ -1294,7 +1290,7 @@ impl ClientCore {
             {
                 self.finish_unsent(
                     id,
-                    CommandStatus::Timeout,
+                    (CommandStatus::Timeout, FailureKind::NoServer),
                     "Timeout: no server is left to run the command (every server has left for good)"
                         .into(),
                 );
@@ -1329,7 +1325,13 @@ impl ClientCore {
             match self.requests.get(&id).map(|r| &r.phase) {
                 Some(RequestPhase::Sent { .. }) => {
                     let request = self.requests.remove(&id).expect("just seen");
-                    self.deliver_failure(id, request, rank, CommandStatus::Timeout, reason);
+                    self.deliver_failure(
+                        id,
+                        request,
+                        rank,
+                        (CommandStatus::Timeout, FailureKind::ServerLost),
+                        reason,
+                    );
                     self.event(Event::RequestTimedOut { id, server: rank });
                 }
                 Some(RequestPhase::TimedOut { .. }) => {
@@ -1341,7 +1343,7 @@ impl ClientCore {
         for id in queued {
             self.finish_unsent(
                 id,
-                CommandStatus::Timeout,
+                (CommandStatus::Timeout, FailureKind::ServerLost),
                 format!("Timeout: server n# {rank} disconnected before the command was sent"),
             );
         }
@@ -1396,7 +1398,7 @@ impl ClientCore {
                 Some(RequestPhase::Queued) => {
                     self.finish_unsent(
                         id,
-                        CommandStatus::Cancelled,
+                        (CommandStatus::Cancelled, FailureKind::Cancelled),
                         "Cancelled before the request was sent".into(),
                     );
                     reply.dequeued.push(id);
@@ -1421,7 +1423,7 @@ impl ClientCore {
                         id,
                         request,
                         0,
-                        CommandStatus::Cancelled,
+                        (CommandStatus::Cancelled, FailureKind::Cancelled),
                         "Cancelled before the request was started".into(),
                     );
                     reply.dequeued.push(id);
@@ -1866,7 +1868,7 @@ impl ClientCore {
         if self.phase != Phase::Running {
             self.finish_unsent(
                 id,
-                CommandStatus::Cancelled,
+                (CommandStatus::Cancelled, FailureKind::Cancelled),
                 "Cancelled: services were stopped before the request was sent".into(),
             );
             return;
@@ -1899,7 +1901,13 @@ impl ClientCore {
                 // as is known here.
                 let request = self.requests.remove(&id).expect("just seen");
                 self.event(Event::RequestTimedOut { id, server: 0 });
-                self.deliver_failure(id, request, 0, CommandStatus::Timeout, reason.into());
+                self.deliver_failure(
+                    id,
+                    request,
+                    0,
+                    (CommandStatus::Timeout, FailureKind::ServerLost),
+                    reason.into(),
+                );
             }
         }
     }
@@ -2139,23 +2147,19 @@ impl ClientCore {
                         server: rank,
                         ping_round,
                     };
-                    let record = CommandResponse {
+                    let record = failure_record(
                         id,
-                        command: request.command.clone(),
-                        mode: request.mode.into(),
-                        parameters: request.parameters.clone(),
-                        ret: Some(Value::none()),
-                        server: rank,
-                        status: CommandStatus::Timeout.into(),
-                        successful: false,
-                        traceback: Some(format!(
+                        request.command.clone(),
+                        request.mode,
+                        request.parameters.clone(),
+                        rank,
+                        CommandStatus::Timeout,
+                        FailureKind::ServerLost,
+                        format!(
                             "Timeout: server n# {rank} did not answer for {:.1} s while running the command",
                             silent_for.as_secs_f64()
-                        )),
-                        command_start_time: 0.0,
-                        command_stop_time: 0.0,
-                        worker_restarted: false,
-                    };
+                        ),
+                    );
                     let driver = request.driver;
                     self.actions.push_back(Action::Deliver {
                         driver,
@@ -2172,7 +2176,7 @@ impl ClientCore {
         for id in queued {
             self.finish_unsent(
                 id,
-                CommandStatus::Timeout,
+                (CommandStatus::Timeout, FailureKind::ServerLost),
                 format!("Timeout: server n# {rank} timed out before the command was sent"),
             );
         }
@@ -2180,16 +2184,16 @@ impl ClientCore {
     }
 
     /// Answers a request that never reached a server.
-    fn finish_unsent(&mut self, id: RequestId, status: CommandStatus, reason: String) {
+    fn finish_unsent(&mut self, id: RequestId, how: (CommandStatus, FailureKind), reason: String) {
         let Some(request) = self.requests.remove(&id) else {
             return;
         };
         debug_assert!(matches!(request.phase, RequestPhase::Queued));
         self.queued -= 1;
-        if status == CommandStatus::Timeout {
+        if how.0 == CommandStatus::Timeout {
             self.event(Event::RequestTimedOut { id, server: 0 });
         }
-        self.deliver_failure(id, request, 0, status, reason);
+        self.deliver_failure(id, request, 0, how, reason);
     }
 
     fn deliver_failure(
@@ -2197,23 +2201,19 @@ impl ClientCore {
         id: RequestId,
         request: Request,
         server: Rank,
-        status: CommandStatus,
+        (status, failure): (CommandStatus, FailureKind),
         reason: String,
     ) {
-        let record = CommandResponse {
+        let record = failure_record(
             id,
-            command: request.command,
-            mode: request.mode.into(),
-            parameters: request.parameters,
-            ret: Some(Value::none()),
+            request.command,
+            request.mode,
+            request.parameters,
             server,
-            status: status.into(),
-            successful: false,
-            traceback: Some(reason),
-            command_start_time: 0.0,
-            command_stop_time: 0.0,
-            worker_restarted: false,
-        };
+            status,
+            failure,
+            reason,
+        );
         self.actions.push_back(Action::Deliver {
             driver: request.driver,
             delivery: Box::new(ResponseDelivery {
@@ -2282,6 +2282,11 @@ pub fn response_record(
         CommandMode::Unspecified => mode,
         mode => mode,
     };
+    // A failure from a server that does not say which kind raised.
+    let failure = match answer.failure() {
+        FailureKind::None if !answer.successful => FailureKind::Raised.into(),
+        _ => answer.failure,
+    };
     CommandResponse {
         id: answer.id,
         command,
@@ -2295,6 +2300,38 @@ pub fn response_record(
         command_start_time: answer.command_start_time,
         command_stop_time: answer.command_stop_time,
         worker_restarted: answer.worker_restarted,
+        failure,
+        worker_signal: answer.worker_signal,
+        worker_exit_code: answer.worker_exit_code,
+    }
+}
+
+/// The record of a request answered here rather than by its server:
+/// failed, `ret` None, no times, `failure` saying what kind and
+/// `traceback` why.
+#[allow(clippy::too_many_arguments)]
+fn failure_record(
+    id: RequestId,
+    command: String,
+    mode: CommandMode,
+    parameters: Vec<Parameter>,
+    server: Rank,
+    status: CommandStatus,
+    failure: FailureKind,
+    traceback: String,
+) -> CommandResponse {
+    CommandResponse {
+        id,
+        command,
+        mode: mode.into(),
+        parameters,
+        ret: Some(Value::none()),
+        server,
+        status: status.into(),
+        successful: false,
+        traceback: Some(traceback),
+        failure: failure.into(),
+        ..CommandResponse::default()
     }
 }
 

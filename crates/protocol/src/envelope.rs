@@ -101,13 +101,18 @@ impl CommandResponse {
             command_start_time: self.command_start_time,
             command_stop_time: self.command_stop_time,
             worker_restarted: self.worker_restarted,
+            failure: self.failure,
+            worker_signal: self.worker_signal,
+            worker_exit_code: self.worker_exit_code,
         }
     }
 
     /// What is sent instead of a response too large for a frame: this
     /// response [without its payload](Self::without_payload), failed, its
     /// traceback starting with `why`, so the peer waiting for it learns why
-    /// rather than waiting for ever.
+    /// rather than waiting for ever. A success becomes a failure of kind
+    /// [`FailureKind::TooLarge`](crate::pb::FailureKind::TooLarge); a
+    /// failure keeps its kind.
     pub fn too_large(&self, why: &str) -> CommandResponse {
         let mut response = self.without_payload();
         response.traceback = Some(match response.traceback.take() {
@@ -116,6 +121,9 @@ impl CommandResponse {
             }
             _ => why.to_owned(),
         });
+        if response.successful {
+            response.failure = crate::pb::FailureKind::TooLarge.into();
+        }
         response.successful = false;
         response
     }

@@ -15,7 +15,7 @@ use crate::pb::control_request::{self, Start};
 use crate::pb::envelope::Body;
 use crate::pb::{
     CommandMode, CommandRequest, CommandResponse, CommandStatus, ControlResponse, Envelope,
-    LogLevel, LogRecord, PingRequest, PingResponse, Value,
+    FailureKind, LogLevel, LogRecord, PingRequest, PingResponse, Value,
 };
 use crate::{Rank, RequestId};
 
@@ -114,6 +114,15 @@ pub struct ExecOutcome {
     pub stop_time: f64,
     /// True when a fresh worker was started after it (rule 25).
     pub worker_restarted: bool,
+    /// What kind of failure, when the executor knows better than "it
+    /// raised": its worker died, or it could not be handed to one.
+    /// [`FailureKind::None`] otherwise; the core sets the rest.
+    pub failure: FailureKind,
+    /// With [`FailureKind::WorkerDied`]: the signal that killed the
+    /// worker, or the status it exited with.
+    pub worker_signal: Option<i32>,
+    /// See `worker_signal`.
+    pub worker_exit_code: Option<i32>,
 }
 
 /// Something the client node sent that the server core cannot take.
@@ -358,18 +367,31 @@ impl ServerCore {
             return Err(ServerError::NotRunning(outcome.id));
         }
         let running = self.running.take().expect("checked above");
-        let (status, traceback) = match (outcome.successful, running.interrupted) {
-            (true, _) | (false, None) => (CommandStatus::ResponseReceived, outcome.traceback),
+        let (status, failure, traceback) = match (outcome.successful, running.interrupted) {
+            (true, _) => (
+                CommandStatus::ResponseReceived,
+                FailureKind::None,
+                outcome.traceback,
+            ),
+            (false, None) => {
+                let failure = match outcome.failure {
+                    FailureKind::None => FailureKind::Raised,
+                    failure => failure,
+                };
+                (CommandStatus::ResponseReceived, failure, outcome.traceback)
+            }
             (false, Some((Interruption::Deadline, _))) => {
                 let limit = running.deadline.map_or(0.0, |(_, s)| s);
                 let note = format!("Timeout: the command ran past its deadline of {limit} s");
                 (
                     CommandStatus::Timeout,
+                    FailureKind::Deadline,
                     Some(join_reason(note, outcome.traceback)),
                 )
             }
             (false, Some((Interruption::Cancel, _))) => (
                 CommandStatus::Cancelled,
+                FailureKind::Cancelled,
                 Some(join_reason(
                     "Cancelled while running".into(),
                     outcome.traceback,
@@ -377,12 +399,14 @@ impl ServerCore {
             ),
             (false, Some((Interruption::Stop, _))) => (
                 CommandStatus::Cancelled,
+                FailureKind::Cancelled,
                 Some(join_reason(
                     "Cancelled: services were stopped with force".into(),
                     outcome.traceback,
                 )),
             ),
         };
+        let died = failure == FailureKind::WorkerDied;
         let response = CommandResponse {
             id: outcome.id,
             mode: outcome.mode.into(),
@@ -394,6 +418,9 @@ impl ServerCore {
             command_start_time: outcome.start_time,
             command_stop_time: outcome.stop_time,
             worker_restarted: outcome.worker_restarted,
+            failure: failure.into(),
+            worker_signal: outcome.worker_signal.filter(|_| died),
+            worker_exit_code: outcome.worker_exit_code.filter(|_| died),
             ..CommandResponse::default()
         };
         self.send(Envelope::new(Body::CommandResponse(Box::new(response))));
@@ -649,6 +676,7 @@ impl ServerCore {
             status: CommandStatus::Cancelled.into(),
             successful: false,
             traceback: Some(reason.to_owned()),
+            failure: FailureKind::Cancelled.into(),
             ..CommandResponse::default()
         };
         self.send(Envelope::new(Body::CommandResponse(Box::new(response))));

@@ -9,7 +9,8 @@ use casa_node_protocol::pb::control_request::{self, Start};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CommandMode, CommandRequest, CommandResponse, CommandStatus, ControlRequest, ControlResponse,
-    Envelope, LogLevel, Parameter, RejectReason, ResponseDelivery, SubmitRequest, Value,
+    Envelope, FailureKind, LogLevel, Parameter, RejectReason, ResponseDelivery, SubmitRequest,
+    Value,
 };
 use casa_node_protocol::{
     Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, LAST_CHANCE,
@@ -110,7 +111,11 @@ impl Cluster {
                         self.sent.push((to, envelope.clone()));
                         if let Some(Body::CommandRequest(request)) = &envelope.body {
                             if self.unsendable.contains(&to) {
-                                self.client.send_failed(request.id, "frame too large");
+                                self.client.send_failed(
+                                    request.id,
+                                    FailureKind::TooLarge,
+                                    "frame too large",
+                                );
                                 continue;
                             }
                         }
@@ -187,7 +192,7 @@ impl Cluster {
             traceback: tb,
             start_time: now_epoch,
             stop_time: now_epoch,
-            worker_restarted: false,
+            ..ExecOutcome::default()
         };
         let now = self.now;
         self.servers
@@ -705,6 +710,100 @@ fn rule_21_a_recovered_server_that_lost_its_command_is_freed_by_its_ping() {
     assert!(replacement.1.response.as_ref().unwrap().worker_restarted);
     let next = c.submit("next()", &[1]).unwrap()[0];
     assert_eq!(c.executed.last(), Some(&(1, next)));
+}
+
+/// Rule 7: every failure says its kind, set by whichever core answered:
+/// the command raised, was cancelled (queued or running), ran past its
+/// deadline, lost its worker or its server, was too large to send, was
+/// refused, or has no server left; a success says none.
+#[test]
+fn rule_7_every_failure_says_its_kind() {
+    let kind = |c: &Cluster, id: RequestId| c.response(id).failure();
+    let mut c = Cluster::new(3);
+    let ok = c.submit("fine()", &[1]).unwrap()[0];
+    c.finish(1, Value::from(1));
+    assert_eq!(kind(&c, ok), FailureKind::None);
+    let raised = c.submit("1/0", &[1]).unwrap()[0];
+    c.fail(1, "ZeroDivisionError");
+    assert_eq!(kind(&c, raised), FailureKind::Raised);
+    // Cancelled while running, and while queued behind it.
+    let running = c.submit("long()", &[1]).unwrap()[0];
+    let queued = c.submit("next()", &[1]).unwrap()[0];
+    c.client.cancel(&[running, queued]);
+    c.pump();
+    c.fail(1, "KeyboardInterrupt");
+    assert_eq!(kind(&c, running), FailureKind::Cancelled);
+    assert_eq!(kind(&c, queued), FailureKind::Cancelled);
+    // Past its deadline.
+    let late = c
+        .submit_request(SubmitRequest {
+            command: "while True: pass".into(),
+            targets: vec![1],
+            deadline_seconds: Some(1.0),
+            ..SubmitRequest::default()
+        })
+        .unwrap()[0];
+    c.advance(Duration::from_millis(1100));
+    c.fail(1, "KeyboardInterrupt");
+    assert_eq!(kind(&c, late), FailureKind::Deadline);
+    // Its worker died: the executor says so, with the signal.
+    let killed = c.submit("np.zeros(10**12)", &[2]).unwrap()[0];
+    c.running.remove(&2);
+    let outcome = ExecOutcome {
+        id: killed,
+        traceback: Some("Python worker died: killed by signal 9".into()),
+        worker_restarted: true,
+        failure: FailureKind::WorkerDied,
+        worker_signal: Some(9),
+        ..ExecOutcome::default()
+    };
+    let now = c.now;
+    c.servers
+        .get_mut(&2)
+        .unwrap()
+        .finished(outcome, now)
+        .unwrap();
+    c.pump();
+    let r = c.response(killed);
+    assert_eq!(
+        (r.failure(), r.worker_signal, r.worker_exit_code),
+        (FailureKind::WorkerDied, Some(9), None)
+    );
+    // Too large for the transport.
+    c.unsendable.insert(3);
+    let huge = c.submit("f(x)", &[3]).unwrap()[0];
+    assert_eq!(kind(&c, huge), FailureKind::TooLarge);
+    c.unsendable.remove(&3);
+    // Refused at submission, with leased ids: the record says so.
+    let lease = c.lease(DRIVER, 1);
+    c.submit_as(DRIVER, pipelined("f()", &[7], &[lease.start]))
+        .unwrap_err();
+    assert_eq!(kind(&c, lease.start), FailureKind::Rejected);
+    // Its server went silent.
+    let silent = c.submit("long()", &[3]).unwrap()[0];
+    c.stall(3);
+    c.advance(Duration::from_secs(6));
+    assert_eq!(kind(&c, silent), FailureKind::ServerLost);
+    // No server left for an untargeted request.
+    let waiting: Vec<RequestId> = (0..12)
+        .map(|_| c.submit("any()", &[]).unwrap()[0])
+        .collect();
+    for rank in 1..=3 {
+        c.client.server_gone_for_good(rank);
+        c.client.server_lost(rank);
+    }
+    c.pump();
+    let never_sent: Vec<RequestId> = waiting
+        .iter()
+        .copied()
+        .filter(|&id| c.response(id).server == 0)
+        .collect();
+    assert!(!never_sent.is_empty());
+    assert!(
+        never_sent
+            .iter()
+            .all(|&id| kind(&c, id) == FailureKind::NoServer)
+    );
 }
 
 #[test]
@@ -1377,7 +1476,8 @@ fn an_unsendable_request_fails_without_vouching_for_its_server() {
     c.advance(Duration::from_millis(300));
     assert_eq!(c.response(held).status(), CommandStatus::Timeout);
     // A send failure to a timed-out server does not recover it.
-    c.client.send_failed(held, "frame too large");
+    c.client
+        .send_failed(held, FailureKind::TooLarge, "frame too large");
     c.pump();
     let lines = c.log_lines();
     assert!(!lines.iter().any(|l| l.contains("recovered")), "{lines:#?}");

@@ -473,7 +473,7 @@ impl Sim {
             }),
             start_time: epoch,
             stop_time: epoch,
-            worker_restarted: false,
+            ..ExecOutcome::default()
         };
         let now = self.instant();
         self.servers[rank as usize]

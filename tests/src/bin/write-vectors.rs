@@ -19,11 +19,11 @@ use bytes::Bytes;
 use casa_node_protocol::pb::{
     Ack, CancelReply, CancelRequest, ClaimReply, ClaimRequest, ClusterInfo, CommandMode,
     CommandRequest, CommandResponse, CommandStatus, ControlRequest, ControlResponse,
-    DebuggingModeRequest, Envelope, EnvironmentVariable, Hello, IdLease, IdLeaseRequest, LogLevel,
-    LogLevelRequest, LogRecord, LogSubscription, Parameter, PingRequest, PingResponse,
-    ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery, Role, ServerStatus,
-    StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest, TrackReply, TrackRequest,
-    Value, Welcome, control_request, envelope::Body, submit_reply,
+    DebuggingModeRequest, Envelope, EnvironmentVariable, FailureKind, Hello, IdLease,
+    IdLeaseRequest, LogLevel, LogLevelRequest, LogRecord, LogSubscription, Parameter, PingRequest,
+    PingResponse, ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery, Role,
+    ServerStatus, StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest, TrackReply,
+    TrackRequest, Value, Welcome, control_request, envelope::Body, submit_reply,
 };
 use casa_node_protocol::{Framing, PROTOCOL_VERSION};
 use protox::prost_reflect::{self, DescriptorPool, DynamicMessage, Kind, ReflectMessage};
@@ -103,6 +103,9 @@ fn a_plus_b_response() -> CommandResponse {
         command_start_time: T0 + 0.5,
         command_stop_time: T0 + 0.625,
         worker_restarted: false,
+        failure: FailureKind::None.into(),
+        worker_signal: None,
+        worker_exit_code: None,
     }
 }
 
@@ -378,6 +381,31 @@ fn vectors() -> Vec<Vector> {
                 command_start_time: T0 + 1.0,
                 command_stop_time: T0 + 1.125,
                 worker_restarted: false,
+                failure: FailureKind::Raised.into(),
+                worker_signal: None,
+                worker_exit_code: None,
+            })),
+        ),
+        vector(
+            "command_response_worker_died",
+            "Server 1's answer to request 7: its worker was killed by signal 9 (SIGKILL, as the out-of-memory killer does) while running the command; a fresh worker was started, so worker_restarted is true and failure says WORKER_DIED",
+            0,
+            Body::CommandResponse(Box::new(CommandResponse {
+                id: 7,
+                command: "big = np.zeros(10**12)".into(),
+                mode: CommandMode::Exec.into(),
+                parameters: vec![],
+                ret: Some(Value::none()),
+                server: 1,
+                status: CommandStatus::ResponseReceived.into(),
+                successful: false,
+                traceback: Some("Python worker died: killed by signal 9 (SIGKILL) (the system's out-of-memory killer sends this signal) while running this command.\nA fresh Python worker was started (its init script run again): the globals of earlier commands are lost.".into()),
+                command_start_time: T0 + 4.0,
+                command_stop_time: T0 + 4.5,
+                worker_restarted: true,
+                failure: FailureKind::WorkerDied.into(),
+                worker_signal: Some(9),
+                worker_exit_code: None,
             })),
         ),
         vector(
@@ -397,6 +425,9 @@ fn vectors() -> Vec<Vector> {
                 command_start_time: T0,
                 command_stop_time: T0 + 42.5,
                 worker_restarted: false,
+                failure: FailureKind::None.into(),
+                worker_signal: None,
+                worker_exit_code: None,
             })),
         ),
         vector(
@@ -416,6 +447,9 @@ fn vectors() -> Vec<Vector> {
                 command_start_time: T0 + 2.0,
                 command_stop_time: T0 + 3.75,
                 worker_restarted: true,
+                failure: FailureKind::None.into(),
+                worker_signal: None,
+                worker_exit_code: None,
             })),
         ),
         vector(
@@ -694,6 +728,9 @@ fn vectors() -> Vec<Vector> {
                     command_start_time: T0 + 10.0,
                     command_stop_time: T0 + 250.25,
                     worker_restarted: false,
+                    failure: FailureKind::None.into(),
+                    worker_signal: None,
+                    worker_exit_code: None,
                 }),
                 replaces_timeout: true,
                 ..ResponseDelivery::default()

@@ -458,6 +458,9 @@ impl Board {
             command_start_time: response.command_start_time,
             command_stop_time: response.command_stop_time,
             worker_restarted: response.worker_restarted,
+            failure: response.failure,
+            worker_signal: response.worker_signal,
+            worker_exit_code: response.worker_exit_code,
         };
         if small(&response.ret) {
             trimmed.ret.clone_from(&response.ret);

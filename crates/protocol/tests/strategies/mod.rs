@@ -22,8 +22,8 @@ use casa_node_protocol::Framing;
 use casa_node_protocol::pb::{
     self, Ack, CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandRequest,
     CommandResponse, CommandStatus, Complex, ControlRequest, ControlResponse, DebuggingModeRequest,
-    Dict, DictEntry, Envelope, EnvironmentVariable, Hello, IdLease, IdLeaseRequest, LogLevel,
-    LogLevelRequest, LogRecord, LogSubscription, NdArray, Null, Parameter, PingRequest,
+    Dict, DictEntry, Envelope, EnvironmentVariable, FailureKind, Hello, IdLease, IdLeaseRequest,
+    LogLevel, LogLevelRequest, LogRecord, LogSubscription, NdArray, Null, Parameter, PingRequest,
     PingResponse, ProtocolError, ProtocolErrorCode, RejectReason, RequestState, ResponseDelivery,
     Role, ServerStatus, StatusReply, StatusRequest, StopRequest, SubmitReply, SubmitRequest,
     TrackReply, TrackRequest, Value, ValueList, Welcome, control_request, envelope::Body,
@@ -306,6 +306,11 @@ pub fn arb_command_response() -> impl Strategy<Value = CommandResponse> {
             arb_plain_f64(),
             any::<bool>(),
         ),
+        (
+            arb_enum::<FailureKind>(),
+            option::of(any::<i32>()),
+            option::of(any::<i32>()),
+        ),
     )
         .prop_map(
             |(
@@ -318,6 +323,7 @@ pub fn arb_command_response() -> impl Strategy<Value = CommandResponse> {
                     command_stop_time,
                     worker_restarted,
                 ),
+                (failure, worker_signal, worker_exit_code),
             )| CommandResponse {
                 id,
                 command,
@@ -331,6 +337,9 @@ pub fn arb_command_response() -> impl Strategy<Value = CommandResponse> {
                 command_start_time,
                 command_stop_time,
                 worker_restarted,
+                failure,
+                worker_signal,
+                worker_exit_code,
             },
         )
 }

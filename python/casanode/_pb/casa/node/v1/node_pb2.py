@@ -25,43 +25,45 @@ _sym_db = _symbol_database.Default()
 from . import value_pb2 as casa_dot_node_dot_v1_dot_value__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61sa/node/v1/node.proto\x12\x0c\x63\x61sa.node.v1\x1a\x18\x63\x61sa/node/v1/value.proto\"\xb7\x01\n\x0e\x43ommandRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.casa.node.v1.CommandMode\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.casa.node.v1.Parameter\x12\x1d\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_deadline_seconds\"\xee\x02\n\x0f\x43ommandResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.casa.node.v1.CommandMode\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.casa.node.v1.Parameter\x12 \n\x03ret\x18\x05 \x01(\x0b\x32\x13.casa.node.v1.Value\x12\x0e\n\x06server\x18\x06 \x01(\x05\x12+\n\x06status\x18\x07 \x01(\x0e\x32\x1b.casa.node.v1.CommandStatus\x12\x12\n\nsuccessful\x18\x08 \x01(\x08\x12\x16\n\ttraceback\x18\t \x01(\tH\x00\x88\x01\x01\x12\x1a\n\x12\x63ommand_start_time\x18\n \x01(\x01\x12\x19\n\x11\x63ommand_stop_time\x18\x0b \x01(\x01\x12\x18\n\x10worker_restarted\x18\x0c \x01(\x08\x42\x0c\n\n_traceback\"\xc8\x04\n\x0e\x43ontrolRequest\x12\x33\n\x05start\x18\x01 \x01(\x0b\x32\".casa.node.v1.ControlRequest.StartH\x00\x12\x31\n\x04stop\x18\x02 \x01(\x0b\x32!.casa.node.v1.ControlRequest.StopH\x00\x12\x41\n\rset_log_level\x18\x03 \x01(\x0b\x32(.casa.node.v1.ControlRequest.SetLogLevelH\x00\x12\x35\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32#.casa.node.v1.ControlRequest.CancelH\x00\x12\x35\n\x06recall\x18\x05 \x01(\x0b\x32#.casa.node.v1.ControlRequest.RecallH\x00\x1a\x85\x01\n\x05Start\x12\x19\n\x11working_directory\x18\x01 \x01(\t\x12\x36\n\x0b\x65nvironment\x18\x02 \x03(\x0b\x32!.casa.node.v1.EnvironmentVariable\x12)\n\tlog_level\x18\x03 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x1a\x15\n\x04Stop\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\x1a\x38\n\x0bSetLogLevel\x12)\n\tlog_level\x18\x01 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x1a\x1c\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x1a\x1c\n\x06Recall\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x42\x08\n\x06\x61\x63tion\"2\n\x13\x45nvironmentVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x80\x01\n\x0f\x43ontrolResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x15\n\rshared_memory\x18\x06 \x01(\x08\x12\x12\n\nworker_pid\x18\x07 \x01(\r\"\x1f\n\x0bPingRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\xb8\x01\n\x0cPingResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x62usy\x18\x02 \x01(\x08\x12\x12\n\ncommand_id\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ommand_start_time\x18\x04 \x01(\x01\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x12\n\nworker_pid\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x11\n\trss_bytes\x18\x08 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\"o\n\tLogRecord\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12%\n\x05level\x18\x02 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t*\x87\x01\n\x0b\x43ommandMode\x12\x1c\n\x18\x43OMMAND_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMMAND_MODE_AUTO\x10\x01\x12\x15\n\x11\x43OMMAND_MODE_EVAL\x10\x02\x12\x15\n\x11\x43OMMAND_MODE_EXEC\x10\x03\x12\x15\n\x11\x43OMMAND_MODE_PUSH\x10\x04*\xd2\x01\n\rCommandStatus\x12\x1e\n\x1a\x43OMMAND_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x43OMMAND_STATUS_HOLDING_QUEUE\x10\x01\x12\x1f\n\x1b\x43OMMAND_STATUS_REQUEST_SENT\x10\x02\x12$\n COMMAND_STATUS_RESPONSE_RECEIVED\x10\x03\x12\x1a\n\x16\x43OMMAND_STATUS_TIMEOUT\x10\x04\x12\x1c\n\x18\x43OMMAND_STATUS_CANCELLED\x10\x05*\x92\x01\n\x08LogLevel\x12\x19\n\x15LOG_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0fLOG_LEVEL_DEBUG\x10\x01\x12\x12\n\x0eLOG_LEVEL_INFO\x10\x02\x12\x15\n\x11LOG_LEVEL_WARNING\x10\x03\x12\x13\n\x0fLOG_LEVEL_ERROR\x10\x04\x12\x16\n\x12LOG_LEVEL_CRITICAL\x10\x05\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17\x63\x61sa/node/v1/node.proto\x12\x0c\x63\x61sa.node.v1\x1a\x18\x63\x61sa/node/v1/value.proto\"\xb7\x01\n\x0e\x43ommandRequest\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.casa.node.v1.CommandMode\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.casa.node.v1.Parameter\x12\x1d\n\x10\x64\x65\x61\x64line_seconds\x18\x05 \x01(\x01H\x00\x88\x01\x01\x42\x13\n\x11_deadline_seconds\"\xfc\x03\n\x0f\x43ommandResponse\x12\n\n\x02id\x18\x01 \x01(\x04\x12\x0f\n\x07\x63ommand\x18\x02 \x01(\t\x12\'\n\x04mode\x18\x03 \x01(\x0e\x32\x19.casa.node.v1.CommandMode\x12+\n\nparameters\x18\x04 \x03(\x0b\x32\x17.casa.node.v1.Parameter\x12 \n\x03ret\x18\x05 \x01(\x0b\x32\x13.casa.node.v1.Value\x12\x0e\n\x06server\x18\x06 \x01(\x05\x12+\n\x06status\x18\x07 \x01(\x0e\x32\x1b.casa.node.v1.CommandStatus\x12\x12\n\nsuccessful\x18\x08 \x01(\x08\x12\x16\n\ttraceback\x18\t \x01(\tH\x00\x88\x01\x01\x12\x1a\n\x12\x63ommand_start_time\x18\n \x01(\x01\x12\x19\n\x11\x63ommand_stop_time\x18\x0b \x01(\x01\x12\x18\n\x10worker_restarted\x18\x0c \x01(\x08\x12*\n\x07\x66\x61ilure\x18\r \x01(\x0e\x32\x19.casa.node.v1.FailureKind\x12\x1a\n\rworker_signal\x18\x0e \x01(\x05H\x01\x88\x01\x01\x12\x1d\n\x10worker_exit_code\x18\x0f \x01(\x05H\x02\x88\x01\x01\x42\x0c\n\n_tracebackB\x10\n\x0e_worker_signalB\x13\n\x11_worker_exit_code\"\xc8\x04\n\x0e\x43ontrolRequest\x12\x33\n\x05start\x18\x01 \x01(\x0b\x32\".casa.node.v1.ControlRequest.StartH\x00\x12\x31\n\x04stop\x18\x02 \x01(\x0b\x32!.casa.node.v1.ControlRequest.StopH\x00\x12\x41\n\rset_log_level\x18\x03 \x01(\x0b\x32(.casa.node.v1.ControlRequest.SetLogLevelH\x00\x12\x35\n\x06\x63\x61ncel\x18\x04 \x01(\x0b\x32#.casa.node.v1.ControlRequest.CancelH\x00\x12\x35\n\x06recall\x18\x05 \x01(\x0b\x32#.casa.node.v1.ControlRequest.RecallH\x00\x1a\x85\x01\n\x05Start\x12\x19\n\x11working_directory\x18\x01 \x01(\t\x12\x36\n\x0b\x65nvironment\x18\x02 \x03(\x0b\x32!.casa.node.v1.EnvironmentVariable\x12)\n\tlog_level\x18\x03 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x1a\x15\n\x04Stop\x12\r\n\x05\x66orce\x18\x01 \x01(\x08\x1a\x38\n\x0bSetLogLevel\x12)\n\tlog_level\x18\x01 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x1a\x1c\n\x06\x43\x61ncel\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x1a\x1c\n\x06Recall\x12\x12\n\nrequest_id\x18\x01 \x01(\x04\x42\x08\n\x06\x61\x63tion\"2\n\x13\x45nvironmentVariable\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t\"\x80\x01\n\x0f\x43ontrolResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\r\n\x05\x65rror\x18\x02 \x01(\t\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\x0c\n\x04host\x18\x04 \x01(\t\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x15\n\rshared_memory\x18\x06 \x01(\x08\x12\x12\n\nworker_pid\x18\x07 \x01(\r\"\x1f\n\x0bPingRequest\x12\x10\n\x08sequence\x18\x01 \x01(\x04\"\xb8\x01\n\x0cPingResponse\x12\x10\n\x08sequence\x18\x01 \x01(\x04\x12\x0c\n\x04\x62usy\x18\x02 \x01(\x08\x12\x12\n\ncommand_id\x18\x03 \x01(\x04\x12\x1a\n\x12\x63ommand_start_time\x18\x04 \x01(\x01\x12\x0b\n\x03pid\x18\x05 \x01(\r\x12\x12\n\nworker_pid\x18\x06 \x01(\r\x12\x0c\n\x04host\x18\x07 \x01(\t\x12\x11\n\trss_bytes\x18\x08 \x01(\x04\x12\x16\n\x0euptime_seconds\x18\t \x01(\x01\"o\n\tLogRecord\x12\x0c\n\x04time\x18\x01 \x01(\x01\x12%\n\x05level\x18\x02 \x01(\x0e\x32\x16.casa.node.v1.LogLevel\x12\x0e\n\x06origin\x18\x03 \x01(\t\x12\x0c\n\x04rank\x18\x04 \x01(\x05\x12\x0f\n\x07message\x18\x05 \x01(\t*\x87\x01\n\x0b\x43ommandMode\x12\x1c\n\x18\x43OMMAND_MODE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43OMMAND_MODE_AUTO\x10\x01\x12\x15\n\x11\x43OMMAND_MODE_EVAL\x10\x02\x12\x15\n\x11\x43OMMAND_MODE_EXEC\x10\x03\x12\x15\n\x11\x43OMMAND_MODE_PUSH\x10\x04*\xd2\x01\n\rCommandStatus\x12\x1e\n\x1a\x43OMMAND_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1c\x43OMMAND_STATUS_HOLDING_QUEUE\x10\x01\x12\x1f\n\x1b\x43OMMAND_STATUS_REQUEST_SENT\x10\x02\x12$\n COMMAND_STATUS_RESPONSE_RECEIVED\x10\x03\x12\x1a\n\x16\x43OMMAND_STATUS_TIMEOUT\x10\x04\x12\x1c\n\x18\x43OMMAND_STATUS_CANCELLED\x10\x05*\xba\x02\n\x0b\x46\x61ilureKind\x12\x15\n\x11\x46\x41ILURE_KIND_NONE\x10\x00\x12\x17\n\x13\x46\x41ILURE_KIND_RAISED\x10\x01\x12\x1c\n\x18\x46\x41ILURE_KIND_WORKER_DIED\x10\x02\x12\x19\n\x15\x46\x41ILURE_KIND_DEADLINE\x10\x03\x12\x1a\n\x16\x46\x41ILURE_KIND_CANCELLED\x10\x04\x12\x1c\n\x18\x46\x41ILURE_KIND_SERVER_LOST\x10\x05\x12\x1a\n\x16\x46\x41ILURE_KIND_TOO_LARGE\x10\x06\x12\x19\n\x15\x46\x41ILURE_KIND_NOT_SENT\x10\x07\x12\x19\n\x15\x46\x41ILURE_KIND_REJECTED\x10\x08\x12\x1a\n\x16\x46\x41ILURE_KIND_RESTARTED\x10\t\x12\x1a\n\x16\x46\x41ILURE_KIND_NO_SERVER\x10\n*\x92\x01\n\x08LogLevel\x12\x19\n\x15LOG_LEVEL_UNSPECIFIED\x10\x00\x12\x13\n\x0fLOG_LEVEL_DEBUG\x10\x01\x12\x12\n\x0eLOG_LEVEL_INFO\x10\x02\x12\x15\n\x11LOG_LEVEL_WARNING\x10\x03\x12\x13\n\x0fLOG_LEVEL_ERROR\x10\x04\x12\x16\n\x12LOG_LEVEL_CRITICAL\x10\x05\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'casa.node.v1.node_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_COMMANDMODE']._serialized_start=1726
-  _globals['_COMMANDMODE']._serialized_end=1861
-  _globals['_COMMANDSTATUS']._serialized_start=1864
-  _globals['_COMMANDSTATUS']._serialized_end=2074
-  _globals['_LOGLEVEL']._serialized_start=2077
-  _globals['_LOGLEVEL']._serialized_end=2223
+  _globals['_COMMANDMODE']._serialized_start=1868
+  _globals['_COMMANDMODE']._serialized_end=2003
+  _globals['_COMMANDSTATUS']._serialized_start=2006
+  _globals['_COMMANDSTATUS']._serialized_end=2216
+  _globals['_FAILUREKIND']._serialized_start=2219
+  _globals['_FAILUREKIND']._serialized_end=2533
+  _globals['_LOGLEVEL']._serialized_start=2536
+  _globals['_LOGLEVEL']._serialized_end=2682
   _globals['_COMMANDREQUEST']._serialized_start=68
   _globals['_COMMANDREQUEST']._serialized_end=251
   _globals['_COMMANDRESPONSE']._serialized_start=254
-  _globals['_COMMANDRESPONSE']._serialized_end=620
-  _globals['_CONTROLREQUEST']._serialized_start=623
-  _globals['_CONTROLREQUEST']._serialized_end=1207
-  _globals['_CONTROLREQUEST_START']._serialized_start=923
-  _globals['_CONTROLREQUEST_START']._serialized_end=1056
-  _globals['_CONTROLREQUEST_STOP']._serialized_start=1058
-  _globals['_CONTROLREQUEST_STOP']._serialized_end=1079
-  _globals['_CONTROLREQUEST_SETLOGLEVEL']._serialized_start=1081
-  _globals['_CONTROLREQUEST_SETLOGLEVEL']._serialized_end=1137
-  _globals['_CONTROLREQUEST_CANCEL']._serialized_start=1139
-  _globals['_CONTROLREQUEST_CANCEL']._serialized_end=1167
-  _globals['_CONTROLREQUEST_RECALL']._serialized_start=1169
-  _globals['_CONTROLREQUEST_RECALL']._serialized_end=1197
-  _globals['_ENVIRONMENTVARIABLE']._serialized_start=1209
-  _globals['_ENVIRONMENTVARIABLE']._serialized_end=1259
-  _globals['_CONTROLRESPONSE']._serialized_start=1262
-  _globals['_CONTROLRESPONSE']._serialized_end=1390
-  _globals['_PINGREQUEST']._serialized_start=1392
-  _globals['_PINGREQUEST']._serialized_end=1423
-  _globals['_PINGRESPONSE']._serialized_start=1426
-  _globals['_PINGRESPONSE']._serialized_end=1610
-  _globals['_LOGRECORD']._serialized_start=1612
-  _globals['_LOGRECORD']._serialized_end=1723
+  _globals['_COMMANDRESPONSE']._serialized_end=762
+  _globals['_CONTROLREQUEST']._serialized_start=765
+  _globals['_CONTROLREQUEST']._serialized_end=1349
+  _globals['_CONTROLREQUEST_START']._serialized_start=1065
+  _globals['_CONTROLREQUEST_START']._serialized_end=1198
+  _globals['_CONTROLREQUEST_STOP']._serialized_start=1200
+  _globals['_CONTROLREQUEST_STOP']._serialized_end=1221
+  _globals['_CONTROLREQUEST_SETLOGLEVEL']._serialized_start=1223
+  _globals['_CONTROLREQUEST_SETLOGLEVEL']._serialized_end=1279
+  _globals['_CONTROLREQUEST_CANCEL']._serialized_start=1281
+  _globals['_CONTROLREQUEST_CANCEL']._serialized_end=1309
+  _globals['_CONTROLREQUEST_RECALL']._serialized_start=1311
+  _globals['_CONTROLREQUEST_RECALL']._serialized_end=1339
+  _globals['_ENVIRONMENTVARIABLE']._serialized_start=1351
+  _globals['_ENVIRONMENTVARIABLE']._serialized_end=1401
+  _globals['_CONTROLRESPONSE']._serialized_start=1404
+  _globals['_CONTROLRESPONSE']._serialized_end=1532
+  _globals['_PINGREQUEST']._serialized_start=1534
+  _globals['_PINGREQUEST']._serialized_end=1565
+  _globals['_PINGRESPONSE']._serialized_start=1568
+  _globals['_PINGRESPONSE']._serialized_end=1752
+  _globals['_LOGRECORD']._serialized_start=1754
+  _globals['_LOGRECORD']._serialized_end=1865
 # @@protoc_insertion_point(module_scope)
