@@ -241,7 +241,7 @@ struct Worker {
     exit_code: Option<i32>,
     died_at: Option<Instant>,
     /// Why this side killed it, if it did.
-    killed_because: Option<&'static str>,
+    killed_because: Option<KillReason>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -249,6 +249,21 @@ struct Running {
     id: RequestId,
     mode: CommandMode,
     start_time: f64,
+}
+
+/// Why the executor killed a worker itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+enum KillReason {
+    /// The server node ordered it: a command ignored its interrupt for
+    /// the grace period (rule 24).
+    #[error("sent by the server node")]
+    Ordered,
+    /// It closed its results pipe while still running.
+    #[error("because it closed its results pipe")]
+    ResultsClosed,
+    /// It broke the framing of its results pipe.
+    #[error("because it sent a malformed frame")]
+    MalformedFrame,
 }
 
 #[derive(Debug)]
@@ -436,7 +451,7 @@ impl Executor {
         if let Some(worker) = self.worker.as_mut() {
             // A worker still starting is a replacement already: leave it.
             if worker.ready && worker.exit.is_none() {
-                worker.killed_because = Some("sent by the server node");
+                worker.killed_because = Some(KillReason::Ordered);
                 worker.kill_group();
             }
         }
@@ -704,7 +719,7 @@ impl Executor {
                         .results_closed_at
                         .is_some_and(|t| Instant::now() >= t + STRAGGLER_WAIT);
                     if w.exit.is_none() && w.killed_because.is_none() && closed_long_ago {
-                        w.broken("because it closed its results pipe");
+                        w.broken(KillReason::ResultsClosed);
                     }
                 }
             }
@@ -790,7 +805,7 @@ impl Executor {
         tracing::warn!(%error, "the Python worker sent a malformed frame");
         w.inbox.clear();
         w.results_closed = true;
-        w.broken("because it sent a malformed frame");
+        w.broken(KillReason::MalformedFrame);
     }
 
     fn worker_message(&mut self, generation: u64, envelope: Envelope) {
@@ -1179,8 +1194,8 @@ impl Worker {
         }
     }
 
-    fn broken(&mut self, why: &'static str) {
-        tracing::warn!(pid = self.pid, why, "killing the Python worker");
+    fn broken(&mut self, why: KillReason) {
+        tracing::warn!(pid = self.pid, %why, "killing the Python worker");
         self.killed_because = Some(why);
         self.kill_group();
     }

@@ -407,6 +407,25 @@ async fn serve_tls(
 type TlsReader = FramedRead<ReadHalf<TlsStream<TcpStream>>, LengthDelimitedCodec>;
 type TlsWriter = FramedWrite<WriteHalf<TlsStream<TcpStream>>, EnvelopeEncoder>;
 
+/// Why a `tcp://` peer was not admitted.
+#[derive(Debug, Error)]
+enum Refusal {
+    #[error("TLS handshake failed: {0}")]
+    Handshake(io::Error),
+    #[error("closed the connection before its Hello")]
+    ClosedBeforeHello,
+    #[error("a bad first frame: {0}")]
+    BadFrame(io::Error),
+    #[error("a malformed first frame: {0}")]
+    Malformed(FrameError),
+    #[error("token required: a tcp:// front door takes the token of its connection file in Hello")]
+    NoToken,
+    #[error("wrong token: it is not the token of this front door's connection file")]
+    WrongToken,
+    #[error("token required: the first message must be a Hello with the token")]
+    NotHello,
+}
+
 /// The TLS handshake, then the first frame, which must be a `Hello` with
 /// the token. A peer with a wrong or no token is told so before the
 /// connection closes. Returns the connection and the `Hello` (without its
@@ -416,47 +435,42 @@ async fn admit(
     acceptor: &TlsAcceptor,
     token: &str,
     framing: Framing,
-) -> Result<(TlsReader, TlsWriter, Envelope), String> {
-    let tls = acceptor
-        .accept(stream)
-        .await
-        .map_err(|e| format!("TLS handshake failed: {e}"))?;
+) -> Result<(TlsReader, TlsWriter, Envelope), Refusal> {
+    let tls = acceptor.accept(stream).await.map_err(Refusal::Handshake)?;
     let (read_half, write_half) = tokio::io::split(tls);
     let mut hello_codec = codec(framing);
     hello_codec.set_max_frame_length(HELLO_MAX_FRAME.min(framing.max_frame()));
     let mut reader = FramedRead::new(read_half, hello_codec);
     let mut writer = FramedWrite::new(write_half, EnvelopeEncoder(framing));
     let first = match reader.next().await {
-        None => return Err("closed the connection before its Hello".into()),
-        Some(Err(e)) => return Err(format!("a bad first frame: {e}")),
+        None => return Err(Refusal::ClosedBeforeHello),
+        Some(Err(e)) => return Err(Refusal::BadFrame(e)),
         Some(Ok(frame)) => framing
             .decode_body(frame.freeze())
-            .map_err(|e| format!("a malformed first frame: {e}"))?,
+            .map_err(Refusal::Malformed)?,
     };
     let mut hello = first;
     let refusal = match &mut hello.body {
-        Some(Body::Hello(h)) if h.token.is_empty() => Some(
-            "token required: a tcp:// front door takes the token of its connection file in Hello",
-        ),
+        Some(Body::Hello(h)) if h.token.is_empty() => Some(Refusal::NoToken),
         Some(Body::Hello(h)) if !bool::from(h.token.as_bytes().ct_eq(token.as_bytes())) => {
-            Some("wrong token: it is not the token of this front door's connection file")
+            Some(Refusal::WrongToken)
         }
         Some(Body::Hello(h)) => {
             // The client node has no use for the secret.
             h.token.clear();
             None
         }
-        _ => Some("token required: the first message must be a Hello with the token"),
+        _ => Some(Refusal::NotHello),
     };
     if let Some(refusal) = refusal {
         let reply = Envelope::error(
             hello.correlation,
             ProtocolErrorCode::RoleRefused,
-            refusal.to_owned(),
+            refusal.to_string(),
         );
         let _ = writer.send(reply).await;
         let _ = SinkExt::<Envelope>::close(&mut writer).await;
-        return Err(refusal.to_owned());
+        return Err(refusal);
     }
     reader
         .decoder_mut()
