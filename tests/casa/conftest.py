@@ -279,7 +279,7 @@ def start_casa_node_run(script, args, directory, transport, *, servers=SERVERS, 
     # socket paths are limited to about 100 bytes.
     runtime = tempfile.mkdtemp(prefix="cn-casa-")
     env = dict(os.environ, XDG_RUNTIME_DIR=runtime)
-    for name in ("CASA_NODE_ENDPOINT", "CASA_NODE_FRONT_DOOR", "CASA_NODE_CONNECTION_FILE"):
+    for name in ("CASA_NODE_ENDPOINT", "CASA_NODE_CONNECTION_FILE"):
         env.pop(name, None)
     options = ["--python", sys.executable, *options]
     if transport == "zmq":

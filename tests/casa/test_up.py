@@ -31,7 +31,7 @@ print(response["ret"])
 def test_a_driver_of_up_moves_the_workers_to_its_casa_log(tmp_path):
     runtime = tempfile.mkdtemp(prefix="cn-up-")
     env = dict(os.environ, XDG_RUNTIME_DIR=runtime)
-    for name in ("CASA_NODE_ENDPOINT", "CASA_NODE_FRONT_DOOR", "CASA_NODE_CONNECTION_FILE"):
+    for name in ("CASA_NODE_ENDPOINT", "CASA_NODE_CONNECTION_FILE"):
         env.pop(name, None)
     # Unbuffered: select() then sees every line that is not read yet (a
     # buffered reader would hold the later lines of one write).

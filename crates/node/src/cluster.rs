@@ -62,6 +62,10 @@ pub struct UpOptions {
     pub log_terminal: bool,
     /// How long the servers may take to start.
     pub start_timeout: Duration,
+    /// How long an interrupted command may take before its worker is
+    /// killed (rule 24), and a server process may take to exit once the
+    /// client node has ended before it is killed.
+    pub kill_grace: Duration,
     /// `--casa`: CASA's parallel tasks run unmodified (see [`crate::casa`]).
     pub casa: Option<Casa>,
     /// Where the dashboard listens, if anywhere.
@@ -368,7 +372,7 @@ pub async fn serve<T: Transport + 'static>(
             }
             _ = tokio::time::sleep_until(start_by), if on_ready.is_some() => {
                 node.abort();
-                stop_children(&mut children, &log).await;
+                stop_children(&mut children, &log, options.kill_grace).await;
                 return Err(UpError::StartTimeout(options.start_timeout));
             }
             finished = &mut node => break finished,
@@ -388,7 +392,7 @@ pub async fn serve<T: Transport + 'static>(
     };
     endpoint::forget(&front);
     drop(serving_dashboard);
-    stop_children(&mut children, &log).await;
+    stop_children(&mut children, &log, options.kill_grace).await;
     match outcome {
         Ok(result) => result.map_err(UpError::from),
         Err(e) => Err(UpError::Io {
@@ -483,6 +487,8 @@ fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, 
         .arg(rank.to_string())
         .arg("--python")
         .arg(&options.python)
+        .arg("--kill-grace")
+        .arg(options.kill_grace.as_secs_f64().to_string())
         .arg("--exit-with-client");
     if let Some(init) = &options.init {
         command.arg("--init").arg(init);
@@ -622,15 +628,12 @@ async fn next_exit(children: &mut [Spawned]) -> (usize, std::io::Result<std::pro
     (index, status)
 }
 
-/// How long a server process may take to exit once the client node has
-/// ended before it is killed: the kill grace of a command.
-const EXIT_GRACE: Duration = Duration::from_secs(5);
-
 /// Waits for the server processes to exit (they do after STOP, or when
 /// they see the client node gone), killing any that take longer than
-/// [`EXIT_GRACE`] and logging which. One stopped with SIGSTOP is continued
-/// first, so that it sees its link closed and ends its worker itself.
-async fn stop_children(children: &mut [Spawned], log: &LogSink) {
+/// `grace` (the kill grace) and logging which. One stopped with SIGSTOP is
+/// continued first, so that it sees its link closed and ends its worker
+/// itself.
+async fn stop_children(children: &mut [Spawned], log: &LogSink, grace: Duration) {
     let waits = children.iter_mut().map(|spawned| async move {
         let pid = spawned.pid.and_then(|p| i32::try_from(p).ok());
         if let Some(pid) = pid {
@@ -639,7 +642,7 @@ async fn stop_children(children: &mut [Spawned], log: &LogSink) {
                 nix::sys::signal::Signal::SIGCONT,
             );
         }
-        if tokio::time::timeout(EXIT_GRACE, spawned.child.wait())
+        if tokio::time::timeout(grace, spawned.child.wait())
             .await
             .is_err()
         {
@@ -652,7 +655,7 @@ async fn stop_children(children: &mut [Spawned], log: &LogSink) {
                     "Server node n# {}{} did not exit within {} s of the end of services; killed with SIGKILL",
                     spawned.rank,
                     pid.map_or_else(String::new, |p| format!(" (PID {p})")),
-                    EXIT_GRACE.as_secs()
+                    grace.as_secs_f64()
                 ),
             );
         }

@@ -130,7 +130,7 @@ struct UpArgs {
     /// Where drivers connect: unix://PATH (default: a socket in a private
     /// runtime directory; this user's processes only), or tcp://HOST:PORT
     /// for drivers on other machines, which needs --connection-file.
-    #[arg(long, env = "CASA_NODE_FRONT_DOOR")]
+    #[arg(long, env = "CASA_NODE_ENDPOINT")]
     endpoint: Option<String>,
     /// The connection file of a tcp:// front door: its TLS certificate and
     /// key and the token drivers must present. Created (mode 0600) with a
@@ -200,6 +200,14 @@ struct UpArgs {
     /// Echo the log on standard error too.
     #[arg(long)]
     log_terminal: bool,
+    /// Seconds an interrupted command (cancel, deadline, forced stop) may
+    /// take before its worker is killed, and a server process may take to
+    /// exit once services ended before it is killed.
+    #[arg(long, env = "CASA_NODE_KILL_GRACE", default_value_t = 5.0, value_parser = positive_seconds)]
+    kill_grace: f64,
+    /// Seconds every server may take to start before `up` gives up.
+    #[arg(long, env = "CASA_NODE_START_TIMEOUT", default_value_t = 120.0, value_parser = positive_seconds)]
+    start_timeout: f64,
     /// The dashboard (a live web page and /metrics for Prometheus):
     /// HOST:PORT, a port on 127.0.0.1, or `off`. By default
     /// 127.0.0.1:8787, or the next free port. Its URL, with the token it
@@ -345,7 +353,7 @@ struct ServerArgs {
     #[arg(long, env = "CASA_NODE_PATIENCE", default_value_t = 600.0, value_parser = positive_seconds)]
     patience: f64,
     /// Seconds an interrupted command may take before its worker is killed.
-    #[arg(long, default_value_t = 5.0, value_parser = positive_seconds)]
+    #[arg(long, env = "CASA_NODE_KILL_GRACE", default_value_t = 5.0, value_parser = positive_seconds)]
     kill_grace: f64,
     /// The cluster's connection file: its key signs a tcp:// link.
     #[arg(long, env = "CASA_NODE_CONNECTION_FILE")]
@@ -626,7 +634,8 @@ async fn up_options(transport: TransportKind, args: UpArgs) -> Result<UpOptions,
         },
         log_level: args.log_level.into(),
         log_terminal: args.log_terminal,
-        start_timeout: Duration::from_secs(120),
+        start_timeout: Duration::from_secs_f64(args.start_timeout),
+        kill_grace: Duration::from_secs_f64(args.kill_grace),
         casa,
     })
 }
@@ -751,5 +760,114 @@ async fn server(args: ServerArgs) -> ExitCode {
     match server_node::run(transport, config, rejoin).await {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => fail(e),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::path::Path;
+
+    use clap::CommandFactory;
+
+    use super::Cli;
+
+    const BEGIN: &str = "<!-- environment: the table below is made from the CLI's definition; crates/node/src/main.rs checks it -->";
+    const END: &str = "<!-- end of the environment table -->";
+
+    /// The README's table of environment variables, as the CLI defines
+    /// them: each variable, the option it sets, and the commands that
+    /// take it, with the option's first line of help.
+    fn table() -> String {
+        let mut rows: BTreeMap<String, (String, Vec<String>, String)> = BTreeMap::new();
+        let cli = Cli::command();
+        let mut commands: Vec<(String, &clap::Command)> = vec![("casa-node".into(), &cli)];
+        commands.extend(cli.get_subcommands().map(|c| (c.get_name().to_owned(), c)));
+        for (name, command) in commands {
+            for arg in command.get_arguments() {
+                let Some(var) = arg.get_env() else {
+                    continue;
+                };
+                let var = var.to_string_lossy().into_owned();
+                let option = format!("--{}", arg.get_long().unwrap_or(arg.get_id().as_str()));
+                let help = arg.get_help().map(|h| h.to_string()).unwrap_or_default();
+                let first = first_sentence(&help);
+                let row = rows
+                    .entry(var)
+                    .or_insert_with(|| (option, Vec::new(), first.replace('|', "\\|")));
+                if arg.is_global_set() || name == "casa-node" {
+                    row.1.push("all".into());
+                } else {
+                    row.1.push(format!("`{name}`"));
+                }
+            }
+        }
+        let mut text = String::from("| variable | option | of | what |\n|---|---|---|---|\n");
+        for (var, (option, of, what)) in rows {
+            text.push_str(&format!(
+                "| `{var}` | `{option}` | {} | {what} |\n",
+                of.join(", ")
+            ));
+        }
+        text
+    }
+
+    /// The help's first sentence, without its full stop ("e.g." and
+    /// "i.e." do not end one).
+    fn first_sentence(help: &str) -> &str {
+        let mut from = 0;
+        while let Some(at) = help[from..].find(". ") {
+            let end = from + at;
+            if !(help[..end].ends_with("e.g") || help[..end].ends_with("i.e")) {
+                return &help[..end];
+            }
+            from = end + 2;
+        }
+        help.trim_end_matches('.')
+    }
+
+    /// Issue 17: one variable per concept, listed in the README as the CLI
+    /// defines it; and every `CASA_NODE_*` name the code reads or sets is
+    /// in the README.
+    #[test]
+    fn the_readme_lists_every_environment_variable() {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+        let start = readme
+            .find(BEGIN)
+            .expect("the README has the table's marker")
+            + BEGIN.len();
+        let end = readme[start..].find(END).expect("and its end marker") + start;
+        let expected = table();
+        assert_eq!(
+            readme[start..end].trim(),
+            expected.trim(),
+            "README.md's environment table differs from the CLI; it should read:\n{expected}"
+        );
+        let mut sources = Vec::new();
+        for dir in ["crates/node/src", "python/casanode"] {
+            for entry in std::fs::read_dir(root.join(dir)).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().is_some_and(|e| e == "rs" || e == "py") {
+                    sources.push(std::fs::read_to_string(path).unwrap());
+                }
+            }
+        }
+        for text in sources {
+            for (at, _) in text.match_indices("\"CASA_NODE_") {
+                let name: String = text[at + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_uppercase() || *c == '_')
+                    .collect();
+                if name.ends_with('_') {
+                    // A prefix, not a variable.
+                    continue;
+                }
+                assert!(
+                    readme.contains(&format!("`{name}`")),
+                    "{name} is read or set by casa-node but not in README.md"
+                );
+            }
+        }
     }
 }

@@ -15,9 +15,6 @@ use crate::packages::{self, UnpackError, Unpacked};
 use crate::run::{self, RunError};
 use crate::server_node::{self, ServerNodeConfig, ServerNodeError};
 
-/// Seconds an interrupted command may take before its worker is killed.
-const KILL_GRACE: Duration = Duration::from_secs(5);
-
 /// Why an MPI rank could not do its part.
 #[derive(Debug, thiserror::Error)]
 pub enum MpiNodeError {
@@ -100,7 +97,7 @@ pub async fn launch(
             python: options.python,
             init: options.init,
             casa: casampi.as_ref().map(|u| u.dir().to_owned()),
-            kill_grace: KILL_GRACE,
+            kill_grace: options.kill_grace,
             // A quiet link never ends the job: if rank 0 dies, mpirun
             // ends every rank.
             patience: None,
