@@ -40,8 +40,8 @@ use crate::error::FrameError;
 /// complex and a numpy value add 1 (their `Null`, `Complex` or `NdArray`
 /// message); a list or tuple adds 2 (its `ValueList`, then its items'
 /// `Value`s), a dict 3 (`Dict`, `DictEntry`, then the keys' and values'
-/// `Value`s). So at most 47 lists nest around `None`, 48 around an int,
-/// and 31 dicts around `None`.
+/// `Value`s). So at most 47 lists nest around `None` or an int (48 lists
+/// when the innermost is empty), and 31 dicts around `None`.
 ///
 /// The number is `CONSTANT_MAX_VALUE_DEPTH` of `envelope.proto`, which says
 /// why it is 96 and which every implementation reads: prost and Python's
