@@ -20,7 +20,7 @@ import sys
 import threading
 import weakref
 
-from ._pb.casa.node.v1 import value_pb2
+from ._pb.casa.node.v1 import envelope_pb2, value_pb2
 from .shm import SharedError
 
 Value = value_pb2.Value
@@ -84,15 +84,19 @@ def big_int_bytes(n):
 # ---------------------------------------------------------------- encoding
 
 
-# Protobuf decoders (Python's and Rust's prost) refuse messages nested more
-# than 100 deep. A list or tuple costs 2 levels, a dict 3; past this many
-# levels inside one Value the whole value is pickled instead, leaving room
-# for the envelope around it.
-MAX_DEPTH = 64
+# The deepest a Value nests, in protobuf messages (CONSTANT_MAX_VALUE_DEPTH
+# of envelope.proto, which says how they are counted and why the bound is
+# what it is). to_value pickles a deeper value whole; from_value refuses
+# one, as the Rust side and the worker do.
+MAX_DEPTH = envelope_pb2.CONSTANT_MAX_VALUE_DEPTH
 
 
 class _TooDeep(Exception):
     pass
+
+
+def _too_deep():
+    return ValueError(f"a value nests lists, tuples and dicts deeper than {MAX_DEPTH} protobuf messages")
 
 
 def to_value(obj):
@@ -107,7 +111,9 @@ def to_value(obj):
 
 
 def _fill(value, obj, depth):
-    if depth > MAX_DEPTH:
+    """Fills `value`, which has `depth` protobuf messages above it, with
+    obj's Value; raises _TooDeep if that nests past MAX_DEPTH."""
+    if depth >= MAX_DEPTH:  # the Value itself is one level more
         raise _TooDeep
     fill = _FILLERS.get(type(obj))
     if fill is None:
@@ -117,6 +123,8 @@ def _fill(value, obj, depth):
 
 
 def _fill_none(value, obj, depth=0):
+    if depth + 2 > MAX_DEPTH:  # Value, Null
+        raise _TooDeep
     value.null_value.SetInParent()
 
 
@@ -149,6 +157,8 @@ def _fill_bytes(value, obj, depth=0):
 
 
 def _fill_items(target, items, depth):
+    if depth + 2 > MAX_DEPTH:  # Value, ValueList; the items check themselves
+        raise _TooDeep
     target.SetInParent()
     for item in items:
         _fill(target.items.add(), item, depth + 2)
@@ -163,6 +173,8 @@ def _fill_tuple(value, obj, depth=0):
 
 
 def _fill_dict(value, obj, depth=0):
+    if depth + 2 > MAX_DEPTH:  # Value, Dict; the keys and values check themselves
+        raise _TooDeep
     target = value.dict_value
     target.SetInParent()
     for key, item in obj.items():
@@ -172,11 +184,15 @@ def _fill_dict(value, obj, depth=0):
 
 
 def _fill_complex(value, obj, depth=0):
+    if depth + 2 > MAX_DEPTH:  # Value, Complex
+        raise _TooDeep
     value.complex_value.real = obj.real
     value.complex_value.imag = obj.imag
 
 
-def _fill_ndarray(value, dtype, shape, data, scalar):
+def _fill_ndarray(value, dtype, shape, data, scalar, depth):
+    if depth + 2 > MAX_DEPTH:  # Value, NdArray
+        raise _TooDeep
     target = value.ndarray_value
     target.SetInParent()
     target.dtype = dtype
@@ -186,7 +202,7 @@ def _fill_ndarray(value, dtype, shape, data, scalar):
 
 
 def _fill_holder(value, obj, depth=0):
-    _fill_ndarray(value, obj.dtype, obj.shape, obj.data, obj.scalar)
+    _fill_ndarray(value, obj.dtype, obj.shape, obj.data, obj.scalar, depth)
 
 
 def _fill_pickled(value, obj, depth=0):
@@ -226,9 +242,9 @@ def _fill_other(value, obj, depth):
     np = sys.modules.get("numpy")  # an array implies numpy is imported
     if np is not None:
         if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
-            return _fill_ndarray(value, obj.dtype.str, obj.shape, obj.tobytes(order="C"), False)
+            return _fill_ndarray(value, obj.dtype.str, obj.shape, obj.tobytes(order="C"), False, depth)
         if isinstance(obj, np.generic) and _plain_dtype(obj.dtype):
-            return _fill_ndarray(value, obj.dtype.str, (), obj.tobytes(), True)
+            return _fill_ndarray(value, obj.dtype.str, (), obj.tobytes(), True, depth)
     try:
         data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
     except RecursionError:
@@ -244,19 +260,38 @@ def _fill_other(value, obj, depth):
 # ---------------------------------------------------------------- decoding
 
 
-def from_value(value):
-    """The Python object a Value carries. Raises ValueError for a Value with
-    no kind, or a dict Python cannot hold (unhashable or equal keys)."""
+def from_value(value, level=1):
+    """The Python object a Value carries (`level` is the Value's depth in
+    protobuf messages, see MAX_DEPTH). Raises ValueError for a Value with no
+    kind, one nested deeper than MAX_DEPTH, or a dict Python cannot hold
+    (unhashable or equal keys)."""
     if type(value) is SplitValue:
-        return _dec_split(value)
+        return _dec_split(value, level)
     kind = value.WhichOneof("kind")
     if kind is None:
         raise ValueError("a Value with no kind")
-    return _DECODERS[kind](getattr(value, kind))
+    return _DECODERS[kind](getattr(value, kind), level)
 
 
-def _dec_dict(d):
-    return _dict_from_pairs([(from_value(e.key), from_value(e.value)) for e in d.entries])
+def _dec_items(items, level):
+    """The items of a ValueList under a Value at `level`, decoded."""
+    if level >= MAX_DEPTH or (level + 2 > MAX_DEPTH and items):  # ValueList, the items
+        raise _too_deep()
+    return [from_value(v, level + 2) for v in items]
+
+
+def _check_entries(entries, level):
+    """Refuses the entries of a Dict under a Value at `level` if they nest
+    too deep."""
+    if level >= MAX_DEPTH or (level + 3 > MAX_DEPTH and entries):  # Dict, DictEntry, keys
+        raise _too_deep()
+
+
+def _dec_dict(d, level):
+    entries = d.entries
+    _check_entries(entries, level)
+    level += 3
+    return _dict_from_pairs([(from_value(e.key, level), from_value(e.value, level)) for e in entries])
 
 
 def _dict_from_pairs(pairs):
@@ -272,7 +307,9 @@ def _dict_from_pairs(pairs):
     return result
 
 
-def _dec_complex(c):
+def _dec_complex(c, level):
+    if level >= MAX_DEPTH:  # Complex
+        raise _too_deep()
     return complex(c.real if c.HasField("real") else 0.0, c.imag if c.HasField("imag") else 0.0)
 
 
@@ -284,7 +321,9 @@ def _numpy():
     return numpy
 
 
-def _dec_ndarray(a):
+def _dec_ndarray(a, level):
+    if level >= MAX_DEPTH:  # NdArray
+        raise _too_deep()
     if a.HasField("shared"):
         return _make_ndarray(a.dtype, a.shape, SharedRef(a.shared.name, a.shared.length), a.scalar)
     # Each read of a bytes field copies it: read `data` once.
@@ -411,23 +450,33 @@ def _make_ndarray(dtype, shape, data, scalar):
     return array[()] if scalar else array
 
 
-def _dec_pickle(data):
+def _dec_pickle(data, level=1):
     try:
         return pickle.loads(data)
     except Exception as e:
         return Pickled(data, f"{type(e).__name__}: {e}")
 
 
+def _dec_null(_, level):
+    if level >= MAX_DEPTH:  # Null
+        raise _too_deep()
+
+
+def _same(x, level):
+    return x
+
+
+# Each takes the kind's field and the Value's level.
 _DECODERS = {
-    "null_value": lambda _: None,
-    "bool_value": bool,
-    "int_value": int,
-    "big_int_value": lambda b: int.from_bytes(b, "big", signed=True),
-    "double_value": float,
-    "string_value": str,
-    "bytes_value": bytes,
-    "list_value": lambda items: [from_value(v) for v in items.items],
-    "tuple_value": lambda items: tuple(from_value(v) for v in items.items),
+    "null_value": _dec_null,
+    "bool_value": _same,
+    "int_value": _same,
+    "big_int_value": lambda b, _: int.from_bytes(b, "big", signed=True),
+    "double_value": _same,
+    "string_value": _same,
+    "bytes_value": _same,
+    "list_value": lambda items, level: _dec_items(items.items, level),
+    "tuple_value": lambda items, level: tuple(_dec_items(items.items, level)),
     "dict_value": _dec_dict,
     "complex_value": _dec_complex,
     "ndarray_value": _dec_ndarray,
@@ -591,7 +640,7 @@ def _split(obj, depth, shared=None):
     """obj's serialized Value as (buffers, size) with its large leaves as
     buffers of their own, or None when it has none (protobuf encodes it
     then). Raises _TooDeep as _fill does."""
-    if depth > MAX_DEPTH:
+    if depth >= MAX_DEPTH:
         raise _TooDeep
     t = type(obj)
     if t is bytes:
@@ -625,6 +674,8 @@ def _split(obj, depth, shared=None):
         return _field(b"\x52", buffers, size)
     if t in _FILLERS:
         if t is NdArray and len(obj.data) >= LARGE:
+            if depth + 2 > MAX_DEPTH:  # Value, NdArray
+                raise _TooDeep
             return _ndarray_value(obj.dtype, obj.shape, obj.data, len(obj.data), obj.scalar)
         if t is Pickled and len(obj.data) >= LARGE:
             return _bytes_value(b"\x6a", obj.data)
@@ -632,6 +683,8 @@ def _split(obj, depth, shared=None):
     np = sys.modules.get("numpy")
     if np is not None:
         if t is np.ndarray and _plain_dtype(obj.dtype):
+            if depth + 2 > MAX_DEPTH:  # Value, NdArray
+                raise _TooDeep
             if shared is not None and shared.threshold and obj.nbytes >= max(shared.threshold, 1):
                 return _shared_ndarray_value(np, shared, obj)
             if obj.nbytes < LARGE:
@@ -661,9 +714,11 @@ class SplitValue:
         return f"SplitValue({self.kind})"
 
 
-def _dec_split(value):
+def _dec_split(value, level):
     kind, data = value.kind, value.data
     if kind == "ndarray_value":
+        if level >= MAX_DEPTH:  # NdArray
+            raise _too_deep()
         return _make_ndarray(*data)
     if kind == "bytes_value":
         return bytes(data)
@@ -672,11 +727,13 @@ def _dec_split(value):
     if kind == "big_int_value":
         return int.from_bytes(data, "big", signed=True)
     if kind == "list_value":
-        return [from_value(v) for v in data]
+        return _dec_items(data, level)
     if kind == "tuple_value":
-        return tuple(from_value(v) for v in data)
+        return tuple(_dec_items(data, level))
     # dict_value
-    return _dict_from_pairs([(from_value(k), from_value(v)) for k, v in data])
+    _check_entries(data, level)
+    level += 3
+    return _dict_from_pairs([(from_value(k, level), from_value(v, level)) for k, v in data])
 
 
 class Irregular(Exception):
