@@ -699,6 +699,13 @@ class LogStream:
 
 
 _SUBMIT = body_tag("submit_request")
+_key = values.field_key
+_K_COMMAND = _key(driver_pb2.SubmitRequest, "command")
+_K_MODE = _key(driver_pb2.SubmitRequest, "mode")
+_K_PARAMETER = _key(driver_pb2.SubmitRequest, "parameters")
+_K_TARGETS = _key(driver_pb2.SubmitRequest, "targets")
+_K_DEADLINE = _key(driver_pb2.SubmitRequest, "deadline_seconds")
+_NO_RETRY = _key(driver_pb2.SubmitRequest, "no_retry") + values._varint(1)  # no_retry = true
 
 
 def _submit_request(command, target, parameters, deadline, mode, shared=None, retry=True):
@@ -710,18 +717,18 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None, re
     same file)."""
     if type(command) is str:
         data = command.encode("utf-8")  # a lone surrogate raises as protobuf does
-        head = b"\x0a" + _varint(len(data)) + data if data else b""
+        head = _K_COMMAND + _varint(len(data)) + data if data else b""
     else:  # protobuf converts or refuses it
         head = driver_pb2.SubmitRequest(command=command).SerializeToString()
     if mode is not None:
-        head += b"\x10" + _varint(_MODE_BY_NAME[mode])
+        head += _K_MODE + _varint(_MODE_BY_NAME[mode])
     buffers, size = [head], len(head)
     many = isinstance(target, (list, tuple, range))
     if parameters:
         with shared.removing_on_error() if shared else contextlib.nullcontext():
             for name, value in parameters.items():
                 parameter, length = values.parameter_buffers(name, value, shared or None)
-                tag = b"\x1a" + _varint(length)
+                tag = _K_PARAMETER + _varint(length)
                 buffers.append(tag)
                 buffers += parameter
                 size += len(tag) + length
@@ -731,13 +738,13 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None, re
         if all(_I32_MIN <= t <= _I32_MAX for t in targets):
             packed = b"".join([_varint(t & _U64) for t in targets])
             if packed:
-                tail = b"\x22" + _varint(len(packed)) + packed
+                tail = _K_TARGETS + _varint(len(packed)) + packed
         else:  # protobuf's error
             driver_pb2.SubmitRequest(targets=targets)
     if deadline is not None:
-        tail += b"\x29" + _DOUBLE.pack(float(deadline))
+        tail += _K_DEADLINE + _DOUBLE.pack(float(deadline))
     if not retry:
-        tail += b"\x40\x01"  # no_retry = true (field 8)
+        tail += _NO_RETRY
     if tail:
         buffers.append(tail)
         size += len(tail)

@@ -36,16 +36,18 @@ from concurrent import futures as _futures
 from concurrent.futures import Future
 
 from . import shm, values
-from ._pb.casa.node.v1 import driver_pb2, envelope_pb2, node_pb2
+from ._pb.casa.node.v1 import driver_pb2, envelope_pb2, node_pb2, value_pb2
 
-PROTOCOL_VERSION = 1
+# The protocol's numbers come from envelope.proto's Constant enum, as the
+# Rust side's do.
+PROTOCOL_VERSION = envelope_pb2.CONSTANT_PROTOCOL_VERSION
 SOFTWARE = "casa-node-python 0.1.0"
 ENDPOINT_VAR = "CASA_NODE_ENDPOINT"
 CONNECTION_FILE_VAR = "CASA_NODE_CONNECTION_FILE"
-MAX_FRAME = 1 << 30
+MAX_FRAME = envelope_pb2.CONSTANT_MAX_FRAME
 LEASE_BLOCK_VAR = "CASA_NODE_LEASE_BLOCK"
 DEFAULT_LEASE_BLOCK = 4096
-MAX_LEASE_BLOCK = 1 << 16
+MAX_LEASE_BLOCK = envelope_pb2.CONSTANT_MAX_LEASE
 _LENGTH = struct.Struct(">I")
 
 
@@ -281,7 +283,12 @@ def encode_frame(envelope):
 
 
 _BODY_TAGS = {}
-_VERSION = b"\x08" + bytes([PROTOCOL_VERSION])  # Envelope.protocol_version
+_Envelope = envelope_pb2.Envelope
+_VERSION = values.field_key(_Envelope, "protocol_version") + values._varint(PROTOCOL_VERSION)
+_K_CORRELATION = values.field_key(_Envelope, "correlation")
+# A SubmitRequest's ids, and pipelined = true: what submit_pipelined appends.
+_K_IDS = values.field_key(driver_pb2.SubmitRequest, "ids")
+_PIPELINED = values.field_key(driver_pb2.SubmitRequest, "pipelined") + values._varint(1)
 
 
 def body_tag(name):
@@ -289,10 +296,10 @@ def body_tag(name):
     bytes: it precedes the length and the serialized message."""
     tag = _BODY_TAGS.get(name)
     if tag is None:
-        field = envelope_pb2.Envelope.DESCRIPTOR.fields_by_name.get(name)
+        field = _Envelope.DESCRIPTOR.fields_by_name.get(name)
         if field is None or field.containing_oneof is None:
             raise AttributeError(f"an Envelope has no body {name!r}")
-        tag = _BODY_TAGS[name] = values._varint(field.number << 3 | 2)
+        tag = _BODY_TAGS[name] = values.field_key(_Envelope, name)
     return tag
 
 
@@ -302,7 +309,7 @@ def frame_buffers(correlation, tag, buffers, size):
     list of buffers: small pieces joined, large ones (values.LARGE bytes or
     more) as they are."""
     varint = values._varint
-    head = _VERSION + (b"\x10" + varint(correlation) if correlation else b"") + tag + varint(size)
+    head = _VERSION + (_K_CORRELATION + varint(correlation) if correlation else b"") + tag + varint(size)
     length = len(head) + size
     if length > MAX_FRAME:
         raise CasaNodeError(f"a frame of {length} bytes exceeds the maximum of {MAX_FRAME}")
@@ -469,6 +476,18 @@ class SplitResponse:
         return getattr(self.message(), name)
 
 
+_number = values.field_number
+_N_VERSION = _number(_Envelope, "protocol_version")
+_N_CORRELATION = _number(_Envelope, "correlation")
+_N_DELIVERY = _number(_Envelope, "response_delivery")
+_N_DELIVERY_RESPONSE = _number(driver_pb2.ResponseDelivery, "response")
+_N_REPLACES_TIMEOUT = _number(driver_pb2.ResponseDelivery, "replaces_timeout")
+_N_PARAMETERS = _number(node_pb2.CommandResponse, "parameters")
+_N_RET = _number(node_pb2.CommandResponse, "ret")
+_N_PARAMETER_NAME = _number(value_pb2.Parameter, "name")
+_N_PARAMETER_VALUE = _number(value_pb2.Parameter, "value")
+
+
 def _parse_delivery(view):
     """(correlation, SplitResponse) for a frame carrying a ResponseDelivery
     in the plain encoding, parsed around its large values; None for any
@@ -477,11 +496,11 @@ def _parse_delivery(view):
     correlation = 0
     delivery = None
     for n, w, v, _, _ in fields(view):
-        if n == 1 and w == 0:
+        if n == _N_VERSION and w == 0:
             continue
-        if n == 2 and w == 0:
+        if n == _N_CORRELATION and w == 0:
             correlation = v
-        elif n == 42 and w == 2 and delivery is None:
+        elif n == _N_DELIVERY and w == 2 and delivery is None:
             delivery = v
         else:
             return None
@@ -489,19 +508,19 @@ def _parse_delivery(view):
         return None
     response = None
     for n, w, v, _, _ in fields(delivery):
-        if n == 1 and w == 2 and response is None:
+        if n == _N_DELIVERY_RESPONSE and w == 2 and response is None:
             response = v
-        elif not (n == 2 and w == 0):
+        elif not (n == _N_REPLACES_TIMEOUT and w == 0):
             return None
     if response is None:
         return None
     small, parameters, ret = [], [], None
     for n, w, v, start, end in fields(response):
-        if n == 4 and w == 2:
+        if n == _N_PARAMETERS and w == 2:
             parameters.append(_parse_parameter(v))
-        elif n == 5 and w == 2 and ret is None:
+        elif n == _N_RET and w == 2 and ret is None:
             ret = values.parse_value(v, 3)
-        elif n in (4, 5):
+        elif n == _N_PARAMETERS or n == _N_RET:
             return None
         else:
             small.append(response[start:end])
@@ -512,10 +531,10 @@ def _parse_delivery(view):
 def _parse_parameter(view):
     name = value = None
     for n, w, v, _, _ in values.fields(view):
-        if n == 1 or n == 2:
-            if w != 2 or (name if n == 1 else value) is not None:
+        if n == _N_PARAMETER_NAME or n == _N_PARAMETER_VALUE:
+            if w != 2 or (name if n == _N_PARAMETER_NAME else value) is not None:
                 raise values.Irregular("a repeated or mistyped parameter field")
-            if n == 1:
+            if n == _N_PARAMETER_NAME:
                 name = str(v, "utf-8")
             else:
                 value = values.parse_value(v, 4)
@@ -710,7 +729,7 @@ class Connection:
                         refill = self._lease_asked = True
                 if ids is not None:
                     packed = b"".join([values._varint(i) for i in ids])
-                    tail = b"\x32" + values._varint(len(packed)) + packed + b"\x38\x01"
+                    tail = _K_IDS + values._varint(len(packed)) + packed + _PIPELINED
                     frame = frame_buffers(0, tag, [*buffers, tail], size + len(tail))
                     try:
                         _send_buffers(self._sock, frame)

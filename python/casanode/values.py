@@ -20,7 +20,9 @@ import sys
 import threading
 import weakref
 
-from ._pb.casa.node.v1 import value_pb2
+from google.protobuf.descriptor import FieldDescriptor
+
+from ._pb.casa.node.v1 import envelope_pb2, value_pb2
 from .shm import SharedError
 
 Value = value_pb2.Value
@@ -84,15 +86,19 @@ def big_int_bytes(n):
 # ---------------------------------------------------------------- encoding
 
 
-# Protobuf decoders (Python's and Rust's prost) refuse messages nested more
-# than 100 deep. A list or tuple costs 2 levels, a dict 3; past this many
-# levels inside one Value the whole value is pickled instead, leaving room
-# for the envelope around it.
-MAX_DEPTH = 64
+# The deepest a Value nests, in protobuf messages (CONSTANT_MAX_VALUE_DEPTH
+# of envelope.proto, which says how they are counted and why the bound is
+# what it is). to_value pickles a deeper value whole; from_value refuses
+# one, as the Rust side and the worker do.
+MAX_DEPTH = envelope_pb2.CONSTANT_MAX_VALUE_DEPTH
 
 
 class _TooDeep(Exception):
     pass
+
+
+def _too_deep():
+    return ValueError(f"a value nests lists, tuples and dicts deeper than {MAX_DEPTH} protobuf messages")
 
 
 def to_value(obj):
@@ -107,7 +113,9 @@ def to_value(obj):
 
 
 def _fill(value, obj, depth):
-    if depth > MAX_DEPTH:
+    """Fills `value`, which has `depth` protobuf messages above it, with
+    obj's Value; raises _TooDeep if that nests past MAX_DEPTH."""
+    if depth >= MAX_DEPTH:  # the Value itself is one level more
         raise _TooDeep
     fill = _FILLERS.get(type(obj))
     if fill is None:
@@ -117,6 +125,8 @@ def _fill(value, obj, depth):
 
 
 def _fill_none(value, obj, depth=0):
+    if depth + 2 > MAX_DEPTH:  # Value, Null
+        raise _TooDeep
     value.null_value.SetInParent()
 
 
@@ -149,6 +159,8 @@ def _fill_bytes(value, obj, depth=0):
 
 
 def _fill_items(target, items, depth):
+    if depth + 2 > MAX_DEPTH:  # Value, ValueList; the items check themselves
+        raise _TooDeep
     target.SetInParent()
     for item in items:
         _fill(target.items.add(), item, depth + 2)
@@ -163,6 +175,8 @@ def _fill_tuple(value, obj, depth=0):
 
 
 def _fill_dict(value, obj, depth=0):
+    if depth + 2 > MAX_DEPTH:  # Value, Dict; the keys and values check themselves
+        raise _TooDeep
     target = value.dict_value
     target.SetInParent()
     for key, item in obj.items():
@@ -172,11 +186,15 @@ def _fill_dict(value, obj, depth=0):
 
 
 def _fill_complex(value, obj, depth=0):
+    if depth + 2 > MAX_DEPTH:  # Value, Complex
+        raise _TooDeep
     value.complex_value.real = obj.real
     value.complex_value.imag = obj.imag
 
 
-def _fill_ndarray(value, dtype, shape, data, scalar):
+def _fill_ndarray(value, dtype, shape, data, scalar, depth):
+    if depth + 2 > MAX_DEPTH:  # Value, NdArray
+        raise _TooDeep
     target = value.ndarray_value
     target.SetInParent()
     target.dtype = dtype
@@ -186,7 +204,7 @@ def _fill_ndarray(value, dtype, shape, data, scalar):
 
 
 def _fill_holder(value, obj, depth=0):
-    _fill_ndarray(value, obj.dtype, obj.shape, obj.data, obj.scalar)
+    _fill_ndarray(value, obj.dtype, obj.shape, obj.data, obj.scalar, depth)
 
 
 def _fill_pickled(value, obj, depth=0):
@@ -226,9 +244,9 @@ def _fill_other(value, obj, depth):
     np = sys.modules.get("numpy")  # an array implies numpy is imported
     if np is not None:
         if type(obj) is np.ndarray and _plain_dtype(obj.dtype):
-            return _fill_ndarray(value, obj.dtype.str, obj.shape, obj.tobytes(order="C"), False)
+            return _fill_ndarray(value, obj.dtype.str, obj.shape, obj.tobytes(order="C"), False, depth)
         if isinstance(obj, np.generic) and _plain_dtype(obj.dtype):
-            return _fill_ndarray(value, obj.dtype.str, (), obj.tobytes(), True)
+            return _fill_ndarray(value, obj.dtype.str, (), obj.tobytes(), True, depth)
     try:
         data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
     except RecursionError:
@@ -244,19 +262,38 @@ def _fill_other(value, obj, depth):
 # ---------------------------------------------------------------- decoding
 
 
-def from_value(value):
-    """The Python object a Value carries. Raises ValueError for a Value with
-    no kind, or a dict Python cannot hold (unhashable or equal keys)."""
+def from_value(value, level=1):
+    """The Python object a Value carries (`level` is the Value's depth in
+    protobuf messages, see MAX_DEPTH). Raises ValueError for a Value with no
+    kind, one nested deeper than MAX_DEPTH, or a dict Python cannot hold
+    (unhashable or equal keys)."""
     if type(value) is SplitValue:
-        return _dec_split(value)
+        return _dec_split(value, level)
     kind = value.WhichOneof("kind")
     if kind is None:
         raise ValueError("a Value with no kind")
-    return _DECODERS[kind](getattr(value, kind))
+    return _DECODERS[kind](getattr(value, kind), level)
 
 
-def _dec_dict(d):
-    return _dict_from_pairs([(from_value(e.key), from_value(e.value)) for e in d.entries])
+def _dec_items(items, level):
+    """The items of a ValueList under a Value at `level`, decoded."""
+    if level >= MAX_DEPTH or (level + 2 > MAX_DEPTH and items):  # ValueList, the items
+        raise _too_deep()
+    return [from_value(v, level + 2) for v in items]
+
+
+def _check_entries(entries, level):
+    """Refuses the entries of a Dict under a Value at `level` if they nest
+    too deep."""
+    if level >= MAX_DEPTH or (level + 3 > MAX_DEPTH and entries):  # Dict, DictEntry, keys
+        raise _too_deep()
+
+
+def _dec_dict(d, level):
+    entries = d.entries
+    _check_entries(entries, level)
+    level += 3
+    return _dict_from_pairs([(from_value(e.key, level), from_value(e.value, level)) for e in entries])
 
 
 def _dict_from_pairs(pairs):
@@ -272,7 +309,9 @@ def _dict_from_pairs(pairs):
     return result
 
 
-def _dec_complex(c):
+def _dec_complex(c, level):
+    if level >= MAX_DEPTH:  # Complex
+        raise _too_deep()
     return complex(c.real if c.HasField("real") else 0.0, c.imag if c.HasField("imag") else 0.0)
 
 
@@ -284,7 +323,9 @@ def _numpy():
     return numpy
 
 
-def _dec_ndarray(a):
+def _dec_ndarray(a, level):
+    if level >= MAX_DEPTH:  # NdArray
+        raise _too_deep()
     if a.HasField("shared"):
         return _make_ndarray(a.dtype, a.shape, SharedRef(a.shared.name, a.shared.length), a.scalar)
     # Each read of a bytes field copies it: read `data` once.
@@ -411,23 +452,33 @@ def _make_ndarray(dtype, shape, data, scalar):
     return array[()] if scalar else array
 
 
-def _dec_pickle(data):
+def _dec_pickle(data, level=1):
     try:
         return pickle.loads(data)
     except Exception as e:
         return Pickled(data, f"{type(e).__name__}: {e}")
 
 
+def _dec_null(_, level):
+    if level >= MAX_DEPTH:  # Null
+        raise _too_deep()
+
+
+def _same(x, level):
+    return x
+
+
+# Each takes the kind's field and the Value's level.
 _DECODERS = {
-    "null_value": lambda _: None,
-    "bool_value": bool,
-    "int_value": int,
-    "big_int_value": lambda b: int.from_bytes(b, "big", signed=True),
-    "double_value": float,
-    "string_value": str,
-    "bytes_value": bytes,
-    "list_value": lambda items: [from_value(v) for v in items.items],
-    "tuple_value": lambda items: tuple(from_value(v) for v in items.items),
+    "null_value": _dec_null,
+    "bool_value": _same,
+    "int_value": _same,
+    "big_int_value": lambda b, _: int.from_bytes(b, "big", signed=True),
+    "double_value": _same,
+    "string_value": _same,
+    "bytes_value": _same,
+    "list_value": lambda items, level: _dec_items(items.items, level),
+    "tuple_value": lambda items, level: tuple(_dec_items(items.items, level)),
     "dict_value": _dec_dict,
     "complex_value": _dec_complex,
     "ndarray_value": _dec_ndarray,
@@ -478,7 +529,7 @@ def parameter_buffers(name, obj, shared=None):
         return [data], len(data)
     head = parameter.SerializeToString()  # the name
     buffers, size = split
-    head += b"\x12" + _varint(size)
+    head += _K_PARAMETER_VALUE + _varint(size)
     return [head, *buffers], len(head) + size
 
 
@@ -508,6 +559,45 @@ def _varint(n):
         n >>= 7
     out.append(n)
     return bytes(out)
+
+
+_FD = FieldDescriptor
+_WIRE_TYPES = {
+    _FD.TYPE_DOUBLE: 1, _FD.TYPE_FIXED64: 1, _FD.TYPE_SFIXED64: 1,
+    _FD.TYPE_FLOAT: 5, _FD.TYPE_FIXED32: 5, _FD.TYPE_SFIXED32: 5,
+    _FD.TYPE_STRING: 2, _FD.TYPE_BYTES: 2, _FD.TYPE_MESSAGE: 2,
+}  # the other types are varints (0)
+
+
+def field_number(message, name):
+    """The number of field `name` of `message` (a generated message class),
+    from its descriptor."""
+    return message.DESCRIPTOR.fields_by_name[name].number
+
+
+def field_key(message, name):
+    """The bytes that open field `name` of `message` (a generated message
+    class) on the wire, from its descriptor: the field's number and wire
+    type, as protobuf writes them. The hand-written encoders and parsers of
+    casanode take every field number from these two, never from literals."""
+    field = message.DESCRIPTOR.fields_by_name[name]
+    wire = 2 if field.is_packed else _WIRE_TYPES.get(field.type, 0)
+    return _varint(field.number << 3 | wire)
+
+
+_K_BYTES = field_key(Value, "bytes_value")
+_K_LIST = field_key(Value, "list_value")
+_K_TUPLE = field_key(Value, "tuple_value")
+_K_DICT = field_key(Value, "dict_value")
+_K_NDARRAY = field_key(Value, "ndarray_value")
+_K_PICKLE = field_key(Value, "pickle_value")
+_K_ITEM = field_key(value_pb2.ValueList, "items")
+_K_ENTRY = field_key(value_pb2.Dict, "entries")
+_K_ENTRY_KEY = field_key(value_pb2.DictEntry, "key")
+_K_ENTRY_VALUE = field_key(value_pb2.DictEntry, "value")
+_K_ARRAY_DATA = field_key(value_pb2.NdArray, "data")
+_ARRAY_SCALAR = field_key(value_pb2.NdArray, "scalar") + _varint(1)  # scalar = true
+_K_PARAMETER_VALUE = field_key(value_pb2.Parameter, "value")
 
 
 def _fill_top(value, obj):
@@ -552,13 +642,13 @@ def _bytes_value(tag, data):
 def _ndarray_value(dtype, shape, data, size, scalar):
     """A Value holding an NdArray whose data is the buffer `data` of `size`
     bytes."""
-    head = value_pb2.NdArray(dtype=dtype, shape=shape).SerializeToString() + b"\x1a" + _varint(size)
+    head = value_pb2.NdArray(dtype=dtype, shape=shape).SerializeToString() + _K_ARRAY_DATA + _varint(size)
     buffers = [head, data]
     size += len(head)
     if scalar:
-        buffers.append(b"\x20\x01")
-        size += 2
-    return _field(b"\x62", buffers, size)
+        buffers.append(_ARRAY_SCALAR)
+        size += len(_ARRAY_SCALAR)
+    return _field(_K_NDARRAY, buffers, size)
 
 
 def _shared_ndarray_value(np, shared, obj):
@@ -569,7 +659,7 @@ def _shared_ndarray_value(np, shared, obj):
     message = value_pb2.NdArray(
         dtype=obj.dtype.str, shape=obj.shape, shared=value_pb2.SharedBytes(name=name, length=obj.nbytes)
     ).SerializeToString()
-    return _field(b"\x62", [message], len(message))
+    return _field(_K_NDARRAY, [message], len(message))
 
 
 def _array_buffer(np, obj):
@@ -591,11 +681,11 @@ def _split(obj, depth, shared=None):
     """obj's serialized Value as (buffers, size) with its large leaves as
     buffers of their own, or None when it has none (protobuf encodes it
     then). Raises _TooDeep as _fill does."""
-    if depth > MAX_DEPTH:
+    if depth >= MAX_DEPTH:
         raise _TooDeep
     t = type(obj)
     if t is bytes:
-        return _bytes_value(b"\x3a", obj) if len(obj) >= LARGE else None
+        return _bytes_value(_K_BYTES, obj) if len(obj) >= LARGE else None
     if t is list or t is tuple:
         if not obj or len(obj) > _SPLIT_ITEMS:
             return None
@@ -605,10 +695,10 @@ def _split(obj, depth, shared=None):
         buffers, size = [], 0
         for item, part in zip(obj, parts):
             item_buffers, item_size = part or _small(item, depth + 2)
-            item_buffers, item_size = _field(b"\x0a", item_buffers, item_size)
+            item_buffers, item_size = _field(_K_ITEM, item_buffers, item_size)
             buffers += item_buffers
             size += item_size
-        return _field(b"\x42" if t is list else b"\x4a", buffers, size)
+        return _field(_K_LIST if t is list else _K_TUPLE, buffers, size)
     if t is dict:
         if not obj or len(obj) > _SPLIT_ITEMS:
             return None
@@ -617,21 +707,25 @@ def _split(obj, depth, shared=None):
             return None
         buffers, size = [], 0
         for (key, item), (key_part, item_part) in zip(obj.items(), parts):
-            key_buffers, key_size = _field(b"\x0a", *(key_part or _small(key, depth + 3)))
-            item_buffers, item_size = _field(b"\x12", *(item_part or _small(item, depth + 3)))
-            entry_buffers, entry_size = _field(b"\x0a", key_buffers + item_buffers, key_size + item_size)
+            key_buffers, key_size = _field(_K_ENTRY_KEY, *(key_part or _small(key, depth + 3)))
+            item_buffers, item_size = _field(_K_ENTRY_VALUE, *(item_part or _small(item, depth + 3)))
+            entry_buffers, entry_size = _field(_K_ENTRY, key_buffers + item_buffers, key_size + item_size)
             buffers += entry_buffers
             size += entry_size
-        return _field(b"\x52", buffers, size)
+        return _field(_K_DICT, buffers, size)
     if t in _FILLERS:
         if t is NdArray and len(obj.data) >= LARGE:
+            if depth + 2 > MAX_DEPTH:  # Value, NdArray
+                raise _TooDeep
             return _ndarray_value(obj.dtype, obj.shape, obj.data, len(obj.data), obj.scalar)
         if t is Pickled and len(obj.data) >= LARGE:
-            return _bytes_value(b"\x6a", obj.data)
+            return _bytes_value(_K_PICKLE, obj.data)
         return None
     np = sys.modules.get("numpy")
     if np is not None:
         if t is np.ndarray and _plain_dtype(obj.dtype):
+            if depth + 2 > MAX_DEPTH:  # Value, NdArray
+                raise _TooDeep
             if shared is not None and shared.threshold and obj.nbytes >= max(shared.threshold, 1):
                 return _shared_ndarray_value(np, shared, obj)
             if obj.nbytes < LARGE:
@@ -643,7 +737,7 @@ def _split(obj, depth, shared=None):
         data = pickle.dumps(obj, protocol=PICKLE_PROTOCOL)
     except Exception:  # protobuf's path says what is wrong, or sends a base type
         return None
-    return _bytes_value(b"\x6a", data)
+    return _bytes_value(_K_PICKLE, data)
 
 
 class SplitValue:
@@ -661,9 +755,11 @@ class SplitValue:
         return f"SplitValue({self.kind})"
 
 
-def _dec_split(value):
+def _dec_split(value, level):
     kind, data = value.kind, value.data
     if kind == "ndarray_value":
+        if level >= MAX_DEPTH:  # NdArray
+            raise _too_deep()
         return _make_ndarray(*data)
     if kind == "bytes_value":
         return bytes(data)
@@ -672,11 +768,13 @@ def _dec_split(value):
     if kind == "big_int_value":
         return int.from_bytes(data, "big", signed=True)
     if kind == "list_value":
-        return [from_value(v) for v in data]
+        return _dec_items(data, level)
     if kind == "tuple_value":
-        return tuple(from_value(v) for v in data)
+        return tuple(_dec_items(data, level))
     # dict_value
-    return _dict_from_pairs([(from_value(k), from_value(v)) for k, v in data])
+    _check_entries(data, level)
+    level += 3
+    return _dict_from_pairs([(from_value(k, level), from_value(v, level)) for k, v in data])
 
 
 class Irregular(Exception):
@@ -735,8 +833,20 @@ def fields(view):
 # Containers with more items than this are parsed by protobuf, whatever
 # they hold (walking them in Python would cost more than it saves).
 _WALK_ITEMS = 256
-# Value fields kept as slices: bytes fields that may be large.
-_SPLIT_BYTES = {4: "big_int_value", 7: "bytes_value", 13: "pickle_value"}
+# Value fields kept as slices, by number: bytes fields that may be large.
+_SPLIT_BYTES = {field_number(Value, name): name for name in ("big_int_value", "bytes_value", "pickle_value")}
+_N_LIST = field_number(Value, "list_value")
+_N_TUPLE = field_number(Value, "tuple_value")
+_N_DICT = field_number(Value, "dict_value")
+_N_NDARRAY = field_number(Value, "ndarray_value")
+_N_ITEMS = field_number(value_pb2.ValueList, "items")
+_N_ENTRIES = field_number(value_pb2.Dict, "entries")
+_N_ENTRY_KEY = field_number(value_pb2.DictEntry, "key")
+_N_ENTRY_VALUE = field_number(value_pb2.DictEntry, "value")
+_N_DTYPE, _N_SHAPE, _N_DATA, _N_SCALAR, _N_SHARED = (
+    field_number(value_pb2.NdArray, name) for name in ("dtype", "shape", "data", "scalar", "shared")
+)
+_NDARRAY_FIELDS = frozenset(f.number for f in value_pb2.NdArray.DESCRIPTOR.fields)
 _MAX_NESTING = 100  # protobuf's own limit
 
 
@@ -764,47 +874,47 @@ def _parse_split(view, depth):
         raise Irregular("a scalar kind")
     if number in _SPLIT_BYTES:
         return SplitValue(_SPLIT_BYTES[number], data)
-    if number == 12:
+    if number == _N_NDARRAY:
         dtype, shape, array, scalar = "", [], b"", False
         shared = None
         for n, w, v, _, _ in fields(data):
-            if n == 1 and w == 2:
+            if n == _N_DTYPE and w == 2:
                 dtype = str(v, "utf-8")
-            elif n == 2 and w == 2:
+            elif n == _N_SHAPE and w == 2:
                 j = 0
                 while j < len(v):
                     x, j = read_varint(v, j)
                     shape.append(x)
-            elif n == 2 and w == 0:
+            elif n == _N_SHAPE and w == 0:
                 shape.append(v)
-            elif n == 3 and w == 2:
+            elif n == _N_DATA and w == 2:
                 array = v
-            elif n == 4 and w == 0:
+            elif n == _N_SCALAR and w == 0:
                 scalar = bool(v)
-            elif n == 5 and w == 2:
+            elif n == _N_SHARED and w == 2:
                 shared = value_pb2.SharedBytes.FromString(bytes(v))
-            elif n in (1, 2, 3, 4, 5):
+            elif n in _NDARRAY_FIELDS:
                 raise Irregular("wire type")
         if shared is not None:
             array = SharedRef(shared.name, shared.length)
         return SplitValue("ndarray_value", (dtype, shape, array, scalar))
-    if number == 8 or number == 9:
-        items = [parse_value(v, depth + 2) for v in _large_items(data)]
-        return SplitValue("list_value" if number == 8 else "tuple_value", items)
-    if number == 10:
-        entries = [_parse_entry(v, depth + 3) for v in _large_items(data)]
+    if number == _N_LIST or number == _N_TUPLE:
+        items = [parse_value(v, depth + 2) for v in _large_items(data, _N_ITEMS)]
+        return SplitValue("list_value" if number == _N_LIST else "tuple_value", items)
+    if number == _N_DICT:
+        entries = [_parse_entry(v, depth + 3) for v in _large_items(data, _N_ENTRIES)]
         return SplitValue("dict_value", entries)
     raise Irregular("a small kind")
 
 
-def _large_items(view):
-    """The items (field 1) of a ValueList or Dict, when few enough to walk
-    and one at least is large; else Irregular, for protobuf to parse the
-    container whole."""
+def _large_items(view, number):
+    """The items (field `number`) of a ValueList or Dict, when few enough
+    to walk and one at least is large; else Irregular, for protobuf to
+    parse the container whole."""
     items = []
     large = False
     for n, w, v, _, _ in fields(view):
-        if n == 1:
+        if n == number:
             if w != 2 or len(items) == _WALK_ITEMS:
                 raise Irregular("mistyped, or too many items to walk")
             items.append(v)
@@ -817,10 +927,10 @@ def _large_items(view):
 def _parse_entry(view, depth):
     key = item = None
     for n, w, v, _, _ in fields(view):
-        if n == 1 or n == 2:
-            if w != 2 or (key if n == 1 else item) is not None:
+        if n == _N_ENTRY_KEY or n == _N_ENTRY_VALUE:
+            if w != 2 or (key if n == _N_ENTRY_KEY else item) is not None:
                 raise Irregular("a repeated or mistyped entry field")
-            if n == 1:
+            if n == _N_ENTRY_KEY:
                 key = parse_value(v, depth)
             else:
                 item = parse_value(v, depth)

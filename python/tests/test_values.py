@@ -168,23 +168,122 @@ def test_object_arrays_and_other_objects_are_pickled():
     assert round_trip(bytearray(b"ab")) == bytearray(b"ab")
 
 
-def test_lone_surrogates_and_deep_structures_survive():
+def test_lone_surrogates_and_cycles_survive():
     assert round_trip("a\udc80") == "a\udc80"
-    for depth, kind in [(32, "list_value"), (33, "pickle_value"), (400, "pickle_value")]:
-        deep = []
-        for _ in range(depth):
-            deep = [deep]
-        value = values.to_value(deep)
-        assert value.WhichOneof("kind") == kind
-        # Decodable by protobuf (nesting limit 100) even inside an envelope.
-        envelope = envelope_pb2.Envelope()
-        envelope.response_delivery.response.ret.CopyFrom(value)
-        again = envelope_pb2.Envelope.FromString(envelope.SerializeToString())
-        assert values.from_value(again.response_delivery.response.ret) == deep
     cyclic = [1]
     cyclic.append(cyclic)
     back = round_trip(cyclic)
     assert back[1] is back
+
+
+# ------------------------------------------------------- the nesting bound
+
+MAX_DEPTH = envelope_pb2.CONSTANT_MAX_VALUE_DEPTH
+
+
+def nesting(message):
+    """How many protobuf messages deep `message` nests, itself included:
+    what CONSTANT_MAX_VALUE_DEPTH bounds for a Value."""
+    deepest = 0
+    for field, v in message.ListFields():
+        if field.type == field.TYPE_MESSAGE:
+            for item in v if field.is_repeated else [v]:
+                deepest = max(deepest, nesting(item))
+    return 1 + deepest
+
+
+def nest(leaf, wrap, times, top=lambda x: x):
+    for _ in range(times):
+        leaf = wrap(leaf)
+    return top(leaf)
+
+
+# name: (wrap, leaf, the most wraps within the bound, the nesting then, and
+# what holds the wraps if not the top level). Every kind of level, around
+# leaves that add a message (None, complex, arrays, empty containers) and
+# leaves that add none (int, bytes). One wrap more always passes the bound.
+DEEPEST = {
+    "lists around None": (lambda x: [x], None, 47, 96),
+    "lists around an int": (lambda x: [x], 7, 47, 95),
+    "lists around an empty list": (lambda x: [x], [], 47, 96),
+    "tuples around a complex": (lambda x: (x,), 1j, 47, 96),
+    "lists around an array": (lambda x: [x], np.arange(3.0), 47, 96),
+    "lists around a numpy scalar": (lambda x: [x], np.float32(1.5), 47, 96),
+    "dicts around None": (lambda x: {"k": x}, None, 31, 95),
+    "dicts around an empty dict": (lambda x: {"k": x}, {}, 31, 95),
+    "dicts of lists around None": (lambda x: {"k": [x]}, None, 18, 92),
+    "a dict key of tuples around bytes": (lambda x: (x,), b"k", 46, 96, lambda x: {x: None}),
+    # One wrap more puts the leaf's Value at 96 and its message at 97.
+    "a dict key of tuples around None": (lambda x: (x,), None, 45, 95, lambda x: {x: 0}),
+    "a dict key of tuples around a complex": (lambda x: (x,), 2j, 45, 95, lambda x: {x: 0}),
+    "a dict key of tuples around a numpy scalar": (lambda x: (x,), np.int8(3), 45, 95, lambda x: {x: 0}),
+    "a dict key of tuples around an empty tuple": (lambda x: (x,), (), 45, 95, lambda x: {x: 0}),
+}
+
+
+def too_deep_natively(obj, monkeypatch):
+    """obj's Value as it would be without the bound."""
+    with monkeypatch.context() as m:
+        m.setattr(values, "MAX_DEPTH", MAX_DEPTH + 20)
+        return values.to_value(obj)
+
+
+@pytest.mark.parametrize("name", DEEPEST)
+def test_values_nest_natively_to_the_bound_and_are_pickled_past_it(name, monkeypatch):
+    wrap, leaf, most, depth, *top = DEEPEST[name]
+    at, past = nest(leaf, wrap, most, *top), nest(leaf, wrap, most + 1, *top)
+
+    value = values.to_value(at)
+    assert value.WhichOneof("kind") != "pickle_value"
+    assert nesting(value) == depth <= MAX_DEPTH
+    assert same(values.from_value(value), at)
+    # Decodable by protobuf (nesting limit 100) inside the deepest envelope.
+    envelope = envelope_pb2.Envelope()
+    envelope.response_delivery.response.ret.CopyFrom(value)
+    again = envelope_pb2.Envelope.FromString(envelope.SerializeToString())
+    assert same(values.from_value(again.response_delivery.response.ret), at)
+
+    value = values.to_value(past)
+    assert value.WhichOneof("kind") == "pickle_value"
+    assert same(round_trip(past), past)
+    # The native encoding would pass the bound, and is refused, as the
+    # Rust side and the worker refuse it.
+    native = too_deep_natively(past, monkeypatch)
+    assert nesting(native) > MAX_DEPTH
+    with pytest.raises(ValueError, match=f"deeper than {MAX_DEPTH} protobuf messages"):
+        values.from_value(native)
+
+
+def test_one_level_past_the_bound_is_refused():
+    """An int inside 48 lists sits at level 97."""
+    value = value_pb2.Value(int_value=7)
+    for _ in range(48):
+        outer = value_pb2.Value()
+        outer.list_value.items.add().CopyFrom(value)
+        value = outer
+    assert nesting(value) == MAX_DEPTH + 1
+    with pytest.raises(ValueError, match="deeper than"):
+        values.from_value(value)
+    assert values.from_value(value.list_value.items[0]) == nest(7, lambda x: [x], 47)
+
+
+@pytest.mark.parametrize("leaf", [bytes(values.LARGE), np.zeros(values.LARGE // 8)], ids=["bytes", "array"])
+def test_large_values_keep_the_bound(leaf, monkeypatch):
+    """The large-value path (value_buffers, parse_value) nests natively as
+    far as to_value does, and its parser refuses what from_value refuses."""
+    at, past = nest(leaf, lambda x: [x], 47), nest(leaf, lambda x: [x], 48)
+    for obj, kind in [(at, "list_value"), (past, "pickle_value")]:
+        buffers, size = values.value_buffers(obj)
+        wire = b"".join(bytes(b) for b in buffers)
+        assert len(wire) == size
+        assert wire == values.to_value(obj).SerializeToString()
+        assert value_pb2.Value.FromString(wire).WhichOneof("kind") == kind
+        parsed = values.parse_value(memoryview(wire))
+        assert type(parsed) is values.SplitValue
+        assert same(values.from_value(parsed), obj)
+    wire = too_deep_natively(past, monkeypatch).SerializeToString()
+    with pytest.raises(ValueError, match="deeper than"):
+        values.from_value(values.parse_value(memoryview(wire)))
 
 
 def test_without_numpy_arrays_stay_holders(monkeypatch):

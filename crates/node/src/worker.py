@@ -30,9 +30,14 @@ bytes agree with the Rust side. Standard library only; Python 3.8 or newer.
 numpy is imported only when an array has to be built; without numpy an
 array travels as an NdArray holder that re-encodes to the same bytes.
 
-The codec keeps the bounds of crates/protocol: a frame is at most
-_MAX_FRAME bytes (DEFAULT_MAX_FRAME), and a value nests at most _MAX_DEPTH
-protobuf messages (MAX_VALUE_DEPTH). Decoding refuses anything else with a
+The codec keeps the protocol's bounds: a frame is at most _MAX_FRAME bytes,
+and a value nests at most _MAX_DEPTH protobuf messages. With no protobuf
+runtime this file cannot read them (nor field numbers) from the
+descriptors, so it spells them out: python/tests/test_wire.py checks each
+number it names against envelope.proto's Constant enum and the messages'
+descriptors, crates/node/tests/worker_codec.rs against the protocol crate,
+and the codec's tests check the bytes it reads and writes against prost's
+and protobuf's. Decoding refuses anything else with a
 DecodeError, as it refuses malformed bytes; it raises no other exception
 (but UnicodeDecodeError, for a string that is not UTF-8), and makes at most
 a few dozen bytes of Python objects per byte of input. Encoding pickles a
@@ -69,6 +74,7 @@ import time
 import traceback
 import types
 
+# CONSTANT_PROTOCOL_VERSION.
 PROTOCOL_VERSION = 1
 
 # CommandMode
@@ -92,14 +98,14 @@ _RESEND_MS = 20
 # Payloads at least this large are written without being copied into a
 # frame buffer first.
 _BIG = 1 << 16
-# The largest frame read: crates/protocol's DEFAULT_MAX_FRAME.
+# The largest frame read: CONSTANT_MAX_FRAME.
 _MAX_FRAME = 1 << 30
-# The deepest a value nests, in protobuf messages: crates/protocol's
-# MAX_VALUE_DEPTH. The Value itself is 1 level; None, complex and arrays add
-# 1 (Null, Complex, NdArray), a list or tuple 2 (ValueList, the items'
-# Values), a dict 3 (Dict, DictEntry, the keys' and values' Values). Protobuf
-# decoders (prost, Python's upb) refuse messages nested more than 100 deep,
-# and a value sits up to 3 levels down in an envelope.
+# The deepest a value nests, in protobuf messages: CONSTANT_MAX_VALUE_DEPTH.
+# The Value itself is 1 level; None, complex and arrays add 1 (Null,
+# Complex, NdArray), a list or tuple 2 (ValueList, the items' Values), a
+# dict 3 (Dict, DictEntry, the keys' and values' Values). Protobuf decoders
+# (prost, Python's upb) refuse messages nested more than 100 deep, and a
+# value sits up to 3 levels down in an envelope.
 _MAX_DEPTH = 96
 _TOO_DEEP = "a value nests lists, tuples and dicts deeper than %d protobuf messages" % _MAX_DEPTH
 
@@ -619,7 +625,10 @@ def _make_ndarray(dtype, shape, data, scalar):
 
 # The field numbers of Envelope's `body` oneof: the last one present wins;
 # any other field is unknown and skipped.
-_BODY_FIELDS = frozenset([10, 11, 12] + list(range(20, 27)) + list(range(40, 54)))
+_BODY_FIELDS = frozenset([10, 11, 12] + list(range(20, 27)) + list(range(40, 58)))
+# The bodies the worker reads.
+_COMMAND_REQUEST = 20
+_CONTROL_REQUEST = 22
 
 
 def _dec_envelope(buf):
@@ -1035,9 +1044,10 @@ def _response(rid, mode, ret_parts, ret_len, successful, tb, start, stop):
     return parts, n
 
 
-_COMMAND_RESPONSE = b"\xaa\x01"  # Envelope field 21
-_CONTROL_RESPONSE = b"\xba\x01"  # field 23
-_LOG_RECORD = b"\xd2\x01"  # field 26
+# The keys of the bodies the worker writes: Envelope fields 21, 23 and 26.
+_COMMAND_RESPONSE = b"\xaa\x01"
+_CONTROL_RESPONSE = b"\xba\x01"
+_LOG_RECORD = b"\xd2\x01"
 
 
 def _envelope(body_tag, parts, n, correlation=0):
@@ -1482,7 +1492,7 @@ class _Worker(object):
     def _cancel(self, body):
         try:
             _, _, field, a, b = _dec_envelope(body)
-            if field != 22:
+            if field != _CONTROL_REQUEST:
                 return
             requests = []
             for tag, start, end in _fields(body, a, b):
@@ -1524,9 +1534,9 @@ class _Worker(object):
             if body is None:
                 return
             version, correlation, field, a, b = _dec_envelope(body)
-            if field == 20:
+            if field == _COMMAND_REQUEST:
                 self._run(body, a, b)
-            elif field == 22:
+            elif field == _CONTROL_REQUEST:
                 self._control(body, a, b)
 
     def _flush(self):
@@ -1751,7 +1761,7 @@ def _codec_echo(in_fd, out_fd):
         failure = None
         try:
             _, correlation, field, a, b = _dec_envelope(body)
-            if field != 20:
+            if field != _COMMAND_REQUEST:
                 raise DecodeError("not a CommandRequest")
             rid, command, _, params = _dec_command(body, mv, a, b)
             if command:

@@ -28,12 +28,13 @@ use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use bytes::Bytes;
 use casa_node::executor::WORKER_SOURCE;
-use casa_node_protocol::PROTOCOL_VERSION;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{
-    CommandMode, CommandRequest, CommandResponse, Complex, Envelope, NdArray, Parameter, Value,
+    CommandMode, CommandRequest, CommandResponse, Complex, ControlRequest, ControlResponse,
+    Envelope, LogLevel, LogRecord, NdArray, Parameter, Value,
 };
+use casa_node_protocol::{DEFAULT_MAX_FRAME, MAX_VALUE_DEPTH, PROTOCOL_VERSION};
 use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
@@ -505,5 +506,105 @@ fn an_absent_complex_part_reads_as_zero() {
         expected_answer(1, 1, &Value::complex(0.0, 2.0)),
         "{}",
         explain(&answer)
+    );
+}
+
+/// The numbers worker.py spells out (it has no protobuf runtime to read
+/// them from) are the protocol crate's, which come from `proto/`: the
+/// protocol's constants, the enum values it uses, and the `Envelope` keys
+/// of the bodies it reads and writes. (python/tests/test_wire.py checks
+/// them, and the rest of the `body` oneof, against the descriptors.)
+#[test]
+fn the_workers_numbers_are_the_protocol_crates() {
+    const PRINT: &str = r#"
+import sys, types
+worker = types.ModuleType("casa_node_worker")
+exec(compile(sys.stdin.read(), "worker.py", "exec"), worker.__dict__)
+for name, value in sorted(vars(worker).items()):
+    if isinstance(value, bytes):
+        value = value.hex()
+    if isinstance(value, (int, str)) and not isinstance(value, bool):
+        print(name, value)
+"#;
+    let mut child = Command::new(python())
+        .args(["-c", PRINT])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("start python");
+    let mut stdin = child.stdin.take().unwrap();
+    stdin.write_all(WORKER_SOURCE.as_bytes()).unwrap();
+    drop(stdin);
+    let output = child.wait_with_output().unwrap();
+    assert!(output.status.success(), "worker.py loads as a module");
+    let printed = String::from_utf8(output.stdout).unwrap();
+    let worker = |name: &str| -> String {
+        printed
+            .lines()
+            .find_map(|line| line.strip_prefix(name)?.strip_prefix(' '))
+            .unwrap_or_else(|| panic!("worker.py defines {name}"))
+            .to_owned()
+    };
+    let number = |name: &str| -> u64 { worker(name).parse().unwrap() };
+
+    assert_eq!(number("PROTOCOL_VERSION"), u64::from(PROTOCOL_VERSION));
+    assert_eq!(number("_MAX_DEPTH"), MAX_VALUE_DEPTH as u64);
+    assert_eq!(number("_MAX_FRAME"), DEFAULT_MAX_FRAME as u64);
+    for (name, mode) in [
+        ("AUTO", CommandMode::Auto),
+        ("EVAL", CommandMode::Eval),
+        ("EXEC", CommandMode::Exec),
+        ("PUSH", CommandMode::Push),
+    ] {
+        assert_eq!(number(name), mode as u64, "{name}");
+    }
+    for (name, level) in [
+        ("L_DEBUG", LogLevel::Debug),
+        ("L_INFO", LogLevel::Info),
+        ("L_WARNING", LogLevel::Warning),
+        ("L_ERROR", LogLevel::Error),
+        ("L_CRITICAL", LogLevel::Critical),
+    ] {
+        assert_eq!(number(name), level as u64, "{name}");
+    }
+
+    // The key prost writes before an Envelope's body, and its field number.
+    let key = |body: Body| -> Vec<u8> {
+        let mut bytes = Envelope {
+            protocol_version: 0,
+            correlation: 0,
+            body: Some(body),
+        }
+        .encode_to_vec();
+        assert_eq!(bytes.pop(), Some(0), "an empty body, then its key alone");
+        bytes
+    };
+    let field = |key: Vec<u8>| -> u64 {
+        let varint = key
+            .iter()
+            .rev()
+            .fold(0u64, |n, byte| n << 7 | u64::from(byte & 0x7f));
+        varint >> 3
+    };
+    let hex = |bytes: Vec<u8>| -> String { bytes.iter().map(|b| format!("{b:02x}")).collect() };
+    assert_eq!(
+        number("_COMMAND_REQUEST"),
+        field(key(Body::CommandRequest(CommandRequest::default())))
+    );
+    assert_eq!(
+        number("_CONTROL_REQUEST"),
+        field(key(Body::ControlRequest(ControlRequest::default())))
+    );
+    assert_eq!(
+        worker("_COMMAND_RESPONSE"),
+        hex(key(Body::CommandResponse(Box::default())))
+    );
+    assert_eq!(
+        worker("_CONTROL_RESPONSE"),
+        hex(key(Body::ControlResponse(ControlResponse::default())))
+    );
+    assert_eq!(
+        worker("_LOG_RECORD"),
+        hex(key(Body::LogRecord(LogRecord::default())))
     );
 }

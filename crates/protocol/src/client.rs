@@ -28,8 +28,9 @@ use crate::{DriverId, Rank, RequestId};
 /// table grow without bound.
 const MAX_RANK: Rank = 1 << 24;
 
-/// The most ids one lease gives (rule 11).
-pub const MAX_LEASE: u32 = 1 << 16;
+/// The most ids one lease gives (rule 11): `CONSTANT_MAX_LEASE` of
+/// `envelope.proto`, which the Python driver keeps too.
+pub const MAX_LEASE: u32 = crate::pb::Constant::MaxLease as u32;
 
 /// Leases a driver may hold with ids left unused; asking for more is
 /// refused, so one driver cannot make the client node's memory grow.

@@ -1,11 +1,14 @@
 //! Building envelopes and checking the peer's protocol version.
 
 use crate::pb::envelope::Body;
-use crate::pb::{CommandResponse, Envelope, Hello, ProtocolError, ProtocolErrorCode, Role, Value};
+use crate::pb::{
+    CommandResponse, Constant, Envelope, Hello, ProtocolError, ProtocolErrorCode, Role, Value,
+};
 
 /// The protocol's major version. Peers with different major versions
-/// refuse each other at the handshake.
-pub const PROTOCOL_VERSION: u32 = 1;
+/// refuse each other at the handshake. `CONSTANT_PROTOCOL_VERSION` of
+/// `envelope.proto`, which every implementation reads.
+pub const PROTOCOL_VERSION: u32 = Constant::ProtocolVersion as u32;
 
 impl Envelope {
     /// An envelope of this protocol version carrying `body`, outside any

@@ -29,14 +29,16 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use prost::Message;
 
 use crate::error::FrameError;
-use crate::pb::{Envelope, Value};
+use crate::pb::{Constant, Envelope, Value};
 use crate::scan::{self, DECODE_CEILING, DECODE_SLACK, Root};
 
 /// Bytes of the length prefix.
 pub const LENGTH_PREFIX: usize = 4;
 
 /// Default maximum frame size: 1 GiB, room for 256 MiB arrays and more.
-pub const DEFAULT_MAX_FRAME: usize = 1 << 30;
+/// `CONSTANT_MAX_FRAME` of `envelope.proto`, which the Python driver and
+/// worker keep too.
+pub const DEFAULT_MAX_FRAME: usize = Constant::MaxFrame as usize;
 
 /// Frames at least this large are encoded and decoded (and on signed links
 /// sealed and checked) on a blocking thread rather than on the thread of a

@@ -40,22 +40,22 @@ use crate::error::FrameError;
 /// complex and a numpy value add 1 (their `Null`, `Complex` or `NdArray`
 /// message); a list or tuple adds 2 (its `ValueList`, then its items'
 /// `Value`s), a dict 3 (`Dict`, `DictEntry`, then the keys' and values'
-/// `Value`s). So at most 47 lists nest around `None`, 48 around an int,
-/// and 31 dicts around `None`.
+/// `Value`s). So at most 47 lists nest around `None` or an int (48 lists
+/// when the innermost is empty), and 31 dicts around `None`.
 ///
-/// Why 96: prost and Python's protobuf (upb) refuse a message nested more
-/// than 100 levels below the top-level one. The deepest place a value sits
-/// is `Envelope → ResponseDelivery → CommandResponse → ret`, 3 levels
-/// down, which leaves 98 levels to the value; 96 keeps 2 in reserve for a
-/// later version that wraps values once more. Because the bound is the
-/// same wherever the value sits, a value one link accepts can be forwarded
-/// on any other.
+/// The number is `CONSTANT_MAX_VALUE_DEPTH` of `envelope.proto`, which says
+/// why it is 96 and which every implementation reads: prost and Python's
+/// protobuf (upb) refuse a message nested more than 100 levels below the
+/// top-level one, and a value sits up to 3 levels down in an envelope.
+/// Because the bound is the same wherever the value sits, a value one link
+/// accepts can be forwarded on any other.
 ///
 /// Every decoder refuses a deeper value with a clear error
-/// ([`FrameError::TooDeep`] here, `DecodeError` in the Python worker);
-/// [`Framing`](crate::Framing)'s encoders refuse one too, and the Python
-/// encoders (the worker's, `casanode`'s) pickle it whole instead.
-pub const MAX_VALUE_DEPTH: usize = 96;
+/// ([`FrameError::TooDeep`] here, `DecodeError` in the Python worker,
+/// `ValueError` in `casanode`); [`Framing`](crate::Framing)'s encoders
+/// refuse one too, and the Python encoders (the worker's, `casanode`'s)
+/// pickle it whole instead.
+pub const MAX_VALUE_DEPTH: usize = crate::pb::Constant::MaxValueDepth as usize;
 
 /// Decoding a frame of `n` bytes never makes prost request more than
 /// `DECODE_EXPANSION * n + DECODE_SLACK` bytes of heap, as counted by
