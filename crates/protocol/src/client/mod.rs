@@ -5,11 +5,9 @@
 //! The node feeds it driver submissions, envelopes from servers and the
 //! passing of time, and carries out the [`Action`]s it hands back.
 
-use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet, VecDeque};
-use std::fmt;
+use std::collections::{BTreeSet, HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use rustc_hash::FxHashMap;
 use thiserror::Error;
 
 use crate::clock::WallClock;
@@ -20,9 +18,18 @@ use crate::pb::{
     CancelReply, ClusterInfo, CommandMode, CommandRequest, CommandResponse, CommandStatus,
     ControlRequest, ControlResponse, Envelope, FailureKind, IdLease, LogLevel, LogRecord,
     Parameter, PingRequest, PingResponse, RejectReason, RequestState, ResponseDelivery,
-    ServerStatus, StatusReply, SubmitRequest, TrackReply, Value, submit_reply,
+    ServerStatus, StatusReply, SubmitRequest, TrackReply, submit_reply,
 };
 use crate::{DriverId, Rank, RequestId};
+
+mod events;
+mod records;
+mod requests;
+
+pub use events::Event;
+use records::failure_record;
+pub use records::response_record;
+use requests::{IdSet, Lease, Request, RequestPhase, RequestTable, skip_unqueued};
 
 /// Ranks above this are refused, so a bogus rank cannot make the server
 /// table grow without bound.
@@ -106,219 +113,6 @@ pub enum Action {
     Event(Event),
     /// Services are stopped: every server acknowledged STOP or is gone.
     Stopped,
-}
-
-/// What happened in the client node, for its log. Cheap to create: the
-/// text is made only when it is written.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Event {
-    /// A server acknowledged START (rule 26).
-    ServerStarted {
-        /// Its rank.
-        rank: Rank,
-        /// Its host.
-        host: String,
-        /// Its process id.
-        pid: u32,
-    },
-    /// A server refused START.
-    ServerStartFailed {
-        /// Its rank.
-        rank: Rank,
-        /// Its reason.
-        error: String,
-    },
-    /// The cluster is ready: the expected number of servers joined, and
-    /// every one still there acknowledged START. Emitted once.
-    AllServersStarted,
-    /// A request went to a server (rule 32).
-    RequestSent {
-        /// The request.
-        id: RequestId,
-        /// The server.
-        server: Rank,
-    },
-    /// A request sent ahead to a busy server was taken back from it, not
-    /// started, for a server that fell idle (rule 12).
-    RequestRecalled {
-        /// The request.
-        id: RequestId,
-        /// The server it was taken back from.
-        server: Rank,
-    },
-    /// A request's command succeeded (rule 32).
-    RequestSucceeded {
-        /// The request.
-        id: RequestId,
-        /// The server.
-        server: Rank,
-    },
-    /// A request's command failed (rule 32).
-    RequestFailed {
-        /// The request.
-        id: RequestId,
-        /// The server.
-        server: Rank,
-        /// The traceback or reason.
-        traceback: String,
-    },
-    /// A request was answered with status timeout because its server timed
-    /// out or was lost (rule 20).
-    RequestTimedOut {
-        /// The request.
-        id: RequestId,
-        /// The server.
-        server: Rank,
-    },
-    /// A server's real response replaced its timeout record (rule 21).
-    ResponseRecovered {
-        /// The request.
-        id: RequestId,
-        /// The server.
-        server: Rank,
-    },
-    /// A server did not answer within the timeout (rule 20).
-    ServerTimedOut {
-        /// Its rank.
-        rank: Rank,
-        /// How long it had been silent.
-        silent_for: Duration,
-    },
-    /// A timed-out server answered again (rule 21).
-    ServerRecovered {
-        /// Its rank.
-        rank: Rank,
-    },
-    /// A server's link closed for good.
-    ServerLost {
-        /// Its rank.
-        rank: Rank,
-    },
-    /// Stop services began (rule 27).
-    StoppingServices {
-        /// Whether running commands are interrupted.
-        force: bool,
-    },
-    /// A server acknowledged STOP.
-    ServerStopped {
-        /// Its rank.
-        rank: Rank,
-    },
-    /// Debugging mode was switched (rule 22).
-    DebuggingMode {
-        /// On or off.
-        enabled: bool,
-    },
-    /// The client node itself did not run for a while (stopped, starved or
-    /// swapping): the servers' silence in that time is not counted against
-    /// them (rule 20).
-    Stalled {
-        /// How long it did not run.
-        stalled_for: Duration,
-    },
-    /// Every server has left for good: requests without a target can
-    /// never run, and are answered (rule 20).
-    NoServerLeft {
-        /// The servers' ranks, as "1-4".
-        ranks: String,
-    },
-}
-
-impl Event {
-    /// The level the event is logged at.
-    pub fn level(&self) -> LogLevel {
-        match self {
-            Event::ServerStartFailed { .. }
-            | Event::RequestTimedOut { .. }
-            | Event::ServerTimedOut { .. }
-            | Event::ServerLost { .. }
-            | Event::Stalled { .. } => LogLevel::Warning,
-            Event::NoServerLeft { .. } => LogLevel::Error,
-            _ => LogLevel::Info,
-        }
-    }
-}
-
-impl fmt::Display for Event {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Event::ServerStarted { rank, host, pid } => {
-                write!(
-                    f,
-                    "Server with rank {rank} started at {host} with PID {pid}"
-                )
-            }
-            Event::ServerStartFailed { rank, error } => {
-                write!(f, "Server with rank {rank} failed to start: {error}")
-            }
-            Event::AllServersStarted => {
-                f.write_str("Received response from all servers to start service signal")
-            }
-            Event::RequestSent { id, server } => {
-                write!(
-                    f,
-                    "Command request with id# {id} sent to server n# {server}"
-                )
-            }
-            Event::RequestRecalled { id, server } => {
-                write!(
-                    f,
-                    "Command request with id# {id} taken back from server n# {server}, where it waited, for an idle server"
-                )
-            }
-            Event::RequestSucceeded { id, server } => {
-                write!(
-                    f,
-                    "Command request with id {id} successfully handled by server n# {server}"
-                )
-            }
-            Event::RequestFailed {
-                id,
-                server,
-                traceback,
-            } => write!(
-                f,
-                "Command request with id {id} failed in server n# {server} with traceback {traceback}"
-            ),
-            Event::RequestTimedOut { id, server } => {
-                write!(
-                    f,
-                    "Command request with id {id} timed out: server n# {server} is not responding"
-                )
-            }
-            Event::ResponseRecovered { id, server } => write!(
-                f,
-                "Command request with id {id} answered by recovered server n# {server}; the response replaces the timeout"
-            ),
-            Event::ServerTimedOut { rank, silent_for } => write!(
-                f,
-                "Server n# {rank} timed out: no answer for {:.1} s",
-                silent_for.as_secs_f64()
-            ),
-            Event::ServerRecovered { rank } => write!(f, "Server n# {rank} recovered from timeout"),
-            Event::ServerLost { rank } => write!(f, "Server n# {rank} disconnected"),
-            Event::NoServerLeft { ranks } => write!(
-                f,
-                "No server is left: every server (n# {ranks}) has left for good; requests without a target are answered as failed, and new ones refused"
-            ),
-            Event::StoppingServices { force: false } => {
-                f.write_str("Sending stop service signal to all servers")
-            }
-            Event::StoppingServices { force: true } => {
-                f.write_str("Sending forced stop service signal to all servers")
-            }
-            Event::ServerStopped { rank } => write!(f, "Server n# {rank} stopped"),
-            Event::DebuggingMode { enabled: true } => {
-                f.write_str("Debugging mode on: servers will not be marked timed out")
-            }
-            Event::DebuggingMode { enabled: false } => f.write_str("Debugging mode off"),
-            Event::Stalled { stalled_for } => write!(
-                f,
-                "The client node did not run for {:.1} s (stopped, starved or swapping); the servers' silence in that time is not counted",
-                stalled_for.as_secs_f64()
-            ),
-        }
-    }
 }
 
 /// A submission refused as a whole; nothing of it was queued (rule 14).
@@ -503,44 +297,6 @@ impl Server {
             ServerPhase::Starting | ServerPhase::Online | ServerPhase::Stopping
         )
     }
-}
-
-#[derive(Debug)]
-enum RequestPhase {
-    Queued,
-    /// Sent to `server` after ping round `ping_round` had gone out.
-    Sent {
-        server: Rank,
-        ping_round: u64,
-    },
-    /// Sent, then answered with a timeout; a real answer may still replace it.
-    TimedOut {
-        server: Rank,
-        ping_round: u64,
-    },
-}
-
-#[derive(Debug)]
-struct Request {
-    driver: DriverId,
-    command: String,
-    mode: CommandMode,
-    parameters: Vec<Parameter>,
-    deadline_seconds: Option<f64>,
-    phase: RequestPhase,
-    /// Its place in "oldest first" (rules 12-13).
-    arrival: u64,
-    /// Submitted without a target: any server may run it.
-    shared: bool,
-    /// Its parameters take more than [`PREFETCH_MAX_BYTES`]: never sent
-    /// ahead, so that at most one such request is on its way to a server
-    /// and pings do not queue behind several.
-    heavy: bool,
-    /// Sent ahead, and a recall of it is on its way to its server.
-    recalling: bool,
-    /// Queued again after a restart (rule 33): a server that ran it for
-    /// the client node before may still answer it, and that answer counts.
-    recovered: bool,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -2260,173 +2016,6 @@ impl ClientCore {
     }
 }
 
-/// Pops the entries at the front of `queue` whose requests are no longer
-/// queued (sent, answered or cancelled meanwhile).
-/// The response record (rule 9) of a request (its `command`, `mode` and
-/// `parameters`) that server `from` answered with `answer`: the mode the
-/// command ran in when the answer names it, `ret` None when absent, and the
-/// answer's own status, or `response received`.
-pub fn response_record(
-    command: String,
-    mode: CommandMode,
-    parameters: Vec<Parameter>,
-    from: Rank,
-    answer: CommandResponse,
-) -> CommandResponse {
-    let status = match answer.status() {
-        CommandStatus::Unspecified | CommandStatus::HoldingQueue | CommandStatus::RequestSent => {
-            CommandStatus::ResponseReceived
-        }
-        status => status,
-    };
-    let mode = match answer.mode() {
-        CommandMode::Unspecified => mode,
-        mode => mode,
-    };
-    // A failure from a server that does not say which kind raised.
-    let failure = match answer.failure() {
-        FailureKind::None if !answer.successful => FailureKind::Raised.into(),
-        _ => answer.failure,
-    };
-    CommandResponse {
-        id: answer.id,
-        command,
-        mode: mode.into(),
-        parameters,
-        ret: Some(answer.ret.unwrap_or_else(Value::none)),
-        server: from,
-        status: status.into(),
-        successful: answer.successful,
-        traceback: answer.traceback,
-        command_start_time: answer.command_start_time,
-        command_stop_time: answer.command_stop_time,
-        worker_restarted: answer.worker_restarted,
-        failure,
-        worker_signal: answer.worker_signal,
-        worker_exit_code: answer.worker_exit_code,
-    }
-}
-
-/// The record of a request answered here rather than by its server:
-/// failed, `ret` None, no times, `failure` saying what kind and
-/// `traceback` why.
-#[allow(clippy::too_many_arguments)]
-fn failure_record(
-    id: RequestId,
-    command: String,
-    mode: CommandMode,
-    parameters: Vec<Parameter>,
-    server: Rank,
-    status: CommandStatus,
-    failure: FailureKind,
-    traceback: String,
-) -> CommandResponse {
-    CommandResponse {
-        id,
-        command,
-        mode: mode.into(),
-        parameters,
-        ret: Some(Value::none()),
-        server,
-        status: status.into(),
-        successful: false,
-        traceback: Some(traceback),
-        failure: failure.into(),
-        ..CommandResponse::default()
-    }
-}
-
-fn skip_unqueued(queue: &mut VecDeque<(u64, RequestId)>, requests: &RequestTable) {
-    while queue.front().is_some_and(|(_, id)| {
-        !requests
-            .get(id)
-            .is_some_and(|r| matches!(r.phase, RequestPhase::Queued))
-    }) {
-        queue.pop_front();
-    }
-}
-
-/// Requests by id. Ids are unique but not dense: leased ids arrive from
-/// many drivers' blocks at once, with gaps where a lease went unused. A hash
-/// map with a multiplicative hasher (one multiply per lookup) holds them,
-/// so memory stays bounded by what is pending whatever the ids.
-#[derive(Debug, Default)]
-struct RequestTable {
-    requests: FxHashMap<RequestId, Request>,
-}
-
-impl RequestTable {
-    fn insert(&mut self, id: RequestId, request: Request) {
-        let previous = self.requests.insert(id, request);
-        debug_assert!(previous.is_none(), "request ids are never reused");
-    }
-
-    fn get(&self, id: &RequestId) -> Option<&Request> {
-        self.requests.get(id)
-    }
-
-    fn get_mut(&mut self, id: &RequestId) -> Option<&mut Request> {
-        self.requests.get_mut(id)
-    }
-
-    fn remove(&mut self, id: &RequestId) -> Option<Request> {
-        let request = self.requests.remove(id);
-        // A burst of requests leaves a large table behind: give the memory
-        // back once most of it is empty.
-        if self.requests.capacity() > 1024 && self.requests.len() < self.requests.capacity() / 8 {
-            self.requests.shrink_to(self.requests.len() * 2);
-        }
-        request
-    }
-
-    fn iter(&self) -> impl Iterator<Item = (RequestId, &Request)> {
-        self.requests.iter().map(|(id, r)| (*id, r))
-    }
-
-    fn values(&self) -> impl Iterator<Item = &Request> {
-        self.requests.values()
-    }
-}
-
-/// Ids leased to a driver: `first..end`, `left` of them unused.
-#[derive(Debug)]
-struct Lease {
-    first: RequestId,
-    end: RequestId,
-    left: RequestId,
-}
-
-/// A set of ids as disjoint ranges (start -> end, exclusive). Ids are used
-/// in increasing order within each lease, so the set holds about one range
-/// per lease whatever the number of ids.
-#[derive(Debug, Default)]
-struct IdSet {
-    ranges: BTreeMap<RequestId, RequestId>,
-}
-
-impl IdSet {
-    fn contains(&self, id: RequestId) -> bool {
-        self.ranges
-            .range(..=id)
-            .next_back()
-            .is_some_and(|(_, &end)| id < end)
-    }
-
-    fn insert(&mut self, id: RequestId) {
-        if self.contains(id) {
-            return;
-        }
-        let mut start = id;
-        if let Some((&s, &e)) = self.ranges.range(..id).next_back() {
-            if e == id {
-                start = s;
-            }
-        }
-        let end = self.ranges.remove(&(id + 1)).unwrap_or(id + 1);
-        self.ranges.insert(start, end);
-    }
-}
-
 /// "1-4" or "1, 3, 7": the server ranks, for error messages.
 fn describe_ranks(ranks: &BTreeSet<Rank>) -> String {
     match (ranks.first(), ranks.last()) {
@@ -2443,87 +2032,5 @@ fn describe_ranks(ranks: &BTreeSet<Rank>) -> String {
             .map(ToString::to_string)
             .collect::<Vec<_>>()
             .join(", "),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn id_set_merges_neighbours_and_keeps_gaps() {
-        let mut set = IdSet::default();
-        for id in [1, 2, 3, 7, 5, 6] {
-            set.insert(id);
-        }
-        assert_eq!(set.ranges.iter().collect::<Vec<_>>(), [(&1, &4), (&5, &8)]);
-        assert!(set.contains(3) && set.contains(5) && set.contains(7));
-        assert!(!set.contains(0) && !set.contains(4) && !set.contains(8));
-        set.insert(4);
-        set.insert(4);
-        assert_eq!(set.ranges.iter().collect::<Vec<_>>(), [(&1, &8)]);
-    }
-
-    #[test]
-    fn id_set_of_sequentially_used_leases_holds_one_range_per_lease() {
-        let mut set = IdSet::default();
-        // Two drivers' leases used in turns, each leaving its tail unused.
-        for i in 0..1000 {
-            set.insert(1 + i);
-            set.insert(5000 + i);
-        }
-        assert_eq!(set.ranges.len(), 2);
-    }
-
-    fn request(command: &str) -> Request {
-        Request {
-            driver: DriverId(1),
-            command: command.into(),
-            mode: CommandMode::Eval,
-            parameters: Vec::new(),
-            deadline_seconds: None,
-            phase: RequestPhase::Queued,
-            arrival: 0,
-            shared: true,
-            heavy: false,
-            recalling: false,
-            recovered: false,
-        }
-    }
-
-    #[test]
-    fn request_table_takes_sparse_ids_in_any_order() {
-        let mut table = RequestTable::default();
-        let ids = [70_000, 3, 1 << 40, 65_537, 4];
-        for id in ids {
-            table.insert(id, request(&id.to_string()));
-        }
-        for id in ids {
-            assert_eq!(table.get(&id).unwrap().command, id.to_string());
-        }
-        assert!(table.get(&5).is_none());
-        assert_eq!(table.remove(&3).unwrap().command, "3");
-        assert!(table.remove(&3).is_none());
-        let mut left: Vec<_> = table.iter().map(|(id, _)| id).collect();
-        left.sort_unstable();
-        assert_eq!(left, [4, 65_537, 70_000, 1 << 40]);
-    }
-
-    #[test]
-    fn request_table_gives_memory_back_after_a_burst() {
-        let mut table = RequestTable::default();
-        for id in 1..=100_000 {
-            table.insert(id, request(""));
-        }
-        let full = table.requests.capacity();
-        for id in 1..=99_990 {
-            table.remove(&id);
-        }
-        assert!(
-            table.requests.capacity() < full / 100,
-            "{full} -> {}",
-            table.requests.capacity()
-        );
-        assert!(table.get(&100_000).is_some());
     }
 }
