@@ -40,7 +40,7 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::{Buf, BytesMut};
-use casa_node_protocol::pb::control_request::{self, Start};
+use casa_node_protocol::pb::control_request;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CommandMode, CommandRequest, CommandResponse, ControlRequest, Envelope, FailureKind, LogLevel,
@@ -467,32 +467,6 @@ impl Executor {
                     log_level: level.into(),
                 },
             )),
-        };
-        self.send_control(request);
-    }
-
-    /// Applies the client's START settings (rule 26): the working
-    /// directory (when not empty), environment additions and log level.
-    /// The worker applies them before its next command; a restarted worker
-    /// starts with them.
-    pub fn configure(&mut self, start: &Start) {
-        if !start.working_directory.is_empty() {
-            self.config.working_directory = Some(PathBuf::from(&start.working_directory));
-        }
-        for variable in &start.environment {
-            self.config
-                .environment
-                .retain(|(name, _)| *name != variable.name);
-            self.config
-                .environment
-                .push((variable.name.clone(), variable.value.clone()));
-        }
-        self.log_level = match start.log_level() {
-            LogLevel::Unspecified => LogLevel::Info,
-            level => level,
-        };
-        let request = ControlRequest {
-            action: Some(control_request::Action::Start(start.clone())),
         };
         self.send_control(request);
     }

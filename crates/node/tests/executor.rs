@@ -16,12 +16,10 @@ use std::time::{Duration, Instant};
 
 use bytes::{Bytes, BytesMut};
 use casa_node::executor::{Executor, ExecutorConfig, ExecutorError, ExecutorEvent, WORKER_SOURCE};
-use casa_node_protocol::pb::control_request::Start;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{
-    CommandMode, CommandRequest, Envelope, EnvironmentVariable, FailureKind, LogLevel, Parameter,
-    Value,
+    CommandMode, CommandRequest, Envelope, FailureKind, LogLevel, Parameter, Value,
 };
 use casa_node_protocol::{ExecOutcome, Framing};
 use command_fds::{CommandFdExt, FdMapping};
@@ -1217,17 +1215,14 @@ async fn one_command_at_a_time() {
 }
 
 #[tokio::test]
-async fn rule_26_configure_applies_the_clients_settings() {
+async fn rule_26_the_clients_settings_reach_the_worker() {
     let dir = std::env::temp_dir();
-    let mut ex = start().await;
-    ex.configure(&Start {
-        working_directory: dir.display().to_string(),
-        environment: vec![EnvironmentVariable {
-            name: "CASA_NODE_TEST_SETTING".into(),
-            value: "on".into(),
-        }],
-        log_level: LogLevel::Info.into(),
-    });
+    let mut config = config();
+    config.working_directory = Some(dir.clone());
+    config
+        .environment
+        .push(("CASA_NODE_TEST_SETTING".into(), "on".into()));
+    let mut ex = start_with(config).await;
     let v = run_ok(
         &mut ex,
         "(os.getcwd(), os.environ.get('CASA_NODE_TEST_SETTING'), os.environ.get('CASA_NODE_RANK'))",
