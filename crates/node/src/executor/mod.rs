@@ -60,8 +60,16 @@ use tokio::process::Child;
 use tokio::task::{JoinError, JoinHandle};
 use tokio::time::Instant;
 
+mod death;
+mod output;
+mod spawn;
+
+use death::{KillReason, Restart};
+use output::{OutputStream, poll_streams};
+use spawn::start_up;
+
 /// The worker's source, passed to the interpreter with `-c`.
-pub const WORKER_SOURCE: &str = include_str!("worker.py");
+pub const WORKER_SOURCE: &str = include_str!("../worker.py");
 
 // One argument to exec may not exceed 32 pages (Linux's MAX_ARG_STRLEN).
 const _: () = assert!(WORKER_SOURCE.len() < 128 * 1024);
@@ -249,52 +257,6 @@ struct Running {
     id: RequestId,
     mode: CommandMode,
     start_time: f64,
-}
-
-/// Why the executor killed a worker itself.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
-enum KillReason {
-    /// The server node ordered it: a command ignored its interrupt for
-    /// the grace period (rule 24).
-    #[error("sent by the server node")]
-    Ordered,
-    /// It closed its results pipe while still running.
-    #[error("because it closed its results pipe")]
-    ResultsClosed,
-    /// It broke the framing of its results pipe.
-    #[error("because it sent a malformed frame")]
-    MalformedFrame,
-}
-
-#[derive(Debug)]
-struct Restart {
-    lost: Option<Running>,
-    reason: String,
-    death: Death,
-}
-
-/// How a worker ended: the signal that killed it, or its exit status.
-#[derive(Debug, Clone, Copy, Default)]
-struct Death {
-    signal: Option<i32>,
-    exit_code: Option<i32>,
-}
-
-struct OutputStream {
-    generation: u64,
-    level: LogLevel,
-    reader: Pin<Box<dyn AsyncRead + Send>>,
-    chunk: Box<[u8]>,
-    line: Vec<u8>,
-}
-
-impl std::fmt::Debug for OutputStream {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("OutputStream")
-            .field("generation", &self.generation)
-            .field("level", &self.level)
-            .finish_non_exhaustive()
-    }
 }
 
 /// What woke the executor up.
@@ -700,39 +662,6 @@ impl Executor {
         }
     }
 
-    fn stream_data(&mut self, i: usize, n: usize) {
-        let stream = &mut self.streams[i];
-        let (generation, level) = (stream.generation, stream.level);
-        let mut lines = Vec::new();
-        for &byte in &stream.chunk[..n] {
-            if byte == b'\n' {
-                lines.push(std::mem::take(&mut stream.line));
-            } else if stream.line.len() < MAX_LINE {
-                stream.line.push(byte);
-            }
-        }
-        for line in lines {
-            self.output_line(generation, level, &line);
-        }
-    }
-
-    fn output_line(&mut self, generation: u64, level: LogLevel, line: &[u8]) {
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        let message = String::from_utf8_lossy(line).into_owned();
-        if level == LogLevel::Warning {
-            self.remember_stderr(generation, &message);
-        }
-        let level = casa_line_level(&message).unwrap_or(level);
-        self.events.push_back(ExecutorEvent::Log { level, message });
-    }
-
-    fn remember_stderr(&mut self, generation: u64, message: &str) {
-        if self.tail.len() == TAIL_LINES {
-            self.tail.pop_front();
-        }
-        self.tail.push_back((generation, message.to_owned()));
-    }
-
     fn results_data(&mut self) {
         loop {
             let Some(w) = self.worker.as_mut() else {
@@ -851,265 +780,6 @@ impl Executor {
             message: record.message,
         });
     }
-
-    /// Handles a worker whose process has ended, once its results are read
-    /// and its output has ended (or had its time).
-    fn check_death(&mut self) {
-        let Some(w) = &self.worker else {
-            return;
-        };
-        let Some(died_at) = w.died_at else {
-            return;
-        };
-        if w.decoding.is_some() {
-            // Its last result first.
-            return;
-        }
-        let generation = w.generation;
-        let output_open = self.streams.iter().any(|s| s.generation == generation);
-        if (!w.results_closed || output_open) && Instant::now() < died_at + STRAGGLER_WAIT {
-            return;
-        }
-        let dead = self.worker.take().expect("checked above");
-        // Values it was writing into shared memory when it died.
-        if let Some((_, dir)) = self
-            .config
-            .environment
-            .iter()
-            .find(|(name, _)| name == crate::shm::SHM_DIR_VAR)
-        {
-            crate::shm::sweep_tmp(std::path::Path::new(dir), dead.pid);
-        }
-        self.streams.retain(|s| s.generation != generation);
-        self.on_death(dead);
-    }
-
-    fn on_death(&mut self, dead: Worker) {
-        let death = Death {
-            signal: dead.exit_signal,
-            exit_code: dead.exit_code,
-        };
-        let mut what = dead.exit.clone().unwrap_or_default();
-        match dead.killed_because {
-            Some(why) => what = format!("{what}, {why}"),
-            None if dead.exit_signal == Some(Signal::SIGKILL as i32) => {
-                what.push_str(" (the system's out-of-memory killer sends this signal)");
-            }
-            None => {}
-        }
-        let stderr: Vec<String> = self
-            .tail
-            .iter()
-            .filter(|(generation, _)| *generation == dead.generation)
-            .map(|(_, line)| line.clone())
-            .collect();
-        if !dead.ready {
-            let killed = dead.killed_because.is_none() && dead.exit_signal.is_some();
-            if killed && self.startup_kills < STARTUP_KILLS {
-                self.startup_kills += 1;
-                let note = format!("A worker {what} before it was ready; starting another.");
-                tracing::warn!(pid = dead.pid, "{note}");
-                let spawned = self.spawn_worker();
-                if let Some(restart) = &mut self.restart {
-                    restart.reason = format!("{}\n{note}", restart.reason);
-                }
-                match spawned {
-                    Ok(()) => return,
-                    Err(error) => what = format!("{what}, and no other could be started: {error}"),
-                }
-            }
-            match self.restart.take() {
-                None => {
-                    self.start_failure = Some(ExecutorError::StartupExit {
-                        python: self.config.python.clone(),
-                        status: what,
-                        stderr,
-                    });
-                }
-                Some(restart) => {
-                    let reason = format!(
-                        "{}\nThe new worker {what} before it was ready{}; no worker is left.",
-                        restart.reason,
-                        stderr_note(&stderr)
-                    );
-                    self.no_worker = Some(reason.clone());
-                    self.report_restart(restart.lost, reason, false, restart.death);
-                }
-            }
-            return;
-        }
-        let lost = self.running.take();
-        let mut reason = format!("Python worker died: {what}");
-        reason.push_str(match lost {
-            Some(_) => " while running this command.",
-            None => " while idle.",
-        });
-        if !stderr.is_empty() {
-            reason.push_str("\nIts last lines on stderr:");
-            for line in &stderr {
-                reason.push_str("\n    ");
-                reason.push_str(line);
-            }
-        }
-        tracing::warn!(pid = dead.pid, %reason, "restarting the Python worker");
-        match self.spawn_worker() {
-            Ok(()) => {
-                reason.push_str(
-                    "\nA fresh Python worker was started (its init script run again): \
-                     the globals of earlier commands are lost.",
-                );
-                self.restart = Some(Restart {
-                    lost,
-                    reason,
-                    death,
-                });
-            }
-            Err(error) => {
-                reason.push_str(&format!("\nNo new worker could be started: {error}"));
-                self.no_worker = Some(reason.clone());
-                self.report_restart(lost, reason, false, death);
-            }
-        }
-    }
-
-    fn report_restart(
-        &mut self,
-        lost: Option<Running>,
-        reason: String,
-        restarted: bool,
-        death: Death,
-    ) {
-        let event = match lost {
-            Some(running) => ExecutorEvent::Finished(ExecOutcome {
-                id: running.id,
-                mode: running.mode,
-                ret: None,
-                successful: false,
-                traceback: Some(reason),
-                start_time: running.start_time,
-                stop_time: epoch_now(),
-                worker_restarted: restarted,
-                failure: FailureKind::WorkerDied,
-                worker_signal: death.signal,
-                worker_exit_code: death.exit_code,
-            }),
-            None => ExecutorEvent::WorkerRestarted { reason },
-        };
-        self.events.push_back(event);
-    }
-
-    /// Starts a worker (not yet ready) as the current one.
-    fn spawn_worker(&mut self) -> Result<(), ExecutorError> {
-        let pipe = || pipe2(OFlag::O_CLOEXEC).map_err(|e| ExecutorError::Pipe(e.into()));
-        let (commands_read, commands_write) = pipe()?;
-        let (results_read, results_write) = pipe()?;
-        let (control_read, control_write) = pipe()?;
-
-        let config = &self.config;
-        let mut command = std::process::Command::new(&config.python);
-        command
-            .arg("-u")
-            .arg("-c")
-            .arg(WORKER_SOURCE)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .process_group(0)
-            .envs(config.environment.iter().map(|(k, v)| (k, v)))
-            .env(
-                "CASA_NODE_WORKER_FDS",
-                WORKER_FDS.map(|fd| fd.to_string()).join(","),
-            )
-            .env(
-                "CASA_NODE_WORKER_LOG_LEVEL",
-                (self.log_level as i32).to_string(),
-            )
-            .env("CASA_NODE_RANK", config.rank.to_string());
-        if let Some(init) = &config.init {
-            command.env("CASA_NODE_WORKER_INIT", init);
-        }
-        if let Some(casa) = &config.casa {
-            command
-                .env("CASA_NODE_WORKER_CASA", "1")
-                .env("PYTHONPATH", crate::packages::python_path(casa));
-            // casatools tags each line of the CASA log with the server's
-            // rank, as casampi's are tagged, from Open MPI's variable; under
-            // mpirun the worker has it from its server already.
-            if std::env::var_os("OMPI_COMM_WORLD_RANK").is_none() {
-                command.env("OMPI_COMM_WORLD_RANK", config.rank.to_string());
-            }
-        }
-        if let Some(directory) = &config.working_directory {
-            command.current_dir(directory);
-        }
-        command
-            .fd_mappings(vec![
-                FdMapping {
-                    parent_fd: commands_read,
-                    child_fd: WORKER_FDS[0],
-                },
-                FdMapping {
-                    parent_fd: results_write,
-                    child_fd: WORKER_FDS[1],
-                },
-                FdMapping {
-                    parent_fd: control_read,
-                    child_fd: WORKER_FDS[2],
-                },
-            ])
-            .expect("the worker's descriptors are distinct");
-        let mut command = tokio::process::Command::from(command);
-        command.kill_on_drop(true);
-        let spawned = command.spawn();
-        // The command holds the child's ends of the pipes: closing them
-        // here is what lets each side see the other's end.
-        drop(command);
-        let mut child = spawned.map_err(|source| ExecutorError::Spawn {
-            python: self.config.python.clone(),
-            source,
-        })?;
-        let pid = child.id().expect("a process just spawned has an id");
-
-        self.generation += 1;
-        let generation = self.generation;
-        let stdout = child.stdout.take().expect("stdout is piped");
-        let stderr = child.stderr.take().expect("stderr is piped");
-        self.streams.push(OutputStream::new(
-            generation,
-            LogLevel::Info,
-            Box::pin(stdout),
-        ));
-        self.streams.push(OutputStream::new(
-            generation,
-            LogLevel::Warning,
-            Box::pin(stderr),
-        ));
-        let worker = Worker {
-            generation,
-            child,
-            pid,
-            commands: pipe::Sender::from_owned_fd(commands_write).map_err(ExecutorError::Pipe)?,
-            out: BytesMut::new(),
-            encoding: None,
-            held: BytesMut::new(),
-            decoding: None,
-            control: File::from(control_write),
-            results: pipe::Receiver::from_owned_fd(results_read).map_err(ExecutorError::Pipe)?,
-            inbox: BytesMut::with_capacity(64 * 1024),
-            results_closed: false,
-            results_closed_at: None,
-            ready: false,
-            init_error: None,
-            exit: None,
-            exit_signal: None,
-            exit_code: None,
-            died_at: None,
-            killed_because: None,
-        };
-        tracing::debug!(pid, generation, python = %self.config.python.display(), "started a Python worker");
-        self.worker = Some(worker);
-        Ok(())
-    }
 }
 
 impl Drop for Executor {
@@ -1179,35 +849,6 @@ impl Worker {
     }
 }
 
-impl OutputStream {
-    fn new(generation: u64, level: LogLevel, reader: Pin<Box<dyn AsyncRead + Send>>) -> Self {
-        OutputStream {
-            generation,
-            level,
-            reader,
-            chunk: vec![0; 16 * 1024].into_boxed_slice(),
-            line: Vec::new(),
-        }
-    }
-}
-
-/// The first stream with data or at its end: (index, bytes read into its
-/// chunk, 0 at the end).
-fn poll_streams(
-    streams: &mut [OutputStream],
-    cx: &mut Context<'_>,
-) -> Poll<(usize, io::Result<usize>)> {
-    for (i, stream) in streams.iter_mut().enumerate() {
-        let mut buf = ReadBuf::new(&mut stream.chunk);
-        match stream.reader.as_mut().poll_read(cx, &mut buf) {
-            Poll::Ready(Ok(())) => return Poll::Ready((i, Ok(buf.filled().len()))),
-            Poll::Ready(Err(error)) => return Poll::Ready((i, Err(error))),
-            Poll::Pending => {}
-        }
-    }
-    Poll::Pending
-}
-
 /// Sleeps until `at`, or forever.
 fn sleep_until(at: Option<Instant>) -> impl Future<Output = ()> {
     let sleep = at.map(tokio::time::sleep_until);
@@ -1242,43 +883,6 @@ pub(crate) fn describe_exit(status: ExitStatus) -> String {
     text
 }
 
-/// What ran before the first command: the init script, or without one
-/// CASA's namespace (`--casa`).
-fn start_up(init: &Path) -> String {
-    if init.as_os_str().is_empty() {
-        "taking CASA's namespace (--casa)".into()
-    } else {
-        format!("the init script {}", init.display())
-    }
-}
-
-/// The level of a line in the format of CASA's log on the console
-/// (`2026-12-04 23:01:07<TAB>WARN<TAB>origin<TAB>message`), which the workers
-/// of `--casa` write on stderr: its priority, not stderr's WARNING.
-fn casa_line_level(line: &str) -> Option<LogLevel> {
-    let mut fields = line.splitn(3, '\t');
-    let stamp = fields.next()?.as_bytes();
-    let priority = fields.next()?;
-    fields.next()?;
-    let shaped = stamp.len() == 19
-        && stamp.iter().enumerate().all(|(i, b)| match i {
-            4 | 7 => *b == b'-',
-            10 => *b == b' ',
-            13 | 16 => *b == b':',
-            _ => b.is_ascii_digit(),
-        });
-    if !shaped {
-        return None;
-    }
-    match priority.trim_end_matches(|c: char| c.is_ascii_digit()) {
-        "DEBUG" | "DEBUGGING" => Some(LogLevel::Debug),
-        "INFO" | "NORMAL" => Some(LogLevel::Info),
-        "WARN" => Some(LogLevel::Warning),
-        "SEVERE" => Some(LogLevel::Error),
-        _ => None,
-    }
-}
-
 fn epoch_now() -> f64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -1297,26 +901,5 @@ impl ExecutorConfig {
             environment: Vec::new(),
             rank,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// CASA's console lines keep their priority in the unified log; other
-    /// lines keep their stream's level.
-    #[test]
-    fn casa_console_lines_keep_their_priority() {
-        let line = |p: &str| format!("2026-12-04 23:01:07\t{p}\tflagdata::::MPIServer-2\tdone");
-        assert_eq!(casa_line_level(&line("INFO")), Some(LogLevel::Info));
-        assert_eq!(casa_line_level(&line("INFO3")), Some(LogLevel::Info));
-        assert_eq!(casa_line_level(&line("DEBUG1")), Some(LogLevel::Debug));
-        assert_eq!(casa_line_level(&line("WARN")), Some(LogLevel::Warning));
-        assert_eq!(casa_line_level(&line("SEVERE")), Some(LogLevel::Error));
-        assert_eq!(casa_line_level(&line("LOUD")), None);
-        assert_eq!(casa_line_level("Traceback (most recent call last):"), None);
-        assert_eq!(casa_line_level("2026-12-04 23:01:07 INFO not tabs"), None);
-        assert_eq!(casa_line_level("2026-12-04T23:01:07\tINFO\tx\ty"), None);
     }
 }

@@ -1,0 +1,180 @@
+//! A worker's death: when it is dead for sure (its output read to the
+//! end), how it ended, and what follows: a fresh worker, and the failure of
+//! the command it was running (rule 25).
+
+use super::*;
+
+/// Why the executor killed a worker itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub(super) enum KillReason {
+    /// The server node ordered it: a command ignored its interrupt for
+    /// the grace period (rule 24).
+    #[error("sent by the server node")]
+    Ordered,
+    /// It closed its results pipe while still running.
+    #[error("because it closed its results pipe")]
+    ResultsClosed,
+    /// It broke the framing of its results pipe.
+    #[error("because it sent a malformed frame")]
+    MalformedFrame,
+}
+
+#[derive(Debug)]
+pub(super) struct Restart {
+    pub(super) lost: Option<Running>,
+    pub(super) reason: String,
+    pub(super) death: Death,
+}
+
+/// How a worker ended: the signal that killed it, or its exit status.
+#[derive(Debug, Clone, Copy, Default)]
+pub(super) struct Death {
+    pub(super) signal: Option<i32>,
+    pub(super) exit_code: Option<i32>,
+}
+
+impl Executor {
+    /// Handles a worker whose process has ended, once its results are read
+    /// and its output has ended (or had its time).
+    pub(super) fn check_death(&mut self) {
+        let Some(w) = &self.worker else {
+            return;
+        };
+        let Some(died_at) = w.died_at else {
+            return;
+        };
+        if w.decoding.is_some() {
+            // Its last result first.
+            return;
+        }
+        let generation = w.generation;
+        let output_open = self.streams.iter().any(|s| s.generation == generation);
+        if (!w.results_closed || output_open) && Instant::now() < died_at + STRAGGLER_WAIT {
+            return;
+        }
+        let dead = self.worker.take().expect("checked above");
+        // Values it was writing into shared memory when it died.
+        if let Some((_, dir)) = self
+            .config
+            .environment
+            .iter()
+            .find(|(name, _)| name == crate::shm::SHM_DIR_VAR)
+        {
+            crate::shm::sweep_tmp(std::path::Path::new(dir), dead.pid);
+        }
+        self.streams.retain(|s| s.generation != generation);
+        self.on_death(dead);
+    }
+    fn on_death(&mut self, dead: Worker) {
+        let death = Death {
+            signal: dead.exit_signal,
+            exit_code: dead.exit_code,
+        };
+        let mut what = dead.exit.clone().unwrap_or_default();
+        match dead.killed_because {
+            Some(why) => what = format!("{what}, {why}"),
+            None if dead.exit_signal == Some(Signal::SIGKILL as i32) => {
+                what.push_str(" (the system's out-of-memory killer sends this signal)");
+            }
+            None => {}
+        }
+        let stderr: Vec<String> = self
+            .tail
+            .iter()
+            .filter(|(generation, _)| *generation == dead.generation)
+            .map(|(_, line)| line.clone())
+            .collect();
+        if !dead.ready {
+            let killed = dead.killed_because.is_none() && dead.exit_signal.is_some();
+            if killed && self.startup_kills < STARTUP_KILLS {
+                self.startup_kills += 1;
+                let note = format!("A worker {what} before it was ready; starting another.");
+                tracing::warn!(pid = dead.pid, "{note}");
+                let spawned = self.spawn_worker();
+                if let Some(restart) = &mut self.restart {
+                    restart.reason = format!("{}\n{note}", restart.reason);
+                }
+                match spawned {
+                    Ok(()) => return,
+                    Err(error) => what = format!("{what}, and no other could be started: {error}"),
+                }
+            }
+            match self.restart.take() {
+                None => {
+                    self.start_failure = Some(ExecutorError::StartupExit {
+                        python: self.config.python.clone(),
+                        status: what,
+                        stderr,
+                    });
+                }
+                Some(restart) => {
+                    let reason = format!(
+                        "{}\nThe new worker {what} before it was ready{}; no worker is left.",
+                        restart.reason,
+                        stderr_note(&stderr)
+                    );
+                    self.no_worker = Some(reason.clone());
+                    self.report_restart(restart.lost, reason, false, restart.death);
+                }
+            }
+            return;
+        }
+        let lost = self.running.take();
+        let mut reason = format!("Python worker died: {what}");
+        reason.push_str(match lost {
+            Some(_) => " while running this command.",
+            None => " while idle.",
+        });
+        if !stderr.is_empty() {
+            reason.push_str("\nIts last lines on stderr:");
+            for line in &stderr {
+                reason.push_str("\n    ");
+                reason.push_str(line);
+            }
+        }
+        tracing::warn!(pid = dead.pid, %reason, "restarting the Python worker");
+        match self.spawn_worker() {
+            Ok(()) => {
+                reason.push_str(
+                    "\nA fresh Python worker was started (its init script run again): \
+                     the globals of earlier commands are lost.",
+                );
+                self.restart = Some(Restart {
+                    lost,
+                    reason,
+                    death,
+                });
+            }
+            Err(error) => {
+                reason.push_str(&format!("\nNo new worker could be started: {error}"));
+                self.no_worker = Some(reason.clone());
+                self.report_restart(lost, reason, false, death);
+            }
+        }
+    }
+    pub(super) fn report_restart(
+        &mut self,
+        lost: Option<Running>,
+        reason: String,
+        restarted: bool,
+        death: Death,
+    ) {
+        let event = match lost {
+            Some(running) => ExecutorEvent::Finished(ExecOutcome {
+                id: running.id,
+                mode: running.mode,
+                ret: None,
+                successful: false,
+                traceback: Some(reason),
+                start_time: running.start_time,
+                stop_time: epoch_now(),
+                worker_restarted: restarted,
+                failure: FailureKind::WorkerDied,
+                worker_signal: death.signal,
+                worker_exit_code: death.exit_code,
+            }),
+            None => ExecutorEvent::WorkerRestarted { reason },
+        };
+        self.events.push_back(event);
+    }
+}
