@@ -24,521 +24,53 @@ and a ResponseDelivery in it parsed around its large values
 """
 
 import collections
-import json
 import os
 import socket
 import ssl
-import stat
-import struct
-import sys
 import threading
-from concurrent import futures as _futures
 from concurrent.futures import Future
+from concurrent import futures as _futures
 
 from . import shm, values
-from ._pb.casa.node.v1 import driver_pb2, envelope_pb2, node_pb2, value_pb2
+from ._pb.casa.node.v1 import driver_pb2, envelope_pb2
+# casanode.connection's names, as drivers and tests import them.
+from .discovery import (  # noqa: F401
+    CONNECTION_FILE_VAR,
+    ENDPOINT_VAR,
+    read_connection_file,
+    resolve,
+    resolve_endpoint,
+    runtime_dir,
+    split_endpoint,
+)
+from .errors import (  # noqa: F401
+    CasaNodeError,
+    ConnectionClosed,
+    LeasesUnsupported,
+    NoCluster,
+    Refused,
+    UnexpectedReply,
+    Unreachable,
+)
+from .wire import (  # noqa: F401
+    MAX_FRAME,
+    FrameReader,
+    PIPELINED_FLAG,
+    PROTOCOL_VERSION,
+    SUBMIT_IDS_KEY,
+    SplitResponse,
+    body_tag,
+    encode_frame,
+    frame_buffers,
+    parse_delivery,
+    read_frame,
+    send_buffers,
+)
 
-# The protocol's numbers come from envelope.proto's Constant enum, as the
-# Rust side's do.
-PROTOCOL_VERSION = envelope_pb2.CONSTANT_PROTOCOL_VERSION
 SOFTWARE = "casa-node-python 0.1.0"
-ENDPOINT_VAR = "CASA_NODE_ENDPOINT"
-CONNECTION_FILE_VAR = "CASA_NODE_CONNECTION_FILE"
-MAX_FRAME = envelope_pb2.CONSTANT_MAX_FRAME
 LEASE_BLOCK_VAR = "CASA_NODE_LEASE_BLOCK"
 DEFAULT_LEASE_BLOCK = 4096
 MAX_LEASE_BLOCK = envelope_pb2.CONSTANT_MAX_LEASE
-_LENGTH = struct.Struct(">I")
-
-
-class CasaNodeError(Exception):
-    """Base class of casanode's errors."""
-
-
-class NoCluster(CasaNodeError):
-    """No endpoint given and none recorded."""
-
-
-class Unreachable(CasaNodeError):
-    """The front door could not be reached."""
-
-
-class Refused(CasaNodeError):
-    """The client node answered with a ProtocolError."""
-
-    def __init__(self, message, code=0):
-        super().__init__(message)
-        self.code = code
-
-
-class ConnectionClosed(CasaNodeError):
-    """The connection to the client node is closed."""
-
-
-class UnexpectedReply(CasaNodeError):
-    """The client node answered with a message this client did not expect."""
-
-
-class LeasesUnsupported(CasaNodeError):
-    """The client node gives no id leases: submissions wait for a SubmitReply."""
-
-
-def runtime_dir():
-    """Where `casa-node up` keeps its sockets and endpoint record:
-    $XDG_RUNTIME_DIR/casa-node, else $TMPDIR (or /tmp)/casa-node-UID."""
-    base = os.environ.get("XDG_RUNTIME_DIR")
-    if base:
-        return os.path.join(base, "casa-node")
-    return os.path.join(os.environ.get("TMPDIR") or "/tmp", f"casa-node-{os.getuid()}")
-
-
-def _recorded_or_fail():
-    """What `_recorded` returns, or NoCluster saying how to start one."""
-    record = _recorded()
-    if record is None:
-        raise NoCluster(
-            "no casa-node cluster found: start one with `casa-node up`, "
-            f"or pass an endpoint or set {ENDPOINT_VAR}"
-        )
-    return record
-
-
-def _recorded():
-    """(endpoint, connection file or None) that `casa-node up` recorded,
-    or None. A record whose process (its `pid N` line) is gone is stale,
-    and taken as none; `casa-node` removes such records when it meets them."""
-    record = os.path.join(runtime_dir(), "endpoint")
-    try:
-        with open(record, encoding="utf-8") as f:
-            lines = [line.strip() for line in f if line.strip()]
-    except FileNotFoundError:
-        return None
-    if not lines:
-        return None
-    connection_file = None
-    for line in lines[1:]:
-        if line.startswith("pid "):
-            if not _alive(line[len("pid "):]):
-                return None
-        else:
-            connection_file = line
-    return lines[0], connection_file
-
-
-def _alive(pid):
-    try:
-        pid = int(pid)
-    except ValueError:
-        return True
-    if pid <= 0:
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def read_connection_file(path):
-    """The connection file of a tcp:// front door, as a dict with
-    "endpoint", "token" and "cert" (and, in the node's copy, "key" and
-    "signing_key"). Refused unless it is this user's and closed to group
-    and others, since it holds secrets."""
-    path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            st = os.fstat(f.fileno())
-            if st.st_uid != os.getuid():
-                raise CasaNodeError(
-                    f"connection file {path}: belongs to uid {st.st_uid}, not to this user "
-                    f"(uid {os.getuid()}); a connection file holds secrets and must be its user's own"
-                )
-            mode = stat.S_IMODE(st.st_mode)
-            if mode & 0o077:
-                raise CasaNodeError(
-                    f"connection file {path}: group or others may access it (mode {mode:03o}); "
-                    f"it holds secrets: make it 0600 (`chmod 600 {path}`)"
-                )
-            data = json.loads(f.read().decode("utf-8"))
-    except OSError as e:
-        raise CasaNodeError(f"connection file {path}: {e.strerror or e}") from e
-    except ValueError as e:
-        raise CasaNodeError(f"connection file {path}: not valid JSON: {e}") from e
-    if not isinstance(data, dict):
-        raise CasaNodeError(f"connection file {path}: not a JSON object")
-    for field in ("endpoint", "token", "cert"):
-        if not isinstance(data.get(field), str) or not data[field]:
-            raise CasaNodeError(f"connection file {path}: no {field!r}")
-    if not data["endpoint"].startswith("tcp://"):
-        raise CasaNodeError(f"connection file {path}: {data['endpoint']!r} is not tcp://HOST:PORT")
-    return data
-
-
-def _split_endpoint(endpoint):
-    """("unix", PATH) or ("tcp", (HOST, PORT)) for an endpoint string."""
-    endpoint = os.fspath(endpoint)
-    if endpoint.startswith("unix://"):
-        path = endpoint[len("unix://"):]
-        if path:
-            return "unix", path
-    elif endpoint.startswith("tcp://"):
-        host, _, port = endpoint[len("tcp://"):].rpartition(":")
-        if host.startswith("[") and host.endswith("]"):
-            host = host[1:-1]
-        if host and port.isdigit() and int(port) < 65536:
-            return "tcp", (host, int(port))
-    elif "://" not in endpoint and endpoint:
-        return "unix", endpoint
-    raise CasaNodeError(f"invalid endpoint {endpoint!r}: expected unix://PATH or tcp://HOST:PORT")
-
-
-def resolve(endpoint=None, connection_file=None):
-    """(endpoint, connection file dict or None) of the front door to use.
-
-    The endpoint: `endpoint`, else $CASA_NODE_ENDPOINT, else the connection
-    file's, else the one `casa-node up` recorded. A tcp:// front door's
-    connection file: `connection_file`, else $CASA_NODE_CONNECTION_FILE,
-    else the one `up` recorded with that endpoint."""
-    if not connection_file:
-        connection_file = os.environ.get(CONNECTION_FILE_VAR) or None
-    if not endpoint:
-        endpoint = os.environ.get(ENDPOINT_VAR)
-    conf = None
-    if not endpoint and connection_file:
-        conf = read_connection_file(connection_file)
-        endpoint = conf["endpoint"]
-    recorded_file = None
-    if not endpoint:
-        endpoint, recorded_file = _recorded_or_fail()
-    endpoint = os.fspath(endpoint)
-    kind, _ = _split_endpoint(endpoint)
-    if kind == "unix":
-        return endpoint, None
-    if conf is None:
-        if not connection_file:
-            record = _recorded()
-            if record is not None and record[0] == endpoint:
-                recorded_file = record[1]
-            connection_file = recorded_file
-        if not connection_file:
-            raise CasaNodeError(
-                f"{endpoint}: a tcp:// front door needs its connection file: "
-                f"pass connection_file or set {CONNECTION_FILE_VAR}"
-            )
-        conf = read_connection_file(connection_file)
-    return endpoint, conf
-
-
-def resolve_endpoint(endpoint=None):
-    """The front door to use: `endpoint` (unix://PATH, a path, or
-    tcp://HOST:PORT), else $CASA_NODE_ENDPOINT, else the record left by
-    `casa-node up`. Returns a unix:// front door's socket path, or a
-    tcp:// endpoint as it is."""
-    if not endpoint:
-        endpoint = os.environ.get(ENDPOINT_VAR)
-    if not endpoint:
-        endpoint = _recorded_or_fail()[0]
-    endpoint = os.fspath(endpoint)
-    kind, address = _split_endpoint(endpoint)
-    return address if kind == "unix" else endpoint
-
-
-def _recv_exact(sock, n):
-    buf = bytearray(n)
-    view = memoryview(buf)
-    got = 0
-    while got < n:
-        k = sock.recv_into(view[got:], n - got)
-        if k == 0:
-            return None if got == 0 else _truncated()
-        got += k
-    return buf  # protobuf parses a bytearray as it does bytes
-
-
-def _truncated():
-    raise ConnectionClosed("the connection closed in the middle of a frame")
-
-
-def read_frame(sock):
-    """The next Envelope, or None at end of stream."""
-    head = _recv_exact(sock, 4)
-    if head is None:
-        return None
-    (length,) = _LENGTH.unpack(head)
-    if length > MAX_FRAME:
-        raise CasaNodeError(f"a frame of {length} bytes exceeds the maximum of {MAX_FRAME}")
-    data = _recv_exact(sock, length) if length else b""
-    if data is None:
-        _truncated()
-    return envelope_pb2.Envelope.FromString(data)
-
-
-def encode_frame(envelope):
-    data = envelope.SerializeToString()
-    if len(data) > MAX_FRAME:
-        raise CasaNodeError(f"a frame of {len(data)} bytes exceeds the maximum of {MAX_FRAME}")
-    return _LENGTH.pack(len(data)) + data
-
-
-_BODY_TAGS = {}
-_Envelope = envelope_pb2.Envelope
-_VERSION = values.field_key(_Envelope, "protocol_version") + values._varint(PROTOCOL_VERSION)
-_K_CORRELATION = values.field_key(_Envelope, "correlation")
-# A SubmitRequest's ids, and pipelined = true: what submit_pipelined appends.
-_K_IDS = values.field_key(driver_pb2.SubmitRequest, "ids")
-_PIPELINED = values.field_key(driver_pb2.SubmitRequest, "pipelined") + values._varint(1)
-
-
-def body_tag(name):
-    """The tag of the Envelope body field `name` (e.g. submit_request), as
-    bytes: it precedes the length and the serialized message."""
-    tag = _BODY_TAGS.get(name)
-    if tag is None:
-        field = _Envelope.DESCRIPTOR.fields_by_name.get(name)
-        if field is None or field.containing_oneof is None:
-            raise AttributeError(f"an Envelope has no body {name!r}")
-        tag = _BODY_TAGS[name] = values.field_key(_Envelope, name)
-    return tag
-
-
-def frame_buffers(correlation, tag, buffers, size):
-    """The frame of an Envelope with `correlation` whose body field `tag`
-    holds the message serialized in `buffers` (`size` bytes in all), as a
-    list of buffers: small pieces joined, large ones (values.LARGE bytes or
-    more) as they are."""
-    varint = values._varint
-    head = _VERSION + (_K_CORRELATION + varint(correlation) if correlation else b"") + tag + varint(size)
-    length = len(head) + size
-    if length > MAX_FRAME:
-        raise CasaNodeError(f"a frame of {length} bytes exceeds the maximum of {MAX_FRAME}")
-    if size < values.LARGE:
-        return [b"".join([_LENGTH.pack(length), head, *buffers])]
-    out, small = [], [_LENGTH.pack(length), head]
-    for buffer in buffers:
-        if len(buffer) < values.LARGE:
-            small.append(buffer)
-        else:
-            out.append(b"".join(small))
-            out.append(buffer)
-            small = []
-    if small:
-        out.append(b"".join(small))
-    return out
-
-
-_IOV_MAX = 512
-
-
-def _send_buffers(sock, buffers):
-    """Sends the buffers in order, as sendall would their concatenation."""
-    if len(buffers) == 1:
-        sock.sendall(buffers[0])
-        return
-    if isinstance(sock, ssl.SSLSocket):
-        # TLS has no sendmsg: each buffer is encrypted on its own anyway.
-        for buffer in buffers:
-            sock.sendall(buffer)
-        return
-    views = [memoryview(b).cast("B") for b in buffers if len(b)]
-    i = 0
-    while i < len(views):
-        sent = sock.sendmsg(views[i:i + _IOV_MAX])
-        while sent:
-            n = len(views[i])
-            if sent >= n:
-                sent -= n
-                i += 1
-            else:
-                views[i] = views[i][sent:]
-                sent = 0
-
-
-class _FrameReader:
-    """Reads frames from a socket through a buffer: a small frame usually
-    takes one recv with the frames around it; a large one is read into a
-    buffer of its own."""
-
-    SIZE = 1 << 16
-
-    def __init__(self, sock):
-        self._sock = sock
-        self._buf = bytearray(self.SIZE)
-        self._view = memoryview(self._buf)
-        self._start = self._end = 0
-
-    def _fill(self, n):
-        """Buffers at least n bytes (n <= SIZE); False at the end of the
-        stream before any byte."""
-        if self._start + n > self.SIZE:
-            held = self._end - self._start
-            self._view[:held] = self._buf[self._start:self._end]
-            self._start, self._end = 0, held
-        while self._end - self._start < n:
-            k = self._sock.recv_into(self._view[self._end:])
-            if k == 0:
-                if self._end == self._start:
-                    return False
-                _truncated()
-            self._end += k
-        return True
-
-    def next(self):
-        """(data, large) for the next frame's Envelope, or None at the end of
-        the stream: a small frame's bytes, or a large frame's memoryview."""
-        if not self._fill(4):
-            return None
-        (length,) = _LENGTH.unpack_from(self._buf, self._start)
-        if length > MAX_FRAME:
-            raise CasaNodeError(f"a frame of {length} bytes exceeds the maximum of {MAX_FRAME}")
-        if length + 4 <= self.SIZE:
-            self._fill(4 + length) or _truncated()
-            start = self._start + 4
-            data = self._buf[start:start + length]
-            self._start = start + length
-            if self._start == self._end:
-                self._start = self._end = 0
-            return data, False
-        view = _frame_buffer(length)
-        start = self._start + 4
-        got = self._end - start
-        view[:got] = self._view[start:self._end]
-        self._start = self._end = 0
-        while got < length:
-            k = self._sock.recv_into(view[got:])
-            if k == 0:
-                _truncated()
-            got += k
-        return view, True
-
-
-def _frame_buffer(n):
-    """A writable buffer of n bytes, as a memoryview; numpy's when numpy is
-    loaded (it allocates large buffers with huge pages, faulting far less)."""
-    np = sys.modules.get("numpy")
-    if np is not None:
-        try:
-            return memoryview(np.empty(n, np.uint8))
-        except Exception:  # a numpy that cannot
-            pass
-    return memoryview(bytearray(n))
-
-
-class _Parameter:
-    """A Parameter of a SplitResponse: its name, and its value for
-    values.from_value."""
-
-    __slots__ = ("name", "value")
-
-    def __init__(self, name, value):
-        self.name = name
-        self.value = value
-
-
-# The CommandResponse fields a SplitResponse holds as a message.
-_SMALL_FIELDS = frozenset(
-    f.name for f in node_pb2.CommandResponse.DESCRIPTOR.fields if f.name not in ("parameters", "ret")
-)
-
-
-class SplitResponse:
-    """A CommandResponse from a large frame, parsed around its large values:
-    `parameters` (objects with `name` and `value`) and `ret` hold
-    values.SplitValue (or Value) objects that values.from_value decodes, the
-    other fields read as the message's. `message()` is the whole message."""
-
-    __slots__ = ("_small", "parameters", "ret", "_raw", "_message")
-
-    def __init__(self, small, parameters, ret, raw):
-        self._small = small
-        self.parameters = parameters
-        self.ret = ret
-        self._raw = raw
-        self._message = None
-
-    def HasField(self, name):
-        if name == "ret":
-            return self.ret is not None
-        return self._small.HasField(name)
-
-    def message(self):
-        """The CommandResponse message, parsed whole (once)."""
-        if self._message is None:
-            self._message = node_pb2.CommandResponse.FromString(self._raw)
-        return self._message
-
-    def __getattr__(self, name):
-        if name in _SMALL_FIELDS:
-            return getattr(self._small, name)
-        if name.startswith("_"):
-            raise AttributeError(name)
-        return getattr(self.message(), name)
-
-
-_number = values.field_number
-_N_VERSION = _number(_Envelope, "protocol_version")
-_N_CORRELATION = _number(_Envelope, "correlation")
-_N_DELIVERY = _number(_Envelope, "response_delivery")
-_N_DELIVERY_RESPONSE = _number(driver_pb2.ResponseDelivery, "response")
-_N_REPLACES_TIMEOUT = _number(driver_pb2.ResponseDelivery, "replaces_timeout")
-_N_PARAMETERS = _number(node_pb2.CommandResponse, "parameters")
-_N_RET = _number(node_pb2.CommandResponse, "ret")
-_N_PARAMETER_NAME = _number(value_pb2.Parameter, "name")
-_N_PARAMETER_VALUE = _number(value_pb2.Parameter, "value")
-
-
-def _parse_delivery(view):
-    """(correlation, SplitResponse) for a frame carrying a ResponseDelivery
-    in the plain encoding, parsed around its large values; None for any
-    other frame (protobuf parses it then)."""
-    fields = values.fields
-    correlation = 0
-    delivery = None
-    for n, w, v, _, _ in fields(view):
-        if n == _N_VERSION and w == 0:
-            continue
-        if n == _N_CORRELATION and w == 0:
-            correlation = v
-        elif n == _N_DELIVERY and w == 2 and delivery is None:
-            delivery = v
-        else:
-            return None
-    if delivery is None:
-        return None
-    response = None
-    for n, w, v, _, _ in fields(delivery):
-        if n == _N_DELIVERY_RESPONSE and w == 2 and response is None:
-            response = v
-        elif not (n == _N_REPLACES_TIMEOUT and w == 0):
-            return None
-    if response is None:
-        return None
-    small, parameters, ret = [], [], None
-    for n, w, v, start, end in fields(response):
-        if n == _N_PARAMETERS and w == 2:
-            parameters.append(_parse_parameter(v))
-        elif n == _N_RET and w == 2 and ret is None:
-            ret = values.parse_value(v, 3)
-        elif n == _N_PARAMETERS or n == _N_RET:
-            return None
-        else:
-            small.append(response[start:end])
-    message = node_pb2.CommandResponse.FromString(b"".join(small))
-    return correlation, SplitResponse(message, parameters, ret, response)
-
-
-def _parse_parameter(view):
-    name = value = None
-    for n, w, v, _, _ in values.fields(view):
-        if n == _N_PARAMETER_NAME or n == _N_PARAMETER_VALUE:
-            if w != 2 or (name if n == _N_PARAMETER_NAME else value) is not None:
-                raise values.Irregular("a repeated or mistyped parameter field")
-            if n == _N_PARAMETER_NAME:
-                name = str(v, "utf-8")
-            else:
-                value = values.parse_value(v, 4)
-    return _Parameter(name or "", value if value is not None else values.Value())
 
 
 class Connection:
@@ -554,7 +86,7 @@ class Connection:
         if not 1 <= lease_block <= MAX_LEASE_BLOCK:
             raise CasaNodeError(f"an id lease block must hold 1 to {MAX_LEASE_BLOCK} ids, not {lease_block}")
         endpoint, conf = resolve(endpoint, connection_file)
-        kind, address = _split_endpoint(endpoint)
+        kind, address = split_endpoint(endpoint)
         # Shared memory (see shm.py) only on this host: through unix
         # sockets, and once the Welcome's directory holds its tag.
         wants_shared = kind == "unix" and shm.threshold() > 0
@@ -686,7 +218,7 @@ class Connection:
             if self._closed:
                 raise ConnectionClosed("the connection to the client node is closed")
             try:
-                _send_buffers(self._sock, buffers)
+                send_buffers(self._sock, buffers)
             except OSError as e:
                 raise ConnectionClosed(f"the connection to the client node closed: {e}") from e
 
@@ -729,10 +261,10 @@ class Connection:
                         refill = self._lease_asked = True
                 if ids is not None:
                     packed = b"".join([values._varint(i) for i in ids])
-                    tail = _K_IDS + values._varint(len(packed)) + packed + _PIPELINED
+                    tail = SUBMIT_IDS_KEY + values._varint(len(packed)) + packed + PIPELINED_FLAG
                     frame = frame_buffers(0, tag, [*buffers, tail], size + len(tail))
                     try:
-                        _send_buffers(self._sock, frame)
+                        send_buffers(self._sock, frame)
                     except OSError as e:
                         raise ConnectionClosed(f"the connection to the client node closed: {e}") from e
             if refill:
@@ -907,7 +439,7 @@ class Connection:
     # -------------------------------------------------------------- reader
 
     def _read_loop(self):
-        reader = _FrameReader(self._sock)
+        reader = FrameReader(self._sock)
         try:
             while True:
                 frame = reader.next()
@@ -925,7 +457,7 @@ class Connection:
 
     def _dispatch_large(self, view):
         try:
-            parsed = _parse_delivery(view)
+            parsed = parse_delivery(view)
         except (values.Irregular, UnicodeDecodeError):
             parsed = None
         if parsed is None:

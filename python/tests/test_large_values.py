@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from casanode import client as client_module
-from casanode import connection, values
+from casanode import connection, values, wire
 from casanode._pb.casa.node.v1 import driver_pb2, envelope_pb2, node_pb2, value_pb2
 from test_values import python_values, same
 
@@ -177,7 +177,7 @@ def test_a_large_delivery_reads_as_the_message(ret):
                          status=node_pb2.COMMAND_STATUS_RESPONSE_RECEIVED, command_start_time=1.5,
                          traceback="t")
     wire = envelope.SerializeToString()
-    correlation, split = connection._parse_delivery(memoryview(bytearray(wire)))
+    correlation, split = wire.parse_delivery(memoryview(bytearray(wire)))
     expected = client_module.response_dict(envelope.response_delivery.response)
     got = client_module.response_dict(split)
     assert same(sorted(got.items(), key=str), sorted(expected.items(), key=str))
@@ -190,9 +190,9 @@ def test_a_large_delivery_reads_as_the_message(ret):
 def test_other_large_frames_are_left_to_protobuf():
     status = envelope_pb2.Envelope(protocol_version=1, correlation=3)
     status.log_record.message = "m" * LARGE
-    assert connection._parse_delivery(memoryview(status.SerializeToString())) is None
+    assert wire.parse_delivery(memoryview(status.SerializeToString())) is None
     twice = _delivery({}, BIG).SerializeToString() + _delivery({}, 1).SerializeToString()
-    assert connection._parse_delivery(memoryview(twice)) is None
+    assert wire.parse_delivery(memoryview(twice)) is None
 
 
 def test_frames_cross_a_socket_whole_and_in_order():
@@ -208,19 +208,19 @@ def test_frames_cross_a_socket_whole_and_in_order():
 
     def send():
         for buffers, _ in frames:
-            connection._send_buffers(a, buffers)
+            wire.send_buffers(a, buffers)
         a.close()
 
     sender = threading.Thread(target=send)
     sender.start()
-    reader = connection._FrameReader(b)
+    reader = wire.FrameReader(b)
     for _, (correlation, message) in frames:
         data, large = reader.next()
         envelope = envelope_pb2.Envelope.FromString(data)
         assert envelope.correlation == correlation
         # The body went out as a Value in the log_record field: same bytes.
         assert envelope.log_record.SerializeToString() == message.SerializeToString()
-        assert large == (len(data) + 4 > connection._FrameReader.SIZE)
+        assert large == (len(data) + 4 > wire.FrameReader.SIZE)
     assert reader.next() is None
     sender.join()
     b.close()
@@ -231,7 +231,7 @@ def test_a_frame_cut_short_is_an_error():
     a.sendall(b"\x00\x00\x00\x10abc")
     a.close()
     with pytest.raises(connection.ConnectionClosed):
-        connection._FrameReader(b).next()
+        wire.FrameReader(b).next()
     b.close()
 
 

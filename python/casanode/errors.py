@@ -1,0 +1,33 @@
+"""casanode's errors: what a driver catches."""
+
+
+class CasaNodeError(Exception):
+    """Base class of casanode's errors."""
+
+
+class NoCluster(CasaNodeError):
+    """No endpoint given and none recorded."""
+
+
+class Unreachable(CasaNodeError):
+    """The front door could not be reached."""
+
+
+class Refused(CasaNodeError):
+    """The client node answered with a ProtocolError."""
+
+    def __init__(self, message, code=0):
+        super().__init__(message)
+        self.code = code
+
+
+class ConnectionClosed(CasaNodeError):
+    """The connection to the client node is closed."""
+
+
+class UnexpectedReply(CasaNodeError):
+    """The client node answered with a message this client did not expect."""
+
+
+class LeasesUnsupported(CasaNodeError):
+    """The client node gives no id leases: submissions wait for a SubmitReply."""
