@@ -5,7 +5,7 @@
 //!   worker's source as a module (its `main` does not run) and decodes
 //!   whatever frames it is sent with the worker's own functions, under
 //!   `tracemalloc`. Arbitrary and hostile values and envelopes (the
-//!   strategies of `crates/protocol/tests/strategies`) must give a value or
+//!   strategies of `casa_node_protocol::strategies`) must give a value or
 //!   a clean `DecodeError` (or `UnicodeDecodeError`), never another
 //!   exception, a crash or a hang; allocate at most [`PY_EXPANSION`] bytes
 //!   per byte; refuse what prost's side refuses as too deep; read every
@@ -29,9 +29,6 @@
 //! a few hundred inputs a second), a few thousand otherwise. Every process
 //! is stopped by PID.
 
-#[path = "../../protocol/tests/strategies/mod.rs"]
-mod strategies;
-
 use std::io::{BufRead, BufReader, Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
@@ -52,6 +49,10 @@ use casa_node_protocol::pb::{
     LogLevelRequest, ProtocolErrorCode, RejectReason, Role, StatusRequest, SubmitRequest,
     TrackRequest, Value, submit_reply,
 };
+use casa_node_protocol::strategies::{
+    Level, Place, arb_hostile_body, arb_hostile_value_bytes, chain, chain_leaves,
+    envelope_with_value, ld, levels_for, well_formed,
+};
 use casa_node_protocol::{
     DEFAULT_MAX_FRAME, FrameError, Framing, MAX_VALUE_DEPTH, PROTOCOL_VERSION, Transport,
     TransportEvent,
@@ -62,10 +63,6 @@ use nix::unistd::Pid;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use prost::Message;
-use strategies::{
-    Level, Place, arb_hostile_body, arb_hostile_value_bytes, chain, chain_leaves,
-    envelope_with_value, ld, levels_for, well_formed,
-};
 
 const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
 const WAIT: Duration = Duration::from_secs(60);
