@@ -237,7 +237,7 @@ impl Launch {
             nodes: None,
             dashboard: None,
             procs,
-            stdout,
+            stdout: Mutex::new(stdout),
             stderr,
         };
         cluster.front_door = cluster.line("front door: ");
@@ -329,7 +329,9 @@ pub struct Cluster {
     nodes: Option<String>,
     dashboard: Option<String>,
     procs: Arc<ProcessSet>,
-    stdout: mpsc::Receiver<String>,
+    /// The launcher's standard output, line by line (in a mutex: a
+    /// cluster is shared by the threads of a test).
+    stdout: Mutex<mpsc::Receiver<String>>,
     stderr: Kept,
 }
 
@@ -337,7 +339,12 @@ impl Cluster {
     /// The launcher's next line of standard output, which must start with
     /// `prefix`; the rest of it.
     fn line(&self, prefix: &str) -> String {
-        match self.stdout.recv_timeout(WAIT) {
+        let next = self
+            .stdout
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .recv_timeout(WAIT);
+        match next {
             Ok(line) if line.starts_with(prefix) => line[prefix.len()..].trim().to_owned(),
             other => panic!(
                 "the cluster did not print {prefix:?}: {other:?}\n{}",
