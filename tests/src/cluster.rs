@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-use crate::process::{ChildGuard, ProcessSet, descendants, mpirun_in};
+use crate::process::{ChildGuard, ProcessSet, descendants, lines, mpirun_in};
 
 /// The longest any one wait of a test may take before the test fails (the
 /// fault suite calls it a hang).
@@ -273,20 +273,6 @@ fn dashboard_off(args: &[OsString], envs: &[(OsString, OsString)]) -> bool {
         .any(|(name, value)| name == "CASA_NODE_DASHBOARD" && value == "off")
 }
 
-/// `pipe`'s lines, read on a thread of their own until it closes.
-fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
-}
-
 /// What a process wrote on a pipe so far, and a signal for each new line.
 type Kept = Arc<(Mutex<String>, Condvar)>;
 
@@ -481,7 +467,7 @@ impl Cluster {
     /// `bin` (the `casa-node` CLI) with this cluster's runtime directory,
     /// and none of the test's own endpoint or connection file: it finds
     /// the cluster as a user's shell would.
-    pub fn cli(&self, bin: impl AsRef<OsStr>) -> Command {
+    pub fn cli_command(&self, bin: impl AsRef<OsStr>) -> Command {
         let mut command = Command::new(bin);
         command
             .env("XDG_RUNTIME_DIR", self.runtime_dir())

@@ -29,6 +29,8 @@
 //! a few hundred inputs a second), a few thousand otherwise. Every process
 //! is stopped by PID.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
@@ -59,13 +61,12 @@ use casa_node_protocol::{
     TransportEvent,
 };
 use casa_node_transport_zmq::ZmqTransport;
+use common::{BIN, still_serving};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use prost::Message;
-
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
 
 fn python() -> PathBuf {
     std::env::var_os("CASA_NODE_TEST_PYTHON")
@@ -510,15 +511,6 @@ fn rss(pid: Pid) -> u64 {
         .and_then(|v| v.parse().ok())
         .expect("VmRSS");
     kib * 1024
-}
-
-/// The other driver, connected all along, still gets answers.
-fn still_serving(client: &BlockingClient) {
-    let ids = client.submit(Submit::new("1+1")).expect("accepted");
-    let mut responses = client.wait_timeout(&ids, WAIT).expect("answered");
-    let response = responses.remove(0);
-    assert!(response.successful, "{:?}", response.traceback);
-    assert_eq!(response.ret, Some(Value::from(2)));
 }
 
 /// Bad input of every kind at the front door of a real cluster: each gets
@@ -1020,22 +1012,14 @@ fn casa_without_casatasks_is_one_line_at_start_up() {
         &["server", "--casa", "--python", python, "--connect", &nodes],
     ];
     for args in runs {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(&dir)
-            .env("XDG_RUNTIME_DIR", dir.join("runtime"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("casa-node starts");
-        let status = process::wait_exit(&mut child, WAIT);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let mut stderr = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let (status, stderr) = process::run_to_end(
+            Command::new(BIN)
+                .args(args)
+                .current_dir(&dir)
+                .env("XDG_RUNTIME_DIR", dir.join("runtime"))
+                .stdout(Stdio::null()),
+            WAIT,
+        );
         assert_eq!(status.and_then(|s| s.code()), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(
@@ -1069,23 +1053,15 @@ fn a_dashboard_off_loopback_without_tls_is_one_line_at_start_up() {
         ),
     ];
     for (args, says) in cases {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(&dir)
-            .env("XDG_RUNTIME_DIR", dir.join("runtime"))
-            .env_remove("CASA_NODE_DASHBOARD")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("casa-node starts");
-        let status = process::wait_exit(&mut child, WAIT);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let mut stderr = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let (status, stderr) = process::run_to_end(
+            Command::new(BIN)
+                .args(args)
+                .current_dir(&dir)
+                .env("XDG_RUNTIME_DIR", dir.join("runtime"))
+                .env_remove("CASA_NODE_DASHBOARD")
+                .stdout(Stdio::null()),
+            WAIT,
+        );
         assert_eq!(status.and_then(|s| s.code()), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }

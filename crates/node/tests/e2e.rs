@@ -3,25 +3,25 @@
 //! names the SEMANTICS rule it checks. Every process a test starts is
 //! stopped when the test ends, passed or failed, by PID.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
-use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use casa_node::client::{BlockingClient, ClientError, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
-use casa_node_conformance::cluster::{self, EXIT_BOUND, Launch, WAIT, over_mpi};
+use casa_node_conformance::cluster::{self, Cluster, EXIT_BOUND, Launch, WAIT, over_mpi};
 use casa_node_conformance::driver::RawDriver;
 use casa_node_conformance::process::{self, ChildGuard, wait_gone};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
     CommandMode, CommandStatus, LogLevel, RejectReason, StatusRequest, Value,
 };
+use common::BIN;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
-
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
 
 /// `casa-node up` with `servers` servers, over the transport the tests run
 /// on.
@@ -29,49 +29,91 @@ fn up(servers: usize) -> Launch {
     Launch::new(BIN, servers)
 }
 
-/// A running cluster (the harness's [`cluster::Cluster`]), driven through
-/// the Rust client and the CLI; stopped by PID on drop.
-struct Cluster {
-    run: cluster::Cluster,
-    endpoint: FrontDoorEndpoint,
+/// Starts `launch`, whose front door must be the one asked for, and
+/// notes its servers and workers.
+fn start(launch: Launch) -> Cluster {
+    let cluster = launch.start();
+    let socket = cluster.dir().join("front.sock");
+    assert_eq!(
+        cluster.front_door(),
+        format!("unix://{}", socket.display()),
+        "the front door up printed"
+    );
+    cluster.note_pids();
+    cluster
 }
 
-impl Deref for Cluster {
-    type Target = cluster::Cluster;
-
-    fn deref(&self) -> &cluster::Cluster {
-        &self.run
-    }
-}
-
-impl DerefMut for Cluster {
-    fn deref_mut(&mut self) -> &mut cluster::Cluster {
-        &mut self.run
-    }
-}
-
-impl Cluster {
-    /// Starts `launch`, whose front door must be the one asked for, and
-    /// notes its servers and workers.
-    fn start(launch: Launch) -> Cluster {
-        let run = launch.start();
-        let endpoint = FrontDoorEndpoint::Unix(run.dir().join("front.sock"));
-        assert_eq!(
-            run.front_door(),
-            endpoint.to_string(),
-            "the front door up printed"
-        );
-        let cluster = Cluster { run, endpoint };
-        cluster.note_pids();
-        cluster
-    }
+/// A running cluster, driven through the Rust client and the CLI.
+trait Driven {
+    /// Its front door.
+    fn endpoint(&self) -> FrontDoorEndpoint;
 
     fn client(&self) -> BlockingClient {
-        BlockingClient::connect(&self.endpoint).expect("the front door accepts")
+        BlockingClient::connect(&self.endpoint()).expect("the front door accepts")
     }
 
     /// Adds the cluster's tree, and the servers and workers its status
     /// names (attached ones too), to the processes seen; the latter.
+    fn note_pids(&self) -> Vec<Pid>;
+
+    /// The CLI with `args`, aimed at this cluster.
+    fn command(&self, args: &[&str]) -> Command;
+
+    /// Runs the CLI against this cluster.
+    fn cli(&self, args: &[&str]) -> Output {
+        self.command(args).output().expect("the CLI runs")
+    }
+
+    fn server_pid(&self, rank: i32) -> (u32, u32) {
+        let s = self.client().status(Some(rank)).unwrap().servers.remove(0);
+        (s.pid, s.worker_pid)
+    }
+
+    /// `casa-node status --watch --interval 0.2 ARGS` on this cluster, its
+    /// output piped.
+    fn watch(&self, args: &[&str]) -> Watching {
+        let mut child = self
+            .command(&["status", "--watch", "--interval", "0.2"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the CLI runs");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = process::drain(child.stderr.take().unwrap());
+        let json = args.contains(&"--json");
+        let (tx, snapshots) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut block = String::new();
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                let sent = if json {
+                    tx.send(line)
+                } else if line.is_empty() {
+                    tx.send(std::mem::take(&mut block))
+                } else {
+                    block.push_str(&line);
+                    block.push('\n');
+                    Ok(())
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        Watching {
+            child: ChildGuard(child),
+            snapshots,
+            stderr,
+        }
+    }
+}
+
+impl Driven for Cluster {
+    fn endpoint(&self) -> FrontDoorEndpoint {
+        FrontDoorEndpoint::Unix(self.socket())
+    }
+
     fn note_pids(&self) -> Vec<Pid> {
         self.note_tree();
         let status = self.client().status(None).unwrap();
@@ -88,23 +130,12 @@ impl Cluster {
         pids
     }
 
-    /// Runs the CLI against this cluster.
-    fn cli(&self, args: &[&str]) -> Output {
-        self.command(args).output().expect("the CLI runs")
-    }
-
-    /// The CLI with `args`, aimed at this cluster.
     fn command(&self, args: &[&str]) -> Command {
-        let mut command = self.run.cli(BIN);
+        let mut command = self.cli_command(BIN);
         command
             .args(args)
-            .env("CASA_NODE_ENDPOINT", self.endpoint.to_string());
+            .env("CASA_NODE_ENDPOINT", self.endpoint().to_string());
         command
-    }
-
-    fn server_pid(&self, rank: i32) -> (u32, u32) {
-        let s = self.client().status(Some(rank)).unwrap().servers.remove(0);
-        (s.pid, s.worker_pid)
     }
 }
 
@@ -124,7 +155,7 @@ fn stdout_lines(output: &Output) -> Vec<serde_json::Value> {
 
 #[test]
 fn cli_submit_prints_json_records_and_fails_on_errors() {
-    let cluster = Cluster::start(up(2));
+    let cluster = start(up(2));
     // Rules 1, 3, 6, 9: parameters, eval, the record's fields.
     let out = cluster.cli(&["submit", "--param", "a=1", "--param", "b=2", "a+b"]);
     assert!(out.status.success(), "{out:?}");
@@ -180,7 +211,7 @@ fn cli_submit_prints_json_records_and_fails_on_errors() {
 
 #[test]
 fn cli_status_and_stop() {
-    let mut cluster = Cluster::start(up(2));
+    let mut cluster = start(up(2));
     let out = cluster.cli(&["status"]);
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
@@ -225,7 +256,7 @@ fn cli_status_and_stop() {
 /// SIGINT ends it with success.
 #[test]
 fn rule_23_status_watch_follows_the_servers_until_interrupted() {
-    let cluster = Cluster::start(up(2));
+    let cluster = start(up(2));
     let mut watching = cluster.watch(&[]);
     // (rank, state) of each row: the lines between the column heads and
     // the summary.
@@ -305,7 +336,7 @@ fn rule_23_status_watch_follows_the_servers_until_interrupted() {
 /// line on stderr saying so.
 #[test]
 fn rule_23_status_watch_says_when_the_cluster_is_gone() {
-    let mut cluster = Cluster::start(up(1));
+    let mut cluster = start(up(1));
     let watching = cluster.watch(&["--json"]);
     let mut times = Vec::new();
     for _ in 0..2 {
@@ -335,7 +366,7 @@ fn rule_23_status_watch_says_when_the_cluster_is_gone() {
     assert!(
         stderr.starts_with(&format!(
             "casa-node: error: the cluster at {} is gone",
-            cluster.endpoint
+            cluster.endpoint()
         )),
         "{stderr}"
     );
@@ -360,47 +391,6 @@ impl Watching {
 
     fn pid(&self) -> Pid {
         self.child.pid()
-    }
-}
-
-impl Cluster {
-    /// `casa-node status --watch --interval 0.2 ARGS` on this cluster, its
-    /// output piped.
-    fn watch(&self, args: &[&str]) -> Watching {
-        let mut child = self
-            .command(&["status", "--watch", "--interval", "0.2"])
-            .args(args)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the CLI runs");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let stderr = process::drain(child.stderr.take().unwrap());
-        let json = args.contains(&"--json");
-        let (tx, snapshots) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut block = String::new();
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                let sent = if json {
-                    tx.send(line)
-                } else if line.is_empty() {
-                    tx.send(std::mem::take(&mut block))
-                } else {
-                    block.push_str(&line);
-                    block.push('\n');
-                    Ok(())
-                };
-                if sent.is_err() {
-                    break;
-                }
-            }
-        });
-        Watching {
-            child: ChildGuard(child),
-            snapshots,
-            stderr,
-        }
     }
 }
 
@@ -495,7 +485,7 @@ fn rules_2_to_7_commands_parameters_and_globals() {
     }
     let init = Init(std::env::temp_dir().join(format!("casa-node-init-{}.py", std::process::id())));
     std::fs::write(&init.0, "def hello():\n    return 'hi from init'\n").unwrap();
-    let cluster = Cluster::start(up(1).args(["--init", init.0.to_str().unwrap()]));
+    let cluster = start(up(1).args(["--init", init.0.to_str().unwrap()]));
     let c = cluster.client();
     // Rule 5: the start-up script ran in the worker's namespace.
     assert_eq!(
@@ -582,7 +572,7 @@ fn rules_2_to_7_commands_parameters_and_globals() {
 
 #[test]
 fn rules_11_to_17_ids_targets_and_waiting() {
-    let cluster = Cluster::start(up(2));
+    let cluster = start(up(2));
     let c = cluster.client();
     // Rule 15: the seed's busy-target example.
     let first = c
@@ -641,7 +631,7 @@ fn rules_11_to_17_ids_targets_and_waiting() {
 #[test]
 fn a_parameter_larger_than_the_byte_budget_goes_there_and_back() {
     const LEN: usize = 80 << 20;
-    let cluster = Cluster::start(up(2).timeout(10));
+    let cluster = start(up(2).timeout(10));
     cluster.note_pids();
     let c = cluster.client();
     let data: Vec<u8> = (0..LEN)
@@ -718,7 +708,7 @@ fn pings_are_answered_while_a_512_mib_value_crosses() {
     // nodes share their work (1.5 to 5.6 s seen): there the test holds
     // server n# 2 to the cluster's timeout only.
     let gap_limit = (!over_mpi()).then_some(2.0);
-    let cluster = Cluster::start(up(2).timeout(10));
+    let cluster = start(up(2).timeout(10));
     let watcher = cluster.client();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watching = {
@@ -807,7 +797,7 @@ fn large_buffers_get_huge_pages_unless_turned_off() {
         .is_ok_and(|mode| mode.contains("[madvise]") || mode.contains("[always]"));
     let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|mode| mode.contains("[always]"));
-    let cluster = Cluster::start(up(1));
+    let cluster = start(up(1));
     let (tunables, huge) = huge_pages_in_worker(&cluster);
     assert_eq!(tunables.as_deref(), Some("glibc.malloc.hugetlb=1"));
     let server_node = std::fs::read(format!("/proc/{}/environ", cluster.server_pid(1).0)).unwrap();
@@ -824,7 +814,7 @@ fn large_buffers_get_huge_pages_unless_turned_off() {
     }
     drop(cluster);
 
-    let cluster = Cluster::start(up(1).env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0"));
+    let cluster = start(up(1).env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0"));
     let (tunables, huge) = huge_pages_in_worker(&cluster);
     assert_eq!(tunables.as_deref(), Some("glibc.malloc.hugetlb=0"));
     if on_request && !always {
@@ -837,7 +827,7 @@ fn large_buffers_get_huge_pages_unless_turned_off() {
 
 #[test]
 fn rules_19_to_21_a_stopped_server_times_out_and_recovers() {
-    let cluster = Cluster::start(up(2));
+    let cluster = start(up(2));
     cluster.note_pids();
     let c = cluster.client();
     let (server, _) = cluster.server_pid(2);
@@ -883,7 +873,7 @@ fn stop_services_ends_the_cluster_while_a_server_hangs() {
     // A server that never answers again (stopped, not dead) must not keep
     // the cluster from ending: over ZeroMQ `up` kills its child, over MPI
     // rank 0 gives up waiting for it in MPI_Finalize and mpirun ends the job.
-    let mut cluster = Cluster::start(up(2));
+    let mut cluster = start(up(2));
     cluster.note_pids();
     let c = cluster.client();
     let (server, _) = cluster.server_pid(2);
@@ -904,7 +894,7 @@ fn stop_services_ends_the_cluster_while_a_server_hangs() {
 
 #[test]
 fn rule_22_debugging_mode_keeps_a_stopped_server_online() {
-    let cluster = Cluster::start(up(1));
+    let cluster = start(up(1));
     let c = cluster.client();
     let (server, _) = cluster.server_pid(1);
     c.set_debugging(true).unwrap();
@@ -922,7 +912,7 @@ fn rule_22_debugging_mode_keeps_a_stopped_server_online() {
 
 #[test]
 fn rule_24_deadline_and_cancel_interrupt_the_worker() {
-    let cluster = Cluster::start(up(1));
+    let cluster = start(up(1));
     let c = cluster.client();
     let r = one(
         &c,
@@ -960,7 +950,7 @@ fn rule_24_a_deadline_counts_from_the_start_of_the_command_not_during_the_init_s
     std::fs::write(&init.0, "import time\ntime.sleep(3)\ninit_done = True\n").unwrap();
     // The front door opens once the servers have started, while their
     // workers still run the init script.
-    let cluster = Cluster::start(up(1).args(["--init", init.0.to_str().unwrap()]));
+    let cluster = start(up(1).args(["--init", init.0.to_str().unwrap()]));
     let c = cluster.client();
     let r = one(
         &c,
@@ -972,7 +962,7 @@ fn rule_24_a_deadline_counts_from_the_start_of_the_command_not_during_the_init_s
 
 #[test]
 fn rule_25_a_dead_worker_fails_its_command_and_a_fresh_one_serves() {
-    let cluster = Cluster::start(up(1));
+    let cluster = start(up(1));
     let c = cluster.client();
     for (how, expect) in [
         ("import ctypes; ctypes.string_at(0)", "SIGSEGV"),
@@ -992,7 +982,7 @@ fn rule_25_a_dead_worker_fails_its_command_and_a_fresh_one_serves() {
 
 #[test]
 fn rule_26_and_31_32_the_unified_log() {
-    let mut cluster = Cluster::start(up(2));
+    let mut cluster = start(up(2));
     let c = cluster.client();
     one(
         &c,
@@ -1025,7 +1015,7 @@ fn rule_26_and_31_32_the_unified_log() {
 
 #[test]
 fn rule_30_killing_the_client_node_leaves_nothing_behind() {
-    let mut cluster = Cluster::start(up(2));
+    let mut cluster = start(up(2));
     let noted = cluster.note_pids();
     assert!(noted.len() >= 4, "servers and workers: {noted:?}");
     if over_mpi() {
@@ -1052,7 +1042,7 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
 
 #[test]
 fn rule_31_log_level_changes_at_run_time() {
-    let mut cluster = Cluster::start(up(1).args(["--log-level", "debug"]));
+    let mut cluster = start(up(1).args(["--log-level", "debug"]));
     let c = cluster.client();
     c.set_log_level(LogLevel::Error, &[]).unwrap();
     one(&c, Submit::new("print('quiet please')"));
@@ -1080,7 +1070,7 @@ fn rule_31_log_level_changes_at_run_time() {
 fn rule_31_the_log_file_rotates_at_its_max_size() {
     const MAX: usize = 2048;
     const COMMANDS: usize = 40;
-    let mut cluster = Cluster::start(up(1).args(["--log-max-size", "2K", "--log-keep", "2"]));
+    let mut cluster = start(up(1).args(["--log-max-size", "2K", "--log-keep", "2"]));
     let c = cluster.client();
     // Three lines of about 100 bytes each: sent, printed, handled; the
     // whole is several times what three files hold.
@@ -1116,7 +1106,7 @@ fn rule_31_the_log_file_rotates_at_its_max_size() {
 
 #[test]
 fn the_front_door_refuses_garbage_and_keeps_serving() {
-    let cluster = Cluster::start(up(1));
+    let cluster = start(up(1));
     // Garbage gets a ProtocolError; a message other than Hello first gets
     // one too, and the connection closes.
     let mut raw = RawDriver::connect(&cluster.socket());
@@ -1138,7 +1128,7 @@ fn a_server_attached_with_connect_joins_and_serves() {
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
     }
-    let mut cluster = Cluster::start(up(1));
+    let mut cluster = start(up(1));
     let nodes = cluster.nodes().expect("nodes: over ZeroMQ");
     assert!(nodes.starts_with("ipc://"), "{nodes}");
     let mut extra = attach(nodes, &["--patience", "3"]);
@@ -1181,7 +1171,7 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
     std::fs::create_dir_all(&keep).unwrap();
     let journal = keep.join("journal");
     let options = ["--journal", journal.to_str().unwrap()];
-    let first = Cluster::start(up(1).args(options));
+    let first = start(up(1).args(options));
     let dir = first.dir().to_owned();
     let mut cli = ChildGuard(
         first
@@ -1199,7 +1189,7 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
     drop(first);
     let stdout = process::drain(cli.0.stdout.take().unwrap());
     let stderr = process::drain(cli.0.stderr.take().unwrap());
-    let second = Cluster::start(up(1).dir(dir).args(options));
+    let second = start(up(1).dir(dir).args(options));
     let Some(status) = cli.wait_timeout(WAIT) else {
         panic!("the CLI still waits: {}", process::collect(stderr));
     };
@@ -1244,7 +1234,7 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
     let dir = cluster::scratch("e2e");
     let nodes = format!("ipc://{}/nodes.sock", dir.display());
     let options = ["--journal", journal.to_str().unwrap(), "--nodes", &nodes];
-    let first = Cluster::start(up(1).dir(&dir).args(options));
+    let first = start(up(1).dir(&dir).args(options));
     let mut attached = attach(&nodes, &["--patience", "60"]);
     let c = first.client();
     wait_online(&c, 2);
@@ -1260,7 +1250,7 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
     drop(c);
     first.signal(Signal::SIGKILL);
     drop(first);
-    let mut second = Cluster::start(up(1).dir(dir).args(options));
+    let mut second = start(up(1).dir(dir).args(options));
     let c = second.client();
     let claim = c.claim(&ids).unwrap();
     assert!(claim.unknown.is_empty(), "{claim:?}");
@@ -1307,7 +1297,7 @@ fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
     }
-    let mut cluster = Cluster::start(up(1));
+    let mut cluster = start(up(1));
     let mut attached = attach(cluster.nodes().expect("nodes: over ZeroMQ"), &[]);
     let c = cluster.client();
     wait_online(&c, 2);
@@ -1381,7 +1371,7 @@ fn a_server_node_of_up_that_dies_is_reaped_and_started_again() {
         eprintln!("MPI: mpirun starts the ranks, and a rank that dies ends the job");
         return;
     }
-    let mut cluster = Cluster::start(up(2));
+    let mut cluster = start(up(2));
     let c = cluster.client();
     let (dead, _) = cluster.server_pid(2);
     kill(Pid::from_raw(dead as i32), Signal::SIGKILL).unwrap();
@@ -1428,7 +1418,7 @@ fn requests_waiting_when_up_gives_up_on_its_last_server_are_answered() {
         eprintln!("MPI: mpirun starts the ranks, and a rank that dies ends the job");
         return;
     }
-    let mut cluster = Cluster::start(up(1));
+    let mut cluster = start(up(1));
     let c = cluster.client();
     let mut dead = Vec::new();
     let mut ids = Vec::new();
@@ -1495,10 +1485,8 @@ fn requests_waiting_when_up_gives_up_on_its_last_server_are_answered() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_31_a_driver_subscribes_to_the_log() {
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(up(1)))
-        .await
-        .unwrap();
-    let c = casa_node::client::Client::connect(&cluster.endpoint)
+    let cluster = tokio::task::spawn_blocking(|| start(up(1))).await.unwrap();
+    let c = casa_node::client::Client::connect(&cluster.endpoint())
         .await
         .unwrap();
     let mut logs = c.subscribe_logs(LogLevel::Info).await.unwrap();
@@ -1573,7 +1561,7 @@ fn a_killed_client_nodes_record_and_run_directory_are_removed_when_met() {
         eprintln!("skipped under MPI: the launched process is mpirun, not the client node");
         return;
     }
-    let mut cluster = Cluster::start(up(1));
+    let mut cluster = start(up(1));
     cluster.note_pids();
     let runtime = cluster.runtime_dir().join("casa-node");
     let run_dir = runtime.join(cluster.pid().to_string());
@@ -1581,8 +1569,7 @@ fn a_killed_client_nodes_record_and_run_directory_are_removed_when_met() {
     assert!(run_dir.is_dir(), "{}", run_dir.display());
     cluster.kill();
     let out = cluster
-        .run
-        .cli(BIN)
+        .cli_command(BIN)
         .arg("status")
         .output()
         .expect("the CLI runs");

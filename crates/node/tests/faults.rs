@@ -28,6 +28,8 @@
 //! process a scenario starts is stopped by PID when it ends, passed or
 //! failed.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
 use std::io::Write;
 use std::ops::{Deref, DerefMut};
@@ -49,12 +51,11 @@ use casa_node_protocol::pb::{
     TrackRequest, Value, submit_reply,
 };
 use casa_node_protocol::{Framing, Rank, RequestId};
+use common::BIN;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use proptest::prelude::Rng;
 use proptest::test_runner::{RngAlgorithm, TestRng};
-
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
 
 fn transport_name() -> &'static str {
     Transport::from_env().name()

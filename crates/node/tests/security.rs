@@ -6,6 +6,8 @@
 //! served afterwards. Every process a test starts is stopped by PID when
 //! the test ends, passed or failed.
 
+mod common;
+
 use std::io::{Read, Write};
 use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
@@ -21,12 +23,11 @@ use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node::front_door::ADMISSION_DEADLINE;
 use casa_node_conformance::cluster::{self, Launch, Transport, WAIT};
 use casa_node_conformance::driver;
-use casa_node_conformance::process::wait_exit;
+use casa_node_conformance::process::{self, wait_exit};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, Hello, Role, Value};
 use casa_node_protocol::{Framing, PROTOCOL_VERSION};
-
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
+use common::{BIN, still_serving};
 
 /// `casa-node up` with one server over ZeroMQ, a timeout of 5 s, in `dir`.
 fn up(dir: &Path) -> Launch {
@@ -130,17 +131,12 @@ impl Cluster {
 
     /// Runs the CLI against this cluster's runtime directory.
     fn cli(&self, args: &[&str]) -> Output {
-        self.run.cli(BIN).args(args).output().expect("the CLI runs")
+        self.run
+            .cli_command(BIN)
+            .args(args)
+            .output()
+            .expect("the CLI runs")
     }
-}
-
-/// `1+1` gives 2: the cluster serves.
-fn still_serving(client: &BlockingClient) {
-    let ids = client.submit(Submit::new("1+1")).expect("accepted");
-    let mut responses = client.wait_timeout(&ids, WAIT).expect("answered");
-    let response = responses.remove(0);
-    assert!(response.successful, "{:?}", response.traceback);
-    assert_eq!(response.ret, Some(Value::from(2)));
 }
 
 /// A driver's Hello frame (length and envelope) with `token`.
@@ -162,23 +158,10 @@ fn with_field(file: &Path, field: &str, value: &str, copy: &Path) {
     std::fs::set_permissions(copy, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// Runs `command` (stdin closed, stderr captured) to its end, killed by
-/// PID after `WAIT`: its exit status (`None` if it had to be killed) and
-/// what it wrote to stderr.
+/// Runs `command` to its end, killed by PID after `WAIT`: its exit status
+/// (`None` if it had to be killed) and what it wrote to stderr.
 fn exit_and_stderr(command: &mut Command) -> (Option<std::process::ExitStatus>, String) {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("casa-node starts");
-    let status = wait_exit(&mut child, WAIT);
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut stderr = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-    (status, stderr)
+    process::run_to_end(command, WAIT)
 }
 
 /// A `casa-node server --connect NODES` with `args`, to its end.
