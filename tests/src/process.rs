@@ -6,9 +6,10 @@
 //!   by PID, telling a process from a later one given the same PID by its
 //!   start time ([`alive`]);
 //! - a child's pipes, read to the end in the background ([`drain`],
-//!   [`collect`]), so that a chatty child never blocks on a full pipe.
+//!   [`collect`], or line by line: [`lines`]), so that a chatty child never
+//!   blocks on a full pipe.
 
-use std::io::Read;
+use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::{OnceLock, mpsc};
@@ -189,6 +190,21 @@ pub fn drain(mut pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
     rx
 }
 
+/// `pipe`'s lines, read on a thread of their own until it closes, so that
+/// a child never blocks on a full pipe however few of them are taken.
+pub fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(pipe).lines() {
+            let Ok(line) = line else { break };
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    rx
+}
+
 /// What [`drain`] read. A pipe still held open after the child's end (by a
 /// process it left behind) gives up after 10 s, with
 /// `(output not closed)`.
@@ -213,6 +229,28 @@ pub fn wait_exit(
         }
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+/// Runs `command` to its end, its standard input closed and its standard
+/// error captured, killed by PID (and reaped) should it still run after
+/// `limit`: its exit status (`None` if it had to be killed) and what it
+/// wrote on standard error.
+pub fn run_to_end(
+    command: &mut Command,
+    limit: Duration,
+) -> (Option<std::process::ExitStatus>, String) {
+    let mut child = command
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{command:?} does not start: {e}"));
+    let stderr = drain(child.stderr.take().expect("piped"));
+    let status = wait_exit(&mut child, limit);
+    if status.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    (status, collect(stderr))
 }
 
 /// Every process seen below some roots, by PID and start time, so that a

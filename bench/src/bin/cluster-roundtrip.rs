@@ -40,7 +40,6 @@
 //! `bench/README.md` for figures.
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
 use std::sync::mpsc;
@@ -49,7 +48,7 @@ use std::time::{Duration, Instant};
 use casa_node::client::{BlockingClient, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node_conformance::process::{
-    alive, collect, descendants, drain, mpi_launcher, mpirun, processes,
+    alive, collect, descendants, drain, lines, mpi_launcher, mpirun, processes,
 };
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{CommandStatus, Value};
@@ -905,19 +904,6 @@ impl Drop for Tree {
     fn drop(&mut self) {
         self.stop();
     }
-}
-
-fn lines(pipe: impl Read + Send + 'static) -> mpsc::Receiver<String> {
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(pipe).lines() {
-            let Ok(line) = line else { break };
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    rx
 }
 
 // ---------------------------------------------------------------------------

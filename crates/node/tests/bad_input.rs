@@ -5,7 +5,7 @@
 //!   worker's source as a module (its `main` does not run) and decodes
 //!   whatever frames it is sent with the worker's own functions, under
 //!   `tracemalloc`. Arbitrary and hostile values and envelopes (the
-//!   strategies of `crates/protocol/tests/strategies`) must give a value or
+//!   strategies of `casa_node_protocol::strategies`) must give a value or
 //!   a clean `DecodeError` (or `UnicodeDecodeError`), never another
 //!   exception, a crash or a hang; allocate at most [`PY_EXPANSION`] bytes
 //!   per byte; refuse what prost's side refuses as too deep; read every
@@ -29,20 +29,20 @@
 //! a few hundred inputs a second), a few thousand otherwise. Every process
 //! is stopped by PID.
 
-#[path = "../../protocol/tests/strategies/mod.rs"]
-mod strategies;
+mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::{Read, Write};
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
-use std::sync::{Arc, Condvar, Mutex, mpsc};
+use std::sync::{Mutex, mpsc};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use casa_node::client::{BlockingClient, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node::executor::WORKER_SOURCE;
+use casa_node_conformance::cluster::{Cluster, Launch, WAIT};
+use casa_node_conformance::driver::RawDriver;
 use casa_node_conformance::process::{self, descendants, wait_gone};
 use casa_node_protocol::pb::control_request::{Action, Start};
 use casa_node_protocol::pb::envelope::Body;
@@ -52,23 +52,21 @@ use casa_node_protocol::pb::{
     LogLevelRequest, ProtocolErrorCode, RejectReason, Role, StatusRequest, SubmitRequest,
     TrackRequest, Value, submit_reply,
 };
+use casa_node_protocol::strategies::{
+    Level, Place, arb_hostile_body, arb_hostile_value_bytes, chain, chain_leaves,
+    envelope_with_value, ld, levels_for, well_formed,
+};
 use casa_node_protocol::{
     DEFAULT_MAX_FRAME, FrameError, Framing, MAX_VALUE_DEPTH, PROTOCOL_VERSION, Transport,
     TransportEvent,
 };
 use casa_node_transport_zmq::ZmqTransport;
+use common::{BIN, still_serving};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestRunner};
 use prost::Message;
-use strategies::{
-    Level, Place, arb_hostile_body, arb_hostile_value_bytes, chain, chain_leaves,
-    envelope_with_value, ld, levels_for, well_formed,
-};
-
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
-const WAIT: Duration = Duration::from_secs(60);
 
 fn python() -> PathBuf {
     std::env::var_os("CASA_NODE_TEST_PYTHON")
@@ -484,235 +482,35 @@ fn the_worker_refuses_an_oversized_frame_at_once() {
 // ---------------------------------------------------------------------------
 // A real cluster's front door
 
-/// A running `casa-node up` with one server, stopped by PID on drop.
-struct Cluster {
-    up: Child,
-    dir: PathBuf,
-    socket: PathBuf,
-    /// Processes below `up` (server nodes, workers), with start times.
-    started: Vec<(Pid, u64)>,
-    /// What `up` wrote to stderr (its warnings), as it arrives.
-    stderr: Arc<(Mutex<String>, Condvar)>,
+/// A running `casa-node up` with one server and a timeout of 5 s, once it
+/// has run a command (its server and worker are then up).
+fn start() -> Cluster {
+    let cluster = Launch::new(BIN, 1).timeout(5).start();
+    still_serving(&client(&cluster));
+    cluster.note_tree();
+    cluster
 }
 
-impl Cluster {
-    fn start() -> Cluster {
-        let dir = std::env::temp_dir().join(format!("casa-node-bad-input-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("front.sock");
-        let over_mpi = std::env::var("CASA_NODE_TEST_TRANSPORT").is_ok_and(|t| t == "mpi");
-        let mut up = if over_mpi {
-            let mut command = process::mpirun_in(2, &dir).unwrap_or_else(|why| panic!("{why}"));
-            command.args([BIN, "--transport", "mpi", "up"]);
-            command
-        } else {
-            let mut command = Command::new(BIN);
-            command.args(["up", "--servers", "1"]);
-            command
-        };
-        let mut up = up
-            .args(["--endpoint", &format!("unix://{}", socket.display())])
-            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-            .args(["--heartbeat", "0.2", "--timeout", "5"])
-            .env("XDG_RUNTIME_DIR", &dir)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("casa-node up starts");
-        let mut stdout = up.stdout.take().unwrap();
-        let stderr = Arc::new((Mutex::new(String::new()), Condvar::new()));
-        let lines = BufReader::new(up.stderr.take().unwrap());
-        let shared = stderr.clone();
-        std::thread::spawn(move || {
-            for line in lines.lines() {
-                let Ok(line) = line else { return };
-                eprintln!("up: {line}");
-                let (text, arrived) = &*shared;
-                let mut text = text.lock().unwrap();
-                text.push_str(&line);
-                text.push('\n');
-                arrived.notify_all();
-            }
-        });
-        let mut cluster = Cluster {
-            up,
-            dir,
-            socket,
-            started: Vec::new(),
-            stderr,
-        };
-        // "front door: ..." is printed once the door is open.
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while !line.ends_with(b"\n") {
-            match stdout.read(&mut byte) {
-                Ok(1) => line.push(byte[0]),
-                _ => panic!("casa-node up printed no front door"),
-            }
-        }
-        assert!(
-            line.starts_with(b"front door: "),
-            "{}",
-            String::from_utf8_lossy(&line)
-        );
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
-        // Once a command has run, the server and its worker are up.
-        still_serving(&cluster.client());
-        cluster.started = descendants(Pid::from_raw(cluster.up.id() as i32));
-        cluster
-    }
-
-    fn client(&self) -> BlockingClient {
-        BlockingClient::connect(&FrontDoorEndpoint::Unix(self.socket.clone()))
-            .expect("the front door accepts")
-    }
-
-    fn raw(&self) -> Raw {
-        let stream = UnixStream::connect(&self.socket).expect("the front door accepts");
-        stream.set_read_timeout(Some(WAIT)).unwrap();
-        Raw { stream }
-    }
-
-    /// Waits up to `WAIT` for `up` to log (to stderr) a warning with `text`.
-    fn logged(&self, text: &str) -> bool {
-        let (log, arrived) = &*self.stderr;
-        let log = log.lock().unwrap();
-        let (log, _) = arrived
-            .wait_timeout_while(log, WAIT, |log| {
-                !log.lines().any(|l| l.contains("WARN") && l.contains(text))
-            })
-            .unwrap();
-        log.lines().any(|l| l.contains("WARN") && l.contains(text))
-    }
-
-    /// Resident memory of the client node (`up`), in bytes.
-    fn rss(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.up.id())).unwrap();
-        let kib: u64 = status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .expect("VmRSS");
-        kib * 1024
-    }
+fn client(cluster: &Cluster) -> BlockingClient {
+    BlockingClient::connect(&FrontDoorEndpoint::Unix(cluster.socket()))
+        .expect("the front door accepts")
 }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        let up = Pid::from_raw(self.up.id() as i32);
-        if self.up.try_wait().ok().flatten().is_none() {
-            let _ = kill(up, Signal::SIGTERM);
-            let end = Instant::now() + Duration::from_secs(20);
-            while self.up.try_wait().ok().flatten().is_none() && Instant::now() < end {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            let _ = self.up.kill();
-            let _ = self.up.wait();
-        }
-        for &(pid, started) in &self.started {
-            if !wait_gone(pid, Duration::from_secs(10)) && process::alive(pid, started) {
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
+/// Waits up to `WAIT` for `up` to log (to stderr) a warning with `text`.
+fn logged(cluster: &Cluster, text: &str) -> bool {
+    cluster.wait_stderr(|line| line.contains("WARN") && line.contains(text))
 }
 
-/// A driver connection spoken to byte by byte.
-struct Raw {
-    stream: UnixStream,
-}
-
-impl Raw {
-    fn send_bytes(&mut self, bytes: &[u8]) {
-        self.stream.write_all(bytes).expect("the front door reads");
-    }
-
-    /// Sends `body` (an envelope's bytes, however made) as one frame.
-    fn send_body(&mut self, body: &[u8]) {
-        let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-        frame.extend_from_slice(body);
-        self.send_bytes(&frame);
-    }
-
-    fn send(&mut self, body: Body) {
-        self.send_body(&Envelope::correlated(7, body).encode_to_vec());
-    }
-
-    /// The next envelope, or `None` once the connection is closed.
-    fn read(&mut self) -> Option<Envelope> {
-        let mut prefix = [0u8; 4];
-        match self.stream.read_exact(&mut prefix) {
-            Ok(()) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return None,
-            Err(e) => panic!("reading the front door: {e}"),
-        }
-        let mut body = vec![0u8; u32::from_be_bytes(prefix) as usize];
-        self.stream.read_exact(&mut body).expect("a whole frame");
-        Some(
-            Framing::default()
-                .decode_body(body.into())
-                .expect("the front door's frames decode"),
-        )
-    }
-
-    /// The next envelope other than a log record.
-    fn reply(&mut self) -> Body {
-        loop {
-            let envelope = self.read().expect("an answer before the connection closes");
-            match envelope.body {
-                Some(Body::LogRecord(_)) => continue,
-                Some(body) => return body,
-                None => unreachable!("decode_body refuses envelopes without a body"),
-            }
-        }
-    }
-
-    /// Expects a ProtocolError with `code`; returns its message.
-    fn error(&mut self, code: ProtocolErrorCode) -> String {
-        match self.reply() {
-            Body::Error(e) => {
-                assert_eq!(e.code(), code, "{}", e.message);
-                e.message
-            }
-            other => panic!("expected a ProtocolError, got {other:?}"),
-        }
-    }
-
-    fn greet(&mut self) {
-        self.send(Body::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: Role::Driver.into(),
-            software: "bad_input.rs".into(),
-            ..Hello::default()
-        }));
-        assert!(matches!(self.reply(), Body::Welcome(_)));
-    }
-
-    /// True once the client node has closed the connection (and sent
-    /// nothing more).
-    fn closed(&mut self) -> bool {
-        let mut rest = Vec::new();
-        matches!(self.stream.read_to_end(&mut rest), Ok(0))
-    }
-
-    /// A connection still in step: a status request is answered.
-    fn in_step(&mut self) {
-        self.send(Body::StatusRequest(StatusRequest::default()));
-        assert!(matches!(self.reply(), Body::StatusReply(_)));
-    }
-}
-
-/// The other driver, connected all along, still gets answers.
-fn still_serving(client: &BlockingClient) {
-    let ids = client.submit(Submit::new("1+1")).expect("accepted");
-    let mut responses = client.wait_timeout(&ids, WAIT).expect("answered");
-    let response = responses.remove(0);
-    assert!(response.successful, "{:?}", response.traceback);
-    assert_eq!(response.ret, Some(Value::from(2)));
+/// Resident memory of the process `pid`, in bytes.
+fn rss(pid: Pid) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS");
+    kib * 1024
 }
 
 /// Bad input of every kind at the front door of a real cluster: each gets
@@ -720,19 +518,19 @@ fn still_serving(client: &BlockingClient) {
 /// along.
 #[test]
 fn the_front_door_answers_bad_input_and_keeps_serving() {
-    let cluster = Cluster::start();
-    let other = cluster.client();
+    let cluster = start();
+    let other = client(&cluster);
 
     // Garbage after the handshake: an error, and the stream stays in step.
-    let mut raw = cluster.raw();
-    raw.greet();
+    let mut raw = RawDriver::connect(&cluster.socket());
+    raw.greet("bad_input.rs");
     raw.send_bytes(&[0, 0, 0, 5, 0xff, 0xff, 0xff, 0xff, 0xff]);
     let message = raw.error(ProtocolErrorCode::Malformed);
     assert!(message.contains("malformed envelope"), "{message}");
     raw.in_step();
-    assert!(cluster.logged("dropped a malformed frame"));
+    assert!(logged(&cluster, "dropped a malformed frame"));
     // On a pipe, not a terminal: plain text, no colour escapes.
-    let warnings = cluster.stderr.0.lock().unwrap().clone();
+    let warnings = cluster.stderr();
     assert!(
         !warnings.contains('\u{1b}'),
         "colour escapes on a pipe: {warnings:?}"
@@ -786,7 +584,7 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
 
     // Thousands of values without a kind: refused before decoding.
     let empties = ld(8, &[0x0a, 0x00].repeat(20_000));
-    let rss = cluster.rss();
+    let before = rss(cluster.pid());
     raw.send_body(&envelope_with_value(Place::SubmitParameter, &empties));
     let message = raw.error(ProtocolErrorCode::Malformed);
     assert!(message.contains("could take"), "{message}");
@@ -855,8 +653,8 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
             ..SubmitRequest::default()
         }))
     };
-    let mut owner = cluster.raw();
-    owner.greet();
+    let mut owner = RawDriver::connect(&cluster.socket());
+    owner.greet("bad_input.rs");
     owner.send(Body::IdLeaseRequest(IdLeaseRequest { count: u32::MAX }));
     let Body::IdLease(theirs) = owner.reply() else {
         panic!("expected an IdLease")
@@ -870,7 +668,7 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
         mine.first >= theirs.first + 65_536,
         "{mine:?} after {theirs:?}"
     );
-    let refused = |raw: &mut Raw, id: u64| {
+    let refused = |raw: &mut RawDriver, id: u64| {
         let Body::ResponseDelivery(delivery) = raw.reply() else {
             panic!("expected the failure response of {id}")
         };
@@ -926,7 +724,7 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
     assert!(message.contains("version 9"), "{message}");
     assert!(raw.closed());
     // ... and in the handshake.
-    let mut raw = cluster.raw();
+    let mut raw = RawDriver::connect(&cluster.socket());
     raw.send(Body::Hello(Hello {
         protocol_version: 2,
         role: Role::Driver.into(),
@@ -939,27 +737,27 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
 
     // A truncated frame (the connection ends inside it): an error, closed,
     // logged.
-    let mut raw = cluster.raw();
-    raw.greet();
+    let mut raw = RawDriver::connect(&cluster.socket());
+    raw.greet("bad_input.rs");
     raw.send_bytes(&[0, 0, 0, 100, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10]);
-    raw.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    raw.stream().shutdown(std::net::Shutdown::Write).unwrap();
     let message = raw.error(ProtocolErrorCode::Malformed);
     assert!(message.contains("bytes remaining"), "{message}");
     assert!(raw.closed());
-    assert!(cluster.logged("bytes remaining on stream"));
+    assert!(logged(&cluster, "bytes remaining on stream"));
     still_serving(&other);
 
     // A length over the limit: refused as soon as it is read, without
     // reserving it, and closed.
-    let mut raw = cluster.raw();
-    raw.greet();
+    let mut raw = RawDriver::connect(&cluster.socket());
+    raw.greet("bad_input.rs");
     raw.send_bytes(&[0xff, 0xff, 0xff, 0xf0, 1, 2, 3]);
     let message = raw.error(ProtocolErrorCode::TooLarge);
     assert!(message.contains("frame size too big"), "{message}");
     assert!(raw.closed());
-    assert!(cluster.logged("frame size too big"));
+    assert!(logged(&cluster, "frame size too big"));
     still_serving(&other);
-    let grown = cluster.rss().saturating_sub(rss);
+    let grown = rss(cluster.pid()).saturating_sub(before);
     assert!(grown < 256 << 20, "the client node grew by {grown} bytes");
 }
 
@@ -1214,22 +1012,14 @@ fn casa_without_casatasks_is_one_line_at_start_up() {
         &["server", "--casa", "--python", python, "--connect", &nodes],
     ];
     for args in runs {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(&dir)
-            .env("XDG_RUNTIME_DIR", dir.join("runtime"))
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("casa-node starts");
-        let status = process::wait_exit(&mut child, WAIT);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let mut stderr = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let (status, stderr) = process::run_to_end(
+            Command::new(BIN)
+                .args(args)
+                .current_dir(&dir)
+                .env("XDG_RUNTIME_DIR", dir.join("runtime"))
+                .stdout(Stdio::null()),
+            WAIT,
+        );
         assert_eq!(status.and_then(|s| s.code()), Some(2), "{args:?}: {stderr}");
         assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
         assert!(
@@ -1263,23 +1053,15 @@ fn a_dashboard_off_loopback_without_tls_is_one_line_at_start_up() {
         ),
     ];
     for (args, says) in cases {
-        let mut child = Command::new(BIN)
-            .args(args)
-            .current_dir(&dir)
-            .env("XDG_RUNTIME_DIR", dir.join("runtime"))
-            .env_remove("CASA_NODE_DASHBOARD")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("casa-node starts");
-        let status = process::wait_exit(&mut child, WAIT);
-        if status.is_none() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-        let mut stderr = String::new();
-        let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
+        let (status, stderr) = process::run_to_end(
+            Command::new(BIN)
+                .args(args)
+                .current_dir(&dir)
+                .env("XDG_RUNTIME_DIR", dir.join("runtime"))
+                .env_remove("CASA_NODE_DASHBOARD")
+                .stdout(Stdio::null()),
+            WAIT,
+        );
         assert_eq!(status.and_then(|s| s.code()), Some(2), "{args:?}: {stderr}");
         assert!(stderr.contains(says), "{args:?}: {stderr}");
     }

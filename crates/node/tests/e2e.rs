@@ -3,127 +3,65 @@
 //! names the SEMANTICS rule it checks. Every process a test starts is
 //! stopped when the test ends, passed or failed, by PID.
 
+mod common;
+
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use casa_node::client::{BlockingClient, ClientError, Submit};
 use casa_node::endpoint::FrontDoorEndpoint;
-use casa_node_conformance::process::{self, children, wait_exit, wait_gone};
-use casa_node_protocol::pb::{CommandMode, CommandStatus, LogLevel, RejectReason, Value};
+use casa_node_conformance::cluster::{self, Cluster, EXIT_BOUND, Launch, WAIT, over_mpi};
+use casa_node_conformance::driver::RawDriver;
+use casa_node_conformance::process::{self, ChildGuard, wait_gone};
+use casa_node_protocol::pb::envelope::Body;
+use casa_node_protocol::pb::{
+    CommandMode, CommandStatus, LogLevel, RejectReason, StatusRequest, Value,
+};
+use common::BIN;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
-const WAIT: Duration = Duration::from_secs(60);
-
-/// A running `casa-node up`, stopped on drop.
-struct Cluster {
-    up: Child,
-    dir: PathBuf,
-    endpoint: FrontDoorEndpoint,
-    /// Where more server nodes connect.
-    nodes: String,
-    /// Server and worker pids seen, to make sure none is left behind.
-    seen: Vec<u32>,
+/// `casa-node up` with `servers` servers, over the transport the tests run
+/// on.
+fn up(servers: usize) -> Launch {
+    Launch::new(BIN, servers)
 }
 
-impl Cluster {
-    fn start(servers: usize, extra: &[&str]) -> Cluster {
-        Cluster::start_with_env(servers, extra, &[])
-    }
+/// Starts `launch`, whose front door must be the one asked for, and
+/// notes its servers and workers.
+fn start(launch: Launch) -> Cluster {
+    let cluster = launch.start();
+    let socket = cluster.dir().join("front.sock");
+    assert_eq!(
+        cluster.front_door(),
+        format!("unix://{}", socket.display()),
+        "the front door up printed"
+    );
+    cluster.note_pids();
+    cluster
+}
 
-    /// As `start`, with more environment variables for the cluster.
-    fn start_with_env(servers: usize, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "casa-node-e2e-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-        ));
-        Cluster::start_in(dir, servers, extra, env)
-    }
-
-    /// As `start_with_env`, in `dir` (its front door at `dir/front.sock`).
-    fn start_in(dir: PathBuf, servers: usize, extra: &[&str], env: &[(&str, &str)]) -> Cluster {
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("front.sock");
-        let mut up = launcher(servers, &dir);
-        up.arg("up");
-        if !over_mpi() {
-            up.args(["--servers", &servers.to_string()]);
-        }
-        let mut up = up
-            .args(["--endpoint", &format!("unix://{}", socket.display())])
-            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-            .args(if extra.contains(&"--timeout") {
-                &["--heartbeat", "0.2"][..]
-            } else {
-                &["--heartbeat", "0.2", "--timeout", "3"][..]
-            })
-            .args(extra)
-            .env("XDG_RUNTIME_DIR", &dir)
-            .envs(env.iter().copied())
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("casa-node up starts");
-        let mut stdout = BufReader::new(up.stdout.take().unwrap());
-        let mut first = String::new();
-        let read = stdout.read_line(&mut first);
-        let mut second = String::new();
-        if !over_mpi() {
-            // Under MPI no more servers can attach: no "nodes:" line.
-            let _ = stdout.read_line(&mut second);
-        }
-        let mut cluster = Cluster {
-            up,
-            dir,
-            endpoint: FrontDoorEndpoint::Unix(socket),
-            nodes: second
-                .trim()
-                .strip_prefix("nodes: ")
-                .unwrap_or_default()
-                .to_owned(),
-            seen: Vec::new(),
-        };
-        assert!(read.is_ok_and(|n| n > 0), "casa-node up printed nothing");
-        assert_eq!(
-            first.trim(),
-            format!("front door: {}", cluster.endpoint),
-            "first line of up"
-        );
-        cluster.note_pids();
-        cluster
-    }
+/// A running cluster, driven through the Rust client and the CLI.
+trait Driven {
+    /// Its front door.
+    fn endpoint(&self) -> FrontDoorEndpoint;
 
     fn client(&self) -> BlockingClient {
-        BlockingClient::connect(&self.endpoint).expect("the front door accepts")
+        BlockingClient::connect(&self.endpoint()).expect("the front door accepts")
     }
 
-    fn note_pids(&mut self) {
-        let status = self.client().status(None).unwrap();
-        for s in status.servers {
-            self.seen
-                .extend([s.pid, s.worker_pid].into_iter().filter(|&p| p != 0));
-        }
-    }
+    /// Adds the cluster's tree, and the servers and workers its status
+    /// names (attached ones too), to the processes seen; the latter.
+    fn note_pids(&self) -> Vec<Pid>;
+
+    /// The CLI with `args`, aimed at this cluster.
+    fn command(&self, args: &[&str]) -> Command;
 
     /// Runs the CLI against this cluster.
     fn cli(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .args(args)
-            .env("CASA_NODE_ENDPOINT", self.endpoint.to_string())
-            .env("XDG_RUNTIME_DIR", &self.dir)
-            .stdin(Stdio::null())
-            .output()
-            .expect("the CLI runs")
-    }
-
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("casa-node.log")).unwrap_or_default()
+        self.command(args).output().expect("the CLI runs")
     }
 
     fn server_pid(&self, rank: i32) -> (u32, u32) {
@@ -131,59 +69,73 @@ impl Cluster {
         (s.pid, s.worker_pid)
     }
 
-    /// Waits for `casa-node up` to exit, then checks no server or worker
-    /// it started is left.
-    fn wait_exit(&mut self) -> std::process::ExitStatus {
-        let status = wait_exit(&mut self.up, WAIT).expect("casa-node up exits");
-        for &pid in &self.seen {
-            assert!(
-                wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(15)),
-                "process {pid} was left behind"
-            );
+    /// `casa-node status --watch --interval 0.2 ARGS` on this cluster, its
+    /// output piped.
+    fn watch(&self, args: &[&str]) -> Watching {
+        let mut child = self
+            .command(&["status", "--watch", "--interval", "0.2"])
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the CLI runs");
+        let stdout = BufReader::new(child.stdout.take().unwrap());
+        let stderr = process::drain(child.stderr.take().unwrap());
+        let json = args.contains(&"--json");
+        let (tx, snapshots) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut block = String::new();
+            for line in stdout.lines() {
+                let Ok(line) = line else { break };
+                let sent = if json {
+                    tx.send(line)
+                } else if line.is_empty() {
+                    tx.send(std::mem::take(&mut block))
+                } else {
+                    block.push_str(&line);
+                    block.push('\n');
+                    Ok(())
+                };
+                if sent.is_err() {
+                    break;
+                }
+            }
+        });
+        Watching {
+            child: ChildGuard(child),
+            snapshots,
+            stderr,
         }
-        status
     }
 }
 
-/// True when the tests run over MPI (CASA_NODE_TEST_TRANSPORT=mpi): each
-/// cluster is then an mpirun job of servers + 1 ranks.
-fn over_mpi() -> bool {
-    std::env::var("CASA_NODE_TEST_TRANSPORT").is_ok_and(|t| t == "mpi")
-}
-
-/// The start of a command line that runs a cluster of `servers` servers:
-/// `casa-node` (with `--servers` after the subcommand), or
-/// `mpirun -n N+1 casa-node --transport mpi` (shared memory and loopback
-/// only, its session kept in `dir`).
-fn launcher(servers: usize, dir: &std::path::Path) -> Command {
-    if !over_mpi() {
-        return Command::new(BIN);
+impl Driven for Cluster {
+    fn endpoint(&self) -> FrontDoorEndpoint {
+        FrontDoorEndpoint::Unix(self.socket())
     }
-    let mut command = process::mpirun_in(servers + 1, dir).unwrap_or_else(|why| panic!("{why}"));
-    command.args([BIN, "--transport", "mpi"]);
-    command
-}
 
-static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    fn note_pids(&self) -> Vec<Pid> {
+        self.note_tree();
+        let status = self.client().status(None).unwrap();
+        let pids: Vec<Pid> = status
+            .servers
+            .iter()
+            .flat_map(|s| [s.pid, s.worker_pid])
+            .filter(|&p| p != 0)
+            .map(|p| Pid::from_raw(p as i32))
+            .collect();
+        for &pid in &pids {
+            self.note(pid);
+        }
+        pids
+    }
 
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        for &pid in &self.seen {
-            let _ = kill(Pid::from_raw(pid as i32), Signal::SIGCONT);
-        }
-        if self.up.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(self.up.id() as i32), Signal::SIGTERM);
-            if wait_exit(&mut self.up, Duration::from_secs(20)).is_none() {
-                let _ = self.up.kill();
-                let _ = self.up.wait();
-            }
-        }
-        for &pid in &self.seen {
-            if !wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(10)) {
-                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+    fn command(&self, args: &[&str]) -> Command {
+        let mut command = self.cli_command(BIN);
+        command
+            .args(args)
+            .env("CASA_NODE_ENDPOINT", self.endpoint().to_string());
+        command
     }
 }
 
@@ -203,7 +155,7 @@ fn stdout_lines(output: &Output) -> Vec<serde_json::Value> {
 
 #[test]
 fn cli_submit_prints_json_records_and_fails_on_errors() {
-    let cluster = Cluster::start(2, &[]);
+    let cluster = start(up(2));
     // Rules 1, 3, 6, 9: parameters, eval, the record's fields.
     let out = cluster.cli(&["submit", "--param", "a=1", "--param", "b=2", "a+b"]);
     assert!(out.status.success(), "{out:?}");
@@ -273,7 +225,7 @@ fn cli_submit_prints_json_records_and_fails_on_errors() {
 
 #[test]
 fn cli_status_and_stop() {
-    let mut cluster = Cluster::start(2, &[]);
+    let mut cluster = start(up(2));
     let out = cluster.cli(&["status"]);
     assert!(out.status.success());
     let table = String::from_utf8_lossy(&out.stdout);
@@ -304,7 +256,7 @@ fn cli_status_and_stop() {
     // Rule 27: stop services; the whole cluster exits, nothing left behind.
     let out = cluster.cli(&["stop"]);
     assert!(out.status.success(), "{out:?}");
-    assert!(cluster.wait_exit().success());
+    assert!(cluster.assert_ends(WAIT).success());
     // Afterwards the CLI reports the cluster unreachable in one line.
     let out = cluster.cli(&["status"]);
     assert_eq!(out.status.code(), Some(2));
@@ -318,7 +270,7 @@ fn cli_status_and_stop() {
 /// SIGINT ends it with success.
 #[test]
 fn rule_23_status_watch_follows_the_servers_until_interrupted() {
-    let cluster = Cluster::start(2, &[]);
+    let cluster = start(up(2));
     let mut watching = cluster.watch(&[]);
     // (rank, state) of each row: the lines between the column heads and
     // the summary.
@@ -384,7 +336,10 @@ fn rule_23_status_watch_follows_the_servers_until_interrupted() {
         assert!(Instant::now() < end, "server 1 stayed busy: {snapshot}");
     }
     kill(watching.pid(), Signal::SIGINT).unwrap();
-    let status = wait_exit(&mut watching.child.0, WAIT).expect("status --watch ends on SIGINT");
+    let status = watching
+        .child
+        .wait_timeout(WAIT)
+        .expect("status --watch ends on SIGINT");
     let stderr = process::collect(watching.stderr);
     assert_eq!(status.code(), Some(0), "{stderr}");
     assert_eq!(stderr, "");
@@ -395,7 +350,7 @@ fn rule_23_status_watch_follows_the_servers_until_interrupted() {
 /// line on stderr saying so.
 #[test]
 fn rule_23_status_watch_says_when_the_cluster_is_gone() {
-    let mut cluster = Cluster::start(1, &[]);
+    let mut cluster = start(up(1));
     let watching = cluster.watch(&["--json"]);
     let mut times = Vec::new();
     for _ in 0..2 {
@@ -413,16 +368,19 @@ fn rule_23_status_watch_says_when_the_cluster_is_gone() {
     assert!(times[1] > times[0], "{times:?}");
     let out = cluster.cli(&["stop"]);
     assert!(out.status.success(), "{out:?}");
-    assert!(cluster.wait_exit().success());
+    assert!(cluster.assert_ends(WAIT).success());
     let mut watching = watching;
-    let status = wait_exit(&mut watching.child.0, WAIT).expect("status --watch ends");
+    let status = watching
+        .child
+        .wait_timeout(WAIT)
+        .expect("status --watch ends");
     let stderr = process::collect(watching.stderr);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(
         stderr.starts_with(&format!(
             "casa-node: error: the cluster at {} is gone",
-            cluster.endpoint
+            cluster.endpoint()
         )),
         "{stderr}"
     );
@@ -432,7 +390,7 @@ fn rule_23_status_watch_says_when_the_cluster_is_gone() {
 /// ended by a blank line, or lines with `--json`) read on a thread of
 /// their own, and its stderr; killed by PID should the test end first.
 struct Watching {
-    child: Killed,
+    child: ChildGuard,
     snapshots: std::sync::mpsc::Receiver<String>,
     stderr: std::sync::mpsc::Receiver<String>,
 }
@@ -446,51 +404,7 @@ impl Watching {
     }
 
     fn pid(&self) -> Pid {
-        Pid::from_raw(self.child.0.id() as i32)
-    }
-}
-
-impl Cluster {
-    /// `casa-node status --watch --interval 0.2 ARGS` on this cluster, its
-    /// output piped.
-    fn watch(&self, args: &[&str]) -> Watching {
-        let mut child = Command::new(BIN)
-            .args(["status", "--watch", "--interval", "0.2"])
-            .args(args)
-            .env("CASA_NODE_ENDPOINT", self.endpoint.to_string())
-            .env("XDG_RUNTIME_DIR", &self.dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("the CLI runs");
-        let stdout = BufReader::new(child.stdout.take().unwrap());
-        let stderr = process::drain(child.stderr.take().unwrap());
-        let json = args.contains(&"--json");
-        let (tx, snapshots) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut block = String::new();
-            for line in stdout.lines() {
-                let Ok(line) = line else { break };
-                let sent = if json {
-                    tx.send(line)
-                } else if line.is_empty() {
-                    tx.send(std::mem::take(&mut block))
-                } else {
-                    block.push_str(&line);
-                    block.push('\n');
-                    Ok(())
-                };
-                if sent.is_err() {
-                    break;
-                }
-            }
-        });
-        Watching {
-            child: Killed(child),
-            snapshots,
-            stderr,
-        }
+        self.child.pid()
     }
 }
 
@@ -585,7 +499,7 @@ fn rules_2_to_7_commands_parameters_and_globals() {
     }
     let init = Init(std::env::temp_dir().join(format!("casa-node-init-{}.py", std::process::id())));
     std::fs::write(&init.0, "def hello():\n    return 'hi from init'\n").unwrap();
-    let cluster = Cluster::start(1, &["--init", init.0.to_str().unwrap()]);
+    let cluster = start(up(1).args(["--init", init.0.to_str().unwrap()]));
     let c = cluster.client();
     // Rule 5: the start-up script ran in the worker's namespace.
     assert_eq!(
@@ -596,7 +510,7 @@ fn rules_2_to_7_commands_parameters_and_globals() {
     let cwd = one(&c, Submit::new("os.getcwd()")).ret.unwrap();
     assert_eq!(
         String::try_from(&cwd).unwrap(),
-        cluster.dir.canonicalize().unwrap().display().to_string()
+        cluster.dir().canonicalize().unwrap().display().to_string()
     );
     // Rule 5: os, sys and time are there; globals persist.
     assert_eq!(
@@ -672,7 +586,7 @@ fn rules_2_to_7_commands_parameters_and_globals() {
 
 #[test]
 fn rules_11_to_17_ids_targets_and_waiting() {
-    let cluster = Cluster::start(2, &[]);
+    let cluster = start(up(2));
     let c = cluster.client();
     // Rule 15: the seed's busy-target example.
     let first = c
@@ -731,7 +645,7 @@ fn rules_11_to_17_ids_targets_and_waiting() {
 #[test]
 fn a_parameter_larger_than_the_byte_budget_goes_there_and_back() {
     const LEN: usize = 80 << 20;
-    let mut cluster = Cluster::start(2, &["--timeout", "10"]);
+    let cluster = start(up(2).timeout(10));
     cluster.note_pids();
     let c = cluster.client();
     let data: Vec<u8> = (0..LEN)
@@ -808,7 +722,7 @@ fn pings_are_answered_while_a_512_mib_value_crosses() {
     // nodes share their work (1.5 to 5.6 s seen): there the test holds
     // server n# 2 to the cluster's timeout only.
     let gap_limit = (!over_mpi()).then_some(2.0);
-    let cluster = Cluster::start(2, &["--timeout", "10"]);
+    let cluster = start(up(2).timeout(10));
     let watcher = cluster.client();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let watching = {
@@ -897,7 +811,7 @@ fn large_buffers_get_huge_pages_unless_turned_off() {
         .is_ok_and(|mode| mode.contains("[madvise]") || mode.contains("[always]"));
     let always = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled")
         .is_ok_and(|mode| mode.contains("[always]"));
-    let cluster = Cluster::start(1, &[]);
+    let cluster = start(up(1));
     let (tunables, huge) = huge_pages_in_worker(&cluster);
     assert_eq!(tunables.as_deref(), Some("glibc.malloc.hugetlb=1"));
     let server_node = std::fs::read(format!("/proc/{}/environ", cluster.server_pid(1).0)).unwrap();
@@ -914,7 +828,7 @@ fn large_buffers_get_huge_pages_unless_turned_off() {
     }
     drop(cluster);
 
-    let cluster = Cluster::start_with_env(1, &[], &[("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0")]);
+    let cluster = start(up(1).env("GLIBC_TUNABLES", "glibc.malloc.hugetlb=0"));
     let (tunables, huge) = huge_pages_in_worker(&cluster);
     assert_eq!(tunables.as_deref(), Some("glibc.malloc.hugetlb=0"));
     if on_request && !always {
@@ -927,7 +841,7 @@ fn large_buffers_get_huge_pages_unless_turned_off() {
 
 #[test]
 fn rules_19_to_21_a_stopped_server_times_out_and_recovers() {
-    let mut cluster = Cluster::start(2, &[]);
+    let cluster = start(up(2));
     cluster.note_pids();
     let c = cluster.client();
     let (server, _) = cluster.server_pid(2);
@@ -973,7 +887,7 @@ fn stop_services_ends_the_cluster_while_a_server_hangs() {
     // A server that never answers again (stopped, not dead) must not keep
     // the cluster from ending: over ZeroMQ `up` kills its child, over MPI
     // rank 0 gives up waiting for it in MPI_Finalize and mpirun ends the job.
-    let mut cluster = Cluster::start(2, &[]);
+    let mut cluster = start(up(2));
     cluster.note_pids();
     let c = cluster.client();
     let (server, _) = cluster.server_pid(2);
@@ -986,20 +900,15 @@ fn stop_services_ends_the_cluster_while_a_server_hangs() {
     assert!(one(&c, Submit::new("1+1").targets([1])).successful);
     c.stop(false).unwrap();
     let stopped = Instant::now();
-    let status = wait_exit(&mut cluster.up, Duration::from_secs(90));
+    let status = cluster.wait_exit(Duration::from_secs(90));
     assert!(status.is_some(), "the cluster hangs on a hung server");
     eprintln!("ended {:?} after stop services", stopped.elapsed());
-    for &pid in &cluster.seen {
-        assert!(
-            wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(15)),
-            "process {pid} was left behind"
-        );
-    }
+    cluster.assert_nothing_left();
 }
 
 #[test]
 fn rule_22_debugging_mode_keeps_a_stopped_server_online() {
-    let cluster = Cluster::start(1, &[]);
+    let cluster = start(up(1));
     let c = cluster.client();
     let (server, _) = cluster.server_pid(1);
     c.set_debugging(true).unwrap();
@@ -1017,7 +926,7 @@ fn rule_22_debugging_mode_keeps_a_stopped_server_online() {
 
 #[test]
 fn rule_24_deadline_and_cancel_interrupt_the_worker() {
-    let cluster = Cluster::start(1, &[]);
+    let cluster = start(up(1));
     let c = cluster.client();
     let r = one(
         &c,
@@ -1055,7 +964,7 @@ fn rule_24_a_deadline_counts_from_the_start_of_the_command_not_during_the_init_s
     std::fs::write(&init.0, "import time\ntime.sleep(3)\ninit_done = True\n").unwrap();
     // The front door opens once the servers have started, while their
     // workers still run the init script.
-    let cluster = Cluster::start(1, &["--init", init.0.to_str().unwrap()]);
+    let cluster = start(up(1).args(["--init", init.0.to_str().unwrap()]));
     let c = cluster.client();
     let r = one(
         &c,
@@ -1067,7 +976,7 @@ fn rule_24_a_deadline_counts_from_the_start_of_the_command_not_during_the_init_s
 
 #[test]
 fn rule_25_a_dead_worker_fails_its_command_and_a_fresh_one_serves() {
-    let cluster = Cluster::start(1, &[]);
+    let cluster = start(up(1));
     let c = cluster.client();
     for (how, expect) in [
         ("import ctypes; ctypes.string_at(0)", "SIGSEGV"),
@@ -1087,7 +996,7 @@ fn rule_25_a_dead_worker_fails_its_command_and_a_fresh_one_serves() {
 
 #[test]
 fn rule_26_and_31_32_the_unified_log() {
-    let mut cluster = Cluster::start(2, &[]);
+    let mut cluster = start(up(2));
     let c = cluster.client();
     one(
         &c,
@@ -1095,7 +1004,7 @@ fn rule_26_and_31_32_the_unified_log() {
     );
     one(&c, Submit::new("1/0").targets([2]));
     c.stop(false).unwrap();
-    assert!(cluster.wait_exit().success());
+    assert!(cluster.assert_ends(WAIT).success());
     let log = cluster.log();
     // Rule 29: the start-up line names the transport, and for MPI the
     // version, the library and the thread level granted.
@@ -1120,36 +1029,34 @@ fn rule_26_and_31_32_the_unified_log() {
 
 #[test]
 fn rule_30_killing_the_client_node_leaves_nothing_behind() {
-    let mut cluster = Cluster::start(2, &[]);
-    cluster.note_pids();
-    assert!(
-        cluster.seen.len() >= 4,
-        "servers and workers: {:?}",
-        cluster.seen
-    );
+    let mut cluster = start(up(2));
+    let noted = cluster.note_pids();
+    assert!(noted.len() >= 4, "servers and workers: {noted:?}");
     if over_mpi() {
-        // The client node is rank 0, a child of mpirun beside the servers.
-        let rank0 = children(Pid::from_raw(cluster.up.id() as i32))
-            .into_iter()
-            .find(|p| !cluster.seen.contains(&(p.as_raw() as u32)))
-            .expect("rank 0 among mpirun's children");
-        kill(rank0, Signal::SIGKILL).unwrap();
-        assert!(wait_exit(&mut cluster.up, WAIT).is_some(), "mpirun ends");
+        // The client node is rank 0, below mpirun beside the servers.
+        let servers: Vec<Pid> = cluster
+            .client()
+            .status(None)
+            .unwrap()
+            .servers
+            .iter()
+            .map(|s| Pid::from_raw(s.pid as i32))
+            .collect();
+        kill(cluster.client_node(&servers), Signal::SIGKILL).unwrap();
+        assert!(cluster.wait_exit(WAIT).is_some(), "mpirun ends");
     } else {
-        cluster.up.kill().unwrap();
-        cluster.up.wait().unwrap();
+        cluster.kill();
     }
-    for &pid in &cluster.seen {
-        assert!(
-            wait_gone(Pid::from_raw(pid as i32), Duration::from_secs(15)),
-            "process {pid} outlived the client node"
-        );
-    }
+    let left = cluster.left_behind(EXIT_BOUND);
+    assert!(
+        left.is_empty(),
+        "processes outlived the client node: {left:?}"
+    );
 }
 
 #[test]
 fn rule_31_log_level_changes_at_run_time() {
-    let mut cluster = Cluster::start(1, &["--log-level", "debug"]);
+    let mut cluster = start(up(1).args(["--log-level", "debug"]));
     let c = cluster.client();
     c.set_log_level(LogLevel::Error, &[]).unwrap();
     one(&c, Submit::new("print('quiet please')"));
@@ -1165,7 +1072,7 @@ fn rule_31_log_level_changes_at_run_time() {
         Submit::new("logging.getLogger('casa').debug('python debug record')"),
     );
     c.stop(false).unwrap();
-    assert!(cluster.wait_exit().success());
+    assert!(cluster.assert_ends(WAIT).success());
     let log = cluster.log();
     assert!(!log.contains("quiet please"), "{log}");
     assert!(log.contains("loud again"), "{log}");
@@ -1177,7 +1084,7 @@ fn rule_31_log_level_changes_at_run_time() {
 fn rule_31_the_log_file_rotates_at_its_max_size() {
     const MAX: usize = 2048;
     const COMMANDS: usize = 40;
-    let mut cluster = Cluster::start(1, &["--log-max-size", "2K", "--log-keep", "2"]);
+    let mut cluster = start(up(1).args(["--log-max-size", "2K", "--log-keep", "2"]));
     let c = cluster.client();
     // Three lines of about 100 bytes each: sent, printed, handled; the
     // whole is several times what three files hold.
@@ -1185,8 +1092,8 @@ fn rule_31_the_log_file_rotates_at_its_max_size() {
         one(&c, Submit::new(format!("print('command {i}')")));
     }
     c.stop(false).unwrap();
-    assert!(cluster.wait_exit().success());
-    let log = cluster.dir.join("casa-node.log");
+    assert!(cluster.assert_ends(WAIT).success());
+    let log = cluster.dir().join("casa-node.log");
     let numbered = |n: usize| PathBuf::from(format!("{}.{n}", log.display()));
     assert!(!numbered(3).exists(), "more than 2 old log files kept");
     for path in [numbered(2), numbered(1), log] {
@@ -1213,40 +1120,17 @@ fn rule_31_the_log_file_rotates_at_its_max_size() {
 
 #[test]
 fn the_front_door_refuses_garbage_and_keeps_serving() {
-    use std::io::{Read, Write};
-    let cluster = Cluster::start(1, &[]);
-    let FrontDoorEndpoint::Unix(path) = &cluster.endpoint else {
-        unreachable!("the tests use unix sockets")
-    };
-    let read_frame = |stream: &mut std::os::unix::net::UnixStream| {
-        let mut len = [0u8; 4];
-        stream.read_exact(&mut len).unwrap();
-        let mut body = vec![0; u32::from_be_bytes(len) as usize];
-        stream.read_exact(&mut body).unwrap();
-        casa_node_protocol::Framing::default()
-            .decode_body(body.into())
-            .unwrap()
-    };
+    let cluster = start(up(1));
     // Garbage gets a ProtocolError; a message other than Hello first gets
     // one too, and the connection closes.
-    let mut raw = std::os::unix::net::UnixStream::connect(path).unwrap();
-    raw.set_read_timeout(Some(WAIT)).unwrap();
-    raw.write_all(&[0, 0, 0, 3, 0xff, 0xff, 0xff]).unwrap();
-    assert_eq!(read_frame(&mut raw).kind(), "ProtocolError");
-    let status = casa_node_protocol::pb::Envelope::new(
-        casa_node_protocol::pb::envelope::Body::StatusRequest(Default::default()),
-    );
-    let frame = casa_node_protocol::Framing::default()
-        .encode_to_bytes(&status)
-        .unwrap();
-    raw.write_all(&frame).unwrap();
-    assert_eq!(read_frame(&mut raw).kind(), "ProtocolError");
-    let mut rest = Vec::new();
-    assert_eq!(
-        raw.read_to_end(&mut rest).unwrap(),
-        0,
-        "closed after the refusal"
-    );
+    let mut raw = RawDriver::connect(&cluster.socket());
+    raw.send_bytes(&[0, 0, 0, 3, 0xff, 0xff, 0xff]);
+    let reply = raw.reply();
+    assert!(matches!(reply, Body::Error(_)), "{reply:?}");
+    raw.send(Body::StatusRequest(StatusRequest::default()));
+    let reply = raw.reply();
+    assert!(matches!(reply, Body::Error(_)), "{reply:?}");
+    assert!(raw.closed(), "closed after the refusal");
     // Other drivers are served all along.
     let c = cluster.client();
     assert!(one(&c, Submit::new("1")).successful);
@@ -1258,13 +1142,10 @@ fn a_server_attached_with_connect_joins_and_serves() {
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
     }
-    let mut cluster = Cluster::start(1, &[]);
-    assert!(cluster.nodes.starts_with("ipc://"), "{}", cluster.nodes);
-    let mut extra = Command::new(BIN)
-        .args(["server", "--connect", &cluster.nodes, "--patience", "3"])
-        .stdin(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut cluster = start(up(1));
+    let nodes = cluster.nodes().expect("nodes: over ZeroMQ");
+    assert!(nodes.starts_with("ipc://"), "{nodes}");
+    let mut extra = attach(nodes, &["--patience", "3"]);
     let c = cluster.client();
     let end = Instant::now() + WAIT;
     while c
@@ -1286,8 +1167,8 @@ fn a_server_attached_with_connect_joins_and_serves() {
     let r = one(&c, Submit::new("os.getpid()").targets([2]));
     assert!(r.successful && r.server == 2);
     c.stop(false).unwrap();
-    assert!(cluster.wait_exit().success());
-    assert!(wait_exit(&mut extra, WAIT).is_some_and(|s| s.success()));
+    assert!(cluster.assert_ends(WAIT).success());
+    assert!(extra.wait_timeout(WAIT).is_some_and(|s| s.success()));
 }
 
 /// Rule 33: `casa-node submit` waiting for its response when the client
@@ -1304,29 +1185,26 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
     std::fs::create_dir_all(&keep).unwrap();
     let journal = keep.join("journal");
     let options = ["--journal", journal.to_str().unwrap()];
-    let first = Cluster::start(1, &options);
-    let dir = first.dir.clone();
-    let mut cli = Command::new(BIN)
-        .args(["submit", "--target", "1", "time.sleep(1.5) or 7"])
-        .env("CASA_NODE_ENDPOINT", first.endpoint.to_string())
-        .env("XDG_RUNTIME_DIR", &dir)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("the CLI runs");
+    let first = start(up(1).args(options));
+    let dir = first.dir().to_owned();
+    let mut cli = ChildGuard(
+        first
+            .command(&["submit", "--target", "1", "time.sleep(1.5) or 7"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("the CLI runs"),
+    );
     // Once server 1 runs the command, the client node dies.
     let c = first.client();
     wait_busy(&c, 1);
     drop(c);
-    kill(Pid::from_raw(first.up.id() as i32), Signal::SIGKILL).unwrap();
+    first.signal(Signal::SIGKILL);
     drop(first);
-    let stdout = process::drain(cli.stdout.take().unwrap());
-    let stderr = process::drain(cli.stderr.take().unwrap());
-    let second = Cluster::start_in(dir, 1, &options, &[]);
-    let Some(status) = wait_exit(&mut cli, WAIT) else {
-        let _ = cli.kill();
-        let _ = cli.wait();
+    let stdout = process::drain(cli.0.stdout.take().unwrap());
+    let stderr = process::drain(cli.0.stderr.take().unwrap());
+    let second = start(up(1).dir(dir).args(options));
+    let Some(status) = cli.wait_timeout(WAIT) else {
         panic!("the CLI still waits: {}", process::collect(stderr));
     };
     let stderr = process::collect(stderr);
@@ -1367,15 +1245,10 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
     std::fs::create_dir_all(&keep).unwrap();
     let journal = keep.join("journal");
     let runs = keep.join("runs");
-    let dir = std::env::temp_dir().join(format!(
-        "casa-node-e2e-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = cluster::scratch("e2e");
     let nodes = format!("ipc://{}/nodes.sock", dir.display());
     let options = ["--journal", journal.to_str().unwrap(), "--nodes", &nodes];
-    let first = Cluster::start_in(dir.clone(), 1, &options, &[]);
+    let first = start(up(1).dir(&dir).args(options));
     let mut attached = attach(&nodes, &["--patience", "60"]);
     let c = first.client();
     wait_online(&c, 2);
@@ -1389,9 +1262,9 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
         .unwrap();
     wait_busy(&c, 2);
     drop(c);
-    kill(Pid::from_raw(first.up.id() as i32), Signal::SIGKILL).unwrap();
+    first.signal(Signal::SIGKILL);
     drop(first);
-    let mut second = Cluster::start_in(dir, 1, &options, &[]);
+    let mut second = start(up(1).dir(dir).args(options));
     let c = second.client();
     let claim = c.claim(&ids).unwrap();
     assert!(claim.unknown.is_empty(), "{claim:?}");
@@ -1418,8 +1291,8 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
     );
     second.note_pids();
     c.stop(false).unwrap();
-    assert!(second.wait_exit().success());
-    assert!(wait_exit(&mut attached.0, WAIT).is_some_and(|s| s.success()));
+    assert!(second.assert_ends(WAIT).success());
+    assert!(attached.wait_timeout(WAIT).is_some_and(|s| s.success()));
     // Services stop once every command ran: one run, not two.
     assert_eq!(
         std::fs::read_to_string(&runs).unwrap(),
@@ -1438,8 +1311,8 @@ fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
     }
-    let mut cluster = Cluster::start(1, &[]);
-    let mut attached = attach(&cluster.nodes, &[]);
+    let mut cluster = start(up(1));
+    let mut attached = attach(cluster.nodes().expect("nodes: over ZeroMQ"), &[]);
     let c = cluster.client();
     wait_online(&c, 2);
     let end = Instant::now() + WAIT;
@@ -1447,7 +1320,7 @@ fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
     c.submit(Submit::new("time.sleep(60)").targets([2]))
         .unwrap();
     wait_busy(&c, 2);
-    let up = Pid::from_raw(cluster.up.id() as i32);
+    let up = cluster.pid();
     kill(up, Signal::SIGTERM).unwrap();
     // The second once the first is seen (signals that come together count
     // as one).
@@ -1459,21 +1332,18 @@ fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
         std::thread::sleep(Duration::from_millis(20));
     }
     kill(up, Signal::SIGTERM).unwrap();
-    assert!(
-        wait_exit(&mut cluster.up, WAIT).is_some(),
-        "up did not exit"
-    );
+    assert!(cluster.wait_exit(WAIT).is_some(), "up did not exit");
     // Its patience is 600 s: leaving within seconds is leaving at once.
     assert!(
-        wait_exit(&mut attached.0, Duration::from_secs(20)).is_some(),
+        attached.wait_timeout(Duration::from_secs(20)).is_some(),
         "the attached server waits to rejoin a client node that stopped"
     );
 }
 
 /// `casa-node server --connect nodes` with `args`, killed by PID if the
 /// test ends first.
-fn attach(nodes: &str, args: &[&str]) -> Killed {
-    Killed(
+fn attach(nodes: &str, args: &[&str]) -> ChildGuard {
+    ChildGuard(
         Command::new(BIN)
             .args(["server", "--connect", nodes])
             .args(args)
@@ -1507,18 +1377,6 @@ fn wait_busy(c: &BlockingClient, rank: i32) {
     }
 }
 
-/// A process killed (by PID) when dropped, should the test fail first.
-struct Killed(Child);
-
-impl Drop for Killed {
-    fn drop(&mut self) {
-        if self.0.try_wait().ok().flatten().is_none() {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-}
-
 /// Rule 20: a server node `up` started that dies (SIGKILL here) is reaped,
 /// logged, and started again with its rank; it serves as a new server.
 #[test]
@@ -1527,7 +1385,7 @@ fn a_server_node_of_up_that_dies_is_reaped_and_started_again() {
         eprintln!("MPI: mpirun starts the ranks, and a rank that dies ends the job");
         return;
     }
-    let mut cluster = Cluster::start(2, &[]);
+    let mut cluster = start(up(2));
     let c = cluster.client();
     let (dead, _) = cluster.server_pid(2);
     kill(Pid::from_raw(dead as i32), Signal::SIGKILL).unwrap();
@@ -1561,7 +1419,7 @@ fn a_server_node_of_up_that_dies_is_reaped_and_started_again() {
         "{log}"
     );
     c.stop(false).unwrap();
-    assert!(cluster.wait_exit().success());
+    assert!(cluster.assert_ends(WAIT).success());
 }
 
 /// Rule 20: once `up` gives up starting its last server node again (it
@@ -1574,7 +1432,7 @@ fn requests_waiting_when_up_gives_up_on_its_last_server_are_answered() {
         eprintln!("MPI: mpirun starts the ranks, and a rank that dies ends the job");
         return;
     }
-    let mut cluster = Cluster::start(1, &[]);
+    let mut cluster = start(up(1));
     let c = cluster.client();
     let mut dead = Vec::new();
     let mut ids = Vec::new();
@@ -1636,15 +1494,13 @@ fn requests_waiting_when_up_gives_up_on_its_last_server_are_answered() {
         "{log}"
     );
     c.stop(false).unwrap();
-    assert!(cluster.wait_exit().success());
+    assert!(cluster.assert_ends(WAIT).success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rule_31_a_driver_subscribes_to_the_log() {
-    let cluster = tokio::task::spawn_blocking(|| Cluster::start(1, &[]))
-        .await
-        .unwrap();
-    let c = casa_node::client::Client::connect(&cluster.endpoint)
+    let cluster = tokio::task::spawn_blocking(|| start(up(1))).await.unwrap();
+    let c = casa_node::client::Client::connect(&cluster.endpoint())
         .await
         .unwrap();
     let mut logs = c.subscribe_logs(LogLevel::Info).await.unwrap();
@@ -1719,19 +1575,16 @@ fn a_killed_client_nodes_record_and_run_directory_are_removed_when_met() {
         eprintln!("skipped under MPI: the launched process is mpirun, not the client node");
         return;
     }
-    let mut cluster = Cluster::start(1, &[]);
+    let mut cluster = start(up(1));
     cluster.note_pids();
-    let runtime = cluster.dir.join("casa-node");
-    let run_dir = runtime.join(cluster.up.id().to_string());
+    let runtime = cluster.runtime_dir().join("casa-node");
+    let run_dir = runtime.join(cluster.pid().to_string());
     assert!(runtime.join("endpoint").is_file());
     assert!(run_dir.is_dir(), "{}", run_dir.display());
-    cluster.up.kill().unwrap();
-    cluster.up.wait().unwrap();
-    let out = Command::new(BIN)
+    cluster.kill();
+    let out = cluster
+        .cli_command(BIN)
         .arg("status")
-        .env("XDG_RUNTIME_DIR", &cluster.dir)
-        .env_remove("CASA_NODE_ENDPOINT")
-        .stdin(Stdio::null())
         .output()
         .expect("the CLI runs");
     let stderr = String::from_utf8_lossy(&out.stderr);

@@ -28,9 +28,11 @@
 //! process a scenario starts is stopped by PID when it ends, passed or
 //! failed.
 
+mod common;
+
 use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
-use std::io::{BufRead, BufReader, Read, Write};
-use std::os::unix::net::UnixStream;
+use std::io::Write;
+use std::ops::{Deref, DerefMut};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
@@ -39,36 +41,24 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use casa_node::connection_file::ConnectionFile;
+use casa_node_conformance::cluster::{self, EXIT_BOUND, Launch, Transport, WAIT as HANG, over_mpi};
+use casa_node_conformance::driver::{self, RawDriver};
 use casa_node_conformance::process::{self, ChildGuard, ProcessSet, children};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{
-    CancelReply, CancelRequest, ClaimReply, ClaimRequest, CommandStatus, Envelope, Hello,
-    Parameter, RejectReason, Role, ServerStatus, StatusReply, StatusRequest, StopRequest,
-    SubmitRequest, TrackReply, TrackRequest, Value, submit_reply,
+    CancelReply, CancelRequest, ClaimReply, ClaimRequest, CommandStatus, Envelope, Parameter,
+    RejectReason, ServerStatus, StatusReply, StatusRequest, StopRequest, SubmitRequest, TrackReply,
+    TrackRequest, Value, submit_reply,
 };
-use casa_node_protocol::{Framing, PROTOCOL_VERSION, Rank, RequestId};
+use casa_node_protocol::{Framing, Rank, RequestId};
+use common::BIN;
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use proptest::prelude::Rng;
 use proptest::test_runner::{RngAlgorithm, TestRng};
 
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
-
-/// The longest any one wait may take before the suite calls it a hang.
-const HANG: Duration = Duration::from_secs(60);
-
-/// How long the processes of a cluster may take to end once it has
-/// stopped, or once its client node is gone (its links close, or under MPI
-/// mpirun ends the job), with room for a loaded machine.
-const EXIT_BOUND: Duration = Duration::from_secs(20);
-
-/// True when the suite runs over MPI (CASA_NODE_TEST_TRANSPORT=mpi).
-fn over_mpi() -> bool {
-    std::env::var("CASA_NODE_TEST_TRANSPORT").is_ok_and(|t| t == "mpi")
-}
-
 fn transport_name() -> &'static str {
-    if over_mpi() { "mpi" } else { "zmq" }
+    Transport::from_env().name()
 }
 
 /// The seed of a scenario's schedule: CASA_NODE_FAULT_SEED, else a fresh
@@ -128,20 +118,29 @@ fn millis(rng: &mut TestRng, range: std::ops::Range<u64>) -> Duration {
 // ---------------------------------------------------------------------
 // The cluster
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A running cluster, stopped on drop: every process seen in its tree is
-/// stopped by PID.
+/// A running cluster (the harness's [`cluster::Cluster`]: every process
+/// seen in its tree is stopped by PID on drop), with what the suite knows
+/// of it.
 struct Cluster {
-    up: ChildGuard,
-    dir: PathBuf,
-    socket: PathBuf,
-    /// Every process seen in the cluster's tree.
-    procs: Arc<ProcessSet>,
+    run: cluster::Cluster,
     /// Server ranks and their server nodes' PIDs.
     servers: Vec<(Rank, Pid)>,
     /// The client node: `up` itself, or rank 0 of the MPI job.
     client_node: Pid,
+}
+
+impl Deref for Cluster {
+    type Target = cluster::Cluster;
+
+    fn deref(&self) -> &cluster::Cluster {
+        &self.run
+    }
+}
+
+impl DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut cluster::Cluster {
+        &mut self.run
+    }
 }
 
 impl Cluster {
@@ -153,111 +152,30 @@ impl Cluster {
 
     /// As [`start`](Self::start), with more options for `up`.
     fn start_with(servers: usize, extra: &[&str]) -> Cluster {
-        let dir = std::env::temp_dir().join(format!(
-            "casa-node-faults-{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        std::fs::create_dir_all(&dir).unwrap();
-        let socket = dir.join("front.sock");
-        let mut command = if over_mpi() {
-            // Scenarios run in parallel: each job keeps its own session.
-            let mut command =
-                process::mpirun_in(servers + 1, &dir).unwrap_or_else(|why| panic!("{why}"));
-            command.args([BIN, "--transport", "mpi", "up"]);
-            command
-        } else {
-            let mut command = Command::new(BIN);
-            command.args(["up", "--servers", &servers.to_string()]);
-            command
-        };
-        let stderr = std::fs::File::create(dir.join("up.stderr")).unwrap();
-        let mut child = command
-            .args(["--endpoint", &format!("unix://{}", socket.display())])
-            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-            .args(["--heartbeat", "0.2", "--timeout", "3"])
-            .args(extra)
-            .env("XDG_RUNTIME_DIR", &dir)
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("casa-node up starts");
-        let stdout = child.stdout.take().unwrap();
-        let up = ChildGuard(child);
-        let procs = Arc::new(ProcessSet::new());
-        procs.note(up.pid());
-        let (lines_tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let mut cluster = Cluster {
-            up,
-            dir,
-            socket,
-            procs,
-            servers: Vec::new(),
-            client_node: Pid::from_raw(0),
-        };
-        match lines.recv_timeout(HANG) {
-            Ok(line) if line.starts_with("front door: ") => {}
-            other => panic!(
-                "casa-node up did not open its front door: {other:?}\n{}",
-                cluster.diagnostics()
-            ),
-        }
-        let driver = cluster.driver();
-        let status = driver.status();
-        cluster.servers = status
+        let run = Launch::new(BIN, servers).args(extra).start();
+        let status = Driver::connect(&run.socket()).status();
+        let listed: Vec<(Rank, Pid)> = status
             .servers
             .iter()
             .map(|s| (s.rank, Pid::from_raw(s.pid as i32)))
             .collect();
-        assert_eq!(cluster.servers.len(), servers, "{status:?}");
-        cluster.note_tree();
-        cluster.client_node = if over_mpi() {
-            let server_pids: Vec<Pid> = cluster.servers.iter().map(|&(_, p)| p).collect();
-            children(cluster.up.pid())
-                .into_iter()
-                .find(|p| !server_pids.contains(p))
-                .expect("rank 0 among mpirun's children")
-        } else {
-            cluster.up.pid()
-        };
-        cluster
+        assert_eq!(listed.len(), servers, "{status:?}");
+        run.note_tree();
+        let pids: Vec<Pid> = listed.iter().map(|&(_, pid)| pid).collect();
+        let client_node = run.client_node(&pids);
+        Cluster {
+            run,
+            servers: listed,
+            client_node,
+        }
     }
 
     fn driver(&self) -> Driver {
-        Driver::connect(&self.socket)
-    }
-
-    fn note_tree(&self) {
-        self.procs.note_tree(self.up.pid());
+        Driver::connect(&self.socket())
     }
 
     fn ranks(&self) -> Vec<Rank> {
         self.servers.iter().map(|&(r, _)| r).collect()
-    }
-
-    /// The tail of the unified log and `up`'s standard error, for failure
-    /// messages.
-    fn diagnostics(&self) -> String {
-        let tail = |name: &str| {
-            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
-        format!(
-            "--- casa-node.log (tail):\n{}\n--- up's stderr (tail):\n{}",
-            tail("casa-node.log"),
-            tail("up.stderr")
-        )
     }
 
     /// Stops services through `driver` and checks that the cluster ends
@@ -265,52 +183,9 @@ impl Cluster {
     fn stop(&mut self, driver: &Driver) {
         self.note_tree();
         // Nothing may stay stopped: a stopped process cannot exit.
-        self.procs.signal_all(Signal::SIGCONT);
+        self.procs().signal_all(Signal::SIGCONT);
         driver.stop();
-        if self.up.wait_timeout(HANG).is_none() {
-            panic!(
-                "the cluster did not end within {HANG:?} of stop services\n{}",
-                self.diagnostics()
-            );
-        }
-        self.check_nothing_left();
-    }
-
-    /// Every process seen in the cluster's tree is gone within
-    /// [`EXIT_BOUND`].
-    fn check_nothing_left(&self) {
-        let left = self.procs.survivors(EXIT_BOUND);
-        let described: Vec<String> = left
-            .iter()
-            .map(|pid| {
-                let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-                let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
-                format!("{pid} ({})", cmdline.chars().take(80).collect::<String>())
-            })
-            .collect();
-        assert!(
-            left.is_empty(),
-            "processes left behind {EXIT_BOUND:?} after the cluster ended: {described:?}\n{}",
-            self.diagnostics()
-        );
-    }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        self.note_tree();
-        self.procs.signal_all(Signal::SIGCONT);
-        if self.up.wait_timeout(Duration::ZERO).is_none() {
-            let _ = kill(self.up.pid(), Signal::SIGTERM);
-            if self.up.wait_timeout(Duration::from_secs(20)).is_none() {
-                let _ = self.up.0.kill();
-                let _ = self.up.0.wait();
-            }
-        }
-        if !self.procs.survivors(Duration::from_secs(10)).is_empty() {
-            self.procs.kill_all();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
+        self.assert_ends(HANG);
     }
 }
 
@@ -366,7 +241,7 @@ struct Driver {
 /// How a [`Driver`]'s messages reach the front door.
 enum Link {
     /// Written straight to the front door's Unix socket.
-    Unix(Mutex<UnixStream>),
+    Unix(Mutex<RawDriver>),
     /// Handed to the thread that owns the TLS connection to a `tcp://`
     /// front door; `None` once the driver is dropped, which ends it.
     Tls(Mutex<Option<tokio::sync::mpsc::UnboundedSender<Envelope>>>),
@@ -379,40 +254,8 @@ enum WaitError {
     Closed,
 }
 
-fn write_frame(stream: &mut UnixStream, envelope: &Envelope) -> std::io::Result<()> {
-    let frame = Framing::default()
-        .encode_to_bytes(envelope)
-        .expect("the suite's messages frame");
-    stream.write_all(&frame)
-}
-
-fn read_frame(stream: &mut UnixStream) -> std::io::Result<Envelope> {
-    let mut len = [0u8; 4];
-    stream.read_exact(&mut len)?;
-    let mut body = vec![0; u32::from_be_bytes(len) as usize];
-    stream.read_exact(&mut body)?;
-    Framing::default()
-        .decode_body(Bytes::from(body))
-        .map_err(|e| std::io::Error::new(std::io::ErrorKind::InvalidData, e.to_string()))
-}
-
-/// The driver's `Hello`, with the front door's `token` (empty for a Unix
-/// socket).
-fn hello(token: String) -> Envelope {
-    Envelope::correlated(
-        1,
-        Body::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: Role::Driver.into(),
-            software: "casa-node fault suite".into(),
-            host: "localhost".into(),
-            pid: std::process::id(),
-            rank: 0,
-            token,
-            shared_memory: false,
-        }),
-    )
-}
+/// The software the suite's drivers name in their `Hello`.
+const SOFTWARE: &str = "casa-node fault suite";
 
 /// Files `envelope`, from the front door, in `shared`: every response
 /// delivery is counted, and a reply is kept for the call waiting for it.
@@ -452,32 +295,23 @@ fn close(shared: &DriverShared) {
 
 impl Driver {
     fn connect(socket: &Path) -> Driver {
-        let mut stream = UnixStream::connect(socket)
-            .unwrap_or_else(|e| panic!("the front door {} accepts: {e}", socket.display()));
-        stream.set_read_timeout(Some(HANG)).unwrap();
-        write_frame(&mut stream, &hello(String::new())).expect("Hello is sent");
-        match read_frame(&mut stream)
-            .expect("the client node answers Hello")
-            .body
-        {
-            Some(Body::Welcome(_)) => {}
-            other => panic!("expected Welcome, got {other:?}"),
-        }
-        stream.set_read_timeout(None).unwrap();
+        let mut raw = RawDriver::connect(socket);
+        raw.greet(SOFTWARE);
+        raw.stream().set_read_timeout(None).unwrap();
         let shared = Arc::new(DriverShared {
             state: Mutex::new(DriverState::default()),
             changed: Condvar::new(),
         });
-        let mut reading = stream.try_clone().unwrap();
+        let mut reading = raw.try_clone().unwrap();
         let reader_shared = shared.clone();
         let reader = std::thread::spawn(move || {
-            while let Ok(envelope) = read_frame(&mut reading) {
+            while let Ok(Some(envelope)) = reading.read_envelope() {
                 receive(&reader_shared, envelope);
             }
             close(&reader_shared);
         });
         Driver {
-            link: Link::Unix(Mutex::new(stream)),
+            link: Link::Unix(Mutex::new(raw)),
             shared,
             correlation: AtomicU64::new(2),
             reader: Some(reader),
@@ -544,7 +378,7 @@ impl Driver {
     /// is known to be closed.
     fn send(&self, envelope: &Envelope) -> bool {
         match &self.link {
-            Link::Unix(writer) => write_frame(&mut writer.lock().unwrap(), envelope).is_ok(),
+            Link::Unix(writer) => writer.lock().unwrap().write_envelope(envelope).is_ok(),
             Link::Tls(outbox) => outbox
                 .lock()
                 .unwrap()
@@ -706,7 +540,7 @@ impl Drop for Driver {
         match &self.link {
             Link::Unix(writer) => {
                 if let Ok(writer) = writer.lock() {
-                    let _ = writer.shutdown(std::net::Shutdown::Both);
+                    writer.shutdown();
                 }
             }
             Link::Tls(outbox) => {
@@ -746,7 +580,9 @@ async fn tls_session(
             .await
             .map_err(|e| format!("TLS with {address}: {e}"))?;
         let mut framed = tokio_util::codec::Framed::new(tls, casa_node::front_door::codec(framing));
-        let frame = framing.encode_body(&hello(token)).expect("Hello frames");
+        let frame = framing
+            .encode_body(&driver::hello(SOFTWARE, &token))
+            .expect("Hello frames");
         framed
             .send(Bytes::from(frame))
             .await
@@ -1399,8 +1235,8 @@ impl Target {
     fn of(cluster: &Cluster) -> Target {
         Target {
             servers: cluster.servers.clone(),
-            procs: cluster.procs.clone(),
-            root: cluster.up.pid(),
+            procs: cluster.procs().clone(),
+            root: cluster.pid(),
         }
     }
 
@@ -1464,7 +1300,7 @@ fn scenario(
     let faults = injector.finish();
     // Every fault has ended: nothing is stopped any more.
     cluster.note_tree();
-    cluster.procs.signal_all(Signal::SIGCONT);
+    cluster.procs().signal_all(Signal::SIGCONT);
     let mut ledgers = Vec::new();
     for (ledger, open) in streams {
         assert!(open, "the client node went away\n{}", cluster.diagnostics());
@@ -1635,8 +1471,8 @@ fn drivers_killed_mid_wait() {
     let (seed, started) = begin(name);
     let mut cluster = Cluster::start(2);
     let driver = cluster.driver();
-    let socket = cluster.socket.clone();
-    let dir = cluster.dir.clone();
+    let socket = cluster.socket();
+    let runtime = cluster.runtime_dir();
     let ranks = cluster.ranks();
     let injector = Injector::start(seed, 200..800, move |rng, stop| {
         let seconds = rng.random_range(50..1500) as f64 / 1000.0;
@@ -1653,7 +1489,7 @@ fn drivers_killed_mid_wait() {
             let mut cli = ChildGuard(
                 cli.arg(command)
                     .env("CASA_NODE_ENDPOINT", format!("unix://{}", socket.display()))
-                    .env("XDG_RUNTIME_DIR", &dir)
+                    .env("XDG_RUNTIME_DIR", &runtime)
                     .stdin(Stdio::null())
                     .stdout(Stdio::null())
                     .stderr(Stdio::null())
@@ -1789,11 +1625,11 @@ fn until_the_client_node_is_killed(
     let killed_at = killed_at.lock().unwrap().expect("killed");
     assert!(driver.wait_closed(EXIT_BOUND), "the front door stayed open");
     assert!(
-        cluster.up.wait_timeout(EXIT_BOUND).is_some(),
+        cluster.wait_exit(EXIT_BOUND).is_some(),
         "the cluster's launcher outlived its client node by {EXIT_BOUND:?}\n{}",
         cluster.diagnostics()
     );
-    cluster.check_nothing_left();
+    cluster.assert_nothing_left();
     (std::mem::take(&mut stream.ledger), faults, killed_at)
 }
 
@@ -1827,12 +1663,7 @@ fn the_journal_cut_at_a_random_byte() {
 /// random byte first when `cut`), then claims of every acknowledged id.
 fn killed_and_restarted(name: &str, cut: bool) {
     let (seed, started) = begin(name);
-    let keep = std::env::temp_dir().join(format!(
-        "casa-node-faults-journal-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&keep).unwrap();
+    let keep = cluster::scratch("faults-journal");
     let journal = keep.join("journal");
     let options = ["--journal", journal.to_str().unwrap()];
     let mut cluster = Cluster::start_with(3, &options);
@@ -2126,11 +1957,11 @@ fn services_stopped_mid_stream() {
     });
     let faults = injector.finish();
     assert!(
-        cluster.up.wait_timeout(HANG).is_some(),
+        cluster.wait_exit(HANG).is_some(),
         "the cluster did not end within {HANG:?} of stop services\n{}",
         cluster.diagnostics()
     );
-    cluster.check_nothing_left();
+    cluster.assert_nothing_left();
     let mut total = Ledger::default();
     let mut outcomes = Outcomes::default();
     for (driver, ledger) in drivers.iter().zip(&ledgers) {
@@ -2204,7 +2035,8 @@ impl Namespaces {
         if !nix::unistd::geteuid().is_root() {
             return Err("not root: creating network namespaces needs root".into());
         }
-        let (pid, n) = (std::process::id(), COUNTER.fetch_add(1, Ordering::Relaxed));
+        static MADE: AtomicUsize = AtomicUsize::new(0);
+        let (pid, n) = (std::process::id(), MADE.fetch_add(1, Ordering::Relaxed));
         let namespaces = Namespaces {
             names: [
                 format!("casa-node-{pid}-{n}-a"),
@@ -2235,8 +2067,8 @@ impl Namespaces {
             // interface but lo as martians, unless route_localnet allows
             // them...
             let sysctl = self
-                .exec(side, "sh")
-                .arg("-c")
+                .exec(side)
+                .args(["sh", "-c"])
                 .arg(format!(
                     "echo 1 > /proc/sys/net/ipv4/conf/all/route_localnet && \
                      echo 1 > /proc/sys/net/ipv4/conf/{veth}/route_localnet"
@@ -2287,13 +2119,12 @@ impl Namespaces {
         ));
     }
 
-    /// A command run in `side`'s namespace (`ip netns exec` runs the
-    /// program itself in its place: its PID is the program's).
-    fn exec(&self, side: usize, program: impl AsRef<std::ffi::OsStr>) -> Command {
+    /// `ip netns exec NAME`, for a program (its first argument) to run in
+    /// `side`'s namespace (`ip netns exec` runs the program itself in its
+    /// place: its PID is the program's).
+    fn exec(&self, side: usize) -> Command {
         let mut command = Command::new("ip");
-        command
-            .args(["netns", "exec", &self.names[side]])
-            .arg(program);
+        command.args(["netns", "exec", &self.names[side]]);
         command
     }
 
@@ -2346,11 +2177,9 @@ enum Door {
 /// every process seen in its trees is stopped by PID.
 struct SplitCluster {
     /// `up`, or `mpirun`, in namespace A.
-    launcher: ChildGuard,
+    run: cluster::Cluster,
     /// Over ZeroMQ, the server node in namespace B.
     remote: Option<ChildGuard>,
-    procs: Arc<ProcessSet>,
-    dir: PathBuf,
     door: Door,
 }
 
@@ -2359,20 +2188,22 @@ impl SplitCluster {
     /// a connection file) and its node links on A's end of the pair
     /// (signed), then `casa-node server --connect` to those in B.
     fn zmq(namespaces: &Namespaces) -> SplitCluster {
-        let dir = scratch();
+        let dir = cluster::scratch("faults");
         let file = dir.join("secrets").join("cluster.json");
-        let nodes = format!("tcp://{}:0", VETH_ADDRESSES[A]);
-        let mut command = namespaces.exec(A, BIN);
-        command
-            .args(["up", "--servers", "2", "--endpoint", "tcp://127.0.0.1:0"])
+        let run = Launch::new(BIN, 2)
+            .transport(Transport::Zmq)
+            .launcher(namespaces.exec(A))
+            .dir(&dir)
+            .endpoint("tcp://127.0.0.1:0")
+            .timeout(5)
             .args(["--connection-file", file.to_str().unwrap()])
-            .args(["--nodes", &nodes]);
-        let (mut cluster, lines) = SplitCluster::launch(command, dir);
-        let front = cluster.line(&lines, "front door: ");
-        let nodes = cluster.line(&lines, "nodes: ");
-        let stderr = std::fs::File::create(cluster.dir.join("remote.stderr")).unwrap();
+            .args(["--nodes", &format!("tcp://{}:0", VETH_ADDRESSES[A])])
+            .start();
+        let nodes = run.nodes().expect("nodes: over ZeroMQ").to_owned();
+        let stderr = std::fs::File::create(dir.join("remote.stderr")).unwrap();
         let remote = namespaces
-            .exec(B, BIN)
+            .exec(B)
+            .arg(BIN)
             .args(["server", "--connect", &nodes])
             .args(["--connection-file", file.to_str().unwrap()])
             .env_remove("CASA_NODE_PATIENCE")
@@ -2383,17 +2214,21 @@ impl SplitCluster {
             .spawn()
             .expect("casa-node server starts");
         let remote = ChildGuard(remote);
-        cluster.procs.note(remote.pid());
-        cluster.remote = Some(remote);
-        cluster.door = Door::Tls {
+        run.note(remote.pid());
+        let door = Door::Tls {
             netns: namespaces.file(A),
-            address: front
+            address: run
+                .front_door()
                 .strip_prefix("tcp://")
-                .unwrap_or_else(|| panic!("a tcp:// front door: {front}"))
+                .unwrap_or_else(|| panic!("a tcp:// front door: {}", run.front_door()))
                 .to_owned(),
             file: ConnectionFile::read(&file).expect("up wrote its connection file"),
         };
-        cluster
+        SplitCluster {
+            run,
+            remote: Some(remote),
+            door,
+        }
     }
 
     /// Under MPI: one `mpirun` in A over two fake hosts, three ranks
@@ -2402,7 +2237,7 @@ impl SplitCluster {
     /// script that runs it in the host's namespace; the runtime (OOB) and
     /// the ranks' TCP BTL between hosts use the veth pair only.
     fn mpi(namespaces: &Namespaces) -> SplitCluster {
-        let dir = scratch();
+        let dir = cluster::scratch("faults");
         let hosts = ["netns-a", "netns-b"];
         let hostfile = dir.join("hostfile");
         std::fs::write(
@@ -2439,8 +2274,8 @@ impl SplitCluster {
         std::fs::create_dir_all(&launcher_session).unwrap();
         // The suite's mpirun (as root, oversubscribed, no binding), run in A.
         let mpirun = process::mpirun(4).unwrap_or_else(|why| panic!("{why}"));
-        let mut command = namespaces.exec(A, mpirun.get_program());
-        command.args(mpirun.get_args());
+        let mut command = namespaces.exec(A);
+        command.arg(mpirun.get_program()).args(mpirun.get_args());
         for (name, value) in mpirun.get_envs() {
             match value {
                 Some(value) => command.env(name, value),
@@ -2458,65 +2293,18 @@ impl SplitCluster {
             // replaces that default, so the pair's network is used.
             .env("OMPI_MCA_btl", "self,vader,tcp")
             .env("OMPI_MCA_btl_tcp_if_include", VETH_NETWORK)
-            .env("OMPI_MCA_oob_tcp_if_include", VETH_NETWORK)
-            .args([BIN, "--transport", "mpi", "up"]);
-        let socket = dir.join("front.sock");
-        command.args(["--endpoint", &format!("unix://{}", socket.display())]);
-        let (mut cluster, lines) = SplitCluster::launch(command, dir);
-        cluster.line(&lines, "front door: ");
-        cluster.door = Door::Unix(socket);
-        cluster
-    }
-
-    /// Starts `command` (up or mpirun) with the suite's settings; the
-    /// cluster, and its standard output line by line.
-    fn launch(mut command: Command, dir: PathBuf) -> (SplitCluster, mpsc::Receiver<String>) {
-        let stderr = std::fs::File::create(dir.join("up.stderr")).unwrap();
-        let mut child = command
-            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-            .args(["--heartbeat", "0.2", "--timeout", "5"])
-            .env("XDG_RUNTIME_DIR", &dir)
-            .env_remove("CASA_NODE_CONNECTION_FILE")
-            .env_remove("CASA_NODE_ENDPOINT")
-            .env_remove("CASA_NODE_FRONT_DOOR")
-            .env_remove("CASA_NODE_NODES")
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(stderr)
-            .spawn()
-            .expect("the cluster's launcher starts");
-        let stdout = child.stdout.take().unwrap();
-        let launcher = ChildGuard(child);
-        let procs = Arc::new(ProcessSet::new());
-        procs.note(launcher.pid());
-        let (lines_tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines() {
-                let Ok(line) = line else { break };
-                if lines_tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let cluster = SplitCluster {
-            launcher,
+            .env("OMPI_MCA_oob_tcp_if_include", VETH_NETWORK);
+        let run = Launch::new(BIN, 3)
+            .transport(Transport::Mpi)
+            .launcher(command)
+            .dir(&dir)
+            .timeout(5)
+            .start();
+        let door = Door::Unix(run.socket());
+        SplitCluster {
+            run,
             remote: None,
-            procs,
-            dir,
-            door: Door::Unix(PathBuf::new()),
-        };
-        (cluster, lines)
-    }
-
-    /// The launcher's next line, which must start with `prefix`; the rest.
-    fn line(&self, lines: &mpsc::Receiver<String>, prefix: &str) -> String {
-        match lines.recv_timeout(HANG) {
-            Ok(line) if line.starts_with(prefix) => line[prefix.len()..].trim().to_owned(),
-            other => panic!(
-                "the cluster did not print {prefix:?}: {other:?}\n{}",
-                self.diagnostics()
-            ),
+            door,
         }
     }
 
@@ -2532,9 +2320,9 @@ impl SplitCluster {
     }
 
     fn note_tree(&self) {
-        self.procs.note_tree(self.launcher.pid());
+        self.run.note_tree();
         if let Some(remote) = &self.remote {
-            self.procs.note_tree(remote.pid());
+            self.run.procs().note_tree(remote.pid());
         }
     }
 
@@ -2557,81 +2345,35 @@ impl SplitCluster {
             std::thread::sleep(Duration::from_millis(20));
         };
         self.note_tree();
-        let client_node = if self.remote.is_some() {
-            // `ip netns exec` ran `up` in its place.
-            self.launcher.pid()
-        } else {
-            // Rank 0: the rank (same command line) that no server is.
-            let cmdline = |pid: Pid| std::fs::read(format!("/proc/{pid}/cmdline")).ok();
-            let rank = cmdline(Pid::from_raw(servers[0].pid as i32));
-            let pids: Vec<Pid> = servers
-                .iter()
-                .map(|s| Pid::from_raw(s.pid as i32))
-                .collect();
-            process::descendants(self.launcher.pid())
-                .into_iter()
-                .map(|(pid, _)| pid)
-                .find(|&pid| !pids.contains(&pid) && rank.is_some() && cmdline(pid) == rank)
-                .unwrap_or_else(|| {
-                    panic!("rank 0 among mpirun's descendants\n{}", self.diagnostics())
-                })
-        };
+        // Over ZeroMQ `ip netns exec` ran `up` in its place; under MPI,
+        // rank 0 is the rank that no server is.
+        let pids: Vec<Pid> = servers
+            .iter()
+            .map(|s| Pid::from_raw(s.pid as i32))
+            .collect();
+        let client_node = self.run.client_node(&pids);
         (servers, client_node)
     }
 
     fn diagnostics(&self) -> String {
-        let tail = |name: &str| {
-            let text = std::fs::read_to_string(self.dir.join(name)).unwrap_or_default();
-            let lines: Vec<&str> = text.lines().collect();
-            lines[lines.len().saturating_sub(40)..].join("\n")
-        };
+        let remote =
+            std::fs::read_to_string(self.run.dir().join("remote.stderr")).unwrap_or_default();
+        let lines: Vec<&str> = remote.lines().collect();
         format!(
-            "--- casa-node.log (tail):\n{}\n--- the launcher's stderr (tail):\n{}\n--- the remote server's stderr (tail):\n{}",
-            tail("casa-node.log"),
-            tail("up.stderr"),
-            tail("remote.stderr")
+            "{}\n--- the remote server's stderr (tail):\n{}",
+            self.run.diagnostics(),
+            lines[lines.len().saturating_sub(40)..].join("\n")
         )
     }
 }
 
 impl Drop for SplitCluster {
     fn drop(&mut self) {
+        // The harness's cluster, dropped next, stops every process seen,
+        // the remote server's too: its link may still be cut, and then it
+        // cannot hear the stop.
         self.note_tree();
-        self.procs.signal_all(Signal::SIGCONT);
-        if self.launcher.wait_timeout(Duration::ZERO).is_none() {
-            let _ = kill(self.launcher.pid(), Signal::SIGTERM);
-            if self
-                .launcher
-                .wait_timeout(Duration::from_secs(20))
-                .is_none()
-            {
-                let _ = self.launcher.0.kill();
-                let _ = self.launcher.0.wait();
-            }
-        }
-        if let Some(remote) = &mut self.remote {
-            // Its link may still be cut: it cannot hear the stop then.
-            if remote.wait_timeout(Duration::from_secs(10)).is_none() {
-                let _ = remote.0.kill();
-                let _ = remote.0.wait();
-            }
-        }
-        if !self.procs.survivors(Duration::from_secs(10)).is_empty() {
-            self.procs.kill_all();
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-/// A fresh directory for one split cluster, removed with it.
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "casa-node-faults-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
 }
 
 /// Sets its flag when dropped: the streams of a scenario stop also when
@@ -2803,7 +2545,7 @@ fn a_partition_between_network_namespaces_heals() {
     cluster.note_tree();
     let stopping = Instant::now();
     probe.stop();
-    let status = cluster.launcher.wait_timeout(HANG);
+    let status = cluster.run.wait_exit(HANG);
     assert!(
         status.is_some_and(|s| s.success()),
         "the cluster's launcher did not end well within {HANG:?} of stop services: {status:?}\n{}",
@@ -2817,7 +2559,7 @@ fn a_partition_between_network_namespaces_heals() {
             cluster.diagnostics()
         );
     }
-    let left = cluster.procs.survivors(EXIT_BOUND);
+    let left = cluster.run.procs().survivors(EXIT_BOUND);
     assert!(
         left.is_empty(),
         "processes left behind {EXIT_BOUND:?} after the cluster ended: {left:?}\n{}",

@@ -6,54 +6,52 @@
 //! served afterwards. Every process a test starts is stopped by PID when
 //! the test ends, passed or failed.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
+use std::ops::Deref;
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use casa_node::client::{BlockingClient, ClientError, Submit, Target};
 use casa_node::connection_file::ConnectionFile;
 use casa_node::endpoint::FrontDoorEndpoint;
 use casa_node::front_door::ADMISSION_DEADLINE;
-use casa_node_conformance::process::{descendants, wait_exit, wait_gone};
+use casa_node_conformance::cluster::{self, Launch, Transport, WAIT};
+use casa_node_conformance::driver;
+use casa_node_conformance::process::{self, wait_exit};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, Hello, Role, Value};
 use casa_node_protocol::{Framing, PROTOCOL_VERSION};
-use nix::sys::signal::{Signal, kill};
-use nix::unistd::Pid;
+use common::{BIN, still_serving};
 
-const BIN: &str = env!("CARGO_BIN_EXE_casa-node");
-const WAIT: Duration = Duration::from_secs(60);
-
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
-/// A fresh directory for one test, removed by [`Cluster`]'s drop or by
-/// the test.
-fn scratch() -> PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "casa-node-security-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// `casa-node up` with one server over ZeroMQ, a timeout of 5 s, in `dir`.
+fn up(dir: &Path) -> Launch {
+    Launch::new(BIN, 1)
+        .transport(Transport::Zmq)
+        .dir(dir)
+        .timeout(5)
 }
 
-/// A running `casa-node up` with one server, stopped by PID on drop.
+/// A running `casa-node up` (the harness's [`cluster::Cluster`]) that has
+/// served a command, stopped by PID on drop.
 struct Cluster {
-    up: Child,
-    dir: PathBuf,
+    run: cluster::Cluster,
     endpoint: FrontDoorEndpoint,
     /// The connection file of a `tcp://` front door.
     connection_file: Option<PathBuf>,
-    /// Processes below `up` (server node, worker), with start times.
-    started: Vec<(Pid, u64)>,
-    /// Where more server nodes connect (`up`'s "nodes:" line).
-    nodes: String,
+}
+
+impl Deref for Cluster {
+    type Target = cluster::Cluster;
+
+    fn deref(&self) -> &cluster::Cluster {
+        &self.run
+    }
 }
 
 impl Cluster {
@@ -72,67 +70,34 @@ impl Cluster {
     /// A `tcp://` cluster with `extra` options; its directory and
     /// connection file.
     fn tcp_with(extra: &[&str]) -> (Cluster, PathBuf, PathBuf) {
-        let dir = scratch();
+        let dir = cluster::scratch("security");
         let file = dir.join("secrets").join("cluster.json");
-        let mut args = vec![
-            "--endpoint",
-            "tcp://127.0.0.1:0",
-            "--connection-file",
-            file.to_str().unwrap(),
-        ];
-        args.extend_from_slice(extra);
-        let cluster = Self::start(dir.clone(), &args, Some(file.clone()));
+        let launch = up(&dir)
+            .endpoint("tcp://127.0.0.1:0")
+            .args(["--connection-file", file.to_str().unwrap()])
+            .args(extra);
+        let cluster = Self::start(launch, Some(file.clone()));
         (cluster, dir, file)
     }
 
-    /// A cluster whose front door is the unix socket `socket`.
-    fn unix(dir: PathBuf, socket: &Path) -> Cluster {
-        let endpoint = format!("unix://{}", socket.display());
-        Self::start(dir, &["--endpoint", &endpoint], None)
+    /// A cluster in `dir` whose front door is the unix socket `socket`.
+    fn unix(dir: &Path, socket: &Path) -> Cluster {
+        Self::start(
+            up(dir).endpoint(format!("unix://{}", socket.display())),
+            None,
+        )
     }
 
-    fn start(dir: PathBuf, args: &[&str], connection_file: Option<PathBuf>) -> Cluster {
-        let runtime = dir.join("runtime");
-        let mut up = Command::new(BIN)
-            .args(["up", "--servers", "1"])
-            .args(args)
-            .args(["--log-file", dir.join("casa-node.log").to_str().unwrap()])
-            .args(["--heartbeat", "0.2", "--timeout", "5"])
-            .env("XDG_RUNTIME_DIR", &runtime)
-            .env_remove("CASA_NODE_CONNECTION_FILE")
-            .env_remove("CASA_NODE_ENDPOINT")
-            .current_dir(&dir)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("casa-node up starts");
-        let mut stdout = BufReader::new(up.stdout.take().unwrap());
-        let mut cluster = Cluster {
-            up,
-            dir,
-            endpoint: FrontDoorEndpoint::Unix(PathBuf::new()),
+    fn start(launch: Launch, connection_file: Option<PathBuf>) -> Cluster {
+        let run = launch.start();
+        let endpoint = run.front_door().parse().expect("an endpoint");
+        let cluster = Cluster {
+            run,
+            endpoint,
             connection_file,
-            started: Vec::new(),
-            nodes: String::new(),
         };
-        // "front door: ..." is printed once every server has started.
-        let mut line = String::new();
-        let _ = stdout.read_line(&mut line);
-        let endpoint = line
-            .trim()
-            .strip_prefix("front door: ")
-            .unwrap_or_else(|| panic!("casa-node up printed {line:?}"));
-        cluster.endpoint = endpoint.parse().expect("an endpoint");
-        let mut line = String::new();
-        let _ = stdout.read_line(&mut line);
-        line.trim()
-            .strip_prefix("nodes: ")
-            .unwrap_or_else(|| panic!("casa-node up printed {line:?}"))
-            .clone_into(&mut cluster.nodes);
-        std::thread::spawn(move || std::io::copy(&mut stdout, &mut std::io::sink()));
         still_serving(&cluster.client());
-        cluster.started = descendants(Pid::from_raw(cluster.up.id() as i32));
+        cluster.note_tree();
         cluster
     }
 
@@ -157,89 +122,26 @@ impl Cluster {
         }
     }
 
-    fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("casa-node.log")).unwrap_or_default()
-    }
-
     /// Waits up to `WAIT` for a WARNING line of the log holding every one
     /// of `parts`; the line.
     fn logged(&self, parts: &[&str]) -> String {
-        let end = Instant::now() + WAIT;
-        loop {
-            let log = self.log();
-            if let Some(line) = log
-                .lines()
-                .find(|l| l.contains("WARNING") && parts.iter().all(|p| l.contains(p)))
-            {
-                return line.to_owned();
-            }
-            assert!(
-                Instant::now() < end,
-                "no warning with {parts:?} in the log:\n{log}"
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        self.wait_log(|l| l.contains("WARNING") && parts.iter().all(|p| l.contains(p)))
+            .unwrap_or_else(|| panic!("no warning with {parts:?} in the log:\n{}", self.log()))
     }
 
     /// Runs the CLI against this cluster's runtime directory.
-    fn cli(&self, args: &[&str], env: &[(&str, &Path)]) -> Output {
-        let mut command = Command::new(BIN);
-        command
+    fn cli(&self, args: &[&str]) -> Output {
+        self.run
+            .cli_command(BIN)
             .args(args)
-            .env("XDG_RUNTIME_DIR", self.dir.join("runtime"))
-            .env_remove("CASA_NODE_CONNECTION_FILE")
-            .env_remove("CASA_NODE_ENDPOINT")
-            .stdin(Stdio::null());
-        for (name, value) in env {
-            command.env(name, value);
-        }
-        command.output().expect("the CLI runs")
+            .output()
+            .expect("the CLI runs")
     }
-}
-
-impl Drop for Cluster {
-    fn drop(&mut self) {
-        if self.up.try_wait().ok().flatten().is_none() {
-            let _ = kill(Pid::from_raw(self.up.id() as i32), Signal::SIGTERM);
-            if wait_exit(&mut self.up, Duration::from_secs(20)).is_none() {
-                let _ = self.up.kill();
-                let _ = self.up.wait();
-            }
-        }
-        for &(pid, _) in &self.started {
-            if !wait_gone(pid, Duration::from_secs(10)) {
-                let _ = kill(pid, Signal::SIGKILL);
-            }
-        }
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
-/// `1+1` gives 2: the cluster serves.
-fn still_serving(client: &BlockingClient) {
-    let ids = client.submit(Submit::new("1+1")).expect("accepted");
-    let mut responses = client.wait_timeout(&ids, WAIT).expect("answered");
-    let response = responses.remove(0);
-    assert!(response.successful, "{:?}", response.traceback);
-    assert_eq!(response.ret, Some(Value::from(2)));
 }
 
 /// A driver's Hello frame (length and envelope) with `token`.
 fn hello_frame(token: &str) -> Vec<u8> {
-    let hello = Envelope::correlated(
-        1,
-        Body::Hello(Hello {
-            protocol_version: PROTOCOL_VERSION,
-            role: Role::Driver.into(),
-            software: "security.rs".into(),
-            token: token.into(),
-            ..Hello::default()
-        }),
-    );
-    let body = Framing::default().encode_body(&hello).unwrap();
-    let mut frame = (body.len() as u32).to_be_bytes().to_vec();
-    frame.extend_from_slice(&body);
-    frame
+    driver::envelope_frame(&driver::hello("security.rs", token))
 }
 
 /// A copy of `file` (mode 0600) with its token replaced.
@@ -256,23 +158,10 @@ fn with_field(file: &Path, field: &str, value: &str, copy: &Path) {
     std::fs::set_permissions(copy, std::fs::Permissions::from_mode(0o600)).unwrap();
 }
 
-/// Runs `command` (stdin closed, stderr captured) to its end, killed by
-/// PID after `WAIT`: its exit status (`None` if it had to be killed) and
-/// what it wrote to stderr.
+/// Runs `command` to its end, killed by PID after `WAIT`: its exit status
+/// (`None` if it had to be killed) and what it wrote to stderr.
 fn exit_and_stderr(command: &mut Command) -> (Option<std::process::ExitStatus>, String) {
-    let mut child = command
-        .stdin(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("casa-node starts");
-    let status = wait_exit(&mut child, WAIT);
-    if status.is_none() {
-        let _ = child.kill();
-        let _ = child.wait();
-    }
-    let mut stderr = String::new();
-    let _ = child.stderr.take().unwrap().read_to_string(&mut stderr);
-    (status, stderr)
+    process::run_to_end(command, WAIT)
 }
 
 /// A `casa-node server --connect NODES` with `args`, to its end.
@@ -307,23 +196,20 @@ fn a_tcp_front_door_serves_tls_drivers_with_the_token() {
     );
     still_serving(&cluster.client());
 
-    let flagged = cluster.cli(
-        &[
-            "submit",
-            "--connection-file",
-            file.to_str().unwrap(),
-            "--param",
-            "a=1",
-            "a+1",
-        ],
-        &[],
-    );
+    let flagged = cluster.cli(&[
+        "submit",
+        "--connection-file",
+        file.to_str().unwrap(),
+        "--param",
+        "a=1",
+        "a+1",
+    ]);
     assert!(flagged.status.success(), "{flagged:?}");
     let line: serde_json::Value =
         serde_json::from_slice(flagged.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
     assert_eq!(line["ret"], 2);
 
-    let recorded = cluster.cli(&["submit", "1+1"], &[]);
+    let recorded = cluster.cli(&["submit", "1+1"]);
     assert!(recorded.status.success(), "{recorded:?}");
     let line: serde_json::Value =
         serde_json::from_slice(recorded.stdout.split(|&b| b == b'\n').next().unwrap()).unwrap();
@@ -336,7 +222,7 @@ fn a_tcp_front_door_serves_tls_drivers_with_the_token() {
 fn a_wrong_token_is_refused_and_logged() {
     let cluster = Cluster::tcp();
     let served = cluster.client();
-    let wrong = cluster.dir.join("wrong.json");
+    let wrong = cluster.dir().join("wrong.json");
     with_token(
         cluster.connection_file.as_deref().unwrap(),
         &"0".repeat(64),
@@ -360,10 +246,7 @@ fn a_wrong_token_is_refused_and_logged() {
     );
 
     // The CLI says so on one line and exits 2.
-    let cli = cluster.cli(
-        &["status", "--connection-file", wrong.to_str().unwrap()],
-        &[],
-    );
+    let cli = cluster.cli(&["status", "--connection-file", wrong.to_str().unwrap()]);
     assert_eq!(cli.status.code(), Some(2), "{cli:?}");
     let stderr = String::from_utf8_lossy(&cli.stderr);
     assert!(stderr.contains("wrong token"), "{stderr}");
@@ -497,7 +380,7 @@ fn a_silent_peer_is_dropped_after_the_deadline() {
 #[test]
 fn a_client_that_trusts_another_certificate_refuses_the_node() {
     let cluster = Cluster::tcp();
-    let other = cluster.dir.join("other.json");
+    let other = cluster.dir().join("other.json");
     let (fresh, _) = ConnectionFile::read_or_generate(&other, &cluster.endpoint).unwrap();
     let other = fresh.write_new(&cluster.endpoint).unwrap();
     let target = Target {
@@ -519,7 +402,7 @@ fn a_client_that_trusts_another_certificate_refuses_the_node() {
 /// exit 2, before anything listens or is written.
 #[test]
 fn up_refuses_tcp_without_a_connection_file() {
-    let dir = scratch();
+    let dir = cluster::scratch("security");
     let port = {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         probe.local_addr().unwrap().port()
@@ -551,7 +434,7 @@ fn up_refuses_tcp_without_a_connection_file() {
 #[test]
 fn a_connection_file_others_can_read_is_refused() {
     let cluster = Cluster::tcp();
-    let open = cluster.dir.join("open.json");
+    let open = cluster.dir().join("open.json");
     std::fs::copy(cluster.connection_file.as_deref().unwrap(), &open).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o644)).unwrap();
 
@@ -562,24 +445,21 @@ fn a_connection_file_others_can_read_is_refused() {
             .args(["--connection-file", open.to_str().unwrap()])
             .args([
                 "--log-file",
-                cluster.dir.join("second.log").to_str().unwrap(),
+                cluster.dir().join("second.log").to_str().unwrap(),
             ])
-            .env("XDG_RUNTIME_DIR", cluster.dir.join("runtime-2"))
-            .current_dir(&cluster.dir)
+            .env("XDG_RUNTIME_DIR", cluster.dir().join("runtime-2"))
+            .current_dir(cluster.dir())
             .stdout(Stdio::null()),
     );
     assert_eq!(status.and_then(|s| s.code()), Some(2), "{stderr}");
     assert!(stderr.contains(open.to_str().unwrap()), "{stderr}");
     assert!(stderr.contains("mode 644"), "{stderr}");
     assert!(
-        !cluster.dir.join("second.log").exists(),
+        !cluster.dir().join("second.log").exists(),
         "a cluster started"
     );
 
-    let cli = cluster.cli(
-        &["submit", "--connection-file", open.to_str().unwrap(), "1+1"],
-        &[],
-    );
+    let cli = cluster.cli(&["submit", "--connection-file", open.to_str().unwrap(), "1+1"]);
     assert_eq!(cli.status.code(), Some(2), "{cli:?}");
     let stderr = String::from_utf8_lossy(&cli.stderr);
     assert!(stderr.contains("mode 644"), "{stderr}");
@@ -599,7 +479,7 @@ fn a_unix_peer_of_another_uid_is_refused_and_logged() {
         return;
     }
     const NOBODY: u32 = 65534;
-    let dir = scratch();
+    let dir = cluster::scratch("security");
     // A directory the other uid can enter; the socket is opened to it
     // below, so that only SO_PEERCRED stands in the way.
     let open = dir.join("open");
@@ -607,7 +487,7 @@ fn a_unix_peer_of_another_uid_is_refused_and_logged() {
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
     std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
     let socket = open.join("front.sock");
-    let cluster = Cluster::unix(dir, &socket);
+    let cluster = Cluster::unix(&dir, &socket);
     let served = cluster.client();
     std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o666)).unwrap();
 
@@ -666,7 +546,7 @@ else:
 #[test]
 fn tcp_node_links_are_signed_with_the_connection_files_key() {
     let (cluster, dir, file) = Cluster::tcp_with_nodes();
-    let nodes = cluster.nodes.clone();
+    let nodes = cluster.nodes().expect("nodes: over ZeroMQ").to_owned();
     assert!(nodes.starts_with("tcp://127.0.0.1:"), "{nodes}");
 
     let other = dir.join("other.json");
@@ -714,7 +594,7 @@ fn tcp_node_links_are_signed_with_the_connection_files_key() {
     }
 
     // No connection file: `up` refuses tcp:// node links, and says how.
-    let runtime = scratch();
+    let runtime = cluster::scratch("security");
     let output = Command::new(BIN)
         .args(["up", "--servers", "1", "--nodes", "tcp://127.0.0.1:0"])
         .env("XDG_RUNTIME_DIR", &runtime)
@@ -833,7 +713,11 @@ fn pump(
 #[test]
 fn a_partition_longer_than_the_timeout_heals() {
     let (cluster, _, file) = Cluster::tcp_with_nodes();
-    let upstream = cluster.nodes.trim_start_matches("tcp://").to_owned();
+    let upstream = cluster
+        .nodes()
+        .expect("nodes: over ZeroMQ")
+        .trim_start_matches("tcp://")
+        .to_owned();
     let relay = Relay::start(upstream);
     let mut remote = Command::new(BIN)
         .args([

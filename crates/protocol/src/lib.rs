@@ -17,6 +17,10 @@
 //!   out the actions they hand back.
 //!
 //! Rules cited as "rule N" are those of the project's `SEMANTICS.md`.
+//!
+//! With the feature `strategies`, [`strategies`] holds proptest strategies
+//! for every message and for hostile wire input, for the tests of this
+//! crate and of others; the default build has no proptest.
 
 mod client;
 mod clock;
@@ -27,6 +31,9 @@ mod scan;
 mod server;
 mod transport;
 mod value;
+
+#[cfg(feature = "strategies")]
+pub mod strategies;
 
 /// The generated message types of package `casa.node.v1`.
 #[allow(missing_docs, clippy::doc_lazy_continuation)]

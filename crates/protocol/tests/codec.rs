@@ -7,8 +7,6 @@
 //! cannot compare values holding NaN, and the `Debug` text shows every
 //! field, the sign of zero included.
 
-mod strategies;
-
 use std::collections::BTreeSet;
 use std::fmt::Debug;
 
@@ -22,7 +20,7 @@ use proptest::strategy::ValueTree;
 use proptest::test_runner::TestRunner;
 use prost::Message;
 
-use strategies::*;
+use casa_node_protocol::strategies::*;
 
 /// Encodes `original`, decodes the bytes, and checks that the decoded
 /// message re-encodes to the same bytes and prints the same as the original.

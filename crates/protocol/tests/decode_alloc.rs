@@ -20,16 +20,15 @@
 //!   the figures with `--nocapture`).
 
 mod counting;
-mod strategies;
 
 use bytes::{Bytes, BytesMut};
 use casa_node_protocol::pb::Envelope;
+use casa_node_protocol::strategies::{self, Place, envelope_with_value, ld};
 use casa_node_protocol::{DECODE_EXPANSION, DECODE_SLACK, FrameError, Framing};
 use counting::measure;
 use proptest::collection::vec;
 use proptest::prelude::*;
 use prost::Message;
-use strategies::{Place, envelope_with_value, ld};
 
 /// The frame limit the length tests use.
 const LIMIT: usize = 1024;

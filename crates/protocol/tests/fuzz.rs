@@ -28,13 +28,13 @@
 //! --test fuzz`), a few thousand otherwise.
 
 mod counting;
-mod strategies;
 
 use std::fmt::Debug;
 
 use bytes::{Bytes, BytesMut};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{CommandResponse, Envelope, ResponseDelivery, Value};
+use casa_node_protocol::strategies::*;
 use casa_node_protocol::{
     DECODE_EXPANSION, DECODE_SLACK, FrameError, Framing, LENGTH_PREFIX, MAX_VALUE_DEPTH,
 };
@@ -42,7 +42,6 @@ use counting::measure;
 use proptest::prelude::*;
 use proptest::sample::Index;
 use prost::Message;
-use strategies::*;
 
 /// Cases per property: `CASA_NODE_FUZZ_CASES`, or `default`.
 fn config(default: u32) -> ProptestConfig {

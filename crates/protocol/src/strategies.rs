@@ -1,5 +1,7 @@
-//! proptest strategies for every message of `casa.node.v1`, shared by the
-//! protocol crate's integration tests (`mod strategies;`).
+//! proptest strategies for every message of `casa.node.v1`, and for hostile
+//! wire input built from them, for the tests that fuzz a decoder (the
+//! protocol crate's own, and the Python worker's codec in the node's).
+//! Behind the feature `strategies`.
 //!
 //! Field contents are random, including values a conforming peer would not
 //! send (unknown enum numbers, absent oneofs and sub-messages): the codec
@@ -13,13 +15,10 @@
 //! not. Values' `double_value` (a oneof member) and `optional double`
 //! fields, the parts of a `Complex` among them, do get `-0.0`.
 
-#![allow(dead_code)]
-
 use std::fmt::Debug;
 
-use bytes::Bytes;
-use casa_node_protocol::Framing;
-use casa_node_protocol::pb::{
+use crate::Framing;
+use crate::pb::{
     self, Ack, CancelReply, CancelRequest, ClusterInfo, CommandMode, CommandRequest,
     CommandResponse, CommandStatus, Complex, ControlRequest, ControlResponse, DebuggingModeRequest,
     Dict, DictEntry, Envelope, EnvironmentVariable, FailureKind, Hello, IdLease, IdLeaseRequest,
@@ -29,6 +28,7 @@ use casa_node_protocol::pb::{
     TrackReply, TrackRequest, Value, ValueList, Welcome, control_request, envelope::Body,
     submit_reply, value::Kind,
 };
+use bytes::Bytes;
 use proptest::collection::vec;
 use proptest::option;
 use proptest::prelude::*;
@@ -815,7 +815,7 @@ pub fn arb_body() -> impl Strategy<Value = Body> {
 pub fn arb_envelope() -> impl Strategy<Value = Envelope> {
     (
         prop_oneof![
-            3 => Just(casa_node_protocol::PROTOCOL_VERSION),
+            3 => Just(crate::PROTOCOL_VERSION),
             1 => any::<u32>(),
         ],
         prop_oneof![Just(0u64), any::<u64>()],
@@ -927,7 +927,7 @@ pub enum Place {
 
 /// An envelope body holding the Value encoded as `value` at `place`.
 pub fn envelope_with_value(place: Place, value: &[u8]) -> Vec<u8> {
-    let mut body = vec![0x08, casa_node_protocol::PROTOCOL_VERSION as u8];
+    let mut body = vec![0x08, crate::PROTOCOL_VERSION as u8];
     body.extend(match place {
         Place::CommandParameter => ld(20, &ld(4, &[ld(1, b"v"), ld(2, value)].concat())),
         Place::CommandRet => ld(21, &ld(5, value)),
