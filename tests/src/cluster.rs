@@ -254,10 +254,9 @@ impl Launch {
 
 /// Variables of the test's environment that would change where the
 /// cluster listens or what it prints: the launch says so itself.
-const CLEARED: [&str; 5] = [
+const CLEARED: [&str; 4] = [
     "CASA_NODE_CONNECTION_FILE",
     "CASA_NODE_ENDPOINT",
-    "CASA_NODE_FRONT_DOOR",
     "CASA_NODE_NODES",
     "CASA_NODE_DASHBOARD",
 ];
