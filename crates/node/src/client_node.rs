@@ -252,6 +252,7 @@ pub async fn run<T: Transport>(
         recovered: None,
         early: HashMap::new(),
         parked: Vec::new(),
+        unparked: HashMap::new(),
         board: None,
     };
     if let Some((journal, recovered)) = config.journal.take() {
@@ -412,6 +413,11 @@ struct Node<'a> {
     /// when they wait for a server of that rank to rejoin.
     /// Each with the driver that claimed it, if one did.
     parked: Vec<(Instant, RequestId, SubmitRequest, DriverId)>,
+    /// Requests the journal held, queued again for their rank, with the
+    /// end of their wait: a server that rejoins may flap (a first link
+    /// that fails at once, then another), and until then a loss of its
+    /// rank parks them again rather than ending them.
+    unparked: HashMap<RequestId, (Instant, SubmitRequest)>,
     /// What the dashboard shows, when it is on.
     board: Option<Board>,
 }
@@ -511,6 +517,9 @@ impl Node<'_> {
                     driver,
                     mut delivery,
                 } => {
+                    if self.park_again(driver, &delivery) {
+                        continue;
+                    }
                     if let Some(response) = &delivery.response {
                         self.journal_write(|journal| journal.answered(response));
                         if let Some(board) = &mut self.board {
@@ -1069,9 +1078,17 @@ impl Node<'_> {
         }
         for (until, id, request, driver) in std::mem::take(&mut self.parked) {
             match self.core.resubmit(driver, id, request.clone()) {
-                Ok(()) => {}
+                Ok(()) => {
+                    if !request.targets.is_empty() {
+                        self.unparked.insert(id, (until, request));
+                    }
+                }
                 Err(rejection)
-                    if now < until && rejection.reason == RejectReason::UnknownTarget =>
+                    if now < until
+                        && matches!(
+                            rejection.reason,
+                            RejectReason::UnknownTarget | RejectReason::TargetTimedOut
+                        ) =>
                 {
                     self.parked.push((until, id, request, driver));
                 }
@@ -1081,6 +1098,32 @@ impl Node<'_> {
                 }
             }
         }
+    }
+
+    /// Parks again a request the journal held whose server was lost before
+    /// answering, while its wait lasts (see `unparked`); true if it did.
+    fn park_again(&mut self, driver: DriverId, delivery: &ResponseDelivery) -> bool {
+        let Some(response) = &delivery.response else {
+            return false;
+        };
+        let Some((until, request)) = self.unparked.remove(&response.id) else {
+            return false;
+        };
+        // Lost, not timed out: a timed-out server's real answer may still
+        // replace the record, and the core holds the request for it.
+        let lost = response.failure() == FailureKind::ServerLost
+            && !delivery.replaces_timeout
+            && !self.core.holds(response.id);
+        if !lost || Instant::now() >= until {
+            return false;
+        }
+        self.warn(&format!(
+            "Command request with id {} from the journal waits again for server n# {}, which left before answering",
+            response.id,
+            request.targets.first().copied().unwrap_or_default()
+        ));
+        self.parked.push((until, response.id, request, driver));
+        true
     }
 
     /// Ends a request the journal held, without running it, saying `why`;

@@ -1302,6 +1302,75 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
     let _ = std::fs::remove_dir_all(&keep);
 }
 
+/// Rule 33: a request the journal held, queued again for a server that
+/// rejoined and then left before answering, waits for its rank again (for
+/// the rest of its wait) rather than ending `server_lost`: another server
+/// that takes the rank runs it.
+#[test]
+fn a_request_from_the_journal_waits_again_when_its_server_leaves_after_rejoining() {
+    if over_mpi() {
+        eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
+        return;
+    }
+    let keep = std::env::temp_dir().join(format!("casa-node-e2e-flap-{}", std::process::id()));
+    std::fs::create_dir_all(&keep).unwrap();
+    let journal = keep.join("journal");
+    let dir = cluster::scratch("e2e");
+    let nodes = format!("ipc://{}/nodes.sock", dir.display());
+    let options = ["--journal", journal.to_str().unwrap(), "--nodes", &nodes];
+    let first = start(up(1).dir(&dir).args(options));
+    // Server A is slow (its environment says so); B, which takes its
+    // rank later, is not.
+    let mut slow = ChildGuard(
+        Command::new(BIN)
+            .args(["server", "--connect", &nodes, "--patience", "60"])
+            .env("CASA_NODE_E2E_SLOW", "600")
+            .stdin(Stdio::null())
+            .spawn()
+            .unwrap(),
+    );
+    let c = first.client();
+    wait_online(&c, 2);
+    let ids = c
+        .submit(
+            Submit::new(
+                "time.sleep(float(os.environ.get('CASA_NODE_E2E_SLOW', '0'))) or os.getpid()",
+            )
+            .targets([2]),
+        )
+        .unwrap();
+    wait_busy(&c, 2);
+    drop(c);
+    first.signal(Signal::SIGKILL);
+    drop(first);
+    let mut second = start(up(1).dir(dir).args(options));
+    let c = second.client();
+    c.claim(&ids).unwrap();
+    // A rejoins with its command running, then dies.
+    wait_online(&c, 2);
+    kill(slow.pid(), Signal::SIGKILL).unwrap();
+    assert!(slow.wait_timeout(WAIT).is_some(), "server A ended");
+    let mut fresh = attach(&nodes, &["--rank", "2", "--patience", "60"]);
+    let response = c.wait_timeout(&ids, WAIT).expect("answered").remove(0);
+    assert!(
+        response.successful && response.server == 2,
+        "{response:?}\n{}",
+        second.log()
+    );
+    let pid = response.ret.as_ref().and_then(|v| i64::try_from(v).ok());
+    assert!(pid.is_some_and(|p| p > 0), "{response:?}");
+    assert!(
+        second.log().contains("waits again for server n# 2"),
+        "{}",
+        second.log()
+    );
+    second.note_pids();
+    c.stop(false).unwrap();
+    assert!(second.assert_ends(WAIT).success());
+    assert!(fresh.wait_timeout(WAIT).is_some_and(|s| s.success()));
+    let _ = std::fs::remove_dir_all(&keep);
+}
+
 /// Rules 27, 33: a server attached by hand does not wait to rejoin a
 /// client node that stopped at once (two SIGTERMs while a command runs):
 /// it was told to stop, and leaves when the link closes.

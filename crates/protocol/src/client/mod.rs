@@ -1323,6 +1323,12 @@ impl ClientCore {
         }
     }
 
+    /// Whether request `id` is still held: pending, or answered with a
+    /// timeout record whose real answer may still come (rule 21).
+    pub fn holds(&self, id: RequestId) -> bool {
+        self.requests.get(&id).is_some()
+    }
+
     /// Requests accepted and not yet finished.
     pub fn pending(&self) -> usize {
         self.requests
