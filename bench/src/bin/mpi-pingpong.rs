@@ -315,6 +315,8 @@ fn one_plus_one() -> (Envelope, Envelope) {
         "START first, not {start:?}"
     );
     server.handle(0, start, now).expect("START taken");
+    // The node starts the worker (its pid), which is then ready.
+    server.configured(Some(std::process::id()), now);
     server.worker_ready(now);
     while let Some(action) = server.poll_action() {
         if let ServerAction::Send(envelope) = action {
