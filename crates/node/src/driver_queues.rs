@@ -77,14 +77,26 @@ struct State {
 }
 
 impl State {
-    /// True while the driver must not be read.
+    /// True when the driver must not be read; once it is, it is read again
+    /// when half of what was out is gone ([`State::drained`]), so that a
+    /// driver at a bound is read in runs of frames, not one by one.
     fn full(&self) -> bool {
+        self.over(1)
+    }
+
+    fn drained(&self) -> bool {
+        !self.over(2)
+    }
+
+    /// True while more than a `1/part` of a bound is out, and the loop
+    /// still holds the driver and the connection can be written.
+    fn over(&self, part: usize) -> bool {
         !self.closed
             && !self.broken
-            && (self.replies.len() >= REPLY_FRAMES
-                || self.reply_bytes >= REPLY_BYTES
-                || self.requests >= REQUEST_FRAMES
-                || self.request_bytes >= REQUEST_BYTES)
+            && (self.replies.len() >= REPLY_FRAMES / part
+                || self.reply_bytes >= REPLY_BYTES / part
+                || self.requests >= REQUEST_FRAMES / part
+                || self.request_bytes >= REQUEST_BYTES / part)
     }
 }
 
@@ -194,11 +206,12 @@ impl DriverQueues {
     }
 
     fn wake_reader(&self, mut state: MutexGuard<'_, State>) {
-        let waits = std::mem::take(&mut state.reader_waits);
-        drop(state);
-        if waits {
-            self.to_read.notify_one();
+        if !state.reader_waits || !state.drained() {
+            return;
         }
+        state.reader_waits = false;
+        drop(state);
+        self.to_read.notify_one();
     }
 
     /// Counts a request of `bytes` read from the driver until the credit
@@ -213,13 +226,17 @@ impl DriverQueues {
         }
     }
 
-    /// Waits until the driver may be read: until fewer replies wait to be
-    /// written and fewer requests are out than the bounds.
+    /// Returns at once while fewer replies wait to be written and fewer
+    /// requests are out than the bounds; once a bound is reached, waits
+    /// until half of it is free.
     pub async fn room_to_read(&self) {
+        if !self.lock().full() {
+            return;
+        }
         loop {
             {
                 let mut state = self.lock();
-                if !state.full() {
+                if state.drained() {
                     return;
                 }
                 state.reader_waits = true;
@@ -484,6 +501,13 @@ mod tests {
         });
         tokio::task::yield_now().await;
         assert!(!waiting.is_finished());
+        // Read again once half the bound is free, not at the first reply
+        // written.
+        for _ in 0..REPLY_FRAMES / 2 {
+            assert!(queues.next().await.is_some());
+            tokio::task::yield_now().await;
+            assert!(!waiting.is_finished());
+        }
         assert!(queues.next().await.is_some());
         waiting.await.unwrap();
         taken(&queues);
