@@ -12,7 +12,8 @@
 //! - **Requests** read from the driver and not yet taken care of by the
 //!   loop (on their way to it, or in the syntax check's line) hold a
 //!   [`Credit`]; while [`REQUEST_FRAMES`] of them or [`REQUEST_BYTES`] are
-//!   out, the connection reads nothing more either.
+//!   out, the connection reads nothing more either. Once stopped, it reads
+//!   again when half of what held it is gone.
 //! - **Log records** of a subscription (rule 31) wait in a ring of
 //!   [`LOG_RECORDS`] records or [`LOG_BYTES`]: when it is full the oldest
 //!   is dropped, and the driver is sent, where the dropped ones would have
