@@ -23,7 +23,8 @@ use prost::Message;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::dashboard::{Ask, Board};
-use crate::front_door::{DriverEvent, FrontDoor};
+use crate::driver_queues::{Credit, Outbox};
+use crate::front_door::{DRIVER_EVENTS, DriverEvent, FrontDoor};
 use crate::journal::{Journal, Recovered};
 use crate::log::LogSink;
 use crate::shm;
@@ -34,6 +35,9 @@ struct Pending {
     driver: DriverId,
     correlation: u64,
     item: Item,
+    /// The request's credit: while a driver has too many requests in the
+    /// line, it is not read, which bounds the line.
+    credit: Option<Credit>,
 }
 
 /// What waits in a driver's line behind its submissions.
@@ -52,12 +56,16 @@ enum Item {
 /// An item after the check, in arrival order.
 type Checked = Pending;
 
+/// Checked items the syntax check may have queued for the loop before it
+/// waits for the loop to take some.
+const CHECKED: usize = 1024;
+
 /// Checks submissions one after another, so each driver's submissions
 /// keep their order (and their ids increase in that order).
 async fn check_submissions(
     python: Option<PathBuf>,
     mut pending: mpsc::UnboundedReceiver<Pending>,
-    checked: mpsc::UnboundedSender<Checked>,
+    checked: mpsc::Sender<Checked>,
 ) {
     let mut checker = python.and_then(|python| match SyntaxChecker::start(&python) {
         Ok(checker) => Some(checker),
@@ -73,6 +81,7 @@ async fn check_submissions(
         driver,
         correlation,
         item,
+        credit,
     }) = pending.recv().await
     {
         let mut request = match item {
@@ -82,8 +91,9 @@ async fn check_submissions(
                     driver,
                     correlation,
                     item,
+                    credit,
                 };
-                if checked.send(passed).is_err() {
+                if checked.send(passed).await.is_err() {
                     break;
                 }
                 continue;
@@ -110,7 +120,9 @@ async fn check_submissions(
                 driver,
                 correlation,
                 item: Item::Submit(request, error),
+                credit,
             })
+            .await
             .is_err()
         {
             break;
@@ -203,7 +215,7 @@ pub enum ClientNodeError {
 }
 
 struct Driver {
-    outbox: mpsc::UnboundedSender<Envelope>,
+    outbox: Outbox,
     greeted: bool,
     logs: Option<LogLevel>,
     /// The driver reads shared-memory references (its Hello said so, and
@@ -226,8 +238,10 @@ pub async fn run<T: Transport>(
 ) -> Result<(), ClientNodeError> {
     let clock = WallClock::system();
     let origin = format!("{}:client", config.core.host);
+    // The loop never waits to put an item in the syntax check's line: the
+    // credit each item holds bounds it (rule 11).
     let (pending_tx, pending_rx) = mpsc::unbounded_channel();
-    let (checked_tx, mut checked_rx) = mpsc::unbounded_channel();
+    let (checked_tx, mut checked_rx) = mpsc::channel(CHECKED);
     let checker = tokio::spawn(check_submissions(
         config.python.take(),
         pending_rx,
@@ -269,7 +283,7 @@ pub async fn run<T: Transport>(
     }
     node.core.start(now);
     let lost_peers_rejoin = transport.lost_peers_rejoin();
-    let (driver_tx, mut driver_rx) = mpsc::unbounded_channel();
+    let (driver_tx, mut driver_rx) = mpsc::channel(DRIVER_EVENTS);
     let mut given_up = config.given_up.take();
     let (board, mut asks) = match config.dashboard.take() {
         Some((board, asks)) => (Some(board), Some(asks)),
@@ -291,7 +305,7 @@ pub async fn run<T: Transport>(
             // let in.
             node.recover();
             if let Some(door) = front_door.take() {
-                serving = Some(door.serve(driver_tx.clone()));
+                serving = Some(door.serve(driver_tx.clone(), Arc::from(node.origin.as_str())));
             }
             if let Some(ready) = ready.take() {
                 let _ = ready.send(());
@@ -366,6 +380,8 @@ pub async fn run<T: Transport>(
         task.abort();
     }
     drop(node.pending);
+    // The syntax check may be waiting to hand over an item: it ends.
+    drop(checked_rx);
     // The directory goes with everything in it, before the transport's
     // shutdown (which under MPI may be cut short).
     drop(node.shared.take());
@@ -531,7 +547,7 @@ impl Node<'_> {
                         let envelope = Envelope::new(Body::ResponseDelivery(delivery));
                         let envelope = self.deliverable(envelope);
                         if let Some(d) = self.drivers.get(&driver) {
-                            let _ = d.outbox.send(envelope);
+                            d.outbox.reply(envelope);
                         }
                     }
                 }
@@ -677,9 +693,7 @@ impl Node<'_> {
         self.log.write(&record);
         for driver in self.drivers.values() {
             if driver.logs.is_some_and(|min| record.level() >= min) {
-                let _ = driver
-                    .outbox
-                    .send(Envelope::new(Body::LogRecord(record.clone())));
+                driver.outbox.log(record.clone());
             }
         }
     }
@@ -716,12 +730,16 @@ impl Node<'_> {
                         shm::sweep_tmp(shared.dir.path(), d.pid);
                     }
                 }
-                self.in_line(driver, 0, Item::Gone);
+                self.in_line(driver, 0, Item::Gone, None);
             }
             DriverEvent::Refused { message } => self.warn(&message),
-            DriverEvent::Request { driver, envelope } => {
+            DriverEvent::Request {
+                driver,
+                envelope,
+                credit,
+            } => {
                 let correlation = envelope.correlation;
-                if let Some((reply, close)) = self.answer(driver, envelope) {
+                if let Some((reply, close)) = self.answer(driver, envelope, credit) {
                     self.reply(driver, correlation, reply, close);
                 }
             }
@@ -730,12 +748,12 @@ impl Node<'_> {
 
     fn reply(&mut self, driver: DriverId, correlation: u64, reply: Body, close: bool) {
         if let Some(d) = self.drivers.get(&driver) {
-            let _ = d.outbox.send(Envelope::correlated(correlation, reply));
+            d.outbox.reply(Envelope::correlated(correlation, reply));
             // A claim's reply is sent as soon as it is made: what it found
             // answered is this driver's.
             for (to, delivery) in std::mem::take(&mut self.claimed) {
                 if to == driver {
-                    let _ = d.outbox.send(delivery);
+                    d.outbox.reply(delivery);
                 }
             }
         }
@@ -746,19 +764,27 @@ impl Node<'_> {
         }
     }
 
-    /// Puts an item in the driver's line through the syntax check.
-    fn in_line(&mut self, driver: DriverId, correlation: u64, item: Item) {
+    /// Puts an item in the driver's line through the syntax check, with
+    /// the credit of the request it comes from.
+    fn in_line(&mut self, driver: DriverId, correlation: u64, item: Item, credit: Option<Credit>) {
         *self.checking.entry(driver).or_default() += 1;
         let _ = self.pending.send(Pending {
             driver,
             correlation,
             item,
+            credit,
         });
     }
 
     /// The reply to one driver request, and whether to close the
-    /// connection after it.
-    fn answer(&mut self, driver: DriverId, envelope: Envelope) -> Option<(Body, bool)> {
+    /// connection after it. A request put in the syntax check's line takes
+    /// its credit along; any other's is given back once answered.
+    fn answer(
+        &mut self,
+        driver: DriverId,
+        envelope: Envelope,
+        credit: Credit,
+    ) -> Option<(Body, bool)> {
         let greeted = self.drivers.get(&driver)?.greeted;
         if !greeted {
             return Some(self.greet(driver, envelope));
@@ -771,12 +797,17 @@ impl Node<'_> {
         match body {
             Body::SubmitRequest(request) => {
                 // Answered once checked (rule 2), in on_checked.
-                self.in_line(driver, correlation, Item::Submit(*request, None));
+                self.in_line(
+                    driver,
+                    correlation,
+                    Item::Submit(*request, None),
+                    Some(credit),
+                );
                 None
             }
             Body::IdLeaseRequest(_) => Some((self.serve(driver, body), false)),
             body if self.checking.contains_key(&driver) => {
-                self.in_line(driver, correlation, Item::Deferred(body));
+                self.in_line(driver, correlation, Item::Deferred(body), Some(credit));
                 None
             }
             body => Some((self.serve(driver, body), false)),
@@ -1160,7 +1191,7 @@ impl Node<'_> {
             let envelope =
                 self.deliverable(Envelope::new(Body::ResponseDelivery(Box::new(delivery))));
             if let Some(d) = self.drivers.get(&driver) {
-                let _ = d.outbox.send(envelope);
+                d.outbox.reply(envelope);
             }
         }
     }

@@ -3,7 +3,11 @@
 //! file in the driver's `Hello`). Each connection is one driver; frames are length-delimited protobuf `Envelope`s (tokio
 //! util's `LengthDelimitedCodec`: a 4-byte big-endian length, then the
 //! bytes). The connection tasks only move frames: every decision is the
-//! client node's.
+//! client node's. What waits between them and the client node's loop is
+//! bounded ([`crate::driver_queues`]): a driver that has too many replies
+//! waiting to be written, or too many requests not yet taken care of, is
+//! not read until they drain, and the tasks wait for room in the loop's
+//! channel ([`DRIVER_EVENTS`]) rather than the loop for them.
 
 use std::io;
 use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -17,6 +21,7 @@ use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode};
 use casa_node_protocol::{DriverId, FrameError, Framing, OFFLOAD_THRESHOLD};
 use futures::{SinkExt, StreamExt};
+use prost::Message;
 use subtle::ConstantTimeEq;
 use thiserror::Error;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -28,18 +33,19 @@ use tokio_util::codec::{Encoder, FramedRead, FramedWrite, LengthDelimitedCodec};
 
 use crate::connection_file::{CONNECTION_FILE_VAR, ConnectionFile, ConnectionFileError};
 use crate::dashboard::Traffic;
+use crate::driver_queues::{Credit, DriverQueues, Outbox};
 use crate::endpoint::FrontDoorEndpoint;
 
 /// What the connection tasks report to the client node.
 #[derive(Debug)]
 pub enum DriverEvent {
     /// A driver connected; envelopes for it go into `outbox`, and dropping
-    /// the sender closes the connection once what was queued is written.
+    /// it closes the connection once what was queued is written.
     Connected {
         /// The new driver.
         driver: DriverId,
-        /// Its outgoing queue.
-        outbox: mpsc::UnboundedSender<Envelope>,
+        /// Its outgoing queues.
+        outbox: Outbox,
     },
     /// A driver sent an envelope.
     Request {
@@ -47,6 +53,9 @@ pub enum DriverEvent {
         driver: DriverId,
         /// What it sent.
         envelope: Envelope,
+        /// Held until the client node has taken care of the request (it
+        /// answered, or the request left the syntax check's line).
+        credit: Credit,
     },
     /// A driver's connection closed.
     Disconnected {
@@ -90,6 +99,10 @@ pub enum FrontDoorError {
 /// How long a `tcp://` peer has for the TLS handshake and its `Hello` with
 /// the token: a silent peer must not hold a connection open.
 pub const ADMISSION_DEADLINE: Duration = Duration::from_secs(5);
+
+/// Events the connection tasks may have queued for the client node's loop
+/// before they wait for it to take some.
+pub const DRIVER_EVENTS: usize = 1024;
 
 /// The largest first frame of a `tcp://` peer not yet admitted: a `Hello`
 /// is small, and an unknown peer must not make the node buffer much.
@@ -249,25 +262,31 @@ impl FrontDoor {
     }
 
     /// Accepts drivers until the returned task is aborted, reporting to
-    /// `events`. On `unix://`, connections from another user are refused
+    /// `events`; `origin` names the client node in the record that tells a
+    /// driver how many log records it read too slowly to be sent. On `unix://`, connections from another user are refused
     /// (the peer's uid, from `SO_PEERCRED`, must be ours); on `tcp://`,
     /// a peer must complete TLS and send a `Hello` with the token within
     /// [`ADMISSION_DEADLINE`]. Every refusal is reported as
     /// [`DriverEvent::Refused`]; other drivers are not affected.
-    pub fn serve(self, events: mpsc::UnboundedSender<DriverEvent>) -> tokio::task::JoinHandle<()> {
+    pub fn serve(
+        self,
+        events: mpsc::Sender<DriverEvent>,
+        origin: Arc<str>,
+    ) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
-            let framing = self.framing;
-            let traffic = self.traffic.clone();
+            let wire = Wire {
+                framing: self.framing,
+                traffic: self.traffic.clone(),
+                origin,
+            };
             match &self.door {
-                Door::Unix { listener, .. } => {
-                    serve_unix(listener, framing, traffic, events).await;
-                }
+                Door::Unix { listener, .. } => serve_unix(listener, wire, events).await,
                 Door::Tls {
                     listener,
                     acceptor,
                     token,
                     ..
-                } => serve_tls(listener, acceptor, token, framing, traffic, events).await,
+                } => serve_tls(listener, acceptor, token, wire, events).await,
             }
         })
     }
@@ -286,9 +305,17 @@ impl Drop for FrontDoor {
     }
 }
 
+/// What every connection of a front door shares.
+#[derive(Clone)]
+struct Wire {
+    framing: Framing,
+    traffic: Arc<Traffic>,
+    origin: Arc<str>,
+}
+
 /// Reports a refused peer to the client node, which logs it.
-fn refuse(events: &mpsc::UnboundedSender<DriverEvent>, message: String) {
-    if let Err(unsent) = events.send(DriverEvent::Refused { message }) {
+async fn refuse(events: &mpsc::Sender<DriverEvent>, message: String) {
+    if let Err(unsent) = events.send(DriverEvent::Refused { message }).await {
         if let DriverEvent::Refused { message } = unsent.0 {
             tracing::warn!("{message}");
         }
@@ -302,12 +329,7 @@ async fn accept_failed(e: io::Error) {
     tokio::time::sleep(Duration::from_millis(100)).await;
 }
 
-async fn serve_unix(
-    listener: &UnixListener,
-    framing: Framing,
-    traffic: Arc<Traffic>,
-    events: mpsc::UnboundedSender<DriverEvent>,
-) {
+async fn serve_unix(listener: &UnixListener, wire: Wire, events: mpsc::Sender<DriverEvent>) {
     let uid = nix::unistd::getuid().as_raw();
     let mut next = 1;
     loop {
@@ -328,27 +350,29 @@ async fn serve_unix(
                         "front door: refused a connection from uid {} (pid {pid}): only uid {uid} may connect",
                         cred.uid()
                     ),
-                );
+                )
+                .await;
                 continue;
             }
             Err(e) => {
                 refuse(
                     &events,
                     format!("front door: refused a connection whose peer is unknown: {e}"),
-                );
+                )
+                .await;
                 continue;
             }
         }
         let driver = DriverId(next);
         next += 1;
         let (read_half, write_half) = stream.into_split();
-        let reader = FramedRead::new(read_half, codec(framing));
-        let writer = FramedWrite::new(write_half, EnvelopeEncoder(framing));
+        let reader = FramedRead::new(read_half, codec(wire.framing));
+        let writer = FramedWrite::new(write_half, EnvelopeEncoder(wire.framing));
         tokio::spawn(connection(
             reader,
             writer,
             driver,
-            (framing, traffic.clone()),
+            wire.clone(),
             events.clone(),
             None,
         ));
@@ -359,9 +383,8 @@ async fn serve_tls(
     listener: &TcpListener,
     acceptor: &TlsAcceptor,
     token: &Arc<str>,
-    framing: Framing,
-    traffic: Arc<Traffic>,
-    events: mpsc::UnboundedSender<DriverEvent>,
+    wire: Wire,
+    events: mpsc::Sender<DriverEvent>,
 ) {
     let mut next = 1;
     loop {
@@ -378,27 +401,31 @@ async fn serve_tls(
         let acceptor = acceptor.clone();
         let token = token.clone();
         let events = events.clone();
-        let traffic = traffic.clone();
+        let wire = wire.clone();
         // Each peer is admitted on a task of its own: a slow one holds up
         // no other.
         tokio::spawn(async move {
             let admitted = tokio::time::timeout(
                 ADMISSION_DEADLINE,
-                admit(stream, &acceptor, &token, framing),
+                admit(stream, &acceptor, &token, wire.framing),
             )
             .await;
             match admitted {
                 Ok(Ok((reader, writer, hello))) => {
-                    let wire = (framing, traffic);
                     connection(reader, writer, driver, wire, events, Some(hello)).await;
                 }
-                Ok(Err(why)) => refuse(&events, format!("front door: refused {peer}: {why}")),
-                Err(_) => refuse(
-                    &events,
-                    format!(
-                        "front door: refused {peer}: no TLS handshake and Hello with the token within {ADMISSION_DEADLINE:?}"
-                    ),
-                ),
+                Ok(Err(why)) => {
+                    refuse(&events, format!("front door: refused {peer}: {why}")).await
+                }
+                Err(_) => {
+                    refuse(
+                        &events,
+                        format!(
+                            "front door: refused {peer}: no TLS handshake and Hello with the token within {ADMISSION_DEADLINE:?}"
+                        ),
+                    )
+                    .await
+                }
             }
         });
     }
@@ -536,34 +563,44 @@ async fn decode(framing: Framing, frame: Bytes) -> Result<Envelope, String> {
 
 /// One admitted driver: reports its frames to the client node and writes
 /// what the client node queues for it. `first` is a frame already read
-/// (the `Hello` a `tcp://` peer was admitted with).
+/// (the `Hello` a `tcp://` peer was admitted with). Before each frame it
+/// waits for room in the driver's queues.
 async fn connection<R, W>(
     mut reader: FramedRead<R, LengthDelimitedCodec>,
     mut writer: FramedWrite<W, EnvelopeEncoder>,
     driver: DriverId,
-    (framing, traffic): (Framing, Arc<Traffic>),
-    events: mpsc::UnboundedSender<DriverEvent>,
+    wire: Wire,
+    events: mpsc::Sender<DriverEvent>,
     first: Option<Envelope>,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (outbox, mut queue) = mpsc::unbounded_channel::<Envelope>();
-    // The client node holds the only strong sender: when it drops it, the
-    // writer ends and the connection closes. This side only reports bad
-    // frames while the connection is open.
-    let errors = outbox.downgrade();
+    let Wire {
+        framing,
+        traffic,
+        origin,
+    } = wire;
+    let queues = DriverQueues::new(origin);
+    // The client node holds the only outbox: when it drops it, the writer
+    // ends and the connection closes. This side only reports bad frames
+    // while the connection is open.
+    let outbox = queues.outbox();
     if events
         .send(DriverEvent::Connected { driver, outbox })
+        .await
         .is_err()
     {
         return;
     }
     if let Some(envelope) = first {
-        if events
-            .send(DriverEvent::Request { driver, envelope })
-            .is_err()
-        {
+        let credit = queues.credit(envelope.encoded_len());
+        let request = DriverEvent::Request {
+            driver,
+            envelope,
+            credit,
+        };
+        if events.send(request).await.is_err() {
             return;
         }
     }
@@ -571,18 +608,20 @@ async fn connection<R, W>(
     // codec's buffer allows: under load, one system call and one wake-up
     // of the driver carry many replies.
     let sent = traffic.clone();
+    let out = queues.clone();
     let write = tokio::spawn(async move {
-        while let Some(first) = queue.recv().await {
+        while let Some(first) = out.next().await {
             let mut next = Some(first);
-            while let Some(envelope) = next {
-                let len = framing.encoded_len(&envelope).unwrap_or(0);
-                sent.sent
-                    .fetch_add(len as u64 + LENGTH_BYTES, Ordering::Relaxed);
+            while let Some((envelope, len)) = next {
+                if len <= framing.max_frame() {
+                    sent.sent
+                        .fetch_add(len as u64 + LENGTH_BYTES, Ordering::Relaxed);
+                }
                 if len >= OFFLOAD_THRESHOLD {
                     // Encoded on a blocking thread, after what is already
                     // buffered, then written as it is.
                     if SinkExt::<Envelope>::flush(&mut writer).await.is_err() {
-                        return;
+                        return out.broken();
                     }
                     let encoded = tokio::task::spawn_blocking(move || {
                         let mut frame = BytesMut::new();
@@ -592,15 +631,15 @@ async fn connection<R, W>(
                     match encoded {
                         Ok(Ok(frame)) => {
                             if writer.get_mut().write_all(&frame).await.is_err() {
-                                return;
+                                return out.broken();
                             }
                         }
                         Ok(Err(e)) => {
                             tracing::warn!("{driver}: a reply could not be framed: {e}")
                         }
-                        Err(_) => return,
+                        Err(_) => return out.broken(),
                     }
-                    next = queue.try_recv().ok();
+                    next = out.try_next();
                     continue;
                 }
                 match writer.feed(envelope).await {
@@ -608,42 +647,44 @@ async fn connection<R, W>(
                     Err(WriteError::Frame(e)) => {
                         tracing::warn!("{driver}: a reply could not be framed: {e}")
                     }
-                    Err(WriteError::Io(_)) => return,
+                    Err(WriteError::Io(_)) => return out.broken(),
                 }
-                next = queue.try_recv().ok();
+                next = out.try_next();
             }
             if SinkExt::<Envelope>::flush(&mut writer).await.is_err() {
-                return;
+                return out.broken();
             }
         }
         // Over TLS this says goodbye (close_notify) before the socket closes.
         let _ = SinkExt::<Envelope>::close(&mut writer).await;
     });
     loop {
+        queues.room_to_read().await;
         match reader.next().await {
             None => break,
             Some(Ok(frame)) => {
                 traffic
                     .received
                     .fetch_add(frame.len() as u64 + LENGTH_BYTES, Ordering::Relaxed);
+                let credit = queues.credit(frame.len());
                 match decode(framing, frame.freeze()).await {
                     Ok(envelope) => {
-                        if events
-                            .send(DriverEvent::Request { driver, envelope })
-                            .is_err()
-                        {
+                        let request = DriverEvent::Request {
+                            driver,
+                            envelope,
+                            credit,
+                        };
+                        if events.send(request).await.is_err() {
                             break;
                         }
                     }
                     Err(e) => {
                         tracing::warn!("{driver}: dropped a malformed frame: {e}");
-                        if let Some(outbox) = errors.upgrade() {
-                            let _ = outbox.send(Envelope::error(
-                                0,
-                                ProtocolErrorCode::Malformed,
-                                e.to_string(),
-                            ));
-                        }
+                        queues.reply_if_open(Envelope::error(
+                            0,
+                            ProtocolErrorCode::Malformed,
+                            e.to_string(),
+                        ));
                     }
                 }
             }
@@ -663,13 +704,11 @@ async fn connection<R, W>(
                 } else {
                     ProtocolErrorCode::Malformed
                 };
-                if let Some(outbox) = errors.upgrade() {
-                    let _ = outbox.send(Envelope::error(0, code, e.to_string()));
-                }
+                queues.reply_if_open(Envelope::error(0, code, e.to_string()));
                 break;
             }
         }
     }
-    let _ = events.send(DriverEvent::Disconnected { driver });
+    let _ = events.send(DriverEvent::Disconnected { driver }).await;
     let _ = write.await;
 }

@@ -8,6 +8,7 @@ pub mod cluster;
 pub mod commands;
 pub mod connection_file;
 pub mod dashboard;
+pub mod driver_queues;
 pub mod endpoint;
 pub mod executor;
 pub mod front_door;
