@@ -1171,6 +1171,24 @@ fn a_server_attached_with_connect_joins_and_serves() {
     assert!(extra.wait_timeout(WAIT).is_some_and(|s| s.success()));
 }
 
+/// A directory that outlives the clusters of a test (a journal, files a
+/// command writes), removed at the end of the test, passed or failed.
+struct Kept(PathBuf);
+
+impl Kept {
+    fn new(name: &str) -> Kept {
+        let dir = std::env::temp_dir().join(format!("casa-node-e2e-{name}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        Kept(dir)
+    }
+}
+
+impl Drop for Kept {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
 /// Rule 33: `casa-node submit` waiting for its response when the client
 /// node dies finds the client node started again from its journal, claims
 /// its request there, and prints the response as if nothing had happened;
@@ -1181,9 +1199,8 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
         eprintln!("MPI: the fault suite restarts the job with its journal");
         return;
     }
-    let keep = std::env::temp_dir().join(format!("casa-node-e2e-journal-{}", std::process::id()));
-    std::fs::create_dir_all(&keep).unwrap();
-    let journal = keep.join("journal");
+    let keep = Kept::new("journal");
+    let journal = keep.0.join("journal");
     let options = ["--journal", journal.to_str().unwrap()];
     let first = start(up(1).args(options));
     let dir = first.dir().to_owned();
@@ -1228,7 +1245,6 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
         "{unknown:?}"
     );
     drop(second);
-    let _ = std::fs::remove_dir_all(&keep);
 }
 
 /// Rule 33: a server node attached with `--connect` keeps its worker and
@@ -1241,10 +1257,9 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
     }
-    let keep = std::env::temp_dir().join(format!("casa-node-e2e-rejoin-{}", std::process::id()));
-    std::fs::create_dir_all(&keep).unwrap();
-    let journal = keep.join("journal");
-    let runs = keep.join("runs");
+    let keep = Kept::new("rejoin");
+    let journal = keep.0.join("journal");
+    let runs = keep.0.join("runs");
     let dir = cluster::scratch("e2e");
     let nodes = format!("ipc://{}/nodes.sock", dir.display());
     let options = ["--journal", journal.to_str().unwrap(), "--nodes", &nodes];
@@ -1299,7 +1314,6 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
         "ran\n",
         "the command ran again"
     );
-    let _ = std::fs::remove_dir_all(&keep);
 }
 
 /// Rule 33: a request the journal held, queued again for a server that
@@ -1312,9 +1326,8 @@ fn a_request_from_the_journal_waits_again_when_its_server_leaves_after_rejoining
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
     }
-    let keep = std::env::temp_dir().join(format!("casa-node-e2e-flap-{}", std::process::id()));
-    std::fs::create_dir_all(&keep).unwrap();
-    let journal = keep.join("journal");
+    let keep = Kept::new("flap");
+    let journal = keep.0.join("journal");
     let dir = cluster::scratch("e2e");
     let nodes = format!("ipc://{}/nodes.sock", dir.display());
     let options = ["--journal", journal.to_str().unwrap(), "--nodes", &nodes];
@@ -1368,7 +1381,6 @@ fn a_request_from_the_journal_waits_again_when_its_server_leaves_after_rejoining
     c.stop(false).unwrap();
     assert!(second.assert_ends(WAIT).success());
     assert!(fresh.wait_timeout(WAIT).is_some_and(|s| s.success()));
-    let _ = std::fs::remove_dir_all(&keep);
 }
 
 /// Rules 27, 33: a server attached by hand does not wait to rejoin a

@@ -26,7 +26,7 @@ pub const TASKS_KEPT: usize = 20_000;
 /// Of those, how many a page opening gets at once.
 const TASKS_IN_SNAPSHOT: usize = 5_000;
 /// Answered commands whose record (or traceback) a click can show.
-const DETAILS_KEPT: usize = 2_000;
+pub const DETAILS_KEPT: usize = 2_000;
 /// Progress samples kept, one a second: an hour.
 const SAMPLES_KEPT: usize = 3_600;
 /// Log records a page opening gets at once.

@@ -35,7 +35,7 @@ use tokio::net::TcpListener;
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio_rustls::TlsAcceptor;
 
-pub use board::{Board, TASKS_KEPT, Traffic};
+pub use board::{Board, DETAILS_KEPT, TASKS_KEPT, Traffic};
 
 use crate::connection_file::ConnectionFile;
 
@@ -206,13 +206,21 @@ impl Dashboard {
             ask,
             updates,
         };
-        let app = Router::new()
+        // Everything that shows the cluster needs the token; the page's
+        // code and style do not.
+        let guarded = Router::new()
             .route("/", get(page))
-            .route("/app.js", get(script))
-            .route("/style.css", get(style))
             .route("/events", get(events))
             .route("/api/record/{id}", get(record))
             .route("/metrics", get(metrics))
+            .route_layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                require_token,
+            ));
+        let app = Router::new()
+            .route("/app.js", get(script))
+            .route("/style.css", get(style))
+            .merge(guarded)
             .with_state(state);
         let listener = self.listener;
         match self.tls {
@@ -390,14 +398,23 @@ const PAGE: &str = include_str!("page/index.html");
 const SCRIPT: &str = include_str!("page/app.js");
 const STYLE: &str = include_str!("page/style.css");
 
-async fn page(
+/// Lets a request through only with the token (see the module
+/// documentation).
+async fn require_token(
     State(state): State<AppState>,
     Query(query): Query<TokenQuery>,
     headers: HeaderMap,
+    request: axum::extract::Request,
+    next: axum::middleware::Next,
 ) -> Response {
-    if !state.admits(&query, &headers) {
-        return refused();
+    if state.admits(&query, &headers) {
+        next.run(request).await
+    } else {
+        refused()
     }
+}
+
+async fn page() -> Response {
     guarded(PAGE.into_response(), "text/html; charset=utf-8")
 }
 
@@ -411,34 +428,21 @@ async fn style() -> Response {
     guarded(STYLE.into_response(), "text/css; charset=utf-8")
 }
 
-async fn record(
-    State(state): State<AppState>,
-    Path(id): Path<u64>,
-    Query(query): Query<TokenQuery>,
-    headers: HeaderMap,
-) -> Response {
-    if !state.admits(&query, &headers) {
-        return refused();
-    }
+async fn record(State(state): State<AppState>, Path(id): Path<u64>) -> Response {
     match state.ask(|tx| Ask::Record(id, tx)).await {
         Some(Some(json)) => guarded(json.into_response(), "application/json"),
         Some(None) => (
             StatusCode::NOT_FOUND,
-            format!("request {id} is not among the {TASKS_KEPT} latest kept here\n"),
+            format!(
+                "the record of request {id} is not kept here: only the latest {DETAILS_KEPT} are\n"
+            ),
         )
             .into_response(),
         None => gone(),
     }
 }
 
-async fn metrics(
-    State(state): State<AppState>,
-    Query(query): Query<TokenQuery>,
-    headers: HeaderMap,
-) -> Response {
-    if !state.admits(&query, &headers) {
-        return refused();
-    }
+async fn metrics(State(state): State<AppState>) -> Response {
     match state.ask(Ask::Metrics).await {
         Some(text) => guarded(
             text.into_response(),
@@ -448,14 +452,7 @@ async fn metrics(
     }
 }
 
-async fn events(
-    State(state): State<AppState>,
-    Query(query): Query<TokenQuery>,
-    headers: HeaderMap,
-) -> Response {
-    if !state.admits(&query, &headers) {
-        return refused();
-    }
+async fn events(State(state): State<AppState>) -> Response {
     // Subscribed before the snapshot is taken: an update sent in between
     // repeats what the snapshot has, and the page skips it by number.
     let updates = state.updates.subscribe();
