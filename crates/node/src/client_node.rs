@@ -835,15 +835,15 @@ impl Node<'_> {
             Body::CancelRequest(request) => Body::CancelReply(self.core.cancel(&request.ids)),
             Body::StopRequest(request) => {
                 self.core.stop(request.force);
-                ack(Ok(()))
+                acked()
             }
             Body::DebuggingModeRequest(request) => {
                 self.core.set_debugging(request.enabled, now);
-                ack(Ok(()))
+                acked()
             }
             Body::LogLevelRequest(request) => {
                 let result = self.core.set_log_level(request.level(), &request.servers);
-                ack(result.map_err(|e| e.to_string()))
+                ack(result)
             }
             Body::LogSubscription(request) => {
                 if let Some(d) = self.drivers.get_mut(&driver) {
@@ -852,7 +852,7 @@ impl Node<'_> {
                         level => level,
                     });
                 }
-                ack(Ok(()))
+                acked()
             }
             other => error_body(
                 ProtocolErrorCode::UnexpectedMessage,
@@ -1236,12 +1236,21 @@ fn error_body(code: ProtocolErrorCode, message: String) -> Body {
         .expect("error envelopes carry a body")
 }
 
-fn ack(result: Result<(), String>) -> Body {
+/// An `Ack` of an order carried out.
+fn acked() -> Body {
+    ack(Ok::<(), std::convert::Infallible>(()))
+}
+
+/// An `Ack` of `result`: carried out, or why not.
+fn ack<E: std::fmt::Display>(result: Result<(), E>) -> Body {
     match result {
         Ok(()) => Body::Ack(Ack {
             ok: true,
             error: String::new(),
         }),
-        Err(error) => Body::Ack(Ack { ok: false, error }),
+        Err(error) => Body::Ack(Ack {
+            ok: false,
+            error: error.to_string(),
+        }),
     }
 }
