@@ -176,8 +176,8 @@ def test_a_large_delivery_reads_as_the_message(ret):
     envelope = _delivery({"x": BIG, "y": 2, "z": CASES["dict"]}, ret, server=1, successful=True,
                          status=node_pb2.COMMAND_STATUS_RESPONSE_RECEIVED, command_start_time=1.5,
                          traceback="t")
-    wire = envelope.SerializeToString()
-    correlation, split = wire.parse_delivery(memoryview(bytearray(wire)))
+    data = envelope.SerializeToString()
+    correlation, split = wire.parse_delivery(memoryview(bytearray(data)))
     expected = client_module.response_dict(envelope.response_delivery.response)
     got = client_module.response_dict(split)
     assert same(sorted(got.items(), key=str), sorted(expected.items(), key=str))
