@@ -15,6 +15,18 @@ use casa_node_protocol::pb::{LogLevel, LogRecord};
 /// dropped, and a line in the log says how many.
 pub const QUEUE_RECORDS: usize = 16_384;
 
+/// Bytes of records (their text) that may wait for the log's thread: long
+/// lines (a worker printing megabytes) are bounded too.
+pub const QUEUE_BYTES: usize = 64 << 20;
+
+/// Bytes of records the dashboard's recent ring holds at most.
+const RECENT_BYTES: usize = 16 << 20;
+
+/// The bytes a record takes while it waits: its text and a little more.
+fn weight(record: &LogRecord) -> usize {
+    record.message.len() + record.origin.len() + 48
+}
+
 /// How long the log's thread lets records gather after writing a batch:
 /// a busy node wakes it a few dozen times a second, not once per record,
 /// and a line reaches the file at most this much later.
@@ -102,6 +114,8 @@ pub struct LogSink {
 /// The latest records written, numbered from 0 in the order written.
 struct Recent {
     records: VecDeque<LogRecord>,
+    /// The [`weight`] of `records`.
+    bytes: usize,
     /// The number of the next record.
     next: u64,
     capacity: usize,
@@ -118,6 +132,9 @@ struct Queue {
     /// Records dropped since the thread last looked.
     dropped: u64,
     capacity: usize,
+    /// The [`weight`] of `records`, and the most it may be.
+    bytes: usize,
+    max_bytes: usize,
     closed: bool,
     /// The thread waits for records and must be woken for the next one.
     waiting: bool,
@@ -133,20 +150,27 @@ impl LogSink {
         min_level: LogLevel,
         rotation: Rotation,
     ) -> io::Result<LogSink> {
-        Self::open_with_capacity(file, terminal, min_level, rotation, QUEUE_RECORDS)
+        Self::open_with_bounds(
+            file,
+            terminal,
+            min_level,
+            rotation,
+            (QUEUE_RECORDS, QUEUE_BYTES),
+        )
     }
 
-    fn open_with_capacity(
+    fn open_with_bounds(
         file: Option<&Path>,
         terminal: bool,
         min_level: LogLevel,
         rotation: Rotation,
-        capacity: usize,
+        (capacity, max_bytes): (usize, usize),
     ) -> io::Result<LogSink> {
         let file = file.map(|path| LogFile::open(path, rotation)).transpose()?;
         let shared = Arc::new(Shared {
             queue: Mutex::new(Queue {
                 capacity: capacity.max(1),
+                max_bytes,
                 ..Queue::default()
             }),
             wake: Condvar::new(),
@@ -181,6 +205,7 @@ impl LogSink {
     pub fn keeping_recent(mut self, capacity: usize) -> LogSink {
         self.recent = Some(Mutex::new(Recent {
             records: VecDeque::with_capacity(capacity.min(4096)),
+            bytes: 0,
             next: 0,
             capacity: capacity.max(1),
         }));
@@ -207,21 +232,33 @@ impl LogSink {
         }
         if let Some(recent) = &self.recent {
             let mut recent = recent.lock().unwrap_or_else(|e| e.into_inner());
-            if recent.records.len() >= recent.capacity {
-                recent.records.pop_front();
+            let size = weight(record);
+            while !recent.records.is_empty()
+                && (recent.records.len() >= recent.capacity || recent.bytes + size > RECENT_BYTES)
+            {
+                if let Some(old) = recent.records.pop_front() {
+                    recent.bytes -= weight(&old);
+                }
             }
             recent.records.push_back(record.clone());
+            recent.bytes += size;
             recent.next += 1;
         }
         if self.thread.is_none() {
             return;
         }
         let mut queue = self.shared.queue.lock().unwrap_or_else(|e| e.into_inner());
-        if queue.records.len() >= queue.capacity {
-            queue.records.pop_front();
-            queue.dropped += 1;
+        let size = weight(record);
+        while !queue.records.is_empty()
+            && (queue.records.len() >= queue.capacity || queue.bytes + size > queue.max_bytes)
+        {
+            if let Some(old) = queue.records.pop_front() {
+                queue.bytes -= weight(&old);
+                queue.dropped += 1;
+            }
         }
         queue.records.push_back(record.clone());
+        queue.bytes += size;
         let waiting = std::mem::take(&mut queue.waiting);
         drop(queue);
         if waiting {
@@ -256,6 +293,7 @@ fn write_lines(shared: &Shared, mut file: Option<LogFile>, terminal: bool) {
             }
             queue.waiting = false;
             let dropped = std::mem::take(&mut queue.dropped);
+            queue.bytes = 0;
             (std::mem::take(&mut queue.records), dropped, queue.closed)
         };
         let mut text = String::new();
@@ -471,13 +509,16 @@ mod tests {
         }
     }
 
-    #[test]
-    fn a_stuck_log_file_never_blocks_the_writer_and_the_log_says_what_was_dropped() {
+    /// What a sink with these bounds did with 2 000 records of 4 KB while
+    /// its file (a FIFO nobody reads yet, standing for a file system that
+    /// hangs) was stuck: the most records and bytes that waited at once
+    /// (after the writes), the records written once the file was read, and
+    /// those the log says were dropped.
+    fn stuck_log(name: &str, bounds: (usize, usize)) -> (usize, usize, u64, u64) {
         use std::io::Read;
         use std::os::unix::fs::OpenOptionsExt;
-        // A FIFO nobody reads yet stands for a file system that hangs:
-        // the log's thread blocks once the pipe's buffer is full.
-        let dir = std::env::temp_dir().join(format!("casa-node-log-test-{}", std::process::id()));
+        let dir =
+            std::env::temp_dir().join(format!("casa-node-log-test-{name}-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("stuck.log");
         nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
@@ -486,14 +527,12 @@ mod tests {
             .custom_flags(nix::libc::O_NONBLOCK)
             .open(&path)
             .unwrap();
-        const CAPACITY: usize = 8;
-        const RECORDS: usize = 2000;
-        let sink = LogSink::open_with_capacity(
+        let sink = LogSink::open_with_bounds(
             Some(&path),
             false,
             LogLevel::Info,
             Rotation::default(),
-            CAPACITY,
+            bounds,
         )
         .unwrap();
         // 8 MB of records against a 64 KiB pipe: most cannot be written,
@@ -509,8 +548,10 @@ mod tests {
         let sink = writes
             .recv_timeout(Duration::from_secs(20))
             .expect("writing records waited for the stuck log file");
-        let queued = sink.shared.queue.lock().unwrap().records.len();
-        assert!(queued <= CAPACITY, "{queued} records queued");
+        let (queued, bytes) = {
+            let queue = sink.shared.queue.lock().unwrap();
+            (queue.records.len(), queue.bytes)
+        };
         // The reader drains the pipe while the sink, dropped, writes the rest.
         let flags = nix::fcntl::fcntl(&reader, nix::fcntl::FcntlArg::F_GETFL).unwrap();
         let blocking =
@@ -532,8 +573,6 @@ mod tests {
             })
             .map(|n| n.parse::<u64>().unwrap())
             .sum();
-        assert!(dropped > 0, "nothing dropped");
-        assert_eq!(written as u64 + dropped, RECORDS as u64);
         // The newest records are kept.
         assert!(
             text.lines()
@@ -541,6 +580,31 @@ mod tests {
                 .unwrap()
                 .contains(&format!("record {} ", RECORDS - 1))
         );
+        (queued, bytes, written as u64, dropped)
+    }
+
+    const RECORDS: usize = 2000;
+
+    #[test]
+    fn a_stuck_log_file_never_blocks_the_writer_and_the_log_says_what_was_dropped() {
+        const CAPACITY: usize = 8;
+        let (queued, _, written, dropped) = stuck_log("records", (CAPACITY, QUEUE_BYTES));
+        assert!(queued <= CAPACITY, "{queued} records queued");
+        assert!(dropped > 0, "nothing dropped");
+        assert_eq!(written + dropped, RECORDS as u64);
+    }
+
+    /// Long records are bounded in bytes, whatever their number.
+    #[test]
+    fn records_waiting_for_a_stuck_log_are_bounded_in_bytes_too() {
+        const BYTES: usize = 20_000;
+        let (queued, bytes, written, dropped) = stuck_log("bytes", (QUEUE_RECORDS, BYTES));
+        assert!(
+            bytes <= BYTES && queued <= 5,
+            "{queued} records, {bytes} bytes"
+        );
+        assert!(dropped > 0, "nothing dropped");
+        assert_eq!(written + dropped, RECORDS as u64);
     }
 
     /// A directory of its own for one test, removed at the end.
