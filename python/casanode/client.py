@@ -13,6 +13,12 @@ its `value()`, which returns `ret` or raises the failure as an exception
 submission the client node refuses sets SubmissionRejected on its Futures;
 nothing of it was queued (rule 14). Submitting waits for no reply: the ids
 come from the connection's leases.
+
+Callbacks given to a Future's add_done_callback run on the connection's
+reader thread. They must not submit or wait for results: while they run,
+nothing is read from the client node, which stops reading from a driver
+that leaves its replies unread (rule 31), so a callback that submits much
+can wait for ever. Hand such work to another thread.
 """
 
 import contextlib
