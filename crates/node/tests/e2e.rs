@@ -1171,6 +1171,14 @@ fn a_server_attached_with_connect_joins_and_serves() {
     assert!(extra.wait_timeout(WAIT).is_some_and(|s| s.success()));
 }
 
+/// SIGKILLs the client node of `first` (its servers attached by hand go
+/// on) and starts `again` in its place (rule 33).
+fn killed_and_started_again(first: Cluster, again: Launch) -> Cluster {
+    first.signal(Signal::SIGKILL);
+    drop(first);
+    start(again)
+}
+
 /// A directory that outlives the clusters of a test (a journal, files a
 /// command writes), removed at the end of the test, passed or failed.
 struct Kept(PathBuf);
@@ -1277,9 +1285,7 @@ fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
         .unwrap();
     wait_busy(&c, 2);
     drop(c);
-    first.signal(Signal::SIGKILL);
-    drop(first);
-    let mut second = start(up(1).dir(dir).args(options));
+    let mut second = killed_and_started_again(first, up(1).dir(dir).args(options));
     let c = second.client();
     let claim = c.claim(&ids).unwrap();
     assert!(claim.unknown.is_empty(), "{claim:?}");
@@ -1354,9 +1360,7 @@ fn a_request_from_the_journal_waits_again_when_its_server_leaves_after_rejoining
         .unwrap();
     wait_busy(&c, 2);
     drop(c);
-    first.signal(Signal::SIGKILL);
-    drop(first);
-    let mut second = start(up(1).dir(dir).args(options));
+    let mut second = killed_and_started_again(first, up(1).dir(dir).args(options));
     let c = second.client();
     c.claim(&ids).unwrap();
     // A rejoins with its command running, then dies.
