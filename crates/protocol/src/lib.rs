@@ -43,7 +43,7 @@ pub mod pb {
 
 pub use client::{
     Action, ClientConfig, ClientCore, CoreError, Event, LeaseError, MAX_LEASE, MAX_LEASES,
-    PREFETCH_MAX_BYTES, Rejection, SubmitError, response_record,
+    MAX_RANK, PREFETCH_MAX_BYTES, Rejection, SubmitError, response_record,
 };
 pub use clock::WallClock;
 pub use envelope::{PROTOCOL_VERSION, check_hello, check_version};

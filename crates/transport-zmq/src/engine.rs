@@ -37,7 +37,7 @@ use bytes::Bytes;
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode, Role, Welcome};
 use casa_node_protocol::{
-    Framing, OFFLOAD_THRESHOLD, PROTOCOL_VERSION, Rank, TransportEvent, check_hello,
+    Framing, MAX_RANK, OFFLOAD_THRESHOLD, PROTOCOL_VERSION, Rank, TransportEvent, check_hello,
 };
 use futures::StreamExt;
 use tokio::sync::{Semaphore, mpsc, oneshot};
@@ -1402,6 +1402,16 @@ impl Engine {
             Some((
                 ProtocolErrorCode::UnexpectedMessage,
                 "the client node is shutting down".to_owned(),
+            ))
+        } else if !(0..=MAX_RANK).contains(&hello.rank) {
+            // The client core takes no rank past this: refused here, before
+            // the peer joins, rather than joined and then unknown there.
+            Some((
+                ProtocolErrorCode::UnknownRank,
+                format!(
+                    "rank {} is out of range: a server node asks for a rank from 1 to {MAX_RANK}, or 0 for any",
+                    hello.rank
+                ),
             ))
         } else if self
             .security

@@ -14,7 +14,9 @@ use bytes::Bytes;
 use casa_node_conformance::transport::{self as checks, ping};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{Envelope, Hello, ProtocolErrorCode, Role};
-use casa_node_protocol::{Framing, PROTOCOL_VERSION, Transport, TransportError, TransportEvent};
+use casa_node_protocol::{
+    Framing, MAX_RANK, PROTOCOL_VERSION, Transport, TransportError, TransportEvent,
+};
 use casa_node_transport_zmq::{HandshakeError, ZmqConfig, ZmqTransport};
 use prost::Message;
 use tempfile::TempDir;
@@ -196,6 +198,38 @@ async fn connect_reports_a_refusal_clearly() {
             "{error}"
         );
         fake.abort();
+    })
+    .await;
+}
+
+/// A server node asking for a rank past the one the client core takes is
+/// refused before it joins, saying why; the client node goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rank_out_of_range_is_refused_before_it_joins() {
+    bounded(async {
+        let (mut client, dir) = client_with(ZmqConfig::default()).await;
+        let endpoint = ipc_endpoint(&dir, "client.sock");
+        for rank in [MAX_RANK + 1, -3] {
+            let error = ZmqTransport::connect(&endpoint, rank)
+                .await
+                .expect_err("refused");
+            match handshake_error(error) {
+                HandshakeError::Refused { code, message } => {
+                    assert_eq!(code, ProtocolErrorCode::UnknownRank);
+                    assert!(message.contains("out of range"), "{message}");
+                }
+                other => panic!("expected a refusal, got {other:?}"),
+            }
+        }
+        assert!(client.peers().is_empty(), "{:?}", client.peers());
+        let server = ZmqTransport::connect(&endpoint, MAX_RANK)
+            .await
+            .expect("the highest rank is taken");
+        assert_eq!(server.rank(), MAX_RANK);
+        assert_eq!(
+            next_event(&mut client).await,
+            TransportEvent::PeerJoined(MAX_RANK)
+        );
     })
     .await;
 }

@@ -31,9 +31,10 @@ use records::failure_record;
 pub use records::response_record;
 use requests::{IdSet, Lease, Request, RequestPhase, RequestTable, skip_unqueued};
 
-/// Ranks above this are refused, so a bogus rank cannot make the server
-/// table grow without bound.
-const MAX_RANK: Rank = 1 << 24;
+/// Ranks above this are refused (by the client core, and by transports
+/// before a server joins), so a bogus rank cannot make the server table
+/// grow without bound.
+pub const MAX_RANK: Rank = 1 << 24;
 
 /// The most ids one lease gives (rule 11): `CONSTANT_MAX_LEASE` of
 /// `envelope.proto`, which the Python driver keeps too.
