@@ -667,15 +667,16 @@ impl Node<'_> {
         let Some(board) = &mut self.board else {
             return;
         };
-        let status = self.core.status(None).unwrap_or_default();
         match ask {
             Ask::Snapshot(reply) => {
+                let status = self.core.status(None).unwrap_or_default();
                 let _ = reply.send(board.snapshot(&status, self.log));
             }
             Ask::Record(id, reply) => {
                 let _ = reply.send(board.detail(id));
             }
             Ask::Metrics(reply) => {
+                let status = self.core.status(None).unwrap_or_default();
                 let _ = reply.send(board.metrics(&status));
             }
         }

@@ -240,15 +240,7 @@ pub async fn serve<T: Transport + 'static>(
     // With tcp://HOST:0, the port the system chose.
     let front = door.endpoint().clone();
     let connection_file = door.connection_file().map(ToOwned::to_owned);
-    let connection = connection_file
-        .as_deref()
-        .map(ConnectionFile::read)
-        .transpose()
-        .map_err(|e| UpError::Io {
-            context: "the connection file".into(),
-            source: std::io::Error::other(e),
-        })?;
-    let dashboard = Dashboard::bind(&options.dashboard, connection.as_ref()).await?;
+    let dashboard = Dashboard::bind(&options.dashboard, door.tls()).await?;
     let log = LogSink::open(
         Some(&options.log_file),
         options.log_terminal,

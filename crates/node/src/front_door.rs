@@ -251,6 +251,17 @@ impl FrontDoor {
         }
     }
 
+    /// A `tcp://` front door's TLS acceptor and token (from its connection
+    /// file), which the dashboard serves with too.
+    pub fn tls(&self) -> Option<(TlsAcceptor, Arc<str>)> {
+        match &self.door {
+            Door::Unix { .. } => None,
+            Door::Tls {
+                acceptor, token, ..
+            } => Some((acceptor.clone(), token.clone())),
+        }
+    }
+
     /// The connection file, for a `tcp://` front door.
     pub fn connection_file(&self) -> Option<&Path> {
         match &self.door {

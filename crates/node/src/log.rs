@@ -212,6 +212,14 @@ impl LogSink {
         self
     }
 
+    /// The number the next record written will have (0 when none are
+    /// kept).
+    pub fn recent_next(&self) -> u64 {
+        self.recent
+            .as_ref()
+            .map_or(0, |r| r.lock().unwrap_or_else(|e| e.into_inner()).next)
+    }
+
     /// The records kept that were written as number `from` or later, and
     /// the number of the next record; empty when none are kept.
     pub fn recent_since(&self, from: u64) -> (Vec<LogRecord>, u64) {

@@ -536,13 +536,13 @@ impl Board {
             .set(i64::try_from(drivers).unwrap_or(i64::MAX));
         if self.updates.receiver_count() == 0 {
             self.fresh.clear();
-            self.sent_log = log.recent_since(u64::MAX).1;
+            self.sent_log = log.recent_next();
             self.sent_sample = self.samples.len();
             return;
         }
         // A busy cluster logs thousands of records a second: a page gets
         // the latest, and the number it did not get.
-        let newest = log.recent_since(u64::MAX).1;
+        let newest = log.recent_next();
         let from = self.sent_log.max(newest.saturating_sub(LOGS_PER_UPDATE));
         let logs_skipped = from - self.sent_log;
         let (records, next_log) = log.recent_since(from);
@@ -575,11 +575,8 @@ impl Board {
 
     /// Everything a page opening draws, as JSON.
     pub fn snapshot(&self, status: &StatusReply, log: &LogSink) -> String {
-        let (records, next_log) = log.recent_since(
-            log.recent_since(u64::MAX)
-                .1
-                .saturating_sub(LOGS_IN_SNAPSHOT as u64),
-        );
+        let (records, next_log) =
+            log.recent_since(log.recent_next().saturating_sub(LOGS_IN_SNAPSHOT as u64));
         let first_log = next_log - records.len() as u64;
         let skip = self.tasks.len().saturating_sub(TASKS_IN_SNAPSHOT);
         let view = View {
@@ -598,14 +595,21 @@ impl Board {
     /// The metrics in the OpenMetrics text format, which Prometheus reads.
     pub fn metrics(&mut self, status: &StatusReply) -> String {
         let m = &self.metrics;
-        for state in ["idle", "busy", "restarting", "timed_out", "offline"] {
+        // The label of each state the table shows.
+        for (label, state) in [
+            ("idle", "idle"),
+            ("busy", "busy"),
+            ("restarting", "restarting"),
+            ("timed_out", "timed out"),
+            ("offline", "offline"),
+        ] {
             let count = status
                 .servers
                 .iter()
-                .filter(|s| server_state(s).replace(' ', "_") == state)
+                .filter(|s| server_state(s) == state)
                 .count();
             m.servers
-                .get_or_create(&vec![("state".to_owned(), state.to_owned())])
+                .get_or_create(&vec![("state".to_owned(), label.to_owned())])
                 .set(count as i64);
         }
         m.queued

@@ -37,8 +37,6 @@ use tokio_rustls::TlsAcceptor;
 
 pub use board::{Board, DETAILS_KEPT, TASKS_KEPT, Traffic};
 
-use crate::connection_file::ConnectionFile;
-
 /// The port tried first when none is given.
 pub const DEFAULT_PORT: u16 = 8787;
 /// Ports tried after it, one after the other, when it is taken.
@@ -95,9 +93,6 @@ pub enum DashboardError {
         "the dashboard on {0} is not on loopback, so it needs TLS: give the cluster a tcp:// front door with a connection file (--endpoint tcp://HOST:PORT --connection-file FILE), or keep the dashboard on 127.0.0.1"
     )]
     NeedsTls(SocketAddr),
-    /// The connection file's certificate could not be used.
-    #[error("the dashboard's TLS: {0}")]
-    Tls(String),
     /// No random token could be made.
     #[error("the dashboard's token: {0}")]
     Token(String),
@@ -123,14 +118,15 @@ pub struct Dashboard {
 }
 
 impl Dashboard {
-    /// Binds the listener `addr` asks for (none when off). The token is
-    /// the connection file's, if there is one.
+    /// Binds the listener `addr` asks for (none when off). `front_door`
+    /// is a `tcp://` front door's TLS acceptor and token (its connection
+    /// file's), if there is one: the token is then the dashboard's too.
     pub async fn bind(
         addr: &DashboardAddr,
-        connection: Option<&ConnectionFile>,
+        front_door: Option<(TlsAcceptor, Arc<str>)>,
     ) -> Result<Option<Dashboard>, DashboardError> {
         if let DashboardAddr::At(at) = addr {
-            if !at.ip().is_loopback() && connection.is_none() {
+            if !at.ip().is_loopback() && front_door.is_none() {
                 return Err(DashboardError::NeedsTls(*at));
             }
         }
@@ -152,19 +148,17 @@ impl Dashboard {
                 addr: format!("{addr:?}"),
                 source,
             })?;
+        let (acceptor, token) = front_door.unzip();
         let tls = if local.ip().is_loopback() {
             None
         } else {
-            let Some(file) = connection else {
+            let Some(acceptor) = acceptor else {
                 return Err(DashboardError::NeedsTls(local));
             };
-            let config = file
-                .server_config()
-                .map_err(|e| DashboardError::Tls(e.to_string()))?;
-            Some(TlsAcceptor::from(config))
+            Some(acceptor)
         };
-        let token: Arc<str> = match connection {
-            Some(file) => Arc::from(file.token()),
+        let token: Arc<str> = match token {
+            Some(token) => token,
             None => {
                 let bytes = crate::connection_file::random().map_err(DashboardError::Token)?;
                 Arc::from(bytes.iter().map(|b| format!("{b:02x}")).collect::<String>())
