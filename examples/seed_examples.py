@@ -4,7 +4,7 @@ unchanged but for the import:
     casa-node run --servers 3 examples/seed_examples.py
 
 The seed's three servers were numbered 0, 1 and 2. In casa-node rank 0 is
-the client node and the servers are ranks 1, 2 and 3, so the seed's
+the head node and the servers are ranks 1, 2 and 3, so the seed's
 target `[0]` is `[servers[0]]` here. Each example prints the response
 records with the keys the seed shows (casa-node's records also carry
 `command_start_time` and `command_stop_time`)."""

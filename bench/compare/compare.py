@@ -116,10 +116,10 @@ def make_figures(s):
                "lower", 2, "≤ 2×", f"{s['start_pythons']} × `python3 -c pass`"),
         Figure("M1s", "M1 RSS of an idle server node, without its worker (MiB)", "MiB", "lower", 10,
                "≤ 10 MiB"),
-        Figure("M1c", f"M1 RSS of the client node with {s['memory_servers']} servers (MiB)", "MiB",
+        Figure("M1c", f"M1 RSS of the head node with {s['memory_servers']} servers (MiB)", "MiB",
                "lower", 30, "≤ 30 MiB"),
     ]
-    # Group J: T1's seed face with the client node's journal, against the
+    # Group J: T1's seed face with the head node's journal, against the
     # same without one, in the same run.
     for key, transport in (("", "MPI"), ("z", "ZeroMQ")):
         figures.append(Figure(f"J1{key}", f"J1 T1 with --journal (tasks/s, {s['tasks']} tasks, seed face, "

@@ -384,9 +384,9 @@ def _is_server_node(pid):
 def _role(pid, ppid):
     comm = _read(f"/proc/{pid}/comm").strip()
     if comm == "casa-node":
-        return "server nodes" if _is_server_node(pid) else "client node"
+        return "server nodes" if _is_server_node(pid) else "head node"
     if comm.startswith("python"):
-        # A server node's worker, or the client node's syntax checker.
+        # A server node's worker, or the head node's syntax checker.
         return "workers" if _is_server_node(ppid) else "checker"
     return comm or "?"
 

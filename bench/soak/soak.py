@@ -26,9 +26,9 @@ returns `(i, zlib.crc32(x), x.dtype.str, x.shape)`, checked against the
 driver's; every tenth command returns `x` itself instead, checked equal
 element by element. Chunks of CHUNK_B, two outstanding at most.
 
-Memory: VmRSS (from /proc/PID/status) of the client node (the `casa-node up`
+Memory: VmRSS (from /proc/PID/status) of the head node (the `casa-node up`
 process), every server node and every worker (`pid` and `worker_pid` of
-the server table), anything else below the client node (the syntax
+the server table), anything else below the head node (the syntax
 checker), and this driver; at the start of each phase, after its warm-up
 (the first 5% of its commands), at every tenth of it, at its end (after a
 1 s pause), and every SAMPLE_SECONDS in between for the maximum.
@@ -105,7 +105,7 @@ class Processes:
 
     def _discover(self):
         up = self.cluster.pid
-        found = {"client node": up}
+        found = {"head node": up}
         servers = self.client.status()
         if len(servers) != SERVERS:
             raise Failure(f"{len(servers)} servers in the table, {SERVERS} expected")
@@ -134,7 +134,7 @@ class Processes:
     def check(self):
         """Raises Failure when a followed process has gone or changed: a
         worker restarted, a node replaced (the server table names other
-        PIDs), or one of the below-the-client-node processes exited."""
+        PIDs), or one of the below-the-head-node processes exited."""
         now = self._discover()
         problems = []
         for name, (pid, started) in self.table.items():

@@ -1,4 +1,4 @@
-//! Runs the client-core benchmark's `--quick` version, so that the harness
+//! Runs the head-core benchmark's `--quick` version, so that the harness
 //! keeps compiling and its checks (every command completed, one ping per
 //! server, no server timed out) keep passing. Its figures mean nothing in a
 //! debug build.
@@ -7,7 +7,7 @@ use std::process::Command;
 
 #[test]
 fn the_quick_benchmark_runs_and_prints_its_table() {
-    let output = Command::new(env!("CARGO_BIN_EXE_client-core"))
+    let output = Command::new(env!("CARGO_BIN_EXE_head-core"))
         .arg("--quick")
         .output()
         .expect("the benchmark runs");
@@ -15,7 +15,7 @@ fn the_quick_benchmark_runs_and_prints_its_table() {
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(
         output.status.success(),
-        "client-core --quick failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
+        "head-core --quick failed\nstdout:\n{stdout}\nstderr:\n{stderr}"
     );
     for row in [
         "dispatch, untargeted",
@@ -32,7 +32,7 @@ fn the_quick_benchmark_runs_and_prints_its_table() {
 
 #[test]
 fn unknown_arguments_are_refused() {
-    let output = Command::new(env!("CARGO_BIN_EXE_client-core"))
+    let output = Command::new(env!("CARGO_BIN_EXE_head-core"))
         .arg("--fast")
         .output()
         .expect("the benchmark runs");

@@ -5,7 +5,7 @@ A singleton, as casampi's: every MPICommandClient() is a handle on one
 client, which shares casanode's connection to the cluster. As in casampi,
 commands are pushed only between start_services() and stop_services();
 unlike casampi, the queue, the scheduler and the monitor run in casa-node's
-client node, not in threads of this process.
+head node, not in threads of this process.
 """
 
 import os

@@ -46,7 +46,7 @@ class _Common:
     mpi_command_response_handler_service_sleep_time = 0.1
     mpi_command_request_queue_service_sleep_time = 0.1
     mpi_push_command_request_block_mode_sleep_time = 0.1
-    # Debugging mode lives in the client node (MPIMonitorClient's
+    # Debugging mode lives in the head node (MPIMonitorClient's
     # start_debugging_mode); this mirrors it for scripts that read it.
     mpi_monitor_status_service_timeout_enabled = True
 

@@ -10,13 +10,13 @@ A Future resolves to the response dict whatever the command did: check its
 `successful`, `failure`, `status` and `traceback` (rules 7, 9, 10), or call
 its `value()`, which returns `ret` or raises the failure as an exception
 (CommandRaised, WorkerDied, DeadlineExceeded, ...: casanode.failures). A
-submission the client node refuses sets SubmissionRejected on its Futures;
+submission the head node refuses sets SubmissionRejected on its Futures;
 nothing of it was queued (rule 14). Submitting waits for no reply: the ids
 come from the connection's leases.
 
 Callbacks given to a Future's add_done_callback run on the connection's
 reader thread. They must not submit or wait for results: while they run,
-nothing is read from the client node, which stops reading from a driver
+nothing is read from the head node, which stops reading from a driver
 that leaves its replies unread (rule 31), so a callback that submits much
 can wait for ever. Hand such work to another thread.
 """
@@ -42,7 +42,7 @@ from .connection import (
     body_tag,
 )
 
-# Seconds a driver waiting for responses looks for its client node again
+# Seconds a driver waiting for responses looks for its head node again
 # when the connection closes, if the cluster keeps a journal (rule 33).
 PATIENCE_VAR = "CASA_NODE_DRIVER_PATIENCE"
 DEFAULT_PATIENCE = 120.0
@@ -105,7 +105,7 @@ class UnknownRequest(CasaNodeError):
 
 
 class SubmissionRejected(CasaNodeError):
-    """The client node refused a submission; nothing of it was queued.
+    """The head node refused a submission; nothing of it was queued.
     `reason` is the RejectReason's short name, e.g. "UNKNOWN_TARGET"."""
 
     def __init__(self, reason, message):
@@ -158,7 +158,7 @@ def cluster_dict(c):
     return {
         "transport": c.transport,
         "host": c.host,
-        "client_rank": c.client_rank,
+        "head_rank": c.head_rank,
         "world_size": c.world_size,
         "server_ranks": list(c.server_ranks),
         "heartbeat_seconds": c.heartbeat_seconds,
@@ -170,7 +170,7 @@ def cluster_dict(c):
 
 def log_dict(record):
     """A forwarded LogRecord as a dict: time (seconds since the epoch),
-    level ("DEBUG" .. "CRITICAL"), origin ("HOST:server-R" or "HOST:client"),
+    level ("DEBUG" .. "CRITICAL"), origin ("HOST:server-R" or "HOST:head"),
     rank and message."""
     return {
         "time": record.time,
@@ -208,8 +208,8 @@ class Client:
     """A connection to a casa-node cluster's front door.
 
     When the cluster keeps a journal (rule 33) and the connection closes
-    while responses are awaited (the client node died), the client looks
-    for the client node again with `reconnect` (a callable making a new
+    while responses are awaited (the head node died), the client looks
+    for the head node again with `reconnect` (a callable making a new
     Connection) for up to `patience` seconds, claims the awaited requests
     there, and the waits (Futures, wait, the seed face's blocking calls)
     go on as if nothing had happened."""
@@ -225,7 +225,7 @@ class Client:
         self._streams = []
         self._open_streams = ()  # a copy for the reader thread
         self._streams_lock = threading.Lock()  # held across the subscription's request
-        self._subscribed = None  # the level the client node forwards from, or None
+        self._subscribed = None  # the level the head node forwards from, or None
 
     @property
     def cluster(self):
@@ -244,13 +244,13 @@ class Client:
         `parameters`: a dict of names bound in the server's globals.
         `deadline`: seconds the command may run. `mode`: "eval", "exec",
         "push" or None to let the server decide (rule 2). `retry=False`:
-        should the client node restart from its journal before answering,
+        should the head node restart from its journal before answering,
         the request is not run again but fails naming the restart (rule
         33), for commands that must not run twice.
 
         Returns a Future (or, for a list target, a list of Futures) resolving
         to the response dict; each Future's `id` is its request id. It
-        returns at once, without waiting for the client node: a refused
+        returns at once, without waiting for the head node: a refused
         submission (rule 14) sets SubmissionRejected on its Futures."""
         many, buffers, size = _submit_request(
             command, target, parameters, deadline, mode, self.connection.shared, retry
@@ -260,24 +260,24 @@ class Client:
 
     def claim(self, items):
         """Futures for requests whoever submitted them (rule 33): after this
-        driver lost its connection, or the client node restarted from its
+        driver lost its connection, or the head node restarted from its
         journal. Each resolves to the response dict, at once for a request
         already answered, when it is answered for one still pending. Raises
-        UnknownRequest naming the ids the client node does not know (never
+        UnknownRequest naming the ids the head node does not know (never
         given, or answered and not kept: responses are kept with
         --journal)."""
         ids = _ids(items)
         reply = self._claim_reply(self.connection, ids)
         if reply.unknown:
             raise UnknownRequest(
-                "the client node knows no request with id " + ", ".join(str(i) for i in reply.unknown)
+                "the head node knows no request with id " + ", ".join(str(i) for i in reply.unknown)
             )
         with self._lock:
             self._known.update(ids)
         return [self._future(rid) for rid in ids]
 
     def _claim_reply(self, connection, ids):
-        """The ClaimReply of `connection`'s client node for `ids` (rule 33)."""
+        """The ClaimReply of `connection`'s head node for `ids` (rule 33)."""
         return self._expect(
             connection.request(claim_request=driver_pb2.ClaimRequest(ids=ids)), "claim_reply"
         )
@@ -289,7 +289,7 @@ class Client:
 
     def _push(self, many, target, buffers, size):
         """Sends a serialized submission and returns its ids, now known:
-        pipelined, with leased ids; with a client node that leases none,
+        pipelined, with leased ids; with a head node that leases none,
         waiting for its SubmitReply (then a rejection raises
         SubmissionRejected)."""
         count = max(1, len(target)) if many else 1
@@ -360,7 +360,7 @@ class Client:
         return future
 
     def _watch(self, request_id, callback):
-        """connection.watch, carried over to the client node that takes the
+        """connection.watch, carried over to the head node that takes the
         place of one that went away (see the class documentation)."""
         connection = self.connection
 
@@ -373,7 +373,7 @@ class Client:
 
     def _reattach(self, closed, request_id, callback):
         """Queues a watch of `closed` (a Connection that closed) for the
-        client node that takes its place; False when there is none to wait
+        head node that takes its place; False when there is none to wait
         for: no journal, no patience."""
         if not (self._reconnect_with and self._patience > 0 and closed.cluster.journal):
             return False
@@ -389,7 +389,7 @@ class Client:
         return True
 
     def _reconnect(self):
-        """Looks for the client node again, every 0.2 s and then less often
+        """Looks for the head node again, every 0.2 s and then less often
         (up to 1 s), for up to the patience; then claims what is awaited."""
         end = time.monotonic() + self._patience
         pause, error, connection = 0.2, None, None
@@ -406,12 +406,12 @@ class Client:
             orphans, self._orphans = self._orphans, []
             self._reconnecting = False
             if connection is not None:
-                # What arrived before the client node went away stays.
+                # What arrived before the head node went away stays.
                 connection.adopt(self.connection)
                 self.connection = connection
         if connection is None:
             gone = ConnectionClosed(
-                f"the client node went away and was not found again within {self._patience:g} s: {error}"
+                f"the head node went away and was not found again within {self._patience:g} s: {error}"
             )
             for _, callback in orphans:
                 callback(None, gone)
@@ -432,7 +432,7 @@ class Client:
         unknown = set(reply.unknown)
         for rid, callback in orphans:
             if rid in unknown:
-                callback(None, UnknownRequest(f"the client node that took the place of the one that went away knows no request with id {rid}"))
+                callback(None, UnknownRequest(f"the head node that took the place of the one that went away knows no request with id {rid}"))
             else:
                 self._watch(rid, callback)
 
@@ -542,7 +542,7 @@ class Client:
     def logs(self, level="DEBUG"):
         """A LogStream of the log records the cluster writes from now on
         (rule 31): the servers' events, their workers' output and logging
-        records, and the client node's own lines, each as a dict (log_dict).
+        records, and the head node's own lines, each as a dict (log_dict).
         Close it when done; the cluster's log file keeps everything anyway."""
         stream = LogStream(self, level_number(level))
         with self._streams_lock:
@@ -687,7 +687,7 @@ class LogStream:
         return self.get()
 
     def close(self):
-        """Stops this stream; the client node stops forwarding when no
+        """Stops this stream; the head node stops forwarding when no
         stream of the connection is left open."""
         if self._closed:
             return
@@ -719,7 +719,7 @@ def _submit_request(command, target, parameters, deadline, mode, shared=None, re
     SubmitRequest (the bytes protobuf makes), its large parameter values as
     buffers of their own (see values.parameter_buffers), or, with `shared`
     (a shm.SharedDir), as shared-memory references (for a list of targets
-    the client node gives each request's worker a name of its own for the
+    the head node gives each request's worker a name of its own for the
     same file)."""
     if type(command) is str:
         data = command.encode("utf-8")  # a lone surrogate raises as protobuf does
@@ -834,7 +834,7 @@ def connect(endpoint=None, timeout=30.0, connection_file=None, patience=None):
     front door needs its connection file: `connection_file`, else
     $CASA_NODE_CONNECTION_FILE, else the one `up` recorded.
 
-    `patience`: seconds to look for the client node again (found the same
+    `patience`: seconds to look for the head node again (found the same
     way) when it goes away while responses are awaited, if its cluster
     keeps a journal (rule 33); default $CASA_NODE_DRIVER_PATIENCE, else
     120; 0 gives up at once."""

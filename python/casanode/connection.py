@@ -1,4 +1,4 @@
-"""A thread-safe connection to a casa-node client node's front door.
+"""A thread-safe connection to a casa-node head node's front door.
 
 Frames are a 4-byte big-endian length followed by one casa.node.v1.Envelope.
 The connecting side sends Hello (role DRIVER) and reads Welcome or
@@ -11,7 +11,7 @@ with replaces_timeout replaces the earlier record, rule 21), and hands
 LogRecords to subscribers.
 
 Submissions are pipelined: the connection leases blocks of request ids from
-the client node (IdLeaseRequest -> IdLease, read by the reader thread) and
+the head node (IdLeaseRequest -> IdLease, read by the reader thread) and
 sends each SubmitRequest with its ids and the `pipelined` flag, so a push
 returns its ids without waiting for any reply (submit_pipelined). The next
 block is asked for, without waiting, once half of the current one is used.
@@ -193,14 +193,14 @@ class Connection:
         try:
             reply = read_frame(sock)
         except socket.timeout:
-            raise CasaNodeError("the client node did not answer the handshake in time") from None
+            raise CasaNodeError("the head node did not answer the handshake in time") from None
         if reply is None:
-            raise ConnectionClosed("the client node closed the connection during the handshake")
+            raise ConnectionClosed("the head node closed the connection during the handshake")
         kind = reply.WhichOneof("body")
         if kind == "welcome":
             return reply.welcome
         if kind == "error":
-            raise Refused(f"the client node refused the connection: {reply.error.message}", reply.error.code)
+            raise Refused(f"the head node refused the connection: {reply.error.message}", reply.error.code)
         raise UnexpectedReply(f"expected Welcome, got {kind or 'nothing'}")
 
     @property
@@ -216,11 +216,11 @@ class Connection:
         """Sends one frame given as buffers (see frame_buffers)."""
         with self._send_lock:
             if self._closed:
-                raise ConnectionClosed("the connection to the client node is closed")
+                raise ConnectionClosed("the connection to the head node is closed")
             try:
                 send_buffers(self._sock, buffers)
             except OSError as e:
-                raise ConnectionClosed(f"the connection to the client node closed: {e}") from e
+                raise ConnectionClosed(f"the connection to the head node closed: {e}") from e
 
     def send_request(self, tag, buffers, size, on_reply):
         """Sends an Envelope with a fresh correlation whose body field `tag`
@@ -231,7 +231,7 @@ class Connection:
         (Refused for a ProtocolError reply, ConnectionClosed)."""
         with self._lock:
             if self._closed:
-                raise ConnectionClosed("the connection to the client node is closed")
+                raise ConnectionClosed("the connection to the head node is closed")
             correlation = self._next_correlation
             self._next_correlation += 1
             self._replies[correlation] = on_reply
@@ -245,16 +245,16 @@ class Connection:
     def submit_pipelined(self, count, tag, buffers, size):
         """Sends a SubmitRequest (serialized in `buffers`, `size` bytes, as
         for send_request) for `count` requests with `count` leased ids and
-        the pipelined flag, and returns the ids at once: the client node
+        the pipelined flag, and returns the ids at once: the head node
         answers only with the responses (a rejection comes as a failure
         response for each id, see rejection). Waits only when no leased id
-        is left. Raises LeasesUnsupported if the client node gives no
+        is left. Raises LeasesUnsupported if the head node gives no
         leases, ConnectionClosed."""
         while True:
             refill = False
             with self._send_lock:
                 if self._closed:
-                    raise ConnectionClosed("the connection to the client node is closed")
+                    raise ConnectionClosed("the connection to the head node is closed")
                 with self._lease_cond:
                     ids = self._take_ids(count)
                     if ids is not None and not self._lease_asked and self._leased < self.lease_block // 2:
@@ -266,7 +266,7 @@ class Connection:
                     try:
                         send_buffers(self._sock, frame)
                     except OSError as e:
-                        raise ConnectionClosed(f"the connection to the client node closed: {e}") from e
+                        raise ConnectionClosed(f"the connection to the head node closed: {e}") from e
             if refill:
                 try:
                     self._ask_lease()
@@ -390,7 +390,7 @@ class Connection:
         if response is not None:
             callback(response, None)
         else:
-            callback(None, ConnectionClosed("the connection to the client node closed"))
+            callback(None, ConnectionClosed("the connection to the head node closed"))
 
     def adopt(self, closed):
         """Takes the responses and rejections `closed` (a connection that
@@ -425,7 +425,7 @@ class Connection:
 
     def add_log_subscriber(self, callback):
         """callback(LogRecord) is called, on the reader thread, for every
-        log record the client node forwards (after a LogSubscription), and
+        log record the head node forwards (after a LogSubscription), and
         callback(None) once when the connection closes."""
         with self._lock:
             if callback not in self._log_subscribers:
@@ -503,7 +503,7 @@ class Connection:
             if on_reply is None:
                 return
             if kind == "error":
-                error = Refused(f"the client node says: {envelope.error.message}", envelope.error.code)
+                error = Refused(f"the head node says: {envelope.error.message}", envelope.error.code)
                 _call(on_reply, kind, None, error)
             else:
                 _call(on_reply, kind, getattr(envelope, kind) if kind else None, None)
@@ -519,10 +519,10 @@ class Connection:
         for subscriber in subscribers:
             _call(subscriber, None)
         for on_reply in replies.values():
-            _call(on_reply, None, None, ConnectionClosed("the connection to the client node closed"))
+            _call(on_reply, None, None, ConnectionClosed("the connection to the head node closed"))
         for callbacks in watchers.values():
             for callback in callbacks:
-                _call(callback, None, ConnectionClosed("the connection to the client node closed"))
+                _call(callback, None, ConnectionClosed("the connection to the head node closed"))
         try:
             self._sock.close()
         except OSError:

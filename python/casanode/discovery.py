@@ -1,6 +1,6 @@
 """Finding a cluster: the endpoint given, $CASA_NODE_ENDPOINT, the
 connection file, or the record `casa-node up` left in the runtime
-directory (skipping, and removing, records of client nodes that are gone)."""
+directory (skipping, and removing, records of head nodes that are gone)."""
 
 import json
 import os

@@ -14,7 +14,7 @@ class Unreachable(CasaNodeError):
 
 
 class Refused(CasaNodeError):
-    """The client node answered with a ProtocolError."""
+    """The head node answered with a ProtocolError."""
 
     def __init__(self, message, code=0):
         super().__init__(message)
@@ -22,12 +22,12 @@ class Refused(CasaNodeError):
 
 
 class ConnectionClosed(CasaNodeError):
-    """The connection to the client node is closed."""
+    """The connection to the head node is closed."""
 
 
 class UnexpectedReply(CasaNodeError):
-    """The client node answered with a message this client did not expect."""
+    """The head node answered with a message this client did not expect."""
 
 
 class LeasesUnsupported(CasaNodeError):
-    """The client node gives no id leases: submissions wait for a SubmitReply."""
+    """The head node gives no id leases: submissions wait for a SubmitReply."""

@@ -114,7 +114,7 @@ class CommandRejected(CommandFailed):
 
 
 class LostInRestart(CommandFailed):
-    """Accepted by a client node that died and not run again by the one
+    """Accepted by a head node that died and not run again by the one
     started from its journal (rule 33)."""
 
     kind = "restarted"

@@ -132,7 +132,7 @@ def test_map_yields_responses_in_the_order_of_its_inputs(client):
 
 def test_map_streams_thousands_of_submissions_without_waiting_for_each(client):
     # All submissions go out before any reply is read: more frames than the
-    # socket buffers hold must not deadlock the driver and the client node.
+    # socket buffers hold must not deadlock the driver and the head node.
     sets = [{"n": i, "pad": "x" * 200} for i in range(5000)]
     responses = list(client.map("n * 2", sets, timeout=120))
     assert [r["ret"] for r in responses] == [2 * i for i in range(5000)]
@@ -196,7 +196,7 @@ def test_logs_stream_the_servers_output_and_the_request_lines(client):
     assert printed["origin"].endswith(":server-2") and printed["rank"] == 2
     assert printed["time"] > 0 and printed["level"] in ("INFO", "WARNING", "DEBUG")
     handled = next(r for r in seen if f"id {future.id} successfully handled" in r["message"])
-    assert handled["origin"].endswith(":client") and handled["rank"] == 0
+    assert handled["origin"].endswith(":head") and handled["rank"] == 0
     # Closed: iteration ends.
     assert list(records) == []
 
@@ -270,7 +270,7 @@ def test_worker_pid_is_known_once_online_and_at_once_after_a_restart(request, tr
         assert client.status(1)[1]["worker_pid"] == fresh
 
 
-def test_a_record_left_by_a_dead_client_node_is_not_used(monkeypatch, tmp_path):
+def test_a_record_left_by_a_dead_head_node_is_not_used(monkeypatch, tmp_path):
     # Issue 15: `casa-node up` killed before it could remove its record.
     # A child that has exited and been reaped stands for the dead node.
     dead = subprocess.Popen([sys.executable, "-c", "pass"])

@@ -1,4 +1,4 @@
-"""The client node's journal (rule 33): a client node SIGKILLed and started
+"""The head node's journal (rule 33): a head node SIGKILLed and started
 again with the same `--journal` gives back the responses it gave, runs
 again what was pending (but for `retry=False`), and gives ids on."""
 
@@ -14,8 +14,8 @@ import casanode
 import clusters
 
 
-def _client_node_pid(client):
-    """The client node's PID: the peer of the front door's unix socket
+def _head_node_pid(client):
+    """The head node's PID: the peer of the front door's unix socket
     (under MPI, rank 0; `up` itself over ZeroMQ)."""
     creds = client.connection._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, _, _ = struct.unpack("3i", creds)
@@ -23,7 +23,7 @@ def _client_node_pid(client):
     return pid
 
 
-def test_a_client_node_restarted_from_its_journal_loses_no_request(tmp_path, transport):
+def test_a_head_node_restarted_from_its_journal_loses_no_request(tmp_path, transport):
     journal = tmp_path / "journal"
     runs = tmp_path / "runs"
     options = ["--journal", str(journal), "--heartbeat", "0.2", "--timeout", "3"]
@@ -33,14 +33,14 @@ def test_a_client_node_restarted_from_its_journal_loses_no_request(tmp_path, tra
         client = casanode.connect(first.endpoint)
         done = client.submit("6*7")
         assert done.result(60)["ret"] == 42
-        # Pending when the client node dies: each sleeps, then says it ran.
+        # Pending when the head node dies: each sleeps, then says it ran.
         command = "time.sleep(1.5) or open(path, 'a').write(word + '\\n')"
         again = client.submit(command, target=1, parameters={"path": str(runs), "word": "again"})
         once = client.submit(command, target=2, parameters={"path": str(runs), "word": "once"}, retry=False)
         # The front door answers a connection's messages in order: once
         # status is answered, both submissions were accepted (journaled).
         client.status()
-        os.kill(_client_node_pid(client), signal.SIGKILL)
+        os.kill(_head_node_pid(client), signal.SIGKILL)
         first.proc.wait(30)
         client.close()
 
@@ -66,9 +66,9 @@ def test_a_client_node_restarted_from_its_journal_loses_no_request(tmp_path, tra
             clusters.stop(second)
 
 
-def test_a_waiting_driver_finds_the_client_node_restarted_from_its_journal(tmp_path, transport):
+def test_a_waiting_driver_finds_the_head_node_restarted_from_its_journal(tmp_path, transport):
     # Future.result(), Client.wait and the seed face's blocking get wait on
-    # through the client node's death and restart (rule 33), and give the
+    # through the head node's death and restart (rule 33), and give the
     # answers of the new one.
     journal = tmp_path / "journal"
     options = ["--journal", str(journal), "--heartbeat", "0.2", "--timeout", "3"]
@@ -82,7 +82,7 @@ def test_a_waiting_driver_finds_the_client_node_restarted_from_its_journal(tmp_p
         assert quick.result(60)["ret"] == 42
         while not client.status(1)[1]["busy"]:
             time.sleep(0.02)
-        os.kill(_client_node_pid(client), signal.SIGKILL)
+        os.kill(_head_node_pid(client), signal.SIGKILL)
         first.proc.wait(30)
         clusters.stop(first, remove=False)
         second = clusters.start(servers=2, transport=transport, options=options, directory=first.directory)
@@ -107,7 +107,7 @@ def test_without_a_journal_a_waiting_driver_is_told_at_once(tmp_path):
         assert client.cluster["journal"] is False
         slow = client.submit("time.sleep(600)")
         client.status()
-        os.kill(_client_node_pid(client), signal.SIGKILL)
+        os.kill(_head_node_pid(client), signal.SIGKILL)
         with pytest.raises(casanode.ConnectionClosed):
             slow.result(30)
     finally:

@@ -18,7 +18,7 @@ BLOB = bytes(range(256)) * 4096  # 1 MiB
 def client(cluster):
     """A driver that does not use shared memory (test_shared_memory.py
     covers that), so values travel inline: the workers' large return values
-    are put inline by the client node."""
+    are put inline by the head node."""
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("CASA_NODE_SHM_THRESHOLD", "0")
         client = casanode.connect(cluster.endpoint)

@@ -14,8 +14,8 @@ import casanode
 from casanode.connection import LEASE_BLOCK_VAR
 
 
-def _client_node_pid(client):
-    """The client node's PID: the peer of the front door's unix socket."""
+def _head_node_pid(client):
+    """The head node's PID: the peer of the front door's unix socket."""
     creds = client.connection._sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
     pid, _, _ = struct.unpack("3i", creds)
     assert pid > 0 and pid != os.getpid()
@@ -46,24 +46,24 @@ def _while_stopped(pid, work, limit=20):
         deadline = time.monotonic() + 10
         while _state(pid) != "T" and time.monotonic() < deadline:
             time.sleep(0.01)
-        assert _state(pid) == "T", "the client node did not stop"
+        assert _state(pid) == "T", "the head node did not stop"
         thread.start()
         thread.join(limit)
         returned = not thread.is_alive()
         state = _state(pid)
     finally:
         os.kill(pid, signal.SIGCONT)
-    assert state == "T", f"the client node was not stopped: state {state}"
-    assert returned, "the pushes waited for the stopped client node"
+    assert state == "T", f"the head node was not stopped: state {state}"
+    assert returned, "the pushes waited for the stopped head node"
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]
 
 
-def test_non_blocking_pushes_return_while_the_client_node_is_stopped(cluster):
+def test_non_blocking_pushes_return_while_the_head_node_is_stopped(cluster):
     with casanode.connect(cluster.endpoint) as client:
         assert client.submit("0").result(60)["ret"] == 0  # a lease in hand
-        pid = _client_node_pid(client)
+        pid = _head_node_pid(client)
         futures = _while_stopped(
             pid, lambda: [client.submit("n + 1", parameters={"n": n}) for n in range(200)]
         )
@@ -72,11 +72,11 @@ def test_non_blocking_pushes_return_while_the_client_node_is_stopped(cluster):
         assert ids == sorted(set(ids))
 
 
-def test_seed_non_blocking_pushes_return_ids_while_the_client_node_is_stopped(seed_client):
+def test_seed_non_blocking_pushes_return_ids_while_the_head_node_is_stopped(seed_client):
     from casanode import seed
 
     assert seed_client.push_command_request("1", True)[0]["ret"] == 1  # a lease in hand
-    pid = _client_node_pid(seed._shared_client())
+    pid = _head_node_pid(seed._shared_client())
     ids = _while_stopped(
         pid, lambda: [seed_client.push_command_request("2 * k", False, [1 + k % 2], {"k": k}) for k in range(100)]
     )

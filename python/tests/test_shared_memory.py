@@ -204,7 +204,7 @@ def test_a_driver_killed_after_writing_its_files_leaves_nothing(client, cluster)
     assert child.returncode == -signal.SIGKILL, child.stderr
     assert child.stdout.strip() == "written"
     # Server 1 answers in order: once this is back, so is the dead
-    # driver's response, which the client node dropped with its file.
+    # driver's response, which the head node dropped with its file.
     assert client.submit("1", target=1).result(60)["ret"] == 1
     assert only_tag(client) == ["tag"]
 
@@ -287,7 +287,7 @@ def test_a_shared_array_next_to_large_inline_leaves(client):
 
 
 def test_the_directory_goes_with_the_cluster(transport):
-    # One left by a client node that died: removed at the next start.
+    # One left by a head node that died: removed at the next start.
     dead = subprocess.Popen([sys.executable, "-c", ""])
     dead.wait()
     stale = f"/dev/shm/casa-node-{os.getuid()}-{dead.pid}-0123456789abcdef"

@@ -30,7 +30,7 @@ use crate::process::{ChildGuard, ProcessSet, descendants, lines, mpirun_in};
 pub const WAIT: Duration = Duration::from_secs(60);
 
 /// How long the processes of a cluster may take to end once it has
-/// stopped, or once its client node is gone (its links close, or under MPI
+/// stopped, or once its head node is gone (its links close, or under MPI
 /// mpirun ends the job), with room for a loaded machine.
 pub const EXIT_BOUND: Duration = Duration::from_secs(20);
 
@@ -383,10 +383,10 @@ impl Cluster {
         self.launcher.pid()
     }
 
-    /// The client node's PID: the launcher's over ZeroMQ; under MPI, rank
+    /// The head node's PID: the launcher's over ZeroMQ; under MPI, rank
     /// 0, the process below the launcher with the command line of the
     /// server nodes `servers` that is none of them.
-    pub fn client_node(&self, servers: &[Pid]) -> Pid {
+    pub fn head_node(&self, servers: &[Pid]) -> Pid {
         if self.transport == Transport::Zmq {
             return self.pid();
         }

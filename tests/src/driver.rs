@@ -1,7 +1,7 @@
 //! A driver that speaks the driver plane itself, frame by frame, over a
 //! front door's Unix socket ([`RawDriver`]): for the tests that send what
 //! no client library would (garbage, truncated frames, wrong versions) or
-//! that must see every envelope the client node sends (a client library
+//! that must see every envelope the head node sends (a client library
 //! keeps one record per request id, which would hide a duplicate).
 //!
 //! A frame is a 4-byte big-endian length and an `Envelope`'s bytes.
@@ -175,7 +175,7 @@ impl RawDriver {
         }
     }
 
-    /// True once the client node has closed the connection (and sent
+    /// True once the head node has closed the connection (and sent
     /// nothing more).
     pub fn closed(&mut self) -> bool {
         let mut rest = Vec::new();

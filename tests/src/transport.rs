@@ -4,7 +4,7 @@
 //! Each check comes in two layers:
 //!
 //! - a *runner* (`ordering`, `many_in_flight`, …) that takes already
-//!   connected transports living in one process (a client node at rank 0 and
+//!   connected transports living in one process (a head node at rank 0 and
 //!   one or more server nodes), drives both sides concurrently in the
 //!   calling task and bounds the whole check in time, so that a broken
 //!   transport fails instead of hanging;
@@ -206,12 +206,12 @@ pub async fn exchange<T: Transport>(transport: &mut T, peer: Rank, n: u64) -> Ch
     Ok(())
 }
 
-/// (a) `n` messages each way between `client` and `server` at the same
+/// (a) `n` messages each way between `head node` and `server` at the same
 /// time: none lost, none duplicated, all in order.
-pub async fn ordering<T: Transport>(client: &mut T, server: &mut T, n: u64) -> CheckResult {
+pub async fn ordering<T: Transport>(head: &mut T, server: &mut T, n: u64) -> CheckResult {
     let server_rank = server.rank();
     within("ordering", HEAVY_LIMIT, async {
-        let (a, b) = tokio::join!(exchange(client, server_rank, n), exchange(server, 0, n));
+        let (a, b) = tokio::join!(exchange(head, server_rank, n), exchange(server, 0, n));
         a.and(b)
     })
     .await
@@ -265,10 +265,10 @@ pub async fn flood<T: Transport>(sender: &mut T, receiver: &mut T, n: u64) -> Ch
 ///
 /// The transport must take all `n + 1` sends without the receiver reading;
 /// one whose window is smaller fails with a timeout here.
-pub async fn many_in_flight<T: Transport>(client: &mut T, server: &mut T, n: u64) -> CheckResult {
+pub async fn many_in_flight<T: Transport>(head: &mut T, server: &mut T, n: u64) -> CheckResult {
     within("many in flight", HEAVY_LIMIT, async {
-        flood(client, server, n).await?;
-        flood(server, client, n).await
+        flood(head, server, n).await?;
+        flood(server, head, n).await
     })
     .await
 }
@@ -363,21 +363,17 @@ pub async fn receive_large<T: Transport>(
 
 /// (c) A `len`-byte message each way (one direction after the other, to
 /// bound memory), byte-identical on arrival.
-pub async fn large_message<T: Transport>(
-    client: &mut T,
-    server: &mut T,
-    len: usize,
-) -> CheckResult {
+pub async fn large_message<T: Transport>(head: &mut T, server: &mut T, len: usize) -> CheckResult {
     let server_rank = server.rank();
     within("large message", HEAVY_LIMIT, async {
         let (a, b) = tokio::join!(
-            send_large(client, server_rank, len, 1),
+            send_large(head, server_rank, len, 1),
             receive_large(server, 0, len, 1)
         );
         a.and(b)?;
         let (a, b) = tokio::join!(
             send_large(server, 0, len, 2),
-            receive_large(client, server_rank, len, 2)
+            receive_large(head, server_rank, len, 2)
         );
         a.and(b)
     })
@@ -389,7 +385,7 @@ pub async fn large_message<T: Transport>(
 /// the bytes in flight must still let the large message through once the
 /// small one is consumed, even if it is larger than the whole bound.
 pub async fn large_after_small<T: Transport>(
-    client: &mut T,
+    head: &mut T,
     server: &mut T,
     len: usize,
 ) -> CheckResult {
@@ -398,9 +394,9 @@ pub async fn large_after_small<T: Transport>(
     within(CHECK, HEAVY_LIMIT, async {
         for (seed, forward) in [(3, true), (4, false)] {
             let (sender, receiver, to, from) = if forward {
-                (&mut *client, &mut *server, server_rank, 0)
+                (&mut *head, &mut *server, server_rank, 0)
             } else {
-                (&mut *server, &mut *client, 0, server_rank)
+                (&mut *server, &mut *head, 0, server_rank)
             };
             let me = receiver.rank();
             let (sent, received) = tokio::join!(
@@ -446,11 +442,11 @@ pub async fn echo<T: Transport>(server: &mut T, count: u64) -> CheckResult {
     Ok(())
 }
 
-/// The client's side of [`many_peers`]: sends `count` pings to each of
+/// The head node's side of [`many_peers`]: sends `count` pings to each of
 /// `ranks` in turn, takes replies whenever ready, and checks each server
 /// answered its own pings, in order.
-pub async fn many_peers_client<T: Transport>(
-    client: &mut T,
+pub async fn many_peers_head<T: Transport>(
+    head: &mut T,
     ranks: &[Rank],
     count: u64,
 ) -> CheckResult {
@@ -475,8 +471,8 @@ pub async fn many_peers_client<T: Transport>(
     };
     for i in 0..count {
         for &rank in ranks {
-            send(CHECK, client, rank, ping(tagged(rank, i))).await?;
-            while let Some(event) = client.recv().now_or_never() {
+            send(CHECK, head, rank, ping(tagged(rank, i))).await?;
+            while let Some(event) = head.recv().now_or_never() {
                 match event {
                     Ok(TransportEvent::Message { from, envelope }) => {
                         take(&mut expected, from, envelope)?;
@@ -492,20 +488,16 @@ pub async fn many_peers_client<T: Transport>(
         }
     }
     while received < total {
-        let (from, envelope) = next_message(CHECK, client).await?;
+        let (from, envelope) = next_message(CHECK, head).await?;
         take(&mut expected, from, envelope)?;
         received += 1;
     }
     Ok(())
 }
 
-/// (d) Every server exchanges `count` messages with the client at once;
+/// (d) Every server exchanges `count` messages with the head node at once;
 /// each reply must come from the rank it was sent to.
-pub async fn many_peers<T: Transport>(
-    client: &mut T,
-    servers: &mut [T],
-    count: u64,
-) -> CheckResult {
+pub async fn many_peers<T: Transport>(head: &mut T, servers: &mut [T], count: u64) -> CheckResult {
     let ranks: Vec<Rank> = servers.iter().map(|s| s.rank()).collect();
     let mut distinct = ranks.clone();
     distinct.sort_unstable();
@@ -519,7 +511,7 @@ pub async fn many_peers<T: Transport>(
     within("many peers", HEAVY_LIMIT, async {
         let servers_side =
             futures::future::try_join_all(servers.iter_mut().map(|s| echo(s, count)));
-        let (a, b) = tokio::join!(many_peers_client(client, &ranks, count), servers_side);
+        let (a, b) = tokio::join!(many_peers_head(head, &ranks, count), servers_side);
         a.and(b.map(drop))
     })
     .await
@@ -557,12 +549,12 @@ pub async fn receive_cancelling<T: Transport>(
 
 /// (g) `recv` is cancel-safe: a receiver that drops pending `recv`
 /// futures all the time still gets all `n + 1` messages, in order.
-pub async fn cancel_safe_recv<T: Transport>(client: &mut T, server: &mut T, n: u64) -> CheckResult {
+pub async fn cancel_safe_recv<T: Transport>(head: &mut T, server: &mut T, n: u64) -> CheckResult {
     let server_rank = server.rank();
     within("cancel-safe recv", HEAVY_LIMIT, async {
         let (a, b) = tokio::join!(
             flood_send(server, 0, n),
-            receive_cancelling(client, server_rank, n)
+            receive_cancelling(head, server_rank, n)
         );
         a.and(b)
     })
@@ -613,18 +605,18 @@ pub async fn await_peer_lost<T: Transport>(
     Ok(())
 }
 
-/// Makes sure `client` and `server` talk before one of them leaves.
+/// Makes sure `head node` and `server` talk before one of them leaves.
 async fn handshake_traffic<T: Transport>(
     check: &'static str,
-    client: &mut T,
+    head: &mut T,
     server: &mut T,
 ) -> CheckResult {
     let server_rank = server.rank();
     within(check, LOSS_LIMIT, async {
         send(check, server, 0, ping(7)).await?;
-        let (from, envelope) = next_message(check, client).await?;
+        let (from, envelope) = next_message(check, head).await?;
         expect_ping(check, 0, server_rank, from, &envelope, 7)?;
-        send(check, client, server_rank, ping(8)).await?;
+        send(check, head, server_rank, ping(8)).await?;
         let (from, envelope) = next_message(check, server).await?;
         expect_ping(check, server_rank, 0, from, &envelope, 8)
     })
@@ -632,14 +624,14 @@ async fn handshake_traffic<T: Transport>(
 }
 
 /// (e) A server that leaves (`how`) is reported as `PeerLost(its rank)` at
-/// the client within [`LOSS_LIMIT`]; the client then cannot send to it.
+/// the head node within [`LOSS_LIMIT`]; the head node then cannot send to it.
 pub async fn server_departure<T: Transport>(
-    client: &mut T,
+    head: &mut T,
     mut server: T,
     how: Departure,
 ) -> CheckResult {
     const CHECK: &str = "server departure";
-    handshake_traffic(CHECK, client, &mut server).await?;
+    handshake_traffic(CHECK, head, &mut server).await?;
     let rank = server.rank();
     if how == Departure::Shutdown {
         within(CHECK, LOSS_LIMIT, async {
@@ -651,29 +643,29 @@ pub async fn server_departure<T: Transport>(
         .await?;
     }
     drop(server);
-    await_peer_lost(CHECK, client, rank).await
+    await_peer_lost(CHECK, head, rank).await
 }
 
-/// (e) A client that leaves (`how`) is noticed by the server within
+/// (e) A head node that leaves (`how`) is noticed by the server within
 /// [`LOSS_LIMIT`]: its next event is `PeerLost(0)` or an error, after
 /// which it can neither send to rank 0 nor wait forever in `recv`.
-pub async fn client_departure<T: Transport>(
-    mut client: T,
+pub async fn head_departure<T: Transport>(
+    mut head: T,
     server: &mut T,
     how: Departure,
 ) -> CheckResult {
-    const CHECK: &str = "client departure";
-    handshake_traffic(CHECK, &mut client, server).await?;
+    const CHECK: &str = "head node departure";
+    handshake_traffic(CHECK, &mut head, server).await?;
     if how == Departure::Shutdown {
         within(CHECK, LOSS_LIMIT, async {
-            client.shutdown().await.map_err(|e| Failure {
+            head.shutdown().await.map_err(|e| Failure {
                 check: CHECK,
                 detail: format!("shutdown: {e}"),
             })
         })
         .await?;
     }
-    drop(client);
+    drop(head);
     within(CHECK, LOSS_LIMIT, async {
         loop {
             match server.recv().await {
@@ -688,13 +680,13 @@ pub async fn client_departure<T: Transport>(
             }
         }
         if server.send(0, ping(0)).await.is_ok() {
-            return fail(CHECK, "the server could still send to the client node");
+            return fail(CHECK, "the server could still send to the head node");
         }
         match server.recv().await {
             Err(_) => Ok(()),
             Ok(event) => fail(
                 CHECK,
-                format!("recv after losing the client gave {event:?}"),
+                format!("recv after losing the head node gave {event:?}"),
             ),
         }
     })

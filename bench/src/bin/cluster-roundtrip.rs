@@ -19,11 +19,11 @@
 //!    casa-node's MPI transport alone, a step between the floor and a
 //!    cluster;
 //! 3. `mpirun -n 2 casa-node --transport mpi up` in a fresh directory: a
-//!    client node and one server; once it prints `front door:`, a
+//!    head node and one server; once it prints `front door:`, a
 //!    [`BlockingClient`] submits `1+1` targeted at server 1 and waits for
 //!    the response, for a warm-up and then N timed round trips, each
 //!    checked (`ret` is 2, from server 1); then N status requests, which
-//!    the client node answers alone (the front door's share);
+//!    the head node answers alone (the front door's share);
 //! 4. the same with `casa-node up --servers 1` over ZeroMQ.
 //!
 //! With `--mpi-idle-sleep US`, steps 2 and 3 are also run with that cap
@@ -609,7 +609,7 @@ fn time_cluster(cluster: &Cluster, settings: &Settings) -> Result<Measured, Stri
     let wall = started.elapsed();
     let after = cpu_snapshot(cluster.tree.pid());
     // The front door alone: a status request about server 1, which the
-    // client node answers from its own table without asking the server.
+    // head node answers from its own table without asking the server.
     let mut front = Vec::with_capacity(settings.requests);
     for _ in 0..settings.requests {
         if !settings.pause.is_zero() {
@@ -926,7 +926,7 @@ fn cpu_snapshot(root: Pid) -> CpuSnapshot {
     let role = |pid: Pid| -> String {
         let name = comm(pid);
         if name.starts_with("python") {
-            // The server node's worker, or the client node's syntax
+            // The server node's worker, or the head node's syntax
             // checker (which compiles each new command string once).
             let parent = all.iter().find(|p| p.0 == pid).map(|p| p.1.ppid);
             return match parent.map(is_server_node) {
@@ -938,7 +938,7 @@ fn cpu_snapshot(root: Pid) -> CpuSnapshot {
             return if is_server_node(pid) {
                 "server node".into()
             } else {
-                "client node".into()
+                "head node".into()
             };
         }
         name

@@ -1,6 +1,6 @@
 //! The floor under a `1+1` round trip over MPI: the bytes casa-node's MPI
 //! transport moves for one `1+1` (the `CommandRequest` envelope from the
-//! client node to server 1, the `CommandResponse` envelope back), exchanged
+//! head node to server 1, the `CommandResponse` envelope back), exchanged
 //! with rsmpi alone, on the main thread, back to back; or, as a step
 //! between that floor and a whole cluster, the same envelopes through
 //! casa-node's MPI transport alone.
@@ -10,8 +10,8 @@
 //! mpirun -n 2 mpi-pingpong ROUND_TRIPS transport [PAUSE_US [IDLE_SLEEP_US]]
 //! ```
 //!
-//! Both envelopes come from the real state machines: a `ClientCore` with
-//! one server takes `1+1` targeted at server 1, in mode eval as the client
+//! Both envelopes come from the real state machines: a `HeadCore` with
+//! one server takes `1+1` targeted at server 1, in mode eval as the head
 //! node's syntax check leaves it, and a `ServerCore` answers it with the
 //! outcome a worker reports (mode eval, `ret` int 2, start and stop
 //! times), [`WARM_IDS`] times, so that the ids have the size they have in a
@@ -47,8 +47,8 @@ use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{CommandMode, ControlRequest, Envelope, SubmitRequest, Value};
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, ExecOutcome, ServerAction, ServerConfig,
-    ServerCore, Transport, TransportEvent, WallClock,
+    Action, DriverId, ExecOutcome, HeadConfig, HeadCore, ServerAction, ServerConfig, ServerCore,
+    Transport, TransportEvent, WallClock,
 };
 use casa_node_transport_mpi::{IdlePolicy, MpiConfig, MpiTransport};
 use mpi::traits::*;
@@ -277,16 +277,16 @@ fn micros(d: Duration) -> f64 {
 }
 
 /// The `CommandRequest` and `CommandResponse` envelopes of one `1+1` on
-/// server 1, as casa-node's client and server nodes send them.
+/// server 1, as casa-node's head node and server nodes send them.
 fn one_plus_one() -> (Envelope, Envelope) {
     // Both ranks must build the same bytes: a fixed wall time (the times
     // are doubles, 8 bytes whatever their value) and pid.
     let now = Instant::now();
     let clock = WallClock::new(now, EPOCH);
-    let mut client = ClientCore::new(
-        ClientConfig {
+    let mut head = HeadCore::new(
+        HeadConfig {
             transport: "mpi".into(),
-            ..ClientConfig::default()
+            ..HeadConfig::default()
         },
         clock,
     );
@@ -301,10 +301,10 @@ fn one_plus_one() -> (Envelope, Envelope) {
         clock,
         now,
     );
-    client.add_server(1, now).expect("rank 1 is valid");
-    client.start(now);
+    head.add_server(1, now).expect("rank 1 is valid");
+    head.start(now);
     // START goes to the server, its answer back.
-    let start = to_server(&mut client);
+    let start = to_server(&mut head);
     assert!(
         matches!(
             start.body,
@@ -320,17 +320,17 @@ fn one_plus_one() -> (Envelope, Envelope) {
     server.worker_ready(now);
     while let Some(action) = server.poll_action() {
         if let ServerAction::Send(envelope) = action {
-            client.handle(1, envelope, now).expect("START answered");
+            head.handle(1, envelope, now).expect("START answered");
         }
     }
     let mut pair = None;
     for _ in 0..WARM_IDS {
-        let ids = client
+        let ids = head
             .submit(
                 DriverId(1),
                 SubmitRequest {
                     command: "1+1".into(),
-                    // The client node's syntax check sets the mode of
+                    // The head node's syntax check sets the mode of
                     // an AUTO command before the core sees it.
                     mode: CommandMode::Eval.into(),
                     targets: vec![1],
@@ -338,7 +338,7 @@ fn one_plus_one() -> (Envelope, Envelope) {
                 },
             )
             .expect("accepted");
-        let request = to_server(&mut client);
+        let request = to_server(&mut head);
         server
             .handle(0, request.clone(), now)
             .expect("the command taken");
@@ -372,10 +372,9 @@ fn one_plus_one() -> (Envelope, Envelope) {
             Some(ServerAction::Send(envelope)) => envelope,
             other => panic!("expected the response, got {other:?}"),
         };
-        client
-            .handle(1, response.clone(), now)
+        head.handle(1, response.clone(), now)
             .expect("the response taken");
-        let delivered = drain(&mut client)
+        let delivered = drain(&mut head)
             .into_iter()
             .any(|a| matches!(a, Action::Deliver { .. }));
         assert!(delivered, "the response is delivered");
@@ -384,10 +383,10 @@ fn one_plus_one() -> (Envelope, Envelope) {
     pair.expect("at least one command")
 }
 
-/// The one envelope the client core sends next (to server 1), dropping its
+/// The one envelope the head core sends next (to server 1), dropping its
 /// events.
-fn to_server(client: &mut ClientCore) -> Envelope {
-    let mut sent = drain(client).into_iter().filter_map(|action| match action {
+fn to_server(head: &mut HeadCore) -> Envelope {
+    let mut sent = drain(head).into_iter().filter_map(|action| match action {
         Action::Send { to: 1, envelope } => Some(envelope),
         _ => None,
     });
@@ -396,8 +395,8 @@ fn to_server(client: &mut ClientCore) -> Envelope {
     envelope
 }
 
-fn drain(client: &mut ClientCore) -> Vec<Action> {
+fn drain(head: &mut HeadCore) -> Vec<Action> {
     let mut actions = Vec::new();
-    client.drain_actions(&mut actions);
+    head.drain_actions(&mut actions);
     actions
 }

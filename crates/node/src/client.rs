@@ -137,7 +137,7 @@ pub enum ClientError {
         #[source]
         source: std::io::Error,
     },
-    /// The client node refused the submission; nothing was queued.
+    /// The head node refused the submission; nothing was queued.
     #[error("rejected: {message}")]
     Rejected {
         /// The reason, for programs.
@@ -145,26 +145,26 @@ pub enum ClientError {
         /// The reason, for people.
         message: String,
     },
-    /// Claimed ids the client node does not know (rule 33).
+    /// Claimed ids the head node does not know (rule 33).
     #[error(
-        "the client node knows no request with id {}: never given, or answered and no longer kept (a client node keeps responses with --journal)",
+        "the head node knows no request with id {}: never given, or answered and no longer kept (a head node keeps responses with --journal)",
         .0.iter().map(u64::to_string).collect::<Vec<_>>().join(", ")
     )]
     UnknownIds(Vec<RequestId>),
-    /// The client node reported an error.
-    #[error("the client node says: {0}")]
+    /// The head node reported an error.
+    #[error("the head node says: {0}")]
     Refused(String),
     /// The connection closed.
-    #[error("the connection to the client node closed")]
+    #[error("the connection to the head node closed")]
     Disconnected,
-    /// The client node went away while watched (`status --watch`).
+    /// The head node went away while watched (`status --watch`).
     #[error("the cluster at {0} is gone")]
     Gone(String),
     /// An id this client never received from a submission (rule 17).
     #[error("unknown request id {0}")]
     UnknownId(RequestId),
-    /// The client node answered with something unexpected.
-    #[error("unexpected answer from the client node: {0}")]
+    /// The head node answered with something unexpected.
+    #[error("unexpected answer from the head node: {0}")]
     Protocol(String),
     /// The wait ran out.
     #[error("timed out after {0:?}")]
@@ -217,7 +217,7 @@ impl Submit {
         self
     }
 
-    /// Not run again after the client node restarts from its journal with
+    /// Not run again after the head node restarts from its journal with
     /// the request unfinished: it ends with a failure naming the restart
     /// instead (rule 33). For commands that must not run twice.
     pub fn no_retry(mut self) -> Self {
@@ -245,7 +245,7 @@ struct State {
     /// Leased ids not yet used: `[next, end)` blocks, oldest first.
     leases: VecDeque<[RequestId; 2]>,
     leased: u64,
-    /// The client node gives no leases: submissions wait for a SubmitReply.
+    /// The head node gives no leases: submissions wait for a SubmitReply.
     no_leases: bool,
     /// The rejections that pipelined submissions' ids were answered with.
     rejected: HashMap<RequestId, submit_reply::Rejected>,
@@ -475,7 +475,7 @@ impl Client {
     }
 
     /// Pushes a command and returns its ids at once, without waiting for
-    /// the client node: they come from the connection's leases (rule 11),
+    /// the head node: they come from the connection's leases (rule 11),
     /// asked for when none is left. A refusal (rule 14) comes as each id's
     /// failure response, and [`wait`](Self::wait) returns it as
     /// [`ClientError::Rejected`].
@@ -524,7 +524,7 @@ impl Client {
         self.submit_confirmed(Submit { request }).await
     }
 
-    /// Pushes a command and waits for the client node's answer: the ids of
+    /// Pushes a command and waits for the head node's answer: the ids of
     /// the accepted requests, or the rejection (rule 14).
     pub async fn submit_confirmed(
         &self,
@@ -575,7 +575,7 @@ impl Client {
     }
 
     /// Completes when the connection has closed, as it does when the
-    /// client node exits.
+    /// head node exits.
     pub async fn closed(&self) {
         loop {
             let arrived = self.shared.arrived.notified();
@@ -622,7 +622,7 @@ impl Client {
     /// Claims the final responses of `ids`, whoever submitted them (rule
     /// 33): those answered arrive at once, the pending ones when answered,
     /// and [`wait`](Self::wait) returns them. The reply names the ids the
-    /// client node does not know.
+    /// head node does not know.
     pub async fn claim(&self, ids: &[RequestId]) -> Result<ClaimReply, ClientError> {
         // Known before the reply, which the answered ones' deliveries follow.
         self.shared
@@ -704,7 +704,7 @@ impl Client {
     }
 
     /// Receives every log record of `min_level` and above from now on:
-    /// the servers' and the client node's (rule 31).
+    /// the servers' and the head node's (rule 31).
     pub async fn subscribe_logs(
         &self,
         min_level: LogLevel,
@@ -765,7 +765,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                 if let Some(reply) = state.replies.remove(&envelope.correlation) {
                     let _ = reply.send(body);
                 } else if let Body::Error(e) = body {
-                    tracing::warn!("the client node reports: {}", e.message);
+                    tracing::warn!("the head node reports: {}", e.message);
                 }
             }
         }

@@ -1,4 +1,4 @@
-//! `casa-node up`: a client node in this process and N server nodes as
+//! `casa-node up`: a head node in this process and N server nodes as
 //! child processes, joined by the ZeroMQ transport over a private `ipc://`
 //! socket, with the front door open for drivers.
 
@@ -9,18 +9,18 @@ use std::time::{Duration, Instant};
 
 use casa_node_protocol::pb::control_request::Start;
 use casa_node_protocol::pb::{EnvironmentVariable, LogLevel, LogRecord};
-use casa_node_protocol::{ClientConfig, Framing, Rank, Transport, TransportError, WallClock};
+use casa_node_protocol::{Framing, HeadConfig, Rank, Transport, TransportError, WallClock};
 use casa_node_transport_zmq::{SigningKey, ZmqConfig, ZmqTransport};
 use thiserror::Error;
 use tokio::process::{Child, Command};
 use tokio::sync::{oneshot, watch};
 
 use crate::casa::{self, Casa};
-use crate::client_node::{self, ClientNodeConfig, ClientNodeError, SharedConfig};
 use crate::connection_file::{ConnectionFile, ConnectionFileError};
 use crate::dashboard::{Board, Dashboard, DashboardAddr, DashboardError};
 use crate::endpoint::{self, EndpointError, FrontDoorEndpoint};
 use crate::front_door::{FrontDoor, FrontDoorError};
+use crate::head_node::{self, HeadNodeConfig, HeadNodeError, SharedConfig};
 use crate::journal::{Journal, JournalError};
 use crate::log::{LogSink, Rotation};
 use crate::shm;
@@ -50,7 +50,7 @@ pub struct UpOptions {
     pub command_timeout: Option<Duration>,
     /// Requests in flight per server (rule 12).
     pub prefetch: usize,
-    /// The client node's journal (rule 33), if any.
+    /// The head node's journal (rule 33), if any.
     pub journal: Option<PathBuf>,
     /// The unified log file (rule 31).
     pub log_file: PathBuf,
@@ -64,7 +64,7 @@ pub struct UpOptions {
     pub start_timeout: Duration,
     /// How long an interrupted command may take before its worker is
     /// killed (rule 24), and a server process may take to exit once the
-    /// client node has ended before it is killed.
+    /// head node has ended before it is killed.
     pub kill_grace: Duration,
     /// `--casa`: CASA's parallel tasks run unmodified (see [`crate::casa`]).
     pub casa: Option<Casa>,
@@ -84,9 +84,9 @@ pub enum UpError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
-    /// The client node failed.
+    /// The head node failed.
     #[error(transparent)]
-    ClientNode(#[from] ClientNodeError),
+    HeadNode(#[from] HeadNodeError),
     /// A file or process could not be created.
     #[error("{context}: {source}")]
     Io {
@@ -197,7 +197,7 @@ async fn run(
     serve(transport, links, options, run_dir, signals, on_ready, true).await
 }
 
-/// How the client node reaches its servers, for [`serve`].
+/// How the head node reaches its servers, for [`serve`].
 #[derive(Debug, Clone)]
 pub struct Links {
     /// The transport's name, as drivers see it in ClusterInfo.
@@ -212,7 +212,7 @@ pub struct Links {
     pub servers: usize,
 }
 
-/// Runs the client node over `transport` until stop services: opens the
+/// Runs the head node over `transport` until stop services: opens the
 /// front door and the unified log, writes the start-up line, starts
 /// `links.servers` server processes when `spawn` (not when a launcher
 /// such as mpirun started them), and calls `on_ready` once every server
@@ -228,7 +228,7 @@ pub async fn serve<T: Transport + 'static>(
     spawn: bool,
 ) -> Result<(), UpError> {
     let host = crate::hostname();
-    // First: a journal in use by another client node, or unusable, ends
+    // First: a journal in use by another head node, or unusable, ends
     // this one before it opens anything.
     let journal = options.journal.as_deref().map(Journal::open).transpose()?;
     let front = options
@@ -255,10 +255,10 @@ pub async fn serve<T: Transport + 'static>(
     log.write(&LogRecord {
         time: WallClock::system().epoch(std::time::Instant::now()),
         level: LogLevel::Info.into(),
-        origin: format!("{host}:client"),
+        origin: format!("{host}:head"),
         rank: transport.rank(),
         message: format!(
-            "casa-node {} client node with rank 0 at {host} (PID {}), {}, front door at {front}{}, {} servers",
+            "casa-node {} head node with rank 0 at {host} (PID {}), {}, front door at {front}{}, {} servers",
             env!("CARGO_PKG_VERSION"),
             std::process::id(),
             links.description,
@@ -273,7 +273,7 @@ pub async fn serve<T: Transport + 'static>(
         log.write(&LogRecord {
             time: WallClock::system().epoch(std::time::Instant::now()),
             level: LogLevel::Info.into(),
-            origin: format!("{host}:client"),
+            origin: format!("{host}:head"),
             rank: transport.rank(),
             message: format!(
                 "Dashboard at {} (open the URL casa-node printed, with its token)",
@@ -291,9 +291,9 @@ pub async fn serve<T: Transport + 'static>(
         }
         None => (None, None),
     };
-    // Removed, with everything in it, when the client node's loop ends.
+    // Removed, with everything in it, when the head node's loop ends.
     // With a journal, values travel inline, so that the journal holds them
-    // (a file in shared memory would not outlive the client node).
+    // (a file in shared memory would not outlive the head node).
     let shared_dir = (shm::enabled() && journal.is_none())
         .then(|| match shm::SharedDir::create() {
             Ok(dir) => Some(dir),
@@ -325,8 +325,8 @@ pub async fn serve<T: Transport + 'static>(
             children.push(Spawned::start(options, &links.nodes, rank)?);
         }
     }
-    let config = ClientNodeConfig {
-        core: ClientConfig {
+    let config = HeadNodeConfig {
+        core: HeadConfig {
             host,
             transport: links.transport.into(),
             heartbeat: options.heartbeat,
@@ -346,7 +346,7 @@ pub async fn serve<T: Transport + 'static>(
         dashboard: board,
     };
     let (ready_tx, mut ready_rx) = oneshot::channel();
-    let mut node = tokio::spawn(client_node::run(transport, config, door, ready_tx, signals));
+    let mut node = tokio::spawn(head_node::run(transport, config, door, ready_tx, signals));
     let start_by = tokio::time::Instant::now() + options.start_timeout;
     let mut on_ready = Some(on_ready);
     let outcome = loop {
@@ -388,7 +388,7 @@ pub async fn serve<T: Transport + 'static>(
     match outcome {
         Ok(result) => result.map_err(UpError::from),
         Err(e) => Err(UpError::Io {
-            context: "the client node".into(),
+            context: "the head node".into(),
             source: std::io::Error::other(e),
         }),
     }
@@ -398,7 +398,7 @@ pub async fn serve<T: Transport + 'static>(
 const LOG_RECORDS_SHOWN: usize = 5_000;
 
 /// Aborts the task when dropped: the dashboard's listener goes with the
-/// client node, on every way out.
+/// head node, on every way out.
 struct AbortOnDrop(tokio::task::JoinHandle<()>);
 
 impl Drop for AbortOnDrop {
@@ -481,7 +481,7 @@ fn spawn_server(options: &UpOptions, nodes: &str, rank: usize) -> Result<Child, 
         .arg(&options.python)
         .arg("--kill-grace")
         .arg(options.kill_grace.as_secs_f64().to_string())
-        .arg("--exit-with-client");
+        .arg("--exit-with-head");
     if let Some(init) = &options.init {
         command.arg("--init").arg(init);
     }
@@ -598,12 +598,12 @@ impl Spawned {
     }
 }
 
-/// Writes a line of the client node's in the unified log.
+/// Writes a line of the head node's in the unified log.
 fn log_line(log: &LogSink, level: LogLevel, message: String) {
     log.write(&LogRecord {
         time: WallClock::system().epoch(Instant::now()),
         level: level.into(),
-        origin: format!("{}:client", crate::hostname()),
+        origin: format!("{}:head", crate::hostname()),
         rank: 0,
         message,
     });
@@ -621,7 +621,7 @@ async fn next_exit(children: &mut [Spawned]) -> (usize, std::io::Result<std::pro
 }
 
 /// Waits for the server processes to exit (they do after STOP, or when
-/// they see the client node gone), killing any that take longer than
+/// they see the head node gone), killing any that take longer than
 /// `grace` (the kill grace) and logging which. One stopped with SIGSTOP is
 /// continued first, so that it sees its link closed and ends its worker
 /// itself.

@@ -24,7 +24,7 @@ pub enum Outcome {
 
 /// `casa-node submit`: pushes `submit`, then prints each response record
 /// as one JSON line in id order, or with `no_wait` the ids, one per line.
-/// Should the client node go away while the responses are awaited, and
+/// Should the head node go away while the responses are awaited, and
 /// its cluster keep a journal (rule 33), it is looked for again through
 /// `find` for up to `patience`, and the requests claimed from the one that
 /// took its place.
@@ -36,7 +36,7 @@ pub async fn submit(
 ) -> Result<Outcome, ClientError> {
     let mut client = Client::connect_to(&find()?).await?;
     // Without the wait, the refusal must still be reported (exit 2) before
-    // exiting: ask for the client node's answer.
+    // exiting: ask for the head node's answer.
     let ids = if no_wait {
         client.submit_confirmed(submit).await?
     } else {
@@ -73,9 +73,9 @@ pub async fn submit(
     Ok(outcome)
 }
 
-/// A client of the client node that `find` finds, tried again and again
+/// A client of the head node that `find` finds, tried again and again
 /// (every 200 ms, then less often, up to a second) for up to `patience`:
-/// a client node restarted from its journal takes a moment to open its
+/// a head node restarted from its journal takes a moment to open its
 /// front door, and records where.
 async fn reconnect(
     find: &impl Fn() -> Result<Target, ClientError>,
@@ -174,7 +174,7 @@ pub struct WatchOptions {
 /// is redrawn in place, cut to the terminal's size, its states coloured
 /// unless `NO_COLOR` is set; otherwise each snapshot is a block of lines
 /// followed by a blank line, and with `json` a JSON object on one line.
-/// Should the client node go away, it fails with [`ClientError::Gone`].
+/// Should the head node go away, it fails with [`ClientError::Gone`].
 pub async fn status_watch(
     target: &Target,
     options: WatchOptions,
@@ -405,7 +405,7 @@ fn snapshot_header(reply: &StatusReply, now: f64, interval: Duration) -> String 
     )
 }
 
-/// `casa-node stop`: stops services and waits until the client node has
+/// `casa-node stop`: stops services and waits until the head node has
 /// gone (running commands finish first unless `force`).
 pub async fn stop(target: &Target, force: bool) -> Result<Outcome, ClientError> {
     let client = Client::connect_to(target).await?;

@@ -1,6 +1,6 @@
-//! One driver's queues between the client node's loop and the tasks of its
+//! One driver's queues between the head node's loop and the tasks of its
 //! connection, all bounded, so that a driver that reads slowly or not at
-//! all costs the client node a bounded amount of memory and never holds up
+//! all costs the head node a bounded amount of memory and never holds up
 //! its loop:
 //!
 //! - **Replies** (everything but log records: the answers to its
@@ -126,7 +126,7 @@ impl fmt::Debug for DriverQueues {
 }
 
 impl DriverQueues {
-    /// Empty queues; `origin` names the client node in the record saying
+    /// Empty queues; `origin` names the head node in the record saying
     /// how many records were dropped.
     pub fn new(origin: Arc<str>) -> Arc<DriverQueues> {
         Arc::new(DriverQueues {
@@ -326,7 +326,7 @@ impl DriverQueues {
     }
 }
 
-/// The client node's loop's handle on a driver's queues: it queues without
+/// The head node's loop's handle on a driver's queues: it queues without
 /// ever waiting. Dropping it closes the connection once what was queued is
 /// written.
 #[derive(Debug)]
@@ -356,7 +356,7 @@ impl Drop for Outbox {
     }
 }
 
-/// A request read from a driver and not yet taken care of by the client
+/// A request read from a driver and not yet taken care of by the head
 /// node: while too many are out, the driver is not read.
 pub struct Credit {
     queues: Arc<DriverQueues>,
@@ -412,7 +412,7 @@ mod tests {
 
     #[test]
     fn replies_and_records_are_written_in_the_order_they_were_queued() {
-        let queues = DriverQueues::new("h:client".into());
+        let queues = DriverQueues::new("h:head".into());
         let outbox = queues.outbox();
         outbox.log(record("1"));
         outbox.reply(ack());
@@ -424,7 +424,7 @@ mod tests {
 
     #[test]
     fn a_slow_reader_loses_its_oldest_records_and_is_told_how_many_never_a_reply() {
-        let queues = DriverQueues::new("h:client".into());
+        let queues = DriverQueues::new("h:head".into());
         let outbox = queues.outbox();
         let extra = 10;
         for n in 0..LOG_RECORDS + extra {
@@ -447,7 +447,7 @@ mod tests {
         };
         assert_eq!(
             (notice.origin.as_str(), notice.level()),
-            ("h:client", LogLevel::Warning)
+            ("h:head", LogLevel::Warning)
         );
         assert_eq!(message(logs[1]), extra.to_string());
         assert_eq!(
@@ -462,7 +462,7 @@ mod tests {
 
     #[test]
     fn records_are_kept_up_to_a_byte_bound_and_a_larger_one_alone() {
-        let queues = DriverQueues::new("h:client".into());
+        let queues = DriverQueues::new("h:head".into());
         let outbox = queues.outbox();
         let big = "x".repeat(LOG_BYTES / 4);
         for _ in 0..8 {
@@ -484,7 +484,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_reader_waits_while_too_many_replies_or_requests_are_out() {
-        let queues = DriverQueues::new("h:client".into());
+        let queues = DriverQueues::new("h:head".into());
         let outbox = queues.outbox();
         use futures::FutureExt;
         let room = |queues: &Arc<DriverQueues>| {
@@ -538,7 +538,7 @@ mod tests {
 
     #[tokio::test]
     async fn the_writer_ends_once_the_loop_lets_go_and_all_is_written() {
-        let queues = DriverQueues::new("h:client".into());
+        let queues = DriverQueues::new("h:head".into());
         let outbox = queues.outbox();
         outbox.reply(ack());
         let writer = tokio::spawn({
@@ -562,7 +562,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_broken_connection_keeps_nothing_and_frees_the_reader() {
-        let queues = DriverQueues::new("h:client".into());
+        let queues = DriverQueues::new("h:head".into());
         let outbox = queues.outbox();
         for _ in 0..REPLY_FRAMES {
             outbox.reply(ack());

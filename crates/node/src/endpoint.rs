@@ -199,7 +199,7 @@ pub fn recorded() -> Result<Option<Record>, EndpointError> {
 }
 
 /// Removes the run directories (`RUNTIME_DIR/PID`) of processes that are
-/// gone: a client node killed before it could remove its own.
+/// gone: a head node killed before it could remove its own.
 pub fn sweep_runs() {
     let Ok(dir) = runtime_dir() else {
         return;

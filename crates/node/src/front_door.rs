@@ -3,7 +3,7 @@
 //! file in the driver's `Hello`). Each connection is one driver; frames are length-delimited protobuf `Envelope`s (tokio
 //! util's `LengthDelimitedCodec`: a 4-byte big-endian length, then the
 //! bytes). The connection tasks only move frames: every decision is the
-//! client node's. What waits between them and the client node's loop is
+//! head node's. What waits between them and the head node's loop is
 //! bounded ([`crate::driver_queues`]): a driver that has too many replies
 //! waiting to be written, or too many requests not yet taken care of, is
 //! not read until they drain, and the tasks wait for room in the loop's
@@ -36,7 +36,7 @@ use crate::dashboard::Traffic;
 use crate::driver_queues::{Credit, DriverQueues, Outbox};
 use crate::endpoint::FrontDoorEndpoint;
 
-/// What the connection tasks report to the client node.
+/// What the connection tasks report to the head node.
 #[derive(Debug)]
 pub enum DriverEvent {
     /// A driver connected; envelopes for it go into `outbox`, and dropping
@@ -53,7 +53,7 @@ pub enum DriverEvent {
         driver: DriverId,
         /// What it sent.
         envelope: Envelope,
-        /// Held until the client node has taken care of the request (it
+        /// Held until the head node has taken care of the request (it
         /// answered, or the request left the syntax check's line).
         credit: Credit,
     },
@@ -100,7 +100,7 @@ pub enum FrontDoorError {
 /// the token: a silent peer must not hold a connection open.
 pub const ADMISSION_DEADLINE: Duration = Duration::from_secs(5);
 
-/// Events the connection tasks may have queued for the client node's loop
+/// Events the connection tasks may have queued for the head node's loop
 /// before they wait for it to take some.
 pub const DRIVER_EVENTS: usize = 1024;
 
@@ -273,7 +273,7 @@ impl FrontDoor {
     }
 
     /// Accepts drivers until the returned task is aborted, reporting to
-    /// `events`; `origin` names the client node in the record that tells a
+    /// `events`; `origin` names the head node in the record that tells a
     /// driver how many log records it read too slowly to be sent. On `unix://`, connections from another user are refused
     /// (the peer's uid, from `SO_PEERCRED`, must be ours); on `tcp://`,
     /// a peer must complete TLS and send a `Hello` with the token within
@@ -324,7 +324,7 @@ struct Wire {
     origin: Arc<str>,
 }
 
-/// Reports a refused peer to the client node, which logs it.
+/// Reports a refused peer to the head node, which logs it.
 async fn refuse(events: &mpsc::Sender<DriverEvent>, message: String) {
     if let Err(unsent) = events.send(DriverEvent::Refused { message }).await {
         if let DriverEvent::Refused { message } = unsent.0 {
@@ -467,7 +467,7 @@ enum Refusal {
 /// The TLS handshake, then the first frame, which must be a `Hello` with
 /// the token. A peer with a wrong or no token is told so before the
 /// connection closes. Returns the connection and the `Hello` (without its
-/// token) for the client node.
+/// token) for the head node.
 async fn admit(
     stream: TcpStream,
     acceptor: &TlsAcceptor,
@@ -494,7 +494,7 @@ async fn admit(
             Some(Refusal::WrongToken)
         }
         Some(Body::Hello(h)) => {
-            // The client node has no use for the secret.
+            // The head node has no use for the secret.
             h.token.clear();
             None
         }
@@ -572,8 +572,8 @@ async fn decode(framing: Framing, frame: Bytes) -> Result<Envelope, String> {
     }
 }
 
-/// One admitted driver: reports its frames to the client node and writes
-/// what the client node queues for it. `first` is a frame already read
+/// One admitted driver: reports its frames to the head node and writes
+/// what the head node queues for it. `first` is a frame already read
 /// (the `Hello` a `tcp://` peer was admitted with). Before each frame it
 /// waits for room in the driver's queues.
 async fn connection<R, W>(
@@ -593,7 +593,7 @@ async fn connection<R, W>(
         origin,
     } = wire;
     let queues = DriverQueues::new(origin);
-    // The client node holds the only outbox: when it drops it, the writer
+    // The head node holds the only outbox: when it drops it, the writer
     // ends and the connection closes. This side only reports bad frames
     // while the connection is open.
     let outbox = queues.outbox();

@@ -1,5 +1,5 @@
-//! The client node's journal (`--journal PATH`, rule 33): an append-only
-//! file of what the client node accepted and answered, so that a client
+//! The head node's journal (`--journal PATH`, rule 33): an append-only
+//! file of what the head node accepted and answered, so that a head
 //! node started again with the same file loses no acknowledged request.
 //!
 //! # What it holds
@@ -15,9 +15,9 @@
 //!
 //! # Durability
 //!
-//! Each record is written to the file (one `write`) before the client node
+//! Each record is written to the file (one `write`) before the head node
 //! acts on it: a request's record before its acknowledgement goes out, a
-//! response's before it is delivered. So when the client node's process
+//! response's before it is delivered. So when the head node's process
 //! dies (SIGKILL, out of memory, a crash) nothing acknowledged is lost: the
 //! operating system has the bytes. A thread forces them to the disk every
 //! [`SYNC_EVERY`] (100 ms) when there are new ones: on power loss or a
@@ -32,8 +32,8 @@
 //!
 //! # Ownership
 //!
-//! The client node holds an exclusive lock on the file while it runs: a
-//! second client node given the same journal is refused ("in use"), as is
+//! The head node holds an exclusive lock on the file while it runs: a
+//! second head node given the same journal is refused ("in use"), as is
 //! a journal of another user or of a newer format.
 
 use std::collections::{HashMap, VecDeque};
@@ -95,8 +95,8 @@ pub enum JournalError {
         /// What failed.
         source: io::Error,
     },
-    /// Another client node holds it.
-    #[error("journal {path} is in use by another client node")]
+    /// Another head node holds it.
+    #[error("journal {path} is in use by another head node")]
     InUse {
         /// The journal.
         path: PathBuf,
@@ -144,7 +144,7 @@ pub struct Recovered {
     pub created: bool,
 }
 
-/// An open journal, locked for this client node.
+/// An open journal, locked for this head node.
 pub struct Journal {
     path: PathBuf,
     file: Flock<File>,
@@ -608,7 +608,7 @@ mod tests {
         let (journal, _) = Journal::open(&path).unwrap();
         let err = Journal::open(&path).err().expect("in use");
         assert!(matches!(err, JournalError::InUse { .. }), "{err}");
-        assert!(err.to_string().contains("in use by another client node"));
+        assert!(err.to_string().contains("in use by another head node"));
         drop(journal);
 
         let newer = temp("newer");

@@ -1,9 +1,8 @@
-//! The casa-node runtime: the client node, server nodes and their Python
+//! The casa-node runtime: the head node, server nodes and their Python
 //! workers, the front door drivers connect to, and a Rust client for it.
 
 pub mod casa;
 pub mod client;
-pub mod client_node;
 pub mod cluster;
 pub mod commands;
 pub mod connection_file;
@@ -12,6 +11,7 @@ pub mod driver_queues;
 pub mod endpoint;
 pub mod executor;
 pub mod front_door;
+pub mod head_node;
 pub mod journal;
 pub mod json;
 pub mod literal;

@@ -1,5 +1,5 @@
 //! The unified log (rules 31-32): one line per record, from every server
-//! and the client node, to a file and, if asked, the terminal.
+//! and the head node, to a file and, if asked, the terminal.
 
 use std::collections::VecDeque;
 use std::fs::{File, OpenOptions};
@@ -511,7 +511,7 @@ mod tests {
         LogRecord {
             time: 1_400_252_301.5,
             level: LogLevel::Info.into(),
-            origin: "node:client".into(),
+            origin: "node:head".into(),
             rank: 0,
             message: format!("record {i} {}", "x".repeat(4000)),
         }

@@ -59,13 +59,13 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Start a client node and N local server nodes, and serve until
+    /// Start a head node and N local server nodes, and serve until
     /// SIGINT/SIGTERM or `casa-node stop`.
     Up(UpArgs),
     /// Push a command; print each response record as one JSON line.
     Submit(SubmitArgs),
     /// Print the response records of requests, whoever submitted them, as
-    /// JSON lines: a driver that lost its connection, or a client node
+    /// JSON lines: a driver that lost its connection, or a head node
     /// restarted from its journal.
     Get(GetArgs),
     /// Print the server table.
@@ -73,7 +73,7 @@ enum Command {
     /// Stop services: servers finish their commands (or, forced, are
     /// interrupted) and exit.
     Stop(StopArgs),
-    /// Attach one server node to a running client node.
+    /// Attach one server node to a running head node.
     Server(ServerArgs),
     /// Start a cluster as `up` does, run a Python script against it (with
     /// `casanode` importable), stop services when it ends, and exit with
@@ -166,8 +166,8 @@ struct UpArgs {
     /// Default deadline of a command, in seconds (none unless set).
     #[arg(long, env = "CASA_NODE_COMMAND_TIMEOUT", value_parser = positive_seconds)]
     command_timeout: Option<f64>,
-    /// Journal what the client node accepts and answers in this file, and
-    /// start from it: a client node started again with the same journal
+    /// Journal what the head node accepts and answers in this file, and
+    /// start from it: a head node started again with the same journal
     /// (after a crash, a SIGKILL, a reboot) runs again the requests it had
     /// accepted and not answered, keeps the responses it gave, and gives
     /// ids on from where it got to (rule 33).
@@ -175,7 +175,7 @@ struct UpArgs {
     journal: Option<PathBuf>,
     /// Commands in flight per server: the one it runs and those sent ahead
     /// to wait there while every server is busy, so that it starts the
-    /// next without waiting for the client node. 1 sends each server one
+    /// next without waiting for the head node. 1 sends each server one
     /// command at a time. A command sent ahead and not started is taken
     /// back for a server that falls idle (rule 12).
     #[arg(long, env = "CASA_NODE_PREFETCH", default_value_t = 4,
@@ -270,13 +270,13 @@ struct SubmitArgs {
     /// Interrupt the command if it runs longer than this many seconds.
     #[arg(long, value_parser = positive_seconds)]
     timeout: Option<f64>,
-    /// Do not run the command again if the client node restarts from its
+    /// Do not run the command again if the head node restarts from its
     /// journal before it is answered: it fails, naming the restart.
     #[arg(long)]
     no_retry: bool,
-    /// Seconds to look for the client node again should it go away while
+    /// Seconds to look for the head node again should it go away while
     /// the responses are awaited, when its cluster keeps a journal: a
-    /// client node restarted from it answers them (0: give up at once).
+    /// head node restarted from it answers them (0: give up at once).
     #[arg(long, env = "CASA_NODE_DRIVER_PATIENCE", default_value_t = 120.0,
           value_parser = non_negative_seconds)]
     patience: f64,
@@ -330,7 +330,7 @@ struct StopArgs {
 
 #[derive(clap::Args)]
 struct ServerArgs {
-    /// The client node's ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT).
+    /// The head node's ZeroMQ endpoint (ipc://PATH or tcp://HOST:PORT).
     #[arg(long)]
     connect: String,
     /// The rank to ask for (default: the next free one).
@@ -346,9 +346,9 @@ struct ServerArgs {
     /// with casampi's namespace (`casalog`, `from casatasks import *`).
     #[arg(long)]
     casa: bool,
-    /// Exit after this many seconds without a message from the client node
+    /// Exit after this many seconds without a message from the head node
     /// (it pings every heartbeat). Until then a quiet link (a network
-    /// partition, a client node stopped for a while) costs nothing: the
+    /// partition, a head node stopped for a while) costs nothing: the
     /// worker goes on, and its answer is delivered when the link returns.
     #[arg(long, env = "CASA_NODE_PATIENCE", default_value_t = 600.0, value_parser = positive_seconds)]
     patience: f64,
@@ -358,10 +358,10 @@ struct ServerArgs {
     /// The cluster's connection file: its key signs a tcp:// link.
     #[arg(long, env = "CASA_NODE_CONNECTION_FILE")]
     connection_file: Option<PathBuf>,
-    /// Exit when the client node's link closes rather than rejoin a client
+    /// Exit when the head node's link closes rather than rejoin a head
     /// node started again at the same place (`up` starts its servers so).
     #[arg(long, hide = true)]
-    exit_with_client: bool,
+    exit_with_head: bool,
 }
 
 fn non_negative_seconds(text: &str) -> Result<f64, String> {
@@ -566,7 +566,7 @@ async fn mpi(
         };
     match mpi::launch(transport, options, script, signals, on_ready).await {
         Ok(Outcome::Script(status)) => script_exit(status),
-        Ok(Outcome::Client | Outcome::Server) => ExitCode::SUCCESS,
+        Ok(Outcome::Head | Outcome::Server) => ExitCode::SUCCESS,
         Err(e) => fail(e),
     }
 }
@@ -737,9 +737,9 @@ async fn server(args: ServerArgs) -> ExitCode {
         Ok(t) => t,
         Err(e) => return fail(format!("cannot join {}: {e}", args.connect)),
     };
-    // A server attached by hand rejoins a client node started again (from
+    // A server attached by hand rejoins a head node started again (from
     // its journal) at the same place; one `up` started goes with its `up`.
-    let rejoin = (!args.exit_with_client).then(|| {
+    let rejoin = (!args.exit_with_head).then(|| {
         let (endpoint, rank) = (
             args.connect.clone(),
             casa_node_protocol::Transport::rank(&transport),

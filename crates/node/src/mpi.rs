@@ -1,5 +1,5 @@
 //! `--transport mpi`: every process of an `mpirun` (or `mpiexec`, `srun`)
-//! job runs the same `casa-node` command; rank 0 becomes the client node,
+//! job runs the same `casa-node` command; rank 0 becomes the head node,
 //! with the front door (and, under `run`, the script), and ranks 1.. serve.
 
 use std::path::PathBuf;
@@ -21,7 +21,7 @@ pub enum MpiNodeError {
     /// MPI could not start, or the world is too small.
     #[error("--transport mpi: {0}")]
     Start(#[from] MpiError),
-    /// The client node (rank 0) failed.
+    /// The head node (rank 0) failed.
     #[error(transparent)]
     Up(#[from] UpError),
     /// `run` failed on rank 0.
@@ -39,7 +39,7 @@ pub enum MpiNodeError {
 #[derive(Debug)]
 pub enum Outcome {
     /// Rank 0 ran the cluster until stop services.
-    Client,
+    Head,
     /// Rank 0 ran the script, which exited with this status.
     Script(ExitStatus),
     /// A server rank served until stop services.
@@ -78,7 +78,7 @@ pub fn init(
 }
 
 /// `up` or `run` (with `script`) on this rank of an MPI job: rank 0 runs
-/// the client node, the others serve. `on_ready` is called on rank 0 once
+/// the head node, the others serve. `on_ready` is called on rank 0 once
 /// every server has started.
 pub async fn launch(
     transport: MpiTransport,
@@ -116,7 +116,7 @@ pub async fn launch(
     match script {
         None => {
             cluster::start(servers, options, signals, on_ready).await?;
-            Ok(Outcome::Client)
+            Ok(Outcome::Head)
         }
         Some((script, args)) => {
             let status = run::run(servers, options, script, args, signals).await?;

@@ -1,6 +1,6 @@
-//! A server node's event loop: answers the client node through
+//! A server node's event loop: answers the head node through
 //! `ServerCore`, runs commands in the Python worker through the
-//! [`Executor`], and exits when told to stop or when the client node is
+//! [`Executor`], and exits when told to stop or when the head node is
 //! gone (rule 30). Pings are answered here, never by Python, so a busy
 //! worker never makes its server look dead (rule 24).
 
@@ -35,10 +35,10 @@ pub struct ServerNodeConfig {
     /// How long an interrupted command may take before its worker is
     /// killed (rule 24).
     pub kill_grace: Duration,
-    /// Silence from the client node after which this server exits (rule
+    /// Silence from the head node after which this server exits (rule
     /// 30); `None`: never (under MPI). Until then a quiet link costs
     /// nothing: the worker keeps running, and a finished response waits on
-    /// the link for the client node.
+    /// the link for the head node.
     pub patience: Option<Duration>,
 }
 
@@ -48,14 +48,14 @@ pub enum ServerNodeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
-    /// The client node went away.
-    #[error("the client node is gone ({0}); exiting")]
-    ClientGone(String),
+    /// The head node went away.
+    #[error("the head node is gone ({0}); exiting")]
+    HeadGone(String),
 }
 
 type Starting = Pin<Box<dyn Future<Output = Result<Executor, ExecutorError>> + Send>>;
 
-/// Makes a new link to the client node (at the same place, asking for
+/// Makes a new link to the head node (at the same place, asking for
 /// the same rank), for a server node that rejoins one whose link closed.
 pub type Rejoin<T> =
     Box<dyn Fn() -> Pin<Box<dyn Future<Output = Result<T, TransportError>> + Send>> + Send>;
@@ -63,14 +63,14 @@ pub type Rejoin<T> =
 /// The longest pause between two tries to rejoin.
 const REJOIN_PAUSE_MAX: Duration = Duration::from_secs(2);
 
-/// Messages kept for the client node while its link is down: the answers
+/// Messages kept for the head node while its link is down: the answers
 /// to commands and controls (pings and log records are not kept).
 const BACKLOG_MAX: usize = 4096;
 
-/// Runs a server node until STOP or the loss of the client node. With
+/// Runs a server node until STOP or the loss of the head node. With
 /// `rejoin`, a closed link is not the end: the node keeps its worker and
 /// the answers it owes, and tries to rejoin (every 0.2 s, then less often,
-/// up to every 2 s) until its patience runs out; a client node started
+/// up to every 2 s) until its patience runs out; a head node started
 /// again from its journal takes those answers (rule 33).
 pub async fn run<T: Transport>(
     transport: T,
@@ -124,7 +124,7 @@ pub async fn run<T: Transport>(
                     | LinkEvent::Transport(Err(TransportError::Disconnected(0))) => {
                         if !node.link_closed() {
                             node.shutdown().await;
-                            return Err(ServerNodeError::ClientGone("its link closed".into()));
+                            return Err(ServerNodeError::HeadGone("its link closed".into()));
                         }
                     }
                     LinkEvent::Transport(Ok(_)) => {}
@@ -149,10 +149,10 @@ pub async fn run<T: Transport>(
                 }
                 return Ok(());
             }
-            Outcome::ClientGone(silent_for) => {
+            Outcome::HeadGone(silent_for) => {
                 node.shutdown().await;
                 let silence = silent_for.as_secs_f64();
-                return Err(ServerNodeError::ClientGone(format!(
+                return Err(ServerNodeError::HeadGone(format!(
                     "no message for {silence:.0} s"
                 )));
             }
@@ -188,7 +188,7 @@ fn shm_check(envelope: &mut Envelope) {
     }
 }
 
-/// Whether the client node waits for `envelope`: an answer to a command
+/// Whether the head node waits for `envelope`: an answer to a command
 /// or a control, kept while the link is down (pings and log records are
 /// not).
 fn owed(envelope: &Envelope) -> bool {
@@ -198,7 +198,7 @@ fn owed(envelope: &Envelope) -> bool {
     )
 }
 
-/// What the link to the client node brought: an event, or, while it is
+/// What the link to the head node brought: an event, or, while it is
 /// down, the outcome of a try to rejoin.
 enum LinkEvent<T> {
     Transport(Result<TransportEvent, TransportError>),
@@ -244,7 +244,7 @@ async fn starting(starting: &mut Option<Starting>) -> Result<Executor, ExecutorE
 enum Outcome {
     Serving,
     Stopped,
-    ClientGone(Duration),
+    HeadGone(Duration),
 }
 
 struct Node<T> {
@@ -254,10 +254,10 @@ struct Node<T> {
     starting: Option<Starting>,
     /// Why no worker can run, when its start failed.
     broken: Option<String>,
-    /// The link to the client node; `None` while it is down.
+    /// The link to the head node; `None` while it is down.
     link: Option<T>,
     rejoin: Option<Rejoin<T>>,
-    /// What waits for the client node while the link is down.
+    /// What waits for the head node while the link is down.
     backlog: VecDeque<Envelope>,
     /// When to try to rejoin next, and the pause after that.
     next_try: Instant,
@@ -266,21 +266,21 @@ struct Node<T> {
 
 impl<T: Transport> Node<T> {
     /// The link closed: true when the node will try to rejoin (it keeps its
-    /// worker and what it owes the client node), false when it must go (it
+    /// worker and what it owes the head node), false when it must go (it
     /// cannot rejoin, or was told to stop).
     fn link_closed(&mut self) -> bool {
-        // Told to stop: the client node is going for good.
+        // Told to stop: the head node is going for good.
         if self.rejoin.is_none() || self.core.is_stopping() {
             return false;
         }
         self.link = None;
         self.pause = Duration::from_millis(200);
         self.next_try = Instant::now();
-        tracing::warn!("the client node's link closed: rejoining, with the worker kept");
+        tracing::warn!("the head node's link closed: rejoining, with the worker kept");
         true
     }
 
-    /// A new link: what waited for the client node goes first.
+    /// A new link: what waited for the head node goes first.
     async fn rejoined(&mut self, mut transport: T, rank: Rank) {
         if transport.rank() != rank {
             tracing::warn!(
@@ -296,7 +296,7 @@ impl<T: Transport> Node<T> {
                 return;
             }
         }
-        tracing::warn!("rejoined the client node");
+        tracing::warn!("rejoined the head node");
         self.link = Some(transport);
     }
 
@@ -306,7 +306,7 @@ impl<T: Transport> Node<T> {
         self.pause = (self.pause * 2).min(REJOIN_PAUSE_MAX);
     }
 
-    /// Keeps `envelope` for the client node while the link is down, if it
+    /// Keeps `envelope` for the head node while the link is down, if it
     /// is an answer it waits for.
     fn keep(&mut self, envelope: Envelope) {
         if owed(&envelope) && self.backlog.len() < BACKLOG_MAX {
@@ -328,7 +328,7 @@ impl<T: Transport> Node<T> {
                         continue;
                     };
                     // An answer is kept until sent, should the link be found
-                    // closed: the client node that takes its place wants it.
+                    // closed: the head node that takes its place wants it.
                     let kept = (self.rejoin.is_some() && owed(&envelope)).then(|| envelope.clone());
                     match transport.send(0, envelope).await {
                         Ok(()) => {}
@@ -399,8 +399,8 @@ impl<T: Transport> Node<T> {
                     }
                 }
                 ServerAction::Exit => return Ok(Outcome::Stopped),
-                ServerAction::ClientGone { silent_for } => {
-                    return Ok(Outcome::ClientGone(silent_for));
+                ServerAction::HeadGone { silent_for } => {
+                    return Ok(Outcome::HeadGone(silent_for));
                 }
             }
         }
@@ -485,7 +485,7 @@ impl<T: Transport> Node<T> {
         }
     }
 
-    /// A worker started or was replaced: the client node learns its pid
+    /// A worker started or was replaced: the head node learns its pid
     /// now, not at the next ping (rule 23).
     fn announce_worker(&mut self, now: Instant) {
         self.update_resources();

@@ -3,12 +3,12 @@
 //! once by their producer and mapped by their consumer, while the nodes in
 //! between forward the reference.
 //!
-//! The client node makes the directory (`/dev/shm/casa-node-UID-PID-RANDOM`,
+//! The head node makes the directory (`/dev/shm/casa-node-UID-PID-RANDOM`,
 //! mode 0700) with a file `tag` holding a random tag, carries both to the
 //! servers in START and to unix:// drivers in the Welcome, and removes the
 //! directory with everything in it when it exits. A process uses the
 //! directory only after reading the tag back from it: then it is on the
-//! client node's host.
+//! head node's host.
 
 use std::fs;
 use std::io::{self, Read};
@@ -80,7 +80,7 @@ pub struct SharedDir {
 
 impl SharedDir {
     /// Makes a fresh directory under [`BASE`] after removing those left by
-    /// dead client nodes of this user. Fails when /dev/shm is missing or
+    /// dead head nodes of this user. Fails when /dev/shm is missing or
     /// unusable; shared memory is then off.
     pub fn create() -> io::Result<Self> {
         let uid = nix::unistd::getuid().as_raw();
@@ -124,7 +124,7 @@ impl Drop for SharedDir {
     }
 }
 
-/// Removes the directories under `base` that client nodes of `uid` left
+/// Removes the directories under `base` that head nodes of `uid` left
 /// behind: those whose pid is no longer running.
 fn sweep_stale(base: &Path, uid: u32) {
     let Ok(entries) = fs::read_dir(base) else {
@@ -156,7 +156,7 @@ pub(crate) fn alive(pid: i32) -> bool {
 }
 
 /// True when `dir` is a directory of this user, closed to others, whose
-/// file `tag` holds `tag`: the client node's directory, on this host.
+/// file `tag` holds `tag`: the head node's directory, on this host.
 pub fn usable(dir: &Path, tag: &str) -> bool {
     if tag.is_empty() || !enabled() {
         return false;

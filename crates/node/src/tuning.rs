@@ -1,6 +1,6 @@
 //! Transparent huge pages for large buffers.
 //!
-//! A large parameter crosses every process of the cluster (driver, client
+//! A large parameter crosses every process of the cluster (driver, head
 //! node, server node, worker and back), and each hop writes it into memory
 //! freshly taken from the kernel. On a virtual machine each 4 KiB page of
 //! that memory costs a fault of several microseconds, which made page

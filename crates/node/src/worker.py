@@ -1,6 +1,6 @@
 """casa-node's Python worker: the interpreter of one server node.
 
-The server node's executor (crates/node/src/executor.rs) starts it as
+The server node's executor (crates/node/src/executor/) starts it as
 ``PYTHON -u -c SOURCE`` and speaks to it over three pipes whose descriptors
 it names in CASA_NODE_WORKER_FDS ("COMMANDS,RESULTS,CONTROL"); stdin, stdout
 and stderr are left to user code. Every message is a frame: a 4-byte
@@ -1576,7 +1576,7 @@ class _Worker(object):
                 elif tag == 0x18:
                     self.set_log_level(_int32(start))
             except Exception as e:
-                self.out.log(L_ERROR, "could not apply the client's settings: %s" % e, "worker")
+                self.out.log(L_ERROR, "could not apply the head node's settings: %s" % e, "worker")
 
     def _compile(self, command, mode, with_params):
         """(mode, code, callee) for a command; callee is the code of `f`

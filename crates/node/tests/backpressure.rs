@@ -1,8 +1,8 @@
 //! The driver plane's queues are bounded (docs/semantics.md, "The front
-//! door's queues"): a driver that reads nothing costs the client node a
+//! door's queues"): a driver that reads nothing costs the head node a
 //! bounded amount of memory, its log records are dropped oldest-first with
 //! a record saying how many, its replies never are, and once its queue is
-//! full the client node stops reading it, so that its own writes block,
+//! full the head node stops reading it, so that its own writes block,
 //! while other drivers are served. Real `casa-node up` processes, driven
 //! over raw Unix sockets; every process a test starts is stopped by PID
 //! when the test ends, passed or failed.
@@ -122,9 +122,9 @@ impl Cluster {
         raw
     }
 
-    /// The client node's PID: the process that listens at the front door
+    /// The head node's PID: the process that listens at the front door
     /// (`up` itself, or rank 0 under mpirun).
-    fn client_node_pid(&self, raw: &Raw) -> i32 {
+    fn head_node_pid(&self, raw: &Raw) -> i32 {
         let credentials =
             nix::sys::socket::getsockopt(&raw.stream, nix::sys::socket::sockopt::PeerCredentials)
                 .unwrap();
@@ -274,13 +274,13 @@ fn servers_online(client: &BlockingClient) {
 }
 
 /// A driver subscribed to DEBUG logs that stops reading while commands
-/// print a lot: the client node keeps at most 4 MiB of records for it
+/// print a lot: the head node keeps at most 4 MiB of records for it
 /// (and no more than the transports and its own log thread hold by their
 /// own bounds), another driver's commands complete all along, the servers
 /// stay online, and when the slow driver reads at last it finds a record
 /// saying how many were dropped and every response it was owed.
 #[test]
-fn a_driver_that_stops_reading_its_logs_costs_the_client_node_a_bounded_amount() {
+fn a_driver_that_stops_reading_its_logs_costs_the_head_node_a_bounded_amount() {
     const OWED: usize = 50;
     const WARM_UP: usize = 16;
     const COMMANDS: usize = 320;
@@ -289,16 +289,16 @@ fn a_driver_that_stops_reading_its_logs_costs_the_client_node_a_bounded_amount()
     // 350 MiB, more than three times the bound below.
     const PRINT: &str = "for _ in range(1000): print('x' * 1000)";
     // Above the resident memory measured after the warm-up (which filled
-    // the slow driver's socket and its ring of records), the client node
+    // the slow driver's socket and its ring of records), the head node
     // may hold: the ring, 4 MiB; records on their way from the one
     // server in the transport (over ZeroMQ its window is 32 768 messages,
     // 36 MiB of these); records waiting for the log's thread, at most
     // 16 384 (18 MiB); the allocator's slack. 96 MiB covers them all;
-    // before the queues were bounded, the client node grew by 350 MiB.
+    // before the queues were bounded, the head node grew by 350 MiB.
     const BOUND: u64 = 96 << 20;
     let cluster = Cluster::start(1);
     let mut slow = cluster.raw();
-    let pid = cluster.client_node_pid(&slow);
+    let pid = cluster.head_node_pid(&slow);
     slow.send(&Envelope::correlated(
         2,
         Body::LogSubscription(LogSubscription {
@@ -336,13 +336,13 @@ fn a_driver_that_stops_reading_its_logs_costs_the_client_node_a_bounded_amount()
         most = most.max(rss(pid));
     }
     eprintln!(
-        "the client node: {} MiB after the warm-up, at most {} MiB after {COMMANDS} more commands",
+        "the head node: {} MiB after the warm-up, at most {} MiB after {COMMANDS} more commands",
         baseline >> 20,
         most >> 20
     );
     assert!(
         most <= baseline + BOUND,
-        "the client node grew from {} MiB to {} MiB for a driver that reads nothing",
+        "the head node grew from {} MiB to {} MiB for a driver that reads nothing",
         baseline >> 20,
         most >> 20
     );
@@ -360,7 +360,7 @@ fn a_driver_that_stops_reading_its_logs_costs_the_client_node_a_bounded_amount()
 }
 
 /// A driver that streams submissions and reads none of the replies: once
-/// its queue is full the client node stops reading it, so its writes
+/// its queue is full the head node stops reading it, so its writes
 /// block and stay blocked while another driver's commands complete; it
 /// never got more in than the bounds let in; and when it reads, every
 /// submission it wrote was accepted and answered.
@@ -371,7 +371,7 @@ fn a_driver_that_streams_without_reading_is_not_read_until_it_drains() {
     let cluster = Cluster::start(2);
     let stuck = cluster.raw();
     let other = cluster.client();
-    // What the client node may have taken in when it stops reading: the
+    // What the head node may have taken in when it stops reading: the
     // submissions whose replies fill its socket's buffer towards the
     // driver (at most twice its size, and a reply frame is at least 8
     // bytes), those whose replies wait in its queue (1024), those read
@@ -425,7 +425,7 @@ fn a_driver_that_streams_without_reading_is_not_read_until_it_drains() {
         let now = written.load(Ordering::Relaxed);
         assert!(
             now <= most_bytes,
-            "the client node took {now} bytes from a driver that reads nothing; at most {most_bytes} fit its bounds"
+            "the head node took {now} bytes from a driver that reads nothing; at most {most_bytes} fit its bounds"
         );
         still = if now == last { still + 1 } else { 0 };
         last = now;

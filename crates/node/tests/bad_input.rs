@@ -18,7 +18,7 @@
 //!   deep or too large for their length, unknown ranks and unknown request
 //!   ids: each gets a clear error (or reply) and is logged, while another
 //!   driver, connected all along, keeps getting `1+1` answered.
-//! - a real server node's link, from a client node the test plays: a wrong
+//! - a real server node's link, from a head node the test plays: a wrong
 //!   protocol version, messages meant for other roles, an empty control
 //!   request and an unknown request id are dropped (or answered with an
 //!   error) and logged, and the server keeps serving.
@@ -758,14 +758,14 @@ fn the_front_door_answers_bad_input_and_keeps_serving() {
     assert!(logged(&cluster, "frame size too big"));
     still_serving(&other);
     let grown = rss(cluster.pid()).saturating_sub(before);
-    assert!(grown < 256 << 20, "the client node grew by {grown} bytes");
+    assert!(grown < 256 << 20, "the head node grew by {grown} bytes");
 }
 
 // ---------------------------------------------------------------------------
 // A server node's link
 
-/// A `casa-node server` attached to a client node that the test plays,
-/// with the transport's own API, so that it can send what a real client
+/// A `casa-node server` attached to a head node that the test plays,
+/// with the transport's own API, so that it can send what a real head
 /// node never would. Stopped by PID on drop, with its worker.
 struct LoneServer {
     child: Child,
@@ -853,10 +853,10 @@ async fn run_on_server(
     }
 }
 
-/// Bad input on a server node's link, from its client node: a wrong
+/// Bad input on a server node's link, from its head node: a wrong
 /// protocol version, messages only drivers send, an empty control request
 /// and a cancel of an unknown request id are each dropped (or answered
-/// with an error) and logged back to the client node, and the server goes
+/// with an error) and logged back to the head node, and the server goes
 /// on serving. Garbage below the envelope (unknown headers, undecodable
 /// envelopes, messages beyond the credit) is the transport's, tested in
 /// `crates/transport-zmq/tests/zmq.rs`. ZeroMQ only: under MPI the link is
@@ -963,7 +963,7 @@ async fn a_server_node_drops_bad_input_and_keeps_serving() {
     while server.child.try_wait().unwrap().is_none() {
         assert!(
             Instant::now() < end,
-            "the server did not leave with its client node"
+            "the server did not leave with its head node"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }

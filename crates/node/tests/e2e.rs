@@ -1,4 +1,4 @@
-//! End to end: real `casa-node` processes (a client node, server nodes,
+//! End to end: real `casa-node` processes (a head node, server nodes,
 //! Python workers) driven through the Rust client and the CLI. Each test
 //! names the SEMANTICS rule it checks. Every process a test starts is
 //! stopped when the test ends, passed or failed, by PID.
@@ -707,7 +707,7 @@ fn a_parameter_larger_than_the_byte_budget_goes_there_and_back() {
 /// server n# 1 and comes back in its response record: the nodes encode and
 /// decode such frames, and ZeroMQ copies them, away from the thread of the
 /// event loop. With a heartbeat of 0.2 s, the largest gap between two of
-/// server n# 2's answered pings, as the client node records them, stays
+/// server n# 2's answered pings, as the head node records them, stays
 /// under 2 s over ZeroMQ (it is 4-5 s when all that work shares the
 /// loop's thread); under MPI, server n# 2 is never timed out.
 #[test]
@@ -1014,7 +1014,7 @@ fn rule_26_and_31_32_the_unified_log() {
         &["transport zmq at ipc://"]
     };
     for expected in transport.iter().copied().chain([
-        "client node with rank 0 at",
+        "head node with rank 0 at",
         "Server with rank 1 started at",
         "Server with rank 2 started at",
         "sent to server n# 1",
@@ -1028,12 +1028,12 @@ fn rule_26_and_31_32_the_unified_log() {
 }
 
 #[test]
-fn rule_30_killing_the_client_node_leaves_nothing_behind() {
+fn rule_30_killing_the_head_node_leaves_nothing_behind() {
     let mut cluster = start(up(2));
     let noted = cluster.note_pids();
     assert!(noted.len() >= 4, "servers and workers: {noted:?}");
     if over_mpi() {
-        // The client node is rank 0, below mpirun beside the servers.
+        // The head node is rank 0, below mpirun beside the servers.
         let servers: Vec<Pid> = cluster
             .client()
             .status(None)
@@ -1042,7 +1042,7 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
             .iter()
             .map(|s| Pid::from_raw(s.pid as i32))
             .collect();
-        kill(cluster.client_node(&servers), Signal::SIGKILL).unwrap();
+        kill(cluster.head_node(&servers), Signal::SIGKILL).unwrap();
         assert!(cluster.wait_exit(WAIT).is_some(), "mpirun ends");
     } else {
         cluster.kill();
@@ -1050,7 +1050,7 @@ fn rule_30_killing_the_client_node_leaves_nothing_behind() {
     let left = cluster.left_behind(EXIT_BOUND);
     assert!(
         left.is_empty(),
-        "processes outlived the client node: {left:?}"
+        "processes outlived the head node: {left:?}"
     );
 }
 
@@ -1171,7 +1171,7 @@ fn a_server_attached_with_connect_joins_and_serves() {
     assert!(extra.wait_timeout(WAIT).is_some_and(|s| s.success()));
 }
 
-/// SIGKILLs the client node of `first` (its servers attached by hand go
+/// SIGKILLs the head node of `first` (its servers attached by hand go
 /// on) and starts `again` in its place (rule 33).
 fn killed_and_started_again(first: Cluster, again: Launch) -> Cluster {
     first.signal(Signal::SIGKILL);
@@ -1197,12 +1197,12 @@ impl Drop for Kept {
     }
 }
 
-/// Rule 33: `casa-node submit` waiting for its response when the client
-/// node dies finds the client node started again from its journal, claims
+/// Rule 33: `casa-node submit` waiting for its response when the head
+/// node dies finds the head node started again from its journal, claims
 /// its request there, and prints the response as if nothing had happened;
 /// `casa-node get` prints it again by its id.
 #[test]
-fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
+fn cli_submit_waits_through_a_head_node_restarted_from_its_journal() {
     if over_mpi() {
         eprintln!("MPI: the fault suite restarts the job with its journal");
         return;
@@ -1220,7 +1220,7 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
             .spawn()
             .expect("the CLI runs"),
     );
-    // Once server 1 runs the command, the client node dies.
+    // Once server 1 runs the command, the head node dies.
     let c = first.client();
     wait_busy(&c, 1);
     drop(c);
@@ -1256,11 +1256,11 @@ fn cli_submit_waits_through_a_client_node_restarted_from_its_journal() {
 }
 
 /// Rule 33: a server node attached with `--connect` keeps its worker and
-/// the answer it owes when the client node dies, rejoins the client node
+/// the answer it owes when the head node dies, rejoins the head node
 /// started again from its journal at the same place, and its answer
 /// counts: the command ran once, and the same server serves on.
 #[test]
-fn an_attached_server_rejoins_a_client_node_restarted_from_its_journal() {
+fn an_attached_server_rejoins_a_head_node_restarted_from_its_journal() {
     if over_mpi() {
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
@@ -1388,10 +1388,10 @@ fn a_request_from_the_journal_waits_again_when_its_server_leaves_after_rejoining
 }
 
 /// Rules 27, 33: a server attached by hand does not wait to rejoin a
-/// client node that stopped at once (two SIGTERMs while a command runs):
+/// head node that stopped at once (two SIGTERMs while a command runs):
 /// it was told to stop, and leaves when the link closes.
 #[test]
-fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
+fn an_attached_server_leaves_with_a_head_node_stopped_at_once() {
     if over_mpi() {
         eprintln!("MPI: the world is fixed at start; servers attach over ZeroMQ only");
         return;
@@ -1421,7 +1421,7 @@ fn an_attached_server_leaves_with_a_client_node_stopped_at_once() {
     // Its patience is 600 s: leaving within seconds is leaving at once.
     assert!(
         attached.wait_timeout(Duration::from_secs(20)).is_some(),
-        "the attached server waits to rejoin a client node that stopped"
+        "the attached server waits to rejoin a head node that stopped"
     );
 }
 
@@ -1537,7 +1537,7 @@ fn requests_waiting_when_up_gives_up_on_its_last_server_are_answered() {
         cluster.note_pids();
         if life == 2 {
             // Its last life: one command runs, more wait, sent ahead or
-            // at the client node (accepted before the kill: confirmed,
+            // at the head node (accepted before the kill: confirmed,
             // and with their mode given, not checked first).
             ids.extend(c.submit(Submit::new("time.sleep(60)")).unwrap());
             wait_busy(&c, 1);
@@ -1607,7 +1607,7 @@ async fn rule_31_a_driver_subscribes_to_the_log() {
     }
     assert!(
         seen.iter()
-            .any(|m| m.contains(":client Command request with id# 1 sent")),
+            .any(|m| m.contains(":head Command request with id# 1 sent")),
         "{seen:#?}"
     );
     assert!(
@@ -1650,14 +1650,14 @@ fn run_names_the_package_to_install_when_protobuf_is_missing() {
     assert!(!String::from_utf8_lossy(&out.stdout).contains("never runs"));
 }
 
-/// A client node killed before it could clean up leaves its endpoint
+/// A head node killed before it could clean up leaves its endpoint
 /// record and run directory behind. The next command without an endpoint
 /// says that no cluster is found, instead of trying the dead socket, and
 /// removes both.
 #[test]
-fn a_killed_client_nodes_record_and_run_directory_are_removed_when_met() {
+fn a_killed_head_nodes_record_and_run_directory_are_removed_when_met() {
     if over_mpi() {
-        eprintln!("skipped under MPI: the launched process is mpirun, not the client node");
+        eprintln!("skipped under MPI: the launched process is mpirun, not the head node");
         return;
     }
     let mut cluster = start(up(1));

@@ -4,7 +4,7 @@
 //! longer, targeted and not, blocking and not) while faults strike at
 //! random moments: server nodes and workers killed or stopped and
 //! continued, commands that crash their worker, exhaust a memory limit or
-//! block forever, drivers killed mid-wait, the client node killed; and,
+//! block forever, drivers killed mid-wait, the head node killed; and,
 //! as root, a cluster spread over two network namespaces the test creates,
 //! whose link is cut for longer than the timeout and restored mid-stream.
 //!
@@ -19,7 +19,7 @@
 //!   unanswered then fails the scenario, naming it;
 //! - the cluster still serves a `1+1` where a server survives;
 //! - no process is left behind: every process ever seen in the cluster's
-//!   tree (client node, server nodes, workers, including workers started
+//!   tree (head node, server nodes, workers, including workers started
 //!   after a fault) is gone once the cluster has stopped (rule 30).
 //!
 //! Each scenario prints one summary line (on standard error, captured or
@@ -125,8 +125,8 @@ struct Cluster {
     run: cluster::Cluster,
     /// Server ranks and their server nodes' PIDs.
     servers: Vec<(Rank, Pid)>,
-    /// The client node: `up` itself, or rank 0 of the MPI job.
-    client_node: Pid,
+    /// The head node: `up` itself, or rank 0 of the MPI job.
+    head_node: Pid,
 }
 
 impl Deref for Cluster {
@@ -162,11 +162,11 @@ impl Cluster {
         assert_eq!(listed.len(), servers, "{status:?}");
         run.note_tree();
         let pids: Vec<Pid> = listed.iter().map(|&(_, pid)| pid).collect();
-        let client_node = run.client_node(&pids);
+        let head_node = run.head_node(&pids);
         Cluster {
             run,
             servers: listed,
-            client_node,
+            head_node,
         }
     }
 
@@ -228,7 +228,7 @@ fn lock(shared: &DriverShared) -> std::sync::MutexGuard<'_, DriverState> {
 }
 
 /// A driver speaking the driver plane itself over the front door's Unix
-/// socket (or a `tcp://` one over TLS), so that every response the client
+/// socket (or a `tcp://` one over TLS), so that every response the head
 /// node sends is seen and counted (the Rust client keeps one record per
 /// id, which would hide a duplicate).
 struct Driver {
@@ -250,7 +250,7 @@ enum Link {
 /// Why a wait for responses ended without them.
 #[derive(Debug)]
 enum WaitError {
-    /// The connection closed (the client node is gone).
+    /// The connection closed (the head node is gone).
     Closed,
 }
 
@@ -717,7 +717,7 @@ struct Stream<'a> {
     mix: Mix,
     /// Non-blocking requests not yet waited for, oldest first.
     pending: VecDeque<RequestId>,
-    /// False once the connection closed (the client node is gone).
+    /// False once the connection closed (the head node is gone).
     open: bool,
     /// True once a submission was refused because services are stopped.
     stopped: bool,
@@ -985,7 +985,7 @@ struct Outcomes {
     cancelled: usize,
     /// Timeout records replaced by the real response (rule 21).
     replaced: usize,
-    /// Requests left unanswered because the client node died.
+    /// Requests left unanswered because the head node died.
     lost: usize,
 }
 
@@ -1003,9 +1003,9 @@ impl Outcomes {
 /// Checks rule 11 on everything `driver` received: each accepted request
 /// got exactly one final response, and at most one later record replacing
 /// a timeout; nothing came for an id this driver was not given; each
-/// response is one its command can give. With `client_node_died`, a
+/// response is one its command can give. With `head_node_died`, a
 /// request may instead have no response at all (the connection closed).
-fn check_responses(ledger: &Ledger, driver: &Driver, client_node_died: bool) -> Outcomes {
+fn check_responses(ledger: &Ledger, driver: &Driver, head_node_died: bool) -> Outcomes {
     let deliveries = driver.deliveries();
     for id in deliveries.keys() {
         assert!(
@@ -1018,7 +1018,7 @@ fn check_responses(ledger: &Ledger, driver: &Driver, client_node_died: bool) -> 
         let list = deliveries.get(&id).map(Vec::as_slice).unwrap_or_default();
         let finals: Vec<&Delivery> = list.iter().filter(|d| !d.replaces_timeout).collect();
         let replacements: Vec<&Delivery> = list.iter().filter(|d| d.replaces_timeout).collect();
-        if finals.is_empty() && client_node_died {
+        if finals.is_empty() && head_node_died {
             assert!(list.is_empty(), "request {id}: {list:?}");
             outcomes.lost += 1;
             continue;
@@ -1103,11 +1103,11 @@ fn check_serves(driver: &Driver, ledger: &mut Ledger) {
     loop {
         let ids = driver
             .submit(request("1+1", vec![], vec![], None))
-            .expect("the client node is up")
+            .expect("the head node is up")
             .expect("1+1 is accepted");
         ledger.accepted.insert(ids[0], Expect::Ret(2));
         ledger.submitted += 1;
-        driver.wait(&ids, HANG).expect("the client node is up");
+        driver.wait(&ids, HANG).expect("the head node is up");
         let response = driver.final_of(ids[0]).expect("waited for");
         if response.successful {
             return;
@@ -1133,7 +1133,7 @@ fn summary(
     report(&format!(
         "fault scenario {name} over {}: {} submissions, {} requests accepted, {} rejected; \
          {faults} faults injected; back: {} success, {} failure, {} timeout ({} replaced), \
-         {} cancelled, {} lost with the client node; {:.1} s{note}; CASA_NODE_FAULT_SEED={seed}",
+         {} cancelled, {} lost with the head node; {:.1} s{note}; CASA_NODE_FAULT_SEED={seed}",
         transport_name(),
         ledger.submitted,
         ledger.accepted.len(),
@@ -1303,7 +1303,7 @@ fn scenario(
     cluster.procs().signal_all(Signal::SIGCONT);
     let mut ledgers = Vec::new();
     for (ledger, open) in streams {
-        assert!(open, "the client node went away\n{}", cluster.diagnostics());
+        assert!(open, "the head node went away\n{}", cluster.diagnostics());
         ledgers.push(ledger);
     }
     check_serves(&drivers[0], &mut ledgers[0]);
@@ -1520,7 +1520,7 @@ fn drivers_killed_mid_wait() {
     stream.finish();
     assert!(
         stream.open,
-        "the client node went away\n{}",
+        "the head node went away\n{}",
         cluster.diagnostics()
     );
     let mut ledger = std::mem::take(&mut stream.ledger);
@@ -1558,13 +1558,13 @@ fn drivers_killed_mid_wait() {
     summary(name, seed, &ledger, faults, &outcomes, started, "");
 }
 
-/// Rules 11, 30: the client node SIGKILLed while commands run (over MPI,
+/// Rules 11, 30: the head node SIGKILLed while commands run (over MPI,
 /// rank 0 of the job). The driver's waits end at once with the connection
 /// closed (no response comes twice before that), and every server node
 /// and worker exits within the bound.
 #[test]
-fn the_client_node_killed() {
-    let name = "the_client_node_killed";
+fn the_head_node_killed() {
+    let name = "the_head_node_killed";
     let (seed, started) = begin(name);
     let mut cluster = Cluster::start(3);
     let driver = cluster.driver();
@@ -1573,7 +1573,7 @@ fn the_client_node_killed() {
         ..Mix::ORDINARY
     };
     let (ledger, faults, killed_at) =
-        until_the_client_node_is_killed(&mut cluster, &driver, seed, mix, true);
+        until_the_head_node_is_killed(&mut cluster, &driver, seed, mix, true);
     let ended = killed_at.elapsed();
     let outcomes = check_responses(&ledger, &driver, true);
     let note = format!(
@@ -1584,18 +1584,18 @@ fn the_client_node_killed() {
 }
 
 /// Streams commands mixed as `mix` through `driver` (with programs left
-/// running when `programs`) until the client node, SIGKILLed once 2 to 6 s
+/// running when `programs`) until the head node, SIGKILLed once 2 to 6 s
 /// in, is gone; then checks that the driver's connection closed, the
 /// cluster's launcher ended and no process is left. The stream's ledger,
 /// the faults injected, and when the kill came.
-fn until_the_client_node_is_killed(
+fn until_the_head_node_is_killed(
     cluster: &mut Cluster,
     driver: &Driver,
     seed: u64,
     mix: Mix,
     programs: bool,
 ) -> (Ledger, usize, Instant) {
-    let client_node = cluster.client_node;
+    let head_node = cluster.head_node;
     let killed_at = Arc::new(Mutex::new(None));
     let injector = {
         let killed_at = killed_at.clone();
@@ -1606,7 +1606,7 @@ fn until_the_client_node_is_killed(
                 return 0;
             }
             target.procs.note_tree(target.root);
-            kill(client_node, Signal::SIGKILL).expect("the client node is there to kill");
+            kill(head_node, Signal::SIGKILL).expect("the head node is there to kill");
             *killed_at = Some(Instant::now());
             1
         })
@@ -1620,37 +1620,34 @@ fn until_the_client_node_is_killed(
     let faults = injector.finish();
     assert!(
         !stream.open,
-        "the stream ended before the client node was killed"
+        "the stream ended before the head node was killed"
     );
     let killed_at = killed_at.lock().unwrap().expect("killed");
     assert!(driver.wait_closed(EXIT_BOUND), "the front door stayed open");
     assert!(
         cluster.wait_exit(EXIT_BOUND).is_some(),
-        "the cluster's launcher outlived its client node by {EXIT_BOUND:?}\n{}",
+        "the cluster's launcher outlived its head node by {EXIT_BOUND:?}\n{}",
         cluster.diagnostics()
     );
     cluster.assert_nothing_left();
     (std::mem::take(&mut stream.ledger), faults, killed_at)
 }
 
-/// Rule 33: the client node, run with a journal, SIGKILLed while commands
+/// Rule 33: the head node, run with a journal, SIGKILLed while commands
 /// run (over MPI, rank 0 of the job), then started again with the same
 /// journal. Every request acknowledged before the kill is known to the new
-/// client node and ends with exactly one final response, claimed by a new
+/// head node and ends with exactly one final response, claimed by a new
 /// driver: the one given before the kill, or, for those unanswered then,
 /// the one they get when run again. Ids go on above every id given before.
 #[test]
-fn the_client_node_killed_and_restarted_with_its_journal() {
-    killed_and_restarted(
-        "the_client_node_killed_and_restarted_with_its_journal",
-        false,
-    );
+fn the_head_node_killed_and_restarted_with_its_journal() {
+    killed_and_restarted("the_head_node_killed_and_restarted_with_its_journal", false);
 }
 
-/// Rule 33: as [`the_client_node_killed_and_restarted_with_its_journal`],
+/// Rule 33: as [`the_head_node_killed_and_restarted_with_its_journal`],
 /// with the journal then cut at a random byte after the kill, as a crash
 /// mid-write (or a disk that kept only part of the last writes) leaves it.
-/// The new client node starts (the journal's own tests check that it
+/// The new head node starts (the journal's own tests check that it
 /// says how many bytes it dropped) and knows every request whose record
 /// survived: the ones it does not know are the newest, and everything it
 /// knows ends with exactly one final response.
@@ -1669,7 +1666,7 @@ fn killed_and_restarted(name: &str, cut: bool) {
     let mut cluster = Cluster::start_with(3, &options);
     let driver = cluster.driver();
     let (mut ledger, faults, _) =
-        until_the_client_node_is_killed(&mut cluster, &driver, seed, Mix::ORDINARY, false);
+        until_the_head_node_is_killed(&mut cluster, &driver, seed, Mix::ORDINARY, false);
     let before = driver.deliveries();
     drop(driver);
     drop(cluster);
@@ -1721,7 +1718,7 @@ fn killed_and_restarted(name: &str, cut: bool) {
             cluster.diagnostics()
         );
     }
-    driver.wait(&ids, HANG).expect("the client node is up");
+    driver.wait(&ids, HANG).expect("the head node is up");
     // What came before the kill stands: a final response given then is
     // the one given now (a timeout record may have been replaced since).
     for (id, list) in before.iter().filter(|(id, _)| claim.answered.contains(id)) {
@@ -1759,7 +1756,7 @@ fn killed_and_restarted(name: &str, cut: bool) {
     };
     let note = format!(
         " ({} answered before the kill and given again from the journal, {} run again after it{lost}; \
-         the new client node served {:.1} s after it was started)",
+         the new head node served {:.1} s after it was started)",
         claim.answered.len(),
         claim.pending.len(),
         restart.as_secs_f64()
@@ -1767,19 +1764,19 @@ fn killed_and_restarted(name: &str, cut: bool) {
     summary(name, seed, &ledger, faults, &outcomes, started, &note);
 }
 
-/// Rules 20, 30: the client node stopped (SIGSTOP) for 3 s and then 8 s,
+/// Rules 20, 30: the head node stopped (SIGSTOP) for 3 s and then 8 s,
 /// the second past the 3 s timeout and the timeout plus a second after
 /// which servers used to leave, while commands run. Its own stall is not
 /// its servers' silence: no server is timed out or lost, every server node
 /// is the one that started, and every request is answered as if nothing
 /// had happened.
 #[test]
-fn the_client_node_stopped_and_continued() {
-    let name = "the_client_node_stopped_and_continued";
+fn the_head_node_stopped_and_continued() {
+    let name = "the_head_node_stopped_and_continued";
     let (seed, started) = begin(name);
     let mut cluster = Cluster::start(3);
     let driver = cluster.driver();
-    let client_node = cluster.client_node;
+    let head_node = cluster.head_node;
     let before = cluster.servers.clone();
     let stops = [Duration::from_secs(3), Duration::from_secs(8)];
     let done = AtomicBool::new(false);
@@ -1796,9 +1793,9 @@ fn the_client_node_stopped_and_continued() {
         for stop in stops {
             let never = AtomicBool::new(false);
             pause(millis(&mut rng, 500..1500), &never);
-            kill(client_node, Signal::SIGSTOP).expect("the client node is there");
+            kill(head_node, Signal::SIGSTOP).expect("the head node is there");
             pause(stop, &never);
-            kill(client_node, Signal::SIGCONT).expect("the client node is there");
+            kill(head_node, Signal::SIGCONT).expect("the head node is there");
         }
         // Commands run on after the last stop, then the stream ends.
         pause(Duration::from_secs(1), &AtomicBool::new(false));
@@ -1808,7 +1805,7 @@ fn the_client_node_stopped_and_continued() {
             .unwrap_or_else(|e| std::panic::resume_unwind(e))
     });
     let (mut ledger, open) = ledger;
-    assert!(open, "the client node went away\n{}", cluster.diagnostics());
+    assert!(open, "the head node went away\n{}", cluster.diagnostics());
     let status = driver.status();
     let after: Vec<(Rank, Pid)> = status
         .servers
@@ -1824,7 +1821,7 @@ fn the_client_node_stopped_and_continued() {
     for server in &status.servers {
         assert!(
             server.online && !server.timeout,
-            "server {} is not online after the client node's stall: {server:?}\n{}",
+            "server {} is not online after the head node's stall: {server:?}\n{}",
             server.rank,
             cluster.diagnostics()
         );
@@ -1834,7 +1831,7 @@ fn the_client_node_stopped_and_continued() {
     assert_eq!(
         outcomes.timeout,
         0,
-        "the client node's own stall was counted as its servers' silence\n{}",
+        "the head node's own stall was counted as its servers' silence\n{}",
         cluster.diagnostics()
     );
     cluster.stop(&driver);
@@ -1977,7 +1974,7 @@ fn services_stopped_mid_stream() {
 // ---------------------------------------------------------------------
 // A cluster spread over two network namespaces
 
-/// The two sides of a split cluster: the client node's and the remote
+/// The two sides of a split cluster: the head node's and the remote
 /// server's.
 const A: usize = 0;
 const B: usize = 1;
@@ -2170,7 +2167,7 @@ enum Door {
     },
 }
 
-/// A cluster whose client node and two server nodes run in namespace A
+/// A cluster whose head node and two server nodes run in namespace A
 /// and one more server node in namespace B: over ZeroMQ, `up` and a
 /// `casa-node server --connect` over the pair; under MPI, one `mpirun` job
 /// whose ranks the rsh agent places in either namespace. Stopped on drop:
@@ -2232,7 +2229,7 @@ impl SplitCluster {
     }
 
     /// Under MPI: one `mpirun` in A over two fake hosts, three ranks
-    /// (client node and two servers) on the one in A, one on the one in B.
+    /// (head node and two servers) on the one in A, one on the one in B.
     /// Open MPI starts an orted on each through its rsh agent, here a
     /// script that runs it in the host's namespace; the runtime (OOB) and
     /// the ranks' TCP BTL between hosts use the veth pair only.
@@ -2327,7 +2324,7 @@ impl SplitCluster {
     }
 
     /// Waits until the cluster's three servers are online with their
-    /// workers; their status, with the client node's PID.
+    /// workers; their status, with the head node's PID.
     fn wait_ready(&self, driver: &Driver) -> (Vec<ServerStatus>, Pid) {
         let end = Instant::now() + HANG;
         let servers = loop {
@@ -2351,8 +2348,8 @@ impl SplitCluster {
             .iter()
             .map(|s| Pid::from_raw(s.pid as i32))
             .collect();
-        let client_node = self.run.client_node(&pids);
-        (servers, client_node)
+        let head_node = self.run.head_node(&pids);
+        (servers, head_node)
     }
 
     fn diagnostics(&self) -> String {
@@ -2440,7 +2437,7 @@ struct Partition {
 
 /// Rules 11, 20, 21, 30: a network partition between machines, longer
 /// than the timeout, heals. The cluster is spread over two network
-/// namespaces that the test creates, joined by a veth pair: the client
+/// namespaces that the test creates, joined by a veth pair: the head
 /// node and two server nodes in A, one server node in B (over ZeroMQ
 /// attached with `server --connect` over signed tcp:// links; under MPI a
 /// rank of the same `mpirun` job, placed there by the rsh agent). While
@@ -2473,10 +2470,10 @@ fn a_partition_between_network_namespaces_heals() {
         SplitCluster::zmq(&namespaces)
     };
     let probe = cluster.driver();
-    let (servers, client_node) = cluster.wait_ready(&probe);
+    let (servers, head_node) = cluster.wait_ready(&probe);
     assert!(
-        namespaces.holds(A, client_node),
-        "the client node (PID {client_node}) is not in {}\n{}",
+        namespaces.holds(A, head_node),
+        "the head node (PID {head_node}) is not in {}\n{}",
         namespaces.names[A],
         cluster.diagnostics()
     );
@@ -2535,7 +2532,7 @@ fn a_partition_between_network_namespaces_heals() {
     });
     let mut ledgers = Vec::new();
     for (ledger, open) in streams {
-        assert!(open, "the client node went away\n{}", cluster.diagnostics());
+        assert!(open, "the head node went away\n{}", cluster.diagnostics());
         ledgers.push(ledger);
     }
     check_serves(&drivers[0], &mut ledgers[0]);
@@ -2615,7 +2612,7 @@ fn cut_and_heal(
     let mut submit = |command: &str, expect: Expect| {
         let ids = probe
             .submit(request(command, vec![], vec![remote.rank], None))
-            .expect("the client node is up")
+            .expect("the head node is up")
             .expect("accepted");
         ledger.submitted += 1;
         ledger.accepted.insert(ids[0], expect);
@@ -2637,7 +2634,7 @@ fn cut_and_heal(
     // are untouched.
     let cut_at = Instant::now();
     namespaces.set_link(B, false);
-    probe.wait(&[id], HANG).expect("the client node is up");
+    probe.wait(&[id], HANG).expect("the head node is up");
     let timed_out = cut_at.elapsed();
     let first = probe.final_of(id).expect("waited for");
     assert_eq!(
@@ -2679,7 +2676,7 @@ fn cut_and_heal(
     );
     // It serves on.
     let next = submit("6*7", Expect::Ret(42));
-    probe.wait(&[next], HANG).expect("the client node is up");
+    probe.wait(&[next], HANG).expect("the head node is up");
     let answer = probe.final_of(next).expect("waited for");
     assert_eq!(answer.ret, Some(Value::from(42)), "{answer:?}");
     (

@@ -614,7 +614,7 @@ fn tcp_node_links_are_signed_with_the_connection_files_key() {
     let _ = std::fs::remove_dir_all(&runtime);
 }
 
-/// A TCP relay on loopback between a server node and its client node's
+/// A TCP relay on loopback between a server node and its head node's
 /// `tcp://` node link, which a test can cut and restore: while cut, it
 /// moves no byte either way, as a network partition does (the connections
 /// stay open, and what is sent waits in the kernel's buffers).
@@ -706,7 +706,7 @@ fn pump(
 /// Rules 20, 21, 30: a partition longer than the timeout heals. A server
 /// node attached over `tcp://` (through a relay on loopback that the test
 /// cuts) runs `time.sleep(4) or 99` when its link goes quiet for 8 s: the
-/// client node times it out and answers the request `timeout`; the server
+/// head node times it out and answers the request `timeout`; the server
 /// node keeps its worker and finished answer, and when the link returns
 /// that answer replaces the timeout record, and the same server node is
 /// online again and serves.

@@ -176,7 +176,7 @@ pub fn check_hello(
         let who = match expected {
             Role::Driver => "drivers",
             Role::ServerNode => "server nodes",
-            Role::ClientNode => "client nodes",
+            Role::HeadNode => "head nodes",
             Role::Unspecified => "peers of a role",
         };
         return Err(Box::new(Envelope::error(

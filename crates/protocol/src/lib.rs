@@ -10,8 +10,8 @@
 //! - conversions between [`pb::Value`] and Rust types, and a Python-style
 //!   `Display` for values;
 //! - [`Transport`]: what MPI and ZeroMQ transports provide;
-//! - [`ClientCore`] and [`ServerCore`]: deterministic state machines for the
-//!   client node (queue, scheduler, monitor, lifecycle) and a server node
+//! - [`HeadCore`] and [`ServerCore`]: deterministic state machines for the
+//!   head node (queue, scheduler, monitor, lifecycle) and a server node
 //!   (control, pings, command hand-off). They hold no sockets, threads or
 //!   clocks: the caller feeds them events with the current time and carries
 //!   out the actions they hand back.
@@ -22,11 +22,11 @@
 //! for every message and for hostile wire input, for the tests of this
 //! crate and of others; the default build has no proptest.
 
-mod client;
 mod clock;
 mod envelope;
 mod error;
 mod frame;
+mod head;
 mod scan;
 mod server;
 mod transport;
@@ -41,14 +41,14 @@ pub mod pb {
     include!(concat!(env!("OUT_DIR"), "/casa.node.v1.rs"));
 }
 
-pub use client::{
-    Action, ClientConfig, ClientCore, CoreError, Event, LeaseError, MAX_LEASE, MAX_LEASES,
-    MAX_RANK, PREFETCH_MAX_BYTES, Rejection, SubmitError, response_record,
-};
 pub use clock::WallClock;
 pub use envelope::{PROTOCOL_VERSION, check_hello, check_version};
 pub use error::{FrameError, TransportError, ValueError};
 pub use frame::{DEFAULT_MAX_FRAME, Framing, LENGTH_PREFIX, OFFLOAD_THRESHOLD};
+pub use head::{
+    Action, CoreError, Event, HeadConfig, HeadCore, LeaseError, MAX_LEASE, MAX_LEASES, MAX_RANK,
+    PREFETCH_MAX_BYTES, Rejection, SubmitError, response_record,
+};
 pub use scan::{DECODE_CEILING, DECODE_EXPANSION, DECODE_SLACK, MAX_VALUE_DEPTH};
 pub use server::{
     ExecOutcome, Interruption, LAST_CHANCE, SHM_DIR_VAR, SHM_TAG_VAR, ServerAction, ServerConfig,
@@ -56,10 +56,10 @@ pub use server::{
 };
 pub use transport::{Transport, TransportEvent};
 
-/// A process's place in the cluster: 0 for the client node, 1.. for servers.
+/// A process's place in the cluster: 0 for the head node, 1.. for servers.
 pub type Rank = i32;
 
-/// A request's id: unique per client node, never reused, increasing
+/// A request's id: unique per head node, never reused, increasing
 /// within one driver connection's submissions (rule 11).
 pub type RequestId = u64;
 

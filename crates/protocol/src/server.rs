@@ -1,7 +1,7 @@
 //! A server node's state machine: answers control and ping itself, hands
 //! commands to the executor one at a time once its worker is ready,
 //! enforces deadlines, cancels and forced stops by interrupting and then
-//! killing the worker, and notices when the client node has gone silent
+//! killing the worker, and notices when the head node has gone silent
 //! (rules 19, 24-27, 30, 31).
 
 use std::collections::VecDeque;
@@ -31,18 +31,18 @@ pub struct ServerConfig {
     /// How long an interrupted command may take to stop before its worker
     /// is killed and restarted (rule 24).
     pub kill_grace: Duration,
-    /// Silence from the client node after which the server gives up on it
-    /// (rule 30). It is far longer than the client node's timeout: a
-    /// client node stopped for a while, or behind a network partition,
+    /// Silence from the head node after which the server gives up on it
+    /// (rule 30). It is far longer than the head node's timeout: a
+    /// head node stopped for a while, or behind a network partition,
     /// finds its servers still there, with their workers and finished
     /// responses. After this much silence, one more [`LAST_CHANCE`] passes
     /// for messages already on their way before
-    /// [`ServerAction::ClientGone`]. `None`: never (under MPI, where the
+    /// [`ServerAction::HeadGone`]. `None`: never (under MPI, where the
     /// job ends with its rank 0).
     pub patience: Option<Duration>,
 }
 
-/// After the client node's silence limit passes, how long to wait for
+/// After the head node's silence limit passes, how long to wait for
 /// anything from it before giving up. A server that was itself stopped
 /// (SIGSTOP) finds the limit passed on waking while the messages it missed
 /// are still queued; this gives them time to arrive.
@@ -62,9 +62,9 @@ pub enum Interruption {
 /// Something the node must do for the server core.
 #[derive(Debug, Clone, PartialEq)]
 pub enum ServerAction {
-    /// Send `envelope` to the client node.
+    /// Send `envelope` to the head node.
     Send(Envelope),
-    /// Apply the client's settings to the executor before the first
+    /// Apply the head node's settings to the executor before the first
     /// command: working directory, environment, log level.
     Configure(Start),
     /// Run this command in the worker; report with
@@ -87,10 +87,10 @@ pub enum ServerAction {
     SetLogLevel(LogLevel),
     /// Stopped: the STOP acknowledgement is sent; exit.
     Exit,
-    /// Nothing came from the client node for its timeout and the last
+    /// Nothing came from the head node for its timeout and the last
     /// chance after it (rule 30): stop the worker and exit.
-    ClientGone {
-        /// How long the client node has been silent.
+    HeadGone {
+        /// How long the head node has been silent.
         silent_for: Duration,
     },
 }
@@ -125,17 +125,17 @@ pub struct ExecOutcome {
     pub worker_exit_code: Option<i32>,
 }
 
-/// Something the client node sent that the server core cannot take.
+/// Something the head node sent that the server core cannot take.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum ServerError {
-    /// Only the client node may send to a server.
-    #[error("rank {0} is not the client node")]
+    /// Only the head node may send to a server.
+    #[error("rank {0} is not the head node")]
     NotFromClient(Rank),
     /// The sender speaks another protocol version.
-    #[error("the client node speaks protocol version {0}, not {PROTOCOL_VERSION}")]
+    #[error("the head node speaks protocol version {0}, not {PROTOCOL_VERSION}")]
     VersionMismatch(u32),
     /// A message servers do not take.
-    #[error("unexpected {0} from the client node")]
+    #[error("unexpected {0} from the head node")]
     Unexpected(&'static str),
     /// The executor reported a command that is not running.
     #[error("command {0} is not running")]
@@ -181,11 +181,11 @@ pub struct ServerCore {
     /// commands then fail at once); commands wait until then.
     worker_ready: bool,
     last_heard: Instant,
-    /// Set once the client node's silence passed its limit: when to give
+    /// Set once the head node's silence passed its limit: when to give
     /// up if nothing arrives meanwhile.
     last_chance: Option<Instant>,
-    /// Set once [`ServerAction::ClientGone`] was handed out.
-    client_gone: bool,
+    /// Set once [`ServerAction::HeadGone`] was handed out.
+    head_gone: bool,
     /// START's answer, sent once the node has started the worker
     /// ([`ServerCore::configured`]): its correlation, and whether the
     /// server can use the shared-memory directory.
@@ -193,8 +193,8 @@ pub struct ServerCore {
     actions: VecDeque<ServerAction>,
 }
 
-/// The client node's rank.
-const CLIENT: Rank = 0;
+/// The head node's rank.
+const HEAD: Rank = 0;
 
 impl ServerCore {
     /// A server core created at `now`, waiting for START.
@@ -213,7 +213,7 @@ impl ServerCore {
             worker_ready: false,
             last_heard: now,
             last_chance: None,
-            client_gone: false,
+            head_gone: false,
             start_reply: None,
             actions: VecDeque::new(),
         }
@@ -245,9 +245,9 @@ impl ServerCore {
         self.config.rank
     }
 
-    /// When the client node's silence is next judged (rule 30).
+    /// When the head node's silence is next judged (rule 30).
     fn watchdog(&self) -> Option<Instant> {
-        if self.client_gone || self.phase == Phase::Stopped {
+        if self.head_gone || self.phase == Phase::Stopped {
             return None;
         }
         self.last_chance.or_else(|| {
@@ -268,7 +268,7 @@ impl ServerCore {
 
     /// The node has applied [`ServerAction::Configure`]: the worker
     /// process was started (its pid) or could not be. START is answered
-    /// now, so that the client node knows the worker's pid from the moment
+    /// now, so that the head node knows the worker's pid from the moment
     /// the server is online (rule 23).
     pub fn configured(&mut self, worker_pid: Option<u32>, now: Instant) {
         self.worker_pid = worker_pid.unwrap_or(0);
@@ -317,7 +317,7 @@ impl ServerCore {
         self.running.as_ref().map(|r| r.id)
     }
 
-    /// Forwards a log line to the client node when `level` passes the log
+    /// Forwards a log line to the head node when `level` passes the log
     /// level (rule 31).
     pub fn log(&mut self, level: LogLevel, message: impl Into<String>, now: Instant) {
         if level < self.log_level {
@@ -340,7 +340,7 @@ impl ServerCore {
         envelope: Envelope,
         now: Instant,
     ) -> Result<(), ServerError> {
-        if from != CLIENT {
+        if from != HEAD {
             return Err(ServerError::NotFromClient(from));
         }
         if envelope.protocol_version != PROTOCOL_VERSION {
@@ -435,14 +435,14 @@ impl ServerCore {
 
     /// Advances time: interrupts a command past its deadline, kills a
     /// worker that ignored an interrupt for the grace period (rule 24),
-    /// gives up on a silent client node (rule 30).
+    /// gives up on a silent head node (rule 30).
     pub fn tick(&mut self, now: Instant) {
         if self.watchdog().is_some_and(|at| now >= at) {
             match self.last_chance {
                 None => self.last_chance = Some(now + LAST_CHANCE),
                 Some(_) => {
-                    self.client_gone = true;
-                    self.actions.push_back(ServerAction::ClientGone {
+                    self.head_gone = true;
+                    self.actions.push_back(ServerAction::HeadGone {
                         silent_for: now.saturating_duration_since(self.last_heard),
                     });
                 }
@@ -498,7 +498,7 @@ impl ServerCore {
         self.send(Envelope::new(Body::PingResponse(response)));
     }
 
-    /// Tells the client node at once, without waiting for a ping, what a
+    /// Tells the head node at once, without waiting for a ping, what a
     /// ping answer would: after the worker started or was replaced, so that
     /// its process id is known from then on (rule 23). It carries the
     /// sequence of the last ping answered.
@@ -628,7 +628,7 @@ impl ServerCore {
             self.answer_unrun(request.id, "Cancelled: the server is stopping");
             return;
         }
-        // The same request again: a client node started again from its
+        // The same request again: a head node started again from its
         // journal queued it again, while this server, rejoining, still runs
         // or holds it for the one before (rule 33). One answer comes.
         let id = request.id;

@@ -611,12 +611,12 @@ pub fn arb_cluster_info() -> impl Strategy<Value = ClusterInfo> {
     )
         .prop_map(
             |(
-                (transport, host, client_rank, world_size),
+                (transport, host, head_rank, world_size),
                 (server_ranks, heartbeat_seconds, timeout_seconds, debugging, journal),
             )| ClusterInfo {
                 transport,
                 host,
-                client_rank,
+                head_rank,
                 world_size,
                 server_ranks,
                 heartbeat_seconds,

@@ -32,7 +32,7 @@ pub enum TransportEvent {
 /// bounds what it holds in flight per peer itself rather than trusting
 /// queues that drop when full.
 pub trait Transport: Send {
-    /// This process's rank: 0 for the client node, 1.. for servers.
+    /// This process's rank: 0 for the head node, 1.. for servers.
     fn rank(&self) -> Rank;
 
     /// The ranks this process can send to, ascending.

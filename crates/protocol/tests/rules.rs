@@ -1,5 +1,5 @@
 //! The behaviour rules of SEMANTICS.md, one or more tests each, on a small
-//! cluster of `ClientCore` and `ServerCore`s joined without delay. Each test
+//! cluster of `HeadCore` and `ServerCore`s joined without delay. Each test
 //! names the rule it checks.
 
 use std::collections::{HashMap, HashSet};
@@ -13,7 +13,7 @@ use casa_node_protocol::pb::{
     Value,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Interruption, LAST_CHANCE,
+    Action, DriverId, Event, ExecOutcome, HeadConfig, HeadCore, Interruption, LAST_CHANCE,
     LeaseError, MAX_LEASE, MAX_LEASES, Rank, Rejection, RequestId, ServerAction, ServerConfig,
     ServerCore, SubmitError, WallClock,
 };
@@ -22,11 +22,11 @@ const EPOCH: f64 = 1_700_000_000.0;
 const DRIVER: DriverId = DriverId(7);
 const GRACE: Duration = Duration::from_secs(2);
 
-/// A client core and `n` server cores joined by instant, ordered links.
+/// A head core and `n` server cores joined by instant, ordered links.
 struct Cluster {
     t0: Instant,
     now: Instant,
-    client: ClientCore,
+    head: HeadCore,
     servers: HashMap<Rank, ServerCore>,
     /// What each server's worker runs now.
     running: HashMap<Rank, CommandRequest>,
@@ -44,16 +44,16 @@ struct Cluster {
 
 impl Cluster {
     fn new(n: Rank) -> Cluster {
-        Cluster::with_config(n, ClientConfig::default())
+        Cluster::with_config(n, HeadConfig::default())
     }
 
-    fn with_config(n: Rank, config: ClientConfig) -> Cluster {
+    fn with_config(n: Rank, config: HeadConfig) -> Cluster {
         let t0 = Instant::now();
         let clock = WallClock::new(t0, EPOCH);
-        let mut client = ClientCore::new(config, clock);
+        let mut head = HeadCore::new(config, clock);
         let mut servers = HashMap::new();
         for rank in 1..=n {
-            client.add_server(rank, t0).unwrap();
+            head.add_server(rank, t0).unwrap();
             let config = ServerConfig {
                 rank,
                 host: format!("node{rank}"),
@@ -66,7 +66,7 @@ impl Cluster {
         let mut cluster = Cluster {
             t0,
             now: t0,
-            client,
+            head,
             servers,
             running: HashMap::new(),
             stalled: HashSet::new(),
@@ -78,7 +78,7 @@ impl Cluster {
             executed: Vec::new(),
             server_actions: Vec::new(),
         };
-        cluster.client.start(t0);
+        cluster.head.start(t0);
         cluster.pump();
         cluster
     }
@@ -92,7 +92,7 @@ impl Cluster {
     }
 
     fn submit_request(&mut self, request: SubmitRequest) -> Result<Vec<RequestId>, RejectReason> {
-        let result = self.client.submit(DRIVER, request).map_err(|e| match e {
+        let result = self.head.submit(DRIVER, request).map_err(|e| match e {
             SubmitError::Rejected(r) => r.reason,
             SubmitError::Lease(e) => panic!("no leased ids were given: {e}"),
         });
@@ -104,14 +104,14 @@ impl Cluster {
     fn pump(&mut self) {
         loop {
             let mut moved = false;
-            while let Some(action) = self.client.poll_action() {
+            while let Some(action) = self.head.poll_action() {
                 moved = true;
                 match action {
                     Action::Send { to, envelope } => {
                         self.sent.push((to, envelope.clone()));
                         if let Some(Body::CommandRequest(request)) = &envelope.body {
                             if self.unsendable.contains(&to) {
-                                self.client.send_failed(
+                                self.head.send_failed(
                                     request.id,
                                     FailureKind::TooLarge,
                                     "frame too large",
@@ -147,7 +147,7 @@ impl Cluster {
                     match action {
                         ServerAction::Send(envelope) => {
                             let now = self.now;
-                            self.client.handle(rank, envelope, now).unwrap();
+                            self.head.handle(rank, envelope, now).unwrap();
                         }
                         ServerAction::Execute(request) => {
                             self.executed.push((rank, request.id));
@@ -210,7 +210,7 @@ impl Cluster {
         while self.now < end {
             self.now = (self.now + Duration::from_millis(100)).min(end);
             let now = self.now;
-            self.client.tick(now);
+            self.head.tick(now);
             for (rank, server) in self.servers.iter_mut() {
                 if !self.stalled.contains(rank) {
                     server.tick(now);
@@ -404,10 +404,10 @@ fn rule_14_a_bad_target_rejects_the_whole_push() {
         let sent = c.sent.len();
         assert_eq!(c.submit("x", bad), Err(RejectReason::UnknownTarget));
         assert_eq!(c.sent.len(), sent, "a rejected push sent nothing");
-        assert_eq!(c.client.pending(), 0, "a rejected push queued nothing");
+        assert_eq!(c.head.pending(), 0, "a rejected push queued nothing");
     }
     let rejection = c
-        .client
+        .head
         .submit(
             DRIVER,
             SubmitRequest {
@@ -432,7 +432,7 @@ fn rule_14_a_timed_out_target_rejects_the_push() {
     c.stall(2);
     c.advance(Duration::from_secs(7));
     assert_eq!(c.submit("x", &[1, 2]), Err(RejectReason::TargetTimedOut));
-    assert_eq!(c.client.pending(), 0);
+    assert_eq!(c.head.pending(), 0);
 }
 
 #[test]
@@ -456,7 +456,7 @@ fn rule_17_tracking_tells_queued_sent_done_and_unknown_apart() {
     let mut c = Cluster::new(1);
     let running = c.submit("a", &[]).unwrap()[0];
     let queued = c.submit("b", &[]).unwrap()[0];
-    let states = c.client.track(&[running, queued, 99]).states;
+    let states = c.head.track(&[running, queued, 99]).states;
     let view: Vec<_> = states.iter().map(|s| (s.status(), s.server)).collect();
     assert_eq!(
         view,
@@ -468,7 +468,7 @@ fn rule_17_tracking_tells_queued_sent_done_and_unknown_apart() {
     );
     c.finish(1, Value::none());
     assert_eq!(
-        c.client.track(&[running]).states[0].status(),
+        c.head.track(&[running]).states[0].status(),
         CommandStatus::ResponseReceived
     );
 }
@@ -495,7 +495,7 @@ fn rule_19_every_server_is_pinged_every_heartbeat_and_answers_with_its_state() {
     c.servers.get_mut(&2).unwrap().set_resources(4242, 123_456);
     c.submit("work()", &[2]).unwrap();
     c.advance(Duration::from_secs(1));
-    let status = c.client.status(Some(2)).unwrap().servers.remove(0);
+    let status = c.head.status(Some(2)).unwrap().servers.remove(0);
     assert_eq!(
         (status.worker_pid, status.rss, status.pid),
         (4242, 123_456, 102)
@@ -526,7 +526,7 @@ fn rule_20_a_silent_server_is_timed_out_and_its_requests_answered() {
         c.executed.iter().find(|(_, id)| *id == shared),
         Some(&(1, shared))
     );
-    let status = c.client.status(Some(2)).unwrap().servers.remove(0);
+    let status = c.head.status(Some(2)).unwrap().servers.remove(0);
     assert!(status.timeout && !status.online);
     // Nothing new goes to the timed-out server.
     c.finish(1, Value::none());
@@ -539,22 +539,22 @@ fn rule_20_once_every_server_has_left_for_good_untargeted_requests_are_answered(
     let mut c = Cluster::new(2);
     let one = c.submit("long()", &[1]).unwrap()[0];
     let two = c.submit("long()", &[2]).unwrap()[0];
-    // Sent ahead to server 1 (prefetch), then one waiting at the client.
+    // Sent ahead to server 1 (prefetch), then one waiting at the head node.
     let shared: Vec<RequestId> = (0..8).map(|_| c.submit("any()", &[]).unwrap()[0]).collect();
     // Server 1 is lost, but may still join again: its untargeted requests
     // wait for server 2.
-    c.client.server_lost(1);
+    c.head.server_lost(1);
     c.pump();
     assert_eq!(c.response(one).status(), CommandStatus::Timeout);
     assert!(shared.iter().all(|&id| !c.has_response(id)));
-    c.client.server_gone_for_good(1);
+    c.head.server_gone_for_good(1);
     c.pump();
     assert!(shared.iter().all(|&id| !c.has_response(id)));
     // Server 2 will not be started again, and its link closes.
-    c.client.server_gone_for_good(2);
+    c.head.server_gone_for_good(2);
     c.pump();
     assert!(!c.has_response(two), "its running command is still its own");
-    c.client.server_lost(2);
+    c.head.server_lost(2);
     c.pump();
     assert_eq!(c.response(two).status(), CommandStatus::Timeout);
     for &id in &shared {
@@ -578,7 +578,7 @@ fn rule_20_once_every_server_has_left_for_good_untargeted_requests_are_answered(
     assert_eq!(c.submit("any()", &[2]), Err(RejectReason::TargetTimedOut));
     // A server that joins with the rank after all counts again.
     let now = c.now;
-    c.client.add_server(2, now).unwrap();
+    c.head.add_server(2, now).unwrap();
     c.servers.insert(
         2,
         ServerCore::new(
@@ -599,27 +599,27 @@ fn rule_20_once_every_server_has_left_for_good_untargeted_requests_are_answered(
 }
 
 #[test]
-fn rule_20_the_client_nodes_own_stall_is_not_its_servers_silence() {
+fn rule_20_the_head_nodes_own_stall_is_not_its_servers_silence() {
     let mut c = Cluster::new(2);
     let running = c.submit("long()", &[2]).unwrap()[0];
     c.advance(Duration::from_secs(1));
-    // The client node does not run for 8 s (SIGSTOP, a debugger, swapping):
+    // The head node does not run for 8 s (SIGSTOP, a debugger, swapping):
     // no tick, nothing read. Its servers ran and had nothing to say.
     c.now += Duration::from_secs(8);
     let now = c.now;
-    c.client.tick(now);
+    c.head.tick(now);
     c.pump();
     assert!(
         !c.has_response(running),
         "no timeout for the node's own stall"
     );
-    for server in c.client.status(None).unwrap().servers {
+    for server in c.head.status(None).unwrap().servers {
         assert!(server.online && !server.timeout, "{server:?}");
     }
     assert!(
         c.log_lines()
             .iter()
-            .any(|l| l.starts_with("The client node did not run for 8.0 s")),
+            .any(|l| l.starts_with("The head node did not run for 8.0 s")),
         "{:?}",
         c.log_lines()
     );
@@ -635,7 +635,7 @@ fn rule_20_the_client_nodes_own_stall_is_not_its_servers_silence() {
     c.advance(Duration::from_secs(1));
     c.now += Duration::from_secs(2);
     let now = c.now;
-    c.client.tick(now);
+    c.head.tick(now);
     c.pump();
     assert!(
         !c.log_lines().iter().any(|l| l.contains("did not run")),
@@ -652,11 +652,11 @@ fn rule_21_a_recovered_server_is_online_again_and_its_real_response_replaces_the
     c.advance(Duration::from_secs(7));
     assert_eq!(c.response(id).status(), CommandStatus::Timeout);
     assert_eq!(
-        c.client.track(&[id]).states[0].status(),
+        c.head.track(&[id]).states[0].status(),
         CommandStatus::Timeout
     );
     c.resume(1);
-    assert!(c.client.status(Some(1)).unwrap().servers[0].online);
+    assert!(c.head.status(Some(1)).unwrap().servers[0].online);
     assert!(
         c.log_lines()
             .iter()
@@ -729,7 +729,7 @@ fn rule_7_every_failure_says_its_kind() {
     // Cancelled while running, and while queued behind it.
     let running = c.submit("long()", &[1]).unwrap()[0];
     let queued = c.submit("next()", &[1]).unwrap()[0];
-    c.client.cancel(&[running, queued]);
+    c.head.cancel(&[running, queued]);
     c.pump();
     c.fail(1, "KeyboardInterrupt");
     assert_eq!(kind(&c, running), FailureKind::Cancelled);
@@ -789,8 +789,8 @@ fn rule_7_every_failure_says_its_kind() {
         .map(|_| c.submit("any()", &[]).unwrap()[0])
         .collect();
     for rank in 1..=3 {
-        c.client.server_gone_for_good(rank);
-        c.client.server_lost(rank);
+        c.head.server_gone_for_good(rank);
+        c.head.server_lost(rank);
     }
     c.pump();
     let never_sent: Vec<RequestId> = waiting
@@ -810,13 +810,13 @@ fn rule_7_every_failure_says_its_kind() {
 fn rule_22_debugging_mode_keeps_silent_servers_online() {
     let mut c = Cluster::new(1);
     let id = c.submit("pdb.set_trace()", &[1]).unwrap()[0];
-    c.client.set_debugging(true, c.now);
+    c.head.set_debugging(true, c.now);
     c.stall(1);
     c.advance(Duration::from_secs(30));
     assert!(!c.has_response(id));
-    assert!(c.client.status(None).unwrap().servers[0].online);
-    assert!(c.client.cluster_info().debugging);
-    c.client.set_debugging(false, c.now);
+    assert!(c.head.status(None).unwrap().servers[0].online);
+    assert!(c.head.cluster_info().debugging);
+    c.head.set_debugging(false, c.now);
     c.advance(Duration::from_millis(200));
     assert_eq!(c.response(id).status(), CommandStatus::Timeout);
 }
@@ -825,7 +825,7 @@ fn rule_22_debugging_mode_keeps_silent_servers_online() {
 fn rule_23_status_lists_every_server_in_rank_order() {
     let mut c = Cluster::new(3);
     c.advance(Duration::from_secs(1));
-    let reply = c.client.status(None).unwrap();
+    let reply = c.head.status(None).unwrap();
     let ranks: Vec<Rank> = reply.servers.iter().map(|s| s.rank).collect();
     assert_eq!(ranks, vec![1, 2, 3]);
     let s = &reply.servers[1];
@@ -843,7 +843,7 @@ fn rule_23_status_lists_every_server_in_rank_order() {
         (cluster.heartbeat_seconds, cluster.timeout_seconds),
         (1.0, 5.0)
     );
-    assert!(c.client.status(Some(4)).is_err());
+    assert!(c.head.status(Some(4)).is_err());
 }
 
 #[test]
@@ -851,7 +851,7 @@ fn rule_24_cancel_answers_queued_requests_and_interrupts_running_ones() {
     let mut c = Cluster::new(1);
     let running = c.submit("long()", &[1]).unwrap()[0];
     let queued = c.submit("next()", &[1]).unwrap()[0];
-    let reply = c.client.cancel(&[running, queued, 99]);
+    let reply = c.head.cancel(&[running, queued, 99]);
     c.pump();
     assert_eq!(
         (reply.interrupting, reply.dequeued, reply.not_pending),
@@ -911,14 +911,14 @@ fn rule_24_a_deadline_interrupts_then_kills_after_the_grace_period() {
         r.traceback()
     );
     // The server stays online: pings were answered all along.
-    assert!(c.client.status(Some(1)).unwrap().servers[0].online);
+    assert!(c.head.status(Some(1)).unwrap().servers[0].online);
 }
 
 #[test]
 fn rule_24_the_cluster_default_deadline_applies_to_requests_without_one() {
-    let config = ClientConfig {
+    let config = HeadConfig {
         default_deadline: Some(Duration::from_secs(60)),
-        ..ClientConfig::default()
+        ..HeadConfig::default()
     };
     let mut c = Cluster::with_config(1, config);
     c.submit("x", &[1]).unwrap();
@@ -936,19 +936,19 @@ fn rule_24_a_long_command_keeps_its_server_busy_but_online() {
     let mut c = Cluster::new(1);
     c.submit("tclean()", &[1]).unwrap();
     c.advance(Duration::from_secs(3600));
-    let s = c.client.status(Some(1)).unwrap().servers.remove(0);
+    let s = c.head.status(Some(1)).unwrap().servers.remove(0);
     assert!(s.busy && s.online && !s.timeout);
 }
 
 #[test]
-fn rule_26_start_reaches_every_server_with_the_clients_settings() {
-    let config = ClientConfig {
+fn rule_26_start_reaches_every_server_with_the_heads_settings() {
+    let config = HeadConfig {
         start: Start {
             working_directory: "/data/run1".into(),
             log_level: LogLevel::Debug.into(),
             ..Start::default()
         },
-        ..ClientConfig::default()
+        ..HeadConfig::default()
     };
     let c = Cluster::with_config(2, config);
     let configured: Vec<_> = c
@@ -970,10 +970,10 @@ fn rule_26_start_reaches_every_server_with_the_clients_settings() {
 #[test]
 fn rule_26_requests_wait_for_servers_that_have_not_started() {
     let t0 = Instant::now();
-    let mut client = ClientCore::new(ClientConfig::default(), WallClock::new(t0, EPOCH));
-    client.add_server(1, t0).unwrap();
-    client.start(t0);
-    let id = client
+    let mut head = HeadCore::new(HeadConfig::default(), WallClock::new(t0, EPOCH));
+    head.add_server(1, t0).unwrap();
+    head.start(t0);
+    let id = head
         .submit(
             DRIVER,
             SubmitRequest {
@@ -983,10 +983,10 @@ fn rule_26_requests_wait_for_servers_that_have_not_started() {
         )
         .unwrap()[0];
     let mut actions = Vec::new();
-    client.drain_actions(&mut actions);
+    head.drain_actions(&mut actions);
     assert!(actions.iter().all(|a| !matches!(a, Action::Send { envelope, .. } if matches!(envelope.body, Some(Body::CommandRequest(_))))));
     assert_eq!(
-        client.track(&[id]).states[0].status(),
+        head.track(&[id]).states[0].status(),
         CommandStatus::HoldingQueue
     );
 }
@@ -996,10 +996,10 @@ fn rule_27_graceful_stop_finishes_running_commands_and_refuses_new_ones() {
     let mut c = Cluster::new(2);
     let running = c.submit("long()", &[1]).unwrap()[0];
     let queued = c.submit("next()", &[1]).unwrap()[0];
-    c.client.stop(false);
+    c.head.stop(false);
     c.pump();
     assert_eq!(c.response(queued).status(), CommandStatus::Cancelled);
-    assert!(!c.client.is_stopped(), "server 1 still runs its command");
+    assert!(!c.head.is_stopped(), "server 1 still runs its command");
     assert!(c.servers[&2].is_stopped());
     assert_eq!(c.submit("x", &[]), Err(RejectReason::Stopped));
     c.finish(1, 1.into());
@@ -1008,7 +1008,7 @@ fn rule_27_graceful_stop_finishes_running_commands_and_refuses_new_ones() {
         CommandStatus::ResponseReceived
     );
     assert!(c.servers[&1].is_stopped());
-    assert!(c.client.is_stopped());
+    assert!(c.head.is_stopped());
     assert!(c.server_actions.contains(&(1, ServerAction::Exit)));
 }
 
@@ -1016,7 +1016,7 @@ fn rule_27_graceful_stop_finishes_running_commands_and_refuses_new_ones() {
 fn rule_27_forced_stop_interrupts_running_commands() {
     let mut c = Cluster::new(1);
     let running = c.submit("long()", &[1]).unwrap()[0];
-    c.client.stop(true);
+    c.head.stop(true);
     c.pump();
     assert!(c.server_actions.contains(&(
         1,
@@ -1027,7 +1027,7 @@ fn rule_27_forced_stop_interrupts_running_commands() {
     )));
     c.fail(1, "KeyboardInterrupt");
     assert_eq!(c.response(running).status(), CommandStatus::Cancelled);
-    assert!(c.client.is_stopped());
+    assert!(c.head.is_stopped());
 }
 
 #[test]
@@ -1035,9 +1035,9 @@ fn rule_27_stop_does_not_wait_for_a_timed_out_server() {
     let mut c = Cluster::new(2);
     c.stall(2);
     c.advance(Duration::from_secs(7));
-    c.client.stop(false);
+    c.head.stop(false);
     c.pump();
-    assert!(c.client.is_stopped());
+    assert!(c.head.is_stopped());
 }
 
 #[test]
@@ -1089,15 +1089,15 @@ fn rule_31_server_logs_carry_their_origin_and_obey_the_log_level() {
 #[test]
 fn rule_31_the_log_level_changes_at_run_time() {
     let mut c = Cluster::new(2);
-    c.client.set_log_level(LogLevel::Debug, &[2]).unwrap();
+    c.head.set_log_level(LogLevel::Debug, &[2]).unwrap();
     c.pump();
     assert_eq!(c.servers[&2].log_level(), LogLevel::Debug);
     assert_eq!(c.servers[&1].log_level(), LogLevel::Info);
-    assert!(c.client.set_log_level(LogLevel::Debug, &[5]).is_err());
+    assert!(c.head.set_log_level(LogLevel::Debug, &[5]).is_err());
 }
 
 #[test]
-fn rule_32_the_client_logs_each_requests_life() {
+fn rule_32_the_head_logs_each_requests_life() {
     let mut c = Cluster::new(1);
     c.submit("a+b", &[1]).unwrap();
     c.finish(1, 3.into());
@@ -1124,11 +1124,11 @@ fn a_server_answering_a_request_it_does_not_run_is_an_error_not_a_panic() {
         id: 5,
         ..CommandResponse::default()
     })));
-    assert!(c.client.handle(1, bogus.clone(), c.now).is_err());
-    assert!(c.client.handle(9, bogus, c.now).is_err());
+    assert!(c.head.handle(1, bogus.clone(), c.now).is_err());
+    assert!(c.head.handle(9, bogus, c.now).is_err());
     let mut old = Envelope::new(Body::PingRequest(Default::default()));
     old.protocol_version = 2;
-    assert!(c.client.handle(1, old.clone(), c.now).is_err());
+    assert!(c.head.handle(1, old.clone(), c.now).is_err());
     assert!(
         c.servers
             .get_mut(&1)
@@ -1148,12 +1148,12 @@ fn a_request_pending_while_many_others_pass_is_still_found() {
         c.finish(2, 2.into());
     }
     assert_eq!(
-        c.client.track(&[long]).states[0].status(),
+        c.head.track(&[long]).states[0].status(),
         CommandStatus::RequestSent
     );
     c.finish(1, Value::none());
     assert_eq!(c.response(long).command, "tclean()");
-    assert_eq!(c.client.pending(), 0);
+    assert_eq!(c.head.pending(), 0);
 }
 
 /// A pipelined submission of `command` to `targets` with leased `ids`.
@@ -1169,7 +1169,7 @@ fn pipelined(command: &str, targets: &[Rank], ids: &[RequestId]) -> SubmitReques
 
 impl Cluster {
     fn lease(&mut self, driver: DriverId, count: u32) -> std::ops::Range<RequestId> {
-        let lease = self.client.lease(driver, count).expect("leased");
+        let lease = self.head.lease(driver, count).expect("leased");
         lease.first..lease.first + RequestId::from(lease.count)
     }
 
@@ -1178,7 +1178,7 @@ impl Cluster {
         driver: DriverId,
         request: SubmitRequest,
     ) -> Result<Vec<RequestId>, SubmitError> {
-        let result = self.client.submit(driver, request);
+        let result = self.head.submit(driver, request);
         self.pump();
         result
     }
@@ -1226,7 +1226,7 @@ fn rule_11_foreign_used_and_unleased_ids_are_protocol_errors_answered_as_failure
     c.submit_as(DRIVER, pipelined("1", &[], &[mine.start]))
         .unwrap();
     let sent = c.sent.len();
-    let pending = c.client.pending();
+    let pending = c.head.pending();
     let cases: Vec<(SubmitRequest, LeaseError)> = vec![
         // Another driver's id.
         (
@@ -1287,7 +1287,7 @@ fn rule_11_foreign_used_and_unleased_ids_are_protocol_errors_answered_as_failure
         "the other driver saw nothing"
     );
     assert_eq!(c.sent.len(), sent, "no violation sent anything");
-    assert_eq!(c.client.pending(), pending, "no violation queued anything");
+    assert_eq!(c.head.pending(), pending, "no violation queued anything");
     // A pipelined push without ids is refused too.
     assert_eq!(
         c.submit_as(DRIVER, pipelined("2", &[], &[])),
@@ -1318,7 +1318,7 @@ fn rule_14_a_rejected_pipelined_push_ends_as_a_failure_response_per_id() {
     };
     assert_eq!(rejection.reason, RejectReason::UnknownTarget);
     assert_eq!(c.sent.len(), sent, "nothing was sent");
-    assert_eq!(c.client.pending(), 0, "nothing was queued");
+    assert_eq!(c.head.pending(), 0, "nothing was queued");
     let delivered = c.delivered_to(DRIVER);
     assert_eq!(delivered.len(), 2);
     for (d, &id) in delivered.iter().zip(&ids) {
@@ -1337,7 +1337,7 @@ fn rule_14_a_rejected_pipelined_push_ends_as_a_failure_response_per_id() {
     }
     // The ids are used: their tracking says answered, and they cannot be
     // used again.
-    for state in c.client.track(&ids).states {
+    for state in c.head.track(&ids).states {
         assert_eq!(state.status(), CommandStatus::ResponseReceived);
     }
     assert_eq!(
@@ -1348,7 +1348,7 @@ fn rule_14_a_rejected_pipelined_push_ends_as_a_failure_response_per_id() {
     // delivered the same way.
     let id = lease.start + 2;
     let before = c.delivered_to(DRIVER).len();
-    let refused = c.client.refuse(
+    let refused = c.head.refuse(
         DRIVER,
         pipelined("1 +* 2", &[], &[id]),
         Rejection {
@@ -1385,7 +1385,7 @@ fn rule_17_leased_ids_left_unused_are_unknown_to_tracking_and_die_with_the_drive
     let used = lease.start + 1;
     c.submit_as(DRIVER, pipelined("1", &[], &[used])).unwrap();
     let view = |c: &Cluster| -> Vec<CommandStatus> {
-        c.client
+        c.head
             .track(&[lease.start, used, lease.start + 2])
             .states
             .iter()
@@ -1401,7 +1401,7 @@ fn rule_17_leased_ids_left_unused_are_unknown_to_tracking_and_die_with_the_drive
         ]
     );
     c.finish(1, Value::none());
-    c.client.driver_gone(DRIVER);
+    c.head.driver_gone(DRIVER);
     assert_eq!(
         view(&c),
         [
@@ -1423,7 +1423,7 @@ fn rule_11_a_driver_holds_a_bounded_number_of_leases() {
     for _ in 0..MAX_LEASES {
         c.lease(DRIVER, 1);
     }
-    assert_eq!(c.client.lease(DRIVER, 1), Err(LeaseError::TooManyLeases));
+    assert_eq!(c.head.lease(DRIVER, 1), Err(LeaseError::TooManyLeases));
     // Using a lease up frees its place.
     let lease = c.lease(OTHER, 1);
     c.submit_as(OTHER, pipelined("1", &[], &[lease.start]))
@@ -1476,37 +1476,37 @@ fn an_unsendable_request_fails_without_vouching_for_its_server() {
     c.advance(Duration::from_millis(300));
     assert_eq!(c.response(held).status(), CommandStatus::Timeout);
     // A send failure to a timed-out server does not recover it.
-    c.client
+    c.head
         .send_failed(held, FailureKind::TooLarge, "frame too large");
     c.pump();
     let lines = c.log_lines();
     assert!(!lines.iter().any(|l| l.contains("recovered")), "{lines:#?}");
-    let status = c.client.status(Some(1)).unwrap().servers.remove(0);
+    let status = c.head.status(Some(1)).unwrap().servers.remove(0);
     assert!(status.timeout && !status.online);
     assert_eq!(c.response(held).status(), CommandStatus::Timeout);
 }
 
-/// A client core expecting `expected` servers, with those of `ranks`
+/// A head core expecting `expected` servers, with those of `ranks`
 /// joined and services started; START requests are left in its actions.
-fn starting_client(expected: usize, ranks: &[Rank]) -> (ClientCore, Instant) {
+fn starting_head(expected: usize, ranks: &[Rank]) -> (HeadCore, Instant) {
     let t0 = Instant::now();
-    let config = ClientConfig {
+    let config = HeadConfig {
         expected_servers: expected,
-        ..ClientConfig::default()
+        ..HeadConfig::default()
     };
-    let mut client = ClientCore::new(config, WallClock::new(t0, EPOCH));
+    let mut head = HeadCore::new(config, WallClock::new(t0, EPOCH));
     for &rank in ranks {
-        client.add_server(rank, t0).unwrap();
+        head.add_server(rank, t0).unwrap();
     }
-    client.start(t0);
-    (client, t0)
+    head.start(t0);
+    (head, t0)
 }
 
-/// Answers every START among the client's actions from the servers in
-/// `answering`; returns the events the client emitted meanwhile.
-fn answer_starts(client: &mut ClientCore, answering: &[Rank], now: Instant) -> Vec<Event> {
+/// Answers every START among the head node's actions from the servers in
+/// `answering`; returns the events the head node emitted meanwhile.
+fn answer_starts(head: &mut HeadCore, answering: &[Rank], now: Instant) -> Vec<Event> {
     let mut actions = Vec::new();
-    client.drain_actions(&mut actions);
+    head.drain_actions(&mut actions);
     let mut events = Vec::new();
     for action in actions {
         match action {
@@ -1523,14 +1523,14 @@ fn answer_starts(client: &mut ClientCore, answering: &[Rank], now: Instant) -> V
                             ..ControlResponse::default()
                         }),
                     );
-                    client.handle(to, reply, now).unwrap();
+                    head.handle(to, reply, now).unwrap();
                 }
             }
             Action::Event(event) => events.push(event),
             _ => {}
         }
     }
-    while let Some(action) = client.poll_action() {
+    while let Some(action) = head.poll_action() {
         if let Action::Event(event) = action {
             events.push(event);
         }
@@ -1547,33 +1547,33 @@ fn readiness(events: &[Event]) -> usize {
 
 #[test]
 fn rule_26_the_cluster_is_ready_once_the_expected_servers_joined_and_started() {
-    let (mut client, t0) = starting_client(2, &[1]);
-    let events = answer_starts(&mut client, &[1], t0);
+    let (mut head, t0) = starting_head(2, &[1]);
+    let events = answer_starts(&mut head, &[1], t0);
     assert_eq!(readiness(&events), 0, "one of two servers: {events:?}");
-    assert!(!client.is_ready());
-    client.add_server(2, t0).unwrap();
-    let events = answer_starts(&mut client, &[2], t0);
+    assert!(!head.is_ready());
+    head.add_server(2, t0).unwrap();
+    let events = answer_starts(&mut head, &[2], t0);
     assert_eq!(readiness(&events), 1, "{events:?}");
-    assert!(client.is_ready());
+    assert!(head.is_ready());
     // A server joining later starts, but readiness is not announced again.
-    client.add_server(3, t0).unwrap();
-    let events = answer_starts(&mut client, &[3], t0);
+    head.add_server(3, t0).unwrap();
+    let events = answer_starts(&mut head, &[3], t0);
     assert_eq!(readiness(&events), 0, "{events:?}");
 }
 
 #[test]
 fn rule_26_a_server_lost_before_starting_does_not_block_readiness() {
-    let (mut client, t0) = starting_client(2, &[1, 2]);
-    let events = answer_starts(&mut client, &[1], t0);
+    let (mut head, t0) = starting_head(2, &[1, 2]);
+    let events = answer_starts(&mut head, &[1], t0);
     assert_eq!(
         readiness(&events),
         0,
         "server 2 has not answered: {events:?}"
     );
-    client.server_lost(2);
-    let events = answer_starts(&mut client, &[], t0);
+    head.server_lost(2);
+    let events = answer_starts(&mut head, &[], t0);
     assert_eq!(readiness(&events), 1, "{events:?}");
-    assert!(client.is_ready());
+    assert!(head.is_ready());
 }
 
 /// A lone server core, started at `t0` (START taken, its answer drained).
@@ -1672,7 +1672,7 @@ fn rule_24_a_deadline_counts_from_when_the_worker_takes_the_command_not_during_i
 }
 
 #[test]
-fn rule_30_a_server_gives_up_on_a_silent_client_node_after_its_patience_and_a_last_chance() {
+fn rule_30_a_server_gives_up_on_a_silent_head_node_after_its_patience_and_a_last_chance() {
     let limit = Duration::from_secs(5);
     let (mut server, t0) = started_server(Some(limit));
     let at = |ms: u64| t0 + Duration::from_millis(ms);
@@ -1696,7 +1696,7 @@ fn rule_30_a_server_gives_up_on_a_silent_client_node_after_its_patience_and_a_la
     server.tick(at(12_000));
     assert_eq!(
         server_actions(&mut server),
-        vec![ServerAction::ClientGone {
+        vec![ServerAction::HeadGone {
             silent_for: Duration::from_secs(6)
         }]
     );
@@ -1813,9 +1813,9 @@ fn rule_8_and_23_a_server_answers_start_with_its_workers_pid_saying_whether_it_r
 fn prefetching(n: Rank, prefetch: usize) -> Cluster {
     Cluster::with_config(
         n,
-        ClientConfig {
+        HeadConfig {
             prefetch,
-            ..ClientConfig::default()
+            ..HeadConfig::default()
         },
     )
 }
@@ -1832,7 +1832,7 @@ fn sent_to(c: &Cluster, ids: &[RequestId]) -> Vec<(RequestId, Rank)> {
 }
 
 fn status_of(c: &Cluster, id: RequestId) -> CommandStatus {
-    c.client.track(&[id]).states[0].status()
+    c.head.track(&[id]).states[0].status()
 }
 
 fn recalls(c: &Cluster) -> Vec<(Rank, RequestId)> {
@@ -1854,7 +1854,7 @@ fn rule_12_busy_servers_are_sent_requests_ahead_up_to_the_prefetch() {
         .map(|i| c.submit(&format!("c{i}"), &[]).unwrap()[0])
         .collect();
     // Idle servers first, then ahead to the one with the fewest in flight,
-    // lowest rank first; the seventh waits at the client node.
+    // lowest rank first; the seventh waits at the head node.
     assert_eq!(
         sent_to(&c, &ids),
         vec![
@@ -1869,13 +1869,13 @@ fn rule_12_busy_servers_are_sent_requests_ahead_up_to_the_prefetch() {
     assert_eq!(status_of(&c, ids[0]), CommandStatus::RequestSent);
     assert_eq!(status_of(&c, ids[2]), CommandStatus::HoldingQueue);
     assert_eq!(status_of(&c, ids[6]), CommandStatus::HoldingQueue);
-    assert_eq!(c.client.status(None).unwrap().queued, 5);
+    assert_eq!(c.head.status(None).unwrap().queued, 5);
     // The server runs what it was sent in order, one at a time, and the
-    // client node refills it as each ends.
+    // head node refills it as each ends.
     assert_eq!(c.finish(1, Value::none()), ids[0]);
     assert_eq!(c.running[&1].id, ids[2]);
     assert_eq!(sent_to(&c, &ids[6..]), vec![(ids[6], 1)]);
-    let status = c.client.status(Some(1)).unwrap();
+    let status = c.head.status(Some(1)).unwrap();
     assert_eq!(status.servers[0].command_id, ids[2]);
     for _ in 0..3 {
         c.finish(1, Value::none());
@@ -1884,7 +1884,7 @@ fn rule_12_busy_servers_are_sent_requests_ahead_up_to_the_prefetch() {
     for &id in &ids {
         assert!(c.response(id).successful, "request {id}");
     }
-    assert_eq!(c.client.pending(), 0);
+    assert_eq!(c.head.pending(), 0);
 }
 
 #[test]
@@ -1926,7 +1926,7 @@ fn rule_12_a_request_sent_ahead_is_recalled_for_a_server_that_falls_idle() {
     assert_eq!(c.finish(1, Value::none()), long);
     assert!(!c.executed.contains(&(1, ahead)));
     assert_eq!(c.response(ahead).server, 2);
-    assert_eq!(c.client.pending(), 0);
+    assert_eq!(c.head.pending(), 0);
 }
 
 /// Two servers, prefetch 2: server 1 runs `long` with `ahead` sent after
@@ -1955,7 +1955,7 @@ fn rule_12_a_recall_that_comes_too_late_leaves_the_request_where_it_runs() {
     assert_eq!(c.finish(1, Value::none()), ahead);
     assert_eq!(c.response(ahead).server, 1);
     assert_eq!(sent_to(&c, &[ahead]), vec![(ahead, 1)]);
-    assert_eq!(c.client.pending(), 0);
+    assert_eq!(c.head.pending(), 0);
 }
 
 #[test]
@@ -1963,7 +1963,7 @@ fn rule_24_cancelling_a_request_sent_ahead_answers_it_at_once() {
     let mut c = prefetching(1, 3);
     let running = c.submit("long()", &[1]).unwrap()[0];
     let ahead = c.submit("next()", &[1]).unwrap()[0];
-    let reply = c.client.cancel(&[ahead]);
+    let reply = c.head.cancel(&[ahead]);
     assert_eq!(
         (reply.dequeued, reply.interrupting),
         (vec![ahead], Vec::<RequestId>::new())
@@ -1979,7 +1979,7 @@ fn rule_24_cancelling_a_request_sent_ahead_answers_it_at_once() {
     // The server dropped it too, and its answer was not passed on twice.
     assert_eq!(c.finish(1, Value::none()), running);
     assert!(!c.executed.contains(&(1, ahead)));
-    assert_eq!(c.client.pending(), 0);
+    assert_eq!(c.head.pending(), 0);
 }
 
 #[test]
@@ -2013,7 +2013,7 @@ fn rule_20_requests_sent_ahead_to_a_timed_out_server_go_elsewhere_or_time_out() 
     c.finish(1, Value::none());
     assert!(!c.executed.contains(&(1, shared)) && !c.executed.contains(&(1, targeted)));
     assert_eq!(c.response(shared).server, 2);
-    assert_eq!(c.client.pending(), 0);
+    assert_eq!(c.head.pending(), 0);
 }
 
 #[test]
@@ -2087,7 +2087,7 @@ fn rule_12_requests_with_large_parameters_are_not_sent_ahead() {
 fn rule_27_a_request_recalled_while_services_stop_is_answered() {
     // Server 1 reads the recall only after STOP was sent.
     let (mut c, _, ahead) = recall_on_its_way();
-    c.client.stop(false);
+    c.head.stop(false);
     c.pump();
     c.resume(1);
     let r = c.response(ahead);
@@ -2098,8 +2098,8 @@ fn rule_27_a_request_recalled_while_services_stop_is_answered() {
         r.traceback()
     );
     c.finish(1, Value::none());
-    assert_eq!(c.client.pending(), 0);
-    assert!(c.client.is_stopped());
+    assert_eq!(c.head.pending(), 0);
+    assert!(c.head.is_stopped());
 }
 
 #[test]
@@ -2107,15 +2107,15 @@ fn rule_33_a_request_queued_again_after_a_restart_takes_the_answer_of_the_server
     let mut c = Cluster::new(1);
     let busy = c.submit("long()", &[]).unwrap()[0];
     // Queued again from the journal while server 1 is busy: it waits.
-    c.client.continue_ids_from(100);
+    c.head.continue_ids_from(100);
     let request = SubmitRequest {
         command: "again()".into(),
         ..SubmitRequest::default()
     };
-    c.client.resubmit(DriverId(0), 50, request).unwrap();
+    c.head.resubmit(DriverId(0), 50, request).unwrap();
     c.pump();
     assert!(!c.has_response(50));
-    // Server 1 ran it for the client node before, and answers it now.
+    // Server 1 ran it for the head node before, and answers it now.
     let answer = CommandResponse {
         id: 50,
         ret: Some(Value::from(99)),
@@ -2124,7 +2124,7 @@ fn rule_33_a_request_queued_again_after_a_restart_takes_the_answer_of_the_server
         ..CommandResponse::default()
     };
     let now = c.now;
-    c.client
+    c.head
         .handle(
             1,
             Envelope::new(Body::CommandResponse(Box::new(answer))),

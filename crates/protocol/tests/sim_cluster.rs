@@ -1,4 +1,4 @@
-//! A simulated cluster: one `ClientCore` and up to 10 000 `ServerCore`s in
+//! A simulated cluster: one `HeadCore` and up to 10 000 `ServerCore`s in
 //! one process, joined by an in-memory network with random per-message
 //! delay (links stay FIFO, as transports guarantee), servers that stall
 //! (like SIGSTOP) and recover, commands that succeed, fail or get
@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::{CommandMode, CommandStatus, Envelope, Parameter, SubmitRequest};
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, Event, ExecOutcome, Rank, RequestId, ServerAction,
+    Action, DriverId, Event, ExecOutcome, HeadConfig, HeadCore, Rank, RequestId, ServerAction,
     ServerConfig, ServerCore, WallClock,
 };
 use proptest::prelude::*;
@@ -119,7 +119,7 @@ enum SimEvent {
         rank: Rank,
         generation: u64,
     },
-    ClientTick,
+    HeadTick,
     /// The driver script's next operation.
     DriverOp(usize),
     /// Services are stopped, mid-stream (rule 27).
@@ -153,12 +153,12 @@ struct Record {
     accepted_order: Vec<RequestId>,
     finals: HashMap<RequestId, Vec<(DriverId, casa_node_protocol::pb::CommandResponse)>>,
     replacements: HashMap<RequestId, Vec<casa_node_protocol::pb::CommandResponse>>,
-    /// Ids of CommandRequests the client sent, per server, in order.
+    /// Ids of CommandRequests the head node sent, per server, in order.
     sent: HashMap<Rank, Vec<RequestId>>,
     untargeted_sent: Vec<RequestId>,
-    /// (id, server) of responses the client received from servers.
+    /// (id, server) of responses the head node received from servers.
     responses_received: HashSet<(RequestId, Rank)>,
-    /// Servers the client had marked timed out, as it reported.
+    /// Servers the head node had marked timed out, as it reported.
     timed_out: BTreeSet<Rank>,
     rejections: usize,
     stopped: bool,
@@ -169,13 +169,13 @@ struct Sim {
     now: Duration,
     rng: Rng,
     max_delay: u64,
-    client: ClientCore,
+    head: HeadCore,
     servers: Vec<SimServer>,
     heap: BinaryHeap<Reverse<(Duration, u64)>>,
     events: HashMap<u64, SimEvent>,
     seq: u64,
     link_clock: HashMap<(Rank, Rank), Duration>,
-    next_client_tick: Option<Duration>,
+    next_head_tick: Option<Duration>,
     ops: Vec<(Duration, DriverOp)>,
     ops_done: usize,
     record: Record,
@@ -186,13 +186,13 @@ impl Sim {
         let base = Instant::now();
         let mut rng = Rng(s.seed);
         let clock = WallClock::new(base, 1_700_000_000.0);
-        let config = ClientConfig {
+        let config = HeadConfig {
             heartbeat: HEARTBEAT,
             timeout: TIMEOUT,
             prefetch: s.prefetch,
-            ..ClientConfig::default()
+            ..HeadConfig::default()
         };
-        let mut client = ClientCore::new(config, clock);
+        let mut head = HeadCore::new(config, clock);
         let mut servers = Vec::with_capacity(s.servers + 1);
         servers.push(SimServer {
             core: ServerCore::new(server_config(0), clock, base),
@@ -201,7 +201,7 @@ impl Sim {
             generation: 0,
         });
         for rank in 1..=s.servers as Rank {
-            client.add_server(rank, base).unwrap();
+            head.add_server(rank, base).unwrap();
             servers.push(SimServer {
                 core: ServerCore::new(server_config(rank), clock, base),
                 stalls: Vec::new(),
@@ -252,13 +252,13 @@ impl Sim {
             now: Duration::ZERO,
             rng,
             max_delay: s.max_delay_ms,
-            client,
+            head,
             servers,
             heap: BinaryHeap::new(),
             events: HashMap::new(),
             seq: 0,
             link_clock: HashMap::new(),
-            next_client_tick: None,
+            next_head_tick: None,
             ops,
             ops_done: 0,
             record: Record::default(),
@@ -303,8 +303,8 @@ impl Sim {
     }
 
     fn run(&mut self) {
-        self.client.start(self.instant());
-        self.pump_client();
+        self.head.start(self.instant());
+        self.pump_head();
         while let Some(Reverse((at, seq))) = self.heap.pop() {
             assert!(
                 at <= HORIZON,
@@ -332,7 +332,7 @@ impl Sim {
                     from,
                     to: 0,
                     envelope,
-                } => self.client_receives(from, envelope),
+                } => self.head_receives(from, envelope),
                 SimEvent::Message { to, envelope, .. } => {
                     let now = self.instant();
                     self.servers[to as usize]
@@ -342,23 +342,23 @@ impl Sim {
                     self.pump_server(to);
                 }
                 SimEvent::ExecDone { rank, generation } => self.exec_done(rank, generation),
-                SimEvent::ClientTick => {
-                    if self.next_client_tick == Some(at) {
-                        self.next_client_tick = None;
+                SimEvent::HeadTick => {
+                    if self.next_head_tick == Some(at) {
+                        self.next_head_tick = None;
                     }
-                    self.client.tick(self.instant());
+                    self.head.tick(self.instant());
                 }
                 SimEvent::DriverOp(i) => self.driver_op(i),
                 SimEvent::Stop => {
-                    if !self.client.is_stopped() && !self.stopping() {
-                        self.client.stop(false);
+                    if !self.head.is_stopped() && !self.stopping() {
+                        self.head.stop(false);
                     }
                 }
             }
-            self.pump_client();
-            if self.settled() && !self.client.is_stopped() && !self.stopping() {
-                self.client.stop(false);
-                self.pump_client();
+            self.pump_head();
+            if self.settled() && !self.head.is_stopped() && !self.stopping() {
+                self.head.stop(false);
+                self.pump_head();
             }
         }
     }
@@ -369,15 +369,15 @@ impl Sim {
 
     /// Every driver operation done and every request answered.
     fn settled(&self) -> bool {
-        self.ops_done == self.ops.len() && self.client.pending() == 0
+        self.ops_done == self.ops.len() && self.head.pending() == 0
     }
 
-    fn client_receives(&mut self, from: Rank, envelope: Envelope) {
+    fn head_receives(&mut self, from: Rank, envelope: Envelope) {
         if let Some(Body::CommandResponse(r)) = &envelope.body {
             self.record.responses_received.insert((r.id, from));
         }
         let now = self.instant();
-        self.client.handle(from, envelope, now).unwrap();
+        self.head.handle(from, envelope, now).unwrap();
     }
 
     fn driver_op(&mut self, i: usize) {
@@ -401,11 +401,8 @@ impl Sim {
                     deadline_seconds: None,
                     ..SubmitRequest::default()
                 };
-                let before = (
-                    self.client.pending(),
-                    self.client.status(None).unwrap().queued,
-                );
-                match self.client.submit(driver, request) {
+                let before = (self.head.pending(), self.head.status(None).unwrap().queued);
+                match self.head.submit(driver, request) {
                     Ok(ids) => {
                         let expected = if targets.is_empty() { 1 } else { targets.len() };
                         assert_eq!(ids.len(), expected, "rule 13: one request per target");
@@ -420,13 +417,10 @@ impl Sim {
                     Err(_) => {
                         self.record.rejections += 1;
                         // Rule 14: nothing was queued and nothing was sent.
-                        let after = (
-                            self.client.pending(),
-                            self.client.status(None).unwrap().queued,
-                        );
+                        let after = (self.head.pending(), self.head.status(None).unwrap().queued);
                         assert_eq!(before, after, "rule 14: a rejected push queued something");
                         assert_eq!(
-                            self.client.poll_action(),
+                            self.head.poll_action(),
                             None,
                             "rule 14: a rejected push acted"
                         );
@@ -435,7 +429,7 @@ impl Sim {
             }
             DriverOp::Cancel(k) => {
                 if let Some(&id) = self.record.accepted_order.get(k) {
-                    self.client.cancel(&[id]);
+                    self.head.cancel(&[id]);
                 }
             }
         }
@@ -521,13 +515,13 @@ impl Sim {
                     core.worker_ready(now);
                 }
                 ServerAction::SetLogLevel(_) | ServerAction::Exit => {}
-                ServerAction::ClientGone { .. } => panic!("the client node pings every heartbeat"),
+                ServerAction::HeadGone { .. } => panic!("the head node pings every heartbeat"),
             }
         }
     }
 
-    fn pump_client(&mut self) {
-        while let Some(action) = self.client.poll_action() {
+    fn pump_head(&mut self) {
+        while let Some(action) = self.head.poll_action() {
             match action {
                 Action::Send { to, envelope } => {
                     if let Some(Body::CommandRequest(request)) = &envelope.body {
@@ -578,11 +572,11 @@ impl Sim {
                 Action::Stopped => {}
             }
         }
-        if let Some(at) = self.client.poll_timeout() {
+        if let Some(at) = self.head.poll_timeout() {
             let at = at.saturating_duration_since(self.base).max(self.now);
-            if self.next_client_tick.is_none_or(|t| at < t) {
-                self.next_client_tick = Some(at);
-                self.schedule(at, SimEvent::ClientTick);
+            if self.next_head_tick.is_none_or(|t| at < t) {
+                self.next_head_tick = Some(at);
+                self.schedule(at, SimEvent::HeadTick);
             }
         }
     }
@@ -616,7 +610,7 @@ impl Sim {
             r.accepted.len(),
             "responses for ids never accepted"
         );
-        // Rule 21: a timed-out record whose real answer reached the client
+        // Rule 21: a timed-out record whose real answer reached the head node
         // was replaced, once, by that answer.
         for (id, finals) in &r.finals {
             let response = &finals[0].1;
@@ -665,7 +659,7 @@ impl Sim {
             "rule 12: untargeted order {first_sends:?}"
         );
         // Rule 27: services stopped.
-        assert!(self.client.is_stopped(), "stop services did not complete");
+        assert!(self.head.is_stopped(), "stop services did not complete");
     }
 }
 

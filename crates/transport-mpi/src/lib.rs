@@ -1,4 +1,4 @@
-//! casa-node's MPI transport: rank 0 of `MPI_COMM_WORLD` is the client node,
+//! casa-node's MPI transport: rank 0 of `MPI_COMM_WORLD` is the head node,
 //! ranks 1.. are server nodes, with the [`mpi`] crate (rsmpi) over the
 //! system's MPI library (Open MPI, MPICH, …).
 //!
@@ -222,7 +222,7 @@ pub enum MpiError {
     /// The world has fewer than 2 processes: there is no server node.
     #[error(
         "the MPI world has {0} process(es); casa-node needs at least 2 \
-         (rank 0 is the client node, ranks 1.. are server nodes): \
+         (rank 0 is the head node, ranks 1.. are server nodes): \
          start it with `mpirun -n N` and N >= 2"
     )]
     WorldTooSmall(i32),

@@ -195,13 +195,13 @@ fn server_drop_says_goodbye_too() {
 }
 
 #[test]
-fn client_shutdown_is_noticed() {
-    check(2, &["client-shutdown"], LIMIT);
+fn head_shutdown_is_noticed() {
+    check(2, &["head-shutdown"], LIMIT);
 }
 
 #[test]
-fn client_drop_says_goodbye_too() {
-    check(2, &["client-drop"], LIMIT);
+fn head_drop_says_goodbye_too() {
+    check(2, &["head-drop"], LIMIT);
 }
 
 /// A 96 MiB send to a stopped rank, and a ping after it, do not hold up

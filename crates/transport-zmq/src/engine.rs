@@ -57,14 +57,14 @@ use crate::{MAX_WINDOW, ZmqConfig};
 const LOG_FIRST: u64 = 10;
 const LOG_EVERY: u64 = 1000;
 
-/// Connections welcomed and not yet proven fresh that a client node keeps;
+/// Connections welcomed and not yet proven fresh that a head node keeps;
 /// beyond it, Hellos are refused until some expire.
 const MAX_PENDING: usize = 1024;
 
-/// Hello nonces a client node remembers, to name a replayed Hello at once.
+/// Hello nonces a head node remembers, to name a replayed Hello at once.
 const SEEN_HELLOS: usize = 4096;
 
-/// Refused connections a client node remembers, to refuse each once; when
+/// Refused connections a head node remembers, to refuse each once; when
 /// there are more, it forgets them all (so one that goes on sending is
 /// refused once more per this many refusals to others).
 const REFUSED: usize = 4096;
@@ -158,7 +158,7 @@ pub(crate) struct Charge {
 pub(crate) enum Terminal {
     /// Shut down or dropped by its owner.
     Closed,
-    /// A server node lost its client node.
+    /// A server node lost its head node.
     Lost(Rank),
     /// The socket failed.
     Failed(String),
@@ -274,11 +274,11 @@ struct Peer {
 /// What a signing engine keeps besides each peer's [`LinkSeal`].
 struct Security {
     signer: Signer,
-    /// On the client node: connections that sent a valid Hello and were
+    /// On the head node: connections that sent a valid Hello and were
     /// welcomed, and have not yet sent a message under the nonce of the
     /// Welcome, which proves the Hello was not a replay.
     pending: HashMap<Bytes, Pending>,
-    /// On the client node: the nonces of recent Hellos, oldest first.
+    /// On the head node: the nonces of recent Hellos, oldest first.
     seen: VecDeque<Nonce>,
     seen_set: HashSet<Nonce>,
 }
@@ -619,12 +619,12 @@ pub(crate) struct Engine {
     closing: bool,
     /// Set when links are signed.
     security: Option<Security>,
-    /// On a signed server node, told when the client node's first credit
+    /// On a signed server node, told when the head node's first credit
     /// arrives: it has admitted this node by then.
     admitted: Option<oneshot::Sender<()>>,
     /// Per peer, what decodes its large messages off this thread.
     decoders: HashMap<Rank, Decoder>,
-    /// On the client node: connections that have not joined and were
+    /// On the head node: connections that have not joined and were
     /// refused, and whether a later Hello of theirs was dropped (and said
     /// so in the log). Each is refused once: a peer that floods Hellos and
     /// reads nothing would otherwise fill the socket's queue for it, and
@@ -696,12 +696,12 @@ impl Engine {
 
     /// Registers the ROUTER as rank 0 of a DEALER that was just welcomed
     /// (on `link`, if signed), and grants it its window.
-    pub(crate) async fn add_client_node(&mut self, link: Option<LinkSeal>) {
+    pub(crate) async fn add_head_node(&mut self, link: Option<LinkSeal>) {
         self.add_peer(0, Bytes::new(), link);
         self.grant_window(0).await;
     }
 
-    /// Tells `admitted` when the client node's first credit arrives.
+    /// Tells `admitted` when the head node's first credit arrives.
     pub(crate) fn notify_admission(&mut self, admitted: oneshot::Sender<()>) {
         self.admitted = Some(admitted);
     }
@@ -807,7 +807,7 @@ impl Engine {
         self.socket.send(identity, parts).await
     }
 
-    /// Runs until shut down, dropped, or (on a DEALER) the client node is
+    /// Runs until shut down, dropped, or (on a DEALER) the head node is
     /// lost.
     pub(crate) async fn run(mut self, mut inputs: Inputs) {
         let mut done: Vec<oneshot::Sender<()>> = Vec::new();
@@ -1218,7 +1218,7 @@ impl Engine {
                 let reply = Envelope::error(
                     0,
                     ProtocolErrorCode::UnexpectedMessage,
-                    "this client node's links are not signed: give it the signing key too, \
+                    "this head node's links are not signed: give it the signing key too, \
                      or none to this server node",
                 );
                 self.refuse_stranger(&identity, &reply, None).await;
@@ -1387,7 +1387,7 @@ impl Engine {
             }
         };
         let correlation = hello_envelope.correlation;
-        let hello = match check_hello(hello_envelope, Role::ServerNode, "a client node") {
+        let hello = match check_hello(hello_envelope, Role::ServerNode, "a head node") {
             Ok(hello) => hello,
             Err(reply) => {
                 if self.refuse_stranger(&identity, &reply, link).await
@@ -1401,10 +1401,10 @@ impl Engine {
         let refusal = if self.closing {
             Some((
                 ProtocolErrorCode::UnexpectedMessage,
-                "the client node is shutting down".to_owned(),
+                "the head node is shutting down".to_owned(),
             ))
         } else if !(0..=MAX_RANK).contains(&hello.rank) {
-            // The client core takes no rank past this: refused here, before
+            // The head core takes no rank past this: refused here, before
             // the peer joins, rather than joined and then unknown there.
             Some((
                 ProtocolErrorCode::UnknownRank,
@@ -1446,7 +1446,7 @@ impl Engine {
             Body::Welcome(
                 Welcome {
                     protocol_version: PROTOCOL_VERSION,
-                    role: Role::ClientNode.into(),
+                    role: Role::HeadNode.into(),
                     software: crate::software(),
                     rank,
                     cluster: None,
@@ -1764,7 +1764,7 @@ impl Engine {
             let peer = if self.socket.is_router() {
                 hex(identity)
             } else {
-                "the client node".to_owned()
+                "the head node".to_owned()
             };
             warn!(
                 %peer,
@@ -1791,7 +1791,7 @@ impl Engine {
             let reply = Envelope::error(
                 0,
                 ProtocolErrorCode::UnexpectedMessage,
-                "the client node could not verify this server node's signature: \
+                "the head node could not verify this server node's signature: \
                  its links are signed, with another key than this server node's, or it has none",
             );
             // Why is logged as the message's rejection.
@@ -1799,7 +1799,7 @@ impl Engine {
         }
     }
 
-    /// Whether an unsigned client node got a signed Hello.
+    /// Whether an unsigned head node got a signed Hello.
     fn is_signed_hello(&self, identity: &Bytes, parts: &VecDeque<Bytes>) -> bool {
         self.security.is_none()
             && self.socket.is_router()

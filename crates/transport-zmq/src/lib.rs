@@ -1,8 +1,8 @@
-//! casa-node's ZeroMQ transport: a ROUTER on the client node (rank 0), one
+//! casa-node's ZeroMQ transport: a ROUTER on the head node (rank 0), one
 //! DEALER per server node, over `ipc://` on one machine or `tcp://` across
 //! machines, with the pure-Rust [`zeromq`] crate on tokio.
 //!
-//! - [`ZmqTransport::bind`] makes the client node's side: it listens, admits
+//! - [`ZmqTransport::bind`] makes the head node's side: it listens, admits
 //!   server nodes that open with a compatible `Hello`, gives each a rank and
 //!   reports [`TransportEvent::PeerJoined`].
 //! - [`ZmqTransport::connect`] makes a server node's side: it connects, says
@@ -29,16 +29,16 @@
 //! | `B`                      | no       | goodbye: the sender is shutting down                  |
 //! | `A`                      | no       | goodbye acknowledged                                  |
 //!
-//! A server node connects and sends `H`; the client node answers `W` and,
+//! A server node connects and sends `H`; the head node answers `W` and,
 //! if it welcomed the peer, `C` with its window; the server node then sends
 //! its own `C`. Input that breaks these rules is logged (with `tracing`) and
 //! dropped. A connection that has not joined is refused at most once:
 //! Hellos of it that would be refused again are dropped (and logged the
 //! first time), so that a peer that sends Hellos and never reads cannot
-//! fill the socket's queue for it, which would make the client node wait
+//! fill the socket's queue for it, which would make the head node wait
 //! on it and serve nobody else; a valid Hello of it is still welcomed. On
 //! a [signed link](#signed-links) every message has one more part in
-//! front, its seal, and the client node's `C` waits for the server node's.
+//! front, its seal, and the head node's `C` waits for the server node's.
 //!
 //! # Delivery
 //!
@@ -76,7 +76,7 @@
 //! - when the peer shuts its transport down or drops it (it says goodbye);
 //! - when its process exits or is killed, or its connection closes or
 //!   fails (the socket sees end of file or an error);
-//! - on a server node, losing the client node ends the transport: after
+//! - on a server node, losing the head node ends the transport: after
 //!   `PeerLost(0)`, `recv` and `send` fail with
 //!   [`TransportError::Disconnected`]`(0)`, so the server can exit.
 //!
@@ -96,7 +96,7 @@
 //! private directory) are unchanged and cost nothing more.
 //!
 //! A node enables it by reading the key and passing it in the
-//! configuration, the same on the client node and on each server node:
+//! configuration, the same on the head node and on each server node:
 //!
 //! ```no_run
 //! # async fn example(hex_from_connection_file: &str) -> Result<(), Box<dyn std::error::Error>> {
@@ -106,24 +106,24 @@
 //!     signing: Some(SigningKey::from_hex(hex_from_connection_file)?),
 //!     ..ZmqConfig::default()
 //! };
-//! // The client node:
-//! let client = ZmqTransport::bind_with("tcp://0.0.0.0:5555", config.clone()).await?;
+//! // The head node:
+//! let head node = ZmqTransport::bind_with("tcp://0.0.0.0:5555", config.clone()).await?;
 //! // A server node (0: any rank):
 //! let server = ZmqTransport::connect_with("tcp://head-node:5555", 0, config).await?;
 //! # Ok(()) }
 //! ```
 //!
-//! A server node whose key differs (or that has none, or whose client node
+//! A server node whose key differs (or that has none, or whose head node
 //! has none) cannot join: `connect_with` fails with
 //! [`HandshakeError::Unauthenticated`] (or, for a server node without a
-//! key, [`HandshakeError::Refused`]) and the client node logs why.
+//! key, [`HandshakeError::Refused`]) and the head node logs why.
 //!
 //! The seal is one part of 56 bytes: the sender's nonce for the link (16
 //! bytes), a counter (8) and an HMAC-SHA256 tag (32) over a domain label,
 //! the direction, both nonces of the link, the counter, and each part of
 //! the message with its length; one pass of HMAC over the payload. A
 //! link is named by two random nonces, one the server node draws per
-//! `connect`, one the client node draws per Hello it accepts; so:
+//! `connect`, one the head node draws per Hello it accepts; so:
 //!
 //! - the Hello is sealed with counter 0 and the server node's nonce alone;
 //!   the Welcome (or refusal) with counter 0 and both nonces, so the server
@@ -132,7 +132,7 @@
 //!   grows by one per message each way, and the receiver accepts only
 //!   counters above the last it accepted on the link: a message replayed
 //!   in the same session is refused;
-//! - the client node admits a welcomed server node (`PeerJoined`, its
+//! - the head node admits a welcomed server node (`PeerJoined`, its
 //!   credit) only once a message sealed under the Welcome's fresh nonce
 //!   proves the Hello is not a replay, and remembers recent Hellos to
 //!   name a replayed one; `connect_with` returns once it is admitted;
@@ -263,8 +263,8 @@ impl ZmqConfig {
 /// `source` (find it with `downcast_ref`).
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum HandshakeError {
-    /// The client node answered `Hello` with a `ProtocolError`.
-    #[error("the client node refused this server node ({}): {message}", code.as_str_name())]
+    /// The head node answered `Hello` with a `ProtocolError`.
+    #[error("the head node refused this server node ({}): {message}", code.as_str_name())]
     Refused {
         /// Why, for programs.
         code: ProtocolErrorCode,
@@ -272,18 +272,18 @@ pub enum HandshakeError {
         message: String,
     },
     /// No connection or no answer in time.
-    #[error("no Welcome from the client node within {0:?}")]
+    #[error("no Welcome from the head node within {0:?}")]
     Timeout(Duration),
     /// The connection closed before the answer.
-    #[error("the client node closed the connection during the handshake")]
+    #[error("the head node closed the connection during the handshake")]
     Closed,
     /// The answer was not a `Welcome` this side can accept.
     #[error("unexpected answer to Hello: {0}")]
     Unexpected(String),
-    /// The client node could not verify this side's signature: one of the
+    /// The head node could not verify this side's signature: one of the
     /// two signs its links and the other does not, or their keys differ.
     /// (The answer saying so cannot itself be signed.)
-    #[error("the client node refused this server node's signature: {0}")]
+    #[error("the head node refused this server node's signature: {0}")]
     Unauthenticated(String),
 }
 
@@ -429,7 +429,7 @@ impl std::fmt::Debug for ZmqTransport {
 }
 
 impl ZmqTransport {
-    /// The client node's side: a ROUTER bound at `endpoint` (`ipc://PATH`
+    /// The head node's side: a ROUTER bound at `endpoint` (`ipc://PATH`
     /// or `tcp://HOST:PORT`; port 0 picks a free port), rank 0.
     pub async fn bind(endpoint: &str) -> Result<ZmqTransport, TransportError> {
         Self::bind_with(endpoint, ZmqConfig::default()).await
@@ -456,7 +456,7 @@ impl ZmqTransport {
         let bound = socket
             .bind(endpoint)
             .await
-            .map_err(|e| io_error(format!("binding the client node's socket to {endpoint}"), e))?;
+            .map_err(|e| io_error(format!("binding the head node's socket to {endpoint}"), e))?;
         let (send, recv) = socket.split();
         let (incoming, reader) = engine::spawn_reader(recv);
         let bound = bound.to_string();
@@ -475,9 +475,9 @@ impl ZmqTransport {
         Ok(handle)
     }
 
-    /// A server node's side: a DEALER connected to the client node at
+    /// A server node's side: a DEALER connected to the head node at
     /// `endpoint`, asking for `requested_rank` (0: any). Returns once the
-    /// client node has answered `Welcome`; [`rank`](Transport::rank) is the
+    /// head node has answered `Welcome`; [`rank`](Transport::rank) is the
     /// rank it gave, which may differ from the one asked for if that was
     /// taken.
     pub async fn connect(
@@ -508,7 +508,7 @@ impl ZmqTransport {
         config: ZmqConfig,
     ) -> Result<ZmqTransport, TransportError> {
         let config = config.normalized();
-        let context = || format!("joining the client node at {endpoint}");
+        let context = || format!("joining the head node at {endpoint}");
         let timeout = config.handshake_timeout;
         let deadline = Instant::now() + timeout;
         let mut options = socket_options(&config);
@@ -593,16 +593,16 @@ impl ZmqTransport {
         let signed = link.is_some();
         let (handle, mut engine, commands) =
             Self::assemble(rank, endpoint.to_owned(), SendHalf::Dealer(send), config);
-        // On a signed link the client node admits this node only when our
+        // On a signed link the head node admits this node only when our
         // first message (the credit below) proves the Hello fresh, and its
         // own credit follows: wait for it, so that when `connect` returns
-        // the client node knows this node, as on an unsigned link.
+        // the head node knows this node, as on an unsigned link.
         let (admitted_tx, admitted) = oneshot::channel();
         if signed {
             engine.notify_admission(admitted_tx);
         }
         async move {
-            engine.add_client_node(link).await;
+            engine.add_head_node(link).await;
             tokio::spawn(
                 engine
                     .run(Inputs {
@@ -664,7 +664,7 @@ impl ZmqTransport {
         self.state().rejected
     }
 
-    /// Where the client node listens (the resolved address: `tcp://…:0`
+    /// Where the head node listens (the resolved address: `tcp://…:0`
     /// becomes the actual port), or, on a server node, the endpoint it
     /// connected to.
     pub fn endpoint(&self) -> &str {
@@ -879,7 +879,7 @@ fn read_answer(
     let first = parts.pop_front()?;
     let Some(seal) = Seal::parse(&first).filter(|seal| seal.counter == 0) else {
         parts.push_front(first);
-        // A client node that cannot verify our Hello cannot sign its
+        // A head node that cannot verify our Hello cannot sign its
         // answer either; a refusal is all it may say unsigned.
         return match welcome_or_refusal(framing, parts)? {
             Err(HandshakeError::Refused { message, .. }) => {
@@ -924,7 +924,7 @@ fn welcome_or_refusal(
         Some(Body::Welcome(welcome)) => {
             if check_version(welcome.protocol_version, 0).is_err() {
                 Err(HandshakeError::Unexpected(format!(
-                    "the client node speaks protocol version {}, this server node {PROTOCOL_VERSION}",
+                    "the head node speaks protocol version {}, this server node {PROTOCOL_VERSION}",
                     welcome.protocol_version
                 )))
             } else if welcome.rank < 1 {

@@ -30,7 +30,7 @@ const DOMAIN: &[u8] = b"casa-node zmq link v1";
 /// A nonce chosen at random by one side of a link for that link alone.
 pub(crate) type Nonce = [u8; NONCE_LEN];
 
-/// The nonce a Hello stands in for the client node's, not chosen yet.
+/// The nonce a Hello stands in for the head node's, not chosen yet.
 pub(crate) const NO_NONCE: Nonce = [0; NONCE_LEN];
 
 /// The key both ends of a signed link hold: 32 bytes, as in the
@@ -87,14 +87,14 @@ pub enum KeyError {
 /// reflected back to its sender.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Direction {
-    /// From a server node's DEALER to the client node's ROUTER.
+    /// From a server node's DEALER to the head node's ROUTER.
     ToRouter = 0,
-    /// From the client node's ROUTER to a server node's DEALER.
+    /// From the head node's ROUTER to a server node's DEALER.
     ToDealer = 1,
 }
 
 /// The nonces that name one link: the server node's, chosen per `connect`,
-/// and the client node's, chosen per accepted Hello.
+/// and the head node's, chosen per accepted Hello.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct LinkId {
     pub(crate) dealer: Nonce,

@@ -7,29 +7,29 @@ use casa_node_protocol::Transport;
 use casa_node_transport_zmq::ZmqTransport;
 use tempfile::TempDir;
 
-/// A client node bound in a fresh directory (kept alive by the `TempDir`).
-async fn client_ipc() -> (ZmqTransport, TempDir) {
+/// A head node bound in a fresh directory (kept alive by the `TempDir`).
+async fn head_ipc() -> (ZmqTransport, TempDir) {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let endpoint = format!("ipc://{}/client.sock", dir.path().display());
-    let client = ZmqTransport::bind(&endpoint).await.expect("bind");
-    assert_eq!(client.endpoint(), endpoint);
-    (client, dir)
+    let endpoint = format!("ipc://{}/head.sock", dir.path().display());
+    let head = ZmqTransport::bind(&endpoint).await.expect("bind");
+    assert_eq!(head.endpoint(), endpoint);
+    (head, dir)
 }
 
-/// A client node and `n` server nodes joined to it at once.
+/// A head node and `n` server nodes joined to it at once.
 async fn cluster_ipc(n: usize) -> (ZmqTransport, Vec<ZmqTransport>, TempDir) {
-    let (client, dir) = client_ipc().await;
-    let endpoint = client.endpoint().to_owned();
+    let (head, dir) = head_ipc().await;
+    let endpoint = head.endpoint().to_owned();
     let servers =
         futures::future::try_join_all((0..n).map(|_| ZmqTransport::connect(&endpoint, 0)))
             .await
             .expect("connect");
-    (client, servers, dir)
+    (head, servers, dir)
 }
 
 async fn pair_ipc() -> (ZmqTransport, ZmqTransport, TempDir) {
-    let (client, mut servers, dir) = cluster_ipc(1).await;
-    (client, servers.pop().expect("one server"), dir)
+    let (head, mut servers, dir) = cluster_ipc(1).await;
+    (head, servers.pop().expect("one server"), dir)
 }
 
 fn ok(result: checks::CheckResult) {
@@ -40,88 +40,88 @@ fn ok(result: checks::CheckResult) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordering_10_000_each_way_ipc() {
-    let (mut client, mut server, _dir) = pair_ipc().await;
-    ok(checks::ordering(&mut client, &mut server, 10_000).await);
+    let (mut head, mut server, _dir) = pair_ipc().await;
+    ok(checks::ordering(&mut head, &mut server, 10_000).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ordering_10_000_each_way_tcp() {
-    let mut client = ZmqTransport::bind("tcp://127.0.0.1:0").await.expect("bind");
-    let endpoint = client.endpoint().to_owned();
+    let mut head = ZmqTransport::bind("tcp://127.0.0.1:0").await.expect("bind");
+    let endpoint = head.endpoint().to_owned();
     assert!(endpoint.starts_with("tcp://127.0.0.1:"), "{endpoint}");
     assert!(
         !endpoint.ends_with(":0"),
         "the bound port is not reported: {endpoint}"
     );
     let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
-    ok(checks::ordering(&mut client, &mut server, 10_000).await);
+    ok(checks::ordering(&mut head, &mut server, 10_000).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_in_flight_20_000_each_way() {
-    let (mut client, mut server, _dir) = pair_ipc().await;
-    ok(checks::many_in_flight(&mut client, &mut server, 20_000).await);
+    let (mut head, mut server, _dir) = pair_ipc().await;
+    ok(checks::many_in_flight(&mut head, &mut server, 20_000).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_message_256_mib_each_way() {
-    let (mut client, mut server, _dir) = pair_ipc().await;
-    ok(checks::large_message(&mut client, &mut server, 256 << 20).await);
+    let (mut head, mut server, _dir) = pair_ipc().await;
+    ok(checks::large_message(&mut head, &mut server, 256 << 20).await);
 }
 
 /// Larger than the default byte budget per peer (64 MiB), after a ping
 /// that leaves most of the budget free and asks for no credit back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn large_message_80_mib_after_a_small_one_each_way() {
-    let (mut client, mut server, _dir) = pair_ipc().await;
-    ok(checks::large_after_small(&mut client, &mut server, 80 << 20).await);
+    let (mut head, mut server, _dir) = pair_ipc().await;
+    ok(checks::large_after_small(&mut head, &mut server, 80 << 20).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn many_peers_32_servers() {
-    let (mut client, mut servers, _dir) = cluster_ipc(32).await;
+    let (mut head, mut servers, _dir) = cluster_ipc(32).await;
     let mut ranks: Vec<_> = servers.iter().map(|s| s.rank()).collect();
     ranks.sort_unstable();
     assert_eq!(ranks, (1..=32).collect::<Vec<_>>());
-    assert_eq!(client.peers(), ranks);
-    ok(checks::many_peers(&mut client, &mut servers, 200).await);
+    assert_eq!(head.peers(), ranks);
+    ok(checks::many_peers(&mut head, &mut servers, 200).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn recv_is_cancel_safe() {
-    let (mut client, mut server, _dir) = pair_ipc().await;
-    ok(checks::cancel_safe_recv(&mut client, &mut server, 5_000).await);
+    let (mut head, mut server, _dir) = pair_ipc().await;
+    ok(checks::cancel_safe_recv(&mut head, &mut server, 5_000).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_shutdown_is_noticed() {
-    let (mut client, server, _dir) = pair_ipc().await;
-    ok(checks::server_departure(&mut client, server, Departure::Shutdown).await);
+    let (mut head, server, _dir) = pair_ipc().await;
+    ok(checks::server_departure(&mut head, server, Departure::Shutdown).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_drop_is_noticed() {
-    let (mut client, server, _dir) = pair_ipc().await;
-    ok(checks::server_departure(&mut client, server, Departure::Drop).await);
+    let (mut head, server, _dir) = pair_ipc().await;
+    ok(checks::server_departure(&mut head, server, Departure::Drop).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_shutdown_is_noticed() {
-    let (client, mut server, _dir) = pair_ipc().await;
-    ok(checks::client_departure(client, &mut server, Departure::Shutdown).await);
+async fn head_shutdown_is_noticed() {
+    let (head, mut server, _dir) = pair_ipc().await;
+    ok(checks::head_departure(head, &mut server, Departure::Shutdown).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn client_drop_is_noticed() {
-    let (client, mut server, _dir) = pair_ipc().await;
-    ok(checks::client_departure(client, &mut server, Departure::Drop).await);
+async fn head_drop_is_noticed() {
+    let (head, mut server, _dir) = pair_ipc().await;
+    ok(checks::head_departure(head, &mut server, Departure::Drop).await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn closed_after_shutdown_on_both_sides() {
-    let (mut client, mut server, _dir) = pair_ipc().await;
+    let (mut head, mut server, _dir) = pair_ipc().await;
     ok(checks::closed_after_shutdown(&mut server).await);
-    ok(checks::closed_after_shutdown(&mut client).await);
+    ok(checks::closed_after_shutdown(&mut head).await);
 }
 
 // ------------------------------------------------------------ signed links
@@ -140,21 +140,21 @@ mod signed {
     }
 
     async fn cluster_tcp(n: usize) -> (ZmqTransport, Vec<ZmqTransport>) {
-        let client = ZmqTransport::bind_with("tcp://127.0.0.1:0", signed())
+        let head = ZmqTransport::bind_with("tcp://127.0.0.1:0", signed())
             .await
             .expect("bind");
-        let endpoint = client.endpoint().to_owned();
+        let endpoint = head.endpoint().to_owned();
         let servers = futures::future::try_join_all(
             (0..n).map(|_| ZmqTransport::connect_with(&endpoint, 0, signed())),
         )
         .await
         .expect("connect");
-        (client, servers)
+        (head, servers)
     }
 
     async fn pair_tcp() -> (ZmqTransport, ZmqTransport) {
-        let (client, mut servers) = cluster_tcp(1).await;
-        (client, servers.pop().expect("one server"))
+        let (head, mut servers) = cluster_tcp(1).await;
+        (head, servers.pop().expect("one server"))
     }
 
     /// Every message really went through the check, and none failed it.
@@ -171,62 +171,62 @@ mod signed {
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn ordering_10_000_each_way() {
-        let (mut client, mut server) = pair_tcp().await;
-        ok(checks::ordering(&mut client, &mut server, 10_000).await);
-        none_rejected(&[&client, &server]);
+        let (mut head, mut server) = pair_tcp().await;
+        ok(checks::ordering(&mut head, &mut server, 10_000).await);
+        none_rejected(&[&head, &server]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_in_flight_20_000_each_way() {
-        let (mut client, mut server) = pair_tcp().await;
-        ok(checks::many_in_flight(&mut client, &mut server, 20_000).await);
-        none_rejected(&[&client, &server]);
+        let (mut head, mut server) = pair_tcp().await;
+        ok(checks::many_in_flight(&mut head, &mut server, 20_000).await);
+        none_rejected(&[&head, &server]);
     }
 
     /// Beyond the default byte budget (64 MiB).
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn large_message_80_mib_after_a_small_one_each_way() {
-        let (mut client, mut server) = pair_tcp().await;
-        ok(checks::large_after_small(&mut client, &mut server, 80 << 20).await);
-        none_rejected(&[&client, &server]);
+        let (mut head, mut server) = pair_tcp().await;
+        ok(checks::large_after_small(&mut head, &mut server, 80 << 20).await);
+        none_rejected(&[&head, &server]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn many_peers_8_servers() {
-        let (mut client, mut servers) = cluster_tcp(8).await;
-        ok(checks::many_peers(&mut client, &mut servers, 200).await);
-        none_rejected(&[&client]);
+        let (mut head, mut servers) = cluster_tcp(8).await;
+        ok(checks::many_peers(&mut head, &mut servers, 200).await);
+        none_rejected(&[&head]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn recv_is_cancel_safe() {
-        let (mut client, mut server) = pair_tcp().await;
-        ok(checks::cancel_safe_recv(&mut client, &mut server, 5_000).await);
+        let (mut head, mut server) = pair_tcp().await;
+        ok(checks::cancel_safe_recv(&mut head, &mut server, 5_000).await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn server_shutdown_is_noticed() {
-        let (mut client, server) = pair_tcp().await;
-        ok(checks::server_departure(&mut client, server, Departure::Shutdown).await);
-        none_rejected(&[&client]);
+        let (mut head, server) = pair_tcp().await;
+        ok(checks::server_departure(&mut head, server, Departure::Shutdown).await);
+        none_rejected(&[&head]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn server_drop_is_noticed() {
-        let (mut client, server) = pair_tcp().await;
-        ok(checks::server_departure(&mut client, server, Departure::Drop).await);
+        let (mut head, server) = pair_tcp().await;
+        ok(checks::server_departure(&mut head, server, Departure::Drop).await);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn client_shutdown_is_noticed() {
-        let (client, mut server) = pair_tcp().await;
-        ok(checks::client_departure(client, &mut server, Departure::Shutdown).await);
+    async fn head_shutdown_is_noticed() {
+        let (head, mut server) = pair_tcp().await;
+        ok(checks::head_departure(head, &mut server, Departure::Shutdown).await);
         none_rejected(&[&server]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn client_drop_is_noticed() {
-        let (client, mut server) = pair_tcp().await;
-        ok(checks::client_departure(client, &mut server, Departure::Drop).await);
+    async fn head_drop_is_noticed() {
+        let (head, mut server) = pair_tcp().await;
+        ok(checks::head_departure(head, &mut server, Departure::Drop).await);
     }
 }

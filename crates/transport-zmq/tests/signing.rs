@@ -6,7 +6,7 @@
 //!
 //! The man in the middle is a real relay between real sockets on
 //! `tcp://127.0.0.1`: a raw ROUTER the server node connects to and a raw
-//! DEALER connected to the client node, forwarding and keeping a copy of
+//! DEALER connected to the head node, forwarding and keeping a copy of
 //! every message.
 
 use std::io::Write;
@@ -45,12 +45,12 @@ fn signed(key: [u8; 32]) -> ZmqConfig {
     }
 }
 
-async fn signed_client() -> ZmqTransport {
-    let client = ZmqTransport::bind_with("tcp://127.0.0.1:0", signed(KEY))
+async fn signed_head() -> ZmqTransport {
+    let head = ZmqTransport::bind_with("tcp://127.0.0.1:0", signed(KEY))
         .await
         .expect("bind");
-    assert!(!client.endpoint().ends_with(":0"), "{}", client.endpoint());
-    client
+    assert!(!head.endpoint().ends_with(":0"), "{}", head.endpoint());
+    head
 }
 
 async fn next_event(transport: &mut ZmqTransport) -> TransportEvent {
@@ -130,8 +130,8 @@ fn capture_logs() {
     });
 }
 
-/// The prefix of the log lines of the client node bound at `endpoint`.
-fn client_span(endpoint: &str) -> String {
+/// The prefix of the log lines of the head node bound at `endpoint`.
+fn head_span(endpoint: &str) -> String {
     format!("zmq{{endpoint={endpoint}}}:")
 }
 
@@ -169,16 +169,16 @@ async fn await_logged(span: &str, needles: &[&str], count: usize) -> Vec<String>
 
 // -------------------------------------------------------- man in the middle
 
-/// A relay between server nodes and a client node that keeps a copy of
+/// A relay between server nodes and a head node that keeps a copy of
 /// every message and lets the test inject its own. One server node at a
 /// time: what goes down goes to the last one that sent something.
 struct Relay {
     endpoint: String,
     /// Messages from the server node, as sent (seal first).
     up: Arc<Mutex<Vec<Vec<Bytes>>>>,
-    /// Messages from the client node, as sent.
+    /// Messages from the head node, as sent.
     down: Arc<Mutex<Vec<Vec<Bytes>>>>,
-    to_client: mpsc::UnboundedSender<Vec<Bytes>>,
+    to_head: mpsc::UnboundedSender<Vec<Bytes>>,
     to_server: mpsc::UnboundedSender<Vec<Bytes>>,
     tasks: Vec<JoinHandle<()>>,
 }
@@ -192,7 +192,7 @@ impl Drop for Relay {
 }
 
 impl Relay {
-    async fn start(client_endpoint: &str) -> Relay {
+    async fn start(head_endpoint: &str) -> Relay {
         let mut router = RouterSocket::new();
         let endpoint = router
             .bind("tcp://127.0.0.1:0")
@@ -200,28 +200,28 @@ impl Relay {
             .expect("bind")
             .to_string();
         let mut dealer = DealerSocket::new();
-        dealer.connect(client_endpoint).await.expect("connect");
+        dealer.connect(head_endpoint).await.expect("connect");
         let (mut router_send, mut router_recv) = router.split();
         let (mut dealer_send, mut dealer_recv) = dealer.split();
-        let (to_client, mut for_client) = mpsc::unbounded_channel::<Vec<Bytes>>();
+        let (to_head, mut for_head) = mpsc::unbounded_channel::<Vec<Bytes>>();
         let (to_server, mut for_server) = mpsc::unbounded_channel::<Vec<Bytes>>();
         let up = Arc::new(Mutex::new(Vec::new()));
         let down = Arc::new(Mutex::new(Vec::new()));
         let server: Arc<Mutex<Option<Bytes>>> = Arc::default();
         let tasks = vec![
             tokio::spawn({
-                let (up, server, to_client) = (up.clone(), server.clone(), to_client.clone());
+                let (up, server, to_head) = (up.clone(), server.clone(), to_head.clone());
                 async move {
                     while let Ok(message) = router_recv.recv().await {
                         let mut parts = message.into_vec();
                         *server.lock().expect("server") = Some(parts.remove(0));
                         up.lock().expect("up").push(parts.clone());
-                        let _ = to_client.send(parts);
+                        let _ = to_head.send(parts);
                     }
                 }
             }),
             tokio::spawn(async move {
-                while let Some(parts) = for_client.recv().await {
+                while let Some(parts) = for_head.recv().await {
                     let message = ZmqMessage::try_from(parts).expect("parts");
                     dealer_send.send(message).await.expect("relay up");
                 }
@@ -254,7 +254,7 @@ impl Relay {
             endpoint,
             up,
             down,
-            to_client,
+            to_head,
             to_server,
             tasks,
         }
@@ -265,13 +265,13 @@ impl Relay {
         last_with(&self.up.lock().expect("up"), header)
     }
 
-    /// The last message from the client node whose header is `header`.
+    /// The last message from the head node whose header is `header`.
     fn last_down(&self, header: u8) -> Vec<Bytes> {
         last_with(&self.down.lock().expect("down"), header)
     }
 
     fn inject_up(&self, parts: Vec<Bytes>) {
-        self.to_client.send(parts).expect("relay running");
+        self.to_head.send(parts).expect("relay running");
     }
 
     fn inject_down(&self, parts: Vec<Bytes>) {
@@ -299,16 +299,16 @@ fn flipped(parts: &[Bytes], part: usize, index: usize) -> Vec<Bytes> {
     parts
 }
 
-/// A client node behind a relay, and a server node with the key joined
+/// A head node behind a relay, and a server node with the key joined
 /// through it.
 async fn relayed() -> (ZmqTransport, Relay, ZmqTransport) {
-    let mut client = signed_client().await;
-    let relay = Relay::start(client.endpoint()).await;
+    let mut head = signed_head().await;
+    let relay = Relay::start(head.endpoint()).await;
     let server = ZmqTransport::connect_with(&relay.endpoint, 0, signed(KEY))
         .await
         .expect("connect through the relay");
-    assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
-    (client, relay, server)
+    assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
+    (head, relay, server)
 }
 
 // --------------------------------------------------------------- the key
@@ -316,12 +316,12 @@ async fn relayed() -> (ZmqTransport, Relay, ZmqTransport) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working() {
     bounded(async {
-        let mut client = signed_client().await;
-        let endpoint = client.endpoint().to_owned();
+        let mut head = signed_head().await;
+        let endpoint = head.endpoint().to_owned();
         let mut good = ZmqTransport::connect_with(&endpoint, 0, signed(KEY))
             .await
             .expect("the right key joins");
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
 
         let error = ZmqTransport::connect_with(&endpoint, 0, signed(OTHER_KEY))
             .await
@@ -342,15 +342,15 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
             }
             other => panic!("expected a refusal, got {other:?}"),
         }
-        await_rejected(&client, 2).await;
-        let span = client_span(&endpoint);
+        await_rejected(&head, 2).await;
+        let span = head_span(&endpoint);
         await_logged(&span, &[REFUSED, "the signature does not match"], 1).await;
         await_logged(&span, &[REFUSED, "not signed"], 1).await;
 
         // Neither took a rank, and the server node with the key is served.
-        assert_eq!(client.peers(), vec![1]);
-        ping_through(&mut client, &mut good, 1).await;
-        ping_through(&mut good, &mut client, 2).await;
+        assert_eq!(head.peers(), vec![1]);
+        ping_through(&mut head, &mut good, 1).await;
+        ping_through(&mut good, &mut head, 2).await;
         assert_eq!(good.rejected_messages(), 0);
 
         // A connection that keeps sending unsigned Hellos is told once, so
@@ -363,11 +363,11 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
                 .await
                 .expect("send");
         }
-        await_rejected(&client, 7).await;
+        await_rejected(&head, 7).await;
         let refusal = raw.recv().await.expect("a refusal").into_vec();
         assert_eq!(&refusal[0][..], b"W", "{refusal:?}");
         // The engine answered all five before it took this ping.
-        ping_through(&mut good, &mut client, 3).await;
+        ping_through(&mut good, &mut head, 3).await;
         assert!(
             tokio::time::timeout(Duration::from_millis(300), raw.recv())
                 .await
@@ -375,7 +375,7 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
             "a second refusal to the same connection"
         );
 
-        // The other way round: a server node with a key, a client node
+        // The other way round: a server node with a key, a head node
         // without.
         let dir = tempfile::tempdir().expect("temporary directory");
         let unsigned = ZmqTransport::bind(&format!("ipc://{}/c.sock", dir.path().display()))
@@ -383,7 +383,7 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
             .expect("bind");
         let error = ZmqTransport::connect_with(unsigned.endpoint(), 0, signed(KEY))
             .await
-            .expect_err("joined an unsigned client node");
+            .expect_err("joined an unsigned head node");
         match handshake_error(error) {
             HandshakeError::Unauthenticated(message) => {
                 assert!(message.contains("not signed"), "{message}");
@@ -400,10 +400,10 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_tampered_message_is_dropped_and_logged_both_ways() {
     bounded(async {
-        let (mut client, relay, mut server) = relayed().await;
-        let endpoint = client.endpoint().to_owned();
-        ping_through(&mut client, &mut server, 1).await;
-        ping_through(&mut server, &mut client, 2).await;
+        let (mut head, relay, mut server) = relayed().await;
+        let endpoint = head.endpoint().to_owned();
+        ping_through(&mut head, &mut server, 1).await;
+        ping_through(&mut server, &mut head, 2).await;
 
         // One bit of the envelope, of the header (the flags of a data
         // message), of the counter in the seal, of the tag.
@@ -415,14 +415,14 @@ async fn a_tampered_message_is_dropped_and_logged_both_ways() {
             relay.inject_up(flipped(&up, part, index));
         }
         await_rejected(&server, 4).await;
-        await_rejected(&client, 4).await;
+        await_rejected(&head, 4).await;
         let needles = [REFUSED, "the signature does not match"];
-        await_logged(&client_span(&endpoint), &needles, 4).await;
+        await_logged(&head_span(&endpoint), &needles, 4).await;
         await_logged(&server_span(&relay.endpoint, 1), &needles, 4).await;
 
         // Nothing of them got through, and the link goes on.
-        ping_through(&mut client, &mut server, 3).await;
-        ping_through(&mut server, &mut client, 4).await;
+        ping_through(&mut head, &mut server, 3).await;
+        ping_through(&mut server, &mut head, 4).await;
     })
     .await;
 }
@@ -446,10 +446,10 @@ fn with_counter(parts: &[Bytes], counter: u64) -> Vec<Bytes> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_message_is_sealed_and_checked_and_a_tampered_one_refused() {
     bounded(async {
-        let (mut client, relay, mut server) = relayed().await;
-        let endpoint = client.endpoint().to_owned();
-        ping_through(&mut client, &mut server, 1).await;
-        if let Err(failure) = checks::large_message(&mut client, &mut server, 3 << 20).await {
+        let (mut head, relay, mut server) = relayed().await;
+        let endpoint = head.endpoint().to_owned();
+        ping_through(&mut head, &mut server, 1).await;
+        if let Err(failure) = checks::large_message(&mut head, &mut server, 3 << 20).await {
             panic!("{failure}");
         }
         let down = relay.last_down(b'D');
@@ -461,13 +461,13 @@ async fn a_large_message_is_sealed_and_checked_and_a_tampered_one_refused() {
         relay.inject_down(down);
         relay.inject_up(up);
         await_rejected(&server, 2).await;
-        await_rejected(&client, 2).await;
-        for span in [client_span(&endpoint), server_span(&relay.endpoint, 1)] {
+        await_rejected(&head, 2).await;
+        for span in [head_span(&endpoint), server_span(&relay.endpoint, 1)] {
             await_logged(&span, &[REFUSED, "the signature does not match"], 1).await;
             await_logged(&span, &[REFUSED, "replayed: counter"], 1).await;
         }
-        ping_through(&mut client, &mut server, 2).await;
-        ping_through(&mut server, &mut client, 3).await;
+        ping_through(&mut head, &mut server, 2).await;
+        ping_through(&mut server, &mut head, 3).await;
 
         let mut raw = DealerSocket::new();
         raw.connect(&endpoint).await.expect("connect");
@@ -479,10 +479,10 @@ async fn a_large_message_is_sealed_and_checked_and_a_tampered_one_refused() {
         raw.send(ZmqMessage::try_from(large_hello).expect("parts"))
             .await
             .expect("send");
-        await_rejected(&client, 3).await;
+        await_rejected(&head, 3).await;
         let needles = [REFUSED, "too large for a Hello (not hashed)"];
-        await_logged(&client_span(&endpoint), &needles, 1).await;
-        ping_through(&mut server, &mut client, 4).await;
+        await_logged(&head_span(&endpoint), &needles, 1).await;
+        ping_through(&mut server, &mut head, 4).await;
     })
     .await;
 }
@@ -492,10 +492,10 @@ async fn a_large_message_is_sealed_and_checked_and_a_tampered_one_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replayed_message_is_dropped_and_logged_in_the_same_session() {
     bounded(async {
-        let (mut client, relay, mut server) = relayed().await;
-        let endpoint = client.endpoint().to_owned();
-        ping_through(&mut client, &mut server, 1).await;
-        ping_through(&mut server, &mut client, 2).await;
+        let (mut head, relay, mut server) = relayed().await;
+        let endpoint = head.endpoint().to_owned();
+        ping_through(&mut head, &mut server, 1).await;
+        ping_through(&mut server, &mut head, 2).await;
 
         let down = relay.last_down(b'D');
         let up = relay.last_up(b'D');
@@ -504,18 +504,18 @@ async fn a_replayed_message_is_dropped_and_logged_in_the_same_session() {
         relay.inject_up(up.clone());
         relay.inject_up(credit);
         // Later messages have gone through since: still refused.
-        ping_through(&mut client, &mut server, 3).await;
-        ping_through(&mut server, &mut client, 4).await;
+        ping_through(&mut head, &mut server, 3).await;
+        ping_through(&mut server, &mut head, 4).await;
         relay.inject_down(down);
         relay.inject_up(up);
         await_rejected(&server, 2).await;
-        await_rejected(&client, 3).await;
+        await_rejected(&head, 3).await;
         let needles = [REFUSED, "replayed: counter"];
-        await_logged(&client_span(&endpoint), &needles, 3).await;
+        await_logged(&head_span(&endpoint), &needles, 3).await;
         await_logged(&server_span(&relay.endpoint, 1), &needles, 2).await;
 
-        ping_through(&mut client, &mut server, 5).await;
-        ping_through(&mut server, &mut client, 6).await;
+        ping_through(&mut head, &mut server, 5).await;
+        ping_through(&mut server, &mut head, 6).await;
     })
     .await;
 }
@@ -523,50 +523,50 @@ async fn a_replayed_message_is_dropped_and_logged_in_the_same_session() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn messages_of_an_earlier_session_are_refused_after_a_restart() {
     bounded(async {
-        let (mut client, relay, mut first) = relayed().await;
-        let endpoint = client.endpoint().to_owned();
-        ping_through(&mut client, &mut first, 1).await;
-        ping_through(&mut first, &mut client, 2).await;
+        let (mut head, relay, mut first) = relayed().await;
+        let endpoint = head.endpoint().to_owned();
+        ping_through(&mut head, &mut first, 1).await;
+        ping_through(&mut first, &mut head, 2).await;
         let hello = relay.last_up(b'H');
         let credit = relay.last_up(b'C');
         let up = relay.last_up(b'D');
         let down = relay.last_down(b'D');
 
-        // The server node restarts, through the same relay: the client
+        // The server node restarts, through the same relay: the head
         // node sees the same connection, and gives the same rank.
         first.shutdown().await.expect("shutdown");
         drop(first);
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerLost(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerLost(1));
         let mut second = ZmqTransport::connect_with(&relay.endpoint, 0, signed(KEY))
             .await
             .expect("the restarted server node joins again");
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
 
         for parts in [hello.clone(), credit.clone(), up] {
             relay.inject_up(parts);
         }
         relay.inject_down(down);
-        await_rejected(&client, 3).await;
+        await_rejected(&head, 3).await;
         await_rejected(&second, 1).await;
         let needles = [REFUSED, "another link or session"];
-        await_logged(&client_span(&endpoint), &needles, 3).await;
+        await_logged(&head_span(&endpoint), &needles, 3).await;
         await_logged(&server_span(&relay.endpoint, 1), &needles, 1).await;
-        ping_through(&mut client, &mut second, 3).await;
-        ping_through(&mut second, &mut client, 4).await;
+        ping_through(&mut head, &mut second, 3).await;
+        ping_through(&mut second, &mut head, 4).await;
 
-        // The old Hello on a new connection: this client node has seen it.
+        // The old Hello on a new connection: this head node has seen it.
         let mut raw = DealerSocket::new();
         raw.connect(&endpoint).await.expect("connect");
         raw.send(ZmqMessage::try_from(hello.clone()).expect("parts"))
             .await
             .expect("send");
-        await_rejected(&client, 4).await;
-        await_logged(&client_span(&endpoint), &[REFUSED, "a replayed Hello"], 1).await;
+        await_rejected(&head, 4).await;
+        await_logged(&head_span(&endpoint), &[REFUSED, "a replayed Hello"], 1).await;
 
-        // A restarted client node has not seen it: it welcomes the
+        // A restarted head node has not seen it: it welcomes the
         // connection, but the old session's next message cannot prove the
         // Hello fresh, so no server node joins.
-        let mut restarted = signed_client().await;
+        let mut restarted = signed_head().await;
         let mut raw = DealerSocket::new();
         raw.connect(restarted.endpoint()).await.expect("connect");
         raw.send(ZmqMessage::try_from(hello).expect("parts"))
@@ -650,8 +650,8 @@ async fn garbage_is_dropped_counted_and_logged_at_a_limited_rate() {
             | 1;
         println!("seed {seed}");
         let mut random = Random(seed);
-        let (mut client, relay, mut server) = relayed().await;
-        let endpoint = client.endpoint().to_owned();
+        let (mut head, relay, mut server) = relayed().await;
+        let endpoint = head.endpoint().to_owned();
 
         // From strangers, and from the relay's joined connection (where
         // the server node's messages come from), both ways.
@@ -674,11 +674,11 @@ async fn garbage_is_dropped_counted_and_logged_at_a_limited_rate() {
             relay.inject_down(random.message());
         }
         let total = 3 * PER_STRANGER + RELAYED;
-        await_rejected(&client, total).await;
+        await_rejected(&head, total).await;
         await_rejected(&server, RELAYED).await;
 
         // The first ten are logged, then one in a thousand.
-        let span = client_span(&endpoint);
+        let span = head_span(&endpoint);
         let lines = await_logged(&span, &[REFUSED], 12).await;
         assert_eq!(lines.len(), 12, "{lines:#?}");
         for count in [1, 10, 1000, 2000] {
@@ -696,9 +696,9 @@ async fn garbage_is_dropped_counted_and_logged_at_a_limited_rate() {
         assert_eq!(lines.len(), 10, "{lines:#?}");
 
         // The server node that holds the key was served all along.
-        assert_eq!(client.peers(), vec![1]);
-        ping_through(&mut client, &mut server, 1).await;
-        ping_through(&mut server, &mut client, 2).await;
+        assert_eq!(head.peers(), vec![1]);
+        ping_through(&mut head, &mut server, 1).await;
+        ping_through(&mut server, &mut head, 2).await;
     })
     .await;
 }
@@ -706,12 +706,12 @@ async fn garbage_is_dropped_counted_and_logged_at_a_limited_rate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_server_node_accepts_no_welcome_of_an_earlier_session() {
     bounded(async {
-        let (mut client, relay, mut server) = relayed().await;
-        ping_through(&mut client, &mut server, 1).await;
+        let (mut head, relay, mut server) = relayed().await;
+        ping_through(&mut head, &mut server, 1).await;
         let welcome = relay.last_down(b'W');
         let credit = relay.last_down(b'C');
 
-        // A stand-in client node that answers every Hello with the
+        // A stand-in head node that answers every Hello with the
         // Welcome and the credit it saw go to another server node.
         let mut fake = RouterSocket::new();
         let endpoint = fake
@@ -743,7 +743,7 @@ async fn a_server_node_accepts_no_welcome_of_an_earlier_session() {
             HandshakeError::Timeout(config.handshake_timeout)
         );
         // Refused as soon as it came, not merely never followed by credit.
-        let span = client_span(&endpoint);
+        let span = head_span(&endpoint);
         await_logged(
             &span,
             &["an answer to Hello whose signature does not verify"],
@@ -770,10 +770,10 @@ fn size_hashed_in(seconds: f64) -> usize {
     ((rate * seconds) as usize).clamp(16 << 20, 128 << 20) & !((1 << 20) - 1)
 }
 
-/// While a large message crosses each way between the client node and
-/// server node 1, server node 2's pings through the client node keep
+/// While a large message crosses each way between the head node and
+/// server node 1, server node 2's pings through the head node keep
 /// coming back within a heartbeat: the large messages are sealed and
-/// checked away from the client node's engine, which meanwhile reads and
+/// checked away from the head node's engine, which meanwhile reads and
 /// sends the other peers' messages.
 ///
 /// The message is made so large that its HMAC alone takes 2.5 s here, in
@@ -788,34 +788,34 @@ async fn another_server_nodes_pings_flow_while_a_large_signed_message_crosses() 
     const HEARTBEAT: Duration = Duration::from_secs(1);
     bounded(async {
         let len = size_hashed_in(2.5);
-        let mut client = signed_client().await;
-        let endpoint = client.endpoint().to_owned();
+        let mut head = signed_head().await;
+        let endpoint = head.endpoint().to_owned();
         let mut one = ZmqTransport::connect_with(&endpoint, 1, signed(KEY))
             .await
             .expect("connect");
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
         let mut two = ZmqTransport::connect_with(&endpoint, 2, signed(KEY))
             .await
             .expect("connect");
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(2));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(2));
         let up = checks::large_request(1, checks::pattern(len, 1));
         let down = checks::large_request(2, checks::pattern(len, 2));
 
-        // The client node's event loop: it sends `down` to server node 1,
+        // The head node's event loop: it sends `down` to server node 1,
         // takes `up` from it, and echoes server node 2's pings.
         let (arrived_tx, mut arrived) = oneshot::channel();
-        let client_loop = tokio::spawn({
+        let head_loop = tokio::spawn({
             let up = up.clone();
             async move {
-                client.send(1, down).await.expect("send down");
+                head.send(1, down).await.expect("send down");
                 let mut arrived_tx = Some(arrived_tx);
                 loop {
-                    match next_event(&mut client).await {
+                    match next_event(&mut head).await {
                         TransportEvent::Message { from: 2, envelope } => {
                             let last = envelope == ping(STOP);
-                            client.send(2, envelope).await.expect("echo");
+                            head.send(2, envelope).await.expect("echo");
                             if last {
-                                return client;
+                                return head;
                             }
                         }
                         TransportEvent::Message { from: 1, envelope } => {
@@ -850,17 +850,17 @@ async fn another_server_nodes_pings_flow_while_a_large_signed_message_crosses() 
             len >> 20,
             started.elapsed()
         );
-        let mut client = client_loop.await.expect("the client node's loop");
+        let mut head = head_loop.await.expect("the head node's loop");
         let mut one = one_side.await.expect("server node 1");
         assert!(
             longest < HEARTBEAT,
             "server node 2's round trips stopped for {longest:?} while {} MiB crossed",
             len >> 20
         );
-        for transport in [&mut one, &mut two, &mut client] {
+        for transport in [&mut one, &mut two, &mut head] {
             transport.shutdown().await.expect("shutdown");
         }
-        assert_eq!(client.rejected_messages(), 0);
+        assert_eq!(head.rejected_messages(), 0);
     })
     .await;
 }
@@ -883,9 +883,9 @@ fn just_below_the_threshold() -> Envelope {
 
 /// A large message that a server node sends just before it shuts down
 /// arrives, then its departure: its goodbye waits behind the message's
-/// seal, and the client node acts on the goodbye only after checking the
+/// seal, and the head node acts on the goodbye only after checking the
 /// message. Goodbyes are acknowledged, not waited out, also when the
-/// client node is sealing a large message for the server node leaving.
+/// head node is sealing a large message for the server node leaving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_goodbye_comes_after_the_large_message_before_it() {
     bounded(async {
@@ -894,24 +894,24 @@ async fn a_goodbye_comes_after_the_large_message_before_it() {
             linger,
             ..signed(KEY)
         };
-        let mut client = ZmqTransport::bind_with("tcp://127.0.0.1:0", config.clone())
+        let mut head = ZmqTransport::bind_with("tcp://127.0.0.1:0", config.clone())
             .await
             .expect("bind");
-        let endpoint = client.endpoint().to_owned();
+        let endpoint = head.endpoint().to_owned();
         let large = just_below_the_threshold();
         for rank in [1, 2] {
             let mut server = ZmqTransport::connect_with(&endpoint, rank, config.clone())
                 .await
                 .expect("connect");
             assert_eq!(
-                next_event(&mut client).await,
+                next_event(&mut head).await,
                 TransportEvent::PeerJoined(rank)
             );
             let started = Instant::now();
             if rank == 1 {
                 server.send(0, large.clone()).await.expect("send");
             } else {
-                client.send(rank, large.clone()).await.expect("send");
+                head.send(rank, large.clone()).await.expect("send");
             }
             server.shutdown().await.expect("shutdown");
             assert!(
@@ -920,7 +920,7 @@ async fn a_goodbye_comes_after_the_large_message_before_it() {
             );
             drop(server);
             if rank == 1 {
-                match next_event(&mut client).await {
+                match next_event(&mut head).await {
                     TransportEvent::Message { from, envelope } => {
                         assert_eq!(from, rank);
                         assert!(envelope == large, "the large message arrived altered");
@@ -928,15 +928,12 @@ async fn a_goodbye_comes_after_the_large_message_before_it() {
                     other => panic!("expected the large message, got {other:?}"),
                 }
             }
-            assert_eq!(
-                next_event(&mut client).await,
-                TransportEvent::PeerLost(rank)
-            );
+            assert_eq!(next_event(&mut head).await, TransportEvent::PeerLost(rank));
         }
         let started = Instant::now();
-        client.shutdown().await.expect("shutdown");
+        head.shutdown().await.expect("shutdown");
         assert!(started.elapsed() < linger);
-        assert_eq!(client.rejected_messages(), 0);
+        assert_eq!(head.rejected_messages(), 0);
     })
     .await;
 }
@@ -944,11 +941,11 @@ async fn a_goodbye_comes_after_the_large_message_before_it() {
 /// The ping that ends [`round_trips_until`].
 const STOP: u64 = u64::MAX;
 
-/// Sends pings from `server` to the client node, which echoes them, one
+/// Sends pings from `server` to the head node, which echoes them, one
 /// every 20 ms, until `done` says so after a round trip; then sends
 /// [`STOP`]. Returns how many went there and back and the longest time
 /// between two that came back (or between the start and the first). A
-/// round trip that takes ten heartbeats fails: the client node is stuck.
+/// round trip that takes ten heartbeats fails: the head node is stuck.
 async fn round_trips_until(
     server: &mut ZmqTransport,
     heartbeat: Duration,
@@ -985,16 +982,16 @@ async fn round_trips_until(
 
 // -------------------------------------------------------------- the cost
 
-/// Round trips of `envelope` from a client node to an echoing server node
+/// Round trips of `envelope` from a head node to an echoing server node
 /// over `tcp://127.0.0.1`: the median and the fastest time.
 async fn round_trips(config: ZmqConfig, envelope: &Envelope, count: usize) -> (Duration, Duration) {
-    let mut client = ZmqTransport::bind_with("tcp://127.0.0.1:0", config.clone())
+    let mut head = ZmqTransport::bind_with("tcp://127.0.0.1:0", config.clone())
         .await
         .expect("bind");
-    let mut server = ZmqTransport::connect_with(client.endpoint(), 0, config)
+    let mut server = ZmqTransport::connect_with(head.endpoint(), 0, config)
         .await
         .expect("connect");
-    assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+    assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
     let echo = tokio::spawn(async move {
         while let Ok(TransportEvent::Message { envelope, .. }) = server.recv().await {
             server.send(0, envelope).await.expect("echo");
@@ -1004,8 +1001,8 @@ async fn round_trips(config: ZmqConfig, envelope: &Envelope, count: usize) -> (D
     // The first round trips warm up the allocator and the connection.
     for i in 0..count + 3 {
         let start = Instant::now();
-        client.send(1, envelope.clone()).await.expect("send");
-        match next_event(&mut client).await {
+        head.send(1, envelope.clone()).await.expect("send");
+        match next_event(&mut head).await {
             TransportEvent::Message { envelope: back, .. } => assert!(back == *envelope),
             other => panic!("expected the echo, got {other:?}"),
         }
@@ -1013,7 +1010,7 @@ async fn round_trips(config: ZmqConfig, envelope: &Envelope, count: usize) -> (D
             times.push(start.elapsed());
         }
     }
-    client.shutdown().await.expect("shutdown");
+    head.shutdown().await.expect("shutdown");
     echo.await.expect("echo task");
     times.sort_unstable();
     (times[times.len() / 2], times[0])

@@ -35,12 +35,12 @@ fn ipc_endpoint(dir: &TempDir, name: &str) -> String {
     format!("ipc://{}/{name}", dir.path().display())
 }
 
-async fn client_with(config: ZmqConfig) -> (ZmqTransport, TempDir) {
+async fn head_with(config: ZmqConfig) -> (ZmqTransport, TempDir) {
     let dir = tempfile::tempdir().expect("temporary directory");
-    let client = ZmqTransport::bind_with(&ipc_endpoint(&dir, "client.sock"), config)
+    let head = ZmqTransport::bind_with(&ipc_endpoint(&dir, "head.sock"), config)
         .await
         .expect("bind");
-    (client, dir)
+    (head, dir)
 }
 
 async fn next_event(transport: &mut ZmqTransport) -> TransportEvent {
@@ -110,8 +110,8 @@ fn handshake_error(error: TransportError) -> HandshakeError {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_wrong_protocol_version_is_refused_and_not_admitted() {
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig::default()).await;
-        let endpoint = client.endpoint().to_owned();
+        let (mut head, _dir) = head_with(ZmqConfig::default()).await;
+        let endpoint = head.endpoint().to_owned();
 
         for (envelope_version, hello_version) in
             [(2, 2), (PROTOCOL_VERSION, 2), (2, PROTOCOL_VERSION)]
@@ -136,19 +136,19 @@ async fn a_wrong_protocol_version_is_refused_and_not_admitted() {
         )
         .await;
         assert_eq!(error_code(&answer).0, ProtocolErrorCode::RoleRefused);
-        assert!(client.peers().is_empty());
+        assert!(head.peers().is_empty());
 
         // None of them took a rank: the next server to join is rank 1 and
-        // the client's first event is its arrival.
+        // the head node's first event is its arrival.
         let server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
         assert_eq!(server.rank(), 1);
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
     })
     .await;
 }
 
-/// A stand-in client node that answers every Hello with `answer`, if any.
-async fn fake_client_node(endpoint: &str, answer: Option<Envelope>) -> tokio::task::JoinHandle<()> {
+/// A stand-in head node that answers every Hello with `answer`, if any.
+async fn fake_head_node(endpoint: &str, answer: Option<Envelope>) -> tokio::task::JoinHandle<()> {
     let mut router = RouterSocket::new();
     router.bind(endpoint).await.expect("bind");
     tokio::spawn(async move {
@@ -176,7 +176,7 @@ async fn connect_reports_a_refusal_clearly() {
             ProtocolErrorCode::IncompatibleVersion,
             "incompatible protocol version 1: this peer speaks casa.node.v2",
         );
-        let fake = fake_client_node(&endpoint, Some(refusal)).await;
+        let fake = fake_head_node(&endpoint, Some(refusal)).await;
         let error = ZmqTransport::connect(&endpoint, 0)
             .await
             .expect_err("refused");
@@ -202,13 +202,13 @@ async fn connect_reports_a_refusal_clearly() {
     .await;
 }
 
-/// A server node asking for a rank past the one the client core takes is
-/// refused before it joins, saying why; the client node goes on serving.
+/// A server node asking for a rank past the one the head core takes is
+/// refused before it joins, saying why; the head node goes on serving.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rank_out_of_range_is_refused_before_it_joins() {
     bounded(async {
-        let (mut client, dir) = client_with(ZmqConfig::default()).await;
-        let endpoint = ipc_endpoint(&dir, "client.sock");
+        let (mut head, dir) = head_with(ZmqConfig::default()).await;
+        let endpoint = ipc_endpoint(&dir, "head.sock");
         for rank in [MAX_RANK + 1, -3] {
             let error = ZmqTransport::connect(&endpoint, rank)
                 .await
@@ -221,13 +221,13 @@ async fn a_rank_out_of_range_is_refused_before_it_joins() {
                 other => panic!("expected a refusal, got {other:?}"),
             }
         }
-        assert!(client.peers().is_empty(), "{:?}", client.peers());
+        assert!(head.peers().is_empty(), "{:?}", head.peers());
         let server = ZmqTransport::connect(&endpoint, MAX_RANK)
             .await
             .expect("the highest rank is taken");
         assert_eq!(server.rank(), MAX_RANK);
         assert_eq!(
-            next_event(&mut client).await,
+            next_event(&mut head).await,
             TransportEvent::PeerJoined(MAX_RANK)
         );
     })
@@ -244,7 +244,7 @@ async fn connect_gives_up_without_a_welcome_or_a_listener() {
         let dir = tempfile::tempdir().expect("temporary directory");
 
         let silent = ipc_endpoint(&dir, "silent.sock");
-        let fake = fake_client_node(&silent, None).await;
+        let fake = fake_head_node(&silent, None).await;
         let error = ZmqTransport::connect_with(&silent, 0, config.clone())
             .await
             .expect_err("no Welcome");
@@ -266,35 +266,35 @@ async fn connect_gives_up_without_a_welcome_or_a_listener() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ranks_are_given_as_asked_when_free_else_the_lowest_free_one() {
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig::default()).await;
-        let endpoint = client.endpoint().to_owned();
+        let (mut head, _dir) = head_with(ZmqConfig::default()).await;
+        let endpoint = head.endpoint().to_owned();
         let five = ZmqTransport::connect(&endpoint, 5).await.expect("connect");
         let also_five = ZmqTransport::connect(&endpoint, 5).await.expect("connect");
         let any = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
         assert_eq!((five.rank(), also_five.rank(), any.rank()), (5, 1, 2));
-        assert_eq!(client.peers(), vec![1, 2, 5]);
+        assert_eq!(head.peers(), vec![1, 2, 5]);
         for rank in [5, 1, 2] {
             assert_eq!(
-                next_event(&mut client).await,
+                next_event(&mut head).await,
                 TransportEvent::PeerJoined(rank)
             );
         }
 
         // A rank freed by a departure is given again, to the new peer.
         drop(also_five);
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerLost(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerLost(1));
         assert!(matches!(
-            client.send(1, ping(0)).await,
+            head.send(1, ping(0)).await,
             Err(TransportError::Disconnected(1))
         ));
         assert!(matches!(
-            client.send(9, ping(0)).await,
+            head.send(9, ping(0)).await,
             Err(TransportError::UnknownRank(9))
         ));
         let mut again = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
         assert_eq!(again.rank(), 1);
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
-        client.send(1, ping(42)).await.expect("send");
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
+        head.send(1, ping(42)).await.expect("send");
         let event = next_event(&mut again).await;
         assert_eq!(
             event,
@@ -312,8 +312,8 @@ async fn ranks_are_given_as_asked_when_free_else_the_lowest_free_one() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_waits_only_while_the_peers_window_is_full() {
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig::default()).await;
-        let endpoint = client.endpoint().to_owned();
+        let (mut head, _dir) = head_with(ZmqConfig::default()).await;
+        let endpoint = head.endpoint().to_owned();
         let window = ZmqConfig {
             window: 8,
             ..ZmqConfig::default()
@@ -322,13 +322,12 @@ async fn send_waits_only_while_the_peers_window_is_full() {
             .await
             .expect("connect");
         for sequence in 0..8 {
-            client
-                .send(1, ping(sequence))
+            head.send(1, ping(sequence))
                 .await
                 .expect("within the window");
         }
         {
-            let ninth = client.send(1, ping(8));
+            let ninth = head.send(1, ping(8));
             tokio::pin!(ninth);
             assert!(
                 tokio::time::timeout(Duration::from_millis(200), &mut ninth)
@@ -364,17 +363,17 @@ async fn send_waits_only_while_the_peers_window_is_full() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn send_waits_while_too_many_bytes_are_in_flight() {
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig {
+        let (mut head, _dir) = head_with(ZmqConfig {
             max_in_flight_bytes: 1_000,
             ..ZmqConfig::default()
         })
         .await;
-        let endpoint = client.endpoint().to_owned();
+        let endpoint = head.endpoint().to_owned();
         let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
         let big = |seed| checks::large_request(seed, checks::pattern(600, seed as u8));
-        client.send(1, big(1)).await.expect("the first fits");
+        head.send(1, big(1)).await.expect("the first fits");
         {
-            let second = client.send(1, big(2));
+            let second = head.send(1, big(2));
             tokio::pin!(second);
             assert!(
                 tokio::time::timeout(Duration::from_millis(200), &mut second)
@@ -401,7 +400,7 @@ async fn send_waits_while_too_many_bytes_are_in_flight() {
         );
         // A message larger than the whole budget still goes, alone.
         let huge = checks::large_request(3, checks::pattern(5_000, 3));
-        client.send(1, huge.clone()).await.expect("alone");
+        head.send(1, huge.clone()).await.expect("alone");
         assert_eq!(
             next_event(&mut server).await,
             TransportEvent::Message {
@@ -478,17 +477,17 @@ async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
             max_in_flight_bytes: 1_000,
             ..ZmqConfig::default()
         };
-        let (mut client, _dir) = client_with(budget.clone()).await;
-        let endpoint = client.endpoint().to_owned();
+        let (mut head, _dir) = head_with(budget.clone()).await;
+        let endpoint = head.endpoint().to_owned();
         let mut server = ZmqTransport::connect_with(&endpoint, 0, budget)
             .await
             .expect("connect");
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
         let sized = |seed: u64, len| checks::large_request(seed, checks::pattern(len, seed as u8));
         for consumed_first in [true, false] {
             // Larger than the whole budget, after a ping.
             second_waits_for_the_first(
-                &mut client,
+                &mut head,
                 &mut server,
                 ping(1),
                 sized(2, 5_000),
@@ -497,7 +496,7 @@ async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
             .await;
             second_waits_for_the_first(
                 &mut server,
-                &mut client,
+                &mut head,
                 ping(3),
                 sized(4, 5_000),
                 consumed_first,
@@ -505,7 +504,7 @@ async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
             .await;
             // Within the budget but not beside the first.
             second_waits_for_the_first(
-                &mut client,
+                &mut head,
                 &mut server,
                 sized(5, 400),
                 sized(6, 700),
@@ -514,7 +513,7 @@ async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
             .await;
             second_waits_for_the_first(
                 &mut server,
-                &mut client,
+                &mut head,
                 sized(7, 400),
                 sized(8, 700),
                 consumed_first,
@@ -533,16 +532,16 @@ async fn small_messages_go_past_a_large_one_on_a_reserve() {
             max_in_flight_bytes: 64 << 10,
             ..ZmqConfig::default()
         };
-        let (mut client, _dir) = client_with(budget).await;
-        let endpoint = client.endpoint().to_owned();
+        let (mut head, _dir) = head_with(budget).await;
+        let endpoint = head.endpoint().to_owned();
         let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
         let large = checks::large_request(1, checks::pattern(100 << 10, 1));
-        client.send(1, large.clone()).await.expect("alone");
+        head.send(1, large.clone()).await.expect("alone");
         // Not consumed yet, and it took the whole budget; pings still go.
         let quick = Duration::from_secs(2);
         for sequence in 0..10 {
-            tokio::time::timeout(quick, client.send(1, ping(sequence)))
+            tokio::time::timeout(quick, head.send(1, ping(sequence)))
                 .await
                 .expect("a ping waited behind the large message")
                 .expect("send");
@@ -550,7 +549,7 @@ async fn small_messages_go_past_a_large_one_on_a_reserve() {
         // A message above the reserve's limit waits.
         let medium = checks::large_request(2, checks::pattern(200, 2));
         {
-            let waiting = client.send(1, medium.clone());
+            let waiting = head.send(1, medium.clone());
             tokio::pin!(waiting);
             assert!(
                 tokio::time::timeout(Duration::from_millis(200), &mut waiting)
@@ -588,9 +587,9 @@ async fn small_messages_go_past_a_large_one_on_a_reserve() {
         );
         // The reserve came back: as many pings go past the next large one.
         let large = checks::large_request(3, checks::pattern(100 << 10, 3));
-        client.send(1, large.clone()).await.expect("alone");
+        head.send(1, large.clone()).await.expect("alone");
         for sequence in 10..20 {
-            tokio::time::timeout(quick, client.send(1, ping(sequence)))
+            tokio::time::timeout(quick, head.send(1, ping(sequence)))
                 .await
                 .expect("the reserve did not come back")
                 .expect("send");
@@ -620,13 +619,13 @@ async fn small_messages_go_past_a_large_one_on_a_reserve() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_from_a_peer_is_dropped_and_credited() {
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig {
+        let (mut head, _dir) = head_with(ZmqConfig {
             window: 8,
             max_frame: 256,
             ..ZmqConfig::default()
         })
         .await;
-        let endpoint = client.endpoint().to_owned();
+        let endpoint = head.endpoint().to_owned();
         let mut raw = DealerSocket::new();
         raw.connect(&endpoint).await.expect("connect");
         let welcome = raw_hello(
@@ -639,7 +638,7 @@ async fn bad_input_from_a_peer_is_dropped_and_credited() {
             other => panic!("expected Welcome, got {other:?}"),
         };
         assert_eq!(
-            next_event(&mut client).await,
+            next_event(&mut head).await,
             TransportEvent::PeerJoined(rank)
         );
         let grant = raw.recv().await.expect("initial credit").into_vec();
@@ -666,7 +665,7 @@ async fn bad_input_from_a_peer_is_dropped_and_credited() {
             .await
             .expect("send");
         assert_eq!(
-            next_event(&mut client).await,
+            next_event(&mut head).await,
             TransportEvent::Message {
                 from: rank,
                 envelope: ping(2)
@@ -703,7 +702,7 @@ async fn bad_input_from_a_peer_is_dropped_and_credited() {
         .await
         .expect("send");
         assert_eq!(
-            next_event(&mut client).await,
+            next_event(&mut head).await,
             TransportEvent::Message {
                 from: rank,
                 envelope: ping(4)
@@ -716,14 +715,14 @@ async fn bad_input_from_a_peer_is_dropped_and_credited() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_envelope_over_max_frame_is_refused_on_send() {
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig {
+        let (mut head, _dir) = head_with(ZmqConfig {
             max_frame: 256,
             ..ZmqConfig::default()
         })
         .await;
-        let endpoint = client.endpoint().to_owned();
+        let endpoint = head.endpoint().to_owned();
         let _server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
-        let result = client
+        let result = head
             .send(1, checks::large_request(1, checks::pattern(300, 1)))
             .await;
         assert!(
@@ -737,8 +736,8 @@ async fn an_envelope_over_max_frame_is_refused_on_send() {
 /// A connection that sends Hello after malformed Hello and never reads is
 /// refused once: were each refused, its refusals would fill the queue the
 /// socket keeps for it (100 000 messages, then `send` waits), and the
-/// client node's engine would wait on it and serve nobody else. Meanwhile
-/// a server node's round trips through the client node come back within a
+/// head node's engine would wait on it and serve nobody else. Meanwhile
+/// a server node's round trips through the head node come back within a
 /// heartbeat, and the stranger may still join with a valid Hello.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stranger_flooding_malformed_hellos_is_answered_once_and_holds_nobody_up() {
@@ -748,10 +747,10 @@ async fn a_stranger_flooding_malformed_hellos_is_answered_once_and_holds_nobody_
     /// The ping that ends the exchange.
     const STOP: u64 = u64::MAX;
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig::default()).await;
-        let endpoint = client.endpoint().to_owned();
+        let (mut head, _dir) = head_with(ZmqConfig::default()).await;
+        let endpoint = head.endpoint().to_owned();
         let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
-        assert_eq!(next_event(&mut client).await, TransportEvent::PeerJoined(1));
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
 
         let mut flooder = DealerSocket::new();
         flooder.connect(&endpoint).await.expect("connect");
@@ -760,7 +759,7 @@ async fn a_stranger_flooding_malformed_hellos_is_answered_once_and_holds_nobody_
                 let malformed = vec![Bytes::from_static(b"H"), Bytes::from_static(b"\xff")];
                 flooder.send(multipart(malformed)).await.expect("send");
             }
-            // When the client node reports this one joined, it has read
+            // When the head node reports this one joined, it has read
             // every Hello before it.
             let hello = hello_bytes(PROTOCOL_VERSION, PROTOCOL_VERSION, Role::ServerNode);
             flooder
@@ -769,17 +768,17 @@ async fn a_stranger_flooding_malformed_hellos_is_answered_once_and_holds_nobody_
                 .expect("send");
             flooder
         });
-        // The client node's event loop: it echoes the server node's pings.
+        // The head node's event loop: it echoes the server node's pings.
         let (joined_tx, mut joined) = tokio::sync::oneshot::channel();
-        let client_loop = tokio::spawn(async move {
+        let head_loop = tokio::spawn(async move {
             let mut joined_tx = Some(joined_tx);
             loop {
-                match next_event(&mut client).await {
+                match next_event(&mut head).await {
                     TransportEvent::Message { from: 1, envelope } => {
                         let last = envelope == ping(STOP);
-                        client.send(1, envelope).await.expect("echo");
+                        head.send(1, envelope).await.expect("echo");
                         if last {
-                            return client;
+                            return head;
                         }
                     }
                     TransportEvent::PeerJoined(rank) => {
@@ -844,9 +843,9 @@ async fn a_stranger_flooding_malformed_hellos_is_answered_once_and_holds_nobody_
         let credit = flooder.recv().await.expect("credit").into_vec();
         assert_eq!(&credit[0][..1], b"C", "{credit:?}");
 
-        let mut client = client_loop.await.expect("the client node's loop");
+        let mut head = head_loop.await.expect("the head node's loop");
         server.shutdown().await.expect("shutdown");
-        client.shutdown().await.expect("shutdown");
+        head.shutdown().await.expect("shutdown");
     })
     .await;
 }
@@ -857,7 +856,7 @@ const CHILD: &str = "CASA_NODE_ZMQ_TEST_CHILD";
 
 /// Not a test on its own: the body of the child processes of the tests
 /// below, which run this test binary again with `CHILD` set to
-/// `server ENDPOINT` or `client ENDPOINT`. The child exits when its
+/// `server ENDPOINT` or `head node ENDPOINT`. The child exits when its
 /// standard input closes, so it cannot outlive its parent.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn child_process() {
@@ -871,7 +870,7 @@ async fn child_process() {
     let (role, endpoint) = spec.split_once(' ').expect("ROLE ENDPOINT");
     let mut transport = match role {
         "server" => ZmqTransport::connect(endpoint, 0).await.expect("connect"),
-        "client" => ZmqTransport::bind(endpoint).await.expect("bind"),
+        "head" => ZmqTransport::bind(endpoint).await.expect("bind"),
         other => panic!("unknown role {other}"),
     };
     while transport.recv().await.is_ok() {}
@@ -895,15 +894,15 @@ fn spawn_child(role: &str, endpoint: &str) -> Child {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_server_process_is_lost() {
     bounded(async {
-        let (mut client, _dir) = client_with(ZmqConfig::default()).await;
-        let mut child = spawn_child("server", client.endpoint());
-        let rank = match next_event(&mut client).await {
+        let (mut head, _dir) = head_with(ZmqConfig::default()).await;
+        let mut child = spawn_child("server", head.endpoint());
+        let rank = match next_event(&mut head).await {
             TransportEvent::PeerJoined(rank) => rank,
             other => panic!("expected PeerJoined, got {other:?}"),
         };
         child.kill().expect("SIGKILL");
         child.wait().expect("reap");
-        checks::await_peer_lost("killed server", &mut client, rank)
+        checks::await_peer_lost("killed server", &mut head, rank)
             .await
             .unwrap_or_else(|failure| panic!("{failure}"));
     })
@@ -911,11 +910,11 @@ async fn a_killed_server_process_is_lost() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_killed_client_process_is_lost() {
+async fn a_killed_head_process_is_lost() {
     bounded(async {
         let dir = tempfile::tempdir().expect("temporary directory");
         let endpoint = ipc_endpoint(&dir, "child.sock");
-        let mut child = spawn_child("client", &endpoint);
+        let mut child = spawn_child("head", &endpoint);
         // Connecting retries until the child listens.
         let mut server = ZmqTransport::connect(&endpoint, 0).await.expect("connect");
         child.kill().expect("SIGKILL");

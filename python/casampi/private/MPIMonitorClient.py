@@ -1,5 +1,5 @@
 """casampi's MPIMonitorClient over casa-node: the server table and
-debugging mode (rules 19-23). The monitor itself runs in casa-node's client
+debugging mode (rules 19-23). The monitor itself runs in casa-node's head
 node, which pings every server each heartbeat; this reads its table.
 
 Each server's status dict has casampi's keys (rank, processor, pid, busy,
@@ -42,11 +42,11 @@ class _MonitorClient:
         self._overrides = {}
 
     def start_services(self):
-        """The client node monitors from its start: connects, nothing more."""
+        """The head node monitors from its start: connects, nothing more."""
         self._seed._shared_client()
 
     def stop_services(self):
-        """The client node's monitor stops with its services."""
+        """The head node's monitor stops with its services."""
 
     def _table(self, server=None):
         table = self._seed._shared_client().status(server)

@@ -53,10 +53,10 @@ fn vector(name: &'static str, what: &'static str, correlation: u64, body: Body) 
     }
 }
 
-// Realistic settings of a three-process cluster: the client node on
+// Realistic settings of a three-process cluster: the head node on
 // nmpost050 (rank 0), servers 1 and 2 on nmpost050 and nmpost051.
 const SOFTWARE: &str = "casa-node 0.1.0";
-const CLIENT_HOST: &str = "nmpost050";
+const HEAD_HOST: &str = "nmpost050";
 const SERVER_1_PID: u32 = 24512;
 const SERVER_2_PID: u32 = 24513;
 const WORKER_1_PID: u32 = 24530;
@@ -67,8 +67,8 @@ const T0: f64 = 1718035200.25;
 fn cluster() -> ClusterInfo {
     ClusterInfo {
         transport: "zmq".into(),
-        host: CLIENT_HOST.into(),
-        client_rank: 0,
+        host: HEAD_HOST.into(),
+        head_rank: 0,
         world_size: 3,
         server_ranks: vec![1, 2],
         heartbeat_seconds: 5.0,
@@ -276,7 +276,7 @@ fn vectors() -> Vec<Vector> {
                 protocol_version: PROTOCOL_VERSION,
                 role: Role::Driver.into(),
                 software: "casa-node-python 0.1.0".into(),
-                host: CLIENT_HOST.into(),
+                host: HEAD_HOST.into(),
                 pid: 31337,
                 rank: 0,
                 token: String::new(),
@@ -285,7 +285,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "hello_server_node",
-            "A server node connects to the client node over ZeroMQ and asks for rank 2",
+            "A server node connects to the head node over ZeroMQ and asks for rank 2",
             0,
             Body::Hello(Hello {
                 protocol_version: PROTOCOL_VERSION,
@@ -300,11 +300,11 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "welcome_server_node",
-            "The client node accepts server 2 and describes the cluster: client rank 0 and servers 1 and 2 (world size 3), pings every 5 s, timeout after 60 s",
+            "The head node accepts server 2 and describes the cluster: head node rank 0 and servers 1 and 2 (world size 3), pings every 5 s, timeout after 60 s",
             0,
             Body::Welcome(Box::new(Welcome {
                 protocol_version: PROTOCOL_VERSION,
-                role: Role::ClientNode.into(),
+                role: Role::HeadNode.into(),
                 software: SOFTWARE.into(),
                 rank: 2,
                 cluster: Some(cluster()),
@@ -454,7 +454,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "control_request_start",
-            "The client node tells a server to start serving: working directory, two environment variables for the worker, forward log records from INFO up",
+            "The head node tells a server to start serving: working directory, two environment variables for the worker, forward log records from INFO up",
             101,
             Body::ControlRequest(ControlRequest {
                 action: Some(Action::Start(control_request::Start {
@@ -475,7 +475,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "control_request_stop",
-            "The client node tells a server to stop once its running command is done (force false: Stop is present but empty)",
+            "The head node tells a server to stop once its running command is done (force false: Stop is present but empty)",
             102,
             Body::ControlRequest(ControlRequest {
                 action: Some(Action::Stop(control_request::Stop { force: false })),
@@ -483,7 +483,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "control_request_set_log_level",
-            "The client node lowers a server's log level to DEBUG",
+            "The head node lowers a server's log level to DEBUG",
             103,
             Body::ControlRequest(ControlRequest {
                 action: Some(Action::SetLogLevel(control_request::SetLogLevel {
@@ -493,7 +493,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "control_request_cancel",
-            "The client node tells a server to cancel request 42",
+            "The head node tells a server to cancel request 42",
             104,
             Body::ControlRequest(ControlRequest {
                 action: Some(Action::Cancel(control_request::Cancel { request_id: 42 })),
@@ -501,7 +501,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "control_request_recall",
-            "The client node takes back request 43, sent ahead to a busy server",
+            "The head node takes back request 43, sent ahead to a busy server",
             105,
             Body::ControlRequest(ControlRequest {
                 action: Some(Action::Recall(control_request::Recall { request_id: 43 })),
@@ -515,7 +515,7 @@ fn vectors() -> Vec<Vector> {
                 ok: true,
                 error: String::new(),
                 rank: 1,
-                host: CLIENT_HOST.into(),
+                host: HEAD_HOST.into(),
                 pid: SERVER_1_PID,
                 shared_memory: false,
                 worker_pid: WORKER_1_PID,
@@ -537,7 +537,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "ping_request",
-            "The client node's monitor, ping round 17",
+            "The head node's monitor, ping round 17",
             0,
             Body::PingRequest(PingRequest { sequence: 17 }),
         ),
@@ -552,7 +552,7 @@ fn vectors() -> Vec<Vector> {
                 command_start_time: T0,
                 pid: SERVER_1_PID,
                 worker_pid: WORKER_1_PID,
-                host: CLIENT_HOST.into(),
+                host: HEAD_HOST.into(),
                 rss_bytes: 700 << 20,
                 uptime_seconds: 3600.5,
             }),
@@ -575,7 +575,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "log_record",
-            "A WARNING log record from server 2, as forwarded to the client node and to subscribed drivers",
+            "A WARNING log record from server 2, as forwarded to the head node and to subscribed drivers",
             0,
             Body::LogRecord(LogRecord {
                 time: T0 + 1.5,
@@ -601,7 +601,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "submit_reply_accepted",
-            "The client node accepts submission 7 as requests 5 and 6, in target order",
+            "The head node accepts submission 7 as requests 5 and 6, in target order",
             7,
             Body::SubmitReply(SubmitReply {
                 outcome: Some(Outcome::Accepted(submit_reply::Accepted {
@@ -611,7 +611,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "submit_reply_rejected",
-            "The client node rejects submission 8, which targeted rank 9",
+            "The head node rejects submission 8, which targeted rank 9",
             8,
             Body::SubmitReply(SubmitReply {
                 outcome: Some(Outcome::Rejected(submit_reply::Rejected {
@@ -628,7 +628,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "id_lease",
-            "The client node leases ids 4097 to 8192 to the driver that asked",
+            "The head node leases ids 4097 to 8192 to the driver that asked",
             9,
             Body::IdLease(IdLease {
                 first: 4097,
@@ -677,7 +677,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "response_delivery_rejected",
-            "The client node refuses pipelined request 4097, which targeted rank 9, with a failure response carrying the rejection",
+            "The head node refuses pipelined request 4097, which targeted rank 9, with a failure response carrying the rejection",
             0,
             Body::ResponseDelivery(Box::new(ResponseDelivery {
                 response: Some(CommandResponse {
@@ -702,7 +702,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "response_delivery_a_plus_b",
-            "The client node delivers request 2's final response (a+b returned 3) to the driver that submitted it",
+            "The head node delivers request 2's final response (a+b returned 3) to the driver that submitted it",
             0,
             Body::ResponseDelivery(Box::new(ResponseDelivery {
                 response: Some(a_plus_b_response()),
@@ -712,7 +712,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "response_delivery_replaces_timeout",
-            "The client node delivers request 6's real response after having delivered a timeout record for it: server 2 recovered and answered (rule 21); the command ran in EXEC mode, so ret is None",
+            "The head node delivers request 6's real response after having delivered a timeout record for it: server 2 recovered and answered (rule 21); the command ran in EXEC mode, so ret is None",
             0,
             Body::ResponseDelivery(Box::new(ResponseDelivery {
                 response: Some(CommandResponse {
@@ -756,7 +756,7 @@ fn vectors() -> Vec<Vector> {
                 servers: vec![
                     ServerStatus {
                         rank: 1,
-                        processor: CLIENT_HOST.into(),
+                        processor: HEAD_HOST.into(),
                         pid: SERVER_1_PID,
                         worker_pid: WORKER_1_PID,
                         busy: true,
@@ -872,7 +872,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "ack_ok",
-            "The client node acknowledges request 13 (the stop request)",
+            "The head node acknowledges request 13 (the stop request)",
             13,
             Body::Ack(Ack {
                 ok: true,
@@ -881,7 +881,7 @@ fn vectors() -> Vec<Vector> {
         ),
         vector(
             "ack_failed",
-            "The client node refuses a log level request naming rank 5",
+            "The head node refuses a log level request naming rank 5",
             17,
             Body::Ack(Ack {
                 ok: false,

@@ -1,4 +1,4 @@
-//! What the dashboard shows, kept by the client node's loop as requests
+//! What the dashboard shows, kept by the head node's loop as requests
 //! are accepted and answered: recent commands for the task stream,
 //! counts over time for the progress chart, worker restarts, and the
 //! Prometheus metrics. Everything is bounded: the page of a cluster that

@@ -1,4 +1,4 @@
-//! The dashboard: one web page served by the client node, updated live
+//! The dashboard: one web page served by the head node, updated live
 //! over server-sent events, and `/metrics` for Prometheus, on one HTTP
 //! listener (`--dashboard`, by default `127.0.0.1:8787` or the next free
 //! port).
@@ -11,7 +11,7 @@
 //! than loopback is served over TLS with the connection file's
 //! certificate, and refuses to start without one.
 //!
-//! The client node's loop owns what the page shows ([`Board`]): the HTTP
+//! The head node's loop owns what the page shows ([`Board`]): the HTTP
 //! tasks ask it for a snapshot, a command's record or the metrics over a
 //! channel, and receive its live updates (one JSON text about every half
 //! second while a page is open) over a broadcast channel.
@@ -98,7 +98,7 @@ pub enum DashboardError {
     Token(String),
 }
 
-/// What the client node's loop answers for the HTTP side.
+/// What the head node's loop answers for the HTTP side.
 #[derive(Debug)]
 pub enum Ask {
     /// Everything the page draws, as JSON.
@@ -359,7 +359,7 @@ fn refused() -> Response {
 fn gone() -> Response {
     (
         StatusCode::SERVICE_UNAVAILABLE,
-        "casa-node dashboard: the client node is stopping\n",
+        "casa-node dashboard: the head node is stopping\n",
     )
         .into_response()
 }

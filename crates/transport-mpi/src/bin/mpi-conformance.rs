@@ -10,7 +10,7 @@
 //! mpirun -n 5 mpi-conformance many-peers 200
 //! mpirun -n 2 mpi-conformance cancel-safe 5000
 //! mpirun -n 3 mpi-conformance server-shutdown            # also server-drop
-//! mpirun -n 2 mpi-conformance client-shutdown            # also client-drop
+//! mpirun -n 2 mpi-conformance head-shutdown            # also head-drop
 //! mpirun -n 2 mpi-conformance closed-after-shutdown
 //! mpirun -n 3 mpi-conformance stuck-peer 100663296 10000
 //! mpirun -n 1 mpi-conformance world-too-small
@@ -202,7 +202,7 @@ async fn run(transport: &mut MpiTransport, check: &str, args: &[String]) -> Chec
                     ));
                 }
                 if rank == 0 {
-                    checks::many_peers_client(transport, &expected, count).await
+                    checks::many_peers_head(transport, &expected, count).await
                 } else {
                     checks::echo(transport, count).await
                 }
@@ -223,8 +223,8 @@ async fn run(transport: &mut MpiTransport, check: &str, args: &[String]) -> Chec
         }
         "server-shutdown" => server_departure(transport, true).await?,
         "server-drop" => server_departure(transport, false).await?,
-        "client-shutdown" => client_departure(transport, true).await?,
-        "client-drop" => client_departure(transport, false).await?,
+        "head-shutdown" => head_departure(transport, true).await?,
+        "head-drop" => head_departure(transport, false).await?,
         "closed-after-shutdown" => {
             two_ranks("closed after shutdown", transport)?;
             checks::closed_after_shutdown(transport).await?;
@@ -271,17 +271,17 @@ async fn run(transport: &mut MpiTransport, check: &str, args: &[String]) -> Chec
 /// tells through a FIFO (opening one blocks until the other side opens it).
 async fn many_in_flight(transport: &mut MpiTransport, n: u64, dir: &Path) -> CheckResult {
     let to_server = dir.join("0to1");
-    let to_client = dir.join("1to0");
+    let to_head = dir.join("1to0");
     if transport.rank() == 0 {
         checks::flood_send(transport, 1, n).await?;
         signal(&to_server).await?;
-        wait_for(&to_client).await?;
+        wait_for(&to_head).await?;
         checks::flood_receive(transport, 1, n).await
     } else {
         wait_for(&to_server).await?;
         checks::flood_receive(transport, 0, n).await?;
         checks::flood_send(transport, 0, n).await?;
-        signal(&to_client).await
+        signal(&to_head).await
     }
 }
 
@@ -406,16 +406,16 @@ async fn server_departure(transport: &mut MpiTransport, shutdown: bool) -> Check
                 send(CHECK, transport, from, envelope).await
             })
             .await?;
-            checks::await_peer_lost("client departure", transport, 0).await
+            checks::await_peer_lost("head node departure", transport, 0).await
         }
     }
 }
 
 /// (e) Rank 0 leaves; rank 1's next event is `PeerLost(0)`, after which it
 /// can neither send to rank 0 nor wait in `recv`. Mirrors
-/// `casa_node_conformance::transport::client_departure`, one side per rank.
-async fn client_departure(transport: &mut MpiTransport, shutdown: bool) -> CheckResult {
-    const CHECK: &str = "client departure";
+/// `casa_node_conformance::transport::head_departure`, one side per rank.
+async fn head_departure(transport: &mut MpiTransport, shutdown: bool) -> CheckResult {
+    const CHECK: &str = "head node departure";
     two_ranks(CHECK, transport)?;
     handshake(CHECK, transport, 1).await?;
     if transport.rank() == 0 {
@@ -446,14 +446,14 @@ async fn client_departure(transport: &mut MpiTransport, shutdown: bool) -> Check
         if transport.send(0, ping(0)).await.is_ok() {
             return Err(failure(
                 CHECK,
-                "the server could still send to the client node",
+                "the server could still send to the head node",
             ));
         }
         match transport.recv().await {
             Err(_) => Ok(()),
             Ok(event) => Err(failure(
                 CHECK,
-                format!("recv after losing the client gave {event:?}"),
+                format!("recv after losing the head node gave {event:?}"),
             )),
         }
     })

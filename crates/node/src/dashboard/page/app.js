@@ -1,4 +1,4 @@
-// The casa-node dashboard: draws what the client node sends over
+// The casa-node dashboard: draws what the head node sends over
 // server-sent events (a snapshot, then an update about every half second).
 // Bounded: at most TASKS_KEPT commands and LOGS_KEPT log lines are held,
 // and bars narrower than a pixel are drawn one pixel per row and column.
@@ -20,7 +20,7 @@ const state = {
   logs: [],
   origins: new Set(),
   totals: {},
-  offset: 0, // the client node's clock minus this one's, in seconds
+  offset: 0, // the head node's clock minus this one's, in seconds
   connected: false,
   updates: 0,
 };

@@ -1,4 +1,4 @@
-//! Response records the client core makes: a server's answer completed
+//! Response records the head core makes: a server's answer completed
 //! with what the request carried, and the failures it answers itself.
 
 use crate::pb::{CommandMode, CommandResponse, CommandStatus, FailureKind, Parameter, Value};

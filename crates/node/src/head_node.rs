@@ -1,5 +1,5 @@
-//! The client node's event loop: moves envelopes between the transport,
-//! the front door and `ClientCore`, keeps the clock, and writes the
+//! The head node's event loop: moves envelopes between the transport,
+//! the front door and `HeadCore`, keeps the clock, and writes the
 //! unified log. Every decision is the core's.
 
 use std::collections::{HashMap, HashSet};
@@ -14,7 +14,7 @@ use casa_node_protocol::pb::{
     Welcome, submit_reply,
 };
 use casa_node_protocol::{
-    Action, ClientConfig, ClientCore, DriverId, PROTOCOL_VERSION, Rank, Rejection, RequestId,
+    Action, DriverId, HeadConfig, HeadCore, PROTOCOL_VERSION, Rank, Rejection, RequestId,
     SubmitError, Transport, TransportError, TransportEvent, WallClock, check_hello, check_version,
     response_record,
 };
@@ -138,10 +138,10 @@ async fn check_submissions(
 /// connections from 1).
 const RECOVERED: DriverId = DriverId(0);
 
-/// Settings of the client node's loop.
-pub struct ClientNodeConfig {
+/// Settings of the head node's loop.
+pub struct HeadNodeConfig {
     /// The core's settings.
-    pub core: ClientConfig,
+    pub core: HeadConfig,
     /// Where the unified log goes (shared with whoever else logs in it:
     /// `up`'s watch over the server processes it started).
     pub log: Arc<LogSink>,
@@ -167,10 +167,10 @@ pub struct ClientNodeConfig {
 /// progress chart gets a sample.
 const DASHBOARD_EVERY: Duration = Duration::from_millis(500);
 
-/// The cluster's shared-memory directory as the client node uses it.
+/// The cluster's shared-memory directory as the head node uses it.
 #[derive(Debug)]
 pub struct SharedConfig {
-    /// The directory, removed when the client node's loop ends.
+    /// The directory, removed when the head node's loop ends.
     pub dir: shm::SharedDir,
     /// Whether drivers are told of it (only on unix:// front doors: a tcp
     /// driver may be on another host).
@@ -206,9 +206,9 @@ async fn next_tick(interval: &mut Option<tokio::time::Interval>) {
 /// At most this many events already queued are taken before a timer tick.
 const DRAIN_BEFORE_TICK: usize = 4096;
 
-/// Why the client node stopped other than by stop services.
+/// Why the head node stopped other than by stop services.
 #[derive(Debug, thiserror::Error)]
-pub enum ClientNodeError {
+pub enum HeadNodeError {
     /// The transport failed.
     #[error("transport: {0}")]
     Transport(#[from] TransportError),
@@ -225,19 +225,19 @@ struct Driver {
     pid: u32,
 }
 
-/// Runs the client node until services are stopped: by a driver, or when
+/// Runs the head node until services are stopped: by a driver, or when
 /// `stop` becomes true (SIGINT/SIGTERM), or `force_stop` (a second
 /// signal). `ready` fires once the expected servers have started and the
 /// front door is open.
 pub async fn run<T: Transport>(
     mut transport: T,
-    mut config: ClientNodeConfig,
+    mut config: HeadNodeConfig,
     front_door: FrontDoor,
     ready: oneshot::Sender<()>,
     mut stop: watch::Receiver<u32>,
-) -> Result<(), ClientNodeError> {
+) -> Result<(), HeadNodeError> {
     let clock = WallClock::system();
-    let origin = format!("{}:client", config.core.host);
+    let origin = format!("{}:head", config.core.host);
     // The loop never waits to put an item in the syntax check's line: the
     // credit each item holds bounds it (rule 11).
     let (pending_tx, pending_rx) = mpsc::unbounded_channel();
@@ -248,7 +248,7 @@ pub async fn run<T: Transport>(
         checked_tx,
     ));
     let mut node = Node {
-        core: ClientCore::new(config.core.clone(), clock),
+        core: HeadCore::new(config.core.clone(), clock),
         clock,
         origin,
         drivers: HashMap::new(),
@@ -362,7 +362,7 @@ pub async fn run<T: Transport>(
                 if signals >= 2 {
                     // Servers told STOP leave when the link closes, rather
                     // than wait to rejoin.
-                    node.warn("stopping at once: the servers are told to stop, and exit when they notice the client node is gone");
+                    node.warn("stopping at once: the servers are told to stop, and exit when they notice the head node is gone");
                     node.core.stop(true);
                     let _ = node.carry_out(&mut transport).await;
                     break Ok(());
@@ -391,7 +391,7 @@ pub async fn run<T: Transport>(
 }
 
 struct Node<'a> {
-    core: ClientCore,
+    core: HeadCore,
     clock: WallClock,
     origin: String,
     drivers: HashMap<DriverId, Driver>,
@@ -422,7 +422,7 @@ struct Node<'a> {
     /// What the journal held, until it is queued again.
     recovered: Option<Recovered>,
     /// Answers to requests the journal holds, from servers that ran them
-    /// for the client node before and rejoined before they were queued
+    /// for the head node before and rejoined before they were queued
     /// again: they count (rule 33).
     early: HashMap<RequestId, (Rank, CommandResponse)>,
     /// Requests the journal held for a rank not (yet) in the cluster, until
@@ -439,7 +439,7 @@ struct Node<'a> {
 }
 
 impl Node<'_> {
-    /// Takes one event from the transport; an error ends the client node.
+    /// Takes one event from the transport; an error ends the head node.
     fn on_transport(
         &mut self,
         event: Result<TransportEvent, TransportError>,
@@ -483,10 +483,7 @@ impl Node<'_> {
     }
 
     /// Carries out the core's actions; true once services are stopped.
-    async fn carry_out<T: Transport>(
-        &mut self,
-        transport: &mut T,
-    ) -> Result<bool, ClientNodeError> {
+    async fn carry_out<T: Transport>(&mut self, transport: &mut T) -> Result<bool, HeadNodeError> {
         let mut stopped = false;
         while let Some(action) = self.core.poll_action() {
             match action {
@@ -961,7 +958,7 @@ impl Node<'_> {
     }
 
     /// Writes to the journal, if there is one. A journal that cannot be
-    /// written (a full or failed disk) is given up, loudly: the client
+    /// written (a full or failed disk) is given up, loudly: the head
     /// node goes on serving without it rather than refuse all work.
     fn journal_write(&mut self, write: impl FnOnce(&mut Journal) -> std::io::Result<()>) {
         let Some(journal) = self.journal.as_mut() else {
@@ -969,7 +966,7 @@ impl Node<'_> {
         };
         if let Err(e) = write(journal) {
             let message = format!(
-                "the journal {} could not be written ({e}): the client node goes on without it, and what it accepts from now on is lost if it dies",
+                "the journal {} could not be written ({e}): the head node goes on without it, and what it accepts from now on is lost if it dies",
                 journal.path().display()
             );
             self.journal = None;
@@ -1039,7 +1036,7 @@ impl Node<'_> {
     /// Queues again what the journal held (rule 33): requests accepted and
     /// not answered run again, but those submitted with `no_retry`, which
     /// end with a failure naming the restart; ids go on from where the
-    /// last client node may have got to.
+    /// last head node may have got to.
     fn recover(&mut self) {
         let Some(recovered) = self.recovered.take() else {
             return;
@@ -1053,7 +1050,7 @@ impl Node<'_> {
         };
         if recovered.dropped_bytes > 0 {
             self.warn(&format!(
-                "journal {path}: {} bytes after the last whole record dropped (the client node before this one died while writing)",
+                "journal {path}: {} bytes after the last whole record dropped (the head node before this one died while writing)",
                 recovered.dropped_bytes
             ));
         }
@@ -1177,7 +1174,7 @@ impl Node<'_> {
             status: CommandStatus::Cancelled.into(),
             successful: false,
             traceback: Some(format!(
-                "casa-node: the client node restarted from its journal while this request was pending; {why}"
+                "casa-node: the head node restarted from its journal while this request was pending; {why}"
             )),
             failure: FailureKind::Restarted.into(),
             ..CommandResponse::default()
@@ -1218,7 +1215,7 @@ impl Node<'_> {
         }
         let welcome = Body::Welcome(Box::new(Welcome {
             protocol_version: PROTOCOL_VERSION,
-            role: Role::ClientNode.into(),
+            role: Role::HeadNode.into(),
             software: format!("casa-node {}", env!("CARGO_PKG_VERSION")),
             rank: 0,
             cluster: Some(self.core.cluster_info()),

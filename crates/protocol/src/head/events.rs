@@ -1,4 +1,4 @@
-//! What happens in the client node, as its log tells it (rule 32).
+//! What happens in the head node, as its log tells it (rule 32).
 
 use std::fmt;
 use std::time::Duration;
@@ -6,7 +6,7 @@ use std::time::Duration;
 use crate::pb::LogLevel;
 use crate::{Rank, RequestId};
 
-/// What happened in the client node, for its log. Cheap to create: the
+/// What happened in the head node, for its log. Cheap to create: the
 /// text is made only when it is written.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Event {
@@ -107,7 +107,7 @@ pub enum Event {
         /// On or off.
         enabled: bool,
     },
-    /// The client node itself did not run for a while (stopped, starved or
+    /// The head node itself did not run for a while (stopped, starved or
     /// swapping): the servers' silence in that time is not counted against
     /// them (rule 20).
     Stalled {
@@ -212,7 +212,7 @@ impl fmt::Display for Event {
             Event::DebuggingMode { enabled: false } => f.write_str("Debugging mode off"),
             Event::Stalled { stalled_for } => write!(
                 f,
-                "The client node did not run for {:.1} s (stopped, starved or swapping); the servers' silence in that time is not counted",
+                "The head node did not run for {:.1} s (stopped, starved or swapping); the servers' silence in that time is not counted",
                 stalled_for.as_secs_f64()
             ),
         }

@@ -1,4 +1,4 @@
-//! The client core's table of pending requests, and the id sets and
+//! The head core's table of pending requests, and the id sets and
 //! leases of rule 11.
 
 use std::collections::{BTreeMap, VecDeque};
@@ -42,7 +42,7 @@ pub(super) struct Request {
     /// Sent ahead, and a recall of it is on its way to its server.
     pub(super) recalling: bool,
     /// Queued again after a restart (rule 33): a server that ran it for
-    /// the client node before may still answer it, and that answer counts.
+    /// the head node before may still answer it, and that answer counts.
     pub(super) recovered: bool,
 }
 

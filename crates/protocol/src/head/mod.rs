@@ -1,4 +1,4 @@
-//! The client node's state machine: request ids, the queue, scheduling,
+//! The head node's state machine: request ids, the queue, scheduling,
 //! the monitor and the lifecycle of the services (rules 2, 11-24, 26-27,
 //! 32).
 //!
@@ -31,7 +31,7 @@ use records::failure_record;
 pub use records::response_record;
 use requests::{IdSet, Lease, Request, RequestPhase, RequestTable, skip_unqueued};
 
-/// Ranks above this are refused (by the client core, and by transports
+/// Ranks above this are refused (by the head core, and by transports
 /// before a server joins), so a bogus rank cannot make the server table
 /// grow without bound.
 pub const MAX_RANK: Rank = 1 << 24;
@@ -41,17 +41,17 @@ pub const MAX_RANK: Rank = 1 << 24;
 pub const MAX_LEASE: u32 = crate::pb::Constant::MaxLease as u32;
 
 /// Leases a driver may hold with ids left unused; asking for more is
-/// refused, so one driver cannot make the client node's memory grow.
+/// refused, so one driver cannot make the head node's memory grow.
 pub const MAX_LEASES: usize = 16;
 
 /// Parameters larger than this, encoded, keep a request from being sent
 /// ahead to a busy server (rule 12).
 pub const PREFETCH_MAX_BYTES: usize = 1 << 20;
 
-/// Settings of a client node.
+/// Settings of a head node.
 #[derive(Debug, Clone)]
-pub struct ClientConfig {
-    /// The client node's host, for logs and the cluster description.
+pub struct HeadConfig {
+    /// The head node's host, for logs and the cluster description.
     pub host: String,
     /// The transport's name ("mpi" or "zmq"), for the cluster description.
     pub transport: String,
@@ -70,14 +70,14 @@ pub struct ClientConfig {
     /// sent ahead to wait there while every server is busy. 1 sends a
     /// server its next request only once it has answered the last.
     pub prefetch: usize,
-    /// Whether the client node keeps a journal (rule 33), as drivers are
+    /// Whether the head node keeps a journal (rule 33), as drivers are
     /// told in [`ClusterInfo`].
     pub journal: bool,
 }
 
-impl Default for ClientConfig {
+impl Default for HeadConfig {
     fn default() -> Self {
-        ClientConfig {
+        HeadConfig {
             host: "localhost".into(),
             transport: "zmq".into(),
             heartbeat: Duration::from_secs(1),
@@ -91,7 +91,7 @@ impl Default for ClientConfig {
     }
 }
 
-/// Something the node must do for the client core.
+/// Something the node must do for the head core.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Action {
     /// Send `envelope` to the server at rank `to`.
@@ -110,7 +110,7 @@ pub enum Action {
     },
     /// A server's log record, for the unified log and subscribed drivers.
     Forward(LogRecord),
-    /// Something the client node itself has to log (rule 32).
+    /// Something the head node itself has to log (rule 32).
     Event(Event),
     /// Services are stopped: every server acknowledged STOP or is gone.
     Stopped,
@@ -175,7 +175,7 @@ pub enum LeaseError {
     TooManyLeases,
 }
 
-/// Why [`ClientCore::submit`] queued nothing.
+/// Why [`HeadCore::submit`] queued nothing.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum SubmitError {
     /// The submission was refused (rule 14). A pipelined one's ids have
@@ -188,7 +188,7 @@ pub enum SubmitError {
     Lease(#[from] LeaseError),
 }
 
-/// Something a server sent that the client core cannot take.
+/// Something a server sent that the head core cannot take.
 #[derive(Debug, Clone, PartialEq, Eq, Error)]
 pub enum CoreError {
     /// The rank is not a registered server.
@@ -309,10 +309,10 @@ enum ControlKind {
     Other,
 }
 
-/// The client node's protocol logic; see the module documentation.
+/// The head node's protocol logic; see the module documentation.
 #[derive(Debug)]
-pub struct ClientCore {
-    config: ClientConfig,
+pub struct HeadCore {
+    config: HeadConfig,
     clock: WallClock,
     phase: Phase,
     /// Indexed by rank.
@@ -355,19 +355,19 @@ pub struct ClientCore {
     next_expiry: Option<Instant>,
     debugging: bool,
     /// The latest time the core was given while services run: a gap of
-    /// more than [`STALL`] heartbeats since is the client node's own stall.
+    /// more than [`STALL`] heartbeats since is the head node's own stall.
     awake: Option<Instant>,
     actions: VecDeque<Action>,
 }
 
-/// Heartbeats without a tick after which the client node counts itself as
+/// Heartbeats without a tick after which the head node counts itself as
 /// having stalled: while services run it ticks at least once a heartbeat.
 const STALL: u32 = 2;
 
-impl ClientCore {
-    /// A client core with no servers yet; `clock` gives wall times.
-    pub fn new(config: ClientConfig, clock: WallClock) -> Self {
-        ClientCore {
+impl HeadCore {
+    /// A head core with no servers yet; `clock` gives wall times.
+    pub fn new(config: HeadConfig, clock: WallClock) -> Self {
+        HeadCore {
             config,
             clock,
             phase: Phase::Idle,
@@ -574,7 +574,7 @@ impl ClientCore {
         self.config.timeout
     }
 
-    /// The next id the client node would give: every id below it may have
+    /// The next id the head node would give: every id below it may have
     /// been given out or leased (a journal records this before any id at
     /// or above what it recorded is given, rule 33).
     pub fn next_id(&self) -> RequestId {
@@ -582,13 +582,13 @@ impl ClientCore {
     }
 
     /// Ids given from now on start at `first` or above, never below: a
-    /// client node started again from its journal (rule 33) continues
+    /// head node started again from its journal (rule 33) continues
     /// where the one before it may have got to.
     pub fn continue_ids_from(&mut self, first: RequestId) {
         self.next_id = self.next_id.max(first);
     }
 
-    /// Queues again, with its own id, a request the client node accepted
+    /// Queues again, with its own id, a request the head node accepted
     /// before it restarted and had not answered (rule 33), on behalf of
     /// `driver` until a driver claims it. `request` is its submission
     /// narrowed to it: one target or none, no ids. Refused as a submission
@@ -1314,7 +1314,7 @@ impl ClientCore {
         ClusterInfo {
             transport: self.config.transport.clone(),
             host: self.config.host.clone(),
-            client_rank: 0,
+            head_rank: 0,
             world_size: self.server_ranks.len() as i32 + 1,
             server_ranks: self.server_ranks.iter().copied().collect(),
             heartbeat_seconds: self.config.heartbeat.as_secs_f64(),
@@ -1716,7 +1716,7 @@ impl ClientCore {
                 return Ok(());
             }
             // A server that ran a request queued again after a restart,
-            // for the client node before, answers it: that answer counts,
+            // for the head node before, answers it: that answer counts,
             // and the request runs no more (rule 33).
             Some(RequestPhase::Queued | RequestPhase::Sent { .. })
                 if self.requests.get(&id).is_some_and(|r| r.recovered) =>
@@ -1846,7 +1846,7 @@ impl ClientCore {
         }
     }
 
-    /// Tells the client node's own stall from its servers' silence (rule
+    /// Tells the head node's own stall from its servers' silence (rule
     /// 20): while services run the node ticks every heartbeat, so a longer
     /// gap since the last time it was given means it did not run (stopped
     /// with SIGSTOP, in a debugger, starved, swapping). The servers could

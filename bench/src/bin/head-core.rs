@@ -1,4 +1,4 @@
-//! Benchmark of `ClientCore` alone, with 10 000 simulated servers.
+//! Benchmark of `HeadCore` alone, with 10 000 simulated servers.
 //!
 //! Figures (see `bench/README.md`):
 //!
@@ -11,7 +11,7 @@
 //!    through a `VecDeque<Envelope>`, and prost encode+decode of the
 //!    `CommandRequest` envelope.
 //!
-//! Run with `cargo run --release -p casa-node-bench --bin client-core`;
+//! Run with `cargo run --release -p casa-node-bench --bin head-core`;
 //! `--quick` runs a tiny version in about a second.
 
 use std::collections::VecDeque;
@@ -26,7 +26,7 @@ use casa_node_protocol::pb::{
     CommandMode, CommandRequest, CommandResponse, CommandStatus, ControlRequest, ControlResponse,
     Envelope, PingRequest, PingResponse, SubmitRequest, Value,
 };
-use casa_node_protocol::{Action, ClientConfig, ClientCore, DriverId, Rank, WallClock};
+use casa_node_protocol::{Action, DriverId, HeadConfig, HeadCore, Rank, WallClock};
 use prost::Message;
 
 /// The single driver all submissions come from.
@@ -77,10 +77,10 @@ impl Settings {
 }
 
 const USAGE: &str = "\
-usage: client-core [--quick] [--reps N] [--rounds N] [--requests N] [--servers N]
+usage: head-core [--quick] [--reps N] [--rounds N] [--requests N] [--servers N]
                    [--only untargeted|targeted|heartbeat]
 
-Benchmarks casa-node's ClientCore with simulated servers.
+Benchmarks casa-node's HeadCore with simulated servers.
   --quick        a tiny run (about a second), to check that the harness works
   --reps N       measured repetitions of the dispatch figures (default 9)
   --rounds N     measured heartbeat rounds (default 101)
@@ -157,14 +157,14 @@ impl Summary {
 // ---------------------------------------------------------------------------
 // The simulated cluster.
 
-/// A client core whose `servers` servers (ranks 1..=servers) are all online.
-fn online_core(servers: usize, now: Instant) -> ClientCore {
-    let config = ClientConfig {
+/// A head core whose `servers` servers (ranks 1..=servers) are all online.
+fn online_core(servers: usize, now: Instant) -> HeadCore {
+    let config = HeadConfig {
         heartbeat: Duration::from_secs(1),
         timeout: Duration::from_secs(5),
-        ..ClientConfig::default()
+        ..HeadConfig::default()
     };
-    let mut core = ClientCore::new(config, WallClock::new(now, EPOCH));
+    let mut core = HeadCore::new(config, WallClock::new(now, EPOCH));
     for rank in 1..=servers {
         core.add_server(rank as Rank, now).expect("valid rank");
     }
@@ -264,7 +264,7 @@ struct Dispatch {
 impl Dispatch {
     /// Carries out the core's actions: sends of commands are remembered to
     /// be answered, deliveries counted.
-    fn drain(&mut self, core: &mut ClientCore) {
+    fn drain(&mut self, core: &mut HeadCore) {
         while let Some(action) = core.poll_action() {
             match action {
                 Action::Send {
@@ -290,7 +290,7 @@ impl Dispatch {
 /// outstanding, and answers each command sent in the order sent. Returns
 /// the seconds taken.
 fn dispatch(
-    core: &mut ClientCore,
+    core: &mut HeadCore,
     submissions: Vec<SubmitRequest>,
     window: usize,
     now: Instant,
@@ -571,7 +571,7 @@ fn main() -> ExitCode {
                 println!("{USAGE}");
                 return ExitCode::SUCCESS;
             }
-            eprintln!("client-core: {message}\n{USAGE}");
+            eprintln!("head-core: {message}\n{USAGE}");
             return ExitCode::FAILURE;
         }
     };
@@ -584,7 +584,7 @@ fn main() -> ExitCode {
     } = settings;
     let runs = |figure: Figure| only.is_none_or(|o| o == figure);
     println!(
-        "ClientCore benchmark: {servers} servers, {requests} commands x {reps} repetitions, \
+        "HeadCore benchmark: {servers} servers, {requests} commands x {reps} repetitions, \
          {rounds} heartbeat rounds{}",
         if cfg!(debug_assertions) {
             " (debug build: figures are not meaningful)"
