@@ -560,16 +560,25 @@ pub fn codec(framing: Framing) -> LengthDelimitedCodec {
         .new_codec()
 }
 
+/// Why a driver's frame gave no envelope.
+#[derive(Debug, Error)]
+enum DecodeError {
+    /// The bytes are not a valid envelope, or break a bound.
+    #[error(transparent)]
+    Frame(#[from] FrameError),
+    /// The blocking task that decoded a large frame did not finish (it
+    /// panicked, or the runtime is shutting down).
+    #[error("decoding failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+}
+
 /// Decodes a driver's frame; a large one on a blocking thread, so the
 /// event loop's thread goes on answering pings.
-async fn decode(framing: Framing, frame: Bytes) -> Result<Envelope, String> {
+async fn decode(framing: Framing, frame: Bytes) -> Result<Envelope, DecodeError> {
     if frame.len() < OFFLOAD_THRESHOLD {
-        return framing.decode_body(frame).map_err(|e| e.to_string());
+        return Ok(framing.decode_body(frame)?);
     }
-    match tokio::task::spawn_blocking(move || framing.decode_body(frame)).await {
-        Ok(decoded) => decoded.map_err(|e| e.to_string()),
-        Err(e) => Err(format!("decoding failed: {e}")),
-    }
+    Ok(tokio::task::spawn_blocking(move || framing.decode_body(frame)).await??)
 }
 
 /// One admitted driver: reports its frames to the head node and writes

@@ -28,7 +28,7 @@ use crate::front_door::{DRIVER_EVENTS, DriverEvent, FrontDoor};
 use crate::journal::{Journal, Recovered};
 use crate::log::LogSink;
 use crate::shm;
-use crate::syntax::SyntaxChecker;
+use crate::syntax::{InvalidCommand, SyntaxChecker};
 
 /// A submission on its way through the syntax check, in arrival order.
 struct Pending {
@@ -43,7 +43,7 @@ struct Pending {
 /// What waits in a driver's line behind its submissions.
 enum Item {
     /// A submission, and once checked the syntax error that rejects it.
-    Submit(SubmitRequest, Option<String>),
+    Submit(SubmitRequest, Option<InvalidCommand>),
     /// Another request of a driver whose submissions are still being
     /// checked: answered after them, so that it sees them (a cancel, a
     /// track or a stop after pipelined pushes).

@@ -38,6 +38,13 @@ while True:
     out.flush()
 "#;
 
+/// Why a command compiles neither as an expression nor as statements:
+/// Python's own words, e.g. `SyntaxError: invalid syntax (<command>,
+/// line 1)`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct InvalidCommand(pub String);
+
 /// Remembered answers before the memory is cleared.
 const MEMORY: usize = 4096;
 
@@ -46,7 +53,7 @@ pub struct SyntaxChecker {
     child: Child,
     input: BufWriter<ChildStdin>,
     output: BufReader<ChildStdout>,
-    memory: HashMap<String, Result<CommandMode, String>>,
+    memory: HashMap<String, Result<CommandMode, InvalidCommand>>,
 }
 
 impl SyntaxChecker {
@@ -72,7 +79,10 @@ impl SyntaxChecker {
 
     /// EVAL or EXEC for `command`, or the SyntaxError that makes it
     /// neither.
-    pub async fn check(&mut self, command: &str) -> std::io::Result<Result<CommandMode, String>> {
+    pub async fn check(
+        &mut self,
+        command: &str,
+    ) -> std::io::Result<Result<CommandMode, InvalidCommand>> {
         if let Some(answer) = self.memory.get(command) {
             return Ok(answer.clone());
         }
@@ -87,7 +97,9 @@ impl SyntaxChecker {
         let result = match answer.as_ref() {
             "eval" => Ok(CommandMode::Eval),
             "exec" => Ok(CommandMode::Exec),
-            other => Err(other.strip_prefix("error:").unwrap_or(other).to_owned()),
+            other => Err(InvalidCommand(
+                other.strip_prefix("error:").unwrap_or(other).to_owned(),
+            )),
         };
         if self.memory.len() >= MEMORY {
             self.memory.clear();
@@ -120,7 +132,7 @@ mod tests {
             Ok(CommandMode::Exec)
         );
         let error = checker.check("1 +* 2").await.unwrap().unwrap_err();
-        assert!(error.starts_with("SyntaxError: "), "{error}");
+        assert!(error.0.starts_with("SyntaxError: "), "{error}");
         assert_eq!(checker.check("a+b").await.unwrap(), Ok(CommandMode::Eval));
         assert!(checker.check("'\0'").await.unwrap().is_err());
         checker.stop().await;
