@@ -38,8 +38,8 @@ log=$(mktemp)
 trap 'rm -f "$log"' EXIT
 cargo test --workspace --all-features --locked 2>&1 | tee "$log"
 
-step "cargo test: end-to-end over MPI (under mpirun)"
-CASA_NODE_TEST_TRANSPORT=mpi cargo test -p casa-node --features mpi --locked --test e2e 2>&1 | tee -a "$log"
+step "cargo test: end-to-end and driver backpressure over MPI (under mpirun)"
+CASA_NODE_TEST_TRANSPORT=mpi cargo test -p casa-node --features mpi --locked --test e2e --test backpressure 2>&1 | tee -a "$log"
 
 step "cargo test: fault injection over MPI (under mpirun; over ZeroMQ it ran with the workspace)"
 CASA_NODE_TEST_TRANSPORT=mpi cargo test -p casa-node --features mpi --locked --test faults 2>&1 | tee -a "$log"

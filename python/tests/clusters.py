@@ -13,15 +13,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
 REPO = Path(__file__).resolve().parents[2]
+TARGET = Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
 
 # run-tests.sh builds it and says where; else cargo's default place.
-BINARY = Path(os.environ.get("CASA_NODE_BIN") or REPO / "target" / "debug" / "casa-node")
+BINARY = Path(os.environ.get("CASA_NODE_BIN") or TARGET / "debug" / "casa-node")
 
 TRANSPORTS = [t for t in os.environ.get("CASA_NODE_TEST_TRANSPORTS", "zmq").split(",") if t]
 
@@ -75,7 +77,8 @@ def require_binary():
         pytest.skip(message)
 
 
-def _mpirun():
+def mpirun():
+    """mpirun and the flags every test job needs on this machine."""
     mpirun = shutil.which("mpirun")
     if mpirun is None:
         pytest.fail("the MPI transport was asked for, but mpirun is not installed")
@@ -83,6 +86,22 @@ def _mpirun():
     if os.geteuid() == 0:
         flags.append("--allow-run-as-root")
     return [mpirun, *flags]
+
+
+def mpi_environment(env, runtime=None):
+    """Sets what an Open MPI job of the tests needs in `env`: loopback only;
+    with `runtime`, also a session directory of its own there (jobs starting
+    at once race on the shared one), shared memory between the ranks and no
+    binding to cores."""
+    env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
+    env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+    if runtime is not None:
+        env.update({
+            "OMPI_MCA_orte_tmpdir_base": os.fspath(runtime),
+            "OMPI_MCA_pml": "ob1",
+            "OMPI_MCA_btl": "self,vader",
+            "OMPI_MCA_hwloc_base_binding_policy": "none",
+        })
 
 
 def command(transport, servers, options, directory):
@@ -97,8 +116,64 @@ def command(transport, servers, options, directory):
     if transport == "zmq":
         return [str(BINARY), *up, "--servers", str(servers)]
     if transport == "mpi":
-        return [*_mpirun(), "-n", str(servers + 1), str(BINARY), *up]
+        return [*mpirun(), "-n", str(servers + 1), str(BINARY), *up]
     raise ValueError(f"unknown transport {transport!r}")
+
+
+def run_command(transport, servers, options, env, runtime=None):
+    """The command line of `casa-node run` (the script and its arguments
+    follow) on a cluster of `servers` servers over `transport`, the workers
+    on this Python; sets what the job needs in `env`, its runtime directory
+    `runtime` if given."""
+    options = ["--python", sys.executable, *options]
+    if transport == "zmq":
+        return [str(BINARY), "run", "--transport", "zmq", "--servers", str(servers), *options]
+    if transport == "mpi":
+        mpi_environment(env, runtime)
+        return [*mpirun(), "-n", str(servers + 1), str(BINARY), "run", "--transport", "mpi", *options]
+    raise ValueError(f"unknown transport {transport!r}")
+
+
+def _wait_unreaped(pid):
+    try:
+        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
+    except ChildProcessError:  # reaped meanwhile, by stop_group
+        pass
+
+
+def exited(proc, timeout):
+    """Waits up to `timeout` seconds for `proc` to exit without reaping it:
+    while it is a zombie its PID, which is also its process group's id,
+    cannot be given to another process."""
+    if proc.returncode is not None:
+        return True
+    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
+        return True
+    if timeout <= 0:
+        return False
+    waiter = threading.Thread(target=_wait_unreaped, args=(proc.pid,), daemon=True)
+    waiter.start()
+    waiter.join(timeout)
+    return not waiter.is_alive()
+
+
+def stop_group(proc, grace=30):
+    """Stops a process started in a session of its own
+    (`start_new_session=True`): SIGTERM to its PID if it is still going,
+    SIGKILL if it lingers past `grace` seconds, then SIGKILL to whatever is
+    left of its process group (sent before it is reaped, so the group's id
+    is still its own), and reaps it."""
+    if proc.returncode is None:
+        if not exited(proc, 0):
+            proc.send_signal(signal.SIGTERM)
+            if not exited(proc, grace):
+                proc.kill()
+                exited(proc, grace)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
 
 
 def run(script, *args, servers=2, transport="zmq", options=(), directory, timeout=180):
@@ -109,24 +184,16 @@ def run(script, *args, servers=2, transport="zmq", options=(), directory, timeou
     directory = os.fspath(directory)
     env = dict(os.environ, XDG_RUNTIME_DIR=directory)
     env.pop("CASA_NODE_ENDPOINT", None)
-    options = ["--log-file", os.path.join(directory, "log"), "--python", sys.executable, *options]
-    if transport == "zmq":
-        line = [str(BINARY), "run", "--transport", "zmq", "--servers", str(servers), *options]
-    elif transport == "mpi":
-        env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
-        env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
-        line = [*_mpirun(), "-n", str(servers + 1), str(BINARY), "run", "--transport", "mpi", *options]
-    else:
-        raise ValueError(f"unknown transport {transport!r}")
+    line = run_command(transport, servers, ["--log-file", os.path.join(directory, "log"), *options], env)
     proc = subprocess.Popen(
-        [*line, os.fspath(script), *args], cwd=directory, env=env,
+        [*line, os.fspath(script), *args], cwd=directory, env=env, start_new_session=True,
         stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except BaseException:
-        # By PID: the run, whose cluster stops with it.
-        proc.kill()
+        # By PID and its process group: the run, whose cluster stops with it.
+        stop_group(proc)
         proc.communicate()
         raise
     return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
@@ -142,9 +209,7 @@ def start(servers=2, transport="zmq", options=(), directory=None):
     env = dict(os.environ, XDG_RUNTIME_DIR=directory)  # keep the user's endpoint record alone
     env.pop("CASA_NODE_ENDPOINT", None)
     if transport == "mpi":
-        # Loopback only.
-        env.setdefault("OMPI_MCA_btl_tcp_if_include", "lo")
-        env.setdefault("OMPI_MCA_oob_tcp_if_include", "lo")
+        mpi_environment(env)
     with open(os.path.join(directory, "stderr"), "wb") as stderr:
         proc = subprocess.Popen(
             command(transport, servers, list(options), directory),

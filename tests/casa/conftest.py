@@ -18,11 +18,9 @@ import pathlib
 import pickle
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
-import threading
 
 import pytest
 
@@ -30,6 +28,11 @@ HERE = pathlib.Path(__file__).resolve().parent
 REPO = HERE.parents[1]
 SCRIPTS = HERE / "scripts"
 TARGET = pathlib.Path(os.environ.get("CARGO_TARGET_DIR") or REPO / "target")
+
+# The one launcher of the Python tests (its directory only: the casampi face
+# next to it stays off this Python's path).
+sys.path.insert(0, str(REPO / "python" / "tests"))
+import clusters  # noqa: E402
 
 # CASA reads ~/.casa/config.py when casatools is first imported: the private
 # HOME env.sh made (casadata's data, no downloads), for this process and
@@ -39,7 +42,7 @@ if not (pathlib.Path(os.environ["HOME"]) / ".casa" / "config.py").is_file():
     raise pytest.UsageError(f"{os.environ['HOME']}/.casa/config.py is missing: run tests/casa/env.sh")
 
 # The binary with --casa (debug: it has the MPI transport).
-BINARY = pathlib.Path(os.environ.get("CASA_NODE_BIN") or TARGET / "debug" / "casa-node")
+BINARY = clusters.BINARY
 TRANSPORTS = [t for t in os.environ.get("CASA_NODE_TEST_TRANSPORTS", "zmq").split(",") if t]
 SERVERS = 2
 RUN_TIMEOUT = 300  # seconds a whole `casa-node run` may take before it is stopped
@@ -165,57 +168,6 @@ class Run:
                 f"{self.node_log()[-4000:]}\n--- CASA log (end)\n{casa_log}")
 
 
-def _mpirun():
-    mpirun = shutil.which("mpirun")
-    if mpirun is None:
-        pytest.fail("the MPI transport was asked for, but mpirun is not installed")
-    flags = ["--oversubscribe"]
-    if os.geteuid() == 0:
-        flags.append("--allow-run-as-root")
-    return [mpirun, *flags]
-
-
-def _wait_unreaped(pid):
-    try:
-        os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)
-    except ChildProcessError:  # reaped meanwhile, by _stop
-        pass
-
-
-def _exited(proc, timeout):
-    """Waits up to `timeout` seconds for `proc` to exit without reaping it:
-    while it is a zombie its PID, which is also its process group's id,
-    cannot be given to another process."""
-    if proc.returncode is not None:
-        return True
-    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT | os.WNOHANG) is not None:
-        return True
-    if timeout <= 0:
-        return False
-    waiter = threading.Thread(target=_wait_unreaped, args=(proc.pid,), daemon=True)
-    waiter.start()
-    waiter.join(timeout)
-    return not waiter.is_alive()
-
-
-def _stop(proc):
-    """Stops a run started in a session of its own: SIGTERM to its PID if
-    it is still going, SIGKILL if it lingers, then SIGKILL to whatever is
-    left of its process group (sent before it is reaped, so the group's id
-    is still its own), and reaps it."""
-    if proc.returncode is None:
-        if not _exited(proc, 0):
-            proc.send_signal(signal.SIGTERM)
-            if not _exited(proc, 30):
-                proc.kill()
-                _exited(proc, 30)
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    proc.wait()
-
-
 class Started:
     """A `casa-node run --casa` under way (start_casa_node_run); finish()
     waits for it, or stops it."""
@@ -232,7 +184,7 @@ class Started:
         """Stops the run if it is still going (by its PID and its process
         group) and removes its runtime directory."""
         try:
-            _stop(self.proc)
+            clusters.stop_group(self.proc)
         finally:
             shutil.rmtree(self.runtime, ignore_errors=True)
 
@@ -241,7 +193,7 @@ class Started:
         returns a Run. With `check`, the run must exit 0 and write its
         pickle."""
         try:
-            exited = _exited(self.proc, timeout)
+            exited = clusters.exited(self.proc, timeout)
         finally:
             # A clean exit leaves nothing of its process group; a failed or
             # timed out one might.
@@ -281,25 +233,11 @@ def start_casa_node_run(script, args, directory, transport, *, servers=SERVERS, 
     env = dict(os.environ, XDG_RUNTIME_DIR=runtime)
     for name in ("CASA_NODE_ENDPOINT", "CASA_NODE_CONNECTION_FILE"):
         env.pop(name, None)
-    options = ["--python", sys.executable, *options]
-    if transport == "zmq":
-        line = [str(BINARY), "--transport", "zmq", "run", "--casa", "--servers", str(servers), *options]
-    elif transport == "mpi":
-        env.update({
-            # Its own session directory: jobs starting at once race on the
-            # shared one. Shared memory, loopback only.
-            "OMPI_MCA_orte_tmpdir_base": runtime,
-            "OMPI_MCA_pml": "ob1",
-            "OMPI_MCA_btl": "self,vader",
-            "OMPI_MCA_btl_tcp_if_include": "lo",
-            "OMPI_MCA_oob_tcp_if_include": "lo",
-            "OMPI_MCA_hwloc_base_binding_policy": "none",
-        })
-        line = [*_mpirun(), "-n", str(servers + 1), str(BINARY), "--transport", "mpi",
-                "run", "--casa", *options]
-    else:
+    try:
+        line = clusters.run_command(transport, servers, ["--casa", *options], env, runtime)
+    except ValueError:
         shutil.rmtree(runtime)
-        raise ValueError(f"unknown transport {transport!r}")
+        raise
     out = directory / result if result else None
     argv = [*line, str(SCRIPTS / script), *map(str, args), *([str(out)] if out else [])]
     try:

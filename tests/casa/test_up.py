@@ -13,7 +13,7 @@ import tempfile
 
 import pytest
 
-from conftest import BINARY, _stop
+from conftest import BINARY, clusters
 
 DRIVER = """
 import os, casatasks
@@ -65,6 +65,6 @@ def test_a_driver_of_up_moves_the_workers_to_its_casa_log(tmp_path):
         up_logs = [p.name for p in tmp_path.glob("casa-*.log")]
         assert up_logs, "up's workers wrote no CASA log before the driver came"
     finally:
-        _stop(up)
+        clusters.stop_group(up)
         up.stdout.close()
         shutil.rmtree(runtime, ignore_errors=True)
