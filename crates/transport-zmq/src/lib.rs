@@ -175,6 +175,7 @@
 //! they must arrive after it, not those of the other links; so does a
 //! forged large message, from whoever can write into the connection.
 
+mod credit;
 mod engine;
 mod seal;
 mod wire;
@@ -199,7 +200,8 @@ use tokio::time::Instant;
 use tracing::Instrument;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketEvent, SocketOptions, ZmqMessage};
 
-use engine::{Budget, Charge, Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
+use credit::{Budget, Charge};
+use engine::{Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
 use seal::{Direction, LinkId, LinkSeal, NO_NONCE, Nonce, Seal, Signer};
 use wire::Header;
 
