@@ -27,7 +27,9 @@
 //!   messages in flight, settled oldest first as credit comes back. It says
 //!   what a grant gives back, and refuses one that would make the window
 //!   larger than [`MAX_WINDOW`].
-//! - [`Budget`], the sender's byte budget.
+//! - [`Budget`], the sender's byte budget and its rules: how many bytes a
+//!   message takes, from which pool, and whether it asks for its credit
+//!   back at once.
 //!
 //! The credit a sender has not used yet (messages, bytes, and the reserve's
 //! bytes) is held in semaphores the handle waits on; a [`Refund`] says what
@@ -68,6 +70,49 @@ impl Budget {
             small: reserve / 16,
         }
     }
+
+    /// The bytes a message of `len` bytes (encoded) takes from the budget:
+    /// its length, but at least one byte, and at most the whole budget, so
+    /// that a larger message can go once nothing else is in flight.
+    pub(crate) fn size(&self, len: usize) -> u32 {
+        u32::try_from(len).unwrap_or(u32::MAX).clamp(1, self.bytes)
+    }
+
+    /// Where a message that takes `size` bytes (see [`size`](Self::size))
+    /// takes them from, when `bytes` are left in the budget proper and
+    /// `reserve` in the reserve.
+    pub(crate) fn source(&self, size: u32, bytes: usize, reserve: usize) -> Source {
+        let size = size as usize;
+        if size <= bytes {
+            Source::Bytes
+        } else if size <= self.small as usize && size <= reserve {
+            Source::Reserve
+        } else {
+            Source::Wait
+        }
+    }
+
+    /// Whether a message asks the receiver to return its credit as soon as
+    /// it is consumed: one that took its bytes from the reserve (it went
+    /// past a large one, and the reserve is small), or one after which less
+    /// than half the budget proper is left (`bytes_left`).
+    pub(crate) fn credit_wanted(&self, reserved: bool, bytes_left: usize) -> bool {
+        reserved || bytes_left < (self.bytes / 2) as usize
+    }
+}
+
+/// Where a message takes its bytes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Source {
+    /// The budget proper has room for it.
+    Bytes,
+    /// The budget proper has not, but the message is small and the reserve
+    /// has room for it.
+    Reserve,
+    /// Neither: the message waits for room in the budget proper, and the
+    /// sender asks the peer for credit, so that the bytes of the messages
+    /// in flight come back even if none of them was flagged.
+    Wait,
 }
 
 /// What one data message in flight took from the budget.
@@ -88,6 +133,19 @@ pub(crate) struct Refund {
     pub(crate) bytes: usize,
     /// Bytes for the reserve.
     pub(crate) reserve: usize,
+}
+
+impl Refund {
+    /// The credit taken for a message that was never sent (it could not be
+    /// encoded): one message and its bytes.
+    pub(crate) fn unsent(charge: Charge) -> Refund {
+        let bytes = charge.bytes as usize;
+        Refund {
+            messages: 1,
+            bytes: if charge.reserved { 0 } else { bytes },
+            reserve: if charge.reserved { bytes } else { 0 },
+        }
+    }
 }
 
 /// A grant refused because it would make a sender's window larger than
