@@ -316,3 +316,6 @@ impl ReceiveWindow {
         Grant(grant)
     }
 }
+
+#[cfg(test)]
+mod tests;
