@@ -8,19 +8,11 @@
 //! state (the per-peer credit semaphores), which is what makes the handle's
 //! `recv` cancel-safe and lets `send` wait without blocking the engine.
 //!
-//! Flow control: each side grants its peer `window` data messages up front
-//! and grants more as its application *consumes* messages (not when the
-//! engine reads them), so the messages the engine holds for the
-//! application, and those ZeroMQ holds in its queues, never exceed the
-//! window per peer. The sender also bounds the bytes it has in flight per
-//! peer; when that budget runs low it flags its messages so the receiver
-//! returns credit as soon as they are consumed. A message that does not fit
-//! in what is left of the budget may follow messages that were not flagged
-//! (they left more than half of it free), whose credit the receiver would
-//! return only after half a window of messages: so a sender that has to
-//! wait for bytes also asks for credit (`R`), and the receiver then returns
-//! the credit of everything consumed so far, and of what is still in
-//! flight as it is consumed.
+//! Flow control: the rules and the accounting are in [`credit`](crate::credit),
+//! which does no I/O. The engine keeps a [`SendWindow`] and a
+//! [`ReceiveWindow`] per peer, tells them what it sends, reads and the
+//! application consumes, and sends the grants they ask for; the handle
+//! waits on semaphores that hold the credit it has not used yet.
 //!
 //! Large messages: what takes long per message (decoding one of hundreds
 //! of MiB, and on a signed link checking and sealing it) is done for each
@@ -48,9 +40,10 @@ use zeromq::{
     DealerSendHalf, RouterSendHalf, SocketEvent, SocketSend, ZmqError, ZmqMessage, ZmqResult,
 };
 
+use crate::ZmqConfig;
+use crate::credit::{BeyondWindow, Budget, Charge, Grant, ReceiveWindow, Refund, SendWindow};
 use crate::seal::{self, Direction, LinkId, LinkSeal, NO_NONCE, Nonce, Seal, Signer};
 use crate::wire::Header;
-use crate::{MAX_WINDOW, ZmqConfig};
 
 /// Messages refused by the signature check that are each logged; after
 /// them, one in [`LOG_EVERY`], so that a flood cannot fill the disk.
@@ -106,51 +99,18 @@ impl Link {
         }
     }
 
+    /// Gives credit back to the handle.
+    pub(crate) fn refund(&self, refund: Refund) {
+        self.bytes.add_permits(refund.bytes);
+        self.reserve.add_permits(refund.reserve);
+        self.messages.add_permits(refund.messages);
+    }
+
     fn close(&self) {
         self.messages.close();
         self.bytes.close();
         self.reserve.close();
     }
-}
-
-/// The bytes a sender may have in flight to one peer.
-///
-/// A message takes its size from `bytes` (a message larger than all of it
-/// takes all of it, so it goes alone). Once a large message has taken most
-/// of `bytes`, the small ones behind it (pings, their answers, log records)
-/// would wait until the peer has received and consumed it, seconds for
-/// hundreds of MiB, and an event loop waiting in `send` misses its
-/// heartbeats; so a small message that does not fit in `bytes` may take its
-/// size from a `reserve` of a 64th as much instead.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Budget {
-    /// The byte budget proper.
-    pub(crate) bytes: u32,
-    /// The small messages' reserve.
-    pub(crate) reserve: u32,
-    /// The largest message the reserve takes: a 16th of it.
-    pub(crate) small: u32,
-}
-
-impl Budget {
-    pub(crate) fn new(max_in_flight_bytes: u32) -> Self {
-        let bytes = max_in_flight_bytes.max(1);
-        let reserve = bytes / 64;
-        Budget {
-            bytes,
-            reserve,
-            small: reserve / 16,
-        }
-    }
-}
-
-/// What one data message in flight took from the budget.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct Charge {
-    /// Bytes taken.
-    pub(crate) bytes: u32,
-    /// Taken from the reserve rather than the budget proper.
-    pub(crate) reserved: bool,
 }
 
 /// Why an engine stopped.
@@ -251,20 +211,10 @@ struct Peer {
     /// ZeroMQ's routing identity (empty on a DEALER).
     identity: Bytes,
     link: Link,
-    /// The byte charges of the data messages sent and not yet credited, in
-    /// order.
-    charges: VecDeque<Charge>,
-    /// Messages the application consumed since we last granted credit.
-    consumed: u32,
-    /// Messages delivered to the application and not yet consumed (as far
-    /// as the engine knows: consumption is reported through a channel).
-    unconsumed: u32,
-    /// Messages whose credit goes back as soon as they are consumed, as if
-    /// they had been flagged: those still unconsumed when the peer asked
-    /// for credit.
-    hurried: u32,
-    /// Data messages the peer may still send us.
-    budget: u64,
+    /// The credit of the data messages we send the peer.
+    sending: SendWindow,
+    /// The credit we grant the peer for the data messages it sends us.
+    receiving: ReceiveWindow,
     /// The peer acknowledged our goodbye.
     bye_acked: bool,
     /// On a signed link, its nonces and counters.
@@ -921,7 +871,7 @@ impl Engine {
             debug!(rank = to, "dropping a message for a peer that is gone");
             return;
         };
-        peer.charges.push_back(charge);
+        peer.sending.sent(charge);
         let header = Header::Data {
             credit_wanted: wanted,
         };
@@ -932,42 +882,30 @@ impl Engine {
         self.transmit(to, vec![header.encode()]).await;
     }
 
+    /// The application consumed a data message from `from` (on `link`),
+    /// flagged if `wanted`: grants credit if it is time to.
     async fn consumed(&mut self, from: Rank, link: u64, wanted: bool) {
-        let threshold = (self.config.window / 2).max(1);
         let Some(peer) = self.peers.get_mut(&from).filter(|p| p.link.id == link) else {
             return;
         };
-        peer.consumed += 1;
-        peer.unconsumed = peer.unconsumed.saturating_sub(1);
-        let hurried = peer.hurried > 0;
-        peer.hurried = peer.hurried.saturating_sub(1);
-        if wanted || hurried || peer.consumed >= threshold {
-            let grant = std::mem::take(&mut peer.consumed);
-            peer.budget += u64::from(grant);
-            self.send_control(from, Header::Credit(grant)).await;
+        if let Some(Grant(count)) = peer.receiving.consumed(wanted) {
+            self.send_control(from, Header::Credit(count)).await;
         }
     }
 
-    /// The peer waits for credit: return what is owed now, and the credit
-    /// of the messages still unconsumed as each is consumed. (Everything it
-    /// sent before asking has reached us: the request follows it on the
-    /// same connection.)
+    /// The peer waits for credit: see [`ReceiveWindow::credit_requested`].
     async fn on_credit_request(&mut self, rank: Rank) {
         let Some(peer) = self.peers.get_mut(&rank) else {
             return;
         };
-        peer.hurried = peer.unconsumed;
-        if peer.consumed > 0 {
-            let grant = std::mem::take(&mut peer.consumed);
-            peer.budget += u64::from(grant);
-            self.send_control(rank, Header::Credit(grant)).await;
+        if let Some(Grant(count)) = peer.receiving.credit_requested() {
+            self.send_control(rank, Header::Credit(count)).await;
         }
     }
 
     async fn grant_window(&mut self, rank: Rank) {
-        let window = self.config.window;
         if let Some(peer) = self.peers.get_mut(&rank) {
-            peer.budget += u64::from(window);
+            let Grant(window) = peer.receiving.open();
             self.send_control(rank, Header::Credit(window)).await;
         }
     }
@@ -984,11 +922,8 @@ impl Engine {
             Peer {
                 identity,
                 link: link.clone(),
-                charges: VecDeque::new(),
-                consumed: 0,
-                unconsumed: 0,
-                hurried: 0,
-                budget: 0,
+                sending: SendWindow::default(),
+                receiving: ReceiveWindow::new(self.config.window),
                 bye_acked: false,
                 seal,
             },
@@ -1274,18 +1209,17 @@ impl Engine {
         let Some(peer) = self.peers.get_mut(&rank) else {
             return;
         };
-        if peer.budget == 0 {
+        if peer.receiving.received().is_err() {
             warn!(rank, "dropping a message sent beyond the credit granted");
             return;
         }
-        peer.budget -= 1;
         let link = peer.link.id;
         if self.closing {
             // Nobody will read it; say goodbye rather than credit it.
             return;
         }
         // Delivered, or credited at once below if it does not decode.
-        peer.unconsumed += 1;
+        peer.receiving.delivered();
         if self.decoders.get(&rank).is_some_and(|d| d.link != link) {
             self.decoders.remove(&rank);
         }
@@ -1326,11 +1260,10 @@ impl Engine {
         let Some(peer) = self.peers.get_mut(&rank) else {
             return;
         };
-        if peer.budget == 0 {
+        if peer.receiving.received().is_err() {
             return;
         }
-        peer.budget -= 1;
-        peer.unconsumed += 1;
+        peer.receiving.delivered();
         let link = peer.link.id;
         self.consumed(rank, link, credit_wanted).await;
     }
@@ -1342,30 +1275,14 @@ impl Engine {
         if let Some(admitted) = self.admitted.take() {
             let _ = admitted.send(());
         }
-        let count = count as usize;
-        // Credit available plus messages in flight is the peer's window,
-        // which may not exceed MAX_WINDOW: more would let ZeroMQ's queue
-        // for that peer fill up and make the engine wait.
-        let window = peer.link.messages.available_permits() + peer.charges.len() + count;
-        if window > MAX_WINDOW as usize {
-            warn!(
+        let available = peer.link.messages.available_permits();
+        match peer.sending.on_credit(count, available) {
+            Ok(refund) => peer.link.refund(refund),
+            Err(BeyondWindow) => warn!(
                 rank,
                 count, "ignoring a credit grant beyond the largest window"
-            );
-            return;
+            ),
         }
-        let settled = count.min(peer.charges.len());
-        let (mut bytes, mut reserve) = (0, 0);
-        for charge in peer.charges.drain(..settled) {
-            if charge.reserved {
-                reserve += charge.bytes as usize;
-            } else {
-                bytes += charge.bytes as usize;
-            }
-        }
-        peer.link.bytes.add_permits(bytes);
-        peer.link.reserve.add_permits(reserve);
-        peer.link.messages.add_permits(count);
     }
 
     /// A Hello from a new connection; `nonce` is the sender's, on a signed

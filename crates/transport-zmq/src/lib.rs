@@ -175,6 +175,7 @@
 //! they must arrive after it, not those of the other links; so does a
 //! forged large message, from whoever can write into the connection.
 
+mod credit;
 mod engine;
 mod seal;
 mod wire;
@@ -194,12 +195,13 @@ use casa_node_protocol::{
     TransportError, TransportEvent, check_version,
 };
 use futures::StreamExt;
-use tokio::sync::{Semaphore, TryAcquireError, mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tracing::Instrument;
 use zeromq::{DealerSocket, RouterSocket, Socket, SocketEvent, SocketOptions, ZmqMessage};
 
-use engine::{Budget, Charge, Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
+use credit::{Budget, Charge, Refund, Source};
+use engine::{Command, Delivery, Engine, Inputs, SendHalf, Shared, Terminal};
 use seal::{Direction, LinkId, LinkSeal, NO_NONCE, Nonce, Seal, Signer};
 use wire::Header;
 
@@ -400,13 +402,7 @@ impl Encoder {
                     Err(error) => {
                         // Its credit was taken: give it back.
                         tracing::warn!(to, %error, "dropping a message that cannot be encoded");
-                        link.messages.add_permits(1);
-                        let pool = if charge.reserved {
-                            &link.reserve
-                        } else {
-                            &link.bytes
-                        };
-                        pool.add_permits(charge.bytes as usize);
+                        link.refund(Refund::unsent(charge));
                     }
                 }
                 // Only once the engine has it may a later message skip
@@ -743,9 +739,7 @@ impl Transport for ZmqTransport {
             let body = self.framing.encode_body(&envelope)?;
             Some(body)
         };
-        let size = u32::try_from(len)
-            .unwrap_or(u32::MAX)
-            .clamp(1, self.budget.bytes);
+        let size = self.budget.size(len);
         let disconnected = |_| TransportError::Disconnected(to);
         // Both waits are cancel-safe: an unused permit goes back.
         let message = link
@@ -754,39 +748,36 @@ impl Transport for ZmqTransport {
             .acquire_owned()
             .await
             .map_err(disconnected)?;
-        let taken = |pool: &Arc<Semaphore>| match pool.clone().try_acquire_many_owned(size) {
-            Ok(permit) => Ok(Some(permit)),
-            Err(TryAcquireError::NoPermits) => Ok(None),
-            Err(TryAcquireError::Closed) => Err(TransportError::Disconnected(to)),
-        };
-        let mut reserved = false;
-        let mut bytes = taken(&link.bytes)?;
-        if bytes.is_none() && size <= self.budget.small {
-            bytes = taken(&link.reserve)?;
-            reserved = bytes.is_some();
+        let source = self.budget.source(
+            size,
+            link.bytes.available_permits(),
+            link.reserve.available_permits(),
+        );
+        if source == Source::Wait {
+            // What is in flight may not have asked for its credit back
+            // (it left over half the budget free): ask now, or a
+            // message larger than what is left would wait forever.
+            let _ = self
+                .commands
+                .send(Command::RequestCredit { to, link: link.id });
         }
-        let bytes = match bytes {
-            Some(bytes) => bytes,
-            None => {
-                // What is in flight may not have asked for its credit back
-                // (it left over half the budget free): ask now, or a
-                // message larger than what is left would wait forever.
-                let _ = self
-                    .commands
-                    .send(Command::RequestCredit { to, link: link.id });
-                link.bytes
-                    .clone()
-                    .acquire_many_owned(size)
-                    .await
-                    .map_err(disconnected)?
-            }
-        };
+        let reserved = source == Source::Reserve;
+        let pool = if reserved { &link.reserve } else { &link.bytes };
+        // Only `send` takes permits, and it has `&mut self`: a pool that
+        // has room now keeps it, and this returns at once unless the
+        // message waits for bytes.
+        let bytes = pool
+            .clone()
+            .acquire_many_owned(size)
+            .await
+            .map_err(disconnected)?;
         message.forget();
         bytes.forget();
         // A message from the reserve went past a large one: its bytes are
         // wanted back as soon as it is consumed.
-        let credit_wanted =
-            reserved || link.bytes.available_permits() < (self.budget.bytes / 2) as usize;
+        let credit_wanted = self
+            .budget
+            .credit_wanted(reserved, link.bytes.available_permits());
         let charge = Charge {
             bytes: size,
             reserved,
