@@ -107,7 +107,7 @@
 //!     ..ZmqConfig::default()
 //! };
 //! // The head node:
-//! let head node = ZmqTransport::bind_with("tcp://0.0.0.0:5555", config.clone()).await?;
+//! let head = ZmqTransport::bind_with("tcp://0.0.0.0:5555", config.clone()).await?;
 //! // A server node (0: any rank):
 //! let server = ZmqTransport::connect_with("tcp://head-node:5555", 0, config).await?;
 //! # Ok(()) }
