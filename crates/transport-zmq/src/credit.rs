@@ -16,7 +16,9 @@
 //! return only after half a window of messages: so a sender that has to
 //! wait for bytes also asks for credit (`R`), and the receiver then returns
 //! the credit of everything consumed so far, and of what is still in
-//! flight as it is consumed.
+//! flight as it is consumed. The request leaves after every message sent
+//! before it, including one still being encoded off the caller's thread:
+//! it reaches the receiver after them, or it would hurry nothing.
 //!
 //! The pieces, per peer:
 //!

@@ -346,6 +346,16 @@ impl Drop for IoRuntime {
     }
 }
 
+/// What a link's encoder hands to the engine, in the order given.
+enum EncoderItem {
+    /// A message to encode off the event loop's thread.
+    Message(EncodeJob),
+    /// A command for the engine that must not overtake the messages
+    /// before it: a credit request, which the receiver answers with the
+    /// credit of what it has received by then.
+    After(Command),
+}
+
 /// A message to encode off the event loop's thread, with its credit taken.
 struct EncodeJob {
     envelope: Envelope,
@@ -361,18 +371,26 @@ struct EncodeJob {
 /// thread, and hands them to the engine. While it holds any, later
 /// messages to that peer go through it too, so none overtakes another.
 struct Encoder {
-    jobs: mpsc::UnboundedSender<EncodeJob>,
-    /// Messages given to it and not yet handed to the engine.
+    jobs: mpsc::UnboundedSender<EncoderItem>,
+    /// Items given to it and not yet handed to the engine.
     pending: Arc<AtomicUsize>,
 }
 
 impl Encoder {
     fn spawn(framing: Framing, commands: mpsc::UnboundedSender<Command>) -> Encoder {
-        let (jobs, mut queue) = mpsc::unbounded_channel::<EncodeJob>();
+        let (jobs, mut queue) = mpsc::unbounded_channel::<EncoderItem>();
         let pending = Arc::new(AtomicUsize::new(0));
         let left = pending.clone();
         tokio::spawn(async move {
-            while let Some(job) = queue.recv().await {
+            while let Some(item) = queue.recv().await {
+                let job = match item {
+                    EncoderItem::Message(job) => job,
+                    EncoderItem::After(command) => {
+                        let _ = commands.send(command);
+                        left.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                };
                 let EncodeJob {
                     envelope,
                     len,
@@ -756,10 +774,28 @@ impl Transport for ZmqTransport {
         if source == Source::Wait {
             // What is in flight may not have asked for its credit back
             // (it left over half the budget free): ask now, or a
-            // message larger than what is left would wait forever.
-            let _ = self
-                .commands
-                .send(Command::RequestCredit { to, link: link.id });
+            // message larger than what is left would wait forever. The
+            // request goes after the messages the encoder still holds:
+            // the receiver returns the credit of what it has by then.
+            let request = Command::RequestCredit { to, link: link.id };
+            match self
+                .encoders
+                .get(&(to, link.id))
+                .filter(|e| e.pending.load(Ordering::Acquire) > 0)
+            {
+                Some(encoder) => {
+                    encoder.pending.fetch_add(1, Ordering::AcqRel);
+                    if let Err(unsent) = encoder.jobs.send(EncoderItem::After(request)) {
+                        encoder.pending.fetch_sub(1, Ordering::AcqRel);
+                        if let EncoderItem::After(request) = unsent.0 {
+                            let _ = self.commands.send(request);
+                        }
+                    }
+                }
+                None => {
+                    let _ = self.commands.send(request);
+                }
+            }
         }
         let reserved = source == Source::Reserve;
         let pool = if reserved { &link.reserve } else { &link.bytes };
@@ -797,7 +833,7 @@ impl Transport for ZmqTransport {
                 charge,
                 credit_wanted,
             };
-            if encoder.jobs.send(job).is_err() {
+            if encoder.jobs.send(EncoderItem::Message(job)).is_err() {
                 encoder.pending.fetch_sub(1, Ordering::AcqRel);
                 return Err(self.terminal_error());
             }

@@ -524,6 +524,47 @@ async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
     .await;
 }
 
+/// A first message large enough to be encoded off the caller's thread
+/// (1 MiB or more) may still be on its way to the engine when the second,
+/// which does not fit beside it, asks for credit: the request must not
+/// overtake it, or the receiver has nothing to hurry, the first comes
+/// back in no batch, and the second waits for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credit_request_does_not_overtake_a_message_being_encoded() {
+    bounded(async {
+        let budget = ZmqConfig {
+            max_in_flight_bytes: 4 << 20,
+            ..ZmqConfig::default()
+        };
+        let (mut head, _dir) = head_with(budget.clone()).await;
+        let endpoint = head.endpoint().to_owned();
+        let mut server = ZmqTransport::connect_with(&endpoint, 0, budget)
+            .await
+            .expect("connect");
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
+        let sized = |seed: u64, len| checks::large_request(seed, checks::pattern(len, seed as u8));
+        for consumed_first in [true, false] {
+            second_waits_for_the_first(
+                &mut head,
+                &mut server,
+                sized(1, 1_200_000),
+                sized(2, 3_500_000),
+                consumed_first,
+            )
+            .await;
+            second_waits_for_the_first(
+                &mut server,
+                &mut head,
+                sized(3, 1_200_000),
+                sized(4, 3_500_000),
+                consumed_first,
+            )
+            .await;
+        }
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_messages_go_past_a_large_one_on_a_reserve() {
     bounded(async {
