@@ -32,10 +32,10 @@ use casa_node_protocol::pb::envelope::Body;
 use casa_node_protocol::pb::value::Kind;
 use casa_node_protocol::pb::{
     CommandMode, CommandRequest, CommandResponse, Complex, ControlRequest, ControlResponse,
-    Envelope, LogLevel, LogRecord, NdArray, Parameter, Value,
+    Envelope, LogLevel, LogRecord, Parameter, Value,
 };
+use casa_node_protocol::strategies::arb_value;
 use casa_node_protocol::{DEFAULT_MAX_FRAME, MAX_VALUE_DEPTH, PROTOCOL_VERSION};
-use proptest::collection::vec;
 use proptest::prelude::*;
 use proptest::test_runner::{Config, TestCaseError, TestRunner};
 use prost::Message;
@@ -243,109 +243,7 @@ fn py_expr(value: &Value) -> String {
 }
 
 // ---------------------------------------------------------------------------
-// Strategies
-
-/// Any f64: ordinary, extreme, ±0, ±inf, NaNs with any sign and payload.
-fn arb_f64() -> impl Strategy<Value = f64> + Clone {
-    prop_oneof![
-        4 => any::<f64>(),
-        2 => any::<u64>().prop_map(f64::from_bits),
-        1 => Just(f64::NAN),
-        1 => Just(-f64::NAN),
-        1 => Just(f64::INFINITY),
-        1 => Just(f64::NEG_INFINITY),
-        1 => Just(-0.0),
-        1 => Just(0.0),
-        1 => Just(f64::MIN_POSITIVE / 2.0),
-        1 => Just(f64::MAX),
-    ]
-}
-
-fn arb_i64() -> impl Strategy<Value = i64> + Clone {
-    prop_oneof![
-        4 => any::<i64>(),
-        2 => -300i64..300,
-        1 => Just(i64::MIN),
-        1 => Just(i64::MAX),
-    ]
-}
-
-/// Arrays as numpy makes them (a real dtype, exactly product(shape) *
-/// itemsize bytes), or with any dtype string, shape and data.
-fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
-    let consistent = (
-        proptest::sample::select(vec![
-            ("<f8", 8usize),
-            ("<f4", 4),
-            ("<i4", 4),
-            (">i8", 8),
-            ("|u1", 1),
-            ("|b1", 1),
-            ("<c16", 16),
-            ("<U3", 12),
-        ]),
-        vec(0u64..4, 0..4),
-        any::<bool>(),
-        vec(any::<u8>(), 0..16),
-    )
-        .prop_map(|((dtype, itemsize), shape, scalar, seed)| {
-            let shape = if scalar { Vec::new() } else { shape };
-            let count = shape.iter().product::<u64>() as usize;
-            let data: Vec<u8> = (0..count * itemsize)
-                .map(|i| seed.get(i % seed.len().max(1)).copied().unwrap_or(0) ^ (i as u8))
-                .collect();
-            NdArray {
-                shared: None,
-                dtype: dtype.to_owned(),
-                shape,
-                data: Bytes::from(data),
-                scalar,
-            }
-        });
-    let arbitrary = (
-        "(?s).{0,8}",
-        vec(any::<u64>(), 0..4),
-        vec(any::<u8>(), 0..24),
-        any::<bool>(),
-    )
-        .prop_map(|(dtype, shape, data, scalar)| NdArray {
-            shared: None,
-            dtype,
-            shape,
-            data: Bytes::from(data),
-            scalar,
-        });
-    prop_oneof![3 => consistent, 1 => arbitrary]
-}
-
-fn arb_leaf() -> impl Strategy<Value = Value> + Clone {
-    prop_oneof![
-        Just(Value::none()),
-        any::<bool>().prop_map(Value::from),
-        arb_i64().prop_map(Value::from),
-        // Shortened as Value::big_int does: mostly big_int_value, the short
-        // ones int_value.
-        vec(any::<u8>(), 0..40).prop_map(|b| Value::big_int(&b)),
-        arb_f64().prop_map(Value::from),
-        "(?s).{0,24}".prop_map(Value::from),
-        vec(any::<u8>(), 0..48).prop_map(Value::bytes),
-        (arb_f64(), arb_f64()).prop_map(|(r, i)| Value::complex(r, i)),
-        arb_ndarray().prop_map(|a| Value::ndarray(a.dtype, a.shape, a.data, a.scalar)),
-        vec(any::<u8>(), 0..48).prop_map(Value::pickle),
-    ]
-}
-
-/// Any Value: every kind, lists, tuples and dicts (keys of any kind, equal
-/// and unhashable ones included) nested up to 4 levels.
-fn arb_value() -> impl Strategy<Value = Value> {
-    arb_leaf().prop_recursive(4, 64, 6, |inner| {
-        prop_oneof![
-            vec(inner.clone(), 0..6).prop_map(Value::list),
-            vec(inner.clone(), 0..6).prop_map(Value::tuple),
-            vec((inner.clone(), inner), 0..6).prop_map(Value::dict),
-        ]
-    })
-}
+// Edge values (the random ones are the protocol crate's strategies)
 
 /// Values at the edges of each encoding.
 fn edge_values() -> Vec<Value> {

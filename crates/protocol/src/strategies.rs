@@ -89,6 +89,17 @@ pub fn arb_f64() -> impl Strategy<Value = f64> + Clone {
     ]
 }
 
+/// Any `i64`, its extremes and small numbers (on both sides of every
+/// varint length and of Python's small-int cache) more often than chance.
+pub fn arb_i64() -> impl Strategy<Value = i64> + Clone {
+    prop_oneof![
+        4 => any::<i64>(),
+        2 => -300i64..300,
+        1 => Just(i64::MIN),
+        1 => Just(i64::MAX),
+    ]
+}
+
 /// Any `f64` but `-0.0`, for proto3 fields without presence (see the
 /// module documentation).
 pub fn arb_plain_f64() -> impl Strategy<Value = f64> + Clone {
@@ -160,6 +171,7 @@ pub fn arb_ndarray() -> impl Strategy<Value = NdArray> + Clone {
             ("<f4", 4),
             ("<i4", 4),
             (">i8", 8),
+            ("|u1", 1),
             ("|b1", 1),
             ("<c16", 16),
             ("<U3", 12),
@@ -203,7 +215,7 @@ pub fn arb_leaf_value() -> impl Strategy<Value = Value> + Clone {
     prop_oneof![
         Just(Value::none()),
         any::<bool>().prop_map(Value::from),
-        any::<i64>().prop_map(Value::from),
+        arb_i64().prop_map(Value::from),
         // Mostly longer than 8 bytes once trimmed, so mostly big_int_value;
         // the short ones become int_value, as Value::big_int promises.
         vec(any::<u8>(), 0..40).prop_map(|b| Value::big_int(&b)),

@@ -9,6 +9,9 @@
 //! DEALER connected to the head node, forwarding and keeping a copy of
 //! every message.
 
+mod common;
+use common::*;
+
 use std::io::Write;
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
@@ -16,7 +19,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use casa_node_conformance::transport::{self as checks, ping};
 use casa_node_protocol::pb::{Envelope, ProtocolErrorCode};
-use casa_node_protocol::{OFFLOAD_THRESHOLD, Transport, TransportError, TransportEvent};
+use casa_node_protocol::{OFFLOAD_THRESHOLD, Transport, TransportEvent};
 use casa_node_transport_zmq::{HandshakeError, SigningKey, ZmqConfig, ZmqTransport};
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
@@ -53,10 +56,6 @@ async fn signed_head() -> ZmqTransport {
     head
 }
 
-async fn next_event(transport: &mut ZmqTransport) -> TransportEvent {
-    transport.recv().await.expect("recv")
-}
-
 /// Sends ping `sequence` from `from` and checks it is the next thing `to`
 /// gets: nothing replayed or injected got in before it.
 async fn ping_through(from: &mut ZmqTransport, to: &mut ZmqTransport, sequence: u64) {
@@ -68,16 +67,6 @@ async fn ping_through(from: &mut ZmqTransport, to: &mut ZmqTransport, sequence: 
             envelope: ping(sequence)
         }
     );
-}
-
-fn handshake_error(error: TransportError) -> HandshakeError {
-    match error {
-        TransportError::Io { source, .. } => source
-            .downcast_ref::<HandshakeError>()
-            .cloned()
-            .unwrap_or_else(|| panic!("not a handshake error: {source}")),
-        other => panic!("expected an Io error, got {other:?}"),
-    }
 }
 
 /// Waits until `transport` has refused `count` messages, then checks it
@@ -326,22 +315,15 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
         let error = ZmqTransport::connect_with(&endpoint, 0, signed(OTHER_KEY))
             .await
             .expect_err("another key joined");
-        match handshake_error(error) {
-            HandshakeError::Unauthenticated(message) => {
-                assert!(message.contains("could not verify"), "{message}");
-            }
-            other => panic!("expected Unauthenticated, got {other:?}"),
-        }
+        assert_unauthenticated(error, "could not verify");
         let error = ZmqTransport::connect_with(&endpoint, 0, ZmqConfig::default())
             .await
             .expect_err("no key joined");
-        match handshake_error(error) {
-            HandshakeError::Refused { code, message } => {
-                assert_eq!(code, ProtocolErrorCode::UnexpectedMessage);
-                assert!(message.contains("could not verify"), "{message}");
-            }
-            other => panic!("expected a refusal, got {other:?}"),
-        }
+        assert_refused(
+            error,
+            ProtocolErrorCode::UnexpectedMessage,
+            "could not verify",
+        );
         await_rejected(&head, 2).await;
         let span = head_span(&endpoint);
         await_logged(&span, &[REFUSED, "the signature does not match"], 1).await;
@@ -384,12 +366,7 @@ async fn a_server_node_without_the_key_cannot_join_and_the_others_keep_working()
         let error = ZmqTransport::connect_with(unsigned.endpoint(), 0, signed(KEY))
             .await
             .expect_err("joined an unsigned head node");
-        match handshake_error(error) {
-            HandshakeError::Unauthenticated(message) => {
-                assert!(message.contains("not signed"), "{message}");
-            }
-            other => panic!("expected Unauthenticated, got {other:?}"),
-        }
+        assert_unauthenticated(error, "not signed");
         assert!(unsigned.peers().is_empty());
     })
     .await;

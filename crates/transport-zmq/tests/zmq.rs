@@ -6,6 +6,9 @@
 //! Raw `zeromq` sockets stand in for misbehaving peers; they speak the wire
 //! format documented in the crate (`[header, envelope]`).
 
+mod common;
+use common::*;
+
 use std::future::Future;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -43,8 +46,15 @@ async fn head_with(config: ZmqConfig) -> (ZmqTransport, TempDir) {
     (head, dir)
 }
 
-async fn next_event(transport: &mut ZmqTransport) -> TransportEvent {
-    transport.recv().await.expect("recv")
+/// A head node and one server node (rank 1) joined to it, both with
+/// `config`.
+async fn joined(config: ZmqConfig) -> (ZmqTransport, ZmqTransport, TempDir) {
+    let (mut head, dir) = head_with(config.clone()).await;
+    let server = ZmqTransport::connect_with(head.endpoint(), 0, config)
+        .await
+        .expect("connect");
+    assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
+    (head, server, dir)
 }
 
 fn multipart(parts: Vec<Bytes>) -> ZmqMessage {
@@ -92,16 +102,6 @@ fn error_code(envelope: &Envelope) -> (ProtocolErrorCode, String) {
     match &envelope.body {
         Some(Body::Error(e)) => (e.code(), e.message.clone()),
         other => panic!("expected a ProtocolError, got {other:?}"),
-    }
-}
-
-fn handshake_error(error: TransportError) -> HandshakeError {
-    match error {
-        TransportError::Io { source, .. } => source
-            .downcast_ref::<HandshakeError>()
-            .cloned()
-            .unwrap_or_else(|| panic!("not a handshake error: {source}")),
-        other => panic!("expected an Io error, got {other:?}"),
     }
 }
 
@@ -213,13 +213,7 @@ async fn a_rank_out_of_range_is_refused_before_it_joins() {
             let error = ZmqTransport::connect(&endpoint, rank)
                 .await
                 .expect_err("refused");
-            match handshake_error(error) {
-                HandshakeError::Refused { code, message } => {
-                    assert_eq!(code, ProtocolErrorCode::UnknownRank);
-                    assert!(message.contains("out of range"), "{message}");
-                }
-                other => panic!("expected a refusal, got {other:?}"),
-            }
+            assert_refused(error, ProtocolErrorCode::UnknownRank, "out of range");
         }
         assert!(head.peers().is_empty(), "{:?}", head.peers());
         let server = ZmqTransport::connect(&endpoint, MAX_RANK)
@@ -477,12 +471,7 @@ async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
             max_in_flight_bytes: 1_000,
             ..ZmqConfig::default()
         };
-        let (mut head, _dir) = head_with(budget.clone()).await;
-        let endpoint = head.endpoint().to_owned();
-        let mut server = ZmqTransport::connect_with(&endpoint, 0, budget)
-            .await
-            .expect("connect");
-        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
+        let (mut head, mut server, _dir) = joined(budget).await;
         let sized = |seed: u64, len| checks::large_request(seed, checks::pattern(len, seed as u8));
         for consumed_first in [true, false] {
             // Larger than the whole budget, after a ping.
@@ -536,12 +525,7 @@ async fn a_credit_request_does_not_overtake_a_message_being_encoded() {
             max_in_flight_bytes: 4 << 20,
             ..ZmqConfig::default()
         };
-        let (mut head, _dir) = head_with(budget.clone()).await;
-        let endpoint = head.endpoint().to_owned();
-        let mut server = ZmqTransport::connect_with(&endpoint, 0, budget)
-            .await
-            .expect("connect");
-        assert_eq!(next_event(&mut head).await, TransportEvent::PeerJoined(1));
+        let (mut head, mut server, _dir) = joined(budget).await;
         let sized = |seed: u64, len| checks::large_request(seed, checks::pattern(len, seed as u8));
         for consumed_first in [true, false] {
             second_waits_for_the_first(
