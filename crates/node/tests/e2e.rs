@@ -708,20 +708,22 @@ fn a_parameter_larger_than_the_byte_budget_goes_there_and_back() {
 /// decode such frames, and ZeroMQ copies them, away from the thread of the
 /// event loop. With a heartbeat of 0.2 s, the largest gap between two of
 /// server n# 2's answered pings, as the head node records them, stays
-/// under 2 s over ZeroMQ (it is 4-5 s when all that work shares the
-/// loop's thread); under MPI, server n# 2 is never timed out.
+/// under 3 s over ZeroMQ (it is 4-5 s when all that work shares the
+/// loop's thread, and 0.2 to 1 s on an idle machine; up to 2.5 s was seen
+/// while a full test run shared the two cores); under MPI, server n# 2 is
+/// never timed out.
 #[test]
 fn pings_are_answered_while_a_512_mib_value_crosses() {
     const LEN: usize = 512 << 20;
     // Pings to server n# 1 wait behind the large frame on its link, so the
     // cluster's timeout leaves room for the frame's copies on a loaded
     // machine; server n# 2's pings, on a link of their own, must never wait
-    // as long as a 2 s timeout. Under MPI each rank's progress thread spins
+    // as long as a 3 s timeout. Under MPI each rank's progress thread spins
     // while a large message is in flight, and on a machine of two cores
     // that alone holds the other threads back for seconds, however the
     // nodes share their work (1.5 to 5.6 s seen): there the test holds
     // server n# 2 to the cluster's timeout only.
-    let gap_limit = (!over_mpi()).then_some(2.0);
+    let gap_limit = (!over_mpi()).then_some(3.0);
     let cluster = start(up(2).timeout(10));
     let watcher = cluster.client();
     let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
