@@ -14,14 +14,18 @@ submission the head node refuses sets SubmissionRejected on its Futures;
 nothing of it was queued (rule 14). Submitting waits for no reply: the ids
 come from the connection's leases.
 
-Callbacks given to a Future's add_done_callback run on the connection's
-reader thread. They must not submit or wait for results: while they run,
-nothing is read from the head node, which stops reading from a driver
-that leaves its replies unread (rule 31), so a callback that submits much
-can wait for ever. Hand such work to another thread.
+Callbacks given to a Future's add_done_callback run, one at a time and in
+the order their Futures completed, on a thread of casanode's own, not on
+the connection's reader thread: a callback may submit and wait for
+results (the reader thread goes on reading meanwhile, so the head node,
+which stops reading from a driver that leaves its replies unread, rule
+31, never waits on it). A callback added to a Future already done runs at
+once in the thread that adds it, as concurrent.futures does.
 """
 
+import atexit
 import contextlib
+import logging
 import os
 import queue
 import struct
@@ -88,10 +92,65 @@ _LEVEL_BY_NAME = {
 }
 
 
+class _Callbacks:
+    """The thread that runs CommandFutures' done-callbacks, in order, so that
+    none runs on a connection's reader thread (see the module
+    documentation). Started with the first callback; at exit, the
+    callbacks already due still run."""
+
+    def __init__(self):
+        self._lock = threading.Lock()
+        self._queue = None
+        self._thread = None
+
+    def put(self, callback, future):
+        with self._lock:
+            if self._thread is None:
+                self._queue = queue.SimpleQueue()
+                self._thread = threading.Thread(
+                    target=self._run, args=(self._queue,), name="casanode-callbacks", daemon=True)
+                self._thread.start()
+                atexit.register(self._drain)
+            self._queue.put((callback, future))
+
+    @staticmethod
+    def _run(due):
+        while True:
+            item = due.get()
+            if item is None:
+                return
+            callback, future = item
+            try:
+                callback(future)
+            except Exception:
+                logging.getLogger("concurrent.futures").exception(
+                    "exception calling callback for %r", future)
+
+    def _drain(self):
+        with self._lock:
+            thread, self._thread = self._thread, None
+            if thread is not None:
+                self._queue.put(None)
+        if thread is not None:
+            thread.join()
+
+
+_CALLBACKS = _Callbacks()
+
+
 class CommandFuture(Future):
     """A Future of the modern face: resolves to the response dict (rule 9);
     `value()` returns the command's `ret`, or raises the CommandFailed
     subclass of its failure (casanode.failures)."""
+
+    def add_done_callback(self, fn):
+        """Runs fn(future) once the Future is done: on casanode's callback
+        thread, in completion order, or at once in this thread if it is
+        done already."""
+        if self.done():
+            super().add_done_callback(fn)
+            return
+        super().add_done_callback(lambda future: _CALLBACKS.put(fn, future))
 
     def value(self, timeout=None):
         """The command's return value, waiting up to `timeout` seconds;

@@ -78,6 +78,34 @@ def test_threads_share_one_client(client):
     assert len(set(ids)) == len(ids)
 
 
+def test_a_done_callback_may_submit_and_wait_for_the_result(client):
+    # Callbacks run off the reader thread: one that waits for a result the
+    # reader must bring does not hang the connection, and they run in the
+    # order their Futures completed.
+    import threading
+
+    seen, done = [], threading.Event()
+
+    def then_more(future):
+        seen.append(("callback", future.result()["ret"], threading.current_thread().name))
+        seen.append(("nested", client.submit("x * 2", parameters={"x": future.result()["ret"]}).result(60)["ret"]))
+        if len(seen) == 4:
+            done.set()
+
+    first = client.submit("1 + 1", target=1)
+    first.add_done_callback(then_more)
+    second = client.submit("import time; time.sleep(0.3)\n", target=1)
+    client.submit("20 + 1", target=1).add_done_callback(then_more)
+    assert done.wait(60), seen
+    assert [entry[:2] for entry in seen] == [("callback", 2), ("nested", 4), ("callback", 21), ("nested", 42)]
+    assert seen[0][2] == "casanode-callbacks"
+    assert second.result(60)["successful"]
+    # Added once done: at once, in this thread.
+    ran = []
+    first.add_done_callback(lambda future: ran.append(threading.current_thread() is threading.main_thread()))
+    assert ran == [True]
+
+
 def test_rejected_submissions_set_the_rejection_on_their_futures(client):
     # Rule 14: the submission returns its Futures at once; the rejection
     # arrives as each id's failure response and is the Futures' exception.

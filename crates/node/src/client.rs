@@ -235,12 +235,24 @@ impl From<SubmitRequest> for Submit {
 /// Ids a client leases at a time for its submissions (rule 11).
 const LEASE_BLOCK: u32 = 4096;
 
+/// Frames waiting to be written to the head node: a submission waits for
+/// room, so a driver that streams submissions faster than the head node
+/// takes them (rule 31's backpressure) holds a bounded amount.
+const OUTBOX: usize = 256;
+
+/// Log records waiting for a subscriber to take them: past this many, new
+/// ones are dropped (responses are never held up by a slow log reader)
+/// and the subscriber is told how many.
+pub const LOG_BUFFER: usize = 4096;
+
 #[derive(Default)]
 struct State {
     replies: HashMap<u64, oneshot::Sender<Body>>,
     responses: HashMap<RequestId, CommandResponse>,
     known: HashSet<RequestId>,
-    logs: Option<mpsc::UnboundedSender<LogRecord>>,
+    logs: Option<mpsc::Sender<LogRecord>>,
+    /// Log records dropped since the subscriber last had room.
+    logs_dropped: u64,
     closed: bool,
     /// Leased ids not yet used: `[next, end)` blocks, oldest first.
     leases: VecDeque<[RequestId; 2]>,
@@ -252,6 +264,34 @@ struct State {
 }
 
 impl State {
+    /// Hands a log record to the subscriber, or counts it dropped when the
+    /// subscriber has no room; once it has room again, a record saying how
+    /// many were dropped goes first.
+    fn log(&mut self, record: LogRecord) {
+        let Some(logs) = &self.logs else {
+            return;
+        };
+        if self.logs_dropped > 0 {
+            let Ok(room) = logs.try_reserve() else {
+                self.logs_dropped += 1;
+                return;
+            };
+            let dropped = std::mem::take(&mut self.logs_dropped);
+            room.send(LogRecord {
+                time: record.time,
+                level: LogLevel::Warning.into(),
+                origin: "casa_node::client".into(),
+                rank: 0,
+                message: format!("{dropped} log records dropped: this subscriber read too slowly"),
+            });
+        }
+        match logs.try_send(record) {
+            Ok(()) => {}
+            Err(mpsc::error::TrySendError::Full(_)) => self.logs_dropped += 1,
+            Err(mpsc::error::TrySendError::Closed(_)) => self.logs = None,
+        }
+    }
+
     /// `count` leased ids, in increasing order, if that many are left.
     fn take_ids(&mut self, count: u64) -> Option<Vec<RequestId>> {
         if self.leased < count {
@@ -309,7 +349,7 @@ struct Shared {
 /// A connection to a cluster's front door.
 pub struct Client {
     shared: Arc<Shared>,
-    outbox: mpsc::UnboundedSender<Envelope>,
+    outbox: mpsc::Sender<Envelope>,
     correlation: AtomicU64,
     cluster: ClusterInfo,
     reader: tokio::task::JoinHandle<()>,
@@ -426,7 +466,7 @@ impl Client {
             state: Mutex::new(State::default()),
             arrived: Notify::new(),
         });
-        let (outbox, mut queue) = mpsc::unbounded_channel::<Envelope>();
+        let (outbox, mut queue) = mpsc::channel::<Envelope>(OUTBOX);
         tokio::spawn(async move {
             while let Some(envelope) = queue.recv().await {
                 let Ok(bytes) = framing.encode_body(&envelope) else {
@@ -467,6 +507,7 @@ impl Client {
         }
         self.outbox
             .send(Envelope::correlated(correlation, body))
+            .await
             .map_err(|_| ClientError::Disconnected)?;
         match rx.await.map_err(|_| ClientError::Disconnected)? {
             Body::Error(ProtocolError { message, .. }) => Err(ClientError::Refused(message)),
@@ -483,6 +524,12 @@ impl Client {
         let mut request = submit.into().request;
         let count = request.targets.len().max(1) as u64;
         loop {
+            // Room in the outbox first: the send below is under the lock.
+            let room = self
+                .outbox
+                .reserve()
+                .await
+                .map_err(|_| ClientError::Disconnected)?;
             {
                 let mut state = self.shared.state.lock().expect("client state");
                 if state.closed {
@@ -497,12 +544,12 @@ impl Client {
                     request.pipelined = true;
                     // Sent under the lock: one connection's ids go out in
                     // increasing order.
-                    self.outbox
-                        .send(Envelope::new(Body::SubmitRequest(Box::new(request))))
-                        .map_err(|_| ClientError::Disconnected)?;
+                    room.send(Envelope::new(Body::SubmitRequest(Box::new(request))));
                     return Ok(ids);
                 }
             }
+            // The lease request below needs room of its own.
+            drop(room);
             let asked = u32::try_from(count).unwrap_or(u32::MAX).max(LEASE_BLOCK);
             match self
                 .request(Body::IdLeaseRequest(IdLeaseRequest { count: asked }))
@@ -704,13 +751,19 @@ impl Client {
     }
 
     /// Receives every log record of `min_level` and above from now on:
-    /// the servers' and the head node's (rule 31).
+    /// the servers' and the head node's (rule 31). Records the receiver
+    /// leaves unread past [`LOG_BUFFER`] are dropped, and a WARNING record
+    /// says how many when there is room again.
     pub async fn subscribe_logs(
         &self,
         min_level: LogLevel,
-    ) -> Result<mpsc::UnboundedReceiver<LogRecord>, ClientError> {
-        let (tx, rx) = mpsc::unbounded_channel();
-        self.shared.state.lock().expect("client state").logs = Some(tx);
+    ) -> Result<mpsc::Receiver<LogRecord>, ClientError> {
+        let (tx, rx) = mpsc::channel(LOG_BUFFER);
+        {
+            let mut state = self.shared.state.lock().expect("client state");
+            state.logs = Some(tx);
+            state.logs_dropped = 0;
+        }
         self.ack(Body::LogSubscription(LogSubscription {
             enabled: true,
             min_level: min_level.into(),
@@ -756,11 +809,7 @@ async fn read_loop<R: AsyncRead + Unpin>(
                     shared.arrived.notify_waiters();
                 }
             }
-            Body::LogRecord(record) => {
-                if let Some(logs) = &state.logs {
-                    let _ = logs.send(record);
-                }
-            }
+            Body::LogRecord(record) => state.log(record),
             body => {
                 if let Some(reply) = state.replies.remove(&envelope.correlation) {
                     let _ = reply.send(body);
@@ -875,5 +924,54 @@ impl BlockingClient {
     pub fn set_log_level(&self, level: LogLevel, servers: &[Rank]) -> Result<(), ClientError> {
         self.runtime
             .block_on(self.inner.set_log_level(level, servers))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(n: usize) -> LogRecord {
+        LogRecord {
+            time: n as f64,
+            level: LogLevel::Info.into(),
+            origin: "h:server-1".into(),
+            rank: 1,
+            message: format!("record {n}"),
+        }
+    }
+
+    /// A subscriber that stops reading holds at most LOG_BUFFER records;
+    /// the rest are dropped, and once it reads again it is told how many
+    /// before the next record.
+    #[test]
+    fn rule_31_a_slow_log_subscriber_holds_a_bounded_number_and_is_told_what_it_lost() {
+        let (tx, mut rx) = mpsc::channel(LOG_BUFFER);
+        let mut state = State {
+            logs: Some(tx),
+            ..State::default()
+        };
+        for n in 0..LOG_BUFFER + 10 {
+            state.log(record(n));
+        }
+        let mut kept = Vec::new();
+        while let Ok(r) = rx.try_recv() {
+            kept.push(r.message);
+        }
+        assert_eq!(kept.len(), LOG_BUFFER);
+        assert_eq!(kept.last().unwrap(), &format!("record {}", LOG_BUFFER - 1));
+        state.log(record(99_999));
+        let notice = rx.try_recv().expect("the notice");
+        assert_eq!(notice.level(), LogLevel::Warning);
+        assert_eq!(
+            notice.message,
+            "10 log records dropped: this subscriber read too slowly"
+        );
+        assert_eq!(rx.try_recv().expect("the record").message, "record 99999");
+        assert!(rx.try_recv().is_err());
+        // A receiver that is gone ends the subscription.
+        drop(rx);
+        state.log(record(1));
+        assert!(state.logs.is_none());
     }
 }
