@@ -464,6 +464,34 @@ async fn second_waits_for_the_first(
     );
 }
 
+/// [`second_waits_for_the_first`] from the head node to the server and
+/// back, the first consumed before the second is sent and while it waits:
+/// messages of `first` and `second` bytes (`first` 0: a ping).
+async fn both_ways(
+    head: &mut ZmqTransport,
+    server: &mut ZmqTransport,
+    first: usize,
+    second: usize,
+) {
+    let message = |seed: u64, len: usize| match len {
+        0 => ping(seed),
+        len => checks::large_request(seed, checks::pattern(len, seed as u8)),
+    };
+    let mut seed = 0;
+    for consumed_first in [true, false] {
+        for head_sends in [true, false] {
+            let (sender, receiver) = if head_sends {
+                (&mut *head, &mut *server)
+            } else {
+                (&mut *server, &mut *head)
+            };
+            seed += 2;
+            let (one, two) = (message(seed, first), message(seed + 1, second));
+            second_waits_for_the_first(sender, receiver, one, two, consumed_first).await;
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
     bounded(async {
@@ -472,43 +500,10 @@ async fn a_message_that_does_not_fit_gets_the_bytes_back_without_a_flag() {
             ..ZmqConfig::default()
         };
         let (mut head, mut server, _dir) = joined(budget).await;
-        let sized = |seed: u64, len| checks::large_request(seed, checks::pattern(len, seed as u8));
-        for consumed_first in [true, false] {
-            // Larger than the whole budget, after a ping.
-            second_waits_for_the_first(
-                &mut head,
-                &mut server,
-                ping(1),
-                sized(2, 5_000),
-                consumed_first,
-            )
-            .await;
-            second_waits_for_the_first(
-                &mut server,
-                &mut head,
-                ping(3),
-                sized(4, 5_000),
-                consumed_first,
-            )
-            .await;
-            // Within the budget but not beside the first.
-            second_waits_for_the_first(
-                &mut head,
-                &mut server,
-                sized(5, 400),
-                sized(6, 700),
-                consumed_first,
-            )
-            .await;
-            second_waits_for_the_first(
-                &mut server,
-                &mut head,
-                sized(7, 400),
-                sized(8, 700),
-                consumed_first,
-            )
-            .await;
-        }
+        // Larger than the whole budget, after a ping.
+        both_ways(&mut head, &mut server, 0, 5_000).await;
+        // Within the budget but not beside the first.
+        both_ways(&mut head, &mut server, 400, 700).await;
     })
     .await;
 }
@@ -526,25 +521,7 @@ async fn a_credit_request_does_not_overtake_a_message_being_encoded() {
             ..ZmqConfig::default()
         };
         let (mut head, mut server, _dir) = joined(budget).await;
-        let sized = |seed: u64, len| checks::large_request(seed, checks::pattern(len, seed as u8));
-        for consumed_first in [true, false] {
-            second_waits_for_the_first(
-                &mut head,
-                &mut server,
-                sized(1, 1_200_000),
-                sized(2, 3_500_000),
-                consumed_first,
-            )
-            .await;
-            second_waits_for_the_first(
-                &mut server,
-                &mut head,
-                sized(3, 1_200_000),
-                sized(4, 3_500_000),
-                consumed_first,
-            )
-            .await;
-        }
+        both_ways(&mut head, &mut server, 1_200_000, 3_500_000).await;
     })
     .await;
 }
