@@ -1261,6 +1261,7 @@ impl Engine {
             return;
         };
         if peer.receiving.received().is_err() {
+            warn!(rank, "dropping a message sent beyond the credit granted");
             return;
         }
         peer.receiving.delivered();
