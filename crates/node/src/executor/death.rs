@@ -49,7 +49,8 @@ impl Executor {
         }
         let generation = w.generation;
         let output_open = self.streams.iter().any(|s| s.generation == generation);
-        if (!w.results_closed || output_open) && Instant::now() < died_at + STRAGGLER_WAIT {
+        if (w.results_closed.is_none() || output_open) && Instant::now() < died_at + STRAGGLER_WAIT
+        {
             return;
         }
         let dead = self.worker.take().expect("checked above");

@@ -239,8 +239,9 @@ struct Worker {
     control: File,
     results: pipe::Receiver,
     inbox: BytesMut,
-    results_closed: bool,
-    results_closed_at: Option<Instant>,
+    /// When the results pipe reached its end, or was given up on after a
+    /// malformed frame; nothing more is read from it after that.
+    results_closed: Option<Instant>,
     ready: bool,
     init_error: Option<String>,
     /// How the process ended, once it has.
@@ -532,7 +533,7 @@ impl Executor {
         tokio::select! {
             biased;
             (i, r) = streams_ready => Io::Stream(i, r),
-            r = w.results.read_buf(&mut w.inbox), if !w.results_closed => Io::Results(r),
+            r = w.results.read_buf(&mut w.inbox), if w.results_closed.is_none() => Io::Results(r),
             s = w.child.wait(), if w.exit.is_none() => Io::Exited(s),
             r = w.commands.writable(), if !w.out.is_empty() => Io::Writable(r),
             r = encoded(&mut w.encoding), if w.encoding.is_some() => Io::Encoded(r),
@@ -562,8 +563,7 @@ impl Executor {
                 if let Some(w) = self.worker.as_mut() {
                     // A dying process closes its pipes before it can be
                     // waited for: give it a moment before calling it broken.
-                    w.results_closed = true;
-                    w.results_closed_at = Some(Instant::now());
+                    w.results_closed.get_or_insert_with(Instant::now);
                 }
             }
             Io::Exited(status) => {
@@ -652,7 +652,7 @@ impl Executor {
                 // check_death gives up on a dead worker's open pipes.
                 if let Some(w) = self.worker.as_mut() {
                     let closed_long_ago = w
-                        .results_closed_at
+                        .results_closed
                         .is_some_and(|t| Instant::now() >= t + STRAGGLER_WAIT);
                     if w.exit.is_none() && w.killed_because.is_none() && closed_long_ago {
                         w.broken(KillReason::ResultsClosed);
@@ -707,7 +707,7 @@ impl Executor {
         };
         tracing::warn!(%error, "the Python worker sent a malformed frame");
         w.inbox.clear();
-        w.results_closed = true;
+        w.results_closed.get_or_insert_with(Instant::now);
         w.broken(KillReason::MalformedFrame);
     }
 
@@ -831,7 +831,7 @@ impl Worker {
 
     /// When the worker next needs looking at without I/O.
     fn deadline(&self) -> Option<Instant> {
-        match (self.died_at, self.results_closed_at) {
+        match (self.died_at, self.results_closed) {
             (Some(died), _) => Some(died + STRAGGLER_WAIT),
             (None, Some(closed)) if self.killed_because.is_none() => Some(closed + STRAGGLER_WAIT),
             _ => None,
