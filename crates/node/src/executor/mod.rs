@@ -213,7 +213,8 @@ pub struct Executor {
     tail: VecDeque<(u64, String)>,
     /// Set when no worker could be started after a death.
     no_worker: Option<String>,
-    /// Set when the first worker fails before it is ready.
+    /// Set when the first start fails: its worker ended before it was
+    /// ready, or its init script raised.
     start_failure: Option<ExecutorError>,
     /// Workers killed by a signal before they were ready since the last
     /// one that was (see [`STARTUP_KILLS`]).
@@ -243,7 +244,6 @@ struct Worker {
     /// malformed frame; nothing more is read from it after that.
     results_closed: Option<Instant>,
     ready: bool,
-    init_error: Option<String>,
     /// How the process ended, once it has.
     exit: Option<String>,
     exit_signal: Option<i32>,
@@ -327,23 +327,13 @@ impl Executor {
         let mut executor = self;
         loop {
             if let Some(error) = executor.start_failure.take() {
+                executor.shutdown().await;
                 return Err(error);
             }
-            let init_error = match &executor.worker {
-                Some(w) if w.ready => w.init_error.clone(),
-                _ => {
-                    executor.step().await;
-                    continue;
-                }
-            };
-            return match init_error {
-                None => Ok(executor),
-                Some(traceback) => {
-                    let path = executor.config.init.clone().unwrap_or_default();
-                    executor.shutdown().await;
-                    Err(ExecutorError::Init { path, traceback })
-                }
-            };
+            if executor.worker.as_ref().is_some_and(|w| w.ready) {
+                return Ok(executor);
+            }
+            executor.step().await;
         }
     }
 
@@ -720,22 +710,32 @@ impl Executor {
                     return;
                 };
                 w.ready = true;
-                w.init_error = (!ready.ok).then_some(ready.error);
                 self.startup_kills = 0;
                 tracing::debug!(pid = w.pid, "the Python worker is ready");
-                let init_error = w.init_error.clone();
-                if let Some(restart) = self.restart.take() {
-                    let mut reason = restart.reason.clone();
-                    if let Some(traceback) = init_error {
-                        let note =
-                            format!("The init script failed in the new worker:\n{traceback}");
-                        self.events.push_back(ExecutorEvent::Log {
-                            level: LogLevel::Error,
-                            message: note.clone(),
-                        });
-                        reason = format!("{reason}\n{note}");
+                let init_error = (!ready.ok).then_some(ready.error);
+                match self.restart.take() {
+                    Some(restart) => {
+                        let mut reason = restart.reason.clone();
+                        if let Some(traceback) = init_error {
+                            let note =
+                                format!("The init script failed in the new worker:\n{traceback}");
+                            self.events.push_back(ExecutorEvent::Log {
+                                level: LogLevel::Error,
+                                message: note.clone(),
+                            });
+                            reason = format!("{reason}\n{note}");
+                        }
+                        self.report_restart(restart.lost, reason, true, restart.death);
                     }
-                    self.report_restart(restart.lost, reason, true, restart.death);
+                    // No death waits for this worker: it is the first one
+                    // (or one started in place of a first one killed while
+                    // starting), and `ready` reports the failure.
+                    None => {
+                        if let Some(traceback) = init_error {
+                            let path = self.config.init.clone().unwrap_or_default();
+                            self.start_failure = Some(ExecutorError::Init { path, traceback });
+                        }
+                    }
                 }
             }
             other => {

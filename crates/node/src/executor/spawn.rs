@@ -104,7 +104,6 @@ impl Executor {
             inbox: BytesMut::with_capacity(64 * 1024),
             results_closed: None,
             ready: false,
-            init_error: None,
             exit: None,
             exit_signal: None,
             exit_code: None,
