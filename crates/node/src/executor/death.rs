@@ -40,7 +40,7 @@ impl Executor {
         let Some(w) = &self.worker else {
             return;
         };
-        let Some(died_at) = w.died_at else {
+        let WorkerState::Exited(exit) = &w.state else {
             return;
         };
         if w.decoding.is_some() {
@@ -49,11 +49,14 @@ impl Executor {
         }
         let generation = w.generation;
         let output_open = self.streams.iter().any(|s| s.generation == generation);
-        if (w.results_closed.is_none() || output_open) && Instant::now() < died_at + STRAGGLER_WAIT
+        if (w.results_closed.is_none() || output_open) && Instant::now() < exit.at + STRAGGLER_WAIT
         {
             return;
         }
         let dead = self.worker.take().expect("checked above");
+        let WorkerState::Exited(exit) = dead.state else {
+            unreachable!("checked above");
+        };
         // Values it was writing into shared memory when it died.
         if let Some((_, dir)) = self
             .config
@@ -64,17 +67,14 @@ impl Executor {
             crate::shm::sweep_tmp(std::path::Path::new(dir), dead.pid);
         }
         self.streams.retain(|s| s.generation != generation);
-        self.on_death(dead);
+        self.on_death(dead.pid, generation, exit);
     }
-    fn on_death(&mut self, dead: Worker) {
-        let death = Death {
-            signal: dead.exit_signal,
-            exit_code: dead.exit_code,
-        };
-        let mut what = dead.exit.clone().unwrap_or_default();
-        match dead.killed_because {
+    fn on_death(&mut self, pid: u32, generation: u64, exit: Exit) {
+        let death = exit.death;
+        let mut what = exit.description;
+        match exit.killed_because {
             Some(why) => what = format!("{what}, {why}"),
-            None if dead.exit_signal == Some(Signal::SIGKILL as i32) => {
+            None if death.signal == Some(Signal::SIGKILL as i32) => {
                 what.push_str(" (the system's out-of-memory killer sends this signal)");
             }
             None => {}
@@ -82,15 +82,15 @@ impl Executor {
         let stderr: Vec<String> = self
             .tail
             .iter()
-            .filter(|(generation, _)| *generation == dead.generation)
+            .filter(|(g, _)| *g == generation)
             .map(|(_, line)| line.clone())
             .collect();
-        if !dead.ready {
-            let killed = dead.killed_because.is_none() && dead.exit_signal.is_some();
+        if !exit.ready {
+            let killed = exit.killed_because.is_none() && death.signal.is_some();
             if killed && self.startup_kills < STARTUP_KILLS {
                 self.startup_kills += 1;
                 let note = format!("A worker {what} before it was ready; starting another.");
-                tracing::warn!(pid = dead.pid, "{note}");
+                tracing::warn!(pid, "{note}");
                 let spawned = self.spawn_worker();
                 if let Some(restart) = &mut self.restart {
                     restart.reason = format!("{}\n{note}", restart.reason);
@@ -133,7 +133,7 @@ impl Executor {
                 reason.push_str(line);
             }
         }
-        tracing::warn!(pid = dead.pid, %reason, "restarting the Python worker");
+        tracing::warn!(pid, %reason, "restarting the Python worker");
         match self.spawn_worker() {
             Ok(()) => {
                 reason.push_str(

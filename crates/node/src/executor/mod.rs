@@ -64,7 +64,7 @@ mod death;
 mod output;
 mod spawn;
 
-use death::{KillReason, Restart};
+use death::{Death, KillReason, Restart};
 use output::{OutputStream, poll_streams};
 use spawn::start_up;
 
@@ -243,12 +243,47 @@ struct Worker {
     /// When the results pipe reached its end, or was given up on after a
     /// malformed frame; nothing more is read from it after that.
     results_closed: Option<Instant>,
+    /// Where it is in its life.
+    state: WorkerState,
+}
+
+/// Where a worker is in its life: it starts, says it is ready, and its
+/// process ends, maybe killed by this side on the way.
+///
+/// The ready message and the end come on different channels and may be
+/// seen in either order, so a worker seen to end can still turn out to
+/// have been ready; the later phases keep whether it was.
+#[derive(Debug)]
+enum WorkerState {
+    /// Setting up its namespace and running the init script: commands
+    /// written to it wait in its pipe.
+    Starting,
+    /// It said it is ready (rule 5) and runs commands.
+    Ready,
+    /// This side killed its process group, and the process has not been
+    /// seen to end yet.
+    Killed {
+        /// Why it was killed.
+        because: KillReason,
+        /// It had said it was ready.
+        ready: bool,
+    },
+    /// Its process has ended; [`Executor::check_death`] takes it once its
+    /// output has been read.
+    Exited(Exit),
+}
+
+/// How a worker's process ended.
+#[derive(Debug)]
+struct Exit {
+    /// When its end was seen.
+    at: Instant,
+    /// In words: "exited with status 1", "killed by signal 11 (SIGSEGV)".
+    description: String,
+    /// The signal or exit status behind the words.
+    death: Death,
+    /// It had said it was ready.
     ready: bool,
-    /// How the process ended, once it has.
-    exit: Option<String>,
-    exit_signal: Option<i32>,
-    exit_code: Option<i32>,
-    died_at: Option<Instant>,
     /// Why this side killed it, if it did.
     killed_because: Option<KillReason>,
 }
@@ -330,7 +365,11 @@ impl Executor {
                 executor.shutdown().await;
                 return Err(error);
             }
-            if executor.worker.as_ref().is_some_and(|w| w.ready) {
+            if executor
+                .worker
+                .as_ref()
+                .is_some_and(|w| w.state.has_been_ready())
+            {
                 return Ok(executor);
             }
             executor.step().await;
@@ -403,8 +442,13 @@ impl Executor {
     pub fn kill(&mut self) {
         if let Some(worker) = self.worker.as_mut() {
             // A worker still starting is a replacement already: leave it.
-            if worker.ready && worker.exit.is_none() {
-                worker.killed_because = Some(KillReason::Ordered);
+            // One killed already for another reason is killed again, and
+            // the order becomes the reason.
+            if matches!(
+                worker.state,
+                WorkerState::Ready | WorkerState::Killed { ready: true, .. }
+            ) {
+                worker.state.on_kill(KillReason::Ordered);
                 worker.kill_group();
             }
         }
@@ -449,7 +493,7 @@ impl Executor {
     pub fn worker_pid(&self) -> Option<u32> {
         self.worker
             .as_ref()
-            .filter(|w| w.exit.is_none())
+            .filter(|w| w.state.is_alive())
             .map(|w| w.pid)
     }
 
@@ -483,11 +527,11 @@ impl Executor {
             commands,
             control,
             results,
-            exit,
+            state,
             ..
         } = worker;
         drop((commands, control, results));
-        if exit.is_none()
+        if state.is_alive()
             && tokio::time::timeout(SHUTDOWN_GRACE, child.wait())
                 .await
                 .is_err()
@@ -524,7 +568,7 @@ impl Executor {
             biased;
             (i, r) = streams_ready => Io::Stream(i, r),
             r = w.results.read_buf(&mut w.inbox), if w.results_closed.is_none() => Io::Results(r),
-            s = w.child.wait(), if w.exit.is_none() => Io::Exited(s),
+            s = w.child.wait(), if w.state.is_alive() => Io::Exited(s),
             r = w.commands.writable(), if !w.out.is_empty() => Io::Writable(r),
             r = encoded(&mut w.encoding), if w.encoding.is_some() => Io::Encoded(r),
             r = encoded(&mut w.decoding), if w.decoding.is_some() => Io::Decoded(r),
@@ -560,17 +604,21 @@ impl Executor {
                 let Some(w) = self.worker.as_mut() else {
                     return;
                 };
-                let description = match status {
-                    Ok(status) => {
-                        w.exit_signal = status.signal();
-                        w.exit_code = status.code();
-                        describe_exit(status)
-                    }
-                    Err(error) => format!("ended in a way that could not be read ({error})"),
+                let (description, death) = match status {
+                    Ok(status) => (
+                        describe_exit(status),
+                        Death {
+                            signal: status.signal(),
+                            exit_code: status.code(),
+                        },
+                    ),
+                    Err(error) => (
+                        format!("ended in a way that could not be read ({error})"),
+                        Death::default(),
+                    ),
                 };
                 tracing::debug!(pid = w.pid, %description, "the Python worker ended");
-                w.exit = Some(description);
-                w.died_at = Some(Instant::now());
+                w.state.on_exit(Instant::now(), description, death);
                 // Leave nothing it started behind, and let its pipes close.
                 kill_group(w.pid);
             }
@@ -644,7 +692,9 @@ impl Executor {
                     let closed_long_ago = w
                         .results_closed
                         .is_some_and(|t| Instant::now() >= t + STRAGGLER_WAIT);
-                    if w.exit.is_none() && w.killed_because.is_none() && closed_long_ago {
+                    let alive_unkilled =
+                        matches!(w.state, WorkerState::Starting | WorkerState::Ready);
+                    if alive_unkilled && closed_long_ago {
                         w.broken(KillReason::ResultsClosed);
                     }
                 }
@@ -709,7 +759,7 @@ impl Executor {
                 let Some(w) = self.worker.as_mut() else {
                     return;
                 };
-                w.ready = true;
+                w.state.on_ready();
                 self.startup_kills = 0;
                 tracing::debug!(pid = w.pid, "the Python worker is ready");
                 let init_error = (!ready.ok).then_some(ready.error);
@@ -831,21 +881,88 @@ impl Worker {
 
     /// When the worker next needs looking at without I/O.
     fn deadline(&self) -> Option<Instant> {
-        match (self.died_at, self.results_closed) {
-            (Some(died), _) => Some(died + STRAGGLER_WAIT),
-            (None, Some(closed)) if self.killed_because.is_none() => Some(closed + STRAGGLER_WAIT),
-            _ => None,
+        match &self.state {
+            WorkerState::Exited(exit) => Some(exit.at + STRAGGLER_WAIT),
+            WorkerState::Starting | WorkerState::Ready => {
+                self.results_closed.map(|closed| closed + STRAGGLER_WAIT)
+            }
+            WorkerState::Killed { .. } => None,
         }
     }
 
     fn broken(&mut self, why: KillReason) {
         tracing::warn!(pid = self.pid, %why, "killing the Python worker");
-        self.killed_because = Some(why);
+        self.state.on_kill(why);
         self.kill_group();
     }
 
     fn kill_group(&self) {
         kill_group(self.pid);
+    }
+}
+
+impl WorkerState {
+    /// It has said it is ready, whatever happened since.
+    fn has_been_ready(&self) -> bool {
+        match self {
+            WorkerState::Starting => false,
+            WorkerState::Ready => true,
+            WorkerState::Killed { ready, .. } => *ready,
+            WorkerState::Exited(exit) => exit.ready,
+        }
+    }
+
+    /// Its process has not been seen to end.
+    fn is_alive(&self) -> bool {
+        !matches!(self, WorkerState::Exited(_))
+    }
+
+    /// It said it is ready.
+    fn on_ready(&mut self) {
+        match self {
+            WorkerState::Starting => *self = WorkerState::Ready,
+            WorkerState::Ready => {}
+            WorkerState::Killed { ready, .. } => *ready = true,
+            WorkerState::Exited(exit) => exit.ready = true,
+        }
+    }
+
+    /// This side killed it. A later reason replaces an earlier one, and
+    /// one given after the process ended is kept with its end.
+    fn on_kill(&mut self, why: KillReason) {
+        match self {
+            WorkerState::Starting => {
+                *self = WorkerState::Killed {
+                    because: why,
+                    ready: false,
+                };
+            }
+            WorkerState::Ready => {
+                *self = WorkerState::Killed {
+                    because: why,
+                    ready: true,
+                };
+            }
+            WorkerState::Killed { because, .. } => *because = why,
+            WorkerState::Exited(exit) => exit.killed_because = Some(why),
+        }
+    }
+
+    /// Its process ended, `at` the time given; an end seen already stays.
+    fn on_exit(&mut self, at: Instant, description: String, death: Death) {
+        let (ready, killed_because) = match *self {
+            WorkerState::Starting => (false, None),
+            WorkerState::Ready => (true, None),
+            WorkerState::Killed { because, ready } => (ready, Some(because)),
+            WorkerState::Exited(_) => return,
+        };
+        *self = WorkerState::Exited(Exit {
+            at,
+            description,
+            death,
+            ready,
+            killed_because,
+        });
     }
 }
 

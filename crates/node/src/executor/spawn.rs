@@ -103,12 +103,7 @@ impl Executor {
             results: pipe::Receiver::from_owned_fd(results_read).map_err(ExecutorError::Pipe)?,
             inbox: BytesMut::with_capacity(64 * 1024),
             results_closed: None,
-            ready: false,
-            exit: None,
-            exit_signal: None,
-            exit_code: None,
-            died_at: None,
-            killed_because: None,
+            state: WorkerState::Starting,
         };
         tracing::debug!(pid, generation, python = %self.config.python.display(), "started a Python worker");
         self.worker = Some(worker);
