@@ -63,10 +63,12 @@ use tokio::time::Instant;
 mod death;
 mod output;
 mod spawn;
+mod supervisor;
 
 use death::{Death, KillReason, Restart};
 use output::{OutputStream, poll_streams};
 use spawn::start_up;
+use supervisor::Supervisor;
 
 /// The worker's source, passed to the interpreter with `-c`.
 pub const WORKER_SOURCE: &str = include_str!("../worker.py");
@@ -80,12 +82,6 @@ const WORKER_FDS: [i32; 3] = [3, 4, 5];
 /// How long a dead worker's output may take to reach its end once the
 /// worker is gone (a process that escaped its group may hold a pipe open).
 const STRAGGLER_WAIT: Duration = Duration::from_secs(1);
-
-/// Workers in a row that may be killed by a signal before they are ready
-/// and be replaced. A signal from outside (the out-of-memory killer, an
-/// operator) is no reason to leave the server without a worker for good;
-/// an interpreter that crashes every time it starts is, after a few tries.
-const STARTUP_KILLS: u32 = 5;
 
 /// How long `shutdown` waits for the worker to exit before killing it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -216,9 +212,8 @@ pub struct Executor {
     /// Set when the first start fails: its worker ended before it was
     /// ready, or its init script raised.
     start_failure: Option<ExecutorError>,
-    /// Workers killed by a signal before they were ready since the last
-    /// one that was (see [`STARTUP_KILLS`]).
-    startup_kills: u32,
+    /// Decides what follows a worker's death.
+    supervisor: Supervisor,
     page_size: u64,
 }
 
@@ -349,7 +344,7 @@ impl Executor {
             tail: VecDeque::new(),
             no_worker: None,
             start_failure: None,
-            startup_kills: 0,
+            supervisor: Supervisor::default(),
             page_size,
         };
         executor.spawn_worker()?;
@@ -760,7 +755,7 @@ impl Executor {
                     return;
                 };
                 w.state.on_ready();
-                self.startup_kills = 0;
+                self.supervisor.worker_ready();
                 tracing::debug!(pid = w.pid, "the Python worker is ready");
                 let init_error = (!ready.ok).then_some(ready.error);
                 match self.restart.take() {
