@@ -63,11 +63,13 @@ use tokio::time::Instant;
 mod death;
 mod output;
 mod spawn;
+mod state;
 mod supervisor;
 
 use death::{Death, KillReason, Restart};
 use output::{OutputStream, poll_streams};
 use spawn::start_up;
+use state::{Exit, WorkerState};
 use supervisor::Supervisor;
 
 /// The worker's source, passed to the interpreter with `-c`.
@@ -240,47 +242,6 @@ struct Worker {
     results_closed: Option<Instant>,
     /// Where it is in its life.
     state: WorkerState,
-}
-
-/// Where a worker is in its life: it starts, says it is ready, and its
-/// process ends, maybe killed by this side on the way.
-///
-/// The ready message and the end come on different channels and may be
-/// seen in either order, so a worker seen to end can still turn out to
-/// have been ready; the later phases keep whether it was.
-#[derive(Debug)]
-enum WorkerState {
-    /// Setting up its namespace and running the init script: commands
-    /// written to it wait in its pipe.
-    Starting,
-    /// It said it is ready (rule 5) and runs commands.
-    Ready,
-    /// This side killed its process group, and the process has not been
-    /// seen to end yet.
-    Killed {
-        /// Why it was killed.
-        because: KillReason,
-        /// It had said it was ready.
-        ready: bool,
-    },
-    /// Its process has ended; [`Executor::check_death`] takes it once its
-    /// output has been read.
-    Exited(Exit),
-}
-
-/// How a worker's process ended.
-#[derive(Debug)]
-struct Exit {
-    /// When its end was seen.
-    at: Instant,
-    /// In words: "exited with status 1", "killed by signal 11 (SIGSEGV)".
-    description: String,
-    /// The signal or exit status behind the words.
-    death: Death,
-    /// It had said it was ready.
-    ready: bool,
-    /// Why this side killed it, if it did.
-    killed_because: Option<KillReason>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -893,71 +854,6 @@ impl Worker {
 
     fn kill_group(&self) {
         kill_group(self.pid);
-    }
-}
-
-impl WorkerState {
-    /// It has said it is ready, whatever happened since.
-    fn has_been_ready(&self) -> bool {
-        match self {
-            WorkerState::Starting => false,
-            WorkerState::Ready => true,
-            WorkerState::Killed { ready, .. } => *ready,
-            WorkerState::Exited(exit) => exit.ready,
-        }
-    }
-
-    /// Its process has not been seen to end.
-    fn is_alive(&self) -> bool {
-        !matches!(self, WorkerState::Exited(_))
-    }
-
-    /// It said it is ready.
-    fn on_ready(&mut self) {
-        match self {
-            WorkerState::Starting => *self = WorkerState::Ready,
-            WorkerState::Ready => {}
-            WorkerState::Killed { ready, .. } => *ready = true,
-            WorkerState::Exited(exit) => exit.ready = true,
-        }
-    }
-
-    /// This side killed it. A later reason replaces an earlier one, and
-    /// one given after the process ended is kept with its end.
-    fn on_kill(&mut self, why: KillReason) {
-        match self {
-            WorkerState::Starting => {
-                *self = WorkerState::Killed {
-                    because: why,
-                    ready: false,
-                };
-            }
-            WorkerState::Ready => {
-                *self = WorkerState::Killed {
-                    because: why,
-                    ready: true,
-                };
-            }
-            WorkerState::Killed { because, .. } => *because = why,
-            WorkerState::Exited(exit) => exit.killed_because = Some(why),
-        }
-    }
-
-    /// Its process ended, `at` the time given; an end seen already stays.
-    fn on_exit(&mut self, at: Instant, description: String, death: Death) {
-        let (ready, killed_because) = match *self {
-            WorkerState::Starting => (false, None),
-            WorkerState::Ready => (true, None),
-            WorkerState::Killed { because, ready } => (ready, Some(because)),
-            WorkerState::Exited(_) => return,
-        };
-        *self = WorkerState::Exited(Exit {
-            at,
-            description,
-            death,
-            ready,
-            killed_because,
-        });
     }
 }
 
