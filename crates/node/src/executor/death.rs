@@ -1,7 +1,8 @@
 //! A worker's death: when it is dead for sure (its output read to the
-//! end), how it ended, and what follows: a fresh worker, and the failure of
-//! the command it was running (rule 25).
+//! end), how it ended, and what follows, as the supervisor decides: a
+//! fresh worker, and the failure of the command it was running (rule 25).
 
+use super::supervisor::{Facts, GiveUp, Verdict};
 use super::*;
 
 /// Why the executor killed a worker itself.
@@ -40,7 +41,7 @@ impl Executor {
         let Some(w) = &self.worker else {
             return;
         };
-        let Some(died_at) = w.died_at else {
+        let WorkerState::Exited(exit) = &w.state else {
             return;
         };
         if w.decoding.is_some() {
@@ -49,10 +50,14 @@ impl Executor {
         }
         let generation = w.generation;
         let output_open = self.streams.iter().any(|s| s.generation == generation);
-        if (!w.results_closed || output_open) && Instant::now() < died_at + STRAGGLER_WAIT {
+        if (w.results_closed.is_none() || output_open) && Instant::now() < exit.at + STRAGGLER_WAIT
+        {
             return;
         }
         let dead = self.worker.take().expect("checked above");
+        let WorkerState::Exited(exit) = dead.state else {
+            unreachable!("checked above");
+        };
         // Values it was writing into shared memory when it died.
         if let Some((_, dir)) = self
             .config
@@ -63,17 +68,23 @@ impl Executor {
             crate::shm::sweep_tmp(std::path::Path::new(dir), dead.pid);
         }
         self.streams.retain(|s| s.generation != generation);
-        self.on_death(dead);
+        self.on_death(dead.pid, generation, exit);
     }
-    fn on_death(&mut self, dead: Worker) {
-        let death = Death {
-            signal: dead.exit_signal,
-            exit_code: dead.exit_code,
-        };
-        let mut what = dead.exit.clone().unwrap_or_default();
-        match dead.killed_because {
+
+    /// Asks the supervisor what follows a death and does it.
+    fn on_death(&mut self, pid: u32, generation: u64, exit: Exit) {
+        let verdict = self.supervisor.worker_died(&Facts {
+            ready: exit.ready,
+            killed_because: exit.killed_because,
+            death: exit.death,
+            restart_pending: self.restart.is_some(),
+            command_running: self.running.is_some(),
+        });
+        let death = exit.death;
+        let mut what = exit.description;
+        match exit.killed_because {
             Some(why) => what = format!("{what}, {why}"),
-            None if dead.exit_signal == Some(Signal::SIGKILL as i32) => {
+            None if death.signal == Some(Signal::SIGKILL as i32) => {
                 what.push_str(" (the system's out-of-memory killer sends this signal)");
             }
             None => {}
@@ -81,45 +92,72 @@ impl Executor {
         let stderr: Vec<String> = self
             .tail
             .iter()
-            .filter(|(generation, _)| *generation == dead.generation)
+            .filter(|(g, _)| *g == generation)
             .map(|(_, line)| line.clone())
             .collect();
-        if !dead.ready {
-            let killed = dead.killed_because.is_none() && dead.exit_signal.is_some();
-            if killed && self.startup_kills < STARTUP_KILLS {
-                self.startup_kills += 1;
+        match verdict {
+            Verdict::StartAnother { otherwise } => {
                 let note = format!("A worker {what} before it was ready; starting another.");
-                tracing::warn!(pid = dead.pid, "{note}");
+                tracing::warn!(pid, "{note}");
                 let spawned = self.spawn_worker();
                 if let Some(restart) = &mut self.restart {
                     restart.reason = format!("{}\n{note}", restart.reason);
                 }
-                match spawned {
-                    Ok(()) => return,
-                    Err(error) => what = format!("{what}, and no other could be started: {error}"),
+                if let Err(error) = spawned {
+                    let what = format!("{what}, and no other could be started: {error}");
+                    self.give_up(otherwise, &what, stderr);
                 }
             }
-            match self.restart.take() {
-                None => {
-                    self.start_failure = Some(ExecutorError::StartupExit {
-                        python: self.config.python.clone(),
-                        status: what,
-                        stderr,
-                    });
-                }
-                Some(restart) => {
-                    let reason = format!(
-                        "{}\nThe new worker {what} before it was ready{}; no worker is left.",
-                        restart.reason,
-                        stderr_note(&stderr)
-                    );
-                    self.no_worker = Some(reason.clone());
-                    self.report_restart(restart.lost, reason, false, restart.death);
-                }
+            Verdict::GiveUp(how) => self.give_up(how, &what, stderr),
+            Verdict::Restart { fail_command } => {
+                let lost = if fail_command {
+                    self.running.take()
+                } else {
+                    None
+                };
+                self.restart_worker(pid, lost, &what, &stderr, death);
             }
-            return;
         }
-        let lost = self.running.take();
+    }
+
+    /// Leaves the executor without a worker after one died before it was
+    /// ready; `what` says how it ended.
+    fn give_up(&mut self, how: GiveUp, what: &str, stderr: Vec<String>) {
+        match how {
+            GiveUp::FirstStart => {
+                self.start_failure = Some(ExecutorError::StartupExit {
+                    python: self.config.python.clone(),
+                    status: what.to_owned(),
+                    stderr,
+                });
+            }
+            GiveUp::Replacement => {
+                let restart = self
+                    .restart
+                    .take()
+                    .expect("a replacement has a death waiting for it");
+                let reason = format!(
+                    "{}\nThe new worker {what} before it was ready{}; no worker is left.",
+                    restart.reason,
+                    stderr_note(&stderr)
+                );
+                self.no_worker = Some(reason.clone());
+                self.report_restart(restart.lost, reason, false, restart.death);
+            }
+        }
+    }
+
+    /// Starts a fresh worker in place of one that died after it was ready;
+    /// `lost` is the command it was running, which fails once the fresh
+    /// one is ready, or at once if none can be started (rule 25).
+    fn restart_worker(
+        &mut self,
+        pid: u32,
+        lost: Option<Running>,
+        what: &str,
+        stderr: &[String],
+        death: Death,
+    ) {
         let mut reason = format!("Python worker died: {what}");
         reason.push_str(match lost {
             Some(_) => " while running this command.",
@@ -127,12 +165,12 @@ impl Executor {
         });
         if !stderr.is_empty() {
             reason.push_str("\nIts last lines on stderr:");
-            for line in &stderr {
+            for line in stderr {
                 reason.push_str("\n    ");
                 reason.push_str(line);
             }
         }
-        tracing::warn!(pid = dead.pid, %reason, "restarting the Python worker");
+        tracing::warn!(pid, %reason, "restarting the Python worker");
         match self.spawn_worker() {
             Ok(()) => {
                 reason.push_str(
@@ -152,6 +190,7 @@ impl Executor {
             }
         }
     }
+
     pub(super) fn report_restart(
         &mut self,
         lost: Option<Running>,

@@ -63,10 +63,14 @@ use tokio::time::Instant;
 mod death;
 mod output;
 mod spawn;
+mod state;
+mod supervisor;
 
-use death::{KillReason, Restart};
+use death::{Death, KillReason, Restart};
 use output::{OutputStream, poll_streams};
 use spawn::start_up;
+use state::{Exit, WorkerState};
+use supervisor::Supervisor;
 
 /// The worker's source, passed to the interpreter with `-c`.
 pub const WORKER_SOURCE: &str = include_str!("../worker.py");
@@ -80,12 +84,6 @@ const WORKER_FDS: [i32; 3] = [3, 4, 5];
 /// How long a dead worker's output may take to reach its end once the
 /// worker is gone (a process that escaped its group may hold a pipe open).
 const STRAGGLER_WAIT: Duration = Duration::from_secs(1);
-
-/// Workers in a row that may be killed by a signal before they are ready
-/// and be replaced. A signal from outside (the out-of-memory killer, an
-/// operator) is no reason to leave the server without a worker for good;
-/// an interpreter that crashes every time it starts is, after a few tries.
-const STARTUP_KILLS: u32 = 5;
 
 /// How long `shutdown` waits for the worker to exit before killing it.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
@@ -213,11 +211,11 @@ pub struct Executor {
     tail: VecDeque<(u64, String)>,
     /// Set when no worker could be started after a death.
     no_worker: Option<String>,
-    /// Set when the first worker fails before it is ready.
+    /// Set when the first start fails: its worker ended before it was
+    /// ready, or its init script raised.
     start_failure: Option<ExecutorError>,
-    /// Workers killed by a signal before they were ready since the last
-    /// one that was (see [`STARTUP_KILLS`]).
-    startup_kills: u32,
+    /// Decides what follows a worker's death.
+    supervisor: Supervisor,
     page_size: u64,
 }
 
@@ -239,17 +237,11 @@ struct Worker {
     control: File,
     results: pipe::Receiver,
     inbox: BytesMut,
-    results_closed: bool,
-    results_closed_at: Option<Instant>,
-    ready: bool,
-    init_error: Option<String>,
-    /// How the process ended, once it has.
-    exit: Option<String>,
-    exit_signal: Option<i32>,
-    exit_code: Option<i32>,
-    died_at: Option<Instant>,
-    /// Why this side killed it, if it did.
-    killed_because: Option<KillReason>,
+    /// When the results pipe reached its end, or was given up on after a
+    /// malformed frame; nothing more is read from it after that.
+    results_closed: Option<Instant>,
+    /// Where it is in its life.
+    state: WorkerState,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -313,7 +305,7 @@ impl Executor {
             tail: VecDeque::new(),
             no_worker: None,
             start_failure: None,
-            startup_kills: 0,
+            supervisor: Supervisor::default(),
             page_size,
         };
         executor.spawn_worker()?;
@@ -326,23 +318,17 @@ impl Executor {
         let mut executor = self;
         loop {
             if let Some(error) = executor.start_failure.take() {
+                executor.shutdown().await;
                 return Err(error);
             }
-            let init_error = match &executor.worker {
-                Some(w) if w.ready => w.init_error.clone(),
-                _ => {
-                    executor.step().await;
-                    continue;
-                }
-            };
-            return match init_error {
-                None => Ok(executor),
-                Some(traceback) => {
-                    let path = executor.config.init.clone().unwrap_or_default();
-                    executor.shutdown().await;
-                    Err(ExecutorError::Init { path, traceback })
-                }
-            };
+            if executor
+                .worker
+                .as_ref()
+                .is_some_and(|w| w.state.has_been_ready())
+            {
+                return Ok(executor);
+            }
+            executor.step().await;
         }
     }
 
@@ -412,8 +398,13 @@ impl Executor {
     pub fn kill(&mut self) {
         if let Some(worker) = self.worker.as_mut() {
             // A worker still starting is a replacement already: leave it.
-            if worker.ready && worker.exit.is_none() {
-                worker.killed_because = Some(KillReason::Ordered);
+            // One killed already for another reason is killed again, and
+            // the order becomes the reason.
+            if matches!(
+                worker.state,
+                WorkerState::Ready | WorkerState::Killed { ready: true, .. }
+            ) {
+                worker.state.on_kill(KillReason::Ordered);
                 worker.kill_group();
             }
         }
@@ -458,7 +449,7 @@ impl Executor {
     pub fn worker_pid(&self) -> Option<u32> {
         self.worker
             .as_ref()
-            .filter(|w| w.exit.is_none())
+            .filter(|w| w.state.is_alive())
             .map(|w| w.pid)
     }
 
@@ -492,11 +483,11 @@ impl Executor {
             commands,
             control,
             results,
-            exit,
+            state,
             ..
         } = worker;
         drop((commands, control, results));
-        if exit.is_none()
+        if state.is_alive()
             && tokio::time::timeout(SHUTDOWN_GRACE, child.wait())
                 .await
                 .is_err()
@@ -532,8 +523,8 @@ impl Executor {
         tokio::select! {
             biased;
             (i, r) = streams_ready => Io::Stream(i, r),
-            r = w.results.read_buf(&mut w.inbox), if !w.results_closed => Io::Results(r),
-            s = w.child.wait(), if w.exit.is_none() => Io::Exited(s),
+            r = w.results.read_buf(&mut w.inbox), if w.results_closed.is_none() => Io::Results(r),
+            s = w.child.wait(), if w.state.is_alive() => Io::Exited(s),
             r = w.commands.writable(), if !w.out.is_empty() => Io::Writable(r),
             r = encoded(&mut w.encoding), if w.encoding.is_some() => Io::Encoded(r),
             r = encoded(&mut w.decoding), if w.decoding.is_some() => Io::Decoded(r),
@@ -562,25 +553,28 @@ impl Executor {
                 if let Some(w) = self.worker.as_mut() {
                     // A dying process closes its pipes before it can be
                     // waited for: give it a moment before calling it broken.
-                    w.results_closed = true;
-                    w.results_closed_at = Some(Instant::now());
+                    w.results_closed.get_or_insert_with(Instant::now);
                 }
             }
             Io::Exited(status) => {
                 let Some(w) = self.worker.as_mut() else {
                     return;
                 };
-                let description = match status {
-                    Ok(status) => {
-                        w.exit_signal = status.signal();
-                        w.exit_code = status.code();
-                        describe_exit(status)
-                    }
-                    Err(error) => format!("ended in a way that could not be read ({error})"),
+                let (description, death) = match status {
+                    Ok(status) => (
+                        describe_exit(status),
+                        Death {
+                            signal: status.signal(),
+                            exit_code: status.code(),
+                        },
+                    ),
+                    Err(error) => (
+                        format!("ended in a way that could not be read ({error})"),
+                        Death::default(),
+                    ),
                 };
                 tracing::debug!(pid = w.pid, %description, "the Python worker ended");
-                w.exit = Some(description);
-                w.died_at = Some(Instant::now());
+                w.state.on_exit(Instant::now(), description, death);
                 // Leave nothing it started behind, and let its pipes close.
                 kill_group(w.pid);
             }
@@ -652,9 +646,11 @@ impl Executor {
                 // check_death gives up on a dead worker's open pipes.
                 if let Some(w) = self.worker.as_mut() {
                     let closed_long_ago = w
-                        .results_closed_at
+                        .results_closed
                         .is_some_and(|t| Instant::now() >= t + STRAGGLER_WAIT);
-                    if w.exit.is_none() && w.killed_because.is_none() && closed_long_ago {
+                    let alive_unkilled =
+                        matches!(w.state, WorkerState::Starting | WorkerState::Ready);
+                    if alive_unkilled && closed_long_ago {
                         w.broken(KillReason::ResultsClosed);
                     }
                 }
@@ -707,7 +703,7 @@ impl Executor {
         };
         tracing::warn!(%error, "the Python worker sent a malformed frame");
         w.inbox.clear();
-        w.results_closed = true;
+        w.results_closed.get_or_insert_with(Instant::now);
         w.broken(KillReason::MalformedFrame);
     }
 
@@ -719,23 +715,33 @@ impl Executor {
                 let Some(w) = self.worker.as_mut() else {
                     return;
                 };
-                w.ready = true;
-                w.init_error = (!ready.ok).then_some(ready.error);
-                self.startup_kills = 0;
+                w.state.on_ready();
+                self.supervisor.worker_ready();
                 tracing::debug!(pid = w.pid, "the Python worker is ready");
-                let init_error = w.init_error.clone();
-                if let Some(restart) = self.restart.take() {
-                    let mut reason = restart.reason.clone();
-                    if let Some(traceback) = init_error {
-                        let note =
-                            format!("The init script failed in the new worker:\n{traceback}");
-                        self.events.push_back(ExecutorEvent::Log {
-                            level: LogLevel::Error,
-                            message: note.clone(),
-                        });
-                        reason = format!("{reason}\n{note}");
+                let init_error = (!ready.ok).then_some(ready.error);
+                match self.restart.take() {
+                    Some(restart) => {
+                        let mut reason = restart.reason.clone();
+                        if let Some(traceback) = init_error {
+                            let note =
+                                format!("The init script failed in the new worker:\n{traceback}");
+                            self.events.push_back(ExecutorEvent::Log {
+                                level: LogLevel::Error,
+                                message: note.clone(),
+                            });
+                            reason = format!("{reason}\n{note}");
+                        }
+                        self.report_restart(restart.lost, reason, true, restart.death);
                     }
-                    self.report_restart(restart.lost, reason, true, restart.death);
+                    // No death waits for this worker: it is the first one
+                    // (or one started in place of a first one killed while
+                    // starting), and `ready` reports the failure.
+                    None => {
+                        if let Some(traceback) = init_error {
+                            let path = self.config.init.clone().unwrap_or_default();
+                            self.start_failure = Some(ExecutorError::Init { path, traceback });
+                        }
+                    }
                 }
             }
             other => {
@@ -831,16 +837,18 @@ impl Worker {
 
     /// When the worker next needs looking at without I/O.
     fn deadline(&self) -> Option<Instant> {
-        match (self.died_at, self.results_closed_at) {
-            (Some(died), _) => Some(died + STRAGGLER_WAIT),
-            (None, Some(closed)) if self.killed_because.is_none() => Some(closed + STRAGGLER_WAIT),
-            _ => None,
+        match &self.state {
+            WorkerState::Exited(exit) => Some(exit.at + STRAGGLER_WAIT),
+            WorkerState::Starting | WorkerState::Ready => {
+                self.results_closed.map(|closed| closed + STRAGGLER_WAIT)
+            }
+            WorkerState::Killed { .. } => None,
         }
     }
 
     fn broken(&mut self, why: KillReason) {
         tracing::warn!(pid = self.pid, %why, "killing the Python worker");
-        self.killed_because = Some(why);
+        self.state.on_kill(why);
         self.kill_group();
     }
 

@@ -102,15 +102,8 @@ impl Executor {
             control: File::from(control_write),
             results: pipe::Receiver::from_owned_fd(results_read).map_err(ExecutorError::Pipe)?,
             inbox: BytesMut::with_capacity(64 * 1024),
-            results_closed: false,
-            results_closed_at: None,
-            ready: false,
-            init_error: None,
-            exit: None,
-            exit_signal: None,
-            exit_code: None,
-            died_at: None,
-            killed_because: None,
+            results_closed: None,
+            state: WorkerState::Starting,
         };
         tracing::debug!(pid, generation, python = %self.config.python.display(), "started a Python worker");
         self.worker = Some(worker);
