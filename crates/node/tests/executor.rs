@@ -1082,6 +1082,62 @@ async fn rule_25_a_death_while_idle_restarts_the_worker_and_reruns_init() {
     ex.shutdown().await;
 }
 
+/// A command taken while the worker started in place of one that died
+/// idle is still starting is answered when that worker dies too before
+/// it is ready (rule 25): as failed, with how it ended; nothing waits for
+/// ever, and the executor says no worker is left.
+#[tokio::test]
+async fn rule_25_a_command_waiting_for_a_replacement_that_dies_starting_fails() {
+    let marker = TempFile::new("started", "");
+    std::fs::remove_file(&marker.0).unwrap();
+    let init = TempFile::new(
+        "init_once.py",
+        &format!(
+            "if os.path.exists({path:?}):\n    time.sleep(1.0)\n    os._exit(3)\nopen({path:?}, 'w').close()\n",
+            path = marker.0.display().to_string()
+        ),
+    );
+    let mut ex = start_with(ExecutorConfig {
+        init: Some(init.0.clone()),
+        ..config()
+    })
+    .await;
+    let old_pid = ex.worker_pid().unwrap();
+    kill(Pid::from_raw(old_pid as i32), Signal::SIGKILL).unwrap();
+    // Until the executor has taken the death and started the replacement.
+    let started = Instant::now();
+    while ex.worker_pid().is_none_or(|pid| pid == old_pid) {
+        assert!(started.elapsed() < LIMIT, "no replacement was started");
+        if let Ok(event) = tokio::time::timeout(Duration::from_millis(20), ex.next_event()).await {
+            panic!("nothing is due before the replacement is ready: {event:?}");
+        }
+    }
+    let waiting = request("1+1");
+    let id = waiting.id;
+    ex.execute(waiting)
+        .expect("a starting worker takes a command");
+    let ran = finish(&mut ex, id).await;
+    assert!(!ran.outcome.successful);
+    assert_eq!(ran.outcome.failure, FailureKind::WorkerDied);
+    assert_eq!(ran.outcome.worker_exit_code, Some(3));
+    assert!(
+        ran.traceback().contains("before it was ready"),
+        "{}",
+        ran.traceback()
+    );
+    match next(&mut ex).await {
+        ExecutorEvent::WorkerRestarted { reason } => {
+            assert!(reason.contains("no worker is left"), "{reason}");
+        }
+        other => panic!("expected the restart's report, got {other:?}"),
+    }
+    assert!(matches!(
+        ex.execute(request("2")),
+        Err(ExecutorError::NoWorker(_))
+    ));
+    ex.shutdown().await;
+}
+
 // ---------------------------------------------------------------------------
 // Lifecycle
 
@@ -1215,7 +1271,7 @@ async fn one_command_at_a_time() {
 }
 
 #[tokio::test]
-async fn rule_26_the_clients_settings_reach_the_worker() {
+async fn rule_26_the_head_nodes_settings_reach_the_worker() {
     let dir = std::env::temp_dir();
     let mut config = config();
     config.working_directory = Some(dir.clone());

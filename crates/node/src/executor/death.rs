@@ -95,6 +95,20 @@ impl Executor {
             .filter(|(g, _)| *g == generation)
             .map(|(_, line)| line.clone())
             .collect();
+        if !exit.ready {
+            // A command taken while this worker was starting (in place of
+            // one that died idle) was written to its pipe only: it never
+            // ran, and it fails now rather than wait for ever (rule 25).
+            if let Some(waiting) = self.running.take() {
+                let reason = format!(
+                    "Python worker died: {what} before it was ready, with this command \
+                     waiting for it: the command did not run.{}",
+                    stderr_block(&stderr)
+                );
+                let another = matches!(verdict, Verdict::StartAnother { .. });
+                self.report_restart(Some(waiting), reason, another, death);
+            }
+        }
         match verdict {
             Verdict::StartAnother { otherwise } => {
                 let note = format!("A worker {what} before it was ready; starting another.");
@@ -163,13 +177,7 @@ impl Executor {
             Some(_) => " while running this command.",
             None => " while idle.",
         });
-        if !stderr.is_empty() {
-            reason.push_str("\nIts last lines on stderr:");
-            for line in stderr {
-                reason.push_str("\n    ");
-                reason.push_str(line);
-            }
-        }
+        reason.push_str(&stderr_block(stderr));
         tracing::warn!(pid, %reason, "restarting the Python worker");
         match self.spawn_worker() {
             Ok(()) => {
@@ -216,4 +224,19 @@ impl Executor {
         };
         self.events.push_back(event);
     }
+}
+
+/// A dead worker's last stderr lines, indented under a heading of their
+/// own, for a reason that ends in a full sentence; nothing when it wrote
+/// none.
+fn stderr_block(lines: &[String]) -> String {
+    let mut block = String::new();
+    if !lines.is_empty() {
+        block.push_str("\nIts last lines on stderr:");
+        for line in lines {
+            block.push_str("\n    ");
+            block.push_str(line);
+        }
+    }
+    block
 }
