@@ -117,8 +117,9 @@ async fn worker(python: &Path, warm: usize, rounds: usize) -> Vec<Duration> {
                     break;
                 }
                 ExecutorEvent::Log { .. } => {}
-                ExecutorEvent::WorkerRestarted { reason } => {
-                    panic!("the worker restarted: {reason}")
+                ExecutorEvent::WorkerRestarted { reason }
+                | ExecutorEvent::NoWorkerLeft { reason } => {
+                    panic!("the worker died: {reason}")
                 }
             }
         }

@@ -482,6 +482,10 @@ impl<T: Transport> Node<T> {
                 self.core.log(LogLevel::Warning, reason, now);
                 self.announce_worker(now);
             }
+            ExecutorEvent::NoWorkerLeft { reason } => {
+                self.core.log(LogLevel::Error, reason, now);
+                self.announce_worker(now);
+            }
         }
     }
 

@@ -121,7 +121,7 @@ async fn finish(executor: &mut Executor, id: u64) -> Ran {
                 return Ran { outcome, logs };
             }
             ExecutorEvent::Log { level, message } => logs.push((level, message)),
-            ExecutorEvent::WorkerRestarted { reason } => {
+            ExecutorEvent::WorkerRestarted { reason } | ExecutorEvent::NoWorkerLeft { reason } => {
                 panic!("unexpected restart while command {id} ran: {reason}")
             }
         }
@@ -1126,10 +1126,10 @@ async fn rule_25_a_command_waiting_for_a_replacement_that_dies_starting_fails() 
         ran.traceback()
     );
     match next(&mut ex).await {
-        ExecutorEvent::WorkerRestarted { reason } => {
+        ExecutorEvent::NoWorkerLeft { reason } => {
             assert!(reason.contains("no worker is left"), "{reason}");
         }
-        other => panic!("expected the restart's report, got {other:?}"),
+        other => panic!("expected word that no worker is left, got {other:?}"),
     }
     assert!(matches!(
         ex.execute(request("2")),

@@ -220,7 +220,8 @@ impl Executor {
                 worker_signal: death.signal,
                 worker_exit_code: death.exit_code,
             }),
-            None => ExecutorEvent::WorkerRestarted { reason },
+            None if restarted => ExecutorEvent::WorkerRestarted { reason },
+            None => ExecutorEvent::NoWorkerLeft { reason },
         };
         self.events.push_back(event);
     }

@@ -136,6 +136,13 @@ pub enum ExecutorEvent {
         /// What happened, for the log.
         reason: String,
     },
+    /// The worker died while idle and the one started in its place died
+    /// too before it was ready: no worker is left, and later commands
+    /// fail with [`ExecutorError::NoWorker`].
+    NoWorkerLeft {
+        /// What happened, for the log.
+        reason: String,
+    },
 }
 
 /// Why the executor cannot do what it was asked.
