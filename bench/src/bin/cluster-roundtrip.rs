@@ -39,6 +39,7 @@
 //! the cluster and of this driver used during the timed `1+1`s. See
 //! `bench/README.md` for figures.
 
+use casa_node_bench::positive_number;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitCode, ExitStatus, Stdio};
@@ -121,15 +122,7 @@ fn parse_args() -> Result<Settings, String> {
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        let mut number = |name: &str| -> Result<usize, String> {
-            let value = args
-                .next()
-                .ok_or_else(|| format!("{name} needs a number"))?;
-            match value.parse::<usize>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(format!("{name} needs a positive number, not {value:?}")),
-            }
-        };
+        let mut number = |name: &str| positive_number(&mut args, name);
         match arg.as_str() {
             "--quick" => {}
             "--rounds" => settings.rounds = number("--rounds")?,

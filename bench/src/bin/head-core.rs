@@ -14,6 +14,7 @@
 //! Run with `cargo run --release -p casa-node-bench --bin head-core`;
 //! `--quick` runs a tiny version in about a second.
 
+use casa_node_bench::positive_number;
 use std::collections::VecDeque;
 use std::hint::black_box;
 use std::process::ExitCode;
@@ -97,15 +98,7 @@ fn parse_args() -> Result<Settings, String> {
     };
     let mut args = args.into_iter();
     while let Some(arg) = args.next() {
-        let mut number = |name: &str| -> Result<usize, String> {
-            let value = args
-                .next()
-                .ok_or_else(|| format!("{name} needs a number"))?;
-            match value.parse::<usize>() {
-                Ok(n) if n > 0 => Ok(n),
-                _ => Err(format!("{name} needs a positive number, not {value:?}")),
-            }
-        };
+        let mut number = |name: &str| positive_number(&mut args, name);
         match arg.as_str() {
             "--quick" => {}
             "--reps" => settings.reps = number("--reps")?,

@@ -47,14 +47,7 @@ fn parse_args() -> Result<Settings, String> {
     let mut target = 1;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
-        let mut number = |name: &str| -> Result<usize, String> {
-            let value = args
-                .next()
-                .ok_or_else(|| format!("{name} needs a number"))?;
-            value
-                .parse::<usize>()
-                .map_err(|_| format!("{name} needs a number, not {value:?}"))
-        };
+        let mut number = |name: &str| casa_node_bench::number(&mut args, name);
         match arg.as_str() {
             "--requests" => requests = number("--requests")?.max(1),
             "--warmup" => warmup = number("--warmup")?,
