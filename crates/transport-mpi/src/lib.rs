@@ -276,6 +276,16 @@ struct Decoding {
     after: VecDeque<Delivery>,
 }
 
+/// What a peer's encoder hands to the progress thread, in the order given.
+enum EncoderItem {
+    /// A message to encode off the event loop's thread.
+    Message(EncodeJob),
+    /// Everything given before has reached the progress thread: says so.
+    /// `shutdown` waits for this before its goodbye, which must not
+    /// overtake a message still being encoded.
+    Flushed(oneshot::Sender<()>),
+}
+
 /// A message to encode off the event loop's thread, its credit taken.
 struct EncodeJob {
     envelope: Envelope,
@@ -288,17 +298,26 @@ struct EncodeJob {
 /// and hands them to the progress thread. While it holds any, later
 /// messages to that peer go through it too, so none overtakes another.
 struct Encoder {
-    jobs: mpsc::UnboundedSender<EncodeJob>,
+    jobs: mpsc::UnboundedSender<EncoderItem>,
+    /// Items given to it and not yet handed to the progress thread.
     pending: Arc<AtomicUsize>,
 }
 
 impl Encoder {
     fn spawn(to: Rank, framing: Framing, commands: std_mpsc::Sender<Command>) -> Encoder {
-        let (jobs, mut queue) = mpsc::unbounded_channel::<EncodeJob>();
+        let (jobs, mut queue) = mpsc::unbounded_channel::<EncoderItem>();
         let pending = Arc::new(AtomicUsize::new(0));
         let left = pending.clone();
         tokio::spawn(async move {
-            while let Some(job) = queue.recv().await {
+            while let Some(item) = queue.recv().await {
+                let job = match item {
+                    EncoderItem::Message(job) => job,
+                    EncoderItem::Flushed(done) => {
+                        let _ = done.send(());
+                        left.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                };
                 let EncodeJob {
                     envelope,
                     len,
@@ -570,7 +589,7 @@ impl Transport for MpiTransport {
                 window,
                 charge,
             };
-            if encoder.jobs.send(job).is_err() {
+            if encoder.jobs.send(EncoderItem::Message(job)).is_err() {
                 encoder.pending.fetch_sub(1, Ordering::AcqRel);
                 return Err(self.thread_gone());
             }
@@ -586,12 +605,14 @@ impl Transport for MpiTransport {
         if self.closed {
             return Err(TransportError::Closed);
         }
-        if self.ended {
-            return Err(TransportError::Disconnected(0));
-        }
         loop {
+            // Events taken before rank 0 was lost, and PeerLost(0) itself,
+            // come first.
             if let Some(event) = self.ready.pop_front() {
                 return Ok(event);
+            }
+            if self.ended {
+                return Err(TransportError::Disconnected(0));
             }
             // Cancel-safe: what is taken is kept in `self` before the next
             // await, and the decodings are only polled.
@@ -634,6 +655,25 @@ impl Transport for MpiTransport {
 
     async fn shutdown(&mut self) -> Result<(), TransportError> {
         if !self.closed {
+            // What was sent goes before the goodbye, also a large message
+            // still being encoded.
+            let mut flushed = Vec::new();
+            for encoder in self.encoders.values() {
+                if encoder.pending.load(Ordering::Acquire) == 0 {
+                    continue;
+                }
+                let (done, flushing) = oneshot::channel();
+                encoder.pending.fetch_add(1, Ordering::AcqRel);
+                if encoder.jobs.send(EncoderItem::Flushed(done)).is_ok() {
+                    flushed.push(flushing);
+                } else {
+                    encoder.pending.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            for flushing in flushed {
+                // An encoder that is gone has nothing left to hand over.
+                let _ = flushing.await;
+            }
             self.closed = true;
             // An error means the thread is gone already.
             let _ = self.commands.send(Command::Shutdown);

@@ -204,6 +204,14 @@ fn head_drop_says_goodbye_too() {
     check(2, &["head-drop"], LIMIT);
 }
 
+/// A message still being encoded off the loop when its sender shuts down
+/// reaches the peer before the goodbye (the goodbye overtook it, and the
+/// peer saw `PeerLost` first, now and then under load).
+#[test]
+fn a_large_message_sent_just_before_shutdown_arrives_before_the_goodbye() {
+    check(2, &["large-then-shutdown", &(64 << 20).to_string()], LIMIT);
+}
+
 /// A 96 MiB send to a stopped rank, and a ping after it, do not hold up
 /// 10 000 sends each way with another rank, and arrive in order when the
 /// rank goes on. (A window of 1 GiB lets the ping be queued behind the

@@ -354,6 +354,10 @@ enum EncoderItem {
     /// before it: a credit request, which the receiver answers with the
     /// credit of what it has received by then.
     After(Command),
+    /// Everything given before has reached the engine: says so. `shutdown`
+    /// waits for this before its goodbye, which must not overtake a
+    /// message still being encoded.
+    Flushed(oneshot::Sender<()>),
 }
 
 /// A message to encode off the event loop's thread, with its credit taken.
@@ -387,6 +391,11 @@ impl Encoder {
                     EncoderItem::Message(job) => job,
                     EncoderItem::After(command) => {
                         let _ = commands.send(command);
+                        left.fetch_sub(1, Ordering::AcqRel);
+                        continue;
+                    }
+                    EncoderItem::Flushed(done) => {
+                        let _ = done.send(());
                         left.fetch_sub(1, Ordering::AcqRel);
                         continue;
                     }
@@ -877,6 +886,25 @@ impl Transport for ZmqTransport {
     async fn shutdown(&mut self) -> Result<(), TransportError> {
         if self.closed {
             return Ok(());
+        }
+        // What was sent goes before the goodbye, also a large message
+        // still being encoded.
+        let mut flushed = Vec::new();
+        for encoder in self.encoders.values() {
+            if encoder.pending.load(Ordering::Acquire) == 0 {
+                continue;
+            }
+            let (done, flushing) = oneshot::channel();
+            encoder.pending.fetch_add(1, Ordering::AcqRel);
+            if encoder.jobs.send(EncoderItem::Flushed(done)).is_ok() {
+                flushed.push(flushing);
+            } else {
+                encoder.pending.fetch_sub(1, Ordering::AcqRel);
+            }
+        }
+        for flushing in flushed {
+            // An encoder that is gone has nothing left to hand over.
+            let _ = flushing.await;
         }
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Shutdown(tx)).is_ok() {

@@ -526,6 +526,35 @@ async fn a_credit_request_does_not_overtake_a_message_being_encoded() {
     .await;
 }
 
+/// An event, without the bytes of a message.
+fn describe(event: &TransportEvent) -> String {
+    match event {
+        TransportEvent::Message { from, envelope } => format!("a {} from {from}", envelope.kind()),
+        other => format!("{other:?}"),
+    }
+}
+
+/// A message still being encoded off the caller's thread when its sender
+/// shuts down reaches the peer before the goodbye.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_large_message_sent_just_before_shutdown_arrives_before_the_goodbye() {
+    bounded(async {
+        let (mut head, mut server, _dir) = joined(ZmqConfig::default()).await;
+        let large = checks::large_request(1, checks::pattern(64 << 20, 1));
+        server.send(0, large.clone()).await.expect("send");
+        server.shutdown().await.expect("shutdown");
+        match next_event(&mut head).await {
+            TransportEvent::Message { from, envelope } => {
+                assert_eq!(from, 1);
+                assert!(envelope == large, "the message arrived changed");
+            }
+            other => panic!("expected the message first, got {}", describe(&other)),
+        }
+        assert_eq!(next_event(&mut head).await, TransportEvent::PeerLost(1));
+    })
+    .await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn small_messages_go_past_a_large_one_on_a_reserve() {
     bounded(async {

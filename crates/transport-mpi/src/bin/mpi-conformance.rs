@@ -11,6 +11,7 @@
 //! mpirun -n 2 mpi-conformance cancel-safe 5000
 //! mpirun -n 3 mpi-conformance server-shutdown            # also server-drop
 //! mpirun -n 2 mpi-conformance head-shutdown            # also head-drop
+//! mpirun -n 2 mpi-conformance large-then-shutdown 67108864
 //! mpirun -n 2 mpi-conformance closed-after-shutdown
 //! mpirun -n 3 mpi-conformance stuck-peer 100663296 10000
 //! mpirun -n 1 mpi-conformance world-too-small
@@ -223,6 +224,27 @@ async fn run(transport: &mut MpiTransport, check: &str, args: &[String]) -> Chec
         }
         "server-shutdown" => server_departure(transport, true).await?,
         "server-drop" => server_departure(transport, false).await?,
+        "large-then-shutdown" => {
+            // Rank 0 shuts down right after sending a message still being
+            // encoded: rank 1 gets the message, then the goodbye.
+            const CHECK: &str = "large message then shutdown";
+            two_ranks(CHECK, transport)?;
+            let len = number(args, 0, 64 << 20) as usize;
+            handshake(CHECK, transport, 1).await?;
+            within(CHECK, HEAVY_LIMIT, async {
+                if rank == 0 {
+                    checks::send_large(transport, 1, len, 7).await?;
+                    transport
+                        .shutdown()
+                        .await
+                        .map_err(|e| failure(CHECK, format!("shutdown: {e}")))
+                } else {
+                    checks::receive_large(transport, 0, len, 7).await?;
+                    checks::await_peer_lost(CHECK, transport, 0).await
+                }
+            })
+            .await?;
+        }
         "head-shutdown" => head_departure(transport, true).await?,
         "head-drop" => head_departure(transport, false).await?,
         "closed-after-shutdown" => {
