@@ -102,6 +102,7 @@ class _Callbacks:
         self._lock = threading.Lock()
         self._queue = None
         self._thread = None
+        atexit.register(self._drain)
 
     def put(self, callback, future):
         with self._lock:
@@ -110,7 +111,6 @@ class _Callbacks:
                 self._thread = threading.Thread(
                     target=self._run, args=(self._queue,), name="casanode-callbacks", daemon=True)
                 self._thread.start()
-                atexit.register(self._drain)
             self._queue.put((callback, future))
 
     @staticmethod

@@ -350,6 +350,22 @@ impl Encoder {
         });
         Encoder { jobs, pending }
     }
+
+    /// Whether it holds items not yet handed to the progress thread.
+    fn busy(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Queues `item` behind what it holds; false if the encoder has
+    /// stopped.
+    fn queue(&self, item: EncoderItem) -> bool {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let queued = self.jobs.send(item).is_ok();
+        if !queued {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        queued
+    }
 }
 
 impl fmt::Debug for MpiTransport {
@@ -363,6 +379,27 @@ impl fmt::Debug for MpiTransport {
 }
 
 impl MpiTransport {
+    /// Waits until every encoder has handed what it holds to the progress
+    /// thread (what it holds is marked now; the wait borrows nothing, as
+    /// the transport is not `Sync`).
+    fn flush_encoders(&self) -> impl Future<Output = ()> + Send + use<> {
+        let flushing: Vec<_> = self
+            .encoders
+            .values()
+            .filter(|e| e.busy())
+            .filter_map(|encoder| {
+                let (done, flushed) = oneshot::channel();
+                encoder.queue(EncoderItem::Flushed(done)).then_some(flushed)
+            })
+            .collect();
+        async move {
+            for flushed in flushing {
+                // An encoder that stopped has nothing left to hand over.
+                let _ = flushed.await;
+            }
+        }
+    }
+
     /// Initialises MPI with the default configuration; see
     /// [`init_with`](Self::init_with).
     pub fn init() -> Result<MpiTransport, MpiError> {
@@ -549,10 +586,7 @@ impl Transport for MpiTransport {
         };
         let len = self.framing.encoded_len(&envelope)?;
         self.encoders.retain(|_, e| !e.jobs.is_closed());
-        let queued = self
-            .encoders
-            .get(&to)
-            .is_some_and(|e| e.pending.load(Ordering::Acquire) > 0);
+        let queued = self.encoders.get(&to).is_some_and(Encoder::busy);
         let body = if len >= OFFLOAD_THRESHOLD || queued {
             None
         } else {
@@ -582,15 +616,13 @@ impl Transport for MpiTransport {
                 .encoders
                 .entry(to)
                 .or_insert_with(|| Encoder::spawn(to, framing, commands));
-            encoder.pending.fetch_add(1, Ordering::AcqRel);
             let job = EncodeJob {
                 envelope,
                 len,
                 window,
                 charge,
             };
-            if encoder.jobs.send(EncoderItem::Message(job)).is_err() {
-                encoder.pending.fetch_sub(1, Ordering::AcqRel);
+            if !encoder.queue(EncoderItem::Message(job)) {
                 return Err(self.thread_gone());
             }
             return Ok(());
@@ -657,23 +689,7 @@ impl Transport for MpiTransport {
         if !self.closed {
             // What was sent goes before the goodbye, also a large message
             // still being encoded.
-            let mut flushed = Vec::new();
-            for encoder in self.encoders.values() {
-                if encoder.pending.load(Ordering::Acquire) == 0 {
-                    continue;
-                }
-                let (done, flushing) = oneshot::channel();
-                encoder.pending.fetch_add(1, Ordering::AcqRel);
-                if encoder.jobs.send(EncoderItem::Flushed(done)).is_ok() {
-                    flushed.push(flushing);
-                } else {
-                    encoder.pending.fetch_sub(1, Ordering::AcqRel);
-                }
-            }
-            for flushing in flushed {
-                // An encoder that is gone has nothing left to hand over.
-                let _ = flushing.await;
-            }
+            self.flush_encoders().await;
             self.closed = true;
             // An error means the thread is gone already.
             let _ = self.commands.send(Command::Shutdown);

@@ -439,6 +439,22 @@ impl Encoder {
         });
         Encoder { jobs, pending }
     }
+
+    /// Whether it holds items not yet handed to the engine.
+    fn busy(&self) -> bool {
+        self.pending.load(Ordering::Acquire) > 0
+    }
+
+    /// Queues `item` behind what it holds; false if the encoder has
+    /// stopped.
+    fn queue(&self, item: EncoderItem) -> bool {
+        self.pending.fetch_add(1, Ordering::AcqRel);
+        let queued = self.jobs.send(item).is_ok();
+        if !queued {
+            self.pending.fetch_sub(1, Ordering::AcqRel);
+        }
+        queued
+    }
 }
 
 impl std::fmt::Debug for ZmqTransport {
@@ -452,6 +468,26 @@ impl std::fmt::Debug for ZmqTransport {
 }
 
 impl ZmqTransport {
+    /// Waits until every encoder has handed what it holds to the engine
+    /// (what it holds is marked now; the wait borrows nothing).
+    fn flush_encoders(&self) -> impl Future<Output = ()> + Send + use<> {
+        let flushing: Vec<_> = self
+            .encoders
+            .values()
+            .filter(|e| e.busy())
+            .filter_map(|encoder| {
+                let (done, flushed) = oneshot::channel();
+                encoder.queue(EncoderItem::Flushed(done)).then_some(flushed)
+            })
+            .collect();
+        async move {
+            for flushed in flushing {
+                // An encoder that stopped has nothing left to hand over.
+                let _ = flushed.await;
+            }
+        }
+    }
+
     /// The head node's side: a ROUTER bound at `endpoint` (`ipc://PATH`
     /// or `tcp://HOST:PORT`; port 0 picks a free port), rank 0.
     pub async fn bind(endpoint: &str) -> Result<ZmqTransport, TransportError> {
@@ -754,10 +790,7 @@ impl Transport for ZmqTransport {
         let len = self.framing.encoded_len(&envelope)?;
         self.encoders
             .retain(|&(rank, id), e| (rank != to || id == link.id) && !e.jobs.is_closed());
-        let queued = self
-            .encoders
-            .get(&(to, link.id))
-            .is_some_and(|e| e.pending.load(Ordering::Acquire) > 0);
+        let queued = self.encoders.get(&(to, link.id)).is_some_and(Encoder::busy);
         // Small messages are encoded here, before any wait, as always; a
         // large one, or any behind one, later and elsewhere.
         let body = if len >= OFFLOAD_THRESHOLD || queued {
@@ -786,24 +819,13 @@ impl Transport for ZmqTransport {
             // message larger than what is left would wait forever. The
             // request goes after the messages the encoder still holds:
             // the receiver returns the credit of what it has by then.
-            let request = Command::RequestCredit { to, link: link.id };
-            match self
+            let request = || Command::RequestCredit { to, link: link.id };
+            let queued = self
                 .encoders
                 .get(&(to, link.id))
-                .filter(|e| e.pending.load(Ordering::Acquire) > 0)
-            {
-                Some(encoder) => {
-                    encoder.pending.fetch_add(1, Ordering::AcqRel);
-                    if let Err(unsent) = encoder.jobs.send(EncoderItem::After(request)) {
-                        encoder.pending.fetch_sub(1, Ordering::AcqRel);
-                        if let EncoderItem::After(request) = unsent.0 {
-                            let _ = self.commands.send(request);
-                        }
-                    }
-                }
-                None => {
-                    let _ = self.commands.send(request);
-                }
+                .is_some_and(|e| e.busy() && e.queue(EncoderItem::After(request())));
+            if !queued {
+                let _ = self.commands.send(request());
             }
         }
         let reserved = source == Source::Reserve;
@@ -833,7 +855,6 @@ impl Transport for ZmqTransport {
                 .encoders
                 .entry((to, link.id))
                 .or_insert_with(|| Encoder::spawn(framing, commands));
-            encoder.pending.fetch_add(1, Ordering::AcqRel);
             let job = EncodeJob {
                 envelope,
                 len,
@@ -842,8 +863,7 @@ impl Transport for ZmqTransport {
                 charge,
                 credit_wanted,
             };
-            if encoder.jobs.send(EncoderItem::Message(job)).is_err() {
-                encoder.pending.fetch_sub(1, Ordering::AcqRel);
+            if !encoder.queue(EncoderItem::Message(job)) {
                 return Err(self.terminal_error());
             }
             return Ok(());
@@ -889,23 +909,7 @@ impl Transport for ZmqTransport {
         }
         // What was sent goes before the goodbye, also a large message
         // still being encoded.
-        let mut flushed = Vec::new();
-        for encoder in self.encoders.values() {
-            if encoder.pending.load(Ordering::Acquire) == 0 {
-                continue;
-            }
-            let (done, flushing) = oneshot::channel();
-            encoder.pending.fetch_add(1, Ordering::AcqRel);
-            if encoder.jobs.send(EncoderItem::Flushed(done)).is_ok() {
-                flushed.push(flushing);
-            } else {
-                encoder.pending.fetch_sub(1, Ordering::AcqRel);
-            }
-        }
-        for flushing in flushed {
-            // An encoder that is gone has nothing left to hand over.
-            let _ = flushing.await;
-        }
+        self.flush_encoders().await;
         let (tx, rx) = oneshot::channel();
         if self.commands.send(Command::Shutdown(tx)).is_ok() {
             // An error means the engine stopped on its own: closed too.

@@ -73,13 +73,14 @@ impl Executor {
 
     /// Asks the supervisor what follows a death and does it.
     fn on_death(&mut self, pid: u32, generation: u64, exit: Exit) {
-        let verdict = self.supervisor.worker_died(&Facts {
+        let facts = Facts {
             ready: exit.ready,
             killed_because: exit.killed_because,
             death: exit.death,
             restart_pending: self.restart.is_some(),
             command_running: self.running.is_some(),
-        });
+        };
+        let verdict = self.supervisor.worker_died(&facts);
         let death = exit.death;
         let mut what = exit.description;
         match exit.killed_because {
@@ -95,19 +96,14 @@ impl Executor {
             .filter(|(g, _)| *g == generation)
             .map(|(_, line)| line.clone())
             .collect();
-        if !exit.ready {
-            // A command taken while this worker was starting (in place of
-            // one that died idle) was written to its pipe only: it never
-            // ran, and it fails now rather than wait for ever (rule 25).
-            if let Some(waiting) = self.running.take() {
-                let reason = format!(
-                    "Python worker died: {what} before it was ready, with this command \
-                     waiting for it: the command did not run.{}",
-                    stderr_block(&stderr)
-                );
-                let another = matches!(verdict, Verdict::StartAnother { .. });
-                self.report_restart(Some(waiting), reason, another, death);
-            }
+        if let Some(waiting) = self.running.take_if(|_| facts.strands_a_command()) {
+            let reason = format!(
+                "Python worker died: {what} before it was ready, with this command \
+                 waiting for it: the command did not run.{}",
+                stderr_block(&stderr)
+            );
+            let another = matches!(verdict, Verdict::StartAnother { .. });
+            self.report_restart(Some(waiting), reason, another, death);
         }
         match verdict {
             Verdict::StartAnother { otherwise } => {

@@ -27,6 +27,15 @@ pub(super) struct Facts {
     pub(super) command_running: bool,
 }
 
+impl Facts {
+    /// A command taken while this worker was starting (in place of one
+    /// that died idle) was written to its pipe only: it never ran, and it
+    /// fails now rather than wait for ever (rule 25).
+    pub(super) fn strands_a_command(&self) -> bool {
+        !self.ready && self.command_running
+    }
+}
+
 /// What the executor does about a worker's death.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(super) enum Verdict {
